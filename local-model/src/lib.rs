@@ -1,1 +1,30 @@
-//! Local inference.
+//! Local LLM inference on candle, scoring every generated token.
+//!
+//! Loads Phi-1.5 (safetensors or quantized mixformer GGUF), llama-family
+//! GGUF (SmolLM2) and Gemma 3 GGUF; generates with greedy or sampled
+//! decoding; reports each token's log-prob, entropy and top-1/top-2 margin
+//! from the raw logits; and runs the model on its own thread behind a
+//! bounded queue.
+
+pub mod backend;
+pub mod bench;
+pub mod detok;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod sampling;
+pub mod signals;
+pub mod spec;
+pub mod template;
+pub mod tokenizer;
+pub mod worker;
+
+pub use backend::Architecture;
+pub use error::{GenerateError, LoadError};
+pub use generate::{Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage};
+pub use model::{LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype};
+pub use sampling::Sampling;
+pub use signals::TokenRecord;
+pub use spec::ModelSpec;
+pub use template::{ChatMessage, ChatTemplate};
+pub use worker::{GenerateRequest, ModelHandle, TokenCallback, WorkerError, WorkerOutput};

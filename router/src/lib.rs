@@ -1,1 +1,4 @@
-//! Cascade.
+//! Cascade: the gateway library behind the `cascade` binary.
+
+pub mod cli;
+pub mod commands;

@@ -1,0 +1,82 @@
+//! The model architectures we run, behind one forward-pass interface.
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
+
+use crate::error::GenerateError;
+
+/// Which architecture a loaded model is, for logs and `/v1/models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// Phi-1.5 in the Hugging Face safetensors layout.
+    Phi,
+    /// Phi-1.5 quantized GGUF in candle's mixformer layout (`model-q4k.gguf`).
+    PhiGguf,
+    /// Llama-family GGUF (SmolLM2, Llama, Mistral…).
+    Llama,
+    /// Gemma 3 GGUF.
+    Gemma3,
+}
+
+impl Architecture {
+    /// Short name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Phi => "phi",
+            Architecture::PhiGguf => "phi-gguf",
+            Architecture::Llama => "llama",
+            Architecture::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// A loaded model with its key/value cache.
+///
+/// Quantized GGUF models keep a pristine copy without cache: their weights
+/// are reference-counted, so a clone is cheap and gives every request a
+/// fresh cache even where candle offers no way to clear it.
+pub(crate) enum Backend {
+    Phi(Box<phi::Model>),
+    PhiGguf(Box<quantized_mixformer::MixFormerSequentialForCausalLM>),
+    Llama {
+        pristine: Box<quantized_llama::ModelWeights>,
+        live: Box<quantized_llama::ModelWeights>,
+    },
+    Gemma3 {
+        pristine: Box<quantized_gemma3::ModelWeights>,
+        live: Box<quantized_gemma3::ModelWeights>,
+    },
+}
+
+impl Backend {
+    /// Forgets the previous sequence so a new prompt starts at position 0.
+    pub(crate) fn reset(&mut self) {
+        match self {
+            Backend::Phi(m) => m.clear_kv_cache(),
+            Backend::PhiGguf(m) => m.clear_kv_cache(),
+            Backend::Llama { pristine, live } => *live = pristine.clone(),
+            Backend::Gemma3 { pristine, live } => *live = pristine.clone(),
+        }
+    }
+
+    /// Runs `tokens` (placed at `position` in the sequence) and returns the
+    /// logits for the next token, as f32.
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>, GenerateError> {
+        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+        let logits = match self {
+            Backend::Phi(m) => m.forward(&input)?,
+            Backend::PhiGguf(m) => m.forward(&input)?,
+            Backend::Llama { live, .. } => live.forward(&input, position)?,
+            Backend::Gemma3 { live, .. } => live.forward(&input, position)?,
+        };
+        // Shapes differ by architecture ([1, vocab] or [vocab]); flatten.
+        let logits = logits.flatten_all()?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec1::<f32>()?)
+    }
+}

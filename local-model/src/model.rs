@@ -1,0 +1,713 @@
+//! A loaded local model: weights, tokenizer, chat template, and generation.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use candle_transformers::models::{mixformer, phi, quantized_gemma3, quantized_llama, quantized_mixformer};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::backend::{Architecture, Backend};
+use crate::detok::IncrementalDecoder;
+use crate::error::{GenerateError, LoadError};
+use crate::generate::{Control, FinishReason, Generation, GenerationParams, Prompt, TokenEvent, Timings, Usage};
+use crate::sampling::{Sampler, Sampling};
+use crate::signals::{signals_from_logits, TokenRecord};
+use crate::spec::{ModelSpec, ResolvedModel};
+use crate::template::ChatTemplate;
+use crate::tokenizer;
+
+/// Precision of unquantized (safetensors) weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(WeightDtype::F32),
+            "bf16" => Ok(WeightDtype::Bf16),
+            other => Err(LoadError::UnsupportedDtype(other.to_string())),
+        }
+    }
+}
+
+/// Which chat template to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TemplateChoice {
+    /// The model's own template if it has one, else Phi's for Phi models,
+    /// else plain text.
+    #[default]
+    Auto,
+    /// The model's own Jinja template; an error if it has none.
+    Model,
+    /// `Instruct: …\nOutput:`.
+    Phi,
+    /// Messages joined by blank lines.
+    Plain,
+}
+
+impl std::str::FromStr for TemplateChoice {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(TemplateChoice::Auto),
+            "model" => Ok(TemplateChoice::Model),
+            "phi" => Ok(TemplateChoice::Phi),
+            "plain" => Ok(TemplateChoice::Plain),
+            other => Err(LoadError::Template(format!(
+                "unknown template `{other}` (choose one of {})",
+                crate::template::TEMPLATE_NAMES.join(", ")
+            ))),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub dtype: WeightDtype,
+    pub template: TemplateChoice,
+}
+
+/// Facts about a loaded model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// A short name: the file or directory name.
+    pub name: String,
+    pub architecture: Architecture,
+    /// Maximum prompt plus generated tokens.
+    pub context_window: usize,
+    /// Name of the chat template in use.
+    pub template: &'static str,
+    /// Seconds spent loading.
+    pub load_seconds: f64,
+}
+
+/// A model ready to generate; owns the weights and the KV cache, so it is
+/// used from one thread at a time (see [`crate::worker`]).
+pub struct LocalModel {
+    backend: Backend,
+    encoder: PromptEncoder,
+    eos_ids: Vec<u32>,
+    device: Device,
+    info: ModelInfo,
+}
+
+/// Turns prompts into token ids: the tokenizer and the chat template.
+/// Cheap to clone, so request handlers can count tokens without the model.
+#[derive(Clone)]
+pub struct PromptEncoder {
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+}
+
+impl PromptEncoder {
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders a prompt to the exact text the model sees.
+    pub fn render(&self, prompt: &Prompt) -> Result<String, GenerateError> {
+        match prompt {
+            Prompt::Chat(messages) => self.template.render(messages),
+            Prompt::Text(text) => Ok(text.clone()),
+        }
+    }
+
+    /// Tokenizes a prompt as generation would.
+    pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerateError> {
+        let text = self.render(prompt)?;
+        // Chat templates write their own BOS; raw text gets the tokenizer's.
+        let add_special = matches!(prompt, Prompt::Text(_));
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), add_special)
+            .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
+
+impl LocalModel {
+    /// Loads a model from a spec string (path or hub id).
+    pub fn load(spec: &str, options: &LoadOptions) -> Result<Self, LoadError> {
+        let resolved = ModelSpec::parse(spec)?.resolve()?;
+        Self::load_resolved(&resolved, options)
+    }
+
+    /// Loads a model from already resolved files.
+    pub fn load_resolved(files: &ResolvedModel, options: &LoadOptions) -> Result<Self, LoadError> {
+        let started = Instant::now();
+        let device = Device::Cpu;
+        let mut model = if let Some(gguf) = &files.gguf {
+            load_gguf(gguf, files, options, &device)?
+        } else if let Some(weights) = &files.safetensors {
+            load_phi_safetensors(weights, files, options, &device)?
+        } else {
+            return Err(LoadError::MissingFile {
+                path: files.origin.clone(),
+                what: "weights".into(),
+            });
+        };
+        model.info.load_seconds = started.elapsed().as_secs_f64();
+        Ok(model)
+    }
+
+    /// Facts about this model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The prompt encoder (tokenizer and chat template).
+    pub fn encoder(&self) -> &PromptEncoder {
+        &self.encoder
+    }
+
+    /// Runs one short generation so that lazily built state (weight
+    /// repacking, allocations) is ready before the first real request.
+    pub fn warm_up(&mut self) -> Result<(), GenerateError> {
+        let params = GenerationParams {
+            max_tokens: 2,
+            ..GenerationParams::default()
+        };
+        self.generate(&Prompt::Text("Hello".into()), &params, &mut |_| Control::Continue)?;
+        Ok(())
+    }
+
+    /// Generates an answer, calling `on_token` after every token; the
+    /// callback may stop generation early.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        on_token: &mut dyn FnMut(&TokenEvent<'_>) -> Control,
+    ) -> Result<Generation, GenerateError> {
+        let is_empty = match prompt {
+            Prompt::Chat(messages) => messages.iter().all(|m| m.content.trim().is_empty()),
+            Prompt::Text(text) => text.trim().is_empty(),
+        };
+        if is_empty {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if let Sampling::Sample { temperature, top_p } = params.sampling {
+            if !temperature.is_finite() || temperature < 0.0 {
+                return Err(GenerateError::InvalidParameter(format!("temperature {temperature}")));
+            }
+            if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
+                return Err(GenerateError::InvalidParameter(format!("top_p {top_p}")));
+            }
+        }
+        let prompt_ids = self.encoder.encode(prompt)?;
+        let context_window = self.info.context_window;
+        if prompt_ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt_ids.len() >= context_window {
+            return Err(GenerateError::PromptTooLong {
+                prompt_tokens: prompt_ids.len(),
+                context_window,
+            });
+        }
+        let max_new = params.max_tokens.min(context_window - prompt_ids.len());
+        let mut run = Run::new(&self.encoder.tokenizer, &params.stop);
+        let mut sampler = Sampler::new(params.sampling, params.seed);
+        let mut timings = Timings::default();
+
+        self.backend.reset();
+        let prefill_started = Instant::now();
+        let mut logits = if max_new > 0 {
+            self.backend.forward(&prompt_ids, 0, &self.device)?
+        } else {
+            Vec::new()
+        };
+        timings.prefill_ms = Timings::ms(prefill_started.elapsed());
+
+        let decode_started = Instant::now();
+        let mut finish = FinishReason::Length;
+        let mut position = prompt_ids.len();
+        for step in 0..max_new {
+            let next = sampler.pick(&logits);
+            let next_id = next as u32;
+            if !params.ignore_eos && self.eos_ids.contains(&next_id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            let signals = signals_from_logits(&logits, next);
+            let outcome = run.push(next_id, signals)?;
+            let control = {
+                let event = TokenEvent {
+                    token: run.last_token(),
+                    text_delta: &outcome.delta,
+                    tokens_so_far: &run.tokens,
+                };
+                on_token(&event)
+            };
+            if outcome.hit_stop {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if control == Control::Stop {
+                finish = FinishReason::Aborted;
+                break;
+            }
+            if step + 1 == max_new {
+                break;
+            }
+            logits = self.backend.forward(&[next_id], position, &self.device)?;
+            position += 1;
+        }
+        timings.decode_ms = Timings::ms(decode_started.elapsed());
+        let text = run.finish()?;
+        Ok(Generation {
+            text,
+            usage: Usage {
+                prompt_tokens: prompt_ids.len(),
+                completion_tokens: run.tokens.len(),
+            },
+            tokens: run.tokens,
+            finish_reason: finish,
+            timings,
+        })
+    }
+
+}
+
+/// Per-request decoding state: tokens, text, and stop-sequence hold-back.
+struct Run<'a> {
+    decoder: IncrementalDecoder<'a>,
+    stop: &'a [String],
+    tokens: Vec<TokenRecord>,
+    text: String,
+    /// Bytes of `text` already handed to the callback.
+    released: usize,
+    stopped_at: Option<usize>,
+}
+
+struct PushOutcome {
+    delta: String,
+    hit_stop: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
+        Self {
+            decoder: IncrementalDecoder::new(tokenizer),
+            stop,
+            tokens: Vec::new(),
+            text: String::new(),
+            released: 0,
+            stopped_at: None,
+        }
+    }
+
+    fn last_token(&self) -> &TokenRecord {
+        // push() always adds a token before this is called.
+        &self.tokens[self.tokens.len() - 1]
+    }
+
+    fn push(&mut self, id: u32, s: crate::signals::Signals) -> Result<PushOutcome, GenerateError> {
+        let piece = self.decoder.push(id).map_err(GenerateError::Tokenizer)?;
+        self.text.push_str(&piece);
+        self.tokens.push(TokenRecord {
+            id,
+            text: piece,
+            logprob: s.logprob,
+            entropy: s.entropy,
+            margin: s.margin,
+        });
+        if let Some(at) = self.find_stop() {
+            self.stopped_at = Some(at);
+            let delta = self.text[self.released.min(at)..at].to_string();
+            self.released = at;
+            return Ok(PushOutcome { delta, hit_stop: true });
+        }
+        // Hold back any tail that could still grow into a stop sequence.
+        let safe = self.text.len() - self.held_back();
+        let delta = if safe > self.released {
+            self.text[self.released..safe].to_string()
+        } else {
+            String::new()
+        };
+        self.released = self.released.max(safe);
+        Ok(PushOutcome { delta, hit_stop: false })
+    }
+
+    fn find_stop(&self) -> Option<usize> {
+        // Only the recent tail can contain a new match.
+        let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.released.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| i + from))
+            .min()
+    }
+
+    fn held_back(&self) -> usize {
+        let mut held = 0;
+        for stop in self.stop.iter().filter(|s| !s.is_empty()) {
+            for (len, _) in stop.char_indices().skip(1) {
+                if len > held && self.text.ends_with(&stop[..len]) {
+                    held = len;
+                }
+            }
+        }
+        held
+    }
+
+    fn finish(&mut self) -> Result<String, GenerateError> {
+        if self.stopped_at.is_none() {
+            let rest = self.decoder.finish().map_err(GenerateError::Tokenizer)?;
+            if !rest.is_empty() {
+                self.text.push_str(&rest);
+                if let Some(last) = self.tokens.last_mut() {
+                    last.text.push_str(&rest);
+                }
+            }
+            if let Some(at) = self.find_stop() {
+                self.stopped_at = Some(at);
+            }
+        }
+        let mut text = std::mem::take(&mut self.text);
+        if let Some(at) = self.stopped_at {
+            text.truncate(at);
+        }
+        Ok(text)
+    }
+}
+
+fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), LoadError> {
+    let file = File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            LoadError::NotFound(path.to_path_buf())
+        } else {
+            LoadError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| LoadError::InvalidGguf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    // A truncated file can have an intact header: check that every tensor's
+    // data lies inside the file before reading any of it.
+    let file_len = std::fs::metadata(path)
+        .map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block.max(1)) * info.ggml_dtype.type_size();
+        let end = content.tensor_data_offset + info.offset + bytes as u64;
+        if end > file_len {
+            return Err(LoadError::InvalidGguf {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "tensor `{name}` ends at byte {end} but the file has {file_len} bytes (truncated download?)"
+                ),
+            });
+        }
+    }
+    Ok((content, reader))
+}
+
+fn load_gguf(
+    path: &Path,
+    files: &ResolvedModel,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<LocalModel, LoadError> {
+    let (content, mut reader) = read_gguf(path)?;
+    let weights_err = |e: candle_core::Error| LoadError::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let arch_name = tokenizer::gguf_string(&content, "general.architecture");
+    let is_mixformer = content.tensor_infos.keys().any(|k| k.starts_with("layers.0.wte"));
+    let name = file_stem(path);
+    match (arch_name.as_deref(), is_mixformer) {
+        (_, true) => {
+            let config = match &files.config {
+                Some(config_path) => read_json_config::<mixformer::Config>(config_path)?,
+                None => mixformer::Config::v1_5(),
+            };
+            let context_window = mixformer_context(files.config.as_deref())?;
+            let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
+                path: path.to_path_buf(),
+                what: "tokenizer.json beside the GGUF (Phi GGUF files carry no vocabulary)".into(),
+            })?;
+            let tokenizer = tokenizer::from_file(&tokenizer_path)?;
+            drop(reader);
+            let vb = candle_transformers::quantized_var_builder::VarBuilder::from_gguf(path, device)
+                .map_err(weights_err)?;
+            let model = quantized_mixformer::MixFormerSequentialForCausalLM::new(&config, vb)
+                .map_err(weights_err)?;
+            let template = choose_template(options.template, None, files, true, &tokenizer)?;
+            let eos_ids = eos_from_vocab(&tokenizer, &[]);
+            Ok(LocalModel {
+                backend: Backend::PhiGguf(Box::new(model)),
+                info: ModelInfo {
+                    name,
+                    architecture: Architecture::PhiGguf,
+                    context_window,
+                    template: template.name(),
+                    load_seconds: 0.0,
+                },
+                encoder: PromptEncoder {
+                    tokenizer: Arc::new(tokenizer),
+                    template,
+                },
+                eos_ids,
+                device: device.clone(),
+            })
+        }
+        (Some("llama"), false) | (Some("gemma3"), false) => {
+            let is_llama = arch_name.as_deref() == Some("llama");
+            let tokenizer = match &files.tokenizer {
+                Some(p) => tokenizer::from_file(p)?,
+                None => tokenizer::from_gguf(&content, path)?,
+            };
+            let gguf_template = tokenizer::gguf_string(&content, "tokenizer.chat_template");
+            let declared_eos = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+                .iter()
+                .filter_map(|k| tokenizer::gguf_u32(&content, k))
+                .collect::<Vec<_>>();
+            let arch_prefix = arch_name.clone().unwrap_or_default();
+            let declared_ctx = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.context_length"))
+                .map(|v| v as usize);
+            let (backend, max_ctx) = if is_llama {
+                let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
+                    .map_err(weights_err)?;
+                (
+                    Backend::Llama {
+                        pristine: Box::new(weights.clone()),
+                        live: Box::new(weights),
+                    },
+                    quantized_llama::MAX_SEQ_LEN,
+                )
+            } else {
+                let weights = quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device)
+                    .map_err(weights_err)?;
+                (
+                    Backend::Gemma3 {
+                        pristine: Box::new(weights.clone()),
+                        live: Box::new(weights),
+                    },
+                    // Gemma 3 supports long contexts; cap the KV cache at a
+                    // size this kind of machine can hold.
+                    8192,
+                )
+            };
+            let context_window = declared_ctx.unwrap_or(max_ctx).min(max_ctx);
+            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
+            let eos_ids = eos_from_vocab(&tokenizer, &declared_eos);
+            Ok(LocalModel {
+                backend,
+                info: ModelInfo {
+                    name,
+                    architecture: if is_llama { Architecture::Llama } else { Architecture::Gemma3 },
+                    context_window,
+                    template: template.name(),
+                    load_seconds: 0.0,
+                },
+                encoder: PromptEncoder {
+                    tokenizer: Arc::new(tokenizer),
+                    template,
+                },
+                eos_ids,
+                device: device.clone(),
+            })
+        }
+        (Some(other), false) => Err(LoadError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: other.to_string(),
+        }),
+        (None, false) => Err(LoadError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: "unknown (no general.architecture and no mixformer tensors)".into(),
+        }),
+    }
+}
+
+fn load_phi_safetensors(
+    weights: &[PathBuf],
+    files: &ResolvedModel,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<LocalModel, LoadError> {
+    let config_path = files.config.clone().ok_or_else(|| LoadError::MissingFile {
+        path: files.origin.clone(),
+        what: "config.json".into(),
+    })?;
+    let raw: serde_json::Value = read_json_config(&config_path)?;
+    let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    if model_type != "phi" {
+        return Err(LoadError::InvalidConfig {
+            path: config_path,
+            reason: format!("model_type is `{model_type}`; only `phi` (Phi-1.5) is supported for safetensors"),
+        });
+    }
+    let config: phi::Config = read_json_config(&config_path)?;
+    let context_window = raw
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| LoadError::InvalidConfig {
+            path: config_path.clone(),
+            reason: "max_position_embeddings is missing".into(),
+        })?;
+    let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
+        path: files.origin.clone(),
+        what: "tokenizer.json".into(),
+    })?;
+    let tokenizer = tokenizer::from_file(&tokenizer_path)?;
+    let dtype = match options.dtype {
+        WeightDtype::F32 => DType::F32,
+        WeightDtype::Bf16 => DType::BF16,
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for path in weights {
+        let loaded = candle_core::safetensors::load(path, device).map_err(|e| LoadError::Weights {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        tensors.extend(loaded);
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
+    let model = phi::Model::new(&config, vb).map_err(|e| LoadError::Weights {
+        path: files.origin.clone(),
+        reason: e.to_string(),
+    })?;
+    let template = choose_template(options.template, None, files, true, &tokenizer)?;
+    let eos_ids = eos_from_vocab(&tokenizer, &[]);
+    Ok(LocalModel {
+        backend: Backend::Phi(Box::new(model)),
+        info: ModelInfo {
+            name: files
+                .origin
+                .parent()
+                .filter(|_| files.origin.is_file())
+                .map(file_stem)
+                .unwrap_or_else(|| file_stem(&files.origin)),
+            architecture: Architecture::Phi,
+            context_window,
+            template: template.name(),
+            load_seconds: 0.0,
+        },
+        encoder: PromptEncoder {
+            tokenizer: Arc::new(tokenizer),
+            template,
+        },
+        eos_ids,
+        device: device.clone(),
+    })
+}
+
+fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::InvalidConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn mixformer_context(config: Option<&Path>) -> Result<usize, LoadError> {
+    // candle's mixformer precomputes rotary tables for 4096 positions.
+    const MIXFORMER_MAX: usize = 4096;
+    let declared = match config {
+        Some(p) => read_json_config::<serde_json::Value>(p)?
+            .get("n_positions")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize),
+        None => Some(2048),
+    };
+    Ok(declared.unwrap_or(2048).min(MIXFORMER_MAX))
+}
+
+fn choose_template(
+    choice: TemplateChoice,
+    gguf_template: Option<String>,
+    files: &ResolvedModel,
+    is_phi: bool,
+    tokenizer: &Tokenizer,
+) -> Result<ChatTemplate, LoadError> {
+    let own = gguf_template.or_else(|| {
+        let path = files.tokenizer_config.as_ref()?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        value.get("chat_template")?.as_str().map(str::to_string)
+    });
+    let jinja = |source: String| {
+        ChatTemplate::Jinja {
+            bos_token: special_token_text(tokenizer, &["<bos>", "<s>", "<|begin_of_text|>"]),
+            eos_token: special_token_text(tokenizer, &["<eos>", "</s>", "<|im_end|>", "<|endoftext|>"]),
+            source,
+        }
+        .validated()
+    };
+    match choice {
+        TemplateChoice::Auto => match own {
+            Some(source) => jinja(source),
+            None if is_phi => Ok(ChatTemplate::PhiInstruct),
+            None => Ok(ChatTemplate::Plain),
+        },
+        TemplateChoice::Model => match own {
+            Some(source) => jinja(source),
+            None => Err(LoadError::Template("the model has no chat template of its own".into())),
+        },
+        TemplateChoice::Phi => Ok(ChatTemplate::PhiInstruct),
+        TemplateChoice::Plain => Ok(ChatTemplate::Plain),
+    }
+}
+
+/// The text of the first candidate present in the vocabulary, for the
+/// `bos_token`/`eos_token` template variables.
+/// Models without such a token (most byte-level BPE chat models) get "".
+fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
+    candidates
+        .iter()
+        .find(|c| tokenizer.token_to_id(c).is_some())
+        .map(|c| (*c).to_string())
+        .unwrap_or_default()
+}
+
+fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
+    let mut ids: Vec<u32> = declared.to_vec();
+    for token in ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>", "<|eot_id|>"] {
+        if let Some(id) = tokenizer.token_to_id(token) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "local".to_string())
+}

@@ -1,0 +1,167 @@
+//! Chat templates: turning a list of messages into the model's prompt text.
+
+use minijinja::{context, Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{GenerateError, LoadError};
+
+/// One chat message, as in OpenAI's API (text content only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// Creates a message with the given role and text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// How messages become a prompt.
+#[derive(Debug, Clone)]
+pub enum ChatTemplate {
+    /// The model's own Jinja template (from GGUF metadata or tokenizer_config.json).
+    Jinja {
+        source: String,
+        bos_token: String,
+        eos_token: String,
+    },
+    /// Phi-1.5's `Instruct: …\nOutput:` format; the model is a base model
+    /// with no template of its own.
+    PhiInstruct,
+    /// Messages' contents joined by blank lines, for base models.
+    Plain,
+}
+
+/// The template names a user can pick on the command line.
+pub const TEMPLATE_NAMES: &[&str] = &["auto", "model", "phi", "plain"];
+
+impl ChatTemplate {
+    /// Checks that a Jinja template compiles, so a broken one fails at load.
+    pub fn validated(self) -> Result<Self, LoadError> {
+        if let ChatTemplate::Jinja { source, .. } = &self {
+            let mut env = environment();
+            env.add_template("chat", source)
+                .map_err(|e| LoadError::Template(e.to_string()))?;
+        }
+        Ok(self)
+    }
+
+    /// Short name for logs and `--json` output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChatTemplate::Jinja { .. } => "model",
+            ChatTemplate::PhiInstruct => "phi",
+            ChatTemplate::Plain => "plain",
+        }
+    }
+
+    /// Renders the messages into prompt text ready for generation.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, GenerateError> {
+        match self {
+            ChatTemplate::Jinja {
+                source,
+                bos_token,
+                eos_token,
+            } => {
+                let mut env = environment();
+                env.add_template("chat", source)
+                    .map_err(|e| GenerateError::Template(e.to_string()))?;
+                let template = env
+                    .get_template("chat")
+                    .map_err(|e| GenerateError::Template(e.to_string()))?;
+                template
+                    .render(context! {
+                        messages => messages,
+                        add_generation_prompt => true,
+                        bos_token => bos_token,
+                        eos_token => eos_token,
+                    })
+                    .map_err(|e| GenerateError::Template(e.to_string()))
+            }
+            ChatTemplate::PhiInstruct => {
+                // Phi-1.5 was trained on "Instruct: …\nOutput:" exercises; a
+                // system message is folded into the instruction.
+                let mut instruction = String::new();
+                for m in messages {
+                    if !instruction.is_empty() {
+                        instruction.push('\n');
+                    }
+                    instruction.push_str(m.content.trim());
+                }
+                Ok(format!("Instruct: {instruction}\nOutput:"))
+            }
+            ChatTemplate::Plain => Ok(messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n")),
+        }
+    }
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    // Hugging Face templates are written for Python's Jinja: they call string
+    // methods like `.strip()` and the `raise_exception` helper.
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+    });
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn phi_template_wraps_instruction() {
+        let out = ChatTemplate::PhiInstruct
+            .render(&[ChatMessage::new("user", " What is 2+2? ")])
+            .unwrap();
+        assert_eq!(out, "Instruct: What is 2+2?\nOutput:");
+    }
+
+    #[test]
+    fn jinja_template_renders_with_python_methods_and_generation_prompt() {
+        let t = ChatTemplate::Jinja {
+            source: "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
+            bos_token: "<s>".into(),
+            eos_token: "</s>".into(),
+        }
+        .validated()
+        .unwrap();
+        let out = t
+            .render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " hi ")])
+            .unwrap();
+        assert_eq!(out, "<s><system>Be brief.\n<user>hi\n<assistant>");
+    }
+
+    #[test]
+    fn raise_exception_in_template_is_an_error_not_a_panic() {
+        let t = ChatTemplate::Jinja {
+            source: "{% if messages[0].role == 'bad' %}{{ raise_exception('roles must alternate') }}{% endif %}ok".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let err = t.render(&[ChatMessage::new("bad", "x")]).unwrap_err();
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn broken_template_fails_validation() {
+        let t = ChatTemplate::Jinja {
+            source: "{% for %}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        assert!(t.validated().is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `cascade bench`: load time, prefill and decode speed, peak memory.
+
+use std::time::Instant;
+
+use local_model::bench;
+
+use crate::cli::BenchArgs;
+
+/// Runs the benchmark and prints the report, medians first.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut model = super::load_model(&args.model)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let prompt = bench::synthetic_prompt(&model, args.prompt_tokens)?;
+    // One untimed run: candle repacks some weight formats on first use.
+    bench::run(&mut model, &prompt, args.decode_tokens.min(8), 1)?;
+    let report = bench::run(&mut model, &prompt, args.decode_tokens, args.runs.max(1))?;
+    let info = model.info();
+    if args.json {
+        let out = serde_json::json!({
+            "model": info.name,
+            "architecture": info.architecture,
+            "threads": candle_threads(),
+            "load_seconds": load_seconds,
+            "report": report,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("model            {} ({})", info.name, info.architecture.as_str());
+    println!("threads          {}", candle_threads());
+    println!("load time        {load_seconds:.2} s");
+    println!(
+        "prefill          {:.1} tok/s (median of {}, {} prompt tokens)",
+        report.median_prefill_tokens_per_second,
+        report.runs.len(),
+        report.runs.first().map(|r| r.prompt_tokens).unwrap_or(0)
+    );
+    println!(
+        "decode           {:.1} tok/s (median of {}, {} tokens per run)",
+        report.median_decode_tokens_per_second,
+        report.runs.len(),
+        report.runs.first().map(|r| r.generated_tokens).unwrap_or(0)
+    );
+    match report.peak_rss_mib {
+        Some(mib) => println!("peak memory      {mib:.0} MiB resident"),
+        None => println!("peak memory      unavailable on this platform"),
+    }
+    for (i, r) in report.runs.iter().enumerate() {
+        println!(
+            "  run {}: prefill {:.1} tok/s, decode {:.1} tok/s",
+            i + 1,
+            r.prefill_tokens_per_second,
+            r.decode_tokens_per_second
+        );
+    }
+    Ok(())
+}
+
+fn candle_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

@@ -1,0 +1,17 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod generate;
+
+use local_model::{LoadOptions, LocalModel};
+
+use crate::cli::ModelArgs;
+
+/// Loads the model named on the command line.
+pub fn load_model(args: &ModelArgs) -> anyhow::Result<LocalModel> {
+    let options = LoadOptions {
+        dtype: args.dtype.parse()?,
+        template: args.template.parse()?,
+    };
+    Ok(LocalModel::load(&args.model, &options)?)
+}
