@@ -3,7 +3,6 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -21,7 +20,7 @@ pub const TINY_VOCAB: usize = 320;
 pub fn write_tiny_tokenizer(dir: &Path) -> PathBuf {
     let mut symbols: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     symbols.sort();
-    let vocab: HashMap<String, u32> = symbols
+    let vocab: tokenizers::models::bpe::Vocab = symbols
         .iter()
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
@@ -30,7 +29,9 @@ pub fn write_tiny_tokenizer(dir: &Path) -> PathBuf {
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
-    tokenizer.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+    tokenizer
+        .add_special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .unwrap();
     let path = dir.join("tokenizer.json");
     tokenizer.save(&path, false).unwrap();
     path
