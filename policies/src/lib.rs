@@ -5,7 +5,7 @@
 //! can pin it down without a model or a network.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-// pub mod budget;
+pub mod budget;
 pub mod confidence;
 // pub mod config;
 // pub mod decision;
@@ -13,7 +13,7 @@ pub mod error;
 // pub mod experiment;
 pub mod money;
 pub mod policy;
-// pub mod team;
+pub mod team;
 
 /*TMP
 pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
