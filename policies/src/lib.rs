@@ -10,7 +10,7 @@ pub mod confidence;
 // pub mod config;
 // pub mod decision;
 pub mod error;
-// pub mod experiment;
+pub mod experiment;
 pub mod money;
 pub mod policy;
 pub mod team;
