@@ -8,7 +8,7 @@
 pub mod budget;
 pub mod confidence;
 // pub mod config;
-// pub mod decision;
+pub mod decision;
 pub mod error;
 pub mod experiment;
 pub mod money;
