@@ -74,7 +74,13 @@ impl Scope {
     /// One string naming the counter, e.g. `team/alpha/day/2026-11-28`; unique because ids
     /// contain no `/` (team names are `[A-Za-z0-9_.-]`, key ids are hex).
     pub fn storage_key(&self) -> String {
-        format!("{}/{}/{}/{}", self.kind.as_str(), self.id, self.window.as_str(), self.window_start)
+        format!(
+            "{}/{}/{}/{}",
+            self.kind.as_str(),
+            self.id,
+            self.window.as_str(),
+            self.window_start
+        )
     }
 }
 
@@ -93,7 +99,10 @@ pub const GLOBAL_ID: &str = "global";
 /// Parses an IANA time zone name such as `Europe/Berlin` or `UTC` (key: `timezone`).
 pub fn parse_time_zone(name: &str) -> Result<Tz, PolicyError> {
     name.parse::<Tz>().map_err(|_| {
-        PolicyError::invalid("timezone", format!("`{name}` is not an IANA time zone name"))
+        PolicyError::invalid(
+            "timezone",
+            format!("`{name}` is not an IANA time zone name"),
+        )
     })
 }
 
@@ -128,7 +137,11 @@ pub fn window_end(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
     let next = match window {
         Window::Day => d.succ_opt(),
         Window::Month => {
-            let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+            let (y, m) = if d.month() == 12 {
+                (d.year() + 1, 1)
+            } else {
+                (d.year(), d.month() + 1)
+            };
             NaiveDate::from_ymd_opt(y, m, 1)
         }
     };
@@ -137,7 +150,9 @@ pub fn window_end(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
     // Where a DST change skips local midnight, the window ends at the first local time that
     // exists that day.
     for hour in 0..24 {
-        let Some(local) = next.and_hms_opt(hour, 0, 0) else { break };
+        let Some(local) = next.and_hms_opt(hour, 0, 0) else {
+            break;
+        };
         match tz.from_local_datetime(&local) {
             LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => return t.timestamp(),
             LocalResult::None => {}
@@ -165,12 +180,17 @@ pub fn scopes_for(
         (ScopeKind::Team, team, team_limits),
         (ScopeKind::Global, GLOBAL_ID, global),
     ] {
-        for (window, start, limit) in
-            [(Window::Day, &day, limits.daily), (Window::Month, &month, limits.monthly)]
-        {
+        for (window, start, limit) in [
+            (Window::Day, &day, limits.daily),
+            (Window::Month, &month, limits.monthly),
+        ] {
             if let Some(limit) = limit {
-                let scope =
-                    Scope { kind, id: id.to_owned(), window, window_start: start.clone() };
+                let scope = Scope {
+                    kind,
+                    id: id.to_owned(),
+                    window,
+                    window_start: start.clone(),
+                };
                 scopes.push((scope, limit));
             }
         }
@@ -221,7 +241,10 @@ impl BudgetState {
 
     /// The state after reserving `amount`, or `None` when it does not fit.
     pub fn reserve(&self, amount: NanoUsd) -> Option<Self> {
-        self.fits(amount).then(|| Self { reserved: self.reserved.saturating_add(amount), ..*self })
+        self.fits(amount).then(|| Self {
+            reserved: self.reserved.saturating_add(amount),
+            ..*self
+        })
     }
 
     /// The state after a call that reserved `reserved` actually cost `actual` (which may
@@ -261,7 +284,10 @@ mod tests {
         assert_eq!(window_key(end_of_nov, berlin, Window::Month), "2026-12");
         // West of UTC the day starts later: still the 28th in New York at 03:00Z on the 29th.
         let ny = parse_time_zone("America/New_York").unwrap();
-        assert_eq!(window_key(LATE_SAT + 3600 * 3 + 1800, ny, Window::Day), "2026-11-28");
+        assert_eq!(
+            window_key(LATE_SAT + 3600 * 3 + 1800, ny, Window::Day),
+            "2026-11-28"
+        );
     }
 
     #[test]
@@ -277,7 +303,10 @@ mod tests {
         assert_eq!(window_end(LATE_SAT, berlin, Window::Day), 1_795_993_200);
         assert_eq!(window_end(LATE_SAT, Tz::UTC, Window::Day), LATE_SAT + 1800);
         // Month: 2026-12-01T00:00Z.
-        assert_eq!(window_end(LATE_SAT, Tz::UTC, Window::Month), LATE_SAT + 1800 + 2 * 86_400);
+        assert_eq!(
+            window_end(LATE_SAT, Tz::UTC, Window::Month),
+            LATE_SAT + 1800 + 2 * 86_400
+        );
         // Across DST: 2026-03-29 in Berlin has 23 hours.
         let mar_28_noon = 1_774_699_200; // 2026-03-28T12:00Z
         let end_28 = window_end(mar_28_noon, berlin, Window::Day);
@@ -306,10 +335,19 @@ mod tests {
         let nano = NanoUsd;
         let scopes = scopes_for(
             "alpha",
-            Limits { daily: Some(nano(10)), monthly: Some(nano(100)) },
+            Limits {
+                daily: Some(nano(10)),
+                monthly: Some(nano(100)),
+            },
             "0123456789ab",
-            Limits { daily: None, monthly: Some(nano(50)) },
-            Limits { daily: Some(nano(1000)), monthly: None },
+            Limits {
+                daily: None,
+                monthly: Some(nano(50)),
+            },
+            Limits {
+                daily: Some(nano(1000)),
+                monthly: None,
+            },
             LATE_SAT,
             Tz::UTC,
         );
@@ -324,15 +362,29 @@ mod tests {
                 ("global/global/day/2026-11-28".to_owned(), nano(1000)),
             ]
         );
-        let none = scopes_for("a", Limits::default(), "k", Limits::default(), Limits::default(), 0, Tz::UTC);
+        let none = scopes_for(
+            "a",
+            Limits::default(),
+            "k",
+            Limits::default(),
+            Limits::default(),
+            0,
+            Tz::UTC,
+        );
         assert!(none.is_empty());
     }
 
     #[test]
     fn estimate_counts_full_max_tokens_and_rounds_up() {
-        let price = PriceTable { input_per_million: NanoUsd(150_000_000), output_per_million: NanoUsd(600_000_000) };
+        let price = PriceTable {
+            input_per_million: NanoUsd(150_000_000),
+            output_per_million: NanoUsd(600_000_000),
+        };
         assert_eq!(estimate_cost(&price, 1000, 256), NanoUsd(150_000 + 153_600));
-        let tiny = PriceTable { input_per_million: NanoUsd(1), output_per_million: NanoUsd(1) };
+        let tiny = PriceTable {
+            input_per_million: NanoUsd(1),
+            output_per_million: NanoUsd(1),
+        };
         assert_eq!(estimate_cost(&tiny, 1, 1), NanoUsd(1));
     }
 
@@ -346,13 +398,24 @@ mod tests {
 
     #[test]
     fn reserve_settle_release_keep_the_books() {
-        let s = BudgetState { spent: NanoUsd(50), reserved: NanoUsd(0), limit: NanoUsd(100) };
+        let s = BudgetState {
+            spent: NanoUsd(50),
+            reserved: NanoUsd(0),
+            limit: NanoUsd(100),
+        };
         let r = s.reserve(NanoUsd(30)).unwrap();
         assert_eq!(r.used(), NanoUsd(80));
         assert_eq!(r.remaining(), NanoUsd(20));
         assert!(r.reserve(NanoUsd(21)).is_none(), "all or nothing");
         let settled = r.settle(NanoUsd(30), NanoUsd(12));
-        assert_eq!(settled, BudgetState { spent: NanoUsd(62), reserved: NanoUsd(0), limit: NanoUsd(100) });
+        assert_eq!(
+            settled,
+            BudgetState {
+                spent: NanoUsd(62),
+                reserved: NanoUsd(0),
+                limit: NanoUsd(100)
+            }
+        );
         assert_eq!(r.release(NanoUsd(30)), s);
         let over = r.settle(NanoUsd(30), NanoUsd(70));
         assert_eq!(over.remaining(), NanoUsd::ZERO);

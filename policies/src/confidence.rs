@@ -127,9 +127,7 @@ impl Aggregate {
             Self::SumLogprob => tokens.iter().map(|t| f64::from(t.logprob)).sum(),
             Self::MinLogprob => min_logprob(tokens),
             Self::Quantile { q } => kth_smallest_logprob(tokens, nearest_rank(q, n) - 1),
-            Self::FractionAbove { bound } => {
-                count_at_least(tokens, bound) as f64 / n as f64
-            }
+            Self::FractionAbove { bound } => count_at_least(tokens, bound) as f64 / n as f64,
         })
     }
 
@@ -258,7 +256,10 @@ fn nearest_rank(q: f64, len: usize) -> usize {
 
 /// Smallest log-probability (callers ensure at least one token and no NaN).
 fn min_logprob(tokens: &[TokenSignal]) -> f64 {
-    tokens.iter().map(|t| f64::from(t.logprob)).fold(f64::INFINITY, f64::min)
+    tokens
+        .iter()
+        .map(|t| f64::from(t.logprob))
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// The `index`-th smallest log-probability (0-based), in O(n).
@@ -273,7 +274,10 @@ fn kth_smallest_logprob(tokens: &[TokenSignal], index: usize) -> f64 {
 
 /// How many tokens have `logprob >= bound`.
 fn count_at_least(tokens: &[TokenSignal], bound: f64) -> usize {
-    tokens.iter().filter(|t| f64::from(t.logprob) >= bound).count()
+    tokens
+        .iter()
+        .filter(|t| f64::from(t.logprob) >= bound)
+        .count()
 }
 
 #[cfg(test)]
@@ -281,7 +285,14 @@ mod tests {
     use super::*;
 
     fn lp(values: &[f32]) -> Vec<TokenSignal> {
-        values.iter().map(|&logprob| TokenSignal { logprob, entropy: 0.0, margin: 1.0 }).collect()
+        values
+            .iter()
+            .map(|&logprob| TokenSignal {
+                logprob,
+                entropy: 0.0,
+                margin: 1.0,
+            })
+            .collect()
     }
 
     fn close(a: Option<f64>, b: f64) -> bool {
@@ -321,27 +332,51 @@ mod tests {
         assert!(close(Aggregate::Quantile { q: 0.75 }.score(&t), -0.5));
         assert!(close(Aggregate::Quantile { q: 1.0 }.score(&t), -0.25));
         // logprob >= bound, inclusive.
-        assert!(close(Aggregate::FractionAbove { bound: -0.5 }.score(&t), 0.5));
-        assert!(close(Aggregate::FractionAbove { bound: -1.25 }.score(&t), 0.75));
-        assert!(close(Aggregate::FractionAbove { bound: 0.0 }.score(&t), 0.0));
+        assert!(close(
+            Aggregate::FractionAbove { bound: -0.5 }.score(&t),
+            0.5
+        ));
+        assert!(close(
+            Aggregate::FractionAbove { bound: -1.25 }.score(&t),
+            0.75
+        ));
+        assert!(close(
+            Aggregate::FractionAbove { bound: 0.0 }.score(&t),
+            0.0
+        ));
     }
 
     #[test]
     fn mean_entropy_is_negated_so_higher_is_more_confident() {
         let t = [
-            TokenSignal { logprob: 0.0, entropy: 1.0, margin: 0.25 },
-            TokenSignal { logprob: 0.0, entropy: 3.0, margin: 0.75 },
+            TokenSignal {
+                logprob: 0.0,
+                entropy: 1.0,
+                margin: 0.25,
+            },
+            TokenSignal {
+                logprob: 0.0,
+                entropy: 3.0,
+                margin: 0.75,
+            },
         ];
         assert!(close(Aggregate::MeanEntropy.score(&t), -2.0));
         assert!(close(Aggregate::MeanMargin.score(&t), 0.5));
-        let calmer = [TokenSignal { logprob: 0.0, entropy: 0.5, margin: 0.9 }];
+        let calmer = [TokenSignal {
+            logprob: 0.0,
+            entropy: 0.5,
+            margin: 0.9,
+        }];
         assert!(Aggregate::MeanEntropy.score(&calmer) > Aggregate::MeanEntropy.score(&t));
     }
 
     #[test]
     fn nan_signal_scores_nan_and_is_settled() {
         let t = lp(&[-0.1, f32::NAN]);
-        for agg in ALL.into_iter().filter(|a| !matches!(a, Aggregate::MeanEntropy | Aggregate::MeanMargin)) {
+        for agg in ALL
+            .into_iter()
+            .filter(|a| !matches!(a, Aggregate::MeanEntropy | Aggregate::MeanMargin))
+        {
             assert!(agg.score(&t).is_some_and(f64::is_nan), "{}", agg.name());
             assert!(agg.settled_below(&t, -100.0), "{}", agg.name());
         }
@@ -371,20 +406,28 @@ mod tests {
         let q: Aggregate =
             serde_json::from_value(serde_json::json!({"kind": "quantile", "q": 0.1})).unwrap();
         assert_eq!(q, Aggregate::Quantile { q: 0.1 });
-        let m: Aggregate = serde_json::from_value(serde_json::json!({"kind": "mean_entropy"})).unwrap();
+        let m: Aggregate =
+            serde_json::from_value(serde_json::json!({"kind": "mean_entropy"})).unwrap();
         assert_eq!(m, Aggregate::MeanEntropy);
         assert_eq!(Aggregate::default(), Aggregate::MeanLogprob);
         assert!(Aggregate::Quantile { q: 1.5 }.validate().is_err());
         assert!(Aggregate::Quantile { q: f64::NAN }.validate().is_err());
         assert!(Aggregate::Quantile { q: 0.0 }.validate().is_ok());
-        assert!(Aggregate::FractionAbove { bound: f64::NEG_INFINITY }.validate().is_err());
+        assert!(Aggregate::FractionAbove {
+            bound: f64::NEG_INFINITY
+        }
+        .validate()
+        .is_err());
         assert!(Aggregate::FractionAbove { bound: -2.0 }.validate().is_ok());
     }
 
     #[test]
     fn min_settles_on_first_token_under_threshold_and_not_before() {
         let agg = Aggregate::MinLogprob;
-        assert!(!agg.settled_below(&lp(&[-0.5, -1.0]), -1.0), "equal can still pass");
+        assert!(
+            !agg.settled_below(&lp(&[-0.5, -1.0]), -1.0),
+            "equal can still pass"
+        );
         assert!(agg.settled_below(&lp(&[-0.5, -1.01]), -1.0));
         assert!(!agg.settled_below(&[], -1.0));
     }
@@ -412,8 +455,14 @@ mod tests {
         // Sum -6 over 2 tokens; with 4 more perfect tokens the best mean is -6 / 6 = -1.
         let t = lp(&[-3.0, -3.0]);
         let agg = Aggregate::MeanLogprob;
-        assert!(!agg.settled_below_within(&t, -1.0, 4), "-1 is reachable exactly");
-        assert!(agg.settled_below_within(&t, -1.0, 3), "best is -6 / 5 = -1.2");
+        assert!(
+            !agg.settled_below_within(&t, -1.0, 4),
+            "-1 is reachable exactly"
+        );
+        assert!(
+            agg.settled_below_within(&t, -1.0, 3),
+            "best is -6 / 5 = -1.2"
+        );
         assert!(agg.settled_below_within(&t, -0.999, 4));
     }
 
@@ -451,7 +500,11 @@ mod tests {
     fn out_of_domain_tokens_never_settle_early() {
         let t = lp(&[0.5, -10.0]);
         assert!(!Aggregate::MeanLogprob.settled_below_within(&t, -0.1, 0));
-        let bad_margin = [TokenSignal { logprob: 0.0, entropy: 0.0, margin: 1.5 }];
+        let bad_margin = [TokenSignal {
+            logprob: 0.0,
+            entropy: 0.0,
+            margin: 1.5,
+        }];
         assert!(!Aggregate::MeanMargin.settled_below_within(&bad_margin, 2.0, 0));
     }
 
@@ -470,7 +523,12 @@ mod tests {
         fn token(&mut self) -> TokenSignal {
             let u = self.unit();
             TokenSignal {
-                logprob: if self.next() % 5 == 0 { 0.0 } else { -4.0 * u * u },
+                // A quarter of tokens are perfect, to exercise ties with the best continuation.
+                logprob: if self.next().trailing_zeros() >= 2 {
+                    0.0
+                } else {
+                    -4.0 * u * u
+                },
                 entropy: 3.0 * self.unit(),
                 margin: self.unit(),
             }
@@ -482,7 +540,14 @@ mod tests {
 
     /// The best continuation of exactly `k` tokens for an aggregate over the signal domain.
     fn best_continuation(k: usize) -> Vec<TokenSignal> {
-        vec![TokenSignal { logprob: 0.0, entropy: 0.0, margin: 1.0 }; k]
+        vec![
+            TokenSignal {
+                logprob: 0.0,
+                entropy: 0.0,
+                margin: 1.0
+            };
+            k
+        ]
     }
 
     #[test]
@@ -509,8 +574,12 @@ mod tests {
                 let mut full = prefix.clone();
                 full.extend(best_continuation(r));
                 let reference = agg.score(&full).unwrap_or(-1.0);
-                let thresholds =
-                    [reference, reference + 1e-9, reference - 1e-9, f64::from(rng.unit()) - 1.0];
+                let thresholds = [
+                    reference,
+                    reference + 1e-9,
+                    reference - 1e-9,
+                    f64::from(rng.unit()) - 1.0,
+                ];
                 for threshold in thresholds {
                     let settled = agg.settled_below_within(&prefix, threshold, r);
                     // Best over every continuation length 0..=r (exhaustive: the best token
@@ -521,7 +590,8 @@ mod tests {
                         agg.score(&seq).is_some_and(|s| s >= threshold)
                     });
                     assert_eq!(
-                        settled, !reachable,
+                        settled,
+                        !reachable,
                         "{} prefix={prefix:?} r={r} threshold={threshold}",
                         agg.name()
                     );
@@ -530,7 +600,11 @@ mod tests {
                         let k = rng.below(r as u64 + 1);
                         let mut seq = prefix.clone();
                         seq.extend((0..k).map(|_| rng.token()));
-                        assert!(!agg.score(&seq).is_some_and(|s| s >= threshold), "{}", agg.name());
+                        assert!(
+                            !agg.score(&seq).is_some_and(|s| s >= threshold),
+                            "{}",
+                            agg.name()
+                        );
                     }
                 }
             }

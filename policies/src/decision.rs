@@ -109,7 +109,9 @@ impl Reason {
         match self {
             Self::ImageInput => "the local model cannot read image input",
             Self::Tools => "the local model does not support tool calls",
-            Self::ContextTooLong => "prompt plus max_tokens exceeds the local model's context window",
+            Self::ContextTooLong => {
+                "prompt plus max_tokens exceeds the local model's context window"
+            }
             Self::Overloaded => "the local model is overloaded; try again shortly",
             Self::BudgetExhausted => "the budget for this key or team is exhausted",
             Self::DirectModelNotAllowed => "this key may not name a remote model directly",
@@ -220,30 +222,48 @@ fn local_obstacle(facts: &RequestFacts) -> Option<Reason> {
 pub fn pre_route(facts: &RequestFacts, policy: &Policy, overloaded: bool) -> PreRoute {
     if facts.direct_model {
         return if policy.allow_direct_models() {
-            PreRoute::Remote { reason: Reason::DirectModel }
+            PreRoute::Remote {
+                reason: Reason::DirectModel,
+            }
         } else {
-            PreRoute::Reject { reason: Reason::DirectModelNotAllowed }
+            PreRoute::Reject {
+                reason: Reason::DirectModelNotAllowed,
+            }
         };
     }
     if policy.local_only() {
         return match (local_obstacle(facts), overloaded) {
             (Some(reason), _) => PreRoute::Reject { reason },
-            (None, true) => PreRoute::Reject { reason: Reason::Overloaded },
-            (None, false) => PreRoute::LocalForced { reason: Reason::LocalOnly },
+            (None, true) => PreRoute::Reject {
+                reason: Reason::Overloaded,
+            },
+            (None, false) => PreRoute::LocalForced {
+                reason: Reason::LocalOnly,
+            },
         };
     }
     if policy.remote_only() {
-        return PreRoute::Remote { reason: Reason::RemoteOnly };
+        return PreRoute::Remote {
+            reason: Reason::RemoteOnly,
+        };
     }
     let header = facts.route_header.filter(|_| policy.allow_route_header());
     match header {
-        Some(RouteOverride::Remote) => return PreRoute::Remote { reason: Reason::RouteHeader },
+        Some(RouteOverride::Remote) => {
+            return PreRoute::Remote {
+                reason: Reason::RouteHeader,
+            }
+        }
         // The client asked for local explicitly: refuse rather than pay behind its back.
         Some(RouteOverride::Local) => {
             return match (local_obstacle(facts), overloaded) {
                 (Some(reason), _) => PreRoute::Reject { reason },
-                (None, true) => PreRoute::Reject { reason: Reason::Overloaded },
-                (None, false) => PreRoute::LocalForced { reason: Reason::RouteHeader },
+                (None, true) => PreRoute::Reject {
+                    reason: Reason::Overloaded,
+                },
+                (None, false) => PreRoute::LocalForced {
+                    reason: Reason::RouteHeader,
+                },
             };
         }
         None => {}
@@ -253,8 +273,12 @@ pub fn pre_route(facts: &RequestFacts, policy: &Policy, overloaded: bool) -> Pre
     }
     if overloaded {
         return match policy.on_overload() {
-            OverloadAction::Escalate => PreRoute::Remote { reason: Reason::Overloaded },
-            OverloadAction::Reject => PreRoute::Reject { reason: Reason::Overloaded },
+            OverloadAction::Escalate => PreRoute::Remote {
+                reason: Reason::Overloaded,
+            },
+            OverloadAction::Reject => PreRoute::Reject {
+                reason: Reason::Overloaded,
+            },
         };
     }
     PreRoute::Local
@@ -303,12 +327,18 @@ pub fn confidence(outcome: &LocalOutcome<'_>, policy: &Policy) -> Option<f64> {
 /// confidence. A local_only policy always serves; a NaN score escalates.
 pub fn post_local(outcome: &LocalOutcome<'_>, policy: &Policy) -> Route {
     if policy.local_only() {
-        return Route::ServeLocal { reason: Reason::LocalOnly };
+        return Route::ServeLocal {
+            reason: Reason::LocalOnly,
+        };
     }
     if policy.remote_only() {
-        return Route::Escalate { reason: Reason::RemoteOnly };
+        return Route::Escalate {
+            reason: Reason::RemoteOnly,
+        };
     }
-    let over_cap = policy.max_local_ms().is_some_and(|cap| outcome.elapsed_ms > cap);
+    let over_cap = policy
+        .max_local_ms()
+        .is_some_and(|cap| outcome.elapsed_ms > cap);
     let reason = if outcome.timed_out || over_cap {
         Reason::LocalTimeout
     } else if outcome.finished_early {
@@ -320,7 +350,9 @@ pub fn post_local(outcome: &LocalOutcome<'_>, policy: &Policy) -> Route {
     } else {
         match (confidence(outcome, policy), policy.threshold()) {
             (Some(score), Some(threshold)) if score >= threshold => {
-                return Route::ServeLocal { reason: Reason::Confident };
+                return Route::ServeLocal {
+                    reason: Reason::Confident,
+                };
             }
             _ => Reason::LowConfidence,
         }
@@ -390,10 +422,15 @@ impl BudgetDecision {
 /// If a reservation for the chosen remote then fails, call again with `fits: false` for it.
 pub fn on_budget(policy: &Policy, view: &BudgetView) -> BudgetDecision {
     let affordable = |c: &&RemoteCandidate| {
-        c.fits && policy.max_cost_per_request().is_none_or(|max| c.estimated_cost <= max)
+        c.fits
+            && policy
+                .max_cost_per_request()
+                .is_none_or(|max| c.estimated_cost <= max)
     };
     if let Some(first) = view.candidates.first().filter(affordable) {
-        return BudgetDecision::Proceed { remote: first.remote.clone() };
+        return BudgetDecision::Proceed {
+            remote: first.remote.clone(),
+        };
     }
     match policy.on_budget_exhausted() {
         ExhaustedAction::ServeLocal if view.local_available => BudgetDecision::ServeLocal,
@@ -403,7 +440,9 @@ pub fn on_budget(policy: &Policy, view: &BudgetView) -> BudgetDecision {
             .iter()
             .filter(affordable)
             .min_by_key(|c| c.estimated_cost)
-            .map_or(BudgetDecision::Reject, |c| BudgetDecision::Fallback { remote: c.remote.clone() }),
+            .map_or(BudgetDecision::Reject, |c| BudgetDecision::Fallback {
+                remote: c.remote.clone(),
+            }),
     }
 }
 
@@ -442,11 +481,22 @@ mod tests {
     }
 
     fn facts() -> RequestFacts {
-        RequestFacts { prompt_tokens: 100, max_output_tokens: 200, context_window: 2048, ..Default::default() }
+        RequestFacts {
+            prompt_tokens: 100,
+            max_output_tokens: 200,
+            context_window: 2048,
+            ..Default::default()
+        }
     }
 
     fn tokens(lp: &[f32]) -> Vec<TokenSignal> {
-        lp.iter().map(|&logprob| TokenSignal { logprob, entropy: 0.0, margin: 1.0 }).collect()
+        lp.iter()
+            .map(|&logprob| TokenSignal {
+                logprob,
+                entropy: 0.0,
+                margin: 1.0,
+            })
+            .collect()
     }
 
     const REMOTE: fn(Reason) -> PreRoute = |reason| PreRoute::Remote { reason };
@@ -461,7 +511,10 @@ mod tests {
         assert_eq!(sorted.len(), names.len());
         for r in Reason::ALL {
             assert_eq!(serde_json::to_value(r).unwrap(), json!(r.as_str()));
-            assert!(r.as_str().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(r
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
             assert!(!r.message().is_empty());
         }
         assert_eq!(Reason::LowConfidence.as_str(), "low_confidence");
@@ -476,44 +529,90 @@ mod tests {
 
     #[test]
     fn plain_request_runs_local() {
-        assert_eq!(pre_route(&facts(), &policy(json!({})), false), PreRoute::Local);
+        assert_eq!(
+            pre_route(&facts(), &policy(json!({})), false),
+            PreRoute::Local
+        );
     }
 
     #[test]
     fn what_local_cannot_take_escalates_without_running_it() {
         let p = policy(json!({}));
-        let images = RequestFacts { has_images: true, ..facts() };
+        let images = RequestFacts {
+            has_images: true,
+            ..facts()
+        };
         assert_eq!(pre_route(&images, &p, false), REMOTE(Reason::ImageInput));
-        let tools = RequestFacts { has_tools: true, ..facts() };
+        let tools = RequestFacts {
+            has_tools: true,
+            ..facts()
+        };
         assert_eq!(pre_route(&tools, &p, false), REMOTE(Reason::Tools));
-        let long = RequestFacts { prompt_tokens: 1900, ..facts() };
+        let long = RequestFacts {
+            prompt_tokens: 1900,
+            ..facts()
+        };
         assert_eq!(pre_route(&long, &p, false), REMOTE(Reason::ContextTooLong));
-        let exact_fit = RequestFacts { prompt_tokens: 1848, ..facts() };
+        let exact_fit = RequestFacts {
+            prompt_tokens: 1848,
+            ..facts()
+        };
         assert_eq!(pre_route(&exact_fit, &p, false), PreRoute::Local);
     }
 
     #[test]
     fn overload_escalates_or_rejects_per_policy() {
-        assert_eq!(pre_route(&facts(), &policy(json!({})), true), REMOTE(Reason::Overloaded));
+        assert_eq!(
+            pre_route(&facts(), &policy(json!({})), true),
+            REMOTE(Reason::Overloaded)
+        );
         let strict = policy(json!({"on_overload": "reject"}));
-        assert_eq!(pre_route(&facts(), &strict, true), REJECT(Reason::Overloaded));
+        assert_eq!(
+            pre_route(&facts(), &strict, true),
+            REJECT(Reason::Overloaded)
+        );
     }
 
     #[test]
     fn local_only_serves_local_or_rejects_with_the_cause() {
         let p = policy(json!({"local_only": true}));
-        assert_eq!(pre_route(&facts(), &p, false), PreRoute::LocalForced { reason: Reason::LocalOnly });
-        let images = RequestFacts { has_images: true, ..facts() };
+        assert_eq!(
+            pre_route(&facts(), &p, false),
+            PreRoute::LocalForced {
+                reason: Reason::LocalOnly
+            }
+        );
+        let images = RequestFacts {
+            has_images: true,
+            ..facts()
+        };
         assert_eq!(pre_route(&images, &p, false), REJECT(Reason::ImageInput));
-        let long = RequestFacts { prompt_tokens: 5000, ..facts() };
+        let long = RequestFacts {
+            prompt_tokens: 5000,
+            ..facts()
+        };
         assert_eq!(pre_route(&long, &p, false), REJECT(Reason::ContextTooLong));
         assert_eq!(pre_route(&facts(), &p, true), REJECT(Reason::Overloaded));
         // Not even an allowed route header makes a local-only team pay.
         let p = policy(json!({"local_only": true, "allow_route_header": true}));
-        let remote = RequestFacts { route_header: Some(RouteOverride::Remote), ..facts() };
-        assert_eq!(pre_route(&remote, &p, false), PreRoute::LocalForced { reason: Reason::LocalOnly });
-        let direct = RequestFacts { direct_model: true, ..facts() };
-        assert_eq!(pre_route(&direct, &p, false), REJECT(Reason::DirectModelNotAllowed));
+        let remote = RequestFacts {
+            route_header: Some(RouteOverride::Remote),
+            ..facts()
+        };
+        assert_eq!(
+            pre_route(&remote, &p, false),
+            PreRoute::LocalForced {
+                reason: Reason::LocalOnly
+            }
+        );
+        let direct = RequestFacts {
+            direct_model: true,
+            ..facts()
+        };
+        assert_eq!(
+            pre_route(&direct, &p, false),
+            REJECT(Reason::DirectModelNotAllowed)
+        );
     }
 
     #[test]
@@ -524,24 +623,48 @@ mod tests {
 
     #[test]
     fn route_header_is_honoured_only_when_allowed() {
-        let local = RequestFacts { route_header: Some(RouteOverride::Local), ..facts() };
-        let remote = RequestFacts { route_header: Some(RouteOverride::Remote), ..facts() };
+        let local = RequestFacts {
+            route_header: Some(RouteOverride::Local),
+            ..facts()
+        };
+        let remote = RequestFacts {
+            route_header: Some(RouteOverride::Remote),
+            ..facts()
+        };
         let closed = policy(json!({}));
         assert_eq!(pre_route(&local, &closed, false), PreRoute::Local);
         assert_eq!(pre_route(&remote, &closed, false), PreRoute::Local);
         let open = policy(json!({"allow_route_header": true}));
-        assert_eq!(pre_route(&remote, &open, false), REMOTE(Reason::RouteHeader));
-        assert_eq!(pre_route(&local, &open, false), PreRoute::LocalForced { reason: Reason::RouteHeader });
+        assert_eq!(
+            pre_route(&remote, &open, false),
+            REMOTE(Reason::RouteHeader)
+        );
+        assert_eq!(
+            pre_route(&local, &open, false),
+            PreRoute::LocalForced {
+                reason: Reason::RouteHeader
+            }
+        );
         // Asked for local but local cannot do it: refuse rather than pay.
-        let local_tools = RequestFacts { has_tools: true, ..local };
+        let local_tools = RequestFacts {
+            has_tools: true,
+            ..local
+        };
         assert_eq!(pre_route(&local_tools, &open, false), REJECT(Reason::Tools));
         assert_eq!(pre_route(&local, &open, true), REJECT(Reason::Overloaded));
     }
 
     #[test]
     fn direct_model_goes_remote_only_when_allowed() {
-        let direct = RequestFacts { direct_model: true, has_images: true, ..facts() };
-        assert_eq!(pre_route(&direct, &policy(json!({})), false), REJECT(Reason::DirectModelNotAllowed));
+        let direct = RequestFacts {
+            direct_model: true,
+            has_images: true,
+            ..facts()
+        };
+        assert_eq!(
+            pre_route(&direct, &policy(json!({})), false),
+            REJECT(Reason::DirectModelNotAllowed)
+        );
         let open = policy(json!({"allow_direct_models": true}));
         assert_eq!(pre_route(&direct, &open, true), REMOTE(Reason::DirectModel));
     }
@@ -550,60 +673,141 @@ mod tests {
     fn confident_answer_is_served_and_threshold_is_inclusive() {
         let p = policy(json!({}));
         let t = tokens(&[-0.5, -1.5]); // mean -1.0 == threshold
-        let outcome = LocalOutcome { tokens: &t, ..Default::default() };
-        assert_eq!(post_local(&outcome, &p), Route::ServeLocal { reason: Reason::Confident });
+        let outcome = LocalOutcome {
+            tokens: &t,
+            ..Default::default()
+        };
+        assert_eq!(
+            post_local(&outcome, &p),
+            Route::ServeLocal {
+                reason: Reason::Confident
+            }
+        );
         assert_eq!(confidence(&outcome, &p), Some(-1.0));
     }
 
     #[test]
     fn low_confidence_escalates() {
         let t = tokens(&[-0.5, -1.6]);
-        let outcome = LocalOutcome { tokens: &t, ..Default::default() };
-        assert_eq!(post_local(&outcome, &policy(json!({}))), Route::Escalate { reason: Reason::LowConfidence });
+        let outcome = LocalOutcome {
+            tokens: &t,
+            ..Default::default()
+        };
+        assert_eq!(
+            post_local(&outcome, &policy(json!({}))),
+            Route::Escalate {
+                reason: Reason::LowConfidence
+            }
+        );
         let nan = tokens(&[f32::NAN]);
-        let outcome = LocalOutcome { tokens: &nan, ..Default::default() };
-        assert_eq!(post_local(&outcome, &policy(json!({}))), Route::Escalate { reason: Reason::LowConfidence });
+        let outcome = LocalOutcome {
+            tokens: &nan,
+            ..Default::default()
+        };
+        assert_eq!(
+            post_local(&outcome, &policy(json!({}))),
+            Route::Escalate {
+                reason: Reason::LowConfidence
+            }
+        );
     }
 
     #[test]
     fn escalation_reasons_in_precedence_order() {
         let p = policy(json!({"max_local_ms": 1000}));
         let good = tokens(&[-0.1]);
-        let base = LocalOutcome { tokens: &good, ..Default::default() };
+        let base = LocalOutcome {
+            tokens: &good,
+            ..Default::default()
+        };
         let esc = |reason| Route::Escalate { reason };
-        let timed_out = LocalOutcome { timed_out: true, finished_early: true, ..base };
+        let timed_out = LocalOutcome {
+            timed_out: true,
+            finished_early: true,
+            ..base
+        };
         assert_eq!(post_local(&timed_out, &p), esc(Reason::LocalTimeout));
-        let slow = LocalOutcome { elapsed_ms: 1001, ..base };
+        let slow = LocalOutcome {
+            elapsed_ms: 1001,
+            ..base
+        };
         assert_eq!(post_local(&slow, &p), esc(Reason::LocalTimeout));
-        let at_cap = LocalOutcome { elapsed_ms: 1000, ..base };
-        assert_eq!(post_local(&at_cap, &p), Route::ServeLocal { reason: Reason::Confident });
-        let early = LocalOutcome { finished_early: true, ..base };
+        let at_cap = LocalOutcome {
+            elapsed_ms: 1000,
+            ..base
+        };
+        assert_eq!(
+            post_local(&at_cap, &p),
+            Route::ServeLocal {
+                reason: Reason::Confident
+            }
+        );
+        let early = LocalOutcome {
+            finished_early: true,
+            ..base
+        };
         assert_eq!(post_local(&early, &p), esc(Reason::EarlyExit));
-        let empty = LocalOutcome { tokens: &[], json_valid: Some(false), ..base };
+        let empty = LocalOutcome {
+            tokens: &[],
+            json_valid: Some(false),
+            ..base
+        };
         assert_eq!(post_local(&empty, &p), esc(Reason::NoTokens));
-        let bad_json = LocalOutcome { json_valid: Some(false), ..base };
+        let bad_json = LocalOutcome {
+            json_valid: Some(false),
+            ..base
+        };
         assert_eq!(post_local(&bad_json, &p), esc(Reason::InvalidJson));
-        let good_json = LocalOutcome { json_valid: Some(true), ..base };
-        assert_eq!(post_local(&good_json, &p), Route::ServeLocal { reason: Reason::Confident });
+        let good_json = LocalOutcome {
+            json_valid: Some(true),
+            ..base
+        };
+        assert_eq!(
+            post_local(&good_json, &p),
+            Route::ServeLocal {
+                reason: Reason::Confident
+            }
+        );
     }
 
     #[test]
     fn local_only_always_serves_and_remote_only_never_does() {
         let t = tokens(&[-9.0]);
-        let outcome = LocalOutcome { tokens: &t, timed_out: true, ..Default::default() };
+        let outcome = LocalOutcome {
+            tokens: &t,
+            timed_out: true,
+            ..Default::default()
+        };
         let local = policy(json!({"local_only": true}));
-        assert_eq!(post_local(&outcome, &local), Route::ServeLocal { reason: Reason::LocalOnly });
+        assert_eq!(
+            post_local(&outcome, &local),
+            Route::ServeLocal {
+                reason: Reason::LocalOnly
+            }
+        );
         let remote = policy(json!({"remote_only": true}));
         let good = tokens(&[0.0]);
-        let outcome = LocalOutcome { tokens: &good, ..Default::default() };
-        assert_eq!(post_local(&outcome, &remote), Route::Escalate { reason: Reason::RemoteOnly });
+        let outcome = LocalOutcome {
+            tokens: &good,
+            ..Default::default()
+        };
+        assert_eq!(
+            post_local(&outcome, &remote),
+            Route::Escalate {
+                reason: Reason::RemoteOnly
+            }
+        );
     }
 
     fn view(fits: &[(&str, u64, bool)], local_available: bool) -> BudgetView {
         BudgetView {
             candidates: fits
                 .iter()
-                .map(|&(r, c, f)| RemoteCandidate { remote: r.into(), estimated_cost: NanoUsd(c), fits: f })
+                .map(|&(r, c, f)| RemoteCandidate {
+                    remote: r.into(),
+                    estimated_cost: NanoUsd(c),
+                    fits: f,
+                })
                 .collect(),
             local_available,
         }
@@ -615,7 +819,12 @@ mod tests {
         for action in ["serve_local", "fallback", "reject"] {
             let p = policy(json!({"on_budget_exhausted": action}));
             let d = on_budget(&p, &v);
-            assert_eq!(d, BudgetDecision::Proceed { remote: "big".into() });
+            assert_eq!(
+                d,
+                BudgetDecision::Proceed {
+                    remote: "big".into()
+                }
+            );
             assert_eq!(d.reason(), None);
         }
     }
@@ -626,21 +835,46 @@ mod tests {
         let d = on_budget(&p, &view(&[("big", 100, false), ("small", 10, true)], true));
         assert_eq!(d, BudgetDecision::ServeLocal);
         assert_eq!(d.reason(), Some(Reason::BudgetExhausted));
-        assert_eq!(on_budget(&p, &view(&[("big", 100, false)], false)), BudgetDecision::Reject);
+        assert_eq!(
+            on_budget(&p, &view(&[("big", 100, false)], false)),
+            BudgetDecision::Reject
+        );
     }
 
     #[test]
     fn exhausted_budget_falls_back_to_cheapest_fitting_remote_or_rejects() {
         let p = policy(json!({"on_budget_exhausted": "fallback"}));
-        let v = view(&[("big", 100, false), ("mid", 50, true), ("small", 10, true), ("tiny", 5, false)], false);
+        let v = view(
+            &[
+                ("big", 100, false),
+                ("mid", 50, true),
+                ("small", 10, true),
+                ("tiny", 5, false),
+            ],
+            false,
+        );
         let d = on_budget(&p, &v);
-        assert_eq!(d, BudgetDecision::Fallback { remote: "small".into() });
+        assert_eq!(
+            d,
+            BudgetDecision::Fallback {
+                remote: "small".into()
+            }
+        );
         assert_eq!(d.reason(), Some(Reason::BudgetFallback));
-        let ties = view(&[("big", 100, false), ("a", 10, true), ("b", 10, true)], false);
-        assert_eq!(on_budget(&p, &ties), BudgetDecision::Fallback { remote: "a".into() });
+        let ties = view(
+            &[("big", 100, false), ("a", 10, true), ("b", 10, true)],
+            false,
+        );
+        assert_eq!(
+            on_budget(&p, &ties),
+            BudgetDecision::Fallback { remote: "a".into() }
+        );
         let none = view(&[("big", 100, false), ("small", 10, false)], true);
         assert_eq!(on_budget(&p, &none), BudgetDecision::Reject);
-        assert_eq!(on_budget(&p, &BudgetView::default()), BudgetDecision::Reject);
+        assert_eq!(
+            on_budget(&p, &BudgetView::default()),
+            BudgetDecision::Reject
+        );
     }
 
     #[test]
@@ -653,19 +887,34 @@ mod tests {
 
     #[test]
     fn max_cost_per_request_makes_a_fitting_candidate_unaffordable() {
-        let p = policy(json!({"on_budget_exhausted": "fallback", "max_cost_per_request_usd": 0.00000005}));
+        let p = policy(
+            json!({"on_budget_exhausted": "fallback", "max_cost_per_request_usd": 0.00000005}),
+        );
         let v = view(&[("big", 100, true), ("small", 50, true)], false);
-        assert_eq!(on_budget(&p, &v), BudgetDecision::Fallback { remote: "small".into() });
-        let p = policy(json!({"on_budget_exhausted": "reject", "max_cost_per_request_usd": 0.00000001}));
+        assert_eq!(
+            on_budget(&p, &v),
+            BudgetDecision::Fallback {
+                remote: "small".into()
+            }
+        );
+        let p = policy(
+            json!({"on_budget_exhausted": "reject", "max_cost_per_request_usd": 0.00000001}),
+        );
         assert_eq!(on_budget(&p, &v), BudgetDecision::Reject);
     }
 
     #[test]
     fn remote_failure_serves_local_only_when_policy_and_answer_allow() {
         let p = policy(json!({}));
-        assert_eq!(on_remote_failure(&p, true), RemoteFailureDecision::ServeLocal);
+        assert_eq!(
+            on_remote_failure(&p, true),
+            RemoteFailureDecision::ServeLocal
+        );
         assert_eq!(on_remote_failure(&p, false), RemoteFailureDecision::Error);
         let strict = policy(json!({"on_remote_failure": "error"}));
-        assert_eq!(on_remote_failure(&strict, true), RemoteFailureDecision::Error);
+        assert_eq!(
+            on_remote_failure(&strict, true),
+            RemoteFailureDecision::Error
+        );
     }
 }

@@ -46,7 +46,10 @@ pub enum PolicyError {
 impl PolicyError {
     /// An `Invalid` error at `key`.
     pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid { key: key.into(), reason: reason.into() }
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The dotted path of the offending key.
@@ -69,7 +72,11 @@ impl PolicyError {
             | Self::Money { key, .. }
             | Self::Aggregate { key, .. } => key,
         };
-        *key = if key.is_empty() { prefix.to_owned() } else { format!("{prefix}.{key}") };
+        *key = if key.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}.{key}")
+        };
         self
     }
 }
@@ -79,7 +86,9 @@ impl PolicyError {
 pub(crate) fn check_name(key: &str, name: &str) -> Result<(), PolicyError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
         Ok(())
     } else {

@@ -116,7 +116,10 @@ impl TryFrom<ExperimentConfig> for Experiment {
             other => other,
         };
         if c.variants.is_empty() {
-            return Err(PolicyError::invalid("variants", "needs at least one variant"));
+            return Err(PolicyError::invalid(
+                "variants",
+                "needs at least one variant",
+            ));
         }
         let mut total = 0.0;
         for (i, v) in c.variants.iter().enumerate() {
@@ -153,14 +156,25 @@ impl TryFrom<ExperimentConfig> for Experiment {
             .map(|v| {
                 running += v.weight;
                 cumulative.push(running / total);
-                Variant { share: v.weight / total, name: v.name, weight: v.weight, overrides: v.overrides }
+                Variant {
+                    share: v.weight / total,
+                    name: v.name,
+                    weight: v.weight,
+                    overrides: v.overrides,
+                }
             })
             .collect();
         // Rounding must not leave a sliver of [0, 1) unassigned.
         if let Some(last) = cumulative.last_mut() {
             *last = 1.0;
         }
-        Ok(Self { id: c.id, team: c.team, subject, variants, cumulative })
+        Ok(Self {
+            id: c.id,
+            team: c.team,
+            subject,
+            variants,
+            cumulative,
+        })
     }
 }
 
@@ -190,7 +204,11 @@ impl Experiment {
     /// [`assign`]`(id, subject)`. Same inputs, same variant, on every replica.
     pub fn pick_variant(&self, subject: &str) -> &Variant {
         let u = assign(&self.id, subject);
-        let i = self.cumulative.iter().position(|&c| u < c).unwrap_or(self.variants.len() - 1);
+        let i = self
+            .cumulative
+            .iter()
+            .position(|&c| u < c)
+            .unwrap_or(self.variants.len() - 1);
         &self.variants[i]
     }
 }
@@ -238,7 +256,11 @@ mod tests {
         assert!((0.0..1.0).contains(&u));
         assert_ne!(u, assign("exp", "user-2"));
         assert_ne!(u, assign("exp2", "user-1"));
-        assert_ne!(assign("ab", "c"), assign("a", "bc"), "separator keeps fields apart");
+        assert_ne!(
+            assign("ab", "c"),
+            assign("a", "bc"),
+            "separator keeps fields apart"
+        );
     }
 
     #[test]
@@ -246,7 +268,10 @@ mod tests {
         // SHA-256("exp\0user-1"), first 8 bytes big-endian, top 53 bits / 2^53.
         let digest = Sha256::digest(b"exp\0user-1");
         let x = u64::from_be_bytes(digest[..8].try_into().unwrap());
-        assert_eq!(assign("exp", "user-1"), (x >> 11) as f64 / 9_007_199_254_740_992.0);
+        assert_eq!(
+            assign("exp", "user-1"),
+            (x >> 11) as f64 / 9_007_199_254_740_992.0
+        );
     }
 
     #[test]
@@ -254,7 +279,9 @@ mod tests {
         let e = split(1.0, 4.0); // 0.2 / 0.8
         assert!((e.variants()[0].share - 0.2).abs() < 1e-12);
         let n = 20_000;
-        let strict = (0..n).filter(|i| e.pick_variant(&format!("user-{i}")).name == "strict").count();
+        let strict = (0..n)
+            .filter(|i| e.pick_variant(&format!("user-{i}")).name == "strict")
+            .count();
         let share = strict as f64 / n as f64;
         assert!((share - 0.8).abs() < 0.02, "strict share {share}");
         for i in 0..100 {
@@ -280,7 +307,10 @@ mod tests {
         let e = experiment(json!({"id": "h", "subject": {"header": "X-End-User"}, "variants": [{"name": "a", "weight": 1}]}))
             .unwrap();
         assert_eq!(e.subject(), &Subject::Header("x-end-user".into()));
-        assert_eq!(e.subject().value(None, headers, "k1"), Some("u-from-header"));
+        assert_eq!(
+            e.subject().value(None, headers, "k1"),
+            Some("u-from-header")
+        );
     }
 
     #[test]
@@ -295,17 +325,44 @@ mod tests {
     fn invalid_experiments_name_the_key() {
         let v = |name: &str, weight: f64| json!({"name": name, "weight": weight});
         let cases = [
-            (json!({"id": "e", "subject": "user", "variants": []}), "variants"),
-            (json!({"id": "e", "subject": "user", "variants": [v("a", 1.0), v("a", 1.0)]}), "variants[1].name"),
-            (json!({"id": "e", "subject": "user", "variants": [v("a", 1.0), v("b", 0.0)]}), "variants[1].weight"),
-            (json!({"id": "e", "subject": "user", "variants": [v("a", -1.0)]}), "variants[0].weight"),
-            (json!({"id": "e", "subject": "user", "variants": [v("a b", 1.0)]}), "variants[0].name"),
-            (json!({"id": "", "subject": "user", "variants": [v("a", 1.0)]}), "id"),
-            (json!({"id": "e", "subject": {"header": "bad header"}, "variants": [v("a", 1.0)]}), "subject.header"),
-            (json!({"id": "e", "subject": "user", "variants": [v("a", 1e308), v("b", 1e308)]}), "variants"),
-            (json!({"id": "e", "subject": "user", "variants": [
-                {"name": "a", "weight": 1.0, "overrides": {"daily_budget_usd": 5.0}}
-            ]}), "variants[0].overrides"),
+            (
+                json!({"id": "e", "subject": "user", "variants": []}),
+                "variants",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [v("a", 1.0), v("a", 1.0)]}),
+                "variants[1].name",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [v("a", 1.0), v("b", 0.0)]}),
+                "variants[1].weight",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [v("a", -1.0)]}),
+                "variants[0].weight",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [v("a b", 1.0)]}),
+                "variants[0].name",
+            ),
+            (
+                json!({"id": "", "subject": "user", "variants": [v("a", 1.0)]}),
+                "id",
+            ),
+            (
+                json!({"id": "e", "subject": {"header": "bad header"}, "variants": [v("a", 1.0)]}),
+                "subject.header",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [v("a", 1e308), v("b", 1e308)]}),
+                "variants",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [
+                    {"name": "a", "weight": 1.0, "overrides": {"daily_budget_usd": 5.0}}
+                ]}),
+                "variants[0].overrides",
+            ),
         ];
         for (config, key) in cases {
             let err = experiment(config.clone()).unwrap_err();

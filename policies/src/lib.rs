@@ -7,7 +7,7 @@
 
 pub mod budget;
 pub mod confidence;
-// pub mod config;
+pub mod config;
 pub mod decision;
 pub mod error;
 pub mod experiment;
@@ -15,10 +15,9 @@ pub mod money;
 pub mod policy;
 pub mod team;
 
-/*TMP
 pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
 pub use confidence::{Aggregate, AggregateError, TokenSignal};
-pub use config::{Policies, PoliciesConfig};
+pub use config::{GlobalBudgetConfig, Policies, PoliciesConfig};
 pub use decision::{
     BudgetDecision, BudgetView, LocalOutcome, PreRoute, Reason, RemoteCandidate,
     RemoteFailureDecision, RequestFacts, Route, RouteOverride,
@@ -29,5 +28,4 @@ pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
 pub use policy::{
     ExhaustedAction, OverloadAction, Policy, PolicyConfig, PolicyOverride, RemoteFailureAction,
 };
-pub use team::{KeyDirectory, KeyMatch, TeamConfig};
-TMP*/
+pub use team::{KeyDirectory, KeyMatch, KeySettings, Team, TeamConfig};

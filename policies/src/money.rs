@@ -109,7 +109,12 @@ impl Sum for NanoUsd {
 /// Exact decimal USD with nine places (`0.000123000`), as used in `x-cascade-cost-usd`.
 impl fmt::Display for NanoUsd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:09}", self.0 / NANOS_PER_USD, self.0 % NANOS_PER_USD)
+        write!(
+            f,
+            "{}.{:09}",
+            self.0 / NANOS_PER_USD,
+            self.0 % NANOS_PER_USD
+        )
     }
 }
 
@@ -157,7 +162,10 @@ impl TryFrom<PriceConfig> for PriceTable {
 
 /// Converts a configured USD amount, naming `key` on failure.
 pub(crate) fn usd_at(key: &str, usd: f64) -> Result<NanoUsd, PolicyError> {
-    NanoUsd::from_usd(usd).map_err(|source| PolicyError::Money { key: key.to_owned(), source })
+    NanoUsd::from_usd(usd).map_err(|source| PolicyError::Money {
+        key: key.to_owned(),
+        source,
+    })
 }
 
 /// Converts an optional configured USD amount, naming `key` on failure.
@@ -179,10 +187,22 @@ mod tests {
 
     #[test]
     fn usd_rejects_nan_infinite_negative_and_huge() {
-        assert!(matches!(NanoUsd::from_usd(f64::NAN), Err(MoneyError::NotFinite(_))));
-        assert!(matches!(NanoUsd::from_usd(f64::INFINITY), Err(MoneyError::NotFinite(_))));
-        assert!(matches!(NanoUsd::from_usd(-0.01), Err(MoneyError::Negative(_))));
-        assert!(matches!(NanoUsd::from_usd(2e10), Err(MoneyError::TooLarge(_))));
+        assert!(matches!(
+            NanoUsd::from_usd(f64::NAN),
+            Err(MoneyError::NotFinite(_))
+        ));
+        assert!(matches!(
+            NanoUsd::from_usd(f64::INFINITY),
+            Err(MoneyError::NotFinite(_))
+        ));
+        assert!(matches!(
+            NanoUsd::from_usd(-0.01),
+            Err(MoneyError::Negative(_))
+        ));
+        assert!(matches!(
+            NanoUsd::from_usd(2e10),
+            Err(MoneyError::TooLarge(_))
+        ));
         assert!(NanoUsd::from_usd(1.8e10).is_ok());
     }
 
@@ -215,9 +235,16 @@ mod tests {
         assert_eq!(price.cost(1, 0), NanoUsd(150));
         assert_eq!(price.cost(1000, 500), NanoUsd(150_000 + 300_000));
         // $0.000001 / M: a single token is 0.000001 nano, still charged 1 nano.
-        let tiny = PriceTable { input_per_million: NanoUsd(1), output_per_million: NanoUsd(3) };
+        let tiny = PriceTable {
+            input_per_million: NanoUsd(1),
+            output_per_million: NanoUsd(3),
+        };
         assert_eq!(tiny.cost(1, 0), NanoUsd(1));
-        assert_eq!(tiny.cost(1, 1), NanoUsd(1), "the sum is rounded once, not each part");
+        assert_eq!(
+            tiny.cost(1, 1),
+            NanoUsd(1),
+            "the sum is rounded once, not each part"
+        );
         assert_eq!(tiny.cost(1_000_000, 0), NanoUsd(1));
         assert_eq!(tiny.cost(1_000_001, 0), NanoUsd(2));
         assert_eq!(tiny.cost(0, 0), NanoUsd::ZERO);
@@ -225,7 +252,10 @@ mod tests {
 
     #[test]
     fn cost_saturates_on_absurd_inputs() {
-        let price = PriceTable { input_per_million: NanoUsd::MAX, output_per_million: NanoUsd::MAX };
+        let price = PriceTable {
+            input_per_million: NanoUsd::MAX,
+            output_per_million: NanoUsd::MAX,
+        };
         assert_eq!(price.cost(u64::MAX, u64::MAX), NanoUsd::MAX);
     }
 
@@ -238,9 +268,16 @@ mod tests {
         let table = PriceTable::try_from(config).unwrap();
         assert_eq!(table.output_per_million, NanoUsd(600_000_000));
 
-        let bad = PriceConfig { input_usd_per_million: 1.0, output_usd_per_million: -1.0 };
+        let bad = PriceConfig {
+            input_usd_per_million: 1.0,
+            output_usd_per_million: -1.0,
+        };
         let err = PriceTable::try_from(bad).unwrap_err();
         assert_eq!(err.key(), "output_usd_per_million");
-        assert!(err.to_string().starts_with("output_usd_per_million: must be >= 0"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("output_usd_per_million: must be >= 0"),
+            "{err}"
+        );
     }
 }

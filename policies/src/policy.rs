@@ -231,7 +231,10 @@ impl Policy {
     fn check(&self) -> Result<(), PolicyError> {
         self.aggregate
             .validate()
-            .map_err(|source| PolicyError::Aggregate { key: "aggregate".to_owned(), source })?;
+            .map_err(|source| PolicyError::Aggregate {
+                key: "aggregate".to_owned(),
+                source,
+            })?;
         if self.local_only && self.remote_only {
             return Err(PolicyError::invalid(
                 "remote_only",
@@ -247,7 +250,10 @@ impl Policy {
             }
             None => {}
             Some(t) if !t.is_finite() => {
-                return Err(PolicyError::invalid("threshold", format!("must be finite, got {t}")));
+                return Err(PolicyError::invalid(
+                    "threshold",
+                    format!("must be finite, got {t}"),
+                ));
             }
             Some(t) => {
                 let (lo, hi) = self.aggregate.score_range();
@@ -305,7 +311,8 @@ impl Policy {
     pub fn should_stop_early(&self, tokens_so_far: &[TokenSignal], max_more_tokens: usize) -> bool {
         match self.threshold {
             Some(t) if self.cascades() => {
-                self.aggregate.settled_below_within(tokens_so_far, t, max_more_tokens)
+                self.aggregate
+                    .settled_below_within(tokens_so_far, t, max_more_tokens)
             }
             _ => false,
         }
@@ -436,25 +443,56 @@ mod tests {
     #[test]
     fn validation_errors_name_the_offending_key() {
         let cases = [
-            (json!({"threshold": -1.0, "remotes": ["m"], "local_only": true, "remote_only": true}), "remote_only"),
+            (
+                json!({"threshold": -1.0, "remotes": ["m"], "local_only": true, "remote_only": true}),
+                "remote_only",
+            ),
             (json!({"remotes": ["m"]}), "threshold"),
-            (json!({"threshold": f64::NAN, "remotes": ["m"]}), "threshold"),
+            (
+                json!({"threshold": f64::NAN, "remotes": ["m"]}),
+                "threshold",
+            ),
             (json!({"threshold": 0.5, "remotes": ["m"]}), "threshold"),
-            (json!({"aggregate": {"kind": "mean_margin"}, "threshold": -0.5, "remotes": ["m"]}), "threshold"),
-            (json!({"aggregate": {"kind": "quantile", "q": 2.0}, "threshold": -1.0, "remotes": ["m"]}), "aggregate"),
+            (
+                json!({"aggregate": {"kind": "mean_margin"}, "threshold": -0.5, "remotes": ["m"]}),
+                "threshold",
+            ),
+            (
+                json!({"aggregate": {"kind": "quantile", "q": 2.0}, "threshold": -1.0, "remotes": ["m"]}),
+                "aggregate",
+            ),
             (json!({"threshold": -1.0}), "remotes"),
-            (json!({"threshold": -1.0, "remotes": ["m", "m"]}), "remotes[1]"),
+            (
+                json!({"threshold": -1.0, "remotes": ["m", "m"]}),
+                "remotes[1]",
+            ),
             (json!({"threshold": -1.0, "remotes": [""]}), "remotes[0]"),
-            (json!({"threshold": -1.0, "remotes": ["m"], "daily_budget_usd": -3.0}), "daily_budget_usd"),
-            (json!({"threshold": -1.0, "remotes": ["m"], "max_cost_per_request_usd": 1e300}), "max_cost_per_request_usd"),
-            (json!({"local_only": true, "allow_direct_models": true}), "allow_direct_models"),
-            (json!({"threshold": -1.0, "remotes": ["m"], "max_local_ms": 0}), "max_local_ms"),
+            (
+                json!({"threshold": -1.0, "remotes": ["m"], "daily_budget_usd": -3.0}),
+                "daily_budget_usd",
+            ),
+            (
+                json!({"threshold": -1.0, "remotes": ["m"], "max_cost_per_request_usd": 1e300}),
+                "max_cost_per_request_usd",
+            ),
+            (
+                json!({"local_only": true, "allow_direct_models": true}),
+                "allow_direct_models",
+            ),
+            (
+                json!({"threshold": -1.0, "remotes": ["m"], "max_local_ms": 0}),
+                "max_local_ms",
+            ),
         ];
         for (config, key) in cases {
             let config: PolicyConfig = match serde_json::from_value(config.clone()) {
                 Ok(c) => c,
                 // serde_json turns NaN into null; build that one by hand.
-                Err(_) => PolicyConfig { threshold: Some(f64::NAN), remotes: vec!["m".into()], ..Default::default() },
+                Err(_) => PolicyConfig {
+                    threshold: Some(f64::NAN),
+                    remotes: vec!["m".into()],
+                    ..Default::default()
+                },
             };
             let err = Policy::try_from(config.clone()).unwrap_err();
             assert_eq!(err.key(), key, "{config:?} -> {err}");
@@ -481,29 +519,56 @@ mod tests {
         assert_eq!(p.daily_budget(), Some(NanoUsd(2_000_000_000)));
         assert_eq!(p.remotes(), ["gpt-4o"]);
         assert_eq!(p.aggregate(), base.aggregate());
-        assert_eq!(base.with_override(&PolicyOverride::default()).unwrap(), base);
+        assert_eq!(
+            base.with_override(&PolicyOverride::default()).unwrap(),
+            base
+        );
 
-        let both = PolicyOverride { local_only: Some(true), remote_only: Some(true), ..Default::default() };
+        let both = PolicyOverride {
+            local_only: Some(true),
+            remote_only: Some(true),
+            ..Default::default()
+        };
         assert_eq!(base.with_override(&both).unwrap_err().key(), "remote_only");
-        let nan = PolicyOverride { max_cost_per_request_usd: Some(f64::NAN), ..Default::default() };
-        assert_eq!(base.with_override(&nan).unwrap_err().key(), "max_cost_per_request_usd");
+        let nan = PolicyOverride {
+            max_cost_per_request_usd: Some(f64::NAN),
+            ..Default::default()
+        };
+        assert_eq!(
+            base.with_override(&nan).unwrap_err().key(),
+            "max_cost_per_request_usd"
+        );
         // Switching the aggregate without a fitting threshold is caught.
-        let margin = PolicyOverride { aggregate: Some(Aggregate::MeanMargin), ..Default::default() };
+        let margin = PolicyOverride {
+            aggregate: Some(Aggregate::MeanMargin),
+            ..Default::default()
+        };
         assert_eq!(base.with_override(&margin).unwrap_err().key(), "threshold");
     }
 
     #[test]
     fn turning_a_local_only_policy_into_a_cascade_requires_a_threshold() {
         let local = parse(json!({"local_only": true, "remotes": ["m"]})).unwrap();
-        let o = PolicyOverride { local_only: Some(false), ..Default::default() };
+        let o = PolicyOverride {
+            local_only: Some(false),
+            ..Default::default()
+        };
         assert_eq!(local.with_override(&o).unwrap_err().key(), "threshold");
-        let o = PolicyOverride { local_only: Some(false), threshold: Some(-1.0), ..Default::default() };
+        let o = PolicyOverride {
+            local_only: Some(false),
+            threshold: Some(-1.0),
+            ..Default::default()
+        };
         assert!(local.with_override(&o).unwrap().cascades());
     }
 
     #[test]
     fn early_exit_only_for_policies_that_can_escalate() {
-        let bad = [TokenSignal { logprob: -9.0, entropy: 0.0, margin: 0.0 }];
+        let bad = [TokenSignal {
+            logprob: -9.0,
+            entropy: 0.0,
+            margin: 0.0,
+        }];
         assert!(cascade().should_stop_early(&bad, 1));
         let local = parse(json!({"local_only": true, "threshold": -0.5})).unwrap();
         assert!(!local.should_stop_early(&bad, 1));

@@ -65,7 +65,10 @@ impl TryFrom<TeamConfig> for Team {
     fn try_from(c: TeamConfig) -> Result<Self, PolicyError> {
         check_name("name", &c.name)?;
         let policy = Policy::try_from(c.policy).map_err(|e| e.within("policy"))?;
-        let limits = Limits { daily: policy.daily_budget(), monthly: policy.monthly_budget() };
+        let limits = Limits {
+            daily: policy.daily_budget(),
+            monthly: policy.monthly_budget(),
+        };
         let mut key_ids = Vec::with_capacity(c.api_key_hashes.len());
         for (i, hash) in c.api_key_hashes.iter().enumerate() {
             parse_hash(hash).map_err(|e| e.within(&format!("api_key_hashes[{i}]")))?;
@@ -75,7 +78,11 @@ impl TryFrom<TeamConfig> for Team {
         for (id, o) in c.keys {
             let at = format!("keys.{id}");
             if !key_ids.contains(&id) {
-                return Err(PolicyError::Unknown { key: at, what: "key id", name: id });
+                return Err(PolicyError::Unknown {
+                    key: at,
+                    what: "key id",
+                    name: id,
+                });
             }
             let key_policy = policy.with_override(&o).map_err(|e| e.within(&at))?;
             let key_limits = Limits {
@@ -84,9 +91,21 @@ impl TryFrom<TeamConfig> for Team {
                 monthly: opt_usd_at("monthly_budget_usd", o.monthly_budget_usd)
                     .map_err(|e| e.within(&at))?,
             };
-            keys.insert(id, KeySettings { policy: key_policy, limits: key_limits });
+            keys.insert(
+                id,
+                KeySettings {
+                    policy: key_policy,
+                    limits: key_limits,
+                },
+            );
         }
-        Ok(Self { name: c.name, policy, limits, key_ids, keys })
+        Ok(Self {
+            name: c.name,
+            policy,
+            limits,
+            key_ids,
+            keys,
+        })
     }
 }
 
@@ -98,7 +117,9 @@ impl Team {
 
     /// The key's own budgets (none unless its override sets them).
     pub fn key_limits(&self, key_id: &str) -> Limits {
-        self.keys.get(key_id).map_or_else(Limits::default, |k| k.limits)
+        self.keys
+            .get(key_id)
+            .map_or_else(Limits::default, |k| k.limits)
     }
 }
 
@@ -109,7 +130,10 @@ pub fn hash_api_key(key: &str) -> String {
 
 /// The stable, non-secret id of a key: the first 12 hex characters of its hash, lowercased.
 pub fn key_id(hash: &str) -> String {
-    hash.chars().take(KEY_ID_LEN).collect::<String>().to_ascii_lowercase()
+    hash.chars()
+        .take(KEY_ID_LEN)
+        .collect::<String>()
+        .to_ascii_lowercase()
 }
 
 /// Formats caller-supplied randomness as an API key: `csk-` and 64 lowercase hex characters.
@@ -179,13 +203,21 @@ impl KeyDirectory {
                 let hash = parse_hash(hash_hex).map_err(|e| e.within(&at))?;
                 let id = key_id(hash_hex);
                 if let Some(other) = entries.iter().find(|e| e.key_id == id) {
-                    let what = if other.hash == hash { "the same key" } else { "a key id" };
+                    let what = if other.hash == hash {
+                        "the same key"
+                    } else {
+                        "a key id"
+                    };
                     return Err(PolicyError::invalid(
                         at,
                         format!("shares {what} with a key of team `{}`", other.team),
                     ));
                 }
-                entries.push(KeyEntry { hash, team: team.name.clone(), key_id: id });
+                entries.push(KeyEntry {
+                    hash,
+                    team: team.name.clone(),
+                    key_id: id,
+                });
             }
         }
         Ok(Self { entries })
@@ -206,7 +238,10 @@ impl KeyDirectory {
                 found = Some(entry);
             }
         }
-        found.map(|e| KeyMatch { team: &e.team, key_id: &e.key_id })
+        found.map(|e| KeyMatch {
+            team: &e.team,
+            key_id: &e.key_id,
+        })
     }
 
     /// Finds the key with this hex SHA-256 (either case); `None` for malformed input.
@@ -274,8 +309,11 @@ mod tests {
 
     #[test]
     fn directory_finds_the_team_and_key_id_of_a_presented_key() {
-        let dir = KeyDirectory::new(&[team("alpha", &["csk-a1", "csk-a2"]), team("beta", &["csk-b1"])])
-            .unwrap();
+        let dir = KeyDirectory::new(&[
+            team("alpha", &["csk-a1", "csk-a2"]),
+            team("beta", &["csk-b1"]),
+        ])
+        .unwrap();
         assert_eq!(dir.len(), 3);
         let m = dir.lookup_key("csk-a2").unwrap();
         assert_eq!(m.team, "alpha");
@@ -295,7 +333,8 @@ mod tests {
         let err = KeyDirectory::new(&[bad]).unwrap_err();
         assert_eq!(err.key(), "teams.alpha.api_key_hashes[1]");
 
-        let err = KeyDirectory::new(&[team("alpha", &["k"]), team("beta", &["x", "k"])]).unwrap_err();
+        let err =
+            KeyDirectory::new(&[team("alpha", &["k"]), team("beta", &["x", "k"])]).unwrap_err();
         assert_eq!(err.key(), "teams.beta.api_key_hashes[1]");
         assert!(err.to_string().contains("same key"), "{err}");
     }
@@ -311,22 +350,45 @@ mod tests {
         let t = Team::try_from(c.clone()).unwrap();
         assert_eq!(t.policy_for(&id).threshold(), Some(-3.0));
         assert_eq!(t.policy_for("other").threshold(), Some(-1.0));
-        assert_eq!(t.key_limits(&id).daily, Some(crate::money::NanoUsd(1_500_000_000)));
+        assert_eq!(
+            t.key_limits(&id).daily,
+            Some(crate::money::NanoUsd(1_500_000_000))
+        );
         assert_eq!(t.key_limits(&id).monthly, None);
         assert_eq!(t.limits, Limits::default());
 
         let mut unknown = c.clone();
-        unknown.keys.insert("ffffffffffff".into(), PolicyOverride::default());
-        assert_eq!(Team::try_from(unknown).unwrap_err().key(), "keys.ffffffffffff");
+        unknown
+            .keys
+            .insert("ffffffffffff".into(), PolicyOverride::default());
+        assert_eq!(
+            Team::try_from(unknown).unwrap_err().key(),
+            "keys.ffffffffffff"
+        );
 
         let mut bad = c.clone();
-        bad.keys.insert(id.clone(), PolicyOverride { threshold: Some(f64::INFINITY), ..Default::default() });
-        assert_eq!(Team::try_from(bad).unwrap_err().key(), format!("keys.{id}.threshold"));
+        bad.keys.insert(
+            id.clone(),
+            PolicyOverride {
+                threshold: Some(f64::INFINITY),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            Team::try_from(bad).unwrap_err().key(),
+            format!("keys.{id}.threshold")
+        );
 
         let mut bad_policy = c;
         bad_policy.policy.threshold = None;
-        assert_eq!(Team::try_from(bad_policy).unwrap_err().key(), "policy.threshold");
+        assert_eq!(
+            Team::try_from(bad_policy).unwrap_err().key(),
+            "policy.threshold"
+        );
 
-        assert_eq!(Team::try_from(team("al pha", &[])).unwrap_err().key(), "name");
+        assert_eq!(
+            Team::try_from(team("al pha", &[])).unwrap_err().key(),
+            "name"
+        );
     }
 }
