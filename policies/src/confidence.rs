@@ -553,23 +553,18 @@ mod tests {
     #[test]
     fn settled_below_within_is_exact_in_both_directions() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let aggregates = [
-            Aggregate::MeanLogprob,
-            Aggregate::SumLogprob,
-            Aggregate::MinLogprob,
-            Aggregate::Quantile { q: 0.0 },
+        let extra = [
             Aggregate::Quantile { q: 0.1 },
             Aggregate::Quantile { q: 0.5 },
             Aggregate::Quantile { q: 0.9 },
             Aggregate::FractionAbove { bound: -0.5 },
-            Aggregate::MeanEntropy,
-            Aggregate::MeanMargin,
         ];
+        let aggregates: Vec<Aggregate> = ALL.into_iter().chain(extra).collect();
         for _ in 0..3000 {
             let n = rng.below(12);
             let r = rng.below(12);
             let prefix: Vec<TokenSignal> = (0..n).map(|_| rng.token()).collect();
-            for agg in aggregates {
+            for &agg in &aggregates {
                 // Thresholds at, just around and away from real scores exercise the ties.
                 let mut full = prefix.clone();
                 full.extend(best_continuation(r));

@@ -214,6 +214,18 @@ fn local_obstacle(facts: &RequestFacts) -> Option<Reason> {
     }
 }
 
+/// Local without escalation: refused when the local model cannot take the request or its
+/// queue is full, because the alternative would be a paid call nobody allowed.
+fn forced_local(facts: &RequestFacts, overloaded: bool, reason: Reason) -> PreRoute {
+    match (local_obstacle(facts), overloaded) {
+        (Some(obstacle), _) => PreRoute::Reject { reason: obstacle },
+        (None, true) => PreRoute::Reject {
+            reason: Reason::Overloaded,
+        },
+        (None, false) => PreRoute::LocalForced { reason },
+    }
+}
+
 /// Decides, before running the local model, whether to run it.
 ///
 /// Precedence: a directly named model; local_only (which neither header nor overload can
@@ -232,15 +244,7 @@ pub fn pre_route(facts: &RequestFacts, policy: &Policy, overloaded: bool) -> Pre
         };
     }
     if policy.local_only() {
-        return match (local_obstacle(facts), overloaded) {
-            (Some(reason), _) => PreRoute::Reject { reason },
-            (None, true) => PreRoute::Reject {
-                reason: Reason::Overloaded,
-            },
-            (None, false) => PreRoute::LocalForced {
-                reason: Reason::LocalOnly,
-            },
-        };
+        return forced_local(facts, overloaded, Reason::LocalOnly);
     }
     if policy.remote_only() {
         return PreRoute::Remote {
@@ -254,17 +258,8 @@ pub fn pre_route(facts: &RequestFacts, policy: &Policy, overloaded: bool) -> Pre
                 reason: Reason::RouteHeader,
             }
         }
-        // The client asked for local explicitly: refuse rather than pay behind its back.
         Some(RouteOverride::Local) => {
-            return match (local_obstacle(facts), overloaded) {
-                (Some(reason), _) => PreRoute::Reject { reason },
-                (None, true) => PreRoute::Reject {
-                    reason: Reason::Overloaded,
-                },
-                (None, false) => PreRoute::LocalForced {
-                    reason: Reason::RouteHeader,
-                },
-            };
+            return forced_local(facts, overloaded, Reason::RouteHeader);
         }
         None => {}
     }
