@@ -10,7 +10,11 @@
 //! NaN policy: a NaN in the signal an aggregate reads makes the score NaN, which never passes a
 //! threshold, so a broken signal escalates instead of silently serving.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::learned::LearnedRule;
 
 /// Confidence signals of one generated token, computed from the raw logits before temperature
 /// or top-p.
@@ -27,7 +31,9 @@ pub struct TokenSignal {
 /// How per-token signals are reduced to one confidence score (higher = more confident).
 ///
 /// In configuration: `aggregate = { kind = "quantile", q = 0.1 }`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Not `Copy`: a `learned` aggregate shares its fitted rule through an `Arc`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Aggregate {
     /// Mean token log-probability; range `(-inf, 0]`.
@@ -51,6 +57,17 @@ pub enum Aggregate {
     MeanEntropy,
     /// Mean top-1 minus top-2 margin; range `[0, 1]`.
     MeanMargin,
+    /// A rule fitted by `cascade calibrate` (see [`crate::learned`]): the probability that the
+    /// answer is correct; range `[0, 1]`. Written as `{ kind = "learned", name = "..." }`; the
+    /// gateway loads the rule file and attaches it with [`crate::learned::resolve_learned`]
+    /// before validation, which rejects a rule that is not attached.
+    Learned {
+        /// The rule's name (its file is `<name>.json`).
+        name: String,
+        /// The fitted rule, attached at configuration load.
+        #[serde(skip)]
+        rule: Option<Arc<LearnedRule>>,
+    },
 }
 
 /// Why aggregate parameters were rejected.
@@ -62,6 +79,9 @@ pub enum AggregateError {
     /// `bound` NaN or infinite.
     #[error("fraction_above bound must be finite, got {0}")]
     BoundNotFinite(f64),
+    /// A `learned` aggregate whose rule file was not loaded and attached.
+    #[error("learned rule is not loaded (the gateway attaches it from its file at start-up)")]
+    LearnedNotLoaded,
 }
 
 /// Largest count that converts to f64 exactly; above it the fraction bound is not tracked.
@@ -77,6 +97,7 @@ impl Aggregate {
             Self::FractionAbove { bound } if !bound.is_finite() => {
                 Err(AggregateError::BoundNotFinite(bound))
             }
+            Self::Learned { rule: None, .. } => Err(AggregateError::LearnedNotLoaded),
             _ => Ok(()),
         }
     }
@@ -85,7 +106,7 @@ impl Aggregate {
     /// (a positive threshold on a log-probability aggregate would escalate everything).
     pub fn score_range(&self) -> (f64, f64) {
         match self {
-            Self::FractionAbove { .. } | Self::MeanMargin => (0.0, 1.0),
+            Self::FractionAbove { .. } | Self::MeanMargin | Self::Learned { .. } => (0.0, 1.0),
             _ => (f64::NEG_INFINITY, 0.0),
         }
     }
@@ -101,6 +122,7 @@ impl Aggregate {
             Self::FractionAbove { bound } => format!("fraction_above_{bound}"),
             Self::MeanEntropy => "mean_entropy".to_owned(),
             Self::MeanMargin => "mean_margin".to_owned(),
+            Self::Learned { name, .. } => format!("learned_{name}"),
         }
     }
 
@@ -112,15 +134,25 @@ impl Aggregate {
     /// - `MeanEntropy` is `-(sum of entropies) / n`.
     /// - `MeanMargin` is computed as `1 - mean(1 - margin)`, equal to the mean margin up to
     ///   rounding; this form lets early exit be exact in floating point.
+    /// - `Learned` is the rule's probability; NaN when the rule is not attached.
     pub fn score(&self, tokens: &[TokenSignal]) -> Option<f64> {
         if tokens.is_empty() {
             return None;
+        }
+        if let Self::Learned { rule, .. } = self {
+            return Some(
+                rule.as_ref()
+                    .and_then(|r| r.probability(tokens))
+                    .unwrap_or(f64::NAN),
+            );
         }
         if tokens.iter().any(|t| self.signal(t).is_nan()) {
             return Some(f64::NAN);
         }
         let n = tokens.len();
         Some(match *self {
+            // Returned above.
+            Self::Learned { .. } => f64::NAN,
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {
                 self.offset() - self.penalty_sum(tokens) / n as f64
             }
@@ -148,8 +180,9 @@ impl Aggregate {
     /// Exact in floating point, not just in real arithmetic: when it returns false, the best
     /// continuation (the limit of tokens with `logprob = 0`, `entropy = 0`, `margin = 1`, or
     /// none for `sum`/`min`) scores `>= threshold` through [`Aggregate::score`]. Exceptions
-    /// that answer a conservative `false`: tokens so far outside the signal domain, and
-    /// `fraction_above` past 2^53 tokens. A NaN so far answers true (the score stays NaN).
+    /// that answer a conservative `false`: tokens so far outside the signal domain,
+    /// `fraction_above` past 2^53 tokens, and `learned` (its features move in opposite
+    /// directions, so no cheap bound is exact). A NaN so far answers true (the score stays NaN).
     pub fn settled_below_within(
         &self,
         tokens_so_far: &[TokenSignal],
@@ -159,7 +192,8 @@ impl Aggregate {
         if tokens_so_far.iter().any(|t| self.signal(t).is_nan()) {
             return true;
         }
-        if !tokens_so_far.iter().all(|t| self.in_domain(t)) {
+        if matches!(self, Self::Learned { .. }) || !tokens_so_far.iter().all(|t| self.in_domain(t))
+        {
             return false;
         }
         let n = tokens_so_far.len();
@@ -169,6 +203,8 @@ impl Aggregate {
             return true;
         }
         let best = match *self {
+            // Returned above.
+            Self::Learned { .. } => return false,
             // Each future token adds a penalty >= 0 and the divisor grows: the best final
             // score has the longest run of zero-penalty tokens.
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {
@@ -564,7 +600,7 @@ mod tests {
             let n = rng.below(12);
             let r = rng.below(12);
             let prefix: Vec<TokenSignal> = (0..n).map(|_| rng.token()).collect();
-            for &agg in &aggregates {
+            for agg in &aggregates {
                 // Thresholds at, just around and away from real scores exercise the ties.
                 let mut full = prefix.clone();
                 full.extend(best_continuation(r));

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decision;
 pub mod error;
 pub mod experiment;
+pub mod learned;
 pub mod money;
 pub mod policy;
 pub mod team;
@@ -24,6 +25,7 @@ pub use decision::{
 };
 pub use error::PolicyError;
 pub use experiment::{Experiment, ExperimentConfig, Subject, Variant, VariantConfig};
+pub use learned::{Feature, LearnedRule, LearnedRuleError};
 pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
 pub use policy::{
     ExhaustedAction, OverloadAction, Policy, PolicyConfig, PolicyOverride, RemoteFailureAction,

@@ -178,8 +178,8 @@ impl Policy {
     /// written in the override).
     pub fn with_override(&self, o: &PolicyOverride) -> Result<Self, PolicyError> {
         let mut p = self.clone();
-        if let Some(v) = o.aggregate {
-            p.aggregate = v;
+        if let Some(v) = &o.aggregate {
+            p.aggregate = v.clone();
         }
         if let Some(v) = o.threshold {
             p.threshold = Some(v);
@@ -319,8 +319,8 @@ impl Policy {
     }
 
     /// How token signals become one score.
-    pub fn aggregate(&self) -> Aggregate {
-        self.aggregate
+    pub fn aggregate(&self) -> &Aggregate {
+        &self.aggregate
     }
     /// Serve-local threshold; `None` only for local_only or remote_only policies.
     pub fn threshold(&self) -> Option<f64> {
@@ -396,7 +396,7 @@ mod tests {
     #[test]
     fn minimal_cascade_policy_gets_documented_defaults() {
         let p = cascade();
-        assert_eq!(p.aggregate(), Aggregate::MeanLogprob);
+        assert_eq!(p.aggregate(), &Aggregate::MeanLogprob);
         assert_eq!(p.threshold(), Some(-0.5));
         assert_eq!(p.remotes(), ["gpt-4o-mini", "gpt-4o"]);
         assert!(p.cascades());
