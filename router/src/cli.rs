@@ -1,5 +1,7 @@
 //! Command-line interface of the `cascade` binary.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 
 /// Cascade: answers LLM requests with a local model first and escalates to a
@@ -18,6 +20,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(BenchArgs),
+    /// Measure how well each confidence rule predicts the local model's correctness.
+    Eval(EvalArgs),
+    /// Choose a threshold and fit the learned confidence rule from an eval run.
+    Calibrate(CalibrateArgs),
 }
 
 /// Which model and how to load it.
@@ -81,4 +87,93 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How escalated items are valued in `cascade eval` and `cascade calibrate`.
+#[derive(Debug, Args, Clone)]
+pub struct EscalationArgs {
+    /// Share of escalated items the remote model answers correctly.
+    #[arg(long, default_value_t = 1.0)]
+    pub remote_accuracy: f64,
+    /// Remote price per million input tokens, USD (default: gpt-4o-mini).
+    #[arg(long, default_value_t = 0.15)]
+    pub price_input: f64,
+    /// Remote price per million output tokens, USD.
+    #[arg(long, default_value_t = 0.60)]
+    pub price_output: f64,
+    /// Cross-validation folds (learned rule, threshold checks).
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Seed of the item selection and the folds.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `cascade eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Local model (.gguf file, Hugging Face directory or hub id); not used with --rescore.
+    #[arg(long, env = "CASCADE_MODEL")]
+    pub model: Option<String>,
+    /// Chat template: auto, model (the model's own), phi, plain.
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+    /// Precision of safetensors weights: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// capitals, arc, gsm8k, mmlu, or a labeled .jsonl file (see docs/confidence.md).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Folder of the public development sets.
+    #[arg(long, default_value = "../shared/data")]
+    pub data_dir: PathBuf,
+    /// Evaluate this many items, drawn at random with --seed (all, in file order, if absent).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only items whose position is K modulo N, written `K/N`: splits one run over processes.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Generation limit per answer (default: 24 short answers, 8 multiple choice, 256 arithmetic).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Score saved runs (repeatable; pooled) instead of generating.
+    #[arg(long)]
+    pub rescore: Vec<PathBuf>,
+    /// With --rescore: grade the saved answers again with their saved graders.
+    #[arg(long)]
+    pub regrade: bool,
+    /// Output folder: run.jsonl, summary.json, deferral.svg, deferral.png.
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub escalation: EscalationArgs,
+}
+
+/// `cascade calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// A run.jsonl written by `cascade eval` (repeatable; pooled). Items without a grade
+    /// (unlabeled traffic) support --target-rate only.
+    #[arg(long, required = true)]
+    pub run: Vec<PathBuf>,
+    /// The rule to threshold: mean_logprob, min_logprob, quantile_0.1, ..., or learned.
+    #[arg(long, default_value = "quantile_0.1")]
+    pub rule: String,
+    /// Threshold giving this escalation rate (0..1).
+    #[arg(long, conflicts_with = "target_quality")]
+    pub target_rate: Option<f64>,
+    /// Threshold reaching this quality (0..1) with the fewest escalations.
+    #[arg(long)]
+    pub target_quality: Option<f64>,
+    /// Name of the learned rule (its file is <name>.json in --out).
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Output folder: <name>.json, calibration.json, reliability.svg/png.
+    #[arg(long, default_value = "calibrate-out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub escalation: EscalationArgs,
 }

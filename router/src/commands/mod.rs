@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod calibrate;
+pub mod eval;
 pub mod generate;
 
 use local_model::{LoadOptions, LocalModel};

@@ -1,0 +1,282 @@
+//! `cascade calibrate`: from saved runs, a cross-validated comparison of the rules, the
+//! threshold of one rule for a target, the learned rule file with its calibration, and a
+//! config snippet to paste into a policy.
+
+use std::io::Write;
+
+use anyhow::Context;
+use policies::{Aggregate, TokenSignal};
+
+use crate::cli::CalibrateArgs;
+use crate::eval::calibrate::{choose, cross_validate, CvReport, Target};
+use crate::eval::metrics::calibration;
+use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
+use crate::eval::record::{read_records, EvalRecord};
+use crate::eval::scoring::{
+    aggregate_scores, default_features, fit_learned, parse_rule, standard_aggregates, LEARNED,
+};
+
+/// Runs the command, printing the report and the snippet to stdout.
+pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    execute(args, &mut stdout)
+}
+
+/// Does the work, writing the human-readable report to `out`.
+pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut records: Vec<EvalRecord> = Vec::new();
+    for path in &args.run {
+        records.extend(read_records(path)?);
+    }
+    anyhow::ensure!(!records.is_empty(), "the runs hold no items");
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let e = &args.escalation;
+    let target = match (args.target_rate, args.target_quality) {
+        (Some(r), _) => Target::Rate(r),
+        (None, Some(q)) => Target::Quality(q),
+        (None, None) => Target::Knee,
+    };
+    let labeled: Vec<&EvalRecord> = records.iter().filter(|r| r.correct.is_some()).collect();
+    let correct: Vec<bool> = labeled.iter().map(|r| r.correct == Some(true)).collect();
+    let mut report = serde_json::Map::new();
+
+    // Cross-validated comparison (labeled data only).
+    let cv = (labeled.len() >= 2 * e.folds).then(|| {
+        cross_validate(
+            &records,
+            &standard_aggregates(),
+            target,
+            e.folds,
+            e.seed,
+            e.remote_accuracy,
+        )
+    });
+    if let Some(cv) = &cv {
+        write_cv(out, cv)?;
+        report.insert("cross_validation".into(), serde_json::to_value(cv)?);
+    }
+
+    // The learned rule, fitted on every labeled item.
+    let signals: Vec<Vec<TokenSignal>> = labeled.iter().map(|r| r.signals()).collect();
+    let learned = fit_learned(
+        &args.name,
+        &default_features(),
+        &signals,
+        &correct,
+        e.folds,
+        e.seed,
+    );
+    if let Some(fit) = &learned {
+        let mut rule = fit.rule.clone();
+        let (ece, reliability) = calibration(&fit.out_of_fold, &correct, 10);
+        rule.fitted_on = serde_json::json!({
+            "runs": args.run.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "items": labeled.len(),
+            "folds": e.folds,
+            "seed": e.seed,
+            "l2": fit.l2,
+            "cv_log_loss": fit.log_loss,
+            "cv_ece": ece,
+        });
+        let path = args.out.join(format!("{}.json", args.name));
+        std::fs::write(&path, rule.to_json())
+            .with_context(|| format!("writing {}", path.display()))?;
+        let (svg, png) = write_chart(
+            &reliability_chart(&reliability, ece, &args.name),
+            &args.out.join("reliability"),
+        )?;
+        writeln!(
+            out,
+            "learned rule `{}`: {} features, L2 {}, cross-validated log-loss {:.3}, ECE {:.3}\n  saved {}\n  reliability plot {}, {}",
+            args.name,
+            rule.features.len(),
+            fit.l2,
+            fit.log_loss,
+            ece,
+            path.display(),
+            svg.display(),
+            png.display()
+        )?;
+        report.insert(
+            "learned".into(),
+            serde_json::json!({"rule": rule, "ece": ece, "reliability": reliability}),
+        );
+    }
+
+    // The threshold of the chosen rule on all the data.
+    let (aggregate, scores) = if args.rule == LEARNED {
+        let fit = learned
+            .as_ref()
+            .context("the learned rule needs labeled data with both right and wrong answers")?;
+        let scores = records
+            .iter()
+            .map(|r| {
+                fit.rule
+                    .probability(&r.signals())
+                    .filter(|p| !p.is_nan())
+                    .unwrap_or(f64::NEG_INFINITY)
+            })
+            .collect::<Vec<f64>>();
+        (
+            Aggregate::Learned {
+                name: args.name.clone(),
+                rule: None,
+            },
+            scores,
+        )
+    } else {
+        let aggregate =
+            parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?;
+        let all_signals: Vec<Vec<TokenSignal>> = records.iter().map(EvalRecord::signals).collect();
+        let scores = aggregate_scores(&aggregate, &all_signals);
+        (aggregate, scores)
+    };
+    // Quality needs labels; a rate target uses every item, labeled or not.
+    let point = if matches!(target, Target::Rate(_)) && labeled.len() < records.len() {
+        choose(&scores, None, e.remote_accuracy, target)
+    } else {
+        let labeled_scores: Vec<f64> = records
+            .iter()
+            .zip(&scores)
+            .filter(|(r, _)| r.correct.is_some())
+            .map(|(_, s)| *s)
+            .collect();
+        choose(&labeled_scores, Some(&correct), e.remote_accuracy, target)
+    }
+    .context(
+        "no threshold reaches the target on this data (unlabeled runs support --target-rate only)",
+    )?;
+    writeln!(
+        out,
+        "\n{} at {}: threshold {:.4} escalates {:.1}% of these items{}",
+        aggregate.name(),
+        match target {
+            Target::Rate(r) => format!("target rate {r}"),
+            Target::Quality(q) => format!("target quality {q}"),
+            Target::Knee => "the knee (largest gain over random escalation)".to_owned(),
+        },
+        point.threshold,
+        100.0 * point.rate,
+        point
+            .quality
+            .map(|q| format!(", quality {:.1}%", 100.0 * q))
+            .unwrap_or_default()
+    )?;
+    let aggregate_toml = match &aggregate {
+        Aggregate::Quantile { q } => format!("{{ kind = \"quantile\", q = {q} }}"),
+        Aggregate::FractionAbove { bound } => {
+            format!("{{ kind = \"fraction_above\", bound = {bound} }}")
+        }
+        Aggregate::Learned { name, .. } => format!("{{ kind = \"learned\", name = \"{name}\" }}"),
+        other => format!("{{ kind = \"{}\" }}", other.name()),
+    };
+    writeln!(
+        out,
+        "\n# paste into a policy ([teams.policy] or an override):"
+    )?;
+    writeln!(
+        out,
+        "aggregate = {aggregate_toml}\nthreshold = {:.4}",
+        point.threshold
+    )?;
+    if matches!(aggregate, Aggregate::Learned { .. }) {
+        writeln!(
+            out,
+            "# and install {}.json where the gateway loads learned rules",
+            args.name
+        )?;
+    }
+    report.insert("rule".into(), serde_json::Value::String(aggregate.name()));
+    report.insert("target".into(), serde_json::to_value(target)?);
+    report.insert("operating_point".into(), serde_json::to_value(point)?);
+    let path = args.out.join("calibration.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(out, "report: {}", path.display())?;
+    Ok(())
+}
+
+fn write_cv(out: &mut impl Write, cv: &CvReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}-fold cross-validation on {} items ({}); thresholds chosen on training folds at {}",
+        cv.folds,
+        cv.items,
+        cv.datasets.join(", "),
+        match cv.target {
+            Target::Rate(r) => format!("rate {r}"),
+            Target::Quality(q) => format!("quality {q}"),
+            Target::Knee => "the knee".to_owned(),
+        }
+    )?;
+    write!(out, "{:<22} {:>6}", "rule", "APGR")?;
+    for d in &cv.datasets {
+        write!(out, " {:>9}", truncate(d, 9))?;
+    }
+    writeln!(
+        out,
+        " {:>9} {:>6} {:>7} {:>7} {:>7} {:>6}",
+        "threshold", "rate", "quality", "random", "meanlp", "picked"
+    )?;
+    for r in &cv.rules {
+        write!(out, "{:<22} {:>6.3}", r.name, r.apgr)?;
+        for a in &r.apgr_by_dataset {
+            write!(
+                out,
+                " {:>9}",
+                a.map_or_else(|| "-".to_owned(), |a| format!("{a:.3}"))
+            )?;
+        }
+        writeln!(
+            out,
+            " {:>9.4} {:>6.3} {:>7.3} {:>7.3} {:>7.3} {:>6}",
+            r.threshold,
+            r.rate,
+            r.quality,
+            r.random_quality,
+            r.mean_logprob_quality,
+            r.selected_in_folds
+        )?;
+    }
+    writeln!(
+        out,
+        "APGR: held-out, per dataset then averaged; rate/quality: held-out at the training threshold; \
+         random/meanlp: quality of random escalation / mean log-prob at the same rate; picked: folds where it had the best training APGR\n"
+    )
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+/// Observed accuracy against predicted probability per bin, with the diagonal.
+fn reliability_chart(table: &[(f64, f64, usize)], ece: f64, name: &str) -> Chart {
+    Chart {
+        title: format!("learned rule `{name}`: reliability (out-of-fold, ECE {ece:.3})"),
+        x_label: "predicted probability of a correct answer".to_owned(),
+        y_label: "observed share correct".to_owned(),
+        x_range: (0.0, 1.0),
+        y_range: (0.0, 1.0),
+        lines: vec![
+            Line {
+                label: "perfect calibration".to_owned(),
+                points: vec![(0.0, 0.0), (1.0, 1.0)],
+                color: plotters::style::RGBColor(130, 130, 130),
+                kind: LineKind::Dashed,
+                width: 2,
+            },
+            Line {
+                label: format!(
+                    "learned ({} items)",
+                    table.iter().map(|t| t.2).sum::<usize>()
+                ),
+                points: table.iter().map(|(p, c, _)| (*p, *c)).collect(),
+                color: PALETTE[1],
+                kind: LineKind::Solid,
+                width: 3,
+            },
+        ],
+        markers: true,
+    }
+}
