@@ -65,7 +65,9 @@ impl From<sqlx::Error> for StorageError {
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::BeginFailed => Self::Unavailable(err),
             sqlx::Error::Configuration(_) => Self::Config(err.to_string()),
-            sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => Self::Corrupt(err.to_string()),
+            sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => {
+                Self::Corrupt(err.to_string())
+            }
             sqlx::Error::Database(db) => {
                 if db.is_unique_violation()
                     || db.is_foreign_key_violation()
@@ -100,7 +102,10 @@ fn is_transient_database_error(db: &(dyn sqlx::error::DatabaseError + 'static)) 
         const FULL: u32 = 13;
         const CANTOPEN: u32 = 14;
         return code.parse::<u32>().is_ok_and(|extended| {
-            matches!(extended & 0xff, BUSY | LOCKED | NOMEM | READONLY | IOERR | FULL | CANTOPEN)
+            matches!(
+                extended & 0xff,
+                BUSY | LOCKED | NOMEM | READONLY | IOERR | FULL | CANTOPEN
+            )
         });
     }
     // PostgreSQL SQLSTATE.

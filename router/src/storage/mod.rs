@@ -60,7 +60,9 @@ macro_rules! on_backend {
 /// record whose write returned survives the process being killed (and a power cut).
 pub async fn connect(cfg: &StorageConfig) -> Result<Storage, StorageError> {
     if cfg.max_connections == 0 {
-        return Err(StorageError::Config("max_connections must be at least 1".into()));
+        return Err(StorageError::Config(
+            "max_connections must be at least 1".into(),
+        ));
     }
     let reservation_ttl_ms = cfg
         .reservation_ttl_secs
@@ -83,7 +85,10 @@ pub async fn connect(cfg: &StorageConfig) -> Result<Storage, StorageError> {
             "storage url must start with sqlite: or postgres://".into(),
         ));
     };
-    let storage = Storage { backend, reservation_ttl_ms };
+    let storage = Storage {
+        backend,
+        reservation_ttl_ms,
+    };
     on_backend!(storage, migrate::run())?;
     Ok(storage)
 }
@@ -104,14 +109,21 @@ impl Storage {
         now_unix_ms: i64,
     ) -> Result<Reservation, StorageError> {
         let ttl = self.reservation_ttl_ms;
-        on_backend!(self, budget::reserve(request_id, scopes, amount_nanos, now_unix_ms, ttl))
+        on_backend!(
+            self,
+            budget::reserve(request_id, scopes, amount_nanos, now_unix_ms, ttl)
+        )
     }
 
     /// Replaces a reservation by the real cost, which is recorded even above the limit.
     ///
     /// Idempotent: settling a settled reservation does nothing. Settling a reservation that
     /// expired or was released still records the spend, because the money was spent.
-    pub async fn settle(&self, reservation_id: &str, actual_nanos: u64) -> Result<(), StorageError> {
+    pub async fn settle(
+        &self,
+        reservation_id: &str,
+        actual_nanos: u64,
+    ) -> Result<(), StorageError> {
         on_backend!(self, budget::settle(reservation_id, actual_nanos))
     }
 
@@ -125,7 +137,10 @@ impl Storage {
     /// Also forgets finished reservations older than a week, which bounds the table's size;
     /// settling one of those afterwards reports `NotFound`.
     pub async fn expire_reservations(&self, now_unix_ms: i64) -> Result<u64, StorageError> {
-        on_backend!(self, budget::expire_reservations(now_unix_ms, self.reservation_ttl_ms))
+        on_backend!(
+            self,
+            budget::expire_reservations(now_unix_ms, self.reservation_ttl_ms)
+        )
     }
 
     /// A scope's spend and outstanding reservations (zero for a scope never used).
@@ -146,7 +161,10 @@ impl Storage {
         comment: Option<&str>,
         now_unix_ms: i64,
     ) -> Result<(), StorageError> {
-        on_backend!(self, ledger::record_feedback(request_id, score, comment, now_unix_ms))
+        on_backend!(
+            self,
+            ledger::record_feedback(request_id, score, comment, now_unix_ms)
+        )
     }
 
     /// The record of one request, if there is one.
@@ -175,7 +193,10 @@ impl Storage {
     }
 
     /// Every request of an experiment that was assigned a variant, oldest first.
-    pub async fn variant_samples(&self, experiment_id: &str) -> Result<Vec<VariantSample>, StorageError> {
+    pub async fn variant_samples(
+        &self,
+        experiment_id: &str,
+    ) -> Result<Vec<VariantSample>, StorageError> {
         on_backend!(self, ledger::variant_samples(experiment_id))
     }
 
@@ -186,7 +207,10 @@ impl Storage {
         until_unix_ms: i64,
         limit: u32,
     ) -> Result<Vec<SignalRecord>, StorageError> {
-        on_backend!(self, ledger::records_with_signals(since_unix_ms, until_unix_ms, limit))
+        on_backend!(
+            self,
+            ledger::records_with_signals(since_unix_ms, until_unix_ms, limit)
+        )
     }
 
     /// Closes the pool, waiting for connections in use to be returned.

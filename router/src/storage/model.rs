@@ -144,7 +144,8 @@ pub(crate) fn from_db(value: i64, what: &str) -> Result<u64, StorageError> {
 
 /// Converts a stored HTTP status back to `u16`.
 pub(crate) fn status_from_db(value: i32) -> Result<u16, StorageError> {
-    u16::try_from(value).map_err(|_| StorageError::Corrupt(format!("status = {value} is not a u16")))
+    u16::try_from(value)
+        .map_err(|_| StorageError::Corrupt(format!("status = {value} is not a u16")))
 }
 
 /// SQLite cannot store NaN (it becomes NULL) and infinities mean "no usable signal", so both
@@ -184,7 +185,9 @@ impl ReservationState {
             "settled" => Ok(Self::Settled),
             "released" => Ok(Self::Released),
             "expired" => Ok(Self::Expired),
-            other => Err(StorageError::Corrupt(format!("reservation state `{other}`"))),
+            other => Err(StorageError::Corrupt(format!(
+                "reservation state `{other}`"
+            ))),
         }
     }
 }
@@ -209,7 +212,11 @@ pub(crate) fn lock_order(scopes: &[ScopeLimit]) -> Result<Vec<PlannedScope>, Sto
         let limit = to_db(s.limit_nanos, "limit_nanos")?;
         match planned.iter_mut().find(|p| p.scope == s.scope) {
             Some(existing) => existing.limit = existing.limit.min(limit),
-            None => planned.push(PlannedScope { scope: s.scope.clone(), limit, caller_index }),
+            None => planned.push(PlannedScope {
+                scope: s.scope.clone(),
+                limit,
+                caller_index,
+            }),
         }
     }
     planned.sort_by(|a, b| a.scope.cmp(&b.scope));
@@ -223,9 +230,18 @@ mod unit_tests {
     #[test]
     fn lock_order_sorts_by_name_and_keeps_the_smaller_limit_of_a_repeated_scope() {
         let scopes = [
-            ScopeLimit { scope: "team:a".into(), limit_nanos: 10 },
-            ScopeLimit { scope: "global".into(), limit_nanos: 30 },
-            ScopeLimit { scope: "team:a".into(), limit_nanos: 5 },
+            ScopeLimit {
+                scope: "team:a".into(),
+                limit_nanos: 10,
+            },
+            ScopeLimit {
+                scope: "global".into(),
+                limit_nanos: 30,
+            },
+            ScopeLimit {
+                scope: "team:a".into(),
+                limit_nanos: 5,
+            },
         ];
         let planned = lock_order(&scopes);
         assert!(matches!(
@@ -239,7 +255,10 @@ mod unit_tests {
 
     #[test]
     fn amounts_above_i64_max_are_rejected_rather_than_wrapped() {
-        assert!(matches!(to_db(u64::MAX, "x"), Err(StorageError::InvalidInput(_))));
+        assert!(matches!(
+            to_db(u64::MAX, "x"),
+            Err(StorageError::InvalidInput(_))
+        ));
         assert!(matches!(to_db(i64::MAX as u64, "x"), Ok(i64::MAX)));
         assert!(matches!(from_db(-1, "x"), Err(StorageError::Corrupt(_))));
     }

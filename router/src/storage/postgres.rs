@@ -14,10 +14,13 @@ use super::schema::{self, Migration};
 use super::StorageError;
 
 #[path = "common/budget.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod budget;
 #[path = "common/ledger.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod ledger;
 #[path = "common/migrate.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod migrate;
 
 /// The database the shared query code is compiled for.

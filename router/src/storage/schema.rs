@@ -46,6 +46,9 @@ mod unit_tests {
         let versions = |list: &[Migration]| list.iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(SQLITE), versions(POSTGRES));
         assert!(versions(SQLITE).windows(2).all(|w| w[0] < w[1]));
-        assert!(SQLITE.iter().chain(POSTGRES).all(|m| !m.sql.trim().is_empty()));
+        assert!(SQLITE
+            .iter()
+            .chain(POSTGRES)
+            .all(|m| !m.sql.trim().is_empty()));
     }
 }

@@ -13,10 +13,13 @@ use super::schema::{self, Migration};
 use super::StorageError;
 
 #[path = "common/budget.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod budget;
 #[path = "common/ledger.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod ledger;
 #[path = "common/migrate.rs"]
+#[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
 pub(super) mod migrate;
 
 /// The database the shared query code is compiled for.
@@ -57,7 +60,10 @@ pub(super) async fn open(url: &str, max_connections: u32) -> Result<SqlitePool, 
         // FULL fsyncs the WAL on every commit: a record whose write returned survives kill -9
         // and power loss (NORMAL would only survive the former).
         .synchronous(SqliteSynchronous::Full);
-    Ok(SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?)
+    Ok(SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await?)
 }
 
 /// Whether the URL names an in-memory database rather than a file.

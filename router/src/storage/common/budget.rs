@@ -12,8 +12,7 @@ use sqlx::{Pool, Row, Transaction};
 
 use super::{begin_write, Db, SELECT_RESERVATION_FOR_UPDATE};
 use crate::storage::model::{
-    from_db, lock_order, to_db, PlannedScope, Reservation, ReservationState, ScopeLimit,
-    ScopeState,
+    from_db, lock_order, to_db, PlannedScope, Reservation, ReservationState, ScopeLimit, ScopeState,
 };
 use crate::storage::StorageError;
 
@@ -137,8 +136,15 @@ pub(crate) async fn settle(
         // Its hold was already given back, but the money was spent all the same.
         ReservationState::Released | ReservationState::Expired => 0,
     };
-    finish(&mut tx, reservation_id, ReservationState::Settled, Some(actual), still_reserved, actual)
-        .await?;
+    finish(
+        &mut tx,
+        reservation_id,
+        ReservationState::Settled,
+        Some(actual),
+        still_reserved,
+        actual,
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -154,7 +160,15 @@ pub(crate) async fn release(pool: &Pool<Db>, reservation_id: &str) -> Result<(),
         tx.rollback().await?;
         return Ok(());
     }
-    finish(&mut tx, reservation_id, ReservationState::Released, None, locked.amount, 0).await?;
+    finish(
+        &mut tx,
+        reservation_id,
+        ReservationState::Released,
+        None,
+        locked.amount,
+        0,
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -181,13 +195,12 @@ pub(crate) async fn expire_reservations(
 /// scopes of many reservations could not lock them all in `lock_order`. Orphaned reservations
 /// are rare (a crash), so the per-reservation cost does not matter.
 async fn expire_stale(pool: &Pool<Db>, cutoff_unix_ms: i64) -> Result<u64, StorageError> {
-    let candidates: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM reservations WHERE state = $1 AND created_unix_ms < $2",
-    )
-    .bind(ReservationState::Held.as_str())
-    .bind(cutoff_unix_ms)
-    .fetch_all(pool)
-    .await?;
+    let candidates: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM reservations WHERE state = $1 AND created_unix_ms < $2")
+            .bind(ReservationState::Held.as_str())
+            .bind(cutoff_unix_ms)
+            .fetch_all(pool)
+            .await?;
     let mut expired = 0;
     for id in candidates {
         let mut tx = begin_write(pool).await?;
@@ -281,5 +294,8 @@ async fn finish(
 
 /// The error for an unknown reservation id.
 fn not_found(reservation_id: &str) -> StorageError {
-    StorageError::NotFound { what: "reservation", id: reservation_id.to_owned() }
+    StorageError::NotFound {
+        what: "reservation",
+        id: reservation_id.to_owned(),
+    }
 }

@@ -73,7 +73,9 @@ pub(crate) async fn record_feedback(
     now_unix_ms: i64,
 ) -> Result<(), StorageError> {
     if !(0.0..=1.0).contains(&score) {
-        return Err(StorageError::InvalidInput(format!("feedback score {score} is not in [0, 1]")));
+        return Err(StorageError::InvalidInput(format!(
+            "feedback score {score} is not in [0, 1]"
+        )));
     }
     let updated = sqlx::query(
         "UPDATE ledger SET feedback_score = $2, feedback_comment = $3, feedback_unix_ms = $4 \
@@ -86,7 +88,10 @@ pub(crate) async fn record_feedback(
     .execute(pool)
     .await?;
     if updated.rows_affected() == 0 {
-        return Err(StorageError::NotFound { what: "request", id: request_id.to_owned() });
+        return Err(StorageError::NotFound {
+            what: "request",
+            id: request_id.to_owned(),
+        });
     }
     Ok(())
 }
@@ -96,8 +101,14 @@ pub(crate) async fn get_record(
     pool: &Pool<Db>,
     id: &str,
 ) -> Result<Option<LedgerRecord>, StorageError> {
-    let row = sqlx::query(concat!("SELECT ", record_columns!(), " FROM ledger WHERE id = $1"))
-        .bind(id).fetch_optional(pool).await?;
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM ledger WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
     row.as_ref().map(ledger_record).transpose()
 }
 
@@ -224,7 +235,10 @@ fn ledger_record(row: &<Db as Database>::Row) -> Result<LedgerRecord, StorageErr
         local_tokens: from_db(row.try_get("local_tokens")?, "local_tokens")?,
         remote_model: row.try_get("remote_model")?,
         remote_input_tokens: from_db(row.try_get("remote_input_tokens")?, "remote_input_tokens")?,
-        remote_output_tokens: from_db(row.try_get("remote_output_tokens")?, "remote_output_tokens")?,
+        remote_output_tokens: from_db(
+            row.try_get("remote_output_tokens")?,
+            "remote_output_tokens",
+        )?,
         cost_nanos: from_db(row.try_get("cost_nanos")?, "cost_nanos")?,
         latency_ms: from_db(row.try_get("latency_ms")?, "latency_ms")?,
         status: status_from_db(row.try_get("status")?)?,
@@ -234,7 +248,8 @@ fn ledger_record(row: &<Db as Database>::Row) -> Result<LedgerRecord, StorageErr
 
 /// Decodes the columns selected with `usage_columns!`.
 fn usage_summary(row: &<Db as Database>::Row) -> Result<UsageSummary, StorageError> {
-    let count = |column: &str| -> Result<u64, StorageError> { from_db(row.try_get(column)?, column) };
+    let count =
+        |column: &str| -> Result<u64, StorageError> { from_db(row.try_get(column)?, column) };
     Ok(UsageSummary {
         requests: count("requests")?,
         escalated: count("escalated")?,

@@ -18,7 +18,9 @@ use crate::storage::StorageError;
 pub(crate) async fn run(pool: &Pool<Db>) -> Result<(), StorageError> {
     let mut tx = begin_write(pool).await?;
     lock_for_migration(&mut tx).await?;
-    sqlx::raw_sql(CREATE_MIGRATIONS_TABLE).execute(&mut *tx).await?;
+    sqlx::raw_sql(CREATE_MIGRATIONS_TABLE)
+        .execute(&mut *tx)
+        .await?;
     let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
         .fetch_all(&mut *tx)
         .await?;
@@ -26,8 +28,14 @@ pub(crate) async fn run(pool: &Pool<Db>) -> Result<(), StorageError> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        let failed = |source| StorageError::Migration { version: migration.version, source };
-        sqlx::raw_sql(migration.sql).execute(&mut *tx).await.map_err(failed)?;
+        let failed = |source| StorageError::Migration {
+            version: migration.version,
+            source,
+        };
+        sqlx::raw_sql(migration.sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
         sqlx::query(
             "INSERT INTO schema_migrations (version, description, applied_unix_ms) \
              VALUES ($1, $2, $3)",
