@@ -100,7 +100,8 @@ impl Storage {
     /// even with concurrent callers in other processes sharing the database. Otherwise fails
     /// with [`StorageError::BudgetExhausted`] naming the first overflowing scope in the order
     /// given. Before giving up it releases reservations older than the TTL and tries once more,
-    /// so a crashed request never blocks a budget for longer than the TTL.
+    /// so a crashed request never blocks a budget for longer than the TTL. With no scopes it
+    /// always succeeds. A scope listed twice counts once, with the smaller limit.
     pub async fn reserve(
         &self,
         request_id: &str,

@@ -55,6 +55,13 @@ pub(super) async fn open(url: &str, max_connections: u32) -> Result<SqlitePool, 
             .await?;
         return Ok(pool);
     }
+    // SQLite creates a missing file but not a missing directory (`sqlite://data/cascade.db`).
+    // Blocking, but once at start-up and before anything else runs.
+    if let Some(dir) = options.get_filename().parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StorageError::Config(format!("cannot create directory {}: {e}", dir.display()))
+        })?;
+    }
     let options = options
         .journal_mode(SqliteJournalMode::Wal)
         // FULL fsyncs the WAL on every commit: a record whose write returned survives kill -9

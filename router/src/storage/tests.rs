@@ -761,9 +761,10 @@ mod sqlite_only {
     use crate::storage::{LedgerRecord, ScopeLimit};
 
     #[tokio::test]
-    async fn a_missing_database_file_is_created_in_wal_mode_with_full_sync() -> TestResult {
+    async fn a_missing_database_file_and_directory_are_created_in_wal_mode_with_full_sync(
+    ) -> TestResult {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("new.db");
+        let path = dir.path().join("data").join("new.db");
         let s = connect(&StorageConfig {
             url: format!("sqlite://{}", path.display()),
             max_connections: 2,
