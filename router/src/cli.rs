@@ -20,10 +20,20 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(BenchArgs),
+    /// Manage team API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure how well each confidence rule predicts the local model's correctness.
     Eval(EvalArgs),
     /// Choose a threshold and fit the learned confidence rule from an eval run.
     Calibrate(CalibrateArgs),
+}
+
+/// `cascade keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a new random API key once, with the SHA-256 hash to put in the config.
+    New,
 }
 
 /// Which model and how to load it.

@@ -3,3 +3,5 @@
 pub mod cli;
 pub mod commands;
 pub mod eval;
+pub mod report;
+pub mod storage;

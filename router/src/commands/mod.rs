@@ -4,6 +4,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod eval;
 pub mod generate;
+pub mod keys;
 
 use local_model::{LoadOptions, LocalModel};
 
