@@ -466,7 +466,8 @@ mod tests {
     use serde_json::json;
 
     fn policy(v: serde_json::Value) -> Policy {
-        let mut base = json!({"threshold": -1.0, "remotes": ["big", "small"]});
+        // Explicit mean: these thresholds were written for it, whatever the default is.
+        let mut base = json!({"aggregate": {"kind": "mean_logprob"}, "threshold": -1.0, "remotes": ["big", "small"]});
         if let (Some(b), Some(o)) = (base.as_object_mut(), v.as_object()) {
             for (k, val) in o {
                 b.insert(k.clone(), val.clone());

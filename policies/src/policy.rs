@@ -45,7 +45,7 @@ pub enum OverloadAction {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// How token signals become one score; `{ kind = "mean_logprob" }` by default.
+    /// How token signals become one score; `{ kind = "sum_logprob" }` by default.
     pub aggregate: Aggregate,
     /// Serve locally when the score is `>= threshold`; required unless local_only/remote_only.
     pub threshold: Option<f64>,
@@ -396,7 +396,7 @@ mod tests {
     #[test]
     fn minimal_cascade_policy_gets_documented_defaults() {
         let p = cascade();
-        assert_eq!(p.aggregate(), &Aggregate::MeanLogprob);
+        assert_eq!(p.aggregate(), &Aggregate::SumLogprob);
         assert_eq!(p.threshold(), Some(-0.5));
         assert_eq!(p.remotes(), ["gpt-4o-mini", "gpt-4o"]);
         assert!(p.cascades());

@@ -169,8 +169,9 @@ pub struct CalibrateArgs {
     /// (unlabeled traffic) support --target-rate only.
     #[arg(long, required = true)]
     pub run: Vec<PathBuf>,
-    /// The rule to threshold: mean_logprob, min_logprob, quantile_0.1, ..., or learned.
-    #[arg(long, default_value = "quantile_0.1")]
+    /// The rule to threshold: sum_logprob (the default rule), mean_logprob, min_logprob,
+    /// quantile_0.1, ..., or learned.
+    #[arg(long, default_value = "sum_logprob")]
     pub rule: String,
     /// Threshold giving this escalation rate (0..1).
     #[arg(long, conflicts_with = "target_quality")]
