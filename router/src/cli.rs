@@ -167,8 +167,15 @@ pub struct EvalArgs {
 pub struct CalibrateArgs {
     /// A run.jsonl written by `cascade eval` (repeatable; pooled). Items without a grade
     /// (unlabeled traffic) support --target-rate only.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "ledger")]
     pub run: Vec<PathBuf>,
+    /// Unlabeled traffic instead: the ledger's recorded confidence values (`sqlite://...` or
+    /// `postgres://...`) for --rule, over the last --since-days; supports --target-rate only.
+    #[arg(long, conflicts_with = "run", requires = "target_rate")]
+    pub ledger: Option<String>,
+    /// With --ledger: how many days of traffic to read.
+    #[arg(long, default_value_t = 30)]
+    pub since_days: u32,
     /// The rule to threshold: sum_logprob (the default rule), mean_logprob, min_logprob,
     /// quantile_0.1, ..., or learned.
     #[arg(long, default_value = "sum_logprob")]

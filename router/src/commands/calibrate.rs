@@ -24,6 +24,9 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
 
 /// Does the work, writing the human-readable report to `out`.
 pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(url) = &args.ledger {
+        return from_ledger(args, url, out);
+    }
     let mut records: Vec<EvalRecord> = Vec::new();
     for path in &args.run {
         records.extend(read_records(path)?);
@@ -163,30 +166,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
             .map(|q| format!(", quality {:.1}%", 100.0 * q))
             .unwrap_or_default()
     )?;
-    let aggregate_toml = match &aggregate {
-        Aggregate::Quantile { q } => format!("{{ kind = \"quantile\", q = {q} }}"),
-        Aggregate::FractionAbove { bound } => {
-            format!("{{ kind = \"fraction_above\", bound = {bound} }}")
-        }
-        Aggregate::Learned { name, .. } => format!("{{ kind = \"learned\", name = \"{name}\" }}"),
-        other => format!("{{ kind = \"{}\" }}", other.name()),
-    };
-    writeln!(
-        out,
-        "\n# paste into a policy ([teams.policy] or an override):"
-    )?;
-    writeln!(
-        out,
-        "aggregate = {aggregate_toml}\nthreshold = {:.4}",
-        point.threshold
-    )?;
-    if matches!(aggregate, Aggregate::Learned { .. }) {
-        writeln!(
-            out,
-            "# and install {}.json where the gateway loads learned rules",
-            args.name
-        )?;
-    }
+    write_snippet(out, &aggregate, point.threshold)?;
     report.insert("rule".into(), serde_json::Value::String(aggregate.name()));
     report.insert("target".into(), serde_json::to_value(target)?);
     report.insert("operating_point".into(), serde_json::to_value(point)?);
@@ -279,4 +259,107 @@ fn reliability_chart(table: &[(f64, f64, usize)], ece: f64, name: &str) -> Chart
         ],
         markers: true,
     }
+}
+
+/// The policy lines that select `aggregate` at `threshold`.
+fn write_snippet(
+    out: &mut impl Write,
+    aggregate: &Aggregate,
+    threshold: f64,
+) -> std::io::Result<()> {
+    let aggregate_toml = match aggregate {
+        Aggregate::Quantile { q } => format!("{{ kind = \"quantile\", q = {q} }}"),
+        Aggregate::FractionAbove { bound } => {
+            format!("{{ kind = \"fraction_above\", bound = {bound} }}")
+        }
+        Aggregate::Learned { name, .. } => format!("{{ kind = \"learned\", name = \"{name}\" }}"),
+        other => format!("{{ kind = \"{}\" }}", other.name()),
+    };
+    writeln!(
+        out,
+        "\n# paste into a policy ([teams.policy] or an override):"
+    )?;
+    writeln!(
+        out,
+        "aggregate = {aggregate_toml}\nthreshold = {threshold:.4}"
+    )?;
+    if let Aggregate::Learned { name, .. } = aggregate {
+        writeln!(
+            out,
+            "# and install {name}.json where the gateway loads learned rules"
+        )?;
+    }
+    Ok(())
+}
+
+/// Unlabeled traffic: the threshold that would have escalated the target share of the
+/// requests the ledger recorded under the same rule.
+fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let target = args
+        .target_rate
+        .context("--ledger supports --target-rate only")?;
+    let aggregate: Aggregate = if args.rule == LEARNED {
+        Aggregate::Learned {
+            name: args.name.clone(),
+            rule: None,
+        }
+    } else {
+        parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let since_ms = now_ms.saturating_sub(i64::from(args.since_days) * 86_400_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let records = runtime.block_on(async {
+        let storage = crate::storage::connect(&crate::storage::StorageConfig {
+            url: url.to_owned(),
+            max_connections: 1,
+            reservation_ttl_secs: 300,
+        })
+        .await?;
+        let records = storage
+            .records_with_signals(since_ms, now_ms.saturating_add(1), 10_000_000)
+            .await;
+        storage.close().await;
+        records
+    })?;
+    let name = aggregate.name();
+    let scores: Vec<f64> = records
+        .iter()
+        .filter(|r| r.confidence_aggregate.as_deref() == Some(name.as_str()))
+        .map(|r| {
+            if r.confidence.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                r.confidence
+            }
+        })
+        .collect();
+    anyhow::ensure!(
+        !scores.is_empty(),
+        "the ledger has no requests scored with {name} in the last {} days ({} with other rules)",
+        args.since_days,
+        records.len()
+    );
+    let point = choose(
+        &scores,
+        None,
+        args.escalation.remote_accuracy,
+        Target::Rate(target),
+    )
+    .context("no threshold splits these requests")?;
+    writeln!(
+        out,
+        "{name} on {} ledger requests: threshold {:.4} escalates {:.1}% (target {:.1}%)",
+        scores.len(),
+        point.threshold,
+        100.0 * point.rate,
+        100.0 * target
+    )?;
+    write_snippet(out, &aggregate, point.threshold)?;
+    Ok(())
 }

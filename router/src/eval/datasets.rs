@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::grading::{last_number, Grader};
+use super::grading::{last_number, normalize, Grader};
 use super::EvalError;
 
 /// One question to ask the local model, with how to grade its answer.
@@ -143,18 +143,25 @@ fn read_capitals(path: &Path) -> Result<Vec<Item>, EvalError> {
                     answers.extend(aliases.iter().map(|a| (*a).to_owned()));
                 }
             }
+            // Where the capital is named like the country (Monaco, Kuwait), the echoed
+            // question must not count as the answer; where the country's name contains the
+            // capital's ("São Tomé and Príncipe"), naming the country must not either.
+            let mut ignore = vec![format!("capital of {}", row.country)];
+            let country = normalize(&row.country);
+            if answers
+                .iter()
+                .map(|a| normalize(a))
+                .any(|a| a != country && country.contains(&a))
+            {
+                ignore.push(row.country.clone());
+            }
             Ok(Item {
                 id: format!("capitals/{line}"),
                 prompt: format!(
                     "What is the capital of {}? Answer with the city name only.",
                     row.country
                 ),
-                grader: Grader::Contains {
-                    answers,
-                    // Where the capital is named like the country (Monaco, Kuwait), the
-                    // echoed question must not count as the answer.
-                    ignore: vec![format!("capital of {}", row.country)],
-                },
+                grader: Grader::Contains { answers, ignore },
                 max_tokens: SHORT_ANSWER_TOKENS,
             })
         })

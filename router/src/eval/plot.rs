@@ -118,9 +118,11 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart) -> Res
     c.configure_mesh()
         .x_desc(chart.x_label.as_str())
         .y_desc(chart.y_label.as_str())
+        .x_labels(11)
+        .y_labels(11)
         .label_style((FAMILY, 16))
         .axis_desc_style((FAMILY, 18))
-        .light_line_style(RGBColor(235, 235, 235))
+        .light_line_style(RGBColor(246, 246, 246))
         .draw()
         .map_err(e)?;
     for line in &chart.lines {
@@ -141,7 +143,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart) -> Res
         };
         anno.label(line.label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
-        if chart.markers {
+        if chart.markers && line.kind == LineKind::Solid {
             c.draw_series(line.points.iter().map(|&p| Circle::new(p, 4, style)))
                 .map_err(e)?;
         }
