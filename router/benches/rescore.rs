@@ -19,7 +19,7 @@ use cascade::eval::report::{evaluate, Settings};
 const ITEMS: usize = 10_000;
 
 fn unit(rng: &mut SplitMix64) -> f32 {
-    (rng.next() >> 40) as f32 / (1u64 << 24) as f32
+    (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
 }
 
 /// Answers of 4 to 40 tokens; harder items have lower log-probs and are more often wrong.
@@ -28,7 +28,7 @@ fn synthetic_run(path: &std::path::Path) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for i in 0..ITEMS {
         let difficulty = unit(&mut rng);
-        let len = 4 + (rng.next() % 37) as usize;
+        let len = 4 + (rng.next_u64() % 37) as usize;
         let tokens = (0..len)
             .map(|t| {
                 let lp = -(difficulty * 3.0 * unit(&mut rng).powi(2));

@@ -186,6 +186,10 @@ pub struct CalibrateArgs {
     /// Threshold reaching this quality (0..1) with the fewest escalations.
     #[arg(long)]
     pub target_quality: Option<f64>,
+    /// Instead of choosing one: what this threshold does (rate, quality, the baselines at the
+    /// same rate, early-exit savings).
+    #[arg(long, allow_hyphen_values = true, conflicts_with_all = ["target_rate", "target_quality", "ledger"])]
+    pub threshold: Option<f64>,
     /// Name of the learned rule (its file is <name>.json in --out).
     #[arg(long, default_value = "default")]
     pub name: String,

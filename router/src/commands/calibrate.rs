@@ -8,7 +8,7 @@ use anyhow::Context;
 use policies::{Aggregate, TokenSignal};
 
 use crate::cli::CalibrateArgs;
-use crate::eval::calibrate::{choose, cross_validate, CvReport, Target};
+use crate::eval::calibrate::{at_threshold, choose, cross_validate, CvReport, Target};
 use crate::eval::metrics::calibration;
 use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
 use crate::eval::record::{read_records, EvalRecord};
@@ -108,33 +108,40 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     }
 
     // The threshold of the chosen rule on all the data.
-    let (aggregate, scores) = if args.rule == LEARNED {
+    let aggregate = if args.rule == LEARNED {
         let fit = learned
             .as_ref()
             .context("the learned rule needs labeled data with both right and wrong answers")?;
-        let scores = records
-            .iter()
-            .map(|r| {
-                fit.rule
-                    .probability(&r.signals())
-                    .filter(|p| !p.is_nan())
-                    .unwrap_or(f64::NEG_INFINITY)
-            })
-            .collect::<Vec<f64>>();
-        (
-            Aggregate::Learned {
-                name: args.name.clone(),
-                rule: None,
-            },
-            scores,
-        )
+        Aggregate::Learned {
+            name: args.name.clone(),
+            rule: Some(std::sync::Arc::new(fit.rule.clone())),
+        }
     } else {
-        let aggregate =
-            parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?;
-        let all_signals: Vec<Vec<TokenSignal>> = records.iter().map(EvalRecord::signals).collect();
-        let scores = aggregate_scores(&aggregate, &all_signals);
-        (aggregate, scores)
+        parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
     };
+    if let Some(threshold) = args.threshold {
+        anyhow::ensure!(!labeled.is_empty(), "--threshold needs labeled items");
+        let r = at_threshold(&aggregate, &signals, &correct, threshold, e.remote_accuracy);
+        writeln!(
+            out,
+            "{} >= {threshold} on {} items: escalates {:.1}%, quality {:.1}% (mean_logprob at the same rate {:.1}%, random {:.1}%), served answers {} correct, early exit saves {:.0}% of local tokens",
+            aggregate.name(),
+            labeled.len(),
+            100.0 * r.rate,
+            100.0 * r.quality,
+            100.0 * r.mean_logprob_quality,
+            100.0 * r.random_quality,
+            r.served_accuracy.map_or_else(|| "-".to_owned(), |a| format!("{:.1}%", 100.0 * a)),
+            100.0 * r.early_exit_saving
+        )?;
+        report.insert("at_threshold".into(), serde_json::to_value(r)?);
+        let path = args.out.join("calibration.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
+    let all_signals: Vec<Vec<TokenSignal>> = records.iter().map(EvalRecord::signals).collect();
+    let scores = aggregate_scores(&aggregate, &all_signals);
     // Quality needs labels; a rate target uses every item, labeled or not.
     let point = if matches!(target, Target::Rate(_)) && labeled.len() < records.len() {
         choose(&scores, None, e.remote_accuracy, target)

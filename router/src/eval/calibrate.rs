@@ -102,6 +102,68 @@ fn curve_without_costs(scores: &[f64], correct: &[bool], remote_accuracy: f64) -
     DeferralCurve::from_scores(scores, correct, &vec![0.0; scores.len()], remote_accuracy)
 }
 
+/// What one threshold does on labeled data, next to the baselines at the same rate.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ThresholdReport {
+    /// Serve locally when `score >= threshold`.
+    pub threshold: f64,
+    /// Share of items escalated.
+    pub rate: f64,
+    /// Quality with escalated items at the remote accuracy.
+    pub quality: f64,
+    /// Quality of mean log-prob escalating the same share of items.
+    pub mean_logprob_quality: f64,
+    /// Quality of random escalation at the same rate.
+    pub random_quality: f64,
+    /// Share correct among the answers served locally (`None` when none is).
+    pub served_accuracy: Option<f64>,
+    /// Share of generated tokens that early exit would not have generated.
+    pub early_exit_saving: f64,
+}
+
+/// Applies `threshold` of `aggregate` to labeled answers (`signals[i]` graded `correct[i]`).
+pub fn at_threshold(
+    aggregate: &Aggregate,
+    signals: &[Vec<TokenSignal>],
+    correct: &[bool],
+    threshold: f64,
+    remote_accuracy: f64,
+) -> ThresholdReport {
+    let scores = aggregate_scores(aggregate, signals);
+    let (rate, quality) = apply_threshold(&scores, correct, threshold, remote_accuracy);
+    let n = correct.len().max(1) as f64;
+    let local = correct.iter().filter(|c| **c).count() as f64 / n;
+    let mean = aggregate_scores(&Aggregate::MeanLogprob, signals);
+    let served: Vec<bool> = scores
+        .iter()
+        .zip(correct)
+        .filter(|(s, _)| **s >= threshold)
+        .map(|(_, c)| *c)
+        .collect();
+    // Tokens up to and including the one after which the verdict is certain.
+    let (mut used, mut total) = (0usize, 0usize);
+    for t in signals {
+        total += t.len();
+        used += (1..=t.len())
+            .find(|&m| aggregate.settled_below(&t[..m], threshold))
+            .unwrap_or(t.len());
+    }
+    ThresholdReport {
+        threshold,
+        rate,
+        quality,
+        mean_logprob_quality: curve_without_costs(&mean, correct, remote_accuracy).quality_at(rate),
+        random_quality: local + (remote_accuracy - local) * rate,
+        served_accuracy: (!served.is_empty())
+            .then(|| served.iter().filter(|c| **c).count() as f64 / served.len() as f64),
+        early_exit_saving: if total == 0 {
+            0.0
+        } else {
+            1.0 - used as f64 / total as f64
+        },
+    }
+}
+
 /// Held-out figures of one rule under cross-validation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CvRule {
@@ -370,6 +432,33 @@ mod tests {
         let p = threshold_for_quality(&scores, &correct, 1.0, 0.9).unwrap();
         assert_eq!((p.threshold, p.rate), (-0.75, 0.75));
         assert!(threshold_for_quality(&scores, &correct, 0.5, 0.9).is_none());
+    }
+
+    #[test]
+    fn a_fixed_threshold_is_compared_at_the_same_rate_and_exits_early() {
+        let answer = |lp: &[f32]| -> Vec<TokenSignal> {
+            lp.iter()
+                .map(|&logprob| TokenSignal {
+                    logprob,
+                    entropy: 0.0,
+                    margin: 1.0,
+                })
+                .collect()
+        };
+        // Sums -0.5 (right), -3 (wrong, settled after its 2nd token), -4 (right, 4th token).
+        let signals = vec![
+            answer(&[-0.25, -0.25]),
+            answer(&[-1.0, -2.0, -0.5]),
+            answer(&[-1.0; 4]),
+        ];
+        let correct = [true, false, true];
+        let r = at_threshold(&Aggregate::SumLogprob, &signals, &correct, -2.5, 1.0);
+        assert!((r.rate - 2.0 / 3.0).abs() < 1e-12);
+        assert!((r.quality - 1.0).abs() < 1e-12);
+        assert_eq!(r.served_accuracy, Some(1.0));
+        assert!((r.random_quality - (2.0 / 3.0 + 1.0 / 3.0 * 2.0 / 3.0)).abs() < 1e-12);
+        // Tokens generated: 2 + 2 + 3 of 9.
+        assert!((r.early_exit_saving - 2.0 / 9.0).abs() < 1e-12);
     }
 
     #[test]

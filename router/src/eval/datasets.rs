@@ -455,7 +455,7 @@ pub fn select(mut items: Vec<Item>, limit: Option<usize>, seed: u64) -> Vec<Item
     if let Some(limit) = limit {
         let mut rng = SplitMix64(seed);
         for i in (1..items.len()).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             items.swap(i, j);
         }
         items.truncate(limit);
@@ -469,7 +469,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

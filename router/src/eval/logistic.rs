@@ -49,8 +49,10 @@ pub fn fit(rows: &[Vec<f64>], y: &[bool], l2: f64) -> Fit {
             }
         }
         for i in 0..=d {
-            for j in 0..i {
-                hess[j][i] = hess[i][j];
+            // Mirror the lower triangle accumulated above.
+            let row: Vec<f64> = hess[i][..i].to_vec();
+            for (j, v) in row.into_iter().enumerate() {
+                hess[j][i] = v;
             }
             // The intercept gets a tiny ridge only so that a one-class fold still solves.
             let ridge = if i == d { 1e-9 } else { l2 };
@@ -84,10 +86,11 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
+        let pivot_row = a[col].clone();
         for row in col + 1..n {
-            let factor = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= factor * a[col][k];
+            let factor = a[row][col] / pivot_row[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= factor * p;
             }
             b[row] -= factor * b[col];
         }
@@ -109,7 +112,7 @@ pub fn stratified_folds(y: &[bool], k: usize, seed: u64) -> Vec<usize> {
     for class in [false, true] {
         let mut members: Vec<usize> = (0..y.len()).filter(|&i| y[i] == class).collect();
         for i in (1..members.len()).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             members.swap(i, j);
         }
         for (position, &i) in members.iter().enumerate() {
@@ -187,8 +190,8 @@ mod tests {
 
     fn normal(rng: &mut SplitMix64) -> f64 {
         // Box-Muller from two uniforms in (0, 1].
-        let u1 = ((rng.next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
@@ -201,7 +204,7 @@ mod tests {
         for _ in 0..40_000 {
             let x: Vec<f64> = (0..3).map(|_| normal(&mut rng)).collect();
             let p = sigmoid(b + x.iter().zip(&w).map(|(a, c)| a * c).sum::<f64>());
-            let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
             rows.push(x);
             y.push(u < p);
         }
