@@ -18,6 +18,19 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(BenchArgs),
+    /// Run the OpenAI-compatible gateway.
+    Serve(ServeArgs),
+}
+
+/// `cascade serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML); `CASCADE_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short)]
+    pub config: Option<std::path::PathBuf>,
+    /// Address to listen on, overriding `server.listen`.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Which model and how to load it.

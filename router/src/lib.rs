@@ -2,3 +2,13 @@
 
 pub mod cli;
 pub mod commands;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod gateway;
+pub mod local;
+pub mod metrics;
+pub mod openai;
+pub mod routing;
+pub mod server;
+pub mod upstream;
