@@ -21,8 +21,10 @@ pub const REMOTE: &str = "big";
 
 /// A question SmolLM2 answers confidently.
 pub const EASY: &str = "What is the capital of France? Answer with the city name only.";
-/// A question it cannot know; its answer has low token log-probs.
-pub const HARD: &str = "What was the name of the dog owned by the mayor of Springfield, Oregon in 1923?";
+/// A question it cannot know: over 12 greedy tokens its mean log-prob is
+/// about -0.79 (EASY: -0.26) and a token falls to about -2.65 (EASY's
+/// lowest: -1.17).
+pub const HARD: &str = "What is the name of my neighbor's cat? Answer with the name only.";
 
 /// A raw configuration: local model `LOCAL`, one remote per mock, in order.
 pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
