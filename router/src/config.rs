@@ -569,6 +569,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
     fn environment_overrides_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("cascade.toml", "[local]\nmodel = \"a.gguf\"\n[policy]\nthreshold = -1.0")?;

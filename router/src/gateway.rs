@@ -40,7 +40,7 @@ pub enum Reply {
     /// A local answer streamed token by token as it is generated.
     LiveLocal { writer: ChunkWriter, events: mpsc::UnboundedReceiver<LiveEvent> },
     /// A remote's stream, passed through event by event.
-    Upstream(UpstreamStream),
+    Upstream(Box<UpstreamStream>),
 }
 
 /// The body of a response.

@@ -133,7 +133,7 @@ impl LocalEngine {
         let defaults = GenerationParams::default();
         let params = GenerationParams {
             max_tokens,
-            sampling: request.sampling.clone(),
+            sampling: request.sampling,
             seed: request.seed.unwrap_or(defaults.seed),
             stop: request.stop.clone(),
             ignore_eos: false,

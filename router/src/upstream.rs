@@ -144,7 +144,7 @@ pub enum UpstreamBody {
     /// A non-streamed response, passed to the client byte for byte.
     Complete { bytes: Bytes, usage: Option<RemoteUsage> },
     /// Server-sent events, forwarded one by one as they arrive.
-    Stream(UpstreamStream),
+    Stream(Box<UpstreamStream>),
 }
 
 /// The remotes and the shared HTTP client (one connection pool for all).
@@ -340,7 +340,7 @@ impl Upstreams {
             if let Some(first) = first {
                 events.ready.push_front(first);
             }
-            return Ok(UpstreamBody::Stream(events));
+            return Ok(UpstreamBody::Stream(Box::new(events)));
         }
         let bytes = tokio::time::timeout_at(deadline, response.bytes())
             .await
