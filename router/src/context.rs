@@ -39,6 +39,8 @@ pub struct RequestContext {
     pub upstream_time: Duration,
     /// Time from arrival until the response (or its headers) was ready.
     pub time_to_response: Option<Duration>,
+    /// Of that, the time not spent waiting for a model.
+    pub overhead: Option<Duration>,
     /// HTTP status; 499 until a response is produced (client went away).
     pub status: u16,
     /// A streamed response that ended with an error event.
@@ -69,22 +71,22 @@ impl RequestContext {
             local_queue_wait: Duration::ZERO,
             upstream_time: Duration::ZERO,
             time_to_response: None,
+            overhead: None,
             status: 499,
             stream_failed: false,
             metrics,
         }
     }
 
-    /// Marks the moment the response (or its headers, when streamed) is ready.
+    /// Marks the moment the response (or its headers, when streamed) is
+    /// ready, and how much of the time so far was the gateway's own.
     pub fn response_ready(&mut self, status: u16) {
         self.status = status;
-        self.time_to_response = Some(self.started.elapsed());
-    }
-
-    /// Time to the response not spent waiting for a model.
-    pub fn overhead(&self) -> Option<Duration> {
-        self.time_to_response
-            .map(|t| t.saturating_sub(self.local_time).saturating_sub(self.upstream_time))
+        let elapsed = self.started.elapsed();
+        self.time_to_response = Some(elapsed);
+        // Measured now: a live local stream's generation time comes later
+        // and is no part of the time to its headers.
+        self.overhead = Some(elapsed.saturating_sub(self.local_time).saturating_sub(self.upstream_time));
     }
 
     fn record(&self, metrics: &Metrics) {
@@ -101,7 +103,7 @@ impl RequestContext {
         if let Some(c) = self.confidence {
             metrics.confidence.observe(c);
         }
-        if let Some(overhead) = self.overhead() {
+        if let Some(overhead) = self.overhead {
             metrics.gateway_overhead.observe(overhead.as_secs_f64());
         }
     }
