@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -190,7 +191,11 @@ fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Re
         }
         cascade_headers(h, &ctx);
     }
-    let body = Body::from_stream(reply.into_body(ctx, Arc::clone(&state.metrics), state.gateway.aggregate()));
+    let body = match reply {
+        // A complete body goes out with a Content-Length, in one write.
+        Reply::Json(bytes) => Body::from(bytes),
+        streamed => Body::from_stream(streamed.into_body(ctx, Arc::clone(&state.metrics), state.gateway.aggregate())),
+    };
     response.body(body).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
@@ -277,6 +282,11 @@ impl RunningServer {
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let (shutdown, signal) = oneshot::channel::<()>();
         let app = router(Arc::clone(&state));
+        // Headers and body may go out in separate writes; without NODELAY,
+        // Nagle's algorithm holds the second one back for a delayed ACK.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

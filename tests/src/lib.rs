@@ -136,6 +136,9 @@ impl MockUpstream {
         let addr = listener.local_addr()?;
         let (shutdown, signal) = oneshot::channel::<()>();
         let app = router(Arc::clone(&state));
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
