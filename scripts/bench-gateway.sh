@@ -6,6 +6,7 @@
 #
 #   scripts/bench-gateway.sh [SECONDS_PER_RUN] [CONCURRENCIES...]
 #   defaults: 10 s, concurrency 1 8 64
+#   GATEWAY_THREADS=N: the gateway's worker threads (default: server.worker_threads's, min(4, CPUs))
 #
 # Builds the release binaries unless SKIP_BUILD=1. The load generator is
 # `cascade-loadgen` (tests crate): closed loop, kept-alive connections.
@@ -22,7 +23,7 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   (cd "$root" && cargo build --release -p cascade -p cascade-e2e --bins)
 fi
 bin="$target/release"
-[[ -f "$model" ]] || { echo "error: $model missing; run scripts/fetch-model.sh" >&2; exit 1; }
+[[ -e "$model" ]] || { echo "error: $model missing; run scripts/fetch-model.sh" >&2; exit 1; }
 
 work="$(mktemp -d)"
 pids=()
@@ -51,7 +52,7 @@ model = "mock-model"
 base_url = "http://127.0.0.1:$mock_port/v1"
 timeout_ms = 10000
 TOML
-RUST_LOG=warn "$bin/cascade" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
+env ${GATEWAY_THREADS:+CASCADE_SERVER__WORKER_THREADS=$GATEWAY_THREADS} RUST_LOG=warn "$bin/cascade" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 200); do
   python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://127.0.0.1:$port/readyz" 2>/dev/null && break

@@ -47,6 +47,8 @@ pub struct RawServer {
     /// The model name that routes through the cascade.
     pub model_name: String,
     pub max_body_bytes: u64,
+    /// Async worker threads; 0 picks min(4, CPUs).
+    pub worker_threads: usize,
 }
 
 impl Default for RawServer {
@@ -55,6 +57,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             model_name: "cascade".into(),
             max_body_bytes: 4 * 1024 * 1024,
+            worker_threads: 0,
         }
     }
 }
@@ -189,6 +192,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub model_name: String,
     pub max_body_bytes: usize,
+    pub worker_threads: usize,
 }
 
 /// Validated `[local]`.
@@ -304,10 +308,18 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
     if raw.max_body_bytes == 0 {
         return Err(invalid("server.max_body_bytes", "must be positive"));
     }
+    // The gateway's own work per request is tens of microseconds; more
+    // threads than that needs only add cross-thread wake-ups (p99 jitter)
+    // and compete with the local model's compute threads for cores.
+    let worker_threads = match raw.worker_threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+        n => n,
+    };
     Ok(ServerConfig {
         listen,
         model_name: raw.model_name.clone(),
         max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
+        worker_threads,
     })
 }
 

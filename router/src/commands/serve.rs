@@ -17,6 +17,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         config.server.listen = listen;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.worker_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
