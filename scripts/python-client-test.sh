@@ -4,20 +4,23 @@
 #
 #   scripts/python-client-test.sh [CASCADE_BIN] [MOCK_BIN]
 #
-# Defaults: the release binaries in $CARGO_TARGET_DIR (or target/). Creates
+# Defaults: the binaries in $CARGO_TARGET_DIR (or target/), release when
+# built, else debug (`cargo build -p cascade -p cascade-e2e --bins`). Creates
 # .venv with the `openai` and `pytest` packages on first use. Needs the model
 # from scripts/fetch-model.sh.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${CARGO_TARGET_DIR:-$root/target}"
-cascade_bin="${1:-$target/release/cascade}"
+default_bin="$target/release/cascade"
+[[ -x "$default_bin" && -x "$target/release/cascade-mock-upstream" ]] || default_bin="$target/debug/cascade"
+cascade_bin="${1:-$default_bin}"
 mock_bin="${2:-$(dirname "$cascade_bin")/cascade-mock-upstream}"
 model="${CASCADE_TEST_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 python="${PYTHON:-python3}"
 
 for f in "$cascade_bin" "$mock_bin"; do
-  [[ -x "$f" ]] || { echo "error: $f not found; build with: cargo build --release -p cascade -p cascade-e2e --bins" >&2; exit 1; }
+  [[ -x "$f" ]] || { echo "error: $f not found; build with: cargo build -p cascade -p cascade-e2e --bins" >&2; exit 1; }
 done
 [[ -f "$model" ]] || { echo "error: $model missing; run scripts/fetch-model.sh" >&2; exit 1; }
 
