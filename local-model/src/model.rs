@@ -128,8 +128,13 @@ impl PromptEncoder {
     /// Tokenizes a prompt as generation would.
     pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerateError> {
         let text = self.render(prompt)?;
-        // Chat templates write their own BOS; raw text gets the tokenizer's.
-        let add_special = matches!(prompt, Prompt::Text(_));
+        // A model's own (Jinja) template writes its BOS itself; raw text and
+        // the built-in templates get the tokenizer's, which models such as
+        // Gemma 3 were trained to see first.
+        let add_special = match prompt {
+            Prompt::Text(_) => true,
+            Prompt::Chat(_) => !self.template.writes_bos(),
+        };
         let encoding = self
             .tokenizer
             .encode(text.as_str(), add_special)
@@ -166,6 +171,11 @@ impl LocalModel {
     /// Facts about this model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The token ids that end generation (end-of-sequence and end-of-turn).
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.eos_ids
     }
 
     /// The prompt encoder (tokenizer and chat template).
@@ -487,12 +497,16 @@ fn load_gguf(
                 None => tokenizer::from_gguf(&content, path)?,
             };
             let gguf_template = tokenizer::gguf_string(&content, "tokenizer.chat_template");
+            // Before the weights: a bad template choice fails in an instant.
+            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
             let declared_eos = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
                 .iter()
                 .filter_map(|k| tokenizer::gguf_u32(&content, k))
                 .collect::<Vec<_>>();
             let arch_prefix = arch_name.clone().unwrap_or_default();
             let declared_ctx = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.context_length"))
+                .map(|v| v as usize);
+            let sliding_window = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
                 .map(|v| v as usize);
             let (backend, max_ctx) = if is_llama {
                 let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
@@ -512,13 +526,16 @@ fn load_gguf(
                         pristine: Box::new(weights.clone()),
                         live: Box::new(weights),
                     },
-                    // Gemma 3 supports long contexts; cap the KV cache at a
-                    // size this kind of machine can hold.
-                    8192,
+                    // candle 0.11's Gemma 3 applies the local layers'
+                    // sliding window only within a prefill, not while
+                    // decoding, so past the window those layers would attend
+                    // to tokens the model was never trained to see. Keeping
+                    // every sequence within the window keeps attention as
+                    // trained; 8192 bounds the KV cache otherwise.
+                    sliding_window.unwrap_or(8192).min(8192),
                 )
             };
             let context_window = declared_ctx.unwrap_or(max_ctx).min(max_ctx);
-            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
             let eos_ids = eos_from_vocab(&tokenizer, &declared_eos);
             Ok(LocalModel {
                 backend,
@@ -682,13 +699,13 @@ fn choose_template(
     }
 }
 
-/// The text of the first candidate present in the vocabulary, for the
+/// The text of the first candidate that is a special token, for the
 /// `bos_token`/`eos_token` template variables.
 /// Models without such a token (most byte-level BPE chat models) get "".
 fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
     candidates
         .iter()
-        .find(|c| tokenizer.token_to_id(c).is_some())
+        .find(|c| is_special(tokenizer, c))
         .map(|c| (*c).to_string())
         .unwrap_or_default()
 }
@@ -696,6 +713,9 @@ fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
 fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.to_vec();
     for token in ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>", "<|eot_id|>"] {
+        if !is_special(tokenizer, token) {
+            continue;
+        }
         if let Some(id) = tokenizer.token_to_id(token) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -703,6 +723,13 @@ fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
         }
     }
     ids
+}
+
+/// Whether `token` is one of the tokenizer's special tokens. Only those can
+/// end a sequence: in Gemma's vocabulary `<s>` and `</s>` are ordinary
+/// HTML tags.
+fn is_special(tokenizer: &Tokenizer, token: &str) -> bool {
+    tokenizer.get_added_vocabulary().is_special_token(token)
 }
 
 fn file_stem(path: &Path) -> String {

@@ -134,3 +134,18 @@ pub fn smollm2_path() -> PathBuf {
     );
     path
 }
+
+/// Path of the real Gemma 3 270M model fetched by `scripts/fetch-gemma.sh`
+/// (or `CASCADE_GEMMA_MODEL`). Fails, never skips, when it is missing.
+pub fn gemma3_path() -> PathBuf {
+    let path = match std::env::var("CASCADE_GEMMA_MODEL") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gemma-3-270m-Q4_K_M.gguf"),
+    };
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-gemma.sh first",
+        path.display()
+    );
+    path
+}
