@@ -15,6 +15,7 @@ use tokenizers::Tokenizer;
 use crate::backend::{Architecture, Backend};
 use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
+use crate::phi_mixed::{MixedPhi, PhiConfig};
 use crate::generate::{Control, FinishReason, Generation, GenerationParams, Prompt, TokenEvent, Timings, Usage};
 use crate::sampling::{Sampler, Sampling};
 use crate::signals::{signals_from_logits, TokenRecord};
@@ -583,7 +584,18 @@ fn load_phi_safetensors(
             reason: format!("model_type is `{model_type}`; only `phi` (Phi-1.5) is supported for safetensors"),
         });
     }
-    let config: phi::Config = read_json_config(&config_path)?;
+    // candle's phi runs only in F32 on the CPU (with BF16 weights its F32
+    // rotary tables make the forward pass fail); BF16 goes to our Phi that
+    // keeps everything but the matrix products in F32. The config is parsed
+    // before the weights are read, so a broken one fails fast.
+    enum Flavour {
+        Candle(phi::Config),
+        Mixed(PhiConfig),
+    }
+    let flavour = match options.dtype {
+        WeightDtype::F32 => Flavour::Candle(read_json_config(&config_path)?),
+        WeightDtype::Bf16 => Flavour::Mixed(read_json_config(&config_path)?),
+    };
     let context_window = raw
         .get("max_position_embeddings")
         .and_then(|v| v.as_u64())
@@ -610,14 +622,18 @@ fn load_phi_safetensors(
         tensors.extend(loaded);
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-    let model = phi::Model::new(&config, vb).map_err(|e| LoadError::Weights {
+    let weights_err = |e: candle_core::Error| LoadError::Weights {
         path: files.origin.clone(),
         reason: e.to_string(),
-    })?;
+    };
+    let backend = match &flavour {
+        Flavour::Candle(config) => Backend::Phi(Box::new(phi::Model::new(config, vb).map_err(weights_err)?)),
+        Flavour::Mixed(config) => Backend::PhiMixed(Box::new(MixedPhi::new(config, vb).map_err(weights_err)?)),
+    };
     let template = choose_template(options.template, None, files, true, &tokenizer)?;
     let eos_ids = eos_from_vocab(&tokenizer, &[]);
     Ok(LocalModel {
-        backend: Backend::Phi(Box::new(model)),
+        backend,
         info: ModelInfo {
             name: files
                 .origin

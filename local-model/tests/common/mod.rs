@@ -149,3 +149,16 @@ pub fn gemma3_path() -> PathBuf {
     );
     path
 }
+
+/// Checks every token's signals are in range and the tokens' text pieces
+/// make up the generated text.
+pub fn assert_signals_in_range(g: &local_model::Generation) {
+    assert!(!g.tokens.is_empty());
+    for t in &g.tokens {
+        assert!(t.logprob.is_finite() && t.logprob <= 0.0, "{t:?}");
+        assert!(t.entropy.is_finite() && t.entropy >= 0.0, "{t:?}");
+        assert!((0.0..=1.0).contains(&t.margin), "{t:?}");
+    }
+    let pieces: String = g.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(pieces, g.text);
+}
