@@ -178,3 +178,22 @@ fn truncated_gguf_is_a_clear_error() {
         .unwrap();
     assert!(matches!(err, LoadError::InvalidGguf { .. }), "{err:?}");
 }
+
+#[test]
+fn incremental_decoding_never_splits_multibyte_characters() {
+    let model = model().lock().unwrap_or_else(|e| e.into_inner());
+    let tokenizer = model.encoder().tokenizer();
+    let text = "Café au lait, 日本語, emoji 🦀 and Ελληνικά.";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    // Byte-level BPE splits the CJK characters and the emoji across tokens.
+    assert!(ids.len() > text.chars().count() / 2);
+    let mut decoder = local_model::detok::IncrementalDecoder::new(tokenizer);
+    let mut pieces = Vec::new();
+    for id in ids {
+        pieces.push(decoder.push(id).unwrap());
+    }
+    pieces.push(decoder.finish().unwrap());
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(|p| p.is_empty()), "expected a token that completes no character");
+    assert_eq!(pieces.concat(), text);
+}

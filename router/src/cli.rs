@@ -18,6 +18,16 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(BenchArgs),
+    /// Manage team API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `cascade keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a new random API key once, with the SHA-256 hash to put in the config.
+    New,
 }
 
 /// Which model and how to load it.

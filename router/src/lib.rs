@@ -2,3 +2,5 @@
 
 pub mod cli;
 pub mod commands;
+pub mod report;
+pub mod storage;
