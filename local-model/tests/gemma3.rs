@@ -116,6 +116,16 @@ fn decoding_restores_the_text_exactly() {
 }
 
 #[test]
+fn incremental_decoding_never_splits_multibyte_characters() {
+    let model = model().lock().unwrap_or_else(|e| e.into_inner());
+    let tokenizer = model.encoder().tokenizer();
+    // "𓀀" is not in the vocabulary: four byte-fallback tokens.
+    let text = "Café 日本語, rune 𓀀 and 🦀.";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    common::assert_incremental_decoding_is_exact(tokenizer, &ids, text);
+}
+
+#[test]
 fn raw_text_starts_with_bos_and_special_tokens_are_hidden_when_decoding() {
     let (ids, _) = encode("Hello world", true);
     assert_eq!(ids, [2, 9259, 1902]);

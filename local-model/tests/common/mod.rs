@@ -162,3 +162,18 @@ pub fn assert_signals_in_range(g: &local_model::Generation) {
     let pieces: String = g.tokens.iter().map(|t| t.text.as_str()).collect();
     assert_eq!(pieces, g.text);
 }
+
+/// Decodes `ids` token by token and checks that no piece holds a broken
+/// character, that at least one token completed none (so the test splits
+/// a character), and that the pieces make up `text`.
+pub fn assert_incremental_decoding_is_exact(tokenizer: &Tokenizer, ids: &[u32], text: &str) {
+    let mut decoder = local_model::detok::IncrementalDecoder::new(tokenizer);
+    let mut pieces = Vec::new();
+    for &id in ids {
+        pieces.push(decoder.push(id).unwrap());
+    }
+    pieces.push(decoder.finish().unwrap());
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(|p| p.is_empty()), "expected a token that completes no character");
+    assert_eq!(pieces.concat(), text);
+}
