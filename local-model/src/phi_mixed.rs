@@ -61,7 +61,9 @@ impl Projection {
 
     /// F32 in, F32 out; the matrix product runs in the weights' dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.inner.forward(&xs.to_dtype(self.dtype)?)?.to_dtype(DType::F32)
+        self.inner
+            .forward(&xs.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)
     }
 }
 
@@ -96,7 +98,11 @@ impl Rotary {
         let (_, _, seq_len, head_dim) = xs.dims4()?;
         let cos = self.cos.narrow(0, position, seq_len)?;
         let sin = self.sin.narrow(0, position, seq_len)?;
-        let rotated = candle_nn::rotary_emb::rope(&xs.narrow(D::Minus1, 0, self.dim)?.contiguous()?, &cos, &sin)?;
+        let rotated = candle_nn::rotary_emb::rope(
+            &xs.narrow(D::Minus1, 0, self.dim)?.contiguous()?,
+            &cos,
+            &sin,
+        )?;
         if self.dim == head_dim {
             return Ok(rotated);
         }
@@ -136,14 +142,32 @@ impl Attention {
         })
     }
 
-    fn forward(&mut self, xs: &Tensor, position: usize, rotary: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &mut self,
+        xs: &Tensor,
+        position: usize,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (batch, seq_len, _) = xs.dims3()?;
-        let split_heads = |t: Tensor, heads: usize| t.reshape((batch, seq_len, heads, self.head_dim))?.transpose(1, 2);
-        let q = rotary.apply(&split_heads(self.q_proj.forward(xs)?, self.heads)?, position)?;
-        let k = rotary.apply(&split_heads(self.k_proj.forward(xs)?, self.kv_heads)?, position)?;
+        let split_heads = |t: Tensor, heads: usize| {
+            t.reshape((batch, seq_len, heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let q = rotary.apply(
+            &split_heads(self.q_proj.forward(xs)?, self.heads)?,
+            position,
+        )?;
+        let k = rotary.apply(
+            &split_heads(self.k_proj.forward(xs)?, self.kv_heads)?,
+            position,
+        )?;
         let v = split_heads(self.v_proj.forward(xs)?, self.kv_heads)?;
         let (k, v) = match &self.cache {
-            Some((past_k, past_v)) => (Tensor::cat(&[past_k, &k], 2)?, Tensor::cat(&[past_v, &v], 2)?),
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 2)?,
+                Tensor::cat(&[past_v, &v], 2)?,
+            ),
             None => (k, v),
         };
         self.cache = Some((k.clone(), v.clone()));
@@ -154,13 +178,18 @@ impl Attention {
         let scores = (q.contiguous()?.matmul(&k.t()?)? * self.scale)?;
         let scores = match mask {
             Some(mask) => {
-                let blocked = Tensor::new(f32::NEG_INFINITY, xs.device())?.broadcast_as(scores.shape())?;
-                mask.broadcast_as(scores.shape())?.where_cond(&blocked, &scores)?
+                let blocked =
+                    Tensor::new(f32::NEG_INFINITY, xs.device())?.broadcast_as(scores.shape())?;
+                mask.broadcast_as(scores.shape())?
+                    .where_cond(&blocked, &scores)?
             }
             None => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq_len, ()))?;
+        let out = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq_len, ()))?;
         self.dense.forward(&out)
     }
 }
@@ -188,10 +217,18 @@ impl Block {
 
     /// Phi's parallel block: attention and MLP both read the same normed
     /// input and are added to the residual.
-    fn forward(&mut self, xs: &Tensor, position: usize, rotary: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &mut self,
+        xs: &Tensor,
+        position: usize,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(xs)?;
         let attention = self.attention.forward(&normed, position, rotary, mask)?;
-        let mlp = self.fc2.forward(&self.fc1.forward(&normed)?.apply(&self.activation)?)?;
+        let mlp = self
+            .fc2
+            .forward(&self.fc1.forward(&normed)?.apply(&self.activation)?)?;
         (attention + mlp)? + xs
     }
 }
@@ -225,7 +262,11 @@ impl MixedPhi {
         let model = vb.pp("model");
         let layers = model.pp("layers");
         Ok(Self {
-            embed_tokens: candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?,
+            embed_tokens: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                model.pp("embed_tokens"),
+            )?,
             blocks: (0..cfg.num_hidden_layers)
                 .map(|i| Block::load(cfg, layers.pp(i)))
                 .collect::<Result<_>>()?,
@@ -251,7 +292,10 @@ impl MixedPhi {
             xs = block.forward(&xs, position, &self.rotary, mask.as_ref())?;
         }
         self.cached += seq_len;
-        let last = self.final_layernorm.forward(&xs)?.narrow(1, seq_len - 1, 1)?;
+        let last = self
+            .final_layernorm
+            .forward(&xs)?
+            .narrow(1, seq_len - 1, 1)?;
         self.lm_head.forward(&last)?.squeeze(1)
     }
 

@@ -14,8 +14,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use local_model::{
-    ChatMessage, Control, FinishReason, Generation, GenerationParams, LoadError, LoadOptions, LocalModel, Prompt,
-    TemplateChoice,
+    ChatMessage, Control, FinishReason, Generation, GenerationParams, LoadError, LoadOptions,
+    LocalModel, Prompt, TemplateChoice,
 };
 
 fn model() -> &'static Mutex<LocalModel> {
@@ -35,12 +35,18 @@ fn complete(prompt: Prompt, max_tokens: usize) -> Generation {
         max_tokens,
         ..GenerationParams::default()
     };
-    model.generate(&prompt, &params, &mut |_| Control::Continue).unwrap()
+    model
+        .generate(&prompt, &params, &mut |_| Control::Continue)
+        .unwrap()
 }
 
 fn encode(text: &str, add_special: bool) -> (Vec<u32>, Vec<String>) {
     let model = model().lock().unwrap_or_else(|e| e.into_inner());
-    let enc = model.encoder().tokenizer().encode(text, add_special).unwrap();
+    let enc = model
+        .encoder()
+        .tokenizer()
+        .encode(text, add_special)
+        .unwrap();
     (enc.get_ids().to_vec(), enc.get_tokens().to_vec())
 }
 
@@ -54,7 +60,15 @@ fn chat_markup_encodes_like_sentencepiece() {
     let (ids, tokens) = encode("<start_of_turn>user\nHello world<end_of_turn>\n", false);
     assert_eq!(
         tokens,
-        ["<start_of_turn>", "user", "\n", "Hello", "▁world", "<end_of_turn>", "\n"]
+        [
+            "<start_of_turn>",
+            "user",
+            "\n",
+            "Hello",
+            "▁world",
+            "<end_of_turn>",
+            "\n"
+        ]
     );
     assert_eq!(ids, [105, 2364, 107, 9259, 1902, 106, 107]);
 
@@ -71,25 +85,38 @@ fn chat_markup_encodes_like_sentencepiece() {
 #[test]
 fn prose_digits_and_whitespace_encode_like_sentencepiece() {
     let cases: &[(&str, &[u32])] = &[
-        ("The capital of France is Paris.", &[818, 5279, 529, 7001, 563, 9079, 236761]),
+        (
+            "The capital of France is Paris.",
+            &[818, 5279, 529, 7001, 563, 9079, 236761],
+        ),
         // No dummy prefix (add_space_prefix is false), a leading space is "▁".
         (" leading space", &[5830, 2557]),
         // Digits are single pieces.
         (
             "In 2024, 12345 people.",
-            &[902, 236743, 236778, 236771, 236778, 236812, 236764, 236743, 236770, 236778, 236800, 236812, 236810, 1331, 236761],
+            &[
+                902, 236743, 236778, 236771, 236778, 236812, 236764, 236743, 236770, 236778,
+                236800, 236812, 236810, 1331, 236761,
+            ],
         ),
         // Runs of spaces, newlines and tabs are user-defined pieces.
-        ("Hello  world\n\n  indented\tx", &[9259, 138, 12392, 108, 138, 724, 16764, 255968, 236781]),
+        (
+            "Hello  world\n\n  indented\tx",
+            &[9259, 138, 12392, 108, 138, 724, 16764, 255968, 236781],
+        ),
         (
             "def f(x):\n    return x  # two spaces",
-            &[2063, 517, 236769, 236781, 1473, 107, 140, 2060, 1123, 138, 236865, 1156, 9952],
+            &[
+                2063, 517, 236769, 236781, 1473, 107, 140, 2060, 1123, 138, 236865, 1156, 9952,
+            ],
         ),
         // Characters in the vocabulary stay whole, even outside Latin script.
         ("café 日本", &[123125, 236859, 33375]),
         (
             "naïve façade — “quoted” 🦀",
-            &[1789, 238527, 560, 96008, 2192, 999, 148758, 236919, 236743, 248714],
+            &[
+                1789, 238527, 560, 96008, 2192, 999, 148758, 236919, 236743, 248714,
+            ],
         ),
         // A character outside it falls back to its UTF-8 bytes.
         ("rune 𓀀 end", &[165149, 236743, 478, 385, 366, 366, 1345]),
@@ -164,7 +191,10 @@ fn loads_as_gemma3_without_a_chat_template() {
 fn answers_the_capital_of_france() {
     // A base model: asked plainly, it continues the text and names Paris.
     let g = complete(
-        Prompt::Chat(vec![ChatMessage::new("user", "What is the capital of France?")]),
+        Prompt::Chat(vec![ChatMessage::new(
+            "user",
+            "What is the capital of France?",
+        )]),
         24,
     );
     println!("{:?} ({:?})", g.text, g.finish_reason);
@@ -172,7 +202,10 @@ fn answers_the_capital_of_france() {
 
     // Given the pattern, it answers with Paris alone and is sure of it.
     let g = complete(
-        Prompt::Text("Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of France?\nA:".into()),
+        Prompt::Text(
+            "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of France?\nA:"
+                .into(),
+        ),
         2,
     );
     println!("{:?} {:?}", g.text, g.tokens.first());
@@ -195,5 +228,8 @@ fn signals_are_in_range_and_pieces_make_the_text() {
     let g = complete(Prompt::Text("Three primary colours are red,".into()), 24);
     println!("{:?}", g.text);
     common::assert_signals_in_range(&g);
-    assert!(matches!(g.finish_reason, FinishReason::Length | FinishReason::Stop));
+    assert!(matches!(
+        g.finish_reason,
+        FinishReason::Length | FinishReason::Stop
+    ));
 }

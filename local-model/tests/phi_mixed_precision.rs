@@ -27,7 +27,9 @@ impl Checkpoint {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         common::write_tiny_phi(dir.path());
-        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
         Self {
             tensors,
             config: common::tiny_phi_config(),
@@ -47,14 +49,28 @@ impl Checkpoint {
 /// Logits after the prompt, then after each following token.
 fn run(mut step: impl FnMut(&Tensor) -> Tensor) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
-    let prompt = Tensor::new(&PROMPT[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let prompt = Tensor::new(&PROMPT[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     out.push(step(&prompt));
     for id in NEXT {
-        let input = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(&[id], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         out.push(step(&input));
     }
     out.into_iter()
-        .map(|logits| logits.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        .map(|logits| {
+            logits
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -73,7 +89,10 @@ fn log_softmax(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
     rows.iter()
         .map(|row| {
             let t = Tensor::new(row.as_slice(), &Device::Cpu).unwrap();
-            candle_nn::ops::log_softmax(&t, D::Minus1).unwrap().to_vec1().unwrap()
+            candle_nn::ops::log_softmax(&t, D::Minus1)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         })
         .collect()
 }
@@ -103,7 +122,10 @@ fn with_bf16_weights_log_probs_stay_close_to_f32() {
     let mut bf16_model = checkpoint.mixed(DType::BF16);
     let f32_logits = run(|input| f32_model.forward(input).unwrap());
     let bf16_logits = run(|input| bf16_model.forward(input).unwrap());
-    let scale = f32_logits.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = f32_logits
+        .iter()
+        .flatten()
+        .fold(0.0f32, |m, x| m.max(x.abs()));
     let diff = max_abs_diff(&log_softmax(&f32_logits), &log_softmax(&bf16_logits));
     println!("max |logit| {scale}, max |log-prob difference| {diff}");
     // BF16 keeps 8 significant bits: each rounding is off by at most 2^-9

@@ -9,7 +9,9 @@
 //! fast converters derive merges.
 
 use candle_core::quantized::gguf_file::{self, Value};
-use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence, strip::Strip};
+use tokenizers::decoders::{
+    byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecoderSequence, strip::Strip,
+};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
@@ -75,11 +77,19 @@ impl Vocabulary {
         };
         let pieces = array("tokenizer.ggml.tokens")?
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| "`tokenizer.ggml.tokens` holds a non-string".to_string()))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| "`tokenizer.ggml.tokens` holds a non-string".to_string())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let scores = array("tokenizer.ggml.scores")?
             .iter()
-            .map(|v| number(v).map(|x| x as f32).ok_or("`tokenizer.ggml.scores` holds a non-number"))
+            .map(|v| {
+                number(v)
+                    .map(|x| x as f32)
+                    .ok_or("`tokenizer.ggml.scores` holds a non-number")
+            })
             .collect::<Result<Vec<_>, _>>()?;
         // Files without piece types have only normal pieces.
         let types = match md.get("tokenizer.ggml.token_type") {
@@ -95,7 +105,11 @@ impl Vocabulary {
         };
         let id = |key: &str| md.get(key).and_then(number).map(|x| x as u32);
         // Defaults are llama.cpp's for SentencePiece vocabularies.
-        let flag = |key: &str, default: bool| md.get(key).and_then(|v| v.to_bool().ok()).unwrap_or(default);
+        let flag = |key: &str, default: bool| {
+            md.get(key)
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(default)
+        };
         Ok(Self {
             pieces,
             scores,
@@ -152,9 +166,13 @@ impl Vocabulary {
 
         let mut tokenizer = Tokenizer::new(model);
         let to_space = Replace::new(" ", SPACE.to_string()).map_err(|e| e.to_string())?;
-        tokenizer.with_normalizer(Some(to_space)).map_err(|e| e.to_string())?;
+        tokenizer
+            .with_normalizer(Some(to_space))
+            .map_err(|e| e.to_string())?;
         let mut decoders = vec![
-            Replace::new(SPACE.to_string(), " ").map_err(|e| e.to_string())?.into(),
+            Replace::new(SPACE.to_string(), " ")
+                .map_err(|e| e.to_string())?
+                .into(),
             ByteFallback::new().into(),
             Fuse::new().into(),
         ];
@@ -178,7 +196,9 @@ impl Vocabulary {
             .zip(&self.types)
             .filter_map(|(piece, kind)| match kind {
                 PieceType::Control => Some(AddedToken::from(piece.as_str(), true)),
-                PieceType::UserDefined => Some(AddedToken::from(piece.as_str(), false).normalized(false)),
+                PieceType::UserDefined => {
+                    Some(AddedToken::from(piece.as_str(), false).normalized(false))
+                }
                 _ => None,
             })
             .collect();
@@ -196,8 +216,14 @@ impl Vocabulary {
             special.push((eos.clone(), id));
         }
         if !special.is_empty() {
-            let pair = [single.clone(), single.iter().map(|p| if p == "$A" { "$B".into() } else { p.clone() }).collect()]
-                .concat();
+            let pair = [
+                single.clone(),
+                single
+                    .iter()
+                    .map(|p| if p == "$A" { "$B".into() } else { p.clone() })
+                    .collect(),
+            ]
+            .concat();
             let processor = TemplateProcessing::builder()
                 .try_single(single)
                 .and_then(|b| b.try_pair(pair))
@@ -334,7 +360,10 @@ mod tests {
         assert_eq!(enc.get_ids(), [4, 9, 5, 10]);
         // Decoding hides control pieces but not the newline.
         assert_eq!(t.decode(enc.get_ids(), true).unwrap(), "a\nb");
-        assert_eq!(t.decode(enc.get_ids(), false).unwrap(), "<start_of_turn>a\nb");
+        assert_eq!(
+            t.decode(enc.get_ids(), false).unwrap(),
+            "<start_of_turn>a\nb"
+        );
     }
 
     #[test]
@@ -361,7 +390,10 @@ mod tests {
         let with = toy(true).into_tokenizer().unwrap();
         assert_eq!(tokens(&with, "a", false), ["▁a"]);
         // Not again after a special token.
-        assert_eq!(tokens(&with, "a<start_of_turn>a", false), ["▁a", "<start_of_turn>", "a"]);
+        assert_eq!(
+            tokens(&with, "a<start_of_turn>a", false),
+            ["▁a", "<start_of_turn>", "a"]
+        );
         let ids = with.encode("a c", false).unwrap().get_ids().to_vec();
         assert_eq!(with.decode(&ids, true).unwrap(), "a c");
     }
