@@ -6,6 +6,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 bash scripts/fetch-model.sh
+bash scripts/fetch-gemma.sh
 bash scripts/start-postgres.sh
 export CASCADE_TEST_POSTGRES_URL="${CASCADE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
