@@ -34,14 +34,11 @@ impl ModelSpec {
         if path.is_dir() {
             return Ok(ModelSpec::Directory(path.to_path_buf()));
         }
-        let looks_like_path = path.exists()
-            || trimmed.starts_with('/')
-            || trimmed.starts_with('.')
-            || trimmed.starts_with('~')
-            || trimmed.ends_with(".gguf")
-            || trimmed.matches('/').count() != 1;
-        if looks_like_path {
-            if trimmed.ends_with(".gguf") || path.is_file() {
+        if path.is_file() {
+            return Ok(ModelSpec::GgufFile(path.to_path_buf()));
+        }
+        if !is_hub_id(trimmed) {
+            if trimmed.ends_with(".gguf") {
                 return Ok(ModelSpec::GgufFile(path.to_path_buf()));
             }
             return Err(LoadError::NotFound(path.to_path_buf()));
@@ -86,6 +83,18 @@ impl ModelSpec {
             ModelSpec::Hub { repo, file } => resolve_hub(repo, file.as_deref()),
         }
     }
+}
+
+/// `org/name` or `org/name:file`, with no leading `.`, `/` or `~`.
+fn is_hub_id(spec: &str) -> bool {
+    let repo = spec.split_once(':').map_or(spec, |(repo, _)| repo);
+    let mut parts = repo.split('/');
+    let valid = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!((parts.next(), parts.next(), parts.next()), (Some(org), Some(name), None) if valid(org) && valid(name))
 }
 
 /// The local files a model is loaded from.

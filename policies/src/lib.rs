@@ -1,1 +1,31 @@
-//! Policies.
+//! Pure routing, pricing, budget and experiment logic for Cascade: no I/O, no async, no clock.
+//!
+//! Every function here is deterministic in its arguments (time is passed in as Unix seconds), so
+//! the gateway and the storage layer can share one definition of "what should happen" and tests
+//! can pin it down without a model or a network.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod budget;
+pub mod confidence;
+pub mod config;
+pub mod decision;
+pub mod error;
+pub mod experiment;
+pub mod money;
+pub mod policy;
+pub mod team;
+
+pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
+pub use confidence::{Aggregate, AggregateError, TokenSignal};
+pub use config::{GlobalBudgetConfig, Policies, PoliciesConfig};
+pub use decision::{
+    BudgetDecision, BudgetView, LocalOutcome, PreRoute, Reason, RemoteCandidate,
+    RemoteFailureDecision, RequestFacts, Route, RouteOverride,
+};
+pub use error::PolicyError;
+pub use experiment::{Experiment, ExperimentConfig, Subject, Variant, VariantConfig};
+pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
+pub use policy::{
+    ExhaustedAction, OverloadAction, Policy, PolicyConfig, PolicyOverride, RemoteFailureAction,
+};
+pub use team::{KeyDirectory, KeyMatch, KeySettings, Team, TeamConfig};

@@ -18,8 +18,18 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(BenchArgs),
+    /// Manage team API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run the OpenAI-compatible gateway.
     Serve(ServeArgs),
+}
+
+/// `cascade keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a new random API key once, with the SHA-256 hash to put in the config.
+    New,
 }
 
 /// `cascade serve`.

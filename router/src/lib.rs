@@ -9,6 +9,8 @@ pub mod gateway;
 pub mod local;
 pub mod metrics;
 pub mod openai;
+pub mod report;
 pub mod routing;
 pub mod server;
+pub mod storage;
 pub mod upstream;

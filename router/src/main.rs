@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
     let result = match &cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Keys(cmd) => commands::keys::run(cmd),
         Command::Serve(args) => commands::serve::run(args),
     };
     match result {

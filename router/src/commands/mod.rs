@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod keys;
 pub mod serve;
 
 use local_model::{LoadOptions, LocalModel};

@@ -1,0 +1,261 @@
+//! The request ledger: one row per request, feedback, and the aggregates reports read.
+//!
+//! Compiled once per backend (`#[path]` from `sqlite.rs` and `postgres.rs`): `Db` comes from
+//! the parent module. Every statement is a single autocommitted statement, durable when it
+//! returns.
+
+use sqlx::{Database, Pool, Row};
+
+use super::Db;
+use crate::storage::model::{finite, from_db, status_from_db, to_db};
+use crate::storage::{LedgerRecord, SignalRecord, StorageError, UsageSummary, VariantSample};
+
+/// Columns of `LedgerRecord`, in the order `record` binds them.
+macro_rules! record_columns {
+    () => {
+        "id, created_unix_ms, team, key_id, experiment, variant, route, reason, confidence, \
+         confidence_aggregate, local_tokens, remote_model, remote_input_tokens, \
+         remote_output_tokens, cost_nanos, latency_ms, status, prompt_text"
+    };
+}
+
+/// The `UsageSummary` aggregates; `SUM` is cast back to BIGINT because PostgreSQL widens it
+/// to NUMERIC, and `COALESCE`d because it is NULL over no rows.
+macro_rules! usage_columns {
+    () => {
+        "COUNT(*) AS requests, \
+         CAST(COALESCE(SUM(CASE WHEN route = 'remote' THEN 1 ELSE 0 END), 0) AS BIGINT) AS escalated, \
+         CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS cost_nanos, \
+         CAST(COALESCE(SUM(local_tokens), 0) AS BIGINT) AS local_tokens, \
+         CAST(COALESCE(SUM(remote_input_tokens), 0) AS BIGINT) AS remote_input_tokens, \
+         CAST(COALESCE(SUM(remote_output_tokens), 0) AS BIGINT) AS remote_output_tokens"
+    };
+}
+
+/// Stores a record unless one with the same id exists (the first write wins, so a retried
+/// write cannot double-count a request).
+pub(crate) async fn record(pool: &Pool<Db>, rec: &LedgerRecord) -> Result<(), StorageError> {
+    sqlx::query(concat!(
+        "INSERT INTO ledger (",
+        record_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ON CONFLICT (id) DO NOTHING"
+    ))
+        .bind(&rec.id)
+        .bind(rec.created_unix_ms)
+        .bind(&rec.team)
+        .bind(&rec.key_id)
+        .bind(&rec.experiment)
+        .bind(&rec.variant)
+        .bind(&rec.route)
+        .bind(&rec.reason)
+        .bind(finite(rec.confidence))
+        .bind(&rec.confidence_aggregate)
+        .bind(to_db(rec.local_tokens, "local_tokens")?)
+        .bind(&rec.remote_model)
+        .bind(to_db(rec.remote_input_tokens, "remote_input_tokens")?)
+        .bind(to_db(rec.remote_output_tokens, "remote_output_tokens")?)
+        .bind(to_db(rec.cost_nanos, "cost_nanos")?)
+        .bind(to_db(rec.latency_ms, "latency_ms")?)
+        .bind(i32::from(rec.status))
+        .bind(&rec.prompt_text)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Attaches feedback to a request; see `Storage::record_feedback`.
+pub(crate) async fn record_feedback(
+    pool: &Pool<Db>,
+    request_id: &str,
+    score: f64,
+    comment: Option<&str>,
+    now_unix_ms: i64,
+) -> Result<(), StorageError> {
+    if !(0.0..=1.0).contains(&score) {
+        return Err(StorageError::InvalidInput(format!(
+            "feedback score {score} is not in [0, 1]"
+        )));
+    }
+    let updated = sqlx::query(
+        "UPDATE ledger SET feedback_score = $2, feedback_comment = $3, feedback_unix_ms = $4 \
+         WHERE id = $1",
+    )
+    .bind(request_id)
+    .bind(score)
+    .bind(comment)
+    .bind(now_unix_ms)
+    .execute(pool)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(StorageError::NotFound {
+            what: "request",
+            id: request_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads one request's record.
+pub(crate) async fn get_record(
+    pool: &Pool<Db>,
+    id: &str,
+) -> Result<Option<LedgerRecord>, StorageError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        record_columns!(),
+        " FROM ledger WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(ledger_record).transpose()
+}
+
+/// Totals for one team over `[since, until)`.
+pub(crate) async fn team_usage(
+    pool: &Pool<Db>,
+    team: &str,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+) -> Result<UsageSummary, StorageError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        usage_columns!(),
+        " FROM ledger WHERE team = $1 AND created_unix_ms >= $2 AND created_unix_ms < $3"
+    ))
+    .bind(team)
+    .bind(since_unix_ms)
+    .bind(until_unix_ms)
+    .fetch_one(pool)
+    .await?;
+    usage_summary(&row)
+}
+
+/// Totals per team over `[since, until)`, sorted by team name.
+pub(crate) async fn spend_by_team(
+    pool: &Pool<Db>,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+) -> Result<Vec<(String, UsageSummary)>, StorageError> {
+    let rows = sqlx::query(concat!(
+        "SELECT COALESCE(team, '') AS team_name, ",
+        usage_columns!(),
+        " FROM ledger WHERE created_unix_ms >= $1 AND created_unix_ms < $2 \
+          GROUP BY COALESCE(team, '')"
+    ))
+    .bind(since_unix_ms)
+    .bind(until_unix_ms)
+    .fetch_all(pool)
+    .await?;
+    let mut teams = rows
+        .iter()
+        .map(|row| Ok((row.try_get("team_name")?, usage_summary(row)?)))
+        .collect::<Result<Vec<(String, UsageSummary)>, StorageError>>()?;
+    // Sorted here rather than by ORDER BY, whose order depends on the database's collation.
+    teams.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(teams)
+}
+
+/// Every request of an experiment that was assigned a variant, oldest first.
+pub(crate) async fn variant_samples(
+    pool: &Pool<Db>,
+    experiment_id: &str,
+) -> Result<Vec<VariantSample>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT variant, route, cost_nanos, latency_ms, feedback_score, status FROM ledger \
+         WHERE experiment = $1 AND variant IS NOT NULL ORDER BY created_unix_ms",
+    )
+    .bind(experiment_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(VariantSample {
+                variant: row.try_get("variant")?,
+                route: row.try_get("route")?,
+                cost_nanos: from_db(row.try_get("cost_nanos")?, "cost_nanos")?,
+                latency_ms: from_db(row.try_get("latency_ms")?, "latency_ms")?,
+                feedback: row.try_get("feedback_score")?,
+                status: status_from_db(row.try_get("status")?)?,
+            })
+        })
+        .collect()
+}
+
+/// Up to `limit` requests in `[since, until)` with a confidence value, oldest first.
+pub(crate) async fn records_with_signals(
+    pool: &Pool<Db>,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    limit: u32,
+) -> Result<Vec<SignalRecord>, StorageError> {
+    let rows = sqlx::query(
+        "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
+                feedback_score, status \
+         FROM ledger \
+         WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2 \
+         ORDER BY created_unix_ms LIMIT $3",
+    )
+    .bind(since_unix_ms)
+    .bind(until_unix_ms)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(SignalRecord {
+                id: row.try_get("id")?,
+                created_unix_ms: row.try_get("created_unix_ms")?,
+                team: row.try_get("team")?,
+                variant: row.try_get("variant")?,
+                route: row.try_get("route")?,
+                confidence: row.try_get("confidence")?,
+                confidence_aggregate: row.try_get("confidence_aggregate")?,
+                feedback: row.try_get("feedback_score")?,
+                status: status_from_db(row.try_get("status")?)?,
+            })
+        })
+        .collect()
+}
+
+/// Decodes a row selected with `record_columns!`.
+fn ledger_record(row: &<Db as Database>::Row) -> Result<LedgerRecord, StorageError> {
+    Ok(LedgerRecord {
+        id: row.try_get("id")?,
+        created_unix_ms: row.try_get("created_unix_ms")?,
+        team: row.try_get("team")?,
+        key_id: row.try_get("key_id")?,
+        experiment: row.try_get("experiment")?,
+        variant: row.try_get("variant")?,
+        route: row.try_get("route")?,
+        reason: row.try_get("reason")?,
+        confidence: row.try_get("confidence")?,
+        confidence_aggregate: row.try_get("confidence_aggregate")?,
+        local_tokens: from_db(row.try_get("local_tokens")?, "local_tokens")?,
+        remote_model: row.try_get("remote_model")?,
+        remote_input_tokens: from_db(row.try_get("remote_input_tokens")?, "remote_input_tokens")?,
+        remote_output_tokens: from_db(
+            row.try_get("remote_output_tokens")?,
+            "remote_output_tokens",
+        )?,
+        cost_nanos: from_db(row.try_get("cost_nanos")?, "cost_nanos")?,
+        latency_ms: from_db(row.try_get("latency_ms")?, "latency_ms")?,
+        status: status_from_db(row.try_get("status")?)?,
+        prompt_text: row.try_get("prompt_text")?,
+    })
+}
+
+/// Decodes the columns selected with `usage_columns!`.
+fn usage_summary(row: &<Db as Database>::Row) -> Result<UsageSummary, StorageError> {
+    let count =
+        |column: &str| -> Result<u64, StorageError> { from_db(row.try_get(column)?, column) };
+    Ok(UsageSummary {
+        requests: count("requests")?,
+        escalated: count("escalated")?,
+        cost_nanos: count("cost_nanos")?,
+        local_tokens: count("local_tokens")?,
+        remote_input_tokens: count("remote_input_tokens")?,
+        remote_output_tokens: count("remote_output_tokens")?,
+    })
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs Cascade's whole test suite: fetches the model, makes sure the
+# services the tests need are up, then runs every Rust test.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/fetch-model.sh
+bash scripts/fetch-gemma.sh
+bash scripts/start-postgres.sh
+export CASCADE_TEST_POSTGRES_URL="${CASCADE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+
+echo "== cargo test (workspace)"
+cargo test --workspace --all-targets 2>&1
