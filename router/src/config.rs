@@ -252,12 +252,18 @@ impl Config {
         for (i, r) in raw.remotes.iter().enumerate() {
             let remote = validate_remote(i, r, env)?;
             if remotes.iter().any(|o: &RemoteConfig| o.name == remote.name) {
-                return Err(invalid(format!("remotes[{i}].name"), format!("duplicate remote `{}`", remote.name)));
+                return Err(invalid(
+                    format!("remotes[{i}].name"),
+                    format!("duplicate remote `{}`", remote.name),
+                ));
             }
             if remote.name == server.model_name || remote.name == local.name {
                 return Err(invalid(
                     format!("remotes[{i}].name"),
-                    format!("`{}` is already the cascade or the local model's name", remote.name),
+                    format!(
+                        "`{}` is already the cascade or the local model's name",
+                        remote.name
+                    ),
                 ));
             }
             remotes.push(remote);
@@ -282,7 +288,10 @@ impl RawConfig {
         let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
         if let Some(path) = path {
             if !path.is_file() {
-                return Err(ConfigError::Read(format!("{}: no such file", path.display())));
+                return Err(ConfigError::Read(format!(
+                    "{}: no such file",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file(path));
         }
@@ -293,15 +302,19 @@ impl RawConfig {
             .filter(|key| key.as_str().contains("__"))
             .split("__");
         figment = figment.merge(env);
-        figment.extract().map_err(|e| ConfigError::Read(e.to_string()))
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Read(e.to_string()))
     }
 }
 
 fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
-    let listen = raw
-        .listen
-        .parse()
-        .map_err(|e| invalid("server.listen", format!("`{}` is not an address:port ({e})", raw.listen)))?;
+    let listen = raw.listen.parse().map_err(|e| {
+        invalid(
+            "server.listen",
+            format!("`{}` is not an address:port ({e})", raw.listen),
+        )
+    })?;
     if raw.model_name.trim().is_empty() {
         return Err(invalid("server.model_name", "must not be empty"));
     }
@@ -325,12 +338,17 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
 
 fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig, ConfigError> {
     if raw.model.trim().is_empty() {
-        return Err(invalid("local.model", "is required: a .gguf file, a model directory or a hub id"));
+        return Err(invalid(
+            "local.model",
+            "is required: a .gguf file, a model directory or a hub id",
+        ));
     }
     // A path relative to the config file wins when it exists there; anything
     // else (a path relative to the working directory, a hub id) is kept as is.
     let model = match base_dir.map(|d| d.join(&raw.model)) {
-        Some(p) if Path::new(&raw.model).is_relative() && p.exists() => p.to_string_lossy().into_owned(),
+        Some(p) if Path::new(&raw.model).is_relative() && p.exists() => {
+            p.to_string_lossy().into_owned()
+        }
         _ => raw.model.clone(),
     };
     let name = match &raw.name {
@@ -362,7 +380,11 @@ fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig
 
 /// `models/SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct.Q4_1`.
 fn default_local_name(spec: &str) -> String {
-    let last = spec.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or(spec);
+    let last = spec
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or(spec);
     last.strip_suffix(".gguf").unwrap_or(last).to_string()
 }
 
@@ -375,7 +397,11 @@ fn validate_remote(
     if raw.name.trim().is_empty() {
         return Err(invalid(key("name"), "is required"));
     }
-    let from_env = raw.base_url_env.as_ref().and_then(|var| env(var)).filter(|v| !v.is_empty());
+    let from_env = raw
+        .base_url_env
+        .as_ref()
+        .and_then(|var| env(var))
+        .filter(|v| !v.is_empty());
     let base_url = match (from_env, &raw.base_url) {
         (Some(url), _) => url,
         (None, Some(url)) => url.clone(),
@@ -390,7 +416,10 @@ fn validate_remote(
     let parsed = reqwest::Url::parse(&base_url)
         .map_err(|e| invalid(key("base_url"), format!("`{base_url}` is not a URL ({e})")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(invalid(key("base_url"), format!("`{base_url}` is not an http(s) URL")));
+        return Err(invalid(
+            key("base_url"),
+            format!("`{base_url}` is not an http(s) URL"),
+        ));
     }
     let api_key = match &raw.api_key_env {
         None => None,
@@ -407,13 +436,21 @@ fn validate_remote(
     let auth = match raw.auth.as_str() {
         "bearer" => RemoteAuth::Bearer,
         "api-key" => RemoteAuth::ApiKey,
-        other => return Err(invalid(key("auth"), format!("unknown scheme `{other}` (choose bearer or api-key)"))),
+        other => {
+            return Err(invalid(
+                key("auth"),
+                format!("unknown scheme `{other}` (choose bearer or api-key)"),
+            ))
+        }
     };
     if raw.timeout_ms == 0 {
         return Err(invalid(key("timeout_ms"), "must be positive"));
     }
     if raw.backoff_max_ms < raw.backoff_base_ms {
-        return Err(invalid(key("backoff_max_ms"), "must be at least backoff_base_ms"));
+        return Err(invalid(
+            key("backoff_max_ms"),
+            "must be at least backoff_base_ms",
+        ));
     }
     Ok(RemoteConfig {
         name: raw.name.clone(),
@@ -428,7 +465,10 @@ fn validate_remote(
     })
 }
 
-fn validate_policy(raw: &RawPolicy, remotes: &[RemoteConfig]) -> Result<(Policy, Vec<String>), ConfigError> {
+fn validate_policy(
+    raw: &RawPolicy,
+    remotes: &[RemoteConfig],
+) -> Result<(Policy, Vec<String>), ConfigError> {
     let aggregate = match raw.aggregate.as_str() {
         "mean_logprob" => Aggregate::MeanLogprob,
         "min_logprob" => Aggregate::MinLogprob,
@@ -455,7 +495,10 @@ fn validate_policy(raw: &RawPolicy, remotes: &[RemoteConfig]) -> Result<(Policy,
         return Err(invalid("policy.threshold", "must be a finite number"));
     }
     if matches!(aggregate, Aggregate::FractionAbove(_)) && !(0.0..=1.0).contains(&raw.threshold) {
-        return Err(invalid("policy.threshold", "a fraction_above threshold must be within [0, 1]"));
+        return Err(invalid(
+            "policy.threshold",
+            "a fraction_above threshold must be within [0, 1]",
+        ));
     }
     let on_remote_failure = match raw.on_remote_failure.as_str() {
         "serve_local" => OnRemoteFailure::ServeLocal,
@@ -551,12 +594,17 @@ mod tests {
     fn invalid_values_name_their_key() {
         let e = error_of(&format!("{MINIMAL}\n[policy]\naggregate = \"median\""));
         assert!(e.starts_with("policy.aggregate:"), "{e}");
-        let e = error_of(&format!("{MINIMAL}\n[policy]\nremotes = [\"big\", \"nope\"]"));
+        let e = error_of(&format!(
+            "{MINIMAL}\n[policy]\nremotes = [\"big\", \"nope\"]"
+        ));
         assert!(e.starts_with("policy.remotes[1]:"), "{e}");
         let e = error_of(&format!("{MINIMAL}\n[server]\nlisten = \"localhost\""));
         assert!(e.starts_with("server.listen:"), "{e}");
         let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"\nbase_url = \"http://h\"\napi_key_env = \"MISSING\"");
-        assert!(e.starts_with("remotes[0].api_key_env:") && e.contains("MISSING"), "{e}");
+        assert!(
+            e.starts_with("remotes[0].api_key_env:") && e.contains("MISSING"),
+            "{e}"
+        );
         let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"");
         assert!(e.starts_with("remotes[0].base_url:"), "{e}");
         let e = error_of("[server]\nlisten = \"127.0.0.1:1\"");
@@ -571,7 +619,10 @@ mod tests {
 
     #[test]
     fn aggregate_parameters_are_read() {
-        let c = parse(&format!("{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25")).unwrap();
+        let c = parse(&format!(
+            "{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25"
+        ))
+        .unwrap();
         assert_eq!(c.policy.aggregate, Aggregate::Quantile(0.25));
         let c = parse(&format!(
             "{MINIMAL}\n[policy]\naggregate = \"fraction_above\"\nbound = -1.5\nthreshold = 0.9"
@@ -581,10 +632,16 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err, reason = "figment's Jail API returns its own error type")]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns its own error type"
+    )]
     fn environment_overrides_the_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("cascade.toml", "[local]\nmodel = \"a.gguf\"\n[policy]\nthreshold = -1.0")?;
+            jail.create_file(
+                "cascade.toml",
+                "[local]\nmodel = \"a.gguf\"\n[policy]\nthreshold = -1.0",
+            )?;
             jail.set_env("CASCADE_POLICY__THRESHOLD", "-0.25");
             jail.set_env("CASCADE_MODEL", "ignored: not a section key");
             let raw = RawConfig::load(Some(Path::new("cascade.toml"))).unwrap();

@@ -86,13 +86,21 @@ impl RequestContext {
         self.time_to_response = Some(elapsed);
         // Measured now: a live local stream's generation time comes later
         // and is no part of the time to its headers.
-        self.overhead = Some(elapsed.saturating_sub(self.local_time).saturating_sub(self.upstream_time));
+        self.overhead = Some(
+            elapsed
+                .saturating_sub(self.local_time)
+                .saturating_sub(self.upstream_time),
+        );
     }
 
     fn record(&self, metrics: &Metrics) {
         let route = self.route.map_or("none", Route::as_str);
         let reason = self.reason.map_or("none", Reason::as_str);
-        let status = if self.stream_failed { "stream_error".to_string() } else { self.status.to_string() };
+        let status = if self.stream_failed {
+            "stream_error".to_string()
+        } else {
+            self.status.to_string()
+        };
         metrics
             .requests
             .with_label_values(&[self.endpoint.as_str(), route, reason, &status])

@@ -14,7 +14,10 @@ pub enum ApiError {
     #[error("We could not parse the JSON body of your request: {0}")]
     MalformedJson(String),
     #[error("{message}")]
-    InvalidRequest { message: String, param: Option<String> },
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     UnknownModel(String),
     #[error("The request body is larger than the limit of {limit} bytes.")]
@@ -99,15 +102,32 @@ mod tests {
 
     #[test]
     fn statuses_follow_the_api_contract() {
-        assert_eq!(ApiError::MalformedJson("x".into()).status(), StatusCode::BAD_REQUEST);
-        assert_eq!(ApiError::UnknownModel("x".into()).status(), StatusCode::NOT_FOUND);
-        assert_eq!(ApiError::BodyTooLarge { limit: 1 }.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let overloaded = ApiError::Overloaded { retry_after: Duration::from_millis(1500) };
+        assert_eq!(
+            ApiError::MalformedJson("x".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ApiError::UnknownModel("x".into()).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::BodyTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let overloaded = ApiError::Overloaded {
+            retry_after: Duration::from_millis(1500),
+        };
         assert_eq!(overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(overloaded.retry_after(), Some(HeaderValue::from(2u64)));
-        let timeout = ApiError::Upstream(UpstreamError::Timeout { upstream: "u".into() });
+        let timeout = ApiError::Upstream(UpstreamError::Timeout {
+            upstream: "u".into(),
+        });
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
-        let down = ApiError::Upstream(UpstreamError::Status { upstream: "u".into(), status: 500, detail: String::new() });
+        let down = ApiError::Upstream(UpstreamError::Status {
+            upstream: "u".into(),
+            status: 500,
+            detail: String::new(),
+        });
         assert_eq!(down.status(), StatusCode::BAD_GATEWAY);
     }
 
@@ -117,6 +137,8 @@ mod tests {
         assert_eq!(b["error"]["code"], "model_not_found");
         assert_eq!(b["error"]["param"], "model");
         assert_eq!(b["error"]["type"], "invalid_request_error");
-        assert!(b["error"]["message"].as_str().is_some_and(|m| m.contains("gpt-9")));
+        assert!(b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gpt-9")));
     }
 }

@@ -36,9 +36,15 @@ pub enum Reply {
     /// A complete JSON body (local answer or the remote's, byte for byte).
     Json(Bytes),
     /// A local answer known in full, written as a stream.
-    LocalStream { writer: ChunkWriter, answer: LocalAnswer },
+    LocalStream {
+        writer: ChunkWriter,
+        answer: LocalAnswer,
+    },
     /// A local answer streamed token by token as it is generated.
-    LiveLocal { writer: ChunkWriter, events: mpsc::UnboundedReceiver<LiveEvent> },
+    LiveLocal {
+        writer: ChunkWriter,
+        events: mpsc::UnboundedReceiver<LiveEvent>,
+    },
     /// A remote's stream, passed through event by event.
     Upstream(Box<UpstreamStream>),
 }
@@ -61,7 +67,11 @@ pub struct Gateway {
 impl Gateway {
     /// Builds the gateway; the local model is attached later with
     /// [`Gateway::attach_local`] once it has loaded.
-    pub fn new(config: &Config, gate: Arc<dyn CallGate>, metrics: Arc<Metrics>) -> Result<Self, UpstreamError> {
+    pub fn new(
+        config: &Config,
+        gate: Arc<dyn CallGate>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
         let upstreams = Upstreams::new(config.remotes.clone(), gate, Some(Arc::clone(&metrics)))?;
         let chain = config
             .policy_remotes
@@ -95,7 +105,12 @@ impl Gateway {
         let mut names = vec![(self.model_name.clone(), "cascade")];
         if self.policy.allow_direct_models {
             names.push((self.local_name.clone(), "local"));
-            names.extend(self.upstreams.remotes().iter().map(|r| (r.name.clone(), "remote")));
+            names.extend(
+                self.upstreams
+                    .remotes()
+                    .iter()
+                    .map(|r| (r.name.clone(), "remote")),
+            );
         }
         names
     }
@@ -156,7 +171,11 @@ impl Gateway {
         Ok(direct)
     }
 
-    async fn cascade(&self, ctx: &mut RequestContext, request: &CompletionRequest) -> Result<Reply, ApiError> {
+    async fn cascade(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+    ) -> Result<Reply, ApiError> {
         if let Some(reason) = routing::local_unsuitable(&request.features) {
             return self.escalate(ctx, request, reason, None).await;
         }
@@ -168,7 +187,9 @@ impl Gateway {
         }
         match local.prompt_tokens(prompt).await {
             Ok(n) if n >= local.context_window() => {
-                return self.escalate(ctx, request, Reason::ContextTooLong, None).await;
+                return self
+                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .await;
             }
             Ok(n) => ctx.local_prompt_tokens = n,
             Err(e) => {
@@ -183,9 +204,13 @@ impl Gateway {
         };
         let run = match local.run(request, prompt.clone(), options).await {
             Ok(run) => run,
-            Err(WorkerError::Busy { .. }) => return self.overloaded(ctx, request, Reason::LocalOverloaded).await,
+            Err(WorkerError::Busy { .. }) => {
+                return self.overloaded(ctx, request, Reason::LocalOverloaded).await
+            }
             Err(WorkerError::Generate(GenerateError::PromptTooLong { .. })) => {
-                return self.escalate(ctx, request, Reason::ContextTooLong, None).await;
+                return self
+                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(request_id = %ctx.id, error = %e, "local generation failed");
@@ -193,7 +218,9 @@ impl Gateway {
             }
         };
         self.note_local_run(ctx, &run);
-        let json_valid = request.json_object.then(|| is_json_object(&run.output.generation.text));
+        let json_valid = request
+            .json_object
+            .then(|| is_json_object(&run.output.generation.text));
         let outcome = LocalOutcome {
             score: ctx.confidence,
             early_exit: run.early_exit,
@@ -207,7 +234,10 @@ impl Gateway {
                 ctx.reason = Some(reason);
                 Ok(self.local_reply(request, &run))
             }
-            (Route::Remote, reason) => self.escalate(ctx, request, reason, Some((run, outcome))).await,
+            (Route::Remote, reason) => {
+                self.escalate(ctx, request, reason, Some((run, outcome)))
+                    .await
+            }
         }
     }
 
@@ -326,18 +356,23 @@ impl Gateway {
     fn local_error(&self, error: WorkerError) -> ApiError {
         match error {
             WorkerError::Busy { .. } => self.busy_error(Reason::LocalOverloaded),
-            WorkerError::Generate(e @ (GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt)) => {
-                ApiError::InvalidRequest {
-                    message: e.to_string(),
-                    param: None,
-                }
-            }
+            WorkerError::Generate(
+                e @ (GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt),
+            ) => ApiError::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
             other => ApiError::Local(other.to_string()),
         }
     }
 
     /// Starts a generation whose tokens go to the client as they come.
-    fn live_local(&self, local: &LocalEngine, request: &CompletionRequest, prompt: Prompt) -> Reply {
+    fn live_local(
+        &self,
+        local: &LocalEngine,
+        request: &CompletionRequest,
+        prompt: Prompt,
+    ) -> Reply {
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = local.clone();
         let writer = self.chunk_writer(request);
@@ -363,7 +398,8 @@ impl Gateway {
     fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
         let generation = &run.output.generation;
         ctx.local_time += run.elapsed;
-        ctx.local_queue_wait = Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
+        ctx.local_queue_wait =
+            Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         ctx.local_completion_tokens = generation.usage.completion_tokens;
         ctx.confidence = self.policy.aggregate.score(&generation.tokens);
         observe_local(&self.metrics, run);
@@ -412,7 +448,12 @@ impl Reply {
     /// The response body. The context goes with it and is recorded when the
     /// body is finished or dropped (client gone), so streamed answers are
     /// accounted for with what they really sent.
-    pub fn into_body(self, ctx: RequestContext, metrics: Arc<Metrics>, aggregate: Aggregate) -> BodyStream {
+    pub fn into_body(
+        self,
+        ctx: RequestContext,
+        metrics: Arc<Metrics>,
+        aggregate: Aggregate,
+    ) -> BodyStream {
         match self {
             Reply::Json(bytes) => {
                 drop(ctx);
@@ -423,7 +464,11 @@ impl Reply {
                 if !answer.text.is_empty() {
                     chunks.push(writer.delta(&answer.text));
                 }
-                chunks.push(writer.finish(answer.finish_reason, answer.prompt_tokens, answer.completion_tokens));
+                chunks.push(writer.finish(
+                    answer.finish_reason,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                ));
                 stream::iter(chunks)
                     .map(move |chunk| {
                         // Keeps the context alive until the body is done.
@@ -432,31 +477,31 @@ impl Reply {
                     })
                     .boxed()
             }
-            Reply::Upstream(upstream) => stream::unfold(Some((upstream, ctx)), |state| async move {
-                let (mut upstream, mut ctx) = state?;
-                match upstream.next().await {
-                    Some(event) => Some((Ok(event), Some((upstream, ctx)))),
-                    None => {
-                        ctx.stream_failed = upstream.failed();
-                        let usage = upstream.usage();
-                        ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
-                        ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
-                        None
+            Reply::Upstream(upstream) => {
+                stream::unfold(Some((upstream, ctx)), |state| async move {
+                    let (mut upstream, mut ctx) = state?;
+                    match upstream.next().await {
+                        Some(event) => Some((Ok(event), Some((upstream, ctx)))),
+                        None => {
+                            ctx.stream_failed = upstream.failed();
+                            let usage = upstream.usage();
+                            ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
+                            ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
+                            None
+                        }
                     }
-                }
-            })
-            .boxed(),
-            Reply::LiveLocal { writer, events } => live_local_body(
-                Live {
-                    writer,
-                    events,
-                    ctx,
-                    metrics,
-                    aggregate,
-                    streamed: 0,
-                    started: false,
-                },
-            ),
+                })
+                .boxed()
+            }
+            Reply::LiveLocal { writer, events } => live_local_body(Live {
+                writer,
+                events,
+                ctx,
+                metrics,
+                aggregate,
+                streamed: 0,
+                started: false,
+            }),
         }
     }
 }
@@ -497,7 +542,11 @@ fn live_local_body(live: Live) -> BodyStream {
                 // Deltas are a prefix of the final text: text held back while
                 // it might have begun a stop sequence is released now.
                 let mut out = Vec::new();
-                if let Some(rest) = generation.text.get(live.streamed..).filter(|r| !r.is_empty()) {
+                if let Some(rest) = generation
+                    .text
+                    .get(live.streamed..)
+                    .filter(|r| !r.is_empty())
+                {
                     out.extend_from_slice(&live.writer.delta(rest));
                 }
                 out.extend_from_slice(&live.writer.finish(
@@ -509,7 +558,10 @@ fn live_local_body(live: Live) -> BodyStream {
             }
             Some(LiveEvent::Done(Err(e))) => {
                 live.ctx.stream_failed = true;
-                Some((Ok(openai::sse_error(&e.to_string(), "local_model_error")), None))
+                Some((
+                    Ok(openai::sse_error(&e.to_string(), "local_model_error")),
+                    None,
+                ))
             }
             None => None,
         }
@@ -521,10 +573,14 @@ fn observe_local(metrics: &Metrics, run: &LocalRun) {
     let generation = &run.output.generation;
     let tokens = generation.usage.completion_tokens as u64;
     metrics.local_tokens.inc_by(tokens);
-    metrics.local_queue_wait.observe(generation.timings.queue_ms.max(0.0) / 1000.0);
+    metrics
+        .local_queue_wait
+        .observe(generation.timings.queue_ms.max(0.0) / 1000.0);
     let decode_s = (generation.timings.prefill_ms + generation.timings.decode_ms) / 1000.0;
     if tokens > 0 && decode_s > 0.0 {
-        metrics.local_tokens_per_second.observe(tokens as f64 / decode_s);
+        metrics
+            .local_tokens_per_second
+            .observe(tokens as f64 / decode_s);
     }
 }
 
@@ -550,7 +606,9 @@ fn completion_id(endpoint: openai::Endpoint) -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

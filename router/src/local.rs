@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use local_model::{
-    Control, GenerateError, GenerateRequest, GenerationParams, LoadOptions, LocalModel, ModelHandle, Prompt,
-    WorkerError, WorkerOutput,
+    Control, GenerateError, GenerateRequest, GenerationParams, LoadOptions, LocalModel,
+    ModelHandle, Prompt, WorkerError, WorkerOutput,
 };
 use tokio::sync::mpsc;
 
@@ -76,10 +76,11 @@ impl LocalEngine {
             dtype: config.dtype,
             template: config.template,
         };
-        let mut model = LocalModel::load(&config.model, &options).map_err(|source| LocalStartError::Load {
-            model: config.model.clone(),
-            source,
-        })?;
+        let mut model =
+            LocalModel::load(&config.model, &options).map_err(|source| LocalStartError::Load {
+                model: config.model.clone(),
+                source,
+            })?;
         if config.warm_up {
             model.warm_up()?;
         }
@@ -161,7 +162,11 @@ impl LocalEngine {
         let on_token = move |event: &local_model::TokenEvent<'_>| -> Control {
             if let Some(tx) = &deltas {
                 // A closed channel means the client is gone.
-                if !event.text_delta.is_empty() && tx.send(LiveEvent::Delta(event.text_delta.to_string())).is_err() {
+                if !event.text_delta.is_empty()
+                    && tx
+                        .send(LiveEvent::Delta(event.text_delta.to_string()))
+                        .is_err()
+                {
                     return Control::Stop;
                 }
             }

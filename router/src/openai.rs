@@ -67,7 +67,8 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
 
 /// Parses and validates a request body for `endpoint`.
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let Value::Object(body) = value else {
         return Err(ApiError::InvalidRequest {
             message: "the request body must be a JSON object".into(),
@@ -85,7 +86,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(bad("`include_usage` must be a boolean", "stream_options.include_usage")),
+            Some(_) => {
+                return Err(bad(
+                    "`include_usage` must be a boolean",
+                    "stream_options.include_usage",
+                ))
+            }
         },
         Some(_) => return Err(bad("`stream_options` must be an object", "stream_options")),
     };
@@ -130,7 +136,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
             .map(|i| i.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| bad("`stop` must be a string or an array of strings", "stop"))?,
-        Some(_) => return Err(bad("`stop` must be a string or an array of strings", "stop")),
+        Some(_) => {
+            return Err(bad(
+                "`stop` must be a string or an array of strings",
+                "stop",
+            ))
+        }
     };
     if stop.len() > 4 {
         return Err(bad("`stop` takes at most 4 sequences", "stop"));
@@ -149,7 +160,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
                 ))
             }
         },
-        Some(_) => return Err(bad("`response_format` must be an object", "response_format")),
+        Some(_) => {
+            return Err(bad(
+                "`response_format` must be an object",
+                "response_format",
+            ))
+        }
     }
     for key in ["tools", "functions"] {
         match body.get(key) {
@@ -215,7 +231,10 @@ fn optional_count(body: &Map<String, Value>, key: &str) -> Result<Option<usize>,
 
 /// Validates `messages`; returns the text conversation when the local model
 /// can read it.
-fn parse_messages(body: &Map<String, Value>, features: &mut RequestFeatures) -> Result<Option<Prompt>, ApiError> {
+fn parse_messages(
+    body: &Map<String, Value>,
+    features: &mut RequestFeatures,
+) -> Result<Option<Prompt>, ApiError> {
     let messages = match body.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(bad("`messages` must not be empty", "messages")),
@@ -226,23 +245,35 @@ fn parse_messages(body: &Map<String, Value>, features: &mut RequestFeatures) -> 
     for (i, message) in messages.iter().enumerate() {
         let param = |field: &str| format!("messages[{i}].{field}");
         let Value::Object(m) = message else {
-            return Err(bad("each message must be an object", &format!("messages[{i}]")));
+            return Err(bad(
+                "each message must be an object",
+                &format!("messages[{i}]"),
+            ));
         };
         let role = match m.get("role") {
             Some(Value::String(r)) => r.as_str(),
             _ => return Err(bad("each message needs a string `role`", &param("role"))),
         };
-        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool" | "function") {
+        if !matches!(
+            role,
+            "system" | "developer" | "user" | "assistant" | "tool" | "function"
+        ) {
             return Err(bad(format!("unknown role `{role}`"), &param("role")));
         }
-        if matches!(role, "tool" | "function") || m.get("tool_calls").is_some_and(|t| !t.is_null()) {
+        if matches!(role, "tool" | "function") || m.get("tool_calls").is_some_and(|t| !t.is_null())
+        {
             features.has_tools = true;
         }
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             None | Some(Value::Null) if role == "assistant" => String::new(),
             Some(Value::Array(parts)) => content_parts_text(parts, features, &param("content"))?,
-            _ => return Err(bad("`content` must be a string or an array of content parts", &param("content"))),
+            _ => {
+                return Err(bad(
+                    "`content` must be a string or an array of content parts",
+                    &param("content"),
+                ))
+            }
         };
         // Local chat templates know system/user/assistant; OpenAI's newer
         // `developer` role means the same as `system`.
@@ -254,7 +285,11 @@ fn parse_messages(body: &Map<String, Value>, features: &mut RequestFeatures) -> 
 }
 
 /// Joins the text parts; notes images and other media.
-fn content_parts_text(parts: &[Value], features: &mut RequestFeatures, param: &str) -> Result<String, ApiError> {
+fn content_parts_text(
+    parts: &[Value],
+    features: &mut RequestFeatures,
+    param: &str,
+) -> Result<String, ApiError> {
     let mut text = String::new();
     for part in parts {
         let kind = part.get("type").and_then(Value::as_str);
@@ -281,7 +316,10 @@ fn content_parts_text(parts: &[Value], features: &mut RequestFeatures, param: &s
 }
 
 /// Validates `prompt`; one text prompt is what the local model serves.
-fn parse_prompt(body: &Map<String, Value>, features: &mut RequestFeatures) -> Result<Option<Prompt>, ApiError> {
+fn parse_prompt(
+    body: &Map<String, Value>,
+    features: &mut RequestFeatures,
+) -> Result<Option<Prompt>, ApiError> {
     match body.get("prompt") {
         Some(Value::String(s)) => Ok(Some(Prompt::Text(s.clone()))),
         Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
@@ -293,7 +331,10 @@ fn parse_prompt(body: &Map<String, Value>, features: &mut RequestFeatures) -> Re
             features.multiple_choices = true;
             Ok(None)
         }
-        Some(_) => Err(bad("`prompt` must be a string or a non-empty array", "prompt")),
+        Some(_) => Err(bad(
+            "`prompt` must be a string or a non-empty array",
+            "prompt",
+        )),
         None => Err(bad("you must provide `prompt`", "prompt")),
     }
 }
@@ -423,7 +464,12 @@ impl ChunkWriter {
     }
 
     /// The closing chunks: finish reason, usage when asked for, `[DONE]`.
-    pub fn finish(&self, finish_reason: &str, prompt_tokens: usize, completion_tokens: usize) -> Bytes {
+    pub fn finish(
+        &self,
+        finish_reason: &str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) -> Bytes {
         let mut out = Vec::new();
         out.extend_from_slice(&sse_data(&self.chunk(None, false, Some(finish_reason))));
         if self.include_usage {
@@ -460,7 +506,9 @@ pub fn sse_data(value: &Value) -> Bytes {
 
 /// An error event for a stream that cannot go on; OpenAI's clients raise it.
 pub fn sse_error(message: &str, code: &str) -> Bytes {
-    sse_data(&json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}}))
+    sse_data(
+        &json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}}),
+    )
 }
 
 #[cfg(test)]
@@ -490,7 +538,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             r.prompt,
-            Some(Prompt::Chat(vec![ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")]))
+            Some(Prompt::Chat(vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi")
+            ]))
         );
         assert!(r.stream && r.include_usage);
         assert_eq!(r.max_tokens, Some(5));
@@ -523,28 +574,46 @@ mod tests {
 
     #[test]
     fn invalid_fields_name_their_param() {
-        assert!(matches!(parse(Endpoint::Chat, "{not json"), Err(ApiError::MalformedJson(_))));
-        assert_eq!(param_of(parse(Endpoint::Chat, r#"{"messages":[]}"#)).as_deref(), Some("model"));
+        assert!(matches!(
+            parse(Endpoint::Chat, "{not json"),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert_eq!(
+            param_of(parse(Endpoint::Chat, r#"{"messages":[]}"#)).as_deref(),
+            Some("model")
+        );
         assert_eq!(
             param_of(parse(Endpoint::Chat, r#"{"model":"m","messages":[]}"#)).as_deref(),
             Some("messages")
         );
         assert_eq!(
-            param_of(parse(Endpoint::Chat, r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#))
-                .as_deref(),
+            param_of(parse(
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#
+            ))
+            .as_deref(),
             Some("temperature")
         );
         assert_eq!(
-            param_of(parse(Endpoint::Chat, r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#))
-                .as_deref(),
+            param_of(parse(
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#
+            ))
+            .as_deref(),
             Some("max_tokens")
         );
         assert_eq!(
-            param_of(parse(Endpoint::Chat, r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#))
-                .as_deref(),
+            param_of(parse(
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#
+            ))
+            .as_deref(),
             Some("messages[0].role")
         );
-        assert_eq!(param_of(parse(Endpoint::Completions, r#"{"model":"m"}"#)).as_deref(), Some("prompt"));
+        assert_eq!(
+            param_of(parse(Endpoint::Completions, r#"{"model":"m"}"#)).as_deref(),
+            Some("prompt")
+        );
     }
 
     #[test]

@@ -58,10 +58,7 @@ impl Aggregate {
             Aggregate::Quantile(q) => q <= 0.0,
             Aggregate::MeanLogprob | Aggregate::FractionAbove(_) => false,
         };
-        can_only_fall
-            && tokens
-                .iter()
-                .any(|t| f64::from(t.logprob) < threshold)
+        can_only_fall && tokens.iter().any(|t| f64::from(t.logprob) < threshold)
     }
 }
 
@@ -287,7 +284,8 @@ pub fn judge_local(outcome: &LocalOutcome, policy: &Policy) -> (Route, Reason) {
 /// served: it is a fragment, not an answer.
 pub fn serve_local_on_remote_failure(policy: &Policy, outcome: Option<&LocalOutcome>) -> bool {
     policy.on_remote_failure == OnRemoteFailure::ServeLocal
-        && outcome.is_some_and(|o| !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some())
+        && outcome
+            .is_some_and(|o| !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some())
 }
 
 #[cfg(test)]
@@ -364,7 +362,10 @@ mod tests {
     #[test]
     fn threshold_is_inclusive() {
         let p = policy(Aggregate::MeanLogprob, -1.0);
-        assert_eq!(judge_local(&outcome(Some(-1.0)), &p), (Route::Local, Reason::Confident));
+        assert_eq!(
+            judge_local(&outcome(Some(-1.0)), &p),
+            (Route::Local, Reason::Confident)
+        );
         assert_eq!(
             judge_local(&outcome(Some(-1.0001)), &p),
             (Route::Remote, Reason::LowConfidence)
@@ -374,31 +375,53 @@ mod tests {
     #[test]
     fn cut_short_generations_escalate_with_their_own_reason() {
         let p = policy(Aggregate::MinLogprob, -1.0);
-        let early = LocalOutcome { early_exit: true, ..outcome(Some(-5.0)) };
-        let timed = LocalOutcome { timed_out: true, ..outcome(Some(-0.1)) };
-        let capped = LocalOutcome { hit_token_cap: true, ..outcome(Some(-0.1)) };
+        let early = LocalOutcome {
+            early_exit: true,
+            ..outcome(Some(-5.0))
+        };
+        let timed = LocalOutcome {
+            timed_out: true,
+            ..outcome(Some(-0.1))
+        };
+        let capped = LocalOutcome {
+            hit_token_cap: true,
+            ..outcome(Some(-0.1))
+        };
         assert_eq!(judge_local(&early, &p).1, Reason::EarlyExit);
         assert_eq!(judge_local(&timed, &p).1, Reason::LocalTimeBudget);
         assert_eq!(judge_local(&capped, &p).1, Reason::LocalTokenCap);
         assert_eq!(judge_local(&outcome(None), &p).1, Reason::EmptyAnswer);
         assert!(!serve_local_on_remote_failure(&p, Some(&early)));
         assert!(!serve_local_on_remote_failure(&p, Some(&timed)));
-        assert!(serve_local_on_remote_failure(&p, Some(&outcome(Some(-5.0)))));
+        assert!(serve_local_on_remote_failure(
+            &p,
+            Some(&outcome(Some(-5.0)))
+        ));
         assert!(!serve_local_on_remote_failure(&p, None));
     }
 
     #[test]
     fn confident_but_invalid_json_escalates() {
         let p = policy(Aggregate::MeanLogprob, -1.0);
-        let o = LocalOutcome { json_valid: Some(false), ..outcome(Some(-0.1)) };
+        let o = LocalOutcome {
+            json_valid: Some(false),
+            ..outcome(Some(-0.1))
+        };
         assert_eq!(judge_local(&o, &p), (Route::Remote, Reason::InvalidJson));
     }
 
     #[test]
     fn unsuitable_requests_name_their_reason() {
-        let f = RequestFeatures { has_images: true, has_tools: true, ..Default::default() };
+        let f = RequestFeatures {
+            has_images: true,
+            has_tools: true,
+            ..Default::default()
+        };
         assert_eq!(local_unsuitable(&f), Some(Reason::ImageContent));
-        let f = RequestFeatures { has_tools: true, ..Default::default() };
+        let f = RequestFeatures {
+            has_tools: true,
+            ..Default::default()
+        };
         assert_eq!(local_unsuitable(&f), Some(Reason::Tools));
         assert_eq!(local_unsuitable(&RequestFeatures::default()), None);
     }

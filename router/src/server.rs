@@ -144,7 +144,10 @@ async fn generate(
     match result {
         Ok(reply) => reply_response(reply, ctx, &state),
         Err(error) => {
-            if !matches!(error, ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. }) {
+            if !matches!(
+                error,
+                ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. }
+            ) {
                 tracing::info!(request_id = %ctx.id, %error, "request failed");
             }
             let mut response = error_response(&error);
@@ -181,7 +184,11 @@ fn route_header(headers: &HeaderMap) -> Result<Option<Route>, ApiError> {
 }
 
 fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Response {
-    let content_type = if reply.is_stream() { "text/event-stream" } else { "application/json" };
+    let content_type = if reply.is_stream() {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
     ctx.response_ready(200);
     let mut response = Response::builder().status(StatusCode::OK);
     if let Some(h) = response.headers_mut() {
@@ -194,9 +201,15 @@ fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Re
     let body = match reply {
         // A complete body goes out with a Content-Length, in one write.
         Reply::Json(bytes) => Body::from(bytes),
-        streamed => Body::from_stream(streamed.into_body(ctx, Arc::clone(&state.metrics), state.gateway.aggregate())),
+        streamed => Body::from_stream(streamed.into_body(
+            ctx,
+            Arc::clone(&state.metrics),
+            state.gateway.aggregate(),
+        )),
     };
-    response.body(body).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    response
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
@@ -206,8 +219,14 @@ fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
         }
     };
     set(h, headers::ROUTE, ctx.route.map_or("none", Route::as_str));
-    set(h, headers::REASON, ctx.reason.map_or("none", |r| r.as_str()));
-    let confidence = ctx.confidence.map_or_else(|| "none".to_string(), |c| format!("{c:.4}"));
+    set(
+        h,
+        headers::REASON,
+        ctx.reason.map_or("none", |r| r.as_str()),
+    );
+    let confidence = ctx
+        .confidence
+        .map_or_else(|| "none".to_string(), |c| format!("{c:.4}"));
     set(h, headers::CONFIDENCE, &confidence);
     if ctx.degraded {
         set(h, headers::DEGRADED, "remote-unavailable");
@@ -218,7 +237,9 @@ fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
 pub fn error_response(error: &ApiError) -> Response {
     let mut response = (error.status(), Json(error.body())).into_response();
     if let Some(retry_after) = error.retry_after() {
-        response.headers_mut().insert(header::RETRY_AFTER, retry_after);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
     }
     response
 }
@@ -241,14 +262,21 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.gateway.ready() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.gateway.update_gauges();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -273,13 +301,18 @@ impl RunningServer {
     }
 
     /// Binds and starts serving with the given call gate.
-    pub async fn start_with_gate(config: &Config, gate: Arc<dyn CallGate>) -> Result<Self, StartError> {
+    pub async fn start_with_gate(
+        config: &Config,
+        gate: Arc<dyn CallGate>,
+    ) -> Result<Self, StartError> {
         let state = Arc::new(AppState::new(config, gate)?);
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
         let (shutdown, signal) = oneshot::channel::<()>();
         let app = router(Arc::clone(&state));
         // Headers and body may go out in separate writes; without NODELAY,

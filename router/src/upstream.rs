@@ -87,7 +87,11 @@ pub enum UpstreamError {
     #[error("{upstream}: connection failed: {detail}")]
     Network { upstream: String, detail: String },
     #[error("{upstream}: HTTP {status}: {detail}")]
-    Status { upstream: String, status: u16, detail: String },
+    Status {
+        upstream: String,
+        status: u16,
+        detail: String,
+    },
     #[error("{upstream}: malformed response: {detail}")]
     Malformed { upstream: String, detail: String },
     #[error("{upstream}: call refused: {reason}")]
@@ -142,7 +146,10 @@ pub struct UpstreamReply {
 /// The answer's body.
 pub enum UpstreamBody {
     /// A non-streamed response, passed to the client byte for byte.
-    Complete { bytes: Bytes, usage: Option<RemoteUsage> },
+    Complete {
+        bytes: Bytes,
+        usage: Option<RemoteUsage>,
+    },
     /// Server-sent events, forwarded one by one as they arrive.
     Stream(Box<UpstreamStream>),
 }
@@ -246,7 +253,9 @@ impl Upstreams {
                     Err((error, retry_after)) => {
                         self.observe(&remote.name, error.kind(), latency);
                         if let Some(m) = &self.metrics {
-                            m.upstream_errors.with_label_values(&[&remote.name, error.kind()]).inc();
+                            m.upstream_errors
+                                .with_label_values(&[&remote.name, error.kind()])
+                                .inc();
                         }
                         tracing::warn!(request_id, upstream = %remote.name, attempt, %error, "upstream attempt failed");
                         let retry = error.is_retryable() && attempt < remote.max_retries;
@@ -265,7 +274,9 @@ impl Upstreams {
 
     fn observe(&self, upstream: &str, outcome: &str, seconds: f64) {
         if let Some(m) = &self.metrics {
-            m.upstream_latency.with_label_values(&[upstream, outcome]).observe(seconds);
+            m.upstream_latency
+                .with_label_values(&[upstream, outcome])
+                .observe(seconds);
         }
     }
 
@@ -357,7 +368,13 @@ impl Upstreams {
         })?;
         if probe.error.is_some() {
             let detail = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
-            return Err((UpstreamError::Malformed { upstream: name(), detail }, None));
+            return Err((
+                UpstreamError::Malformed {
+                    upstream: name(),
+                    detail,
+                },
+                None,
+            ));
         }
         settle.finish(probe.usage);
         Ok(UpstreamBody::Complete {
@@ -508,10 +525,13 @@ impl UpstreamStream {
 
     fn fail(&mut self, error: UpstreamError) {
         if let Some(m) = &self.metrics {
-            m.upstream_errors.with_label_values(&[&self.upstream, error.kind()]).inc();
+            m.upstream_errors
+                .with_label_values(&[&self.upstream, error.kind()])
+                .inc();
         }
         tracing::warn!(upstream = %self.upstream, %error, "upstream stream failed");
-        self.ready.push_back(openai::sse_error(&error.to_string(), error.kind()));
+        self.ready
+            .push_back(openai::sse_error(&error.to_string(), error.kind()));
         self.failure = Some(error);
         self.failed = true;
         self.end();
@@ -641,13 +661,28 @@ mod tests {
 
     #[test]
     fn retries_only_transient_failures() {
-        let status = |s| UpstreamError::Status { upstream: "u".into(), status: s, detail: String::new() };
+        let status = |s| UpstreamError::Status {
+            upstream: "u".into(),
+            status: s,
+            detail: String::new(),
+        };
         assert!(status(500).is_retryable());
         assert!(status(429).is_retryable());
         assert!(!status(400).is_retryable());
-        assert!(UpstreamError::Connect { upstream: "u".into(), detail: String::new() }.is_retryable());
-        assert!(!UpstreamError::Timeout { upstream: "u".into() }.is_retryable());
-        assert!(!UpstreamError::Malformed { upstream: "u".into(), detail: String::new() }.is_retryable());
+        assert!(UpstreamError::Connect {
+            upstream: "u".into(),
+            detail: String::new()
+        }
+        .is_retryable());
+        assert!(!UpstreamError::Timeout {
+            upstream: "u".into()
+        }
+        .is_retryable());
+        assert!(!UpstreamError::Malformed {
+            upstream: "u".into(),
+            detail: String::new()
+        }
+        .is_retryable());
     }
 
     #[test]
@@ -665,9 +700,15 @@ mod tests {
         };
         for _ in 0..50 {
             let d0 = backoff(&remote, 0, None);
-            assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100), "{d0:?}");
+            assert!(
+                d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100),
+                "{d0:?}"
+            );
             let d2 = backoff(&remote, 2, None);
-            assert!(d2 >= Duration::from_millis(200) && d2 <= Duration::from_millis(400), "{d2:?}");
+            assert!(
+                d2 >= Duration::from_millis(200) && d2 <= Duration::from_millis(400),
+                "{d2:?}"
+            );
             let d9 = backoff(&remote, 9, None);
             assert!(d9 <= Duration::from_millis(1000), "{d9:?}");
             let honoured = backoff(&remote, 0, Some(Duration::from_secs(1)));

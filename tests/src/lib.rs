@@ -122,11 +122,20 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// Starts a mock on 127.0.0.1 with a free port, recording requests.
     pub async fn start(options: MockOptions) -> std::io::Result<Self> {
-        Self::start_on("127.0.0.1:0".parse().map_err(std::io::Error::other)?, options, true).await
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            options,
+            true,
+        )
+        .await
     }
 
     /// Starts a mock on `addr`; `record` keeps a copy of every request.
-    pub async fn start_on(addr: SocketAddr, options: MockOptions, record: bool) -> std::io::Result<Self> {
+    pub async fn start_on(
+        addr: SocketAddr,
+        options: MockOptions,
+        record: bool,
+    ) -> std::io::Result<Self> {
         let state = Arc::new(MockState {
             options: Mutex::new(options),
             record,
@@ -225,7 +234,11 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     answer(state, Kind::Chat, headers, body).await
 }
 
-async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     answer(state, Kind::Completion, headers, body).await
 }
 
@@ -280,7 +293,11 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
             body: request.clone(),
         });
     }
-    let model = request.get("model").and_then(Value::as_str).unwrap_or("mock").to_string();
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
     let fault = state.next_fault(&headers, &model);
     let options = *lock(&state.options);
     if fault == Some(Fault::Timeout) {
@@ -294,19 +311,33 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
         return error_body(status, &format!("mock failure {status}"));
     }
     let prompt_text = prompt_text(kind, &request);
-    let text = format!("{ANSWER_PREFIX} {model} to: {}", prompt_text.chars().take(60).collect::<String>());
+    let text = format!(
+        "{ANSWER_PREFIX} {model} to: {}",
+        prompt_text.chars().take(60).collect::<String>()
+    );
     let usage = json!({
         "prompt_tokens": prompt_text.split_whitespace().count(),
         "completion_tokens": text.split_whitespace().count(),
         "total_tokens": prompt_text.split_whitespace().count() + text.split_whitespace().count(),
     });
-    let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let include_usage = request
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
     if stream {
-        return stream_answer(kind, &model, &text, usage, include_usage, fault, options.chunk_delay);
+        return stream_answer(
+            kind,
+            &model,
+            &text,
+            usage,
+            include_usage,
+            fault,
+            options.chunk_delay,
+        );
     }
     let body = match kind {
         Kind::Chat => json!({
@@ -328,11 +359,15 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
     };
     let bytes = Bytes::from(body.to_string());
     match fault {
-        Some(Fault::Malformed) => json_response(Bytes::from_static(b"{\"id\": \"chatcmpl-mock\", \"choices\": [")),
+        Some(Fault::Malformed) => json_response(Bytes::from_static(
+            b"{\"id\": \"chatcmpl-mock\", \"choices\": [",
+        )),
         Some(Fault::Cut) => {
             let half = bytes.slice(..bytes.len() / 2);
-            let parts: Vec<Result<Bytes, std::io::Error>> =
-                vec![Ok(half), Err(std::io::Error::other("mock cut the connection"))];
+            let parts: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(half),
+                Err(std::io::Error::other("mock cut the connection")),
+            ];
             let mut response = Response::new(Body::from_stream(futures::stream::iter(parts)));
             set_json(&mut response);
             response
@@ -359,7 +394,11 @@ fn prompt_text(kind: Kind, request: &Value) -> String {
         Kind::Chat => request
             .get("messages")
             .and_then(Value::as_array)
-            .and_then(|m| m.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user")))
+            .and_then(|m| {
+                m.iter()
+                    .rev()
+                    .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            })
             .and_then(|m| m.get("content"))
             .map(|c| match c {
                 Value::String(s) => s.clone(),
@@ -373,7 +412,11 @@ fn prompt_text(kind: Kind, request: &Value) -> String {
             .unwrap_or_default(),
         Kind::Completion => match request.get("prompt") {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
             _ => String::new(),
         },
     }
@@ -401,9 +444,15 @@ fn stream_answer(
                 };
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
-            Kind::Completion => json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
         };
-        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         json!({"id": "chatcmpl-mock", "object": object, "created": 1, "model": model, "choices": [choice]})
     };
     let mut events: Vec<Result<Bytes, std::io::Error>> = Vec::new();
@@ -427,7 +476,11 @@ fn stream_answer(
     if fault.is_none() {
         events.push(Ok(sse(&chunk(None, Some("stop")))));
         if include_usage {
-            let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+            let object = if kind == Kind::Chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            };
             events.push(Ok(sse(&json!({
                 "id": "chatcmpl-mock", "object": object, "created": 1, "model": model, "choices": [], "usage": usage,
             }))));

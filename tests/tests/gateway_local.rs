@@ -21,7 +21,9 @@ fn mean_policy(raw: &mut cascade::config::RawConfig) {
 }
 
 fn confidence(r: &Reply) -> f64 {
-    r.header("x-cascade-confidence").parse().unwrap_or_else(|_| panic!("no confidence: {:?}", r.headers))
+    r.header("x-cascade-confidence")
+        .parse()
+        .unwrap_or_else(|_| panic!("no confidence: {:?}", r.headers))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,7 +33,13 @@ async fn an_easy_question_is_answered_locally_and_a_hard_one_escalates() {
     mean_policy(&mut raw);
     let server = start(raw, Some(shared_engine())).await;
 
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", EASY, 12), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 12),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-cascade-route"), "local", "{:?}", r.headers);
     assert_eq!(r.header("x-cascade-reason"), "confident");
@@ -42,7 +50,13 @@ async fn an_easy_question_is_answered_locally_and_a_hard_one_escalates() {
     assert_eq!(body["model"], LOCAL);
     assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
 
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", HARD, 12), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
     assert_eq!(r.header("x-cascade-reason"), "low_confidence");
@@ -52,9 +66,20 @@ async fn an_easy_question_is_answered_locally_and_a_hard_one_escalates() {
     assert_eq!(mock.requests()[0].body["messages"][0]["content"], HARD);
 
     let metrics = get(&server, "/metrics").await.text;
-    assert_eq!(metric(&metrics, "cascade_confidence_count", &[]), 2.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "cascade_confidence_count", &[]),
+        2.0,
+        "{metrics}"
+    );
     assert!(metric(&metrics, "cascade_local_tokens_total", &[]) > 0.0);
-    assert_eq!(metric(&metrics, "cascade_escalations_total", &["reason=\"low_confidence\""]), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "cascade_escalations_total",
+            &["reason=\"low_confidence\""]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,14 +89,28 @@ async fn the_minimum_aggregate_stops_generating_at_the_first_unsure_token() {
     raw.policy.aggregate = "min_logprob".into();
     raw.policy.threshold = -2.0;
     let server = start(raw, Some(shared_engine())).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", HARD, 32), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 32),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.header("x-cascade-reason"), "early_exit", "{:?}", r.headers);
+    assert_eq!(
+        r.header("x-cascade-reason"),
+        "early_exit",
+        "{:?}",
+        r.headers
+    );
     assert!(confidence(&r) < -2.0);
     assert!(r.answer().starts_with(ANSWER_PREFIX));
     let metrics = get(&server, "/metrics").await.text;
     let generated = metric(&metrics, "cascade_local_tokens_total", &[]);
-    assert!(generated < 32.0, "generated {generated} tokens despite early exit");
+    assert!(
+        generated < 32.0,
+        "generated {generated} tokens despite early exit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,18 +124,32 @@ async fn streaming_works_for_local_and_escalated_answers() {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let r = post(&server, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-route")), (200, "local"), "{}", r.text);
+    assert_eq!(
+        (r.status, r.header("x-cascade-route")),
+        (200, "local"),
+        "{}",
+        r.text
+    );
     assert!(r.header("content-type").starts_with("text/event-stream"));
     assert!(r.streamed_text().contains("Paris"), "{}", r.text);
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert!(
+        usage["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{usage}"
+    );
 
     let mut body = chat("cascade", HARD, 12);
     body["stream"] = json!(true);
     let r = post(&server, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-route")), (200, "remote"), "{}\n{:?}", r.text, r.headers);
+    assert_eq!(
+        (r.status, r.header("x-cascade-route")),
+        (200, "remote"),
+        "{}\n{:?}",
+        r.text,
+        r.headers
+    );
     assert!(r.streamed_text().starts_with(ANSWER_PREFIX), "{}", r.text);
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
 }
@@ -108,13 +161,24 @@ async fn the_local_model_streams_token_by_token_when_addressed_directly() {
     let mut body = chat(LOCAL, EASY, 12);
     body["stream"] = json!(true);
     let r = post(&server, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "model_requested"), "{}", r.text);
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "model_requested"),
+        "{}",
+        r.text
+    );
     assert!(r.streamed_text().contains("Paris"), "{}", r.text);
     // One event per token or so, not one block.
     assert!(r.events().len() >= 5, "{}", r.text);
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
     // Raw-text completions reach the model too.
-    let r = post(&server, "/v1/completions", &json!({"model": LOCAL, "prompt": "The capital of France is", "max_tokens": 4}), &[]).await;
+    let r = post(
+        &server,
+        "/v1/completions",
+        &json!({"model": LOCAL, "prompt": "The capital of France is", "max_tokens": 4}),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["object"], "text_completion");
     assert!(!r.answer().is_empty(), "{}", r.text);
@@ -130,7 +194,13 @@ async fn when_every_remote_fails_the_policy_decides_between_the_local_answer_and
     mean_policy(&mut raw);
     raw.policy.on_remote_failure = "serve_local".into();
     let server = start(raw.clone(), Some(shared_engine())).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", HARD, 12), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-cascade-route"), "local");
     assert_eq!(r.header("x-cascade-reason"), "remote_unavailable");
@@ -142,7 +212,13 @@ async fn when_every_remote_fails_the_policy_decides_between_the_local_answer_and
     raw.policy.on_remote_failure = "error".into();
     raw.remotes[0].timeout_ms = 300;
     let server = start(raw, Some(shared_engine())).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", HARD, 12), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 504, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
     assert_eq!(r.header("x-cascade-route"), "remote");
@@ -157,7 +233,12 @@ async fn local_answers_that_are_not_json_escalate_when_json_was_asked_for() {
     let mut body = chat("cascade", EASY, 8);
     body["response_format"] = json!({"type": "json_object"});
     let r = post(&server, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "invalid_json"), "{}", r.text);
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "invalid_json"),
+        "{}",
+        r.text
+    );
     assert_eq!(r.header("x-cascade-route"), "remote");
 }
 
@@ -168,8 +249,19 @@ async fn the_local_time_budget_escalates_with_its_own_reason() {
     raw.policy.threshold = -5.0;
     raw.policy.max_local_ms = 1;
     let server = start(raw, Some(shared_engine())).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", EASY, 32), &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "local_time_budget"), "{}", r.text);
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 32),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "local_time_budget"),
+        "{}",
+        r.text
+    );
     assert!(r.answer().starts_with(ANSWER_PREFIX));
 }
 
@@ -178,8 +270,19 @@ async fn a_prompt_longer_than_the_context_window_escalates_without_generating() 
     let mock = mock().await;
     let server = start(raw_config(&[&mock]), Some(shared_engine())).await;
     let long = "lorem ipsum dolor sit amet ".repeat(4000);
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", &long, 8), &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "context_too_long"), "{}", r.text);
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", &long, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "context_too_long"),
+        "{}",
+        r.text
+    );
     let metrics = get(&server, "/metrics").await.text;
     assert_eq!(metric(&metrics, "cascade_local_tokens_total", &[]), 0.0);
 }
@@ -209,10 +312,27 @@ async fn a_full_local_queue_escalates_or_answers_429_and_a_departed_client_frees
     }
     assert_eq!(engine.load().in_flight, 1);
 
-    let r = post(&escalating, "/v1/chat/completions", &chat("cascade", EASY, 8), &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "local_overloaded"), "{}", r.text);
+    let r = post(
+        &escalating,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "local_overloaded"),
+        "{}",
+        r.text
+    );
     assert_eq!(r.header("x-cascade-route"), "remote");
-    let r = post(&rejecting, "/v1/chat/completions", &chat("cascade", EASY, 8), &[]).await;
+    let r = post(
+        &rejecting,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 429, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "local_queue_full");
     assert!(r.header("retry-after").parse::<u64>().unwrap() >= 1);

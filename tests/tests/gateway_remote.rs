@@ -20,7 +20,13 @@ async fn remote_model_by_name_gets_the_upstream_answer_with_cascade_headers() {
     let mut body = chat(REMOTE, "Hello there", 20);
     body["user"] = json!("u-42");
     body["logit_bias"] = json!({"1": -5});
-    let r = post(&server, "/v1/chat/completions", &body, &[("x-request-id", "req-abc")]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &body,
+        &[("x-request-id", "req-abc")],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(r.answer().starts_with(ANSWER_PREFIX), "{}", r.text);
     assert_eq!(r.header("x-request-id"), "req-abc");
@@ -36,7 +42,13 @@ async fn remote_model_by_name_gets_the_upstream_answer_with_cascade_headers() {
     assert_eq!(seen[0].body["user"], "u-42");
     assert_eq!(seen[0].body["logit_bias"]["1"], -5);
 
-    let r = post(&server, "/v1/completions", &json!({"model": REMOTE, "prompt": "Once upon"}), &[]).await;
+    let r = post(
+        &server,
+        "/v1/completions",
+        &json!({"model": REMOTE, "prompt": "Once upon"}),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(r.answer().starts_with(ANSWER_PREFIX));
     assert!(!r.header("x-request-id").is_empty());
@@ -90,7 +102,10 @@ async fn streamed_remote_answer_is_passed_through_as_it_arrives() {
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert!(
+        usage["usage"]["total_tokens"].as_u64().unwrap() > 0,
+        "{usage}"
+    );
 }
 
 #[tokio::test]
@@ -102,7 +117,15 @@ async fn transient_failures_are_retried_with_backoff() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(mock.request_count(), 3);
     let metrics = get(&server, "/metrics").await.text;
-    assert_eq!(metric(&metrics, "cascade_upstream_errors_total", &["upstream=\"big\""]), 2.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "cascade_upstream_errors_total",
+            &["upstream=\"big\""]
+        ),
+        2.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +147,13 @@ async fn a_failing_upstream_falls_back_to_the_next_in_order() {
     assert_eq!(second.request_count(), 1);
     // A 4xx is not retried: the next upstream is tried at once.
     first.set_fault(Some(Fault::Status(401)));
-    let r = post(&server, "/v1/completions", &json!({"model": "cascade", "prompt": "x"}), &[("x-cascade-route", "remote")]).await;
+    let r = post(
+        &server,
+        "/v1/completions",
+        &json!({"model": "cascade", "prompt": "x"}),
+        &[("x-cascade-route", "remote")],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(first.request_count(), 4);
 }
@@ -147,7 +176,11 @@ async fn when_every_remote_fails_and_there_is_no_local_answer_the_client_gets_50
         assert_eq!(r.status, status, "{fault:?}: {}", r.text);
         assert_eq!(r.json()["error"]["code"], code, "{fault:?}");
         assert_eq!(r.header("x-cascade-route"), "remote");
-        assert!(started.elapsed() < Duration::from_secs(5), "{fault:?} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{fault:?} took {:?}",
+            started.elapsed()
+        );
     }
 }
 
@@ -167,7 +200,11 @@ async fn a_stream_that_breaks_mid_way_ends_with_an_error_event_not_done() {
         let r = post(&server, "/v1/chat/completions", &body, &[]).await;
         assert_eq!(r.status, 200, "{fault:?}");
         let events = r.events();
-        assert!(!events.iter().any(|e| e == "[DONE]"), "{fault:?}: {}", r.text);
+        assert!(
+            !events.iter().any(|e| e == "[DONE]"),
+            "{fault:?}: {}",
+            r.text
+        );
         let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
         assert!(last["error"]["message"].is_string(), "{fault:?}: {last}");
     }
@@ -177,7 +214,12 @@ async fn a_stream_that_breaks_mid_way_ends_with_an_error_event_not_done() {
     let mut body = chat(REMOTE, "Hi", 5);
     body["stream"] = json!(true);
     let r = post(&server, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"), "{}", r.text);
+    assert_eq!(
+        r.events().last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text
+    );
 }
 
 #[tokio::test]
@@ -190,7 +232,13 @@ async fn invalid_requests_get_openai_errors_with_the_right_status() {
         let client = client();
         let url = url(&server, "/v1/chat/completions");
         async move {
-            let r = client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
             let has_id = r.headers().contains_key("x-request-id");
             let v: serde_json::Value = r.json().await.unwrap();
@@ -201,12 +249,27 @@ async fn invalid_requests_get_openai_errors_with_the_right_status() {
     assert_eq!((status, has_id), (400, true));
     assert_eq!(v["error"]["type"], "invalid_request_error");
     let (status, _, v) = send_raw(json!({"model": "cascade"}).to_string()).await;
-    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("messages")));
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("messages"))
+    );
     let (status, _, v) = send_raw(chat("gpt-nonexistent", "Hi", 5).to_string()).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("model_not_found")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
     let (status, _, v) = send_raw(chat("cascade", &"x".repeat(10_000), 5).to_string()).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (413, Some("request_too_large")));
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", "Hi", 5), &[("x-cascade-route", "sideways")]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 5),
+        &[("x-cascade-route", "sideways")],
+    )
+    .await;
     assert_eq!(r.status, 400);
     let r = get(&server, "/v1/nothing-here").await;
     assert_eq!(r.status, 404);
@@ -221,7 +284,13 @@ async fn route_header_and_direct_models_only_where_the_policy_allows() {
     raw.policy.allow_route_header = false;
     raw.policy.allow_direct_models = false;
     let server = start(raw, None).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", "Hi", 5), &[("x-cascade-route", "remote")]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 5),
+        &[("x-cascade-route", "remote")],
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.text);
     let r = post(&server, "/v1/chat/completions", &chat(REMOTE, "Hi", 5), &[]).await;
     assert_eq!(r.status, 404, "{}", r.text);
@@ -238,16 +307,31 @@ async fn requests_the_local_model_cannot_read_escalate_with_their_reason() {
         {"type": "text", "text": "What is in this picture?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]});
     let r = post(&server, "/v1/chat/completions", &image, &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "image_content"), "{}", r.text);
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "image_content"),
+        "{}",
+        r.text
+    );
     assert_eq!(r.header("x-cascade-route"), "remote");
     let mut tools = chat("cascade", "What's the weather in Paris?", 10);
     tools["tools"] = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]);
     let r = post(&server, "/v1/chat/completions", &tools, &[]).await;
     assert_eq!((r.status, r.header("x-cascade-reason")), (200, "tools"));
     // The original content parts went upstream untouched.
-    assert_eq!(mock.requests()[0].body["messages"][0]["content"][1]["type"], "image_url");
+    assert_eq!(
+        mock.requests()[0].body["messages"][0]["content"][1]["type"],
+        "image_url"
+    );
     let metrics = get(&server, "/metrics").await.text;
-    assert_eq!(metric(&metrics, "cascade_escalations_total", &["reason=\"image_content\""]), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "cascade_escalations_total",
+            &["reason=\"image_content\""]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -256,13 +340,30 @@ async fn while_the_model_loads_requests_escalate_or_get_503_and_readyz_says_so()
     let server = start(raw_config(&[&mock]), None).await;
     assert_eq!(get(&server, "/healthz").await.status, 200);
     assert_eq!(get(&server, "/readyz").await.status, 503);
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", "Hi", 5), &[]).await;
-    assert_eq!((r.status, r.header("x-cascade-reason")), (200, "local_loading"), "{}", r.text);
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 5),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "local_loading"),
+        "{}",
+        r.text
+    );
 
     let mut raw = raw_config(&[&mock]);
     raw.policy.on_overload = "reject".into();
     let server = start(raw, None).await;
-    let r = post(&server, "/v1/chat/completions", &chat("cascade", "Hi", 5), &[]).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 5),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 503, "{}", r.text);
     assert!(!r.header("retry-after").is_empty());
     let r = post(&server, "/v1/chat/completions", &chat(LOCAL, "Hi", 5), &[]).await;
@@ -274,19 +375,38 @@ async fn models_and_metrics_describe_the_gateway() {
     let mock = mock().await;
     let server = start(raw_config(&[&mock]), None).await;
     let models = get(&server, "/v1/models").await.json();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["cascade", LOCAL, REMOTE]);
     post(&server, "/v1/chat/completions", &chat(REMOTE, "Hi", 5), &[]).await;
     let metrics = get(&server, "/metrics").await;
     assert!(metrics.header("content-type").starts_with("text/plain"));
     let text = metrics.text;
     assert_eq!(
-        metric(&text, "cascade_requests_total", &["route=\"remote\"", "reason=\"model_requested\"", "status=\"200\""]),
+        metric(
+            &text,
+            "cascade_requests_total",
+            &[
+                "route=\"remote\"",
+                "reason=\"model_requested\"",
+                "status=\"200\""
+            ]
+        ),
         1.0,
         "{text}"
     );
     assert!(metric(&text, "cascade_gateway_overhead_seconds_count", &[]) >= 1.0);
-    assert!(metric(&text, "cascade_upstream_latency_seconds_count", &["outcome=\"ok\""]) >= 1.0);
+    assert!(
+        metric(
+            &text,
+            "cascade_upstream_latency_seconds_count",
+            &["outcome=\"ok\""]
+        ) >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -299,7 +419,10 @@ async fn a_client_that_goes_away_cancels_the_upstream_call() {
     let mut raw = raw_config(&[&mock]);
     raw.remotes[0].timeout_ms = 30_000;
     let server = start(raw, None).await;
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let result = impatient
         .post(url(&server, "/v1/chat/completions"))
         .json(&chat(REMOTE, "Hi", 5))

@@ -100,7 +100,9 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Arc::new(parse_args());
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -109,7 +111,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let warm_until = Instant::now() + Duration::from_secs_f64(args.warmup_seconds);
         run(&client, &args, warm_until).await;
         let started = Instant::now();
-        let (mut latencies, errors) = run(&client, &args, started + Duration::from_secs_f64(args.seconds)).await;
+        let (mut latencies, errors) = run(
+            &client,
+            &args,
+            started + Duration::from_secs_f64(args.seconds),
+        )
+        .await;
         let elapsed = started.elapsed().as_secs_f64();
         latencies.sort_unstable();
         let out = json!({

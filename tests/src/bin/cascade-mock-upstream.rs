@@ -23,15 +23,22 @@ fn main() -> std::io::Result<()> {
         match flag.as_str() {
             "--host" => host = value,
             "--port" => port = value.parse().unwrap_or_else(|_| usage()),
-            "--delay-ms" => options.delay = Duration::from_millis(value.parse().unwrap_or_else(|_| usage())),
+            "--delay-ms" => {
+                options.delay = Duration::from_millis(value.parse().unwrap_or_else(|_| usage()))
+            }
             "--chunk-delay-ms" => {
-                options.chunk_delay = Duration::from_millis(value.parse().unwrap_or_else(|_| usage()))
+                options.chunk_delay =
+                    Duration::from_millis(value.parse().unwrap_or_else(|_| usage()))
             }
             _ => usage(),
         }
     }
-    let addr: SocketAddr = format!("{host}:{port}").parse().map_err(std::io::Error::other)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         // Benchmarks send many requests: keep no copies of them.
         let mock = MockUpstream::start_on(addr, options, false).await?;

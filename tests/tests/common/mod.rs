@@ -38,7 +38,11 @@ pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
         .iter()
         .enumerate()
         .map(|(i, m)| RawRemote {
-            name: if i == 0 { REMOTE.to_string() } else { format!("{REMOTE}-{i}") },
+            name: if i == 0 {
+                REMOTE.to_string()
+            } else {
+                format!("{REMOTE}-{i}")
+            },
             model: Some("mock-model".into()),
             base_url: Some(m.base_url()),
             api_key_env: Some("TEST_KEY".into()),
@@ -54,7 +58,10 @@ pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
 
 /// Validates a raw configuration with a fake key in `TEST_KEY`.
 pub fn validate(raw: RawConfig) -> Config {
-    Config::validate(raw, None, &|name| (name == "TEST_KEY").then(|| "sk-test-key".to_string())).unwrap()
+    Config::validate(raw, None, &|name| {
+        (name == "TEST_KEY").then(|| "sk-test-key".to_string())
+    })
+    .unwrap()
 }
 
 /// Starts a gateway, attaching `local` when given.
@@ -72,7 +79,10 @@ pub async fn mock() -> MockUpstream {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
 }
 
 pub fn url(server: &RunningServer, path: &str) -> String {
@@ -93,7 +103,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
@@ -114,7 +127,10 @@ impl Reply {
             .filter_map(|e| serde_json::from_str::<Value>(e).ok())
             .filter_map(|v| {
                 let c = v["choices"].get(0)?.clone();
-                c["delta"]["content"].as_str().or(c["text"].as_str()).map(str::to_string)
+                c["delta"]["content"]
+                    .as_str()
+                    .or(c["text"].as_str())
+                    .map(str::to_string)
             })
             .collect()
     }
@@ -129,7 +145,12 @@ impl Reply {
     }
 }
 
-pub async fn post(server: &RunningServer, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+pub async fn post(
+    server: &RunningServer,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut request = client().post(url(server, path)).json(body);
     for (k, v) in headers {
         request = request.header(*k, *v);
@@ -138,7 +159,11 @@ pub async fn post(server: &RunningServer, path: &str, body: &Value, headers: &[(
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap_or_default();
-    Reply { status, headers, text }
+    Reply {
+        status,
+        headers,
+        text,
+    }
 }
 
 pub async fn get(server: &RunningServer, path: &str) -> Reply {
@@ -146,7 +171,11 @@ pub async fn get(server: &RunningServer, path: &str) -> Reply {
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap_or_default();
-    Reply { status, headers, text }
+    Reply {
+        status,
+        headers,
+        text,
+    }
 }
 
 /// Path of the real SmolLM2 model.
@@ -154,8 +183,13 @@ pub fn model_path() -> PathBuf {
     if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-model.sh first", path.display());
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
     path
 }
 
