@@ -12,3 +12,8 @@ export CASCADE_TEST_POSTGRES_URL="${CASCADE_TEST_POSTGRES_URL:-postgres://postgr
 
 echo "== cargo test (workspace)"
 cargo test --workspace --all-targets 2>&1
+
+echo "== official openai Python client against cascade serve"
+target="${CARGO_TARGET_DIR:-$root/target}"
+cargo build -p cascade -p cascade-e2e --bins 2>&1
+bash scripts/python-client-test.sh "$target/debug/cascade" "$target/debug/cascade-mock-upstream"
