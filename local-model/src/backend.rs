@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
 
 use crate::error::GenerateError;
+use crate::phi_mixed::MixedPhi;
 
 /// Which architecture a loaded model is, for logs and `/v1/models`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +39,8 @@ impl Architecture {
 /// fresh cache even where candle offers no way to clear it.
 pub(crate) enum Backend {
     Phi(Box<phi::Model>),
+    /// Phi-1.5 with BF16 weights (candle's `phi` cannot run them on CPU).
+    PhiMixed(Box<MixedPhi>),
     PhiGguf(Box<quantized_mixformer::MixFormerSequentialForCausalLM>),
     Llama {
         pristine: Box<quantized_llama::ModelWeights>,
@@ -54,6 +57,7 @@ impl Backend {
     pub(crate) fn reset(&mut self) {
         match self {
             Backend::Phi(m) => m.clear_kv_cache(),
+            Backend::PhiMixed(m) => m.clear_kv_cache(),
             Backend::PhiGguf(m) => m.clear_kv_cache(),
             Backend::Llama { pristine, live } => *live = pristine.clone(),
             Backend::Gemma3 { pristine, live } => *live = pristine.clone(),
@@ -71,6 +75,7 @@ impl Backend {
         let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
         let logits = match self {
             Backend::Phi(m) => m.forward(&input)?,
+            Backend::PhiMixed(m) => m.forward(&input)?,
             Backend::PhiGguf(m) => m.forward(&input)?,
             Backend::Llama { live, .. } => live.forward(&input, position)?,
             Backend::Gemma3 { live, .. } => live.forward(&input, position)?,

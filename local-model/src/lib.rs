@@ -12,6 +12,7 @@ pub mod detok;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod phi_mixed;
 pub mod sampling;
 pub mod signals;
 pub mod spec;

@@ -15,6 +15,7 @@ use tokenizers::Tokenizer;
 use crate::backend::{Architecture, Backend};
 use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
+use crate::phi_mixed::{MixedPhi, PhiConfig};
 use crate::generate::{Control, FinishReason, Generation, GenerationParams, Prompt, TokenEvent, Timings, Usage};
 use crate::sampling::{Sampler, Sampling};
 use crate::signals::{signals_from_logits, TokenRecord};
@@ -128,8 +129,13 @@ impl PromptEncoder {
     /// Tokenizes a prompt as generation would.
     pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerateError> {
         let text = self.render(prompt)?;
-        // Chat templates write their own BOS; raw text gets the tokenizer's.
-        let add_special = matches!(prompt, Prompt::Text(_));
+        // A model's own (Jinja) template writes its BOS itself; raw text and
+        // the built-in templates get the tokenizer's, which models such as
+        // Gemma 3 were trained to see first.
+        let add_special = match prompt {
+            Prompt::Text(_) => true,
+            Prompt::Chat(_) => !self.template.writes_bos(),
+        };
         let encoding = self
             .tokenizer
             .encode(text.as_str(), add_special)
@@ -166,6 +172,11 @@ impl LocalModel {
     /// Facts about this model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The token ids that end generation (end-of-sequence and end-of-turn).
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.eos_ids
     }
 
     /// The prompt encoder (tokenizer and chat template).
@@ -487,12 +498,16 @@ fn load_gguf(
                 None => tokenizer::from_gguf(&content, path)?,
             };
             let gguf_template = tokenizer::gguf_string(&content, "tokenizer.chat_template");
+            // Before the weights: a bad template choice fails in an instant.
+            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
             let declared_eos = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
                 .iter()
                 .filter_map(|k| tokenizer::gguf_u32(&content, k))
                 .collect::<Vec<_>>();
             let arch_prefix = arch_name.clone().unwrap_or_default();
             let declared_ctx = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.context_length"))
+                .map(|v| v as usize);
+            let sliding_window = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
                 .map(|v| v as usize);
             let (backend, max_ctx) = if is_llama {
                 let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
@@ -512,13 +527,16 @@ fn load_gguf(
                         pristine: Box::new(weights.clone()),
                         live: Box::new(weights),
                     },
-                    // Gemma 3 supports long contexts; cap the KV cache at a
-                    // size this kind of machine can hold.
-                    8192,
+                    // candle 0.11's Gemma 3 applies the local layers'
+                    // sliding window only within a prefill, not while
+                    // decoding, so past the window those layers would attend
+                    // to tokens the model was never trained to see. Keeping
+                    // every sequence within the window keeps attention as
+                    // trained; 8192 bounds the KV cache otherwise.
+                    sliding_window.unwrap_or(8192).min(8192),
                 )
             };
             let context_window = declared_ctx.unwrap_or(max_ctx).min(max_ctx);
-            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
             let eos_ids = eos_from_vocab(&tokenizer, &declared_eos);
             Ok(LocalModel {
                 backend,
@@ -566,7 +584,18 @@ fn load_phi_safetensors(
             reason: format!("model_type is `{model_type}`; only `phi` (Phi-1.5) is supported for safetensors"),
         });
     }
-    let config: phi::Config = read_json_config(&config_path)?;
+    // candle's phi runs only in F32 on the CPU (with BF16 weights its F32
+    // rotary tables make the forward pass fail); BF16 goes to our Phi that
+    // keeps everything but the matrix products in F32. The config is parsed
+    // before the weights are read, so a broken one fails fast.
+    enum Flavour {
+        Candle(phi::Config),
+        Mixed(PhiConfig),
+    }
+    let flavour = match options.dtype {
+        WeightDtype::F32 => Flavour::Candle(read_json_config(&config_path)?),
+        WeightDtype::Bf16 => Flavour::Mixed(read_json_config(&config_path)?),
+    };
     let context_window = raw
         .get("max_position_embeddings")
         .and_then(|v| v.as_u64())
@@ -593,14 +622,18 @@ fn load_phi_safetensors(
         tensors.extend(loaded);
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
-    let model = phi::Model::new(&config, vb).map_err(|e| LoadError::Weights {
+    let weights_err = |e: candle_core::Error| LoadError::Weights {
         path: files.origin.clone(),
         reason: e.to_string(),
-    })?;
+    };
+    let backend = match &flavour {
+        Flavour::Candle(config) => Backend::Phi(Box::new(phi::Model::new(config, vb).map_err(weights_err)?)),
+        Flavour::Mixed(config) => Backend::PhiMixed(Box::new(MixedPhi::new(config, vb).map_err(weights_err)?)),
+    };
     let template = choose_template(options.template, None, files, true, &tokenizer)?;
     let eos_ids = eos_from_vocab(&tokenizer, &[]);
     Ok(LocalModel {
-        backend: Backend::Phi(Box::new(model)),
+        backend,
         info: ModelInfo {
             name: files
                 .origin
@@ -682,13 +715,13 @@ fn choose_template(
     }
 }
 
-/// The text of the first candidate present in the vocabulary, for the
+/// The text of the first candidate that is a special token, for the
 /// `bos_token`/`eos_token` template variables.
 /// Models without such a token (most byte-level BPE chat models) get "".
 fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
     candidates
         .iter()
-        .find(|c| tokenizer.token_to_id(c).is_some())
+        .find(|c| is_special(tokenizer, c))
         .map(|c| (*c).to_string())
         .unwrap_or_default()
 }
@@ -696,6 +729,9 @@ fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
 fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.to_vec();
     for token in ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>", "<|eot_id|>"] {
+        if !is_special(tokenizer, token) {
+            continue;
+        }
         if let Some(id) = tokenizer.token_to_id(token) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -703,6 +739,13 @@ fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
         }
     }
     ids
+}
+
+/// Whether `token` is one of the tokenizer's special tokens. Only those can
+/// end a sequence: in Gemma's vocabulary `<s>` and `</s>` are ordinary
+/// HTML tags.
+fn is_special(tokenizer: &Tokenizer, token: &str) -> bool {
+    tokenizer.get_added_vocabulary().is_special_token(token)
 }
 
 fn file_stem(path: &Path) -> String {

@@ -52,6 +52,12 @@ impl ChatTemplate {
         Ok(self)
     }
 
+    /// Whether the rendered text starts with the model's BOS token already
+    /// (a model's own template writes `{{ bos_token }}`).
+    pub fn writes_bos(&self) -> bool {
+        matches!(self, ChatTemplate::Jinja { .. })
+    }
+
     /// Short name for logs and `--json` output.
     pub fn name(&self) -> &'static str {
         match self {
@@ -142,6 +148,69 @@ mod tests {
             .render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " hi ")])
             .unwrap();
         assert_eq!(out, "<s><system>Be brief.\n<user>hi\n<assistant>");
+    }
+
+    /// A template in the style of Gemma's: BOS, a system message folded
+    /// into the first user turn, `assistant` renamed `model`, contents
+    /// trimmed, and alternation enforced with `raise_exception`.
+    fn gemma_style() -> ChatTemplate {
+        let source = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set prefix = messages[0]['content'] | trim ~ '
+
+' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set prefix = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+  {%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{ raise_exception('turns must alternate user/assistant') }}
+  {%- endif -%}
+  {%- if m['content'] is not string -%}
+    {{ raise_exception('content must be text') }}
+  {%- endif -%}
+  {{ '<start_of_turn>' ~ ('model' if m['role'] == 'assistant' else m['role']) ~ '
+' }}
+  {{- (prefix if loop.first else '') ~ m['content'] | trim }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt %}<start_of_turn>model
+{% endif -%}"#;
+        ChatTemplate::Jinja {
+            source: source.into(),
+            bos_token: "<bos>".into(),
+            eos_token: "<eos>".into(),
+        }
+        .validated()
+        .unwrap()
+    }
+
+    #[test]
+    fn gemma_style_template_renders_turns() {
+        let out = gemma_style()
+            .render(&[
+                ChatMessage::new("system", "Be brief. "),
+                ChatMessage::new("user", " Capital of France? "),
+                ChatMessage::new("assistant", "Paris."),
+                ChatMessage::new("user", "And Japan?"),
+            ])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n\
+             <start_of_turn>model\nParis.<end_of_turn>\n\
+             <start_of_turn>user\nAnd Japan?<end_of_turn>\n\
+             <start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn gemma_style_template_rejects_turns_out_of_order() {
+        let err = gemma_style()
+            .render(&[ChatMessage::new("assistant", "Hi"), ChatMessage::new("user", "Hello")])
+            .unwrap_err();
+        assert!(err.to_string().contains("must alternate"), "{err}");
     }
 
     #[test]

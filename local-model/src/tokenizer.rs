@@ -1,5 +1,7 @@
 //! Tokenizers: from `tokenizer.json`, or from the vocabulary embedded in a GGUF.
 
+mod sentencepiece;
+
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, tokenizer::TokenizerFromGguf};
@@ -22,6 +24,13 @@ pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer,
         path: path.to_path_buf(),
         reason,
     };
+    // candle reads only byte-level BPE vocabularies (`gpt2`, with merges);
+    // SentencePiece ones (`llama`: Gemma, Llama 2) carry scores instead.
+    if gguf_string(content, "tokenizer.ggml.model").as_deref() == Some("llama") {
+        return sentencepiece::Vocabulary::from_gguf(content)
+            .and_then(sentencepiece::Vocabulary::into_tokenizer)
+            .map_err(err);
+    }
     let mut tokenizer = Tokenizer::from_gguf(content).map_err(|e| err(e.to_string()))?;
     let pre = content
         .metadata

@@ -1,5 +1,7 @@
 //! The model thread: bounded queue, busy answers, cancellation, time budget.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::mpsc;

@@ -23,6 +23,8 @@ pub enum Command {
     /// Manage team API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the OpenAI-compatible gateway.
+    Serve(ServeArgs),
     /// Measure how well each confidence rule predicts the local model's correctness.
     Eval(EvalArgs),
     /// Choose a threshold and fit the learned confidence rule from an eval run.
@@ -34,6 +36,17 @@ pub enum Command {
 pub enum KeysCommand {
     /// Print a new random API key once, with the SHA-256 hash to put in the config.
     New,
+}
+
+/// `cascade serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration file (TOML); `CASCADE_<SECTION>__<KEY>` variables override it.
+    #[arg(long, short)]
+    pub config: Option<std::path::PathBuf>,
+    /// Address to listen on, overriding `server.listen`.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Which model and how to load it.

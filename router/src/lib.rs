@@ -2,6 +2,16 @@
 
 pub mod cli;
 pub mod commands;
+pub mod config;
+pub mod context;
+pub mod error;
 pub mod eval;
+pub mod gateway;
+pub mod local;
+pub mod metrics;
+pub mod openai;
 pub mod report;
+pub mod routing;
+pub mod server;
 pub mod storage;
+pub mod upstream;

@@ -18,6 +18,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Keys(cmd) => commands::keys::run(cmd),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Calibrate(args) => commands::calibrate::run(args),
     };

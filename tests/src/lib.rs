@@ -1,1 +1,502 @@
-//! Mock upstream.
+//! A mock OpenAI-compatible upstream, shared by the end-to-end tests and the
+//! benchmarks: a real HTTP server on 127.0.0.1 that answers
+//! `/v1/chat/completions` and `/v1/completions`, streamed or not, after a
+//! fixed delay, and fails on demand.
+//!
+//! A fault is chosen per request, first match wins: the `x-mock-fault`
+//! header, a model named `mock-fault-<fault>`, the queue filled with
+//! [`MockUpstream::push_faults`], then the default set with
+//! [`MockUpstream::set_fault`]. Faults: an HTTP status (`500`, `429`, …),
+//! `timeout` (never answers), `cut` (the connection drops mid-body),
+//! `malformed` (invalid JSON with status 200).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// The start of every answer the mock gives.
+pub const ANSWER_PREFIX: &str = "Mock answer from";
+
+/// A failure the mock can be told to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this HTTP status and an OpenAI error body.
+    Status(u16),
+    /// Never answer.
+    Timeout,
+    /// Start the body, then drop the connection.
+    Cut,
+    /// Status 200 with a body (or stream event) that is not valid JSON.
+    Malformed,
+}
+
+impl FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "timeout" => Ok(Fault::Timeout),
+            "cut" => Ok(Fault::Cut),
+            "malformed" => Ok(Fault::Malformed),
+            other => other
+                .parse::<u16>()
+                .ok()
+                .filter(|s| (100..600).contains(s))
+                .map(Fault::Status)
+                .ok_or_else(|| format!("unknown fault `{other}`")),
+        }
+    }
+}
+
+/// Timing of the mock's answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MockOptions {
+    /// Wait before answering (before the first byte when streaming).
+    pub delay: Duration,
+    /// Wait between stream events.
+    pub chunk_delay: Duration,
+}
+
+/// A request the mock received.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Value,
+}
+
+/// Shared state of one mock server.
+#[derive(Default)]
+pub struct MockState {
+    options: Mutex<MockOptions>,
+    queued: Mutex<VecDeque<Fault>>,
+    default_fault: Mutex<Option<Fault>>,
+    requests: Mutex<Vec<RecordedRequest>>,
+    count: AtomicUsize,
+    /// Requests being answered right now.
+    in_flight: AtomicUsize,
+    /// Whether to keep a copy of each request (off in benchmarks).
+    record: bool,
+}
+
+impl MockState {
+    fn next_fault(&self, headers: &HeaderMap, model: &str) -> Option<Fault> {
+        if let Some(f) = headers.get("x-mock-fault").and_then(|v| v.to_str().ok()) {
+            return f.parse().ok();
+        }
+        if let Some(f) = model.strip_prefix("mock-fault-") {
+            return f.parse().ok();
+        }
+        if let Some(f) = lock(&self.queued).pop_front() {
+            return Some(f);
+        }
+        *lock(&self.default_fault)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A test that panicked while holding the lock must not hide the mock's state.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running mock upstream.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl MockUpstream {
+    /// Starts a mock on 127.0.0.1 with a free port, recording requests.
+    pub async fn start(options: MockOptions) -> std::io::Result<Self> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            options,
+            true,
+        )
+        .await
+    }
+
+    /// Starts a mock on `addr`; `record` keeps a copy of every request.
+    pub async fn start_on(
+        addr: SocketAddr,
+        options: MockOptions,
+        record: bool,
+    ) -> std::io::Result<Self> {
+        let state = Arc::new(MockState {
+            options: Mutex::new(options),
+            record,
+            ..MockState::default()
+        });
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let app = router(Arc::clone(&state));
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = signal.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            state,
+            shutdown: Some(shutdown),
+        })
+    }
+
+    /// The OpenAI base URL, e.g. `http://127.0.0.1:1234/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The next requests fail with these faults, one each, in order.
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.state.queued).extend(faults);
+    }
+
+    /// Every request (after the queued faults) fails this way; `None` heals.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *lock(&self.state.default_fault) = fault;
+    }
+
+    /// Changes the timing of later answers.
+    pub fn set_options(&self, options: MockOptions) {
+        *lock(&self.state.options) = options;
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn request_count(&self) -> usize {
+        self.state.count.load(Ordering::Relaxed)
+    }
+
+    /// Requests being answered right now (a caller that went away ends its own).
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The mock's routes.
+pub fn router(state: Arc<MockState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .with_state(state)
+}
+
+/// A mock state with these options, for binaries that build their own server.
+pub fn state(options: MockOptions, record: bool) -> Arc<MockState> {
+    Arc::new(MockState {
+        options: Mutex::new(options),
+        record,
+        ..MockState::default()
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    answer(state, Kind::Chat, headers, body).await
+}
+
+async fn completions(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    answer(state, Kind::Completion, headers, body).await
+}
+
+async fn models() -> Response {
+    Json(json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock"}]}))
+        .into_response()
+}
+
+fn error_body(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (
+        code,
+        Json(json!({"error": {"message": message, "type": "mock_error", "param": null, "code": null}})),
+    )
+        .into_response();
+    if status == 429 {
+        response
+            .headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("0"));
+    }
+    response
+}
+
+/// Counts a request as in flight until dropped, so a caller that goes away
+/// (which drops the handler) is seen.
+struct InFlight(Arc<MockState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Bytes) -> Response {
+    state.count.fetch_add(1, Ordering::Relaxed);
+    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(Arc::clone(&state));
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_body(400, &format!("invalid JSON: {e}")),
+    };
+    if state.record {
+        lock(&state.requests).push(RecordedRequest {
+            path: match kind {
+                Kind::Chat => "/v1/chat/completions".into(),
+                Kind::Completion => "/v1/completions".into(),
+            },
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: request.clone(),
+        });
+    }
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let fault = state.next_fault(&headers, &model);
+    let options = *lock(&state.options);
+    if fault == Some(Fault::Timeout) {
+        // Never answer; the client's timeout (or disconnect) ends this.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if !options.delay.is_zero() {
+        tokio::time::sleep(options.delay).await;
+    }
+    if let Some(Fault::Status(status)) = fault {
+        return error_body(status, &format!("mock failure {status}"));
+    }
+    let prompt_text = prompt_text(kind, &request);
+    let text = format!(
+        "{ANSWER_PREFIX} {model} to: {}",
+        prompt_text.chars().take(60).collect::<String>()
+    );
+    let usage = json!({
+        "prompt_tokens": prompt_text.split_whitespace().count(),
+        "completion_tokens": text.split_whitespace().count(),
+        "total_tokens": prompt_text.split_whitespace().count() + text.split_whitespace().count(),
+    });
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if stream {
+        return stream_answer(
+            kind,
+            &model,
+            &text,
+            usage,
+            include_usage,
+            fault,
+            options.chunk_delay,
+        );
+    }
+    let body = match kind {
+        Kind::Chat => json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage,
+        }),
+        Kind::Completion => json!({
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage,
+        }),
+    };
+    let bytes = Bytes::from(body.to_string());
+    match fault {
+        Some(Fault::Malformed) => json_response(Bytes::from_static(
+            b"{\"id\": \"chatcmpl-mock\", \"choices\": [",
+        )),
+        Some(Fault::Cut) => {
+            let half = bytes.slice(..bytes.len() / 2);
+            let parts: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(half),
+                Err(std::io::Error::other("mock cut the connection")),
+            ];
+            let mut response = Response::new(Body::from_stream(futures::stream::iter(parts)));
+            set_json(&mut response);
+            response
+        }
+        _ => json_response(bytes),
+    }
+}
+
+fn json_response(bytes: Bytes) -> Response {
+    let mut response = Response::new(Body::from(bytes));
+    set_json(&mut response);
+    response
+}
+
+fn set_json(response: &mut Response) {
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+}
+
+fn prompt_text(kind: Kind, request: &Value) -> String {
+    match kind {
+        Kind::Chat => request
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| {
+                m.iter()
+                    .rev()
+                    .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            })
+            .and_then(|m| m.get("content"))
+            .map(|c| match c {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => String::new(),
+            })
+            .unwrap_or_default(),
+        Kind::Completion => match request.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        },
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn stream_answer(
+    kind: Kind,
+    model: &str,
+    text: &str,
+    usage: Value,
+    include_usage: bool,
+    fault: Option<Fault>,
+    chunk_delay: Duration,
+) -> Response {
+    let chunk = |delta: Option<&str>, finish: Option<&str>| -> Value {
+        let choice = match kind {
+            Kind::Chat => {
+                let delta = match delta {
+                    Some(d) => json!({"content": d}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let object = if kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({"id": "chatcmpl-mock", "object": object, "created": 1, "model": model, "choices": [choice]})
+    };
+    let mut events: Vec<Result<Bytes, std::io::Error>> = Vec::new();
+    if kind == Kind::Chat {
+        let mut first = chunk(Some(""), None);
+        first["choices"][0]["delta"]["role"] = json!("assistant");
+        events.push(Ok(sse(&first)));
+    }
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    for (i, word) in words.iter().enumerate() {
+        if fault == Some(Fault::Cut) && i == 2 {
+            events.push(Err(std::io::Error::other("mock cut the stream")));
+            break;
+        }
+        if fault == Some(Fault::Malformed) && i == 2 {
+            events.push(Ok(Bytes::from_static(b"data: {\"id\": oops\n\n")));
+            break;
+        }
+        events.push(Ok(sse(&chunk(Some(word), None))));
+    }
+    if fault.is_none() {
+        events.push(Ok(sse(&chunk(None, Some("stop")))));
+        if include_usage {
+            let object = if kind == Kind::Chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            };
+            events.push(Ok(sse(&json!({
+                "id": "chatcmpl-mock", "object": object, "created": 1, "model": model, "choices": [], "usage": usage,
+            }))));
+        }
+        events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+    }
+    let body = futures::stream::iter(events).then(move |event| async move {
+        if !chunk_delay.is_zero() {
+            tokio::time::sleep(chunk_delay).await;
+        }
+        event
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}

@@ -134,3 +134,46 @@ pub fn smollm2_path() -> PathBuf {
     );
     path
 }
+
+/// Path of the real Gemma 3 270M model fetched by `scripts/fetch-gemma.sh`
+/// (or `CASCADE_GEMMA_MODEL`). Fails, never skips, when it is missing.
+pub fn gemma3_path() -> PathBuf {
+    let path = match std::env::var("CASCADE_GEMMA_MODEL") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gemma-3-270m-Q4_K_M.gguf"),
+    };
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-gemma.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Checks every token's signals are in range and the tokens' text pieces
+/// make up the generated text.
+pub fn assert_signals_in_range(g: &local_model::Generation) {
+    assert!(!g.tokens.is_empty());
+    for t in &g.tokens {
+        assert!(t.logprob.is_finite() && t.logprob <= 0.0, "{t:?}");
+        assert!(t.entropy.is_finite() && t.entropy >= 0.0, "{t:?}");
+        assert!((0.0..=1.0).contains(&t.margin), "{t:?}");
+    }
+    let pieces: String = g.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(pieces, g.text);
+}
+
+/// Decodes `ids` token by token and checks that no piece holds a broken
+/// character, that at least one token completed none (so the test splits
+/// a character), and that the pieces make up `text`.
+pub fn assert_incremental_decoding_is_exact(tokenizer: &Tokenizer, ids: &[u32], text: &str) {
+    let mut decoder = local_model::detok::IncrementalDecoder::new(tokenizer);
+    let mut pieces = Vec::new();
+    for &id in ids {
+        pieces.push(decoder.push(id).unwrap());
+    }
+    pieces.push(decoder.finish().unwrap());
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(pieces.iter().any(|p| p.is_empty()), "expected a token that completes no character");
+    assert_eq!(pieces.concat(), text);
+}

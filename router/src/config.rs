@@ -1,0 +1,653 @@
+//! Configuration: `cascade.toml` overridden by `CASCADE_<SECTION>__<KEY>`
+//! environment variables, read into plain serde structs and then validated
+//! into typed values, so a bad value stops the process at start-up with the
+//! name of its key instead of surfacing in the middle of a request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::routing::{Aggregate, OnOverload, OnRemoteFailure, Policy};
+
+/// A configuration that cannot be used, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Read(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub local: RawLocal,
+    pub policy: RawPolicy,
+    pub remotes: Vec<RawRemote>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    /// The model name that routes through the cascade.
+    pub model_name: String,
+    pub max_body_bytes: u64,
+    /// Async worker threads; 0 picks min(4, CPUs).
+    pub worker_threads: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            model_name: "cascade".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            worker_threads: 0,
+        }
+    }
+}
+
+/// `[local]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLocal {
+    /// A .gguf file, a Hugging Face-layout directory, or a hub id.
+    pub model: String,
+    /// The name clients use for the local model; defaults to the file stem.
+    pub name: Option<String>,
+    pub template: String,
+    pub dtype: String,
+    pub queue_depth: usize,
+    /// Cap on tokens the local model generates per request.
+    pub max_tokens: usize,
+    pub warm_up: bool,
+}
+
+impl Default for RawLocal {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            name: None,
+            template: "auto".into(),
+            dtype: "f32".into(),
+            queue_depth: 8,
+            max_tokens: 256,
+            warm_up: true,
+        }
+    }
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    /// `mean_logprob`, `min_logprob`, `quantile` or `fraction_above`.
+    pub aggregate: String,
+    /// The quantile for `aggregate = "quantile"`.
+    pub quantile: f64,
+    /// The log-prob bound for `aggregate = "fraction_above"`.
+    pub bound: f64,
+    pub threshold: f64,
+    /// Remote names in fallback order; empty means every remote, in file order.
+    pub remotes: Vec<String>,
+    /// `serve_local` or `error`.
+    pub on_remote_failure: String,
+    /// `escalate` or `reject`.
+    pub on_overload: String,
+    /// 0 means no cap.
+    pub max_local_ms: u64,
+    /// 0 means no bound beyond the queue depth.
+    pub max_queue_wait_ms: u64,
+    pub allow_route_header: bool,
+    pub allow_direct_models: bool,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        Self {
+            aggregate: "mean_logprob".into(),
+            quantile: 0.1,
+            bound: -2.0,
+            threshold: -1.0,
+            remotes: Vec::new(),
+            on_remote_failure: "serve_local".into(),
+            on_overload: "escalate".into(),
+            max_local_ms: 0,
+            max_queue_wait_ms: 0,
+            allow_route_header: false,
+            allow_direct_models: true,
+        }
+    }
+}
+
+/// One `[[remotes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRemote {
+    /// The name clients and the policy use.
+    pub name: String,
+    /// Model name sent upstream; defaults to `name`.
+    pub model: Option<String>,
+    /// e.g. `https://api.openai.com/v1`.
+    pub base_url: Option<String>,
+    /// Environment variable holding the base URL; wins over `base_url` when set.
+    pub base_url_env: Option<String>,
+    /// Environment variable holding the API key (never the key itself).
+    pub api_key_env: Option<String>,
+    /// How the key is sent: `bearer` (Authorization header) or `api-key`
+    /// (Azure OpenAI's header).
+    pub auth: String,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RawRemote {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            model: None,
+            base_url: None,
+            base_url_env: None,
+            api_key_env: None,
+            auth: "bearer".into(),
+            timeout_ms: 60_000,
+            max_retries: 2,
+            backoff_base_ms: 100,
+            backoff_max_ms: 2_000,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub local: LocalConfig,
+    pub policy: Policy,
+    /// Remotes in the policy's fallback order.
+    pub policy_remotes: Vec<String>,
+    pub remotes: Vec<RemoteConfig>,
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub model_name: String,
+    pub max_body_bytes: usize,
+    pub worker_threads: usize,
+}
+
+/// Validated `[local]`.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub model: String,
+    pub name: String,
+    pub template: local_model::TemplateChoice,
+    pub dtype: local_model::WeightDtype,
+    pub queue_depth: usize,
+    pub max_tokens: usize,
+    pub warm_up: bool,
+}
+
+/// Validated `[[remotes]]` entry.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub name: String,
+    pub model: String,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub auth: RemoteAuth,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// How a remote expects its API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteAuth {
+    /// `Authorization: Bearer <key>` (OpenAI, vLLM, llama.cpp, Cascade).
+    Bearer,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+impl Config {
+    /// Reads `path` (if given) and `CASCADE_*` variables, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let raw = RawConfig::load(path)?;
+        let base = path.and_then(Path::parent).map(Path::to_path_buf);
+        Config::validate(raw, base.as_deref(), &|name| std::env::var(name).ok())
+    }
+
+    /// Checks every value; `env` reads the variables that hold secrets and
+    /// URLs; relative model paths are tried against `base_dir` first.
+    pub fn validate(
+        raw: RawConfig,
+        base_dir: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let server = validate_server(&raw.server)?;
+        let local = validate_local(&raw.local, base_dir)?;
+        let mut remotes = Vec::with_capacity(raw.remotes.len());
+        for (i, r) in raw.remotes.iter().enumerate() {
+            let remote = validate_remote(i, r, env)?;
+            if remotes.iter().any(|o: &RemoteConfig| o.name == remote.name) {
+                return Err(invalid(
+                    format!("remotes[{i}].name"),
+                    format!("duplicate remote `{}`", remote.name),
+                ));
+            }
+            if remote.name == server.model_name || remote.name == local.name {
+                return Err(invalid(
+                    format!("remotes[{i}].name"),
+                    format!(
+                        "`{}` is already the cascade or the local model's name",
+                        remote.name
+                    ),
+                ));
+            }
+            remotes.push(remote);
+        }
+        if local.name == server.model_name {
+            return Err(invalid("local.name", "must differ from server.model_name"));
+        }
+        let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes)?;
+        Ok(Config {
+            server,
+            local,
+            policy,
+            policy_remotes,
+            remotes,
+        })
+    }
+}
+
+impl RawConfig {
+    /// Merges defaults, the TOML file and the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::Read(format!(
+                    "{}: no such file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only `CASCADE_<SECTION>__<KEY>` names are configuration; other
+        // `CASCADE_*` variables (CASCADE_MODEL for `generate`, test
+        // settings) must not trip the unknown-key check.
+        let env = Env::prefixed("CASCADE_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        figment = figment.merge(env);
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Read(e.to_string()))
+    }
+}
+
+fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
+    let listen = raw.listen.parse().map_err(|e| {
+        invalid(
+            "server.listen",
+            format!("`{}` is not an address:port ({e})", raw.listen),
+        )
+    })?;
+    if raw.model_name.trim().is_empty() {
+        return Err(invalid("server.model_name", "must not be empty"));
+    }
+    if raw.max_body_bytes == 0 {
+        return Err(invalid("server.max_body_bytes", "must be positive"));
+    }
+    // The gateway's own work per request is tens of microseconds; more
+    // threads than that needs only add cross-thread wake-ups (p99 jitter)
+    // and compete with the local model's compute threads for cores.
+    let worker_threads = match raw.worker_threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+        n => n,
+    };
+    Ok(ServerConfig {
+        listen,
+        model_name: raw.model_name.clone(),
+        max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
+        worker_threads,
+    })
+}
+
+fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig, ConfigError> {
+    if raw.model.trim().is_empty() {
+        return Err(invalid(
+            "local.model",
+            "is required: a .gguf file, a model directory or a hub id",
+        ));
+    }
+    // A path relative to the config file wins when it exists there; anything
+    // else (a path relative to the working directory, a hub id) is kept as is.
+    let model = match base_dir.map(|d| d.join(&raw.model)) {
+        Some(p) if Path::new(&raw.model).is_relative() && p.exists() => {
+            p.to_string_lossy().into_owned()
+        }
+        _ => raw.model.clone(),
+    };
+    let name = match &raw.name {
+        Some(n) if n.trim().is_empty() => return Err(invalid("local.name", "must not be empty")),
+        Some(n) => n.clone(),
+        None => default_local_name(&raw.model),
+    };
+    let template = raw
+        .template
+        .parse()
+        .map_err(|e: local_model::LoadError| invalid("local.template", e.to_string()))?;
+    let dtype = raw
+        .dtype
+        .parse()
+        .map_err(|e: local_model::LoadError| invalid("local.dtype", e.to_string()))?;
+    if raw.max_tokens == 0 {
+        return Err(invalid("local.max_tokens", "must be positive"));
+    }
+    Ok(LocalConfig {
+        model,
+        name,
+        template,
+        dtype,
+        queue_depth: raw.queue_depth,
+        max_tokens: raw.max_tokens,
+        warm_up: raw.warm_up,
+    })
+}
+
+/// `models/SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct.Q4_1`.
+fn default_local_name(spec: &str) -> String {
+    let last = spec
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or(spec);
+    last.strip_suffix(".gguf").unwrap_or(last).to_string()
+}
+
+fn validate_remote(
+    i: usize,
+    raw: &RawRemote,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RemoteConfig, ConfigError> {
+    let key = |field: &str| format!("remotes[{i}].{field}");
+    if raw.name.trim().is_empty() {
+        return Err(invalid(key("name"), "is required"));
+    }
+    let from_env = raw
+        .base_url_env
+        .as_ref()
+        .and_then(|var| env(var))
+        .filter(|v| !v.is_empty());
+    let base_url = match (from_env, &raw.base_url) {
+        (Some(url), _) => url,
+        (None, Some(url)) => url.clone(),
+        (None, None) => {
+            let hint = match &raw.base_url_env {
+                Some(var) => format!("set the environment variable {var} or base_url"),
+                None => "set base_url or base_url_env".into(),
+            };
+            return Err(invalid(key("base_url"), format!("no base URL: {hint}")));
+        }
+    };
+    let parsed = reqwest::Url::parse(&base_url)
+        .map_err(|e| invalid(key("base_url"), format!("`{base_url}` is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(
+            key("base_url"),
+            format!("`{base_url}` is not an http(s) URL"),
+        ));
+    }
+    let api_key = match &raw.api_key_env {
+        None => None,
+        Some(var) => match env(var) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ => {
+                return Err(invalid(
+                    key("api_key_env"),
+                    format!("the environment variable {var} is not set"),
+                ))
+            }
+        },
+    };
+    let auth = match raw.auth.as_str() {
+        "bearer" => RemoteAuth::Bearer,
+        "api-key" => RemoteAuth::ApiKey,
+        other => {
+            return Err(invalid(
+                key("auth"),
+                format!("unknown scheme `{other}` (choose bearer or api-key)"),
+            ))
+        }
+    };
+    if raw.timeout_ms == 0 {
+        return Err(invalid(key("timeout_ms"), "must be positive"));
+    }
+    if raw.backoff_max_ms < raw.backoff_base_ms {
+        return Err(invalid(
+            key("backoff_max_ms"),
+            "must be at least backoff_base_ms",
+        ));
+    }
+    Ok(RemoteConfig {
+        name: raw.name.clone(),
+        model: raw.model.clone().unwrap_or_else(|| raw.name.clone()),
+        base_url: base_url.trim_end_matches('/').to_string(),
+        api_key,
+        auth,
+        timeout: Duration::from_millis(raw.timeout_ms),
+        max_retries: raw.max_retries,
+        backoff_base: Duration::from_millis(raw.backoff_base_ms),
+        backoff_max: Duration::from_millis(raw.backoff_max_ms),
+    })
+}
+
+fn validate_policy(
+    raw: &RawPolicy,
+    remotes: &[RemoteConfig],
+) -> Result<(Policy, Vec<String>), ConfigError> {
+    let aggregate = match raw.aggregate.as_str() {
+        "mean_logprob" => Aggregate::MeanLogprob,
+        "min_logprob" => Aggregate::MinLogprob,
+        "quantile" => {
+            if !(0.0..=1.0).contains(&raw.quantile) {
+                return Err(invalid("policy.quantile", "must be within [0, 1]"));
+            }
+            Aggregate::Quantile(raw.quantile)
+        }
+        "fraction_above" => {
+            if !raw.bound.is_finite() || raw.bound > 0.0 {
+                return Err(invalid("policy.bound", "must be a log-prob: finite and at most 0"));
+            }
+            Aggregate::FractionAbove(raw.bound)
+        }
+        other => {
+            return Err(invalid(
+                "policy.aggregate",
+                format!("unknown aggregate `{other}` (choose mean_logprob, min_logprob, quantile, fraction_above)"),
+            ))
+        }
+    };
+    if !raw.threshold.is_finite() {
+        return Err(invalid("policy.threshold", "must be a finite number"));
+    }
+    if matches!(aggregate, Aggregate::FractionAbove(_)) && !(0.0..=1.0).contains(&raw.threshold) {
+        return Err(invalid(
+            "policy.threshold",
+            "a fraction_above threshold must be within [0, 1]",
+        ));
+    }
+    let on_remote_failure = match raw.on_remote_failure.as_str() {
+        "serve_local" => OnRemoteFailure::ServeLocal,
+        "error" => OnRemoteFailure::Error,
+        other => {
+            return Err(invalid(
+                "policy.on_remote_failure",
+                format!("unknown action `{other}` (choose serve_local or error)"),
+            ))
+        }
+    };
+    let on_overload = match raw.on_overload.as_str() {
+        "escalate" => OnOverload::Escalate,
+        "reject" => OnOverload::Reject,
+        other => {
+            return Err(invalid(
+                "policy.on_overload",
+                format!("unknown action `{other}` (choose escalate or reject)"),
+            ))
+        }
+    };
+    let policy_remotes = if raw.remotes.is_empty() {
+        remotes.iter().map(|r| r.name.clone()).collect()
+    } else {
+        for (i, name) in raw.remotes.iter().enumerate() {
+            if !remotes.iter().any(|r| &r.name == name) {
+                let known: Vec<&str> = remotes.iter().map(|r| r.name.as_str()).collect();
+                return Err(invalid(
+                    format!("policy.remotes[{i}]"),
+                    format!("unknown remote `{name}` (configured: {})", known.join(", ")),
+                ));
+            }
+        }
+        raw.remotes.clone()
+    };
+    let optional_ms = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    let policy = Policy {
+        aggregate,
+        threshold: raw.threshold,
+        on_remote_failure,
+        on_overload,
+        max_local_time: optional_ms(raw.max_local_ms),
+        max_queue_wait: optional_ms(raw.max_queue_wait_ms),
+        allow_route_header: raw.allow_route_header,
+        allow_direct_models: raw.allow_direct_models,
+    };
+    Ok((policy, policy_remotes))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| ConfigError::Read(e.to_string()))?;
+        Config::validate(raw, None, &|name| match name {
+            "KEY" => Some("sk-test".into()),
+            "URL" => Some("http://127.0.0.1:9/v1/".into()),
+            _ => None,
+        })
+    }
+
+    const MINIMAL: &str = r#"
+        [local]
+        model = "models/m.gguf"
+        [[remotes]]
+        name = "big"
+        base_url_env = "URL"
+        api_key_env = "KEY"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_reads_secrets_from_the_environment() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.local.name, "m");
+        assert_eq!(c.server.model_name, "cascade");
+        assert_eq!(c.remotes[0].base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(c.remotes[0].api_key.as_deref(), Some("sk-test"));
+        assert_eq!(c.remotes[0].model, "big");
+        assert_eq!(c.policy_remotes, vec!["big".to_string()]);
+        assert_eq!(c.policy.aggregate, Aggregate::MeanLogprob);
+    }
+
+    fn error_of(toml: &str) -> String {
+        parse(toml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = error_of(&format!("{MINIMAL}\n[policy]\naggregate = \"median\""));
+        assert!(e.starts_with("policy.aggregate:"), "{e}");
+        let e = error_of(&format!(
+            "{MINIMAL}\n[policy]\nremotes = [\"big\", \"nope\"]"
+        ));
+        assert!(e.starts_with("policy.remotes[1]:"), "{e}");
+        let e = error_of(&format!("{MINIMAL}\n[server]\nlisten = \"localhost\""));
+        assert!(e.starts_with("server.listen:"), "{e}");
+        let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"\nbase_url = \"http://h\"\napi_key_env = \"MISSING\"");
+        assert!(
+            e.starts_with("remotes[0].api_key_env:") && e.contains("MISSING"),
+            "{e}"
+        );
+        let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"");
+        assert!(e.starts_with("remotes[0].base_url:"), "{e}");
+        let e = error_of("[server]\nlisten = \"127.0.0.1:1\"");
+        assert!(e.starts_with("local.model:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = error_of(&format!("{MINIMAL}\n[policy]\nthreshhold = -1.0"));
+        assert!(e.contains("threshhold"), "{e}");
+    }
+
+    #[test]
+    fn aggregate_parameters_are_read() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25"
+        ))
+        .unwrap();
+        assert_eq!(c.policy.aggregate, Aggregate::Quantile(0.25));
+        let c = parse(&format!(
+            "{MINIMAL}\n[policy]\naggregate = \"fraction_above\"\nbound = -1.5\nthreshold = 0.9"
+        ))
+        .unwrap();
+        assert_eq!(c.policy.aggregate, Aggregate::FractionAbove(-1.5));
+    }
+
+    #[test]
+    #[allow(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns its own error type"
+    )]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "cascade.toml",
+                "[local]\nmodel = \"a.gguf\"\n[policy]\nthreshold = -1.0",
+            )?;
+            jail.set_env("CASCADE_POLICY__THRESHOLD", "-0.25");
+            jail.set_env("CASCADE_MODEL", "ignored: not a section key");
+            let raw = RawConfig::load(Some(Path::new("cascade.toml"))).unwrap();
+            assert_eq!(raw.policy.threshold, -0.25);
+            assert_eq!(raw.local.model, "a.gguf");
+            Ok(())
+        });
+    }
+}

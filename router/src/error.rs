@@ -1,0 +1,144 @@
+//! Every error a client can receive, mapped to its HTTP status and OpenAI's
+//! error body in one place.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use serde_json::json;
+
+use crate::upstream::UpstreamError;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    UnknownModel(String),
+    #[error("The request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error("No route for {0}")]
+    NotFound(String),
+    #[error("The local model is overloaded; retry later.")]
+    Overloaded { retry_after: Duration },
+    #[error("The local model is not ready yet; retry later.")]
+    NotReady { retry_after: Duration },
+    #[error("The local model failed: {0}")]
+    Local(String),
+    #[error("The remote model failed: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UnknownModel(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Local(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code` fields.
+    fn kind(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            ApiError::MalformedJson(_) => ("invalid_request_error", Some("invalid_json")),
+            ApiError::InvalidRequest { .. } => ("invalid_request_error", None),
+            ApiError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
+            ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            ApiError::NotAllowed(_) => ("permission_error", Some("not_allowed_by_policy")),
+            ApiError::Overloaded { .. } => ("rate_limit_error", Some("local_queue_full")),
+            ApiError::NotReady { .. } => ("server_error", Some("local_model_loading")),
+            ApiError::Upstream(e) if e.is_timeout() => ("upstream_error", Some("upstream_timeout")),
+            ApiError::Upstream(_) => ("upstream_error", Some("upstream_unavailable")),
+            ApiError::Local(_) => ("server_error", Some("local_model_error")),
+            ApiError::Internal(_) => ("server_error", None),
+        }
+    }
+
+    /// The `Retry-After` header value, for errors worth retrying later.
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        match self {
+            ApiError::Overloaded { retry_after } | ApiError::NotReady { retry_after } => {
+                // Whole seconds, at least one: what the header allows.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Some(HeaderValue::from(secs.max(1)))
+            }
+            _ => None,
+        }
+    }
+
+    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, code) = self.kind();
+        let param = match self {
+            ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::UnknownModel(_) => Some("model".into()),
+            _ => None,
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_api_contract() {
+        assert_eq!(
+            ApiError::MalformedJson("x".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ApiError::UnknownModel("x".into()).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::BodyTooLarge { limit: 1 }.status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let overloaded = ApiError::Overloaded {
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(overloaded.retry_after(), Some(HeaderValue::from(2u64)));
+        let timeout = ApiError::Upstream(UpstreamError::Timeout {
+            upstream: "u".into(),
+        });
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        let down = ApiError::Upstream(UpstreamError::Status {
+            upstream: "u".into(),
+            status: 500,
+            detail: String::new(),
+        });
+        assert_eq!(down.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn body_has_openai_shape() {
+        let b = ApiError::UnknownModel("gpt-9".into()).body();
+        assert_eq!(b["error"]["code"], "model_not_found");
+        assert_eq!(b["error"]["param"], "model");
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+        assert!(b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gpt-9")));
+    }
+}

@@ -1,0 +1,624 @@
+//! The cascade itself: pick a target for a request, run the local model,
+//! judge its answer, escalate, and fall back as the policy says. HTTP-free:
+//! handlers call [`Gateway::complete`] and turn its [`Reply`] into a response.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::stream::{self, BoxStream};
+use futures::StreamExt;
+use local_model::{FinishReason, GenerateError, Prompt, WorkerError};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::context::RequestContext;
+use crate::error::ApiError;
+use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
+use crate::metrics::Metrics;
+use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
+use crate::routing::{self, Aggregate, LocalOutcome, OnOverload, Policy, Reason, Route};
+use crate::upstream::{CallGate, UpstreamBody, UpstreamError, UpstreamStream, Upstreams};
+
+/// Where a request goes before anything runs.
+enum Target {
+    /// Local first, remote if unsure.
+    Cascade,
+    /// The local model only.
+    Local(Reason),
+    /// These remotes, in order.
+    Remotes(Vec<usize>, Reason),
+}
+
+/// What the gateway answers; the handler writes it out.
+pub enum Reply {
+    /// A complete JSON body (local answer or the remote's, byte for byte).
+    Json(Bytes),
+    /// A local answer known in full, written as a stream.
+    LocalStream {
+        writer: ChunkWriter,
+        answer: LocalAnswer,
+    },
+    /// A local answer streamed token by token as it is generated.
+    LiveLocal {
+        writer: ChunkWriter,
+        events: mpsc::UnboundedReceiver<LiveEvent>,
+    },
+    /// A remote's stream, passed through event by event.
+    Upstream(Box<UpstreamStream>),
+}
+
+/// The body of a response.
+pub type BodyStream = BoxStream<'static, Result<Bytes, Infallible>>;
+
+/// The gateway's shared state.
+pub struct Gateway {
+    model_name: String,
+    local_name: String,
+    policy: Policy,
+    /// The policy's fallback chain, as indices into the upstreams.
+    chain: Vec<usize>,
+    local: OnceLock<LocalEngine>,
+    upstreams: Upstreams,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Builds the gateway; the local model is attached later with
+    /// [`Gateway::attach_local`] once it has loaded.
+    pub fn new(
+        config: &Config,
+        gate: Arc<dyn CallGate>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
+        let upstreams = Upstreams::new(config.remotes.clone(), gate, Some(Arc::clone(&metrics)))?;
+        let chain = config
+            .policy_remotes
+            .iter()
+            .filter_map(|name| upstreams.find(name))
+            .collect();
+        Ok(Self {
+            model_name: config.server.model_name.clone(),
+            local_name: config.local.name.clone(),
+            policy: config.policy.clone(),
+            chain,
+            local: OnceLock::new(),
+            upstreams,
+            metrics,
+        })
+    }
+
+    /// Makes the local model available; only the first call has an effect.
+    pub fn attach_local(&self, engine: LocalEngine) {
+        let _ = self.local.set(engine);
+    }
+
+    /// Whether the local model is loaded.
+    pub fn ready(&self) -> bool {
+        self.local.get().is_some()
+    }
+
+    /// The model names clients can use: the cascade, then (when the policy
+    /// allows addressing them) the local model and each remote.
+    pub fn model_names(&self) -> Vec<(String, &'static str)> {
+        let mut names = vec![(self.model_name.clone(), "cascade")];
+        if self.policy.allow_direct_models {
+            names.push((self.local_name.clone(), "local"));
+            names.extend(
+                self.upstreams
+                    .remotes()
+                    .iter()
+                    .map(|r| (r.name.clone(), "remote")),
+            );
+        }
+        names
+    }
+
+    /// The policy's confidence aggregate.
+    pub fn aggregate(&self) -> Aggregate {
+        self.policy.aggregate
+    }
+
+    /// Refreshes gauges that are read rather than counted.
+    pub fn update_gauges(&self) {
+        if let Some(local) = self.local.get() {
+            let depth = i64::try_from(local.load().in_flight).unwrap_or(i64::MAX);
+            self.metrics.local_queue_depth.set(depth);
+        }
+    }
+
+    /// Answers one generation request.
+    pub async fn complete(
+        &self,
+        ctx: &mut RequestContext,
+        request: CompletionRequest,
+        route_header: Option<Route>,
+    ) -> Result<Reply, ApiError> {
+        ctx.model = request.model.clone();
+        match self.target(&request.model, route_header)? {
+            Target::Cascade => self.cascade(ctx, &request).await,
+            Target::Local(reason) => self.local_only(ctx, &request, reason).await,
+            Target::Remotes(chain, reason) => {
+                ctx.route = Some(Route::Remote);
+                ctx.reason = Some(reason);
+                self.remote(ctx, &request, &chain, None).await
+            }
+        }
+    }
+
+    fn target(&self, model: &str, route_header: Option<Route>) -> Result<Target, ApiError> {
+        if model == self.model_name {
+            return match route_header {
+                None => Ok(Target::Cascade),
+                Some(_) if !self.policy.allow_route_header => Err(ApiError::NotAllowed(
+                    "The x-cascade-route header is not allowed by the gateway's policy.".into(),
+                )),
+                Some(Route::Local) => Ok(Target::Local(Reason::RouteHeader)),
+                Some(Route::Remote) => Ok(Target::Remotes(self.chain.clone(), Reason::RouteHeader)),
+            };
+        }
+        let direct = if model == self.local_name {
+            Target::Local(Reason::ModelRequested)
+        } else if let Some(i) = self.upstreams.find(model) {
+            Target::Remotes(vec![i], Reason::ModelRequested)
+        } else {
+            return Err(ApiError::UnknownModel(model.to_string()));
+        };
+        if !self.policy.allow_direct_models {
+            return Err(ApiError::UnknownModel(model.to_string()));
+        }
+        Ok(direct)
+    }
+
+    async fn cascade(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+    ) -> Result<Reply, ApiError> {
+        if let Some(reason) = routing::local_unsuitable(&request.features) {
+            return self.escalate(ctx, request, reason, None).await;
+        }
+        let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
+            return self.overloaded(ctx, request, Reason::LocalLoading).await;
+        };
+        if routing::overloaded(&local.load(), &self.policy) {
+            return self.overloaded(ctx, request, Reason::LocalOverloaded).await;
+        }
+        match local.prompt_tokens(prompt).await {
+            Ok(n) if n >= local.context_window() => {
+                return self
+                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .await;
+            }
+            Ok(n) => ctx.local_prompt_tokens = n,
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.id, error = %e, "cannot encode the prompt for the local model");
+                return self.escalate(ctx, request, Reason::LocalError, None).await;
+            }
+        }
+        let options = RunOptions {
+            early_exit: Some((self.policy.aggregate, self.policy.threshold)),
+            time_budget: self.policy.max_local_time,
+            deltas: None,
+        };
+        let run = match local.run(request, prompt.clone(), options).await {
+            Ok(run) => run,
+            Err(WorkerError::Busy { .. }) => {
+                return self.overloaded(ctx, request, Reason::LocalOverloaded).await
+            }
+            Err(WorkerError::Generate(GenerateError::PromptTooLong { .. })) => {
+                return self
+                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %ctx.id, error = %e, "local generation failed");
+                return self.escalate(ctx, request, Reason::LocalError, None).await;
+            }
+        };
+        self.note_local_run(ctx, &run);
+        let json_valid = request
+            .json_object
+            .then(|| is_json_object(&run.output.generation.text));
+        let outcome = LocalOutcome {
+            score: ctx.confidence,
+            early_exit: run.early_exit,
+            timed_out: run.output.timed_out,
+            hit_token_cap: run.hit_token_cap,
+            json_valid,
+        };
+        match routing::judge_local(&outcome, &self.policy) {
+            (Route::Local, reason) => {
+                ctx.route = Some(Route::Local);
+                ctx.reason = Some(reason);
+                Ok(self.local_reply(request, &run))
+            }
+            (Route::Remote, reason) => {
+                self.escalate(ctx, request, reason, Some((run, outcome)))
+                    .await
+            }
+        }
+    }
+
+    /// Local overloaded or not loaded: escalate or refuse, as the policy says.
+    async fn overloaded(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        reason: Reason,
+    ) -> Result<Reply, ApiError> {
+        match self.policy.on_overload {
+            OnOverload::Escalate => self.escalate(ctx, request, reason, None).await,
+            OnOverload::Reject => {
+                ctx.route = Some(Route::Local);
+                ctx.reason = Some(reason);
+                Err(self.busy_error(reason))
+            }
+        }
+    }
+
+    fn busy_error(&self, reason: Reason) -> ApiError {
+        match self.local.get() {
+            Some(local) if reason != Reason::LocalLoading => ApiError::Overloaded {
+                retry_after: local.load().expected_wait.max(Duration::from_secs(1)),
+            },
+            _ => ApiError::NotReady {
+                retry_after: Duration::from_secs(5),
+            },
+        }
+    }
+
+    async fn escalate(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        reason: Reason,
+        local: Option<(LocalRun, LocalOutcome)>,
+    ) -> Result<Reply, ApiError> {
+        ctx.route = Some(Route::Remote);
+        ctx.reason = Some(reason);
+        ctx.escalated = true;
+        self.remote(ctx, request, &self.chain, local).await
+    }
+
+    async fn remote(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        chain: &[usize],
+        local: Option<(LocalRun, LocalOutcome)>,
+    ) -> Result<Reply, ApiError> {
+        let started = Instant::now();
+        let result = self.upstreams.call(chain, &ctx.id, request).await;
+        ctx.upstream_time += started.elapsed();
+        match result {
+            Ok(reply) => {
+                ctx.upstream = Some(reply.upstream);
+                match reply.body {
+                    UpstreamBody::Complete { bytes, usage } => {
+                        ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
+                        ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
+                        Ok(Reply::Json(bytes))
+                    }
+                    UpstreamBody::Stream(stream) => Ok(Reply::Upstream(stream)),
+                }
+            }
+            Err(error) => {
+                if let Some((run, outcome)) = local {
+                    if routing::serve_local_on_remote_failure(&self.policy, Some(&outcome)) {
+                        tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
+                        ctx.route = Some(Route::Local);
+                        ctx.reason = Some(Reason::RemoteUnavailable);
+                        ctx.degraded = true;
+                        return Ok(self.local_reply(request, &run));
+                    }
+                }
+                Err(ApiError::Upstream(error))
+            }
+        }
+    }
+
+    /// The local model addressed directly (by name or route header): no
+    /// escalation, so no early exit and no time budget either.
+    async fn local_only(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        reason: Reason,
+    ) -> Result<Reply, ApiError> {
+        ctx.route = Some(Route::Local);
+        ctx.reason = Some(reason);
+        if let Some(unsuitable) = routing::local_unsuitable(&request.features) {
+            return Err(ApiError::InvalidRequest {
+                message: format!("The local model cannot serve this request ({unsuitable})."),
+                param: None,
+            });
+        }
+        let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
+            return Err(self.busy_error(Reason::LocalLoading));
+        };
+        if routing::overloaded(&local.load(), &self.policy) {
+            return Err(self.busy_error(Reason::LocalOverloaded));
+        }
+        if request.stream {
+            return Ok(self.live_local(local, request, prompt.clone()));
+        }
+        let run = local
+            .run(request, prompt.clone(), RunOptions::default())
+            .await
+            .map_err(|e| self.local_error(e))?;
+        ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
+        self.note_local_run(ctx, &run);
+        Ok(self.local_reply(request, &run))
+    }
+
+    fn local_error(&self, error: WorkerError) -> ApiError {
+        match error {
+            WorkerError::Busy { .. } => self.busy_error(Reason::LocalOverloaded),
+            WorkerError::Generate(
+                e @ (GenerateError::PromptTooLong { .. } | GenerateError::EmptyPrompt),
+            ) => ApiError::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
+            other => ApiError::Local(other.to_string()),
+        }
+    }
+
+    /// Starts a generation whose tokens go to the client as they come.
+    fn live_local(
+        &self,
+        local: &LocalEngine,
+        request: &CompletionRequest,
+        prompt: Prompt,
+    ) -> Reply {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = local.clone();
+        let writer = self.chunk_writer(request);
+        let request = request.clone();
+        tokio::spawn(async move {
+            let options = RunOptions {
+                deltas: Some(tx.clone()),
+                ..RunOptions::default()
+            };
+            // A client that leaves while the request still waits in the
+            // queue drops the receiver: stop waiting then, too.
+            tokio::select! {
+                result = engine.run(&request, prompt, options) => {
+                    let _ = tx.send(LiveEvent::Done(result));
+                }
+                () = tx.closed() => {}
+            }
+        });
+        Reply::LiveLocal { writer, events: rx }
+    }
+
+    /// Notes a finished local run in the context and the metrics.
+    fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
+        let generation = &run.output.generation;
+        ctx.local_time += run.elapsed;
+        ctx.local_queue_wait =
+            Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
+        ctx.local_completion_tokens = generation.usage.completion_tokens;
+        ctx.confidence = self.policy.aggregate.score(&generation.tokens);
+        observe_local(&self.metrics, run);
+    }
+
+    fn chunk_writer(&self, request: &CompletionRequest) -> ChunkWriter {
+        ChunkWriter {
+            endpoint: request.endpoint,
+            id: completion_id(request.endpoint),
+            created: unix_now(),
+            model: self.local_name.clone(),
+            include_usage: request.include_usage,
+        }
+    }
+
+    fn local_reply(&self, request: &CompletionRequest, run: &LocalRun) -> Reply {
+        let generation = &run.output.generation;
+        let answer = LocalAnswer {
+            id: completion_id(request.endpoint),
+            created: unix_now(),
+            model: self.local_name.clone(),
+            text: generation.text.clone(),
+            finish_reason: finish_reason(generation.finish_reason),
+            prompt_tokens: generation.usage.prompt_tokens,
+            completion_tokens: generation.usage.completion_tokens,
+        };
+        if request.stream {
+            let writer = ChunkWriter {
+                id: answer.id.clone(),
+                ..self.chunk_writer(request)
+            };
+            return Reply::LocalStream { writer, answer };
+        }
+        let body = answer.to_response(request.endpoint);
+        // Serialising a `Value` cannot fail.
+        Reply::Json(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
+    }
+}
+
+impl Reply {
+    /// Whether the body is a stream of server-sent events.
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, Reply::Json(_))
+    }
+
+    /// The response body. The context goes with it and is recorded when the
+    /// body is finished or dropped (client gone), so streamed answers are
+    /// accounted for with what they really sent.
+    pub fn into_body(
+        self,
+        ctx: RequestContext,
+        metrics: Arc<Metrics>,
+        aggregate: Aggregate,
+    ) -> BodyStream {
+        match self {
+            Reply::Json(bytes) => {
+                drop(ctx);
+                stream::once(async move { Ok(bytes) }).boxed()
+            }
+            Reply::LocalStream { writer, answer } => {
+                let mut chunks: Vec<Bytes> = writer.start().into_iter().collect();
+                if !answer.text.is_empty() {
+                    chunks.push(writer.delta(&answer.text));
+                }
+                chunks.push(writer.finish(
+                    answer.finish_reason,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                ));
+                stream::iter(chunks)
+                    .map(move |chunk| {
+                        // Keeps the context alive until the body is done.
+                        let _ = &ctx;
+                        Ok(chunk)
+                    })
+                    .boxed()
+            }
+            Reply::Upstream(upstream) => {
+                stream::unfold(Some((upstream, ctx)), |state| async move {
+                    let (mut upstream, mut ctx) = state?;
+                    match upstream.next().await {
+                        Some(event) => Some((Ok(event), Some((upstream, ctx)))),
+                        None => {
+                            ctx.stream_failed = upstream.failed();
+                            let usage = upstream.usage();
+                            ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
+                            ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
+                            None
+                        }
+                    }
+                })
+                .boxed()
+            }
+            Reply::LiveLocal { writer, events } => live_local_body(Live {
+                writer,
+                events,
+                ctx,
+                metrics,
+                aggregate,
+                streamed: 0,
+                started: false,
+            }),
+        }
+    }
+}
+
+/// State of a live local stream.
+struct Live {
+    writer: ChunkWriter,
+    events: mpsc::UnboundedReceiver<LiveEvent>,
+    ctx: RequestContext,
+    metrics: Arc<Metrics>,
+    aggregate: Aggregate,
+    streamed: usize,
+    started: bool,
+}
+
+fn live_local_body(live: Live) -> BodyStream {
+    stream::unfold(Some(live), |state| async move {
+        let mut live = state?;
+        if !live.started {
+            live.started = true;
+            if let Some(start) = live.writer.start() {
+                return Some((Ok(start), Some(live)));
+            }
+        }
+        match live.events.recv().await {
+            Some(LiveEvent::Delta(text)) => {
+                live.streamed += text.len();
+                let chunk = live.writer.delta(&text);
+                Some((Ok(chunk), Some(live)))
+            }
+            Some(LiveEvent::Done(Ok(run))) => {
+                let generation = &run.output.generation;
+                live.ctx.local_time += run.elapsed;
+                live.ctx.local_prompt_tokens = generation.usage.prompt_tokens;
+                live.ctx.local_completion_tokens = generation.usage.completion_tokens;
+                live.ctx.confidence = live.aggregate.score(&generation.tokens);
+                observe_local(&live.metrics, &run);
+                // Deltas are a prefix of the final text: text held back while
+                // it might have begun a stop sequence is released now.
+                let mut out = Vec::new();
+                if let Some(rest) = generation
+                    .text
+                    .get(live.streamed..)
+                    .filter(|r| !r.is_empty())
+                {
+                    out.extend_from_slice(&live.writer.delta(rest));
+                }
+                out.extend_from_slice(&live.writer.finish(
+                    finish_reason(generation.finish_reason),
+                    generation.usage.prompt_tokens,
+                    generation.usage.completion_tokens,
+                ));
+                Some((Ok(Bytes::from(out)), None))
+            }
+            Some(LiveEvent::Done(Err(e))) => {
+                live.ctx.stream_failed = true;
+                Some((
+                    Ok(openai::sse_error(&e.to_string(), "local_model_error")),
+                    None,
+                ))
+            }
+            None => None,
+        }
+    })
+    .boxed()
+}
+
+fn observe_local(metrics: &Metrics, run: &LocalRun) {
+    let generation = &run.output.generation;
+    let tokens = generation.usage.completion_tokens as u64;
+    metrics.local_tokens.inc_by(tokens);
+    metrics
+        .local_queue_wait
+        .observe(generation.timings.queue_ms.max(0.0) / 1000.0);
+    let decode_s = (generation.timings.prefill_ms + generation.timings.decode_ms) / 1000.0;
+    if tokens > 0 && decode_s > 0.0 {
+        metrics
+            .local_tokens_per_second
+            .observe(tokens as f64 / decode_s);
+    }
+}
+
+fn is_json_object(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text.trim()).is_ok_and(|v| v.is_object())
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        // An aborted generation that is still served ended for the client's
+        // purposes: it asked for no more.
+        FinishReason::Stop | FinishReason::Aborted => "stop",
+    }
+}
+
+fn completion_id(endpoint: openai::Endpoint) -> String {
+    let prefix = match endpoint {
+        openai::Endpoint::Chat => "chatcmpl",
+        openai::Endpoint::Completions => "cmpl",
+    };
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_object_check_accepts_objects_only() {
+        assert!(is_json_object(" {\"a\": 1}\n"));
+        assert!(!is_json_object("[1]"));
+        assert!(!is_json_object("Paris"));
+    }
+}

@@ -1,0 +1,441 @@
+//! The routing decision as pure functions: confidence aggregates, the
+//! pre-routing of requests the local model cannot serve, and the verdict on a
+//! finished local generation.
+//!
+//! No I/O, no clock, no async: everything the decision depends on is passed
+//! in, so this module can later be swapped for `policies::decision` and
+//! `policies::confidence`, which have the same shape.
+
+use std::fmt;
+use std::time::Duration;
+
+use local_model::TokenRecord;
+
+/// How per-token log-probs become one confidence score (higher = more confident).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Aggregate {
+    /// Mean log-prob of the generated tokens.
+    MeanLogprob,
+    /// The lowest token log-prob.
+    MinLogprob,
+    /// The `q`-quantile of the token log-probs (0 = min, 1 = max), nearest rank.
+    Quantile(f64),
+    /// Fraction of tokens whose log-prob is at least `bound`, in [0, 1].
+    FractionAbove(f64),
+}
+
+impl Aggregate {
+    /// The score of a generation, or `None` when it has no tokens.
+    pub fn score(&self, tokens: &[TokenRecord]) -> Option<f64> {
+        if tokens.is_empty() {
+            return None;
+        }
+        let n = tokens.len() as f64;
+        let logprobs = tokens.iter().map(|t| f64::from(t.logprob));
+        Some(match *self {
+            Aggregate::MeanLogprob => logprobs.sum::<f64>() / n,
+            Aggregate::MinLogprob => logprobs.fold(f64::INFINITY, f64::min),
+            Aggregate::Quantile(q) => {
+                let mut sorted: Vec<f64> = logprobs.collect();
+                sorted.sort_by(f64::total_cmp);
+                // Nearest rank, so q = 0 is exactly the minimum and q = 1 the maximum.
+                let rank = (q.clamp(0.0, 1.0) * (n - 1.0)).round() as usize;
+                sorted.get(rank).copied().unwrap_or(f64::NEG_INFINITY)
+            }
+            Aggregate::FractionAbove(bound) => logprobs.filter(|&l| l >= bound).count() as f64 / n,
+        })
+    }
+
+    /// True only when no continuation of `tokens` could bring the score up
+    /// to `threshold`, so generating further is wasted CPU.
+    ///
+    /// Only the minimum (and the 0-quantile, which is the same) can settle
+    /// early: a mean, a higher quantile or a fraction can always be raised by
+    /// enough confident tokens still to come.
+    pub fn settled_below(&self, tokens: &[TokenRecord], threshold: f64) -> bool {
+        let can_only_fall = match *self {
+            Aggregate::MinLogprob => true,
+            Aggregate::Quantile(q) => q <= 0.0,
+            Aggregate::MeanLogprob | Aggregate::FractionAbove(_) => false,
+        };
+        can_only_fall && tokens.iter().any(|t| f64::from(t.logprob) < threshold)
+    }
+}
+
+/// Where a request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Remote,
+}
+
+impl Route {
+    /// The value of the `x-cascade-route` header and of metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Remote => "remote",
+        }
+    }
+}
+
+/// Why a request was routed the way it was (`x-cascade-reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The local answer's confidence reached the threshold.
+    Confident,
+    /// The local answer's confidence stayed under the threshold.
+    LowConfidence,
+    /// Generation stopped early: the threshold could no longer be reached.
+    EarlyExit,
+    /// The local model ran out of its per-request time budget.
+    LocalTimeBudget,
+    /// The local model hit the gateway's token cap before the client's `max_tokens`.
+    LocalTokenCap,
+    /// The local model produced no tokens, so there is nothing to score.
+    EmptyAnswer,
+    /// `response_format: json_object` and the local answer is not a JSON object.
+    InvalidJson,
+    /// The request has image content parts; the local model reads text only.
+    ImageContent,
+    /// The request has audio or file content parts.
+    UnsupportedContent,
+    /// The request declares `tools` or `functions`, or carries tool messages.
+    Tools,
+    /// `response_format: json_schema`, which the local model cannot enforce.
+    JsonSchema,
+    /// More than one choice (`n > 1`) or more than one prompt.
+    MultipleChoices,
+    /// The prompt does not fit the local context window.
+    ContextTooLong,
+    /// The local queue is full or its expected wait exceeds the bound.
+    LocalOverloaded,
+    /// The local model is still loading.
+    LocalLoading,
+    /// The local model failed to generate.
+    LocalError,
+    /// The client chose the route with the `x-cascade-route` header.
+    RouteHeader,
+    /// The client addressed the local or a remote model by name.
+    ModelRequested,
+    /// Every remote failed and the policy serves the local answer instead.
+    RemoteUnavailable,
+}
+
+impl Reason {
+    /// The value of the `x-cascade-reason` header and of metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Confident => "confident",
+            Reason::LowConfidence => "low_confidence",
+            Reason::EarlyExit => "early_exit",
+            Reason::LocalTimeBudget => "local_time_budget",
+            Reason::LocalTokenCap => "local_token_cap",
+            Reason::EmptyAnswer => "empty_answer",
+            Reason::InvalidJson => "invalid_json",
+            Reason::ImageContent => "image_content",
+            Reason::UnsupportedContent => "unsupported_content",
+            Reason::Tools => "tools",
+            Reason::JsonSchema => "json_schema",
+            Reason::MultipleChoices => "multiple_choices",
+            Reason::ContextTooLong => "context_too_long",
+            Reason::LocalOverloaded => "local_overloaded",
+            Reason::LocalLoading => "local_loading",
+            Reason::LocalError => "local_error",
+            Reason::RouteHeader => "route_header",
+            Reason::ModelRequested => "model_requested",
+            Reason::RemoteUnavailable => "remote_unavailable",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do when every remote failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRemoteFailure {
+    /// Serve the local answer, marked `x-cascade-degraded: remote-unavailable`.
+    ServeLocal,
+    /// Return the upstream error (502, or 504 on a timeout).
+    Error,
+}
+
+/// What to do when the local model is overloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOverload {
+    /// Send the request to the remote at once.
+    Escalate,
+    /// Answer 429 with `Retry-After`.
+    Reject,
+}
+
+/// The single default policy of this gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub aggregate: Aggregate,
+    /// Scores at or above this are served locally.
+    pub threshold: f64,
+    pub on_remote_failure: OnRemoteFailure,
+    pub on_overload: OnOverload,
+    /// Cap on the local model's run time per request.
+    pub max_local_time: Option<Duration>,
+    /// A local queue whose expected wait exceeds this counts as overloaded.
+    pub max_queue_wait: Option<Duration>,
+    /// Clients may pick the route with `x-cascade-route`.
+    pub allow_route_header: bool,
+    /// Clients may address the local or a remote model by name.
+    pub allow_direct_models: bool,
+}
+
+/// What the request asks for, as far as routing is concerned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestFeatures {
+    pub has_images: bool,
+    pub has_other_media: bool,
+    pub has_tools: bool,
+    pub wants_json_schema: bool,
+    pub multiple_choices: bool,
+}
+
+/// A reason the local model cannot serve the request at all, if any.
+pub fn local_unsuitable(features: &RequestFeatures) -> Option<Reason> {
+    if features.has_images {
+        Some(Reason::ImageContent)
+    } else if features.has_other_media {
+        Some(Reason::UnsupportedContent)
+    } else if features.has_tools {
+        Some(Reason::Tools)
+    } else if features.wants_json_schema {
+        Some(Reason::JsonSchema)
+    } else if features.multiple_choices {
+        Some(Reason::MultipleChoices)
+    } else {
+        None
+    }
+}
+
+/// The local queue as seen just before a request is sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalLoad {
+    /// Requests waiting or running.
+    pub in_flight: usize,
+    /// How many may wait while one runs.
+    pub queue_capacity: usize,
+    /// Rough wait before a new request would start.
+    pub expected_wait: Duration,
+}
+
+/// Whether the local model should be considered overloaded.
+pub fn overloaded(load: &LocalLoad, policy: &Policy) -> bool {
+    // One runs and `queue_capacity` wait: any more would be refused anyway.
+    let full = load.in_flight > load.queue_capacity;
+    let too_slow = policy
+        .max_queue_wait
+        .is_some_and(|bound| load.expected_wait > bound);
+    full || too_slow
+}
+
+/// How a local generation ended, as far as routing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalOutcome {
+    /// The aggregate score, `None` for an empty generation.
+    pub score: Option<f64>,
+    /// Stopped because the score was settled under the threshold.
+    pub early_exit: bool,
+    /// Stopped by the time budget.
+    pub timed_out: bool,
+    /// Stopped by the gateway's own token cap, not the client's `max_tokens`.
+    pub hit_token_cap: bool,
+    /// `Some(valid)` when the client asked for a JSON object.
+    pub json_valid: Option<bool>,
+}
+
+/// The verdict on a local generation: serve it, or escalate and why.
+pub fn judge_local(outcome: &LocalOutcome, policy: &Policy) -> (Route, Reason) {
+    let escalate = |reason| (Route::Remote, reason);
+    if outcome.early_exit {
+        return escalate(Reason::EarlyExit);
+    }
+    if outcome.timed_out {
+        return escalate(Reason::LocalTimeBudget);
+    }
+    if outcome.hit_token_cap {
+        return escalate(Reason::LocalTokenCap);
+    }
+    let Some(score) = outcome.score else {
+        return escalate(Reason::EmptyAnswer);
+    };
+    if outcome.json_valid == Some(false) {
+        return escalate(Reason::InvalidJson);
+    }
+    if score >= policy.threshold {
+        (Route::Local, Reason::Confident)
+    } else {
+        escalate(Reason::LowConfidence)
+    }
+}
+
+/// Whether a complete local answer may be served when every remote failed.
+/// A generation cut short (early exit, time budget, token cap) is never
+/// served: it is a fragment, not an answer.
+pub fn serve_local_on_remote_failure(policy: &Policy, outcome: Option<&LocalOutcome>) -> bool {
+    policy.on_remote_failure == OnRemoteFailure::ServeLocal
+        && outcome
+            .is_some_and(|o| !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tokens(logprobs: &[f32]) -> Vec<TokenRecord> {
+        logprobs
+            .iter()
+            .map(|&logprob| TokenRecord {
+                id: 0,
+                text: "x".into(),
+                logprob,
+                entropy: 0.0,
+                margin: 0.0,
+            })
+            .collect()
+    }
+
+    fn policy(aggregate: Aggregate, threshold: f64) -> Policy {
+        Policy {
+            aggregate,
+            threshold,
+            on_remote_failure: OnRemoteFailure::ServeLocal,
+            on_overload: OnOverload::Escalate,
+            max_local_time: None,
+            max_queue_wait: Some(Duration::from_secs(2)),
+            allow_route_header: true,
+            allow_direct_models: true,
+        }
+    }
+
+    fn outcome(score: Option<f64>) -> LocalOutcome {
+        LocalOutcome {
+            score,
+            early_exit: false,
+            timed_out: false,
+            hit_token_cap: false,
+            json_valid: None,
+        }
+    }
+
+    #[test]
+    fn aggregates_score_as_defined() {
+        let t = tokens(&[-0.5, -1.0, -0.1, -2.0]);
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-6;
+        assert!(close(Aggregate::MeanLogprob.score(&t), -0.9));
+        assert!(close(Aggregate::MinLogprob.score(&t), -2.0));
+        assert!(close(Aggregate::Quantile(0.0).score(&t), -2.0));
+        assert!(close(Aggregate::Quantile(1.0).score(&t), -0.1));
+        assert!(close(Aggregate::Quantile(0.5).score(&t), -0.5));
+        assert!(close(Aggregate::FractionAbove(-0.75).score(&t), 0.5));
+    }
+
+    #[test]
+    fn empty_generation_has_no_score() {
+        assert_eq!(Aggregate::MeanLogprob.score(&[]), None);
+        assert_eq!(Aggregate::FractionAbove(-1.0).score(&[]), None);
+    }
+
+    #[test]
+    fn only_the_minimum_settles_early_and_only_once_under_the_threshold() {
+        let above = tokens(&[-0.1, -0.2]);
+        let below = tokens(&[-0.1, -3.0]);
+        assert!(!Aggregate::MinLogprob.settled_below(&above, -1.0));
+        assert!(Aggregate::MinLogprob.settled_below(&below, -1.0));
+        assert!(Aggregate::Quantile(0.0).settled_below(&below, -1.0));
+        assert!(!Aggregate::Quantile(0.1).settled_below(&below, -1.0));
+        assert!(!Aggregate::MeanLogprob.settled_below(&below, -1.0));
+        assert!(!Aggregate::FractionAbove(-1.0).settled_below(&below, 0.9));
+    }
+
+    #[test]
+    fn threshold_is_inclusive() {
+        let p = policy(Aggregate::MeanLogprob, -1.0);
+        assert_eq!(
+            judge_local(&outcome(Some(-1.0)), &p),
+            (Route::Local, Reason::Confident)
+        );
+        assert_eq!(
+            judge_local(&outcome(Some(-1.0001)), &p),
+            (Route::Remote, Reason::LowConfidence)
+        );
+    }
+
+    #[test]
+    fn cut_short_generations_escalate_with_their_own_reason() {
+        let p = policy(Aggregate::MinLogprob, -1.0);
+        let early = LocalOutcome {
+            early_exit: true,
+            ..outcome(Some(-5.0))
+        };
+        let timed = LocalOutcome {
+            timed_out: true,
+            ..outcome(Some(-0.1))
+        };
+        let capped = LocalOutcome {
+            hit_token_cap: true,
+            ..outcome(Some(-0.1))
+        };
+        assert_eq!(judge_local(&early, &p).1, Reason::EarlyExit);
+        assert_eq!(judge_local(&timed, &p).1, Reason::LocalTimeBudget);
+        assert_eq!(judge_local(&capped, &p).1, Reason::LocalTokenCap);
+        assert_eq!(judge_local(&outcome(None), &p).1, Reason::EmptyAnswer);
+        assert!(!serve_local_on_remote_failure(&p, Some(&early)));
+        assert!(!serve_local_on_remote_failure(&p, Some(&timed)));
+        assert!(serve_local_on_remote_failure(
+            &p,
+            Some(&outcome(Some(-5.0)))
+        ));
+        assert!(!serve_local_on_remote_failure(&p, None));
+    }
+
+    #[test]
+    fn confident_but_invalid_json_escalates() {
+        let p = policy(Aggregate::MeanLogprob, -1.0);
+        let o = LocalOutcome {
+            json_valid: Some(false),
+            ..outcome(Some(-0.1))
+        };
+        assert_eq!(judge_local(&o, &p), (Route::Remote, Reason::InvalidJson));
+    }
+
+    #[test]
+    fn unsuitable_requests_name_their_reason() {
+        let f = RequestFeatures {
+            has_images: true,
+            has_tools: true,
+            ..Default::default()
+        };
+        assert_eq!(local_unsuitable(&f), Some(Reason::ImageContent));
+        let f = RequestFeatures {
+            has_tools: true,
+            ..Default::default()
+        };
+        assert_eq!(local_unsuitable(&f), Some(Reason::Tools));
+        assert_eq!(local_unsuitable(&RequestFeatures::default()), None);
+    }
+
+    #[test]
+    fn overload_is_a_full_queue_or_a_long_expected_wait() {
+        let p = policy(Aggregate::MeanLogprob, -1.0);
+        let load = |in_flight, wait_ms| LocalLoad {
+            in_flight,
+            queue_capacity: 2,
+            expected_wait: Duration::from_millis(wait_ms),
+        };
+        assert!(!overloaded(&load(2, 100), &p));
+        assert!(overloaded(&load(3, 100), &p));
+        assert!(overloaded(&load(1, 2001), &p));
+    }
+}

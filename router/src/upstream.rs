@@ -1,0 +1,718 @@
+//! The one client through which every paid call to a remote model passes:
+//! first tries, retries and fallbacks, streamed or not.
+//!
+//! Keeping them in one place is what lets a budget gate (reserve before the
+//! call, settle with the real usage after) be inserted once and cover every
+//! path; see [`CallGate`].
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::config::{RemoteAuth, RemoteConfig};
+use crate::metrics::Metrics;
+use crate::openai::{self, CompletionRequest};
+
+/// Token counts a remote reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct RemoteUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// A paid call about to be made.
+#[derive(Debug)]
+pub struct PaidCall<'a> {
+    pub request_id: &'a str,
+    /// The configured remote's name.
+    pub upstream: &'a str,
+    /// The model name sent upstream.
+    pub model: &'a str,
+    /// The request as it goes upstream (for a conservative cost estimate).
+    pub request: &'a CompletionRequest,
+    /// 0 for the first try at this upstream.
+    pub attempt: u32,
+}
+
+/// A granted call, to be settled exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation(pub u64);
+
+/// The gate refused a call (a budget would be exceeded).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct GateRefusal(pub String);
+
+/// Hook around every paid call: the place for budget reservation and
+/// settlement. `reserve` runs before each attempt; `settle` runs exactly once
+/// per granted reservation, with the usage the remote reported, or `None`
+/// when the attempt failed or reported none (settle conservatively then).
+#[async_trait]
+pub trait CallGate: Send + Sync {
+    async fn reserve(&self, call: &PaidCall<'_>) -> Result<Reservation, GateRefusal>;
+    async fn settle(&self, reservation: Reservation, usage: Option<RemoteUsage>);
+}
+
+/// The gate of this issue: every call is allowed and nothing is recorded.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OpenGate;
+
+#[async_trait]
+impl CallGate for OpenGate {
+    async fn reserve(&self, _call: &PaidCall<'_>) -> Result<Reservation, GateRefusal> {
+        Ok(Reservation::default())
+    }
+    async fn settle(&self, _reservation: Reservation, _usage: Option<RemoteUsage>) {}
+}
+
+/// Why a remote call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{upstream}: timed out")]
+    Timeout { upstream: String },
+    #[error("{upstream}: cannot connect: {detail}")]
+    Connect { upstream: String, detail: String },
+    #[error("{upstream}: connection failed: {detail}")]
+    Network { upstream: String, detail: String },
+    #[error("{upstream}: HTTP {status}: {detail}")]
+    Status {
+        upstream: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{upstream}: malformed response: {detail}")]
+    Malformed { upstream: String, detail: String },
+    #[error("{upstream}: call refused: {reason}")]
+    Refused { upstream: String, reason: String },
+    #[error("no remote model is configured")]
+    NoRemote,
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+impl UpstreamError {
+    /// The remote timed out (504 rather than 502).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout { .. })
+    }
+
+    /// Worth another try at the same upstream: transient by nature.
+    fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. } => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// Metric label.
+    fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Network { .. } => "network",
+            UpstreamError::Status { status: 429, .. } => "status_429",
+            UpstreamError::Status { status, .. } if *status >= 500 => "status_5xx",
+            UpstreamError::Status { .. } => "status_4xx",
+            UpstreamError::Malformed { .. } => "malformed",
+            UpstreamError::Refused { .. } => "refused",
+            UpstreamError::NoRemote | UpstreamError::Client(_) => "config",
+        }
+    }
+}
+
+/// A successful remote answer.
+pub struct UpstreamReply {
+    /// The configured remote that answered.
+    pub upstream: String,
+    /// Time spent on remote calls, retries and backoff included, until the
+    /// full body (or, streamed, the first event) arrived.
+    pub elapsed: Duration,
+    pub body: UpstreamBody,
+}
+
+/// The answer's body.
+pub enum UpstreamBody {
+    /// A non-streamed response, passed to the client byte for byte.
+    Complete {
+        bytes: Bytes,
+        usage: Option<RemoteUsage>,
+    },
+    /// Server-sent events, forwarded one by one as they arrive.
+    Stream(Box<UpstreamStream>),
+}
+
+/// The remotes and the shared HTTP client (one connection pool for all).
+pub struct Upstreams {
+    client: reqwest::Client,
+    remotes: Vec<Arc<RemoteConfig>>,
+    gate: Arc<dyn CallGate>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// Just enough of a response to validate it and read its usage; serde still
+/// checks that the whole body is well-formed JSON.
+#[derive(Deserialize)]
+struct ResponseProbe {
+    #[serde(default)]
+    usage: Option<RemoteUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+impl Upstreams {
+    /// Builds the client for the configured remotes.
+    pub fn new(
+        remotes: Vec<RemoteConfig>,
+        gate: Arc<dyn CallGate>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, UpstreamError> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| UpstreamError::Client(e.to_string()))?;
+        Ok(Self {
+            client,
+            remotes: remotes.into_iter().map(Arc::new).collect(),
+            gate,
+            metrics,
+        })
+    }
+
+    /// The configured remotes, in file order.
+    pub fn remotes(&self) -> &[Arc<RemoteConfig>] {
+        &self.remotes
+    }
+
+    /// The index of the remote with this name.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.remotes.iter().position(|r| r.name == name)
+    }
+
+    /// Sends `request` to the remotes of `chain` in order, retrying each on
+    /// transient failures, until one answers. Returns the last failure when
+    /// none does.
+    pub async fn call(
+        &self,
+        chain: &[usize],
+        request_id: &str,
+        request: &CompletionRequest,
+    ) -> Result<UpstreamReply, UpstreamError> {
+        let started = Instant::now();
+        let mut last = UpstreamError::NoRemote;
+        for remote in chain.iter().filter_map(|&i| self.remotes.get(i)) {
+            let body = openai::upstream_body(request, &remote.model)
+                .map_err(|e| UpstreamError::Client(e.to_string()))?;
+            let mut attempt = 0u32;
+            loop {
+                let call = PaidCall {
+                    request_id,
+                    upstream: &remote.name,
+                    model: &remote.model,
+                    request,
+                    attempt,
+                };
+                let reservation = match self.gate.reserve(&call).await {
+                    Ok(r) => r,
+                    Err(refusal) => {
+                        last = UpstreamError::Refused {
+                            upstream: remote.name.clone(),
+                            reason: refusal.0,
+                        };
+                        break;
+                    }
+                };
+                let attempt_started = Instant::now();
+                let result = self
+                    .attempt(remote, &body, request.endpoint, request.stream, reservation)
+                    .await;
+                let latency = attempt_started.elapsed().as_secs_f64();
+                match result {
+                    Ok(body) => {
+                        self.observe(&remote.name, "ok", latency);
+                        return Ok(UpstreamReply {
+                            upstream: remote.name.clone(),
+                            elapsed: started.elapsed(),
+                            body,
+                        });
+                    }
+                    Err((error, retry_after)) => {
+                        self.observe(&remote.name, error.kind(), latency);
+                        if let Some(m) = &self.metrics {
+                            m.upstream_errors
+                                .with_label_values(&[&remote.name, error.kind()])
+                                .inc();
+                        }
+                        tracing::warn!(request_id, upstream = %remote.name, attempt, %error, "upstream attempt failed");
+                        let retry = error.is_retryable() && attempt < remote.max_retries;
+                        last = error;
+                        if !retry {
+                            break;
+                        }
+                        tokio::time::sleep(backoff(remote, attempt, retry_after)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn observe(&self, upstream: &str, outcome: &str, seconds: f64) {
+        if let Some(m) = &self.metrics {
+            m.upstream_latency
+                .with_label_values(&[upstream, outcome])
+                .observe(seconds);
+        }
+    }
+
+    /// One attempt at one remote. The reservation is settled here, or handed
+    /// to the stream, which settles it when it ends.
+    async fn attempt(
+        &self,
+        remote: &Arc<RemoteConfig>,
+        body: &Bytes,
+        endpoint: openai::Endpoint,
+        stream: bool,
+        reservation: Reservation,
+    ) -> Result<UpstreamBody, (UpstreamError, Option<Duration>)> {
+        let settle = Settle::new(Arc::clone(&self.gate), reservation);
+        let url = format!("{}{}", remote.base_url, endpoint.upstream_path());
+        let mut builder = self
+            .client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
+        if let Some(key) = &remote.api_key {
+            builder = match remote.auth {
+                RemoteAuth::Bearer => builder.bearer_auth(key),
+                RemoteAuth::ApiKey => builder.header("api-key", key),
+            };
+        }
+        let name = || remote.name.clone();
+        let timed_out = || (UpstreamError::Timeout { upstream: name() }, None);
+        let deadline = tokio::time::Instant::now() + remote.timeout;
+        let response = tokio::time::timeout_at(deadline, builder.send())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| (transport_error(&remote.name, &e), None))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            // The error body is only for the log line; do not wait long for it.
+            let detail = tokio::time::timeout(Duration::from_millis(500), response.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(300)]).into_owned())
+                .unwrap_or_default();
+            let error = UpstreamError::Status {
+                upstream: name(),
+                status: status.as_u16(),
+                detail,
+            };
+            return Err((error, retry_after));
+        }
+        if stream {
+            let mut events = UpstreamStream::new(
+                name(),
+                response.bytes_stream().boxed(),
+                remote.timeout,
+                settle,
+                self.metrics.clone(),
+            );
+            // Wait for the first event before answering the client: a stream
+            // that breaks at once can still fall back to another upstream.
+            let first = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .map_err(|_| timed_out())?;
+            if let Some(error) = events.failure.take() {
+                return Err((error, None));
+            }
+            if let Some(first) = first {
+                events.ready.push_front(first);
+            }
+            return Ok(UpstreamBody::Stream(Box::new(events)));
+        }
+        let bytes = tokio::time::timeout_at(deadline, response.bytes())
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| (transport_error(&remote.name, &e), None))?;
+        let probe: ResponseProbe = serde_json::from_slice(&bytes).map_err(|e| {
+            (
+                UpstreamError::Malformed {
+                    upstream: name(),
+                    detail: e.to_string(),
+                },
+                None,
+            )
+        })?;
+        if probe.error.is_some() {
+            let detail = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+            return Err((
+                UpstreamError::Malformed {
+                    upstream: name(),
+                    detail,
+                },
+                None,
+            ));
+        }
+        settle.finish(probe.usage);
+        Ok(UpstreamBody::Complete {
+            bytes,
+            usage: probe.usage,
+        })
+    }
+}
+
+fn transport_error(upstream: &str, e: &reqwest::Error) -> UpstreamError {
+    // reqwest's Display omits the cause (connection refused, reset, …).
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    if e.is_connect() {
+        UpstreamError::Connect {
+            upstream: upstream.to_string(),
+            detail,
+        }
+    } else if e.is_timeout() {
+        UpstreamError::Timeout {
+            upstream: upstream.to_string(),
+        }
+    } else {
+        UpstreamError::Network {
+            upstream: upstream.to_string(),
+            detail,
+        }
+    }
+}
+
+/// Exponential backoff with jitter: a random delay in [d/2, d] where
+/// d = base·2^attempt, capped; never shorter than the upstream's Retry-After
+/// (itself capped, so a hostile value cannot stall the request).
+fn backoff(remote: &RemoteConfig, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let exp = remote
+        .backoff_base
+        .saturating_mul(1u32.checked_shl(attempt).unwrap_or(u32::MAX))
+        .min(remote.backoff_max);
+    let half = exp / 2;
+    let jittered = half + half.mul_f64(rand::rng().random::<f64>());
+    retry_after.map_or(jittered, |r| jittered.max(r.min(remote.backoff_max)))
+}
+
+/// Settles a reservation exactly once: explicitly with the usage, or on drop
+/// with none (a failed attempt, a stream the client abandoned).
+struct Settle {
+    gate: Arc<dyn CallGate>,
+    reservation: Option<Reservation>,
+    usage: Option<RemoteUsage>,
+}
+
+impl Settle {
+    fn new(gate: Arc<dyn CallGate>, reservation: Reservation) -> Self {
+        Self {
+            gate,
+            reservation: Some(reservation),
+            usage: None,
+        }
+    }
+
+    fn finish(mut self, usage: Option<RemoteUsage>) {
+        self.usage = usage;
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let gate = Arc::clone(&self.gate);
+        let usage = self.usage;
+        // Settling may do I/O; it must not be lost when a client goes away,
+        // so it runs as its own task.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { gate.settle(reservation, usage).await });
+        }
+    }
+}
+
+/// A remote's server-sent events, forwarded event by event as they arrive.
+///
+/// Each event's JSON is checked and its usage noted. A stream that breaks,
+/// stalls past the timeout, or sends malformed data ends with an OpenAI-style
+/// error event and no `[DONE]`, so clients see the failure instead of a
+/// silently truncated answer.
+pub struct UpstreamStream {
+    upstream: String,
+    inner: BoxStream<'static, reqwest::Result<Bytes>>,
+    buf: BytesMut,
+    ready: VecDeque<Bytes>,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    finished: bool,
+    usage: Option<RemoteUsage>,
+    failure: Option<UpstreamError>,
+    failed: bool,
+    settle: Option<Settle>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkProbe {
+    #[serde(default)]
+    usage: Option<RemoteUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+impl UpstreamStream {
+    fn new(
+        upstream: String,
+        inner: BoxStream<'static, reqwest::Result<Bytes>>,
+        idle_timeout: Duration,
+        settle: Settle,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        Self {
+            upstream,
+            inner,
+            buf: BytesMut::new(),
+            ready: VecDeque::new(),
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            finished: false,
+            usage: None,
+            failure: None,
+            failed: false,
+            settle: Some(settle),
+            metrics,
+        }
+    }
+
+    /// The usage the remote reported in the stream, if it did.
+    pub fn usage(&self) -> Option<RemoteUsage> {
+        self.usage
+    }
+
+    /// The stream ended with an error event.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    fn fail(&mut self, error: UpstreamError) {
+        if let Some(m) = &self.metrics {
+            m.upstream_errors
+                .with_label_values(&[&self.upstream, error.kind()])
+                .inc();
+        }
+        tracing::warn!(upstream = %self.upstream, %error, "upstream stream failed");
+        self.ready
+            .push_back(openai::sse_error(&error.to_string(), error.kind()));
+        self.failure = Some(error);
+        self.failed = true;
+        self.end();
+    }
+
+    fn end(&mut self) {
+        self.finished = true;
+        if let Some(settle) = self.settle.take() {
+            settle.finish(self.usage);
+        }
+    }
+
+    /// Checks one complete event and queues it for the client.
+    fn inspect(&mut self, event: Bytes) {
+        let mut data = Vec::new();
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+            }
+        }
+        if data.is_empty() {
+            // Comments and keep-alives carry no data; pass them on.
+            self.ready.push_back(event);
+            return;
+        }
+        if data.trim_ascii() == b"[DONE]" {
+            self.ready.push_back(event);
+            self.end();
+            return;
+        }
+        match serde_json::from_slice::<ChunkProbe>(&data) {
+            Ok(probe) => {
+                if probe.usage.is_some() {
+                    self.usage = probe.usage;
+                }
+                let is_error = probe.error.is_some();
+                self.ready.push_back(event);
+                if is_error {
+                    self.failed = true;
+                    self.end();
+                }
+            }
+            Err(e) => self.fail(UpstreamError::Malformed {
+                upstream: self.upstream.clone(),
+                detail: format!("bad stream event: {e}"),
+            }),
+        }
+    }
+}
+
+/// The end of the first complete event in `buf` (after its blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(pos) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + pos;
+        let rest = &buf[nl + 1..];
+        if rest.first() == Some(&b'\n') {
+            return Some(nl + 2);
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+impl Stream for UpstreamStream {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let this = &mut *self;
+        loop {
+            if let Some(event) = this.ready.pop_front() {
+                return Poll::Ready(Some(event));
+            }
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            if let Some(end) = event_end(&this.buf) {
+                let event = this.buf.split_to(end).freeze();
+                this.inspect(event);
+                continue;
+            }
+            match this.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.buf.extend_from_slice(&chunk);
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let error = transport_error(&this.upstream, &e);
+                    this.fail(error);
+                }
+                Poll::Ready(None) => this.fail(UpstreamError::Network {
+                    upstream: this.upstream.clone(),
+                    detail: "the stream ended before [DONE]".into(),
+                }),
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.fail(UpstreamError::Timeout {
+                            upstream: this.upstream.clone(),
+                        });
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_end_at_a_blank_line_with_either_line_ending() {
+        assert_eq!(event_end(b"data: {}\n\ndata: x"), Some(10));
+        assert_eq!(event_end(b"data: {}\r\n\r\n"), Some(12));
+        assert_eq!(event_end(b"data: {}\n"), None);
+    }
+
+    #[test]
+    fn retries_only_transient_failures() {
+        let status = |s| UpstreamError::Status {
+            upstream: "u".into(),
+            status: s,
+            detail: String::new(),
+        };
+        assert!(status(500).is_retryable());
+        assert!(status(429).is_retryable());
+        assert!(!status(400).is_retryable());
+        assert!(UpstreamError::Connect {
+            upstream: "u".into(),
+            detail: String::new()
+        }
+        .is_retryable());
+        assert!(!UpstreamError::Timeout {
+            upstream: "u".into()
+        }
+        .is_retryable());
+        assert!(!UpstreamError::Malformed {
+            upstream: "u".into(),
+            detail: String::new()
+        }
+        .is_retryable());
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_jitter_and_cap() {
+        let remote = RemoteConfig {
+            name: "u".into(),
+            model: "m".into(),
+            base_url: "http://x".into(),
+            api_key: None,
+            auth: RemoteAuth::Bearer,
+            timeout: Duration::from_secs(1),
+            max_retries: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1000),
+        };
+        for _ in 0..50 {
+            let d0 = backoff(&remote, 0, None);
+            assert!(
+                d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100),
+                "{d0:?}"
+            );
+            let d2 = backoff(&remote, 2, None);
+            assert!(
+                d2 >= Duration::from_millis(200) && d2 <= Duration::from_millis(400),
+                "{d2:?}"
+            );
+            let d9 = backoff(&remote, 9, None);
+            assert!(d9 <= Duration::from_millis(1000), "{d9:?}");
+            let honoured = backoff(&remote, 0, Some(Duration::from_secs(1)));
+            assert_eq!(honoured, Duration::from_millis(1000));
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Shared set-up of the end-to-end tests: configurations, a gateway started
+//! in-process on 127.0.0.1:0, the mock upstream, and the real model.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cascade::config::{Config, RawConfig, RawRemote};
+use cascade::local::LocalEngine;
+use cascade::server::RunningServer;
+use cascade_e2e::{MockOptions, MockUpstream};
+use local_model::{LoadOptions, LocalModel, ModelHandle};
+use serde_json::{json, Value};
+
+/// The name the tests give the local model.
+pub const LOCAL: &str = "smollm2";
+/// The name of the remote backed by the first mock.
+pub const REMOTE: &str = "big";
+
+/// A question SmolLM2 answers confidently.
+pub const EASY: &str = "What is the capital of France? Answer with the city name only.";
+/// A question it cannot know: over 12 greedy tokens its mean log-prob is
+/// about -0.79 (EASY: -0.26) and a token falls to about -2.65 (EASY's
+/// lowest: -1.17).
+pub const HARD: &str = "What is the name of my neighbor's cat? Answer with the name only.";
+
+/// A raw configuration: local model `LOCAL`, one remote per mock, in order.
+pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
+    let mut raw = RawConfig::default();
+    raw.server.listen = "127.0.0.1:0".into();
+    raw.local.model = "unused-in-process.gguf".into();
+    raw.local.name = Some(LOCAL.into());
+    raw.local.max_tokens = 32;
+    raw.policy.allow_route_header = true;
+    raw.remotes = mocks
+        .iter()
+        .enumerate()
+        .map(|(i, m)| RawRemote {
+            name: if i == 0 {
+                REMOTE.to_string()
+            } else {
+                format!("{REMOTE}-{i}")
+            },
+            model: Some("mock-model".into()),
+            base_url: Some(m.base_url()),
+            api_key_env: Some("TEST_KEY".into()),
+            timeout_ms: 2_000,
+            max_retries: 2,
+            backoff_base_ms: 10,
+            backoff_max_ms: 50,
+            ..RawRemote::default()
+        })
+        .collect();
+    raw
+}
+
+/// Validates a raw configuration with a fake key in `TEST_KEY`.
+pub fn validate(raw: RawConfig) -> Config {
+    Config::validate(raw, None, &|name| {
+        (name == "TEST_KEY").then(|| "sk-test-key".to_string())
+    })
+    .unwrap()
+}
+
+/// Starts a gateway, attaching `local` when given.
+pub async fn start(raw: RawConfig, local: Option<LocalEngine>) -> RunningServer {
+    let server = RunningServer::start(&validate(raw)).await.unwrap();
+    if let Some(engine) = local {
+        server.state.gateway.attach_local(engine);
+    }
+    server
+}
+
+/// A mock answering at once.
+pub async fn mock() -> MockUpstream {
+    MockUpstream::start(MockOptions::default()).await.unwrap()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+pub fn url(server: &RunningServer, path: &str) -> String {
+    format!("http://{}{path}", server.addr)
+}
+
+/// A chat request body.
+pub fn chat(model: &str, question: &str, max_tokens: u64) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens})
+}
+
+/// A reply read in full.
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+    /// The `data:` payloads of an SSE body.
+    pub fn events(&self) -> Vec<String> {
+        self.text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+    /// The text streamed in an SSE body (chat deltas or completion text).
+    pub fn streamed_text(&self) -> String {
+        self.events()
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .filter_map(|v| {
+                let c = v["choices"].get(0)?.clone();
+                c["delta"]["content"]
+                    .as_str()
+                    .or(c["text"].as_str())
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+    /// The answer text of a non-streamed body.
+    pub fn answer(&self) -> String {
+        let v = self.json();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .or(v["choices"][0]["text"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+pub async fn post(
+    server: &RunningServer,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut request = client().post(url(server, path)).json(body);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        text,
+    }
+}
+
+pub async fn get(server: &RunningServer, path: &str) -> Reply {
+    let response = client().get(url(server, path)).send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        text,
+    }
+}
+
+/// Path of the real SmolLM2 model.
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Loads the real model behind a queue of `queue_depth`.
+pub fn load_engine(queue_depth: usize) -> LocalEngine {
+    let path = model_path();
+    let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let handle = ModelHandle::spawn(model, queue_depth).unwrap();
+    LocalEngine::new(handle, LOCAL.into(), 32)
+}
+
+/// One real model shared by the tests of a binary (its thread serves them in turn).
+pub fn shared_engine() -> LocalEngine {
+    static ENGINE: OnceLock<LocalEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| load_engine(16)).clone()
+}
+
+/// The value of a sample line in Prometheus text, summed over label sets
+/// that contain every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

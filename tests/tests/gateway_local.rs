@@ -1,0 +1,347 @@
+//! The cascade with the real SmolLM2 model and the mock upstream: local
+//! answers, escalations and their reasons, streaming both ways, remote
+//! failures handled as the policy says, overload, and cancellation.
+//!
+//! Each generation costs seconds on CPU, so every test asks for few tokens.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cascade_e2e::{Fault, ANSWER_PREFIX};
+use common::*;
+use serde_json::json;
+
+/// A policy that separates `EASY` (mean log-prob ≈ -0.26) from `HARD` (≈ -0.79).
+fn mean_policy(raw: &mut cascade::config::RawConfig) {
+    raw.policy.aggregate = "mean_logprob".into();
+    raw.policy.threshold = -0.5;
+}
+
+fn confidence(r: &Reply) -> f64 {
+    r.header("x-cascade-confidence")
+        .parse()
+        .unwrap_or_else(|_| panic!("no confidence: {:?}", r.headers))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_easy_question_is_answered_locally_and_a_hard_one_escalates() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    mean_policy(&mut raw);
+    let server = start(raw, Some(shared_engine())).await;
+
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-route"), "local", "{:?}", r.headers);
+    assert_eq!(r.header("x-cascade-reason"), "confident");
+    assert!(confidence(&r) >= -0.5);
+    assert!(r.answer().contains("Paris"), "{}", r.text);
+    let body = r.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], LOCAL);
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
+    assert_eq!(r.header("x-cascade-reason"), "low_confidence");
+    assert!(confidence(&r) < -0.5);
+    assert!(r.answer().starts_with(ANSWER_PREFIX), "{}", r.text);
+    // The client's original messages went upstream.
+    assert_eq!(mock.requests()[0].body["messages"][0]["content"], HARD);
+
+    let metrics = get(&server, "/metrics").await.text;
+    assert_eq!(
+        metric(&metrics, "cascade_confidence_count", &[]),
+        2.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "cascade_local_tokens_total", &[]) > 0.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "cascade_escalations_total",
+            &["reason=\"low_confidence\""]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minimum_aggregate_stops_generating_at_the_first_unsure_token() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.policy.aggregate = "min_logprob".into();
+    raw.policy.threshold = -2.0;
+    let server = start(raw, Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 32),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.header("x-cascade-reason"),
+        "early_exit",
+        "{:?}",
+        r.headers
+    );
+    assert!(confidence(&r) < -2.0);
+    assert!(r.answer().starts_with(ANSWER_PREFIX));
+    let metrics = get(&server, "/metrics").await.text;
+    let generated = metric(&metrics, "cascade_local_tokens_total", &[]);
+    assert!(
+        generated < 32.0,
+        "generated {generated} tokens despite early exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_works_for_local_and_escalated_answers() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    mean_policy(&mut raw);
+    let server = start(raw, Some(shared_engine())).await;
+
+    let mut body = chat("cascade", EASY, 12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(&server, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-route")),
+        (200, "local"),
+        "{}",
+        r.text
+    );
+    assert!(r.header("content-type").starts_with("text/event-stream"));
+    assert!(r.streamed_text().contains("Paris"), "{}", r.text);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(
+        usage["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        "{usage}"
+    );
+
+    let mut body = chat("cascade", HARD, 12);
+    body["stream"] = json!(true);
+    let r = post(&server, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-route")),
+        (200, "remote"),
+        "{}\n{:?}",
+        r.text,
+        r.headers
+    );
+    assert!(r.streamed_text().starts_with(ANSWER_PREFIX), "{}", r.text);
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_model_streams_token_by_token_when_addressed_directly() {
+    let mock = mock().await;
+    let server = start(raw_config(&[&mock]), Some(shared_engine())).await;
+    let mut body = chat(LOCAL, EASY, 12);
+    body["stream"] = json!(true);
+    let r = post(&server, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "model_requested"),
+        "{}",
+        r.text
+    );
+    assert!(r.streamed_text().contains("Paris"), "{}", r.text);
+    // One event per token or so, not one block.
+    assert!(r.events().len() >= 5, "{}", r.text);
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    // Raw-text completions reach the model too.
+    let r = post(
+        &server,
+        "/v1/completions",
+        &json!({"model": LOCAL, "prompt": "The capital of France is", "max_tokens": 4}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["object"], "text_completion");
+    assert!(!r.answer().is_empty(), "{}", r.text);
+    assert!(confidence(&r) <= 0.0);
+    assert_eq!(mock.request_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_remote_fails_the_policy_decides_between_the_local_answer_and_an_error() {
+    let mock = mock().await;
+    mock.set_fault(Some(Fault::Status(500)));
+    let mut raw = raw_config(&[&mock]);
+    mean_policy(&mut raw);
+    raw.policy.on_remote_failure = "serve_local".into();
+    let server = start(raw.clone(), Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-route"), "local");
+    assert_eq!(r.header("x-cascade-reason"), "remote_unavailable");
+    assert_eq!(r.header("x-cascade-degraded"), "remote-unavailable");
+    assert!(!r.answer().is_empty());
+    assert_eq!(mock.request_count(), 3, "one try and two retries");
+
+    mock.set_fault(Some(Fault::Timeout));
+    raw.policy.on_remote_failure = "error".into();
+    raw.remotes[0].timeout_ms = 300;
+    let server = start(raw, Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", HARD, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 504, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(r.header("x-cascade-route"), "remote");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_answers_that_are_not_json_escalate_when_json_was_asked_for() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.policy.threshold = -5.0;
+    let server = start(raw, Some(shared_engine())).await;
+    let mut body = chat("cascade", EASY, 8);
+    body["response_format"] = json!({"type": "json_object"});
+    let r = post(&server, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "invalid_json"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.header("x-cascade-route"), "remote");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_time_budget_escalates_with_its_own_reason() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.policy.threshold = -5.0;
+    raw.policy.max_local_ms = 1;
+    let server = start(raw, Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 32),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "local_time_budget"),
+        "{}",
+        r.text
+    );
+    assert!(r.answer().starts_with(ANSWER_PREFIX));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_window_escalates_without_generating() {
+    let mock = mock().await;
+    let server = start(raw_config(&[&mock]), Some(shared_engine())).await;
+    let long = "lorem ipsum dolor sit amet ".repeat(4000);
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", &long, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "context_too_long"),
+        "{}",
+        r.text
+    );
+    let metrics = get(&server, "/metrics").await.text;
+    assert_eq!(metric(&metrics, "cascade_local_tokens_total", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_queue_escalates_or_answers_429_and_a_departed_client_frees_it() {
+    // Its own model with no waiting room: one running request fills it.
+    let engine = load_engine(0);
+    let mock = mock().await;
+    let escalating = start(raw_config(&[&mock]), Some(engine.clone())).await;
+    let mut raw = raw_config(&[&mock]);
+    raw.policy.on_overload = "reject".into();
+    let rejecting = start(raw, Some(engine.clone())).await;
+
+    // A long direct-local generation occupies the model.
+    let busy_url = url(&escalating, "/v1/completions");
+    let busy = tokio::spawn(async move {
+        client()
+            .post(busy_url)
+            .json(&json!({"model": LOCAL, "prompt": "Write a long story about a dragon.", "max_tokens": 400}))
+            .send()
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine.load().in_flight == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.load().in_flight, 1);
+
+    let r = post(
+        &escalating,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("x-cascade-reason")),
+        (200, "local_overloaded"),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.header("x-cascade-route"), "remote");
+    let r = post(
+        &rejecting,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "local_queue_full");
+    assert!(r.header("retry-after").parse::<u64>().unwrap() >= 1);
+
+    // The client of the long generation goes away: generation stops at the next token.
+    busy.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.load().in_flight > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.load().in_flight, 0, "generation outlived its client");
+}
