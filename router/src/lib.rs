@@ -1,5 +1,6 @@
 //! Cascade: the gateway library behind the `cascade` binary.
 
+pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::auth;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::error::ApiError;
@@ -35,11 +36,14 @@ pub mod headers {
     pub const CONFIDENCE: HeaderName = HeaderName::from_static("x-cascade-confidence");
     pub const REASON: HeaderName = HeaderName::from_static("x-cascade-reason");
     pub const DEGRADED: HeaderName = HeaderName::from_static("x-cascade-degraded");
+    pub const VARIANT: HeaderName = HeaderName::from_static("x-cascade-variant");
 }
 
 /// State shared by every handler.
 pub struct AppState {
     pub gateway: Gateway,
+    /// Teams, keys, prices, budgets and experiments.
+    pub policies: policies::Policies,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
@@ -66,6 +70,7 @@ impl AppState {
         let gateway = Gateway::new(config, gate, Arc::clone(&metrics))?;
         Ok(Self {
             gateway,
+            policies: config.policies.clone(),
             metrics,
             max_body_bytes: config.server.max_body_bytes,
         })
@@ -135,8 +140,20 @@ async fn generate(
 ) -> Response {
     let mut ctx = RequestContext::new(id.0, endpoint, Some(Arc::clone(&state.metrics)));
     let result = async {
+        // Authentication comes first: an unknown caller learns nothing about its body.
+        let caller = auth::authenticate(&state.policies, &headers)?;
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let request = openai::parse_request(endpoint, &body)?;
+        if let Some(mut caller) = caller {
+            let user = request.body.get("user").and_then(serde_json::Value::as_str);
+            auth::assign_variant(&state.policies, &mut caller, user, &headers);
+            ctx.team = Some(caller.team);
+            ctx.key_id = Some(caller.key_id);
+            if let Some((experiment, variant)) = caller.experiment {
+                ctx.experiment = Some(experiment);
+                ctx.variant = Some(variant);
+            }
+        }
         let route = route_header(&headers)?;
         state.gateway.complete(&mut ctx, request, route).await
     }
@@ -230,6 +247,9 @@ fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
     set(h, headers::CONFIDENCE, &confidence);
     if ctx.degraded {
         set(h, headers::DEGRADED, "remote-unavailable");
+    }
+    if let Some(variant) = &ctx.variant {
+        set(h, headers::VARIANT, variant);
     }
 }
 

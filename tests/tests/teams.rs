@@ -1,0 +1,98 @@
+//! Teams: API keys, who may call, and experiment variants.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use cascade::config::RawConfig;
+use cascade_e2e::ANSWER_PREFIX;
+use common::*;
+use policies::team::hash_api_key;
+use serde_json::json;
+
+const KEY_A: &str = "sk-team-alpha";
+const KEY_B: &str = "sk-team-beta";
+
+/// Two teams on the mock remote; alpha runs a two-variant experiment by key.
+fn with_teams(raw: &mut RawConfig) {
+    raw.prices.insert(
+        REMOTE.into(),
+        serde_json::from_value(
+            json!({"input_usd_per_million": 1.0, "output_usd_per_million": 2.0}),
+        )
+        .unwrap(),
+    );
+    raw.teams = [("alpha", KEY_A), ("beta", KEY_B)]
+        .iter()
+        .map(|(name, key)| {
+            serde_json::from_value(json!({
+                "name": name,
+                "api_key_hashes": [hash_api_key(key)],
+                "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true},
+            }))
+            .unwrap()
+        })
+        .collect();
+    raw.experiments = vec![serde_json::from_value(json!({
+        "id": "alpha-exp",
+        "team": "alpha",
+        "subject": "key",
+        "variants": [{"name": "only", "weight": 1.0}],
+    }))
+    .unwrap()];
+}
+
+#[tokio::test]
+async fn with_teams_configured_requests_need_a_known_key() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    with_teams(&mut raw);
+    let server = start(raw, None).await;
+    let body = chat(REMOTE, "Hello", 10);
+
+    for headers in [vec![], vec![("authorization", "Bearer sk-nobody")]] {
+        let r = post(&server, "/v1/chat/completions", &body, &headers).await;
+        assert_eq!(r.status, 401, "{}", r.text);
+        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    assert!(mock.requests().is_empty(), "nothing unpaid went upstream");
+
+    let bearer_a = format!("Bearer {KEY_A}");
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &body,
+        &[("authorization", &bearer_a)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.answer().starts_with(ANSWER_PREFIX));
+    assert_eq!(r.header("x-cascade-variant"), "only");
+
+    // Beta is in no experiment.
+    let bearer_b = format!("Bearer {KEY_B}");
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &body,
+        &[("authorization", &bearer_b)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-variant"), "");
+}
+
+#[tokio::test]
+async fn without_teams_no_key_is_needed() {
+    let mock = mock().await;
+    let server = start(raw_config(&[&mock]), None).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat(REMOTE, "Hello", 10),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
