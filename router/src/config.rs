@@ -350,6 +350,7 @@ impl Config {
             experiments: raw.experiments,
         })
         .map_err(|e| invalid("policies", e.to_string()))?;
+        check_team_policies(&policies, &remotes)?;
         Ok(Config {
             server,
             local,
@@ -415,6 +416,44 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
         max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
         worker_threads,
     })
+}
+
+/// What the `policies` crate accepts but this gateway cannot route by: a remote that is priced
+/// but not configured, and aggregates that need more than token log-probs.
+fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<(), ConfigError> {
+    for team in policies.teams().values() {
+        let keys = team
+            .keys
+            .iter()
+            .map(|(id, k)| (format!("teams.{}.keys.{id}", team.name), &k.policy));
+        let all =
+            std::iter::once((format!("teams.{}.policy", team.name), &team.policy)).chain(keys);
+        for (at, policy) in all {
+            if let Some(r) = policy
+                .remotes()
+                .iter()
+                .find(|r| !remotes.iter().any(|c| &c.name == *r))
+            {
+                return Err(invalid(
+                    format!("{at}.remotes"),
+                    format!("`{r}` is not a configured [[remotes]] entry"),
+                ));
+            }
+            if !matches!(
+                policy.aggregate(),
+                policies::Aggregate::MeanLogprob
+                    | policies::Aggregate::MinLogprob
+                    | policies::Aggregate::Quantile { .. }
+                    | policies::Aggregate::FractionAbove { .. }
+            ) {
+                return Err(invalid(
+                    format!("{at}.aggregate"),
+                    "the gateway routes by mean_logprob, min_logprob, quantile or fraction_above only",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate_storage(

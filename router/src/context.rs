@@ -24,6 +24,8 @@ pub struct RequestContext {
     /// The experiment the request is enrolled in, and its variant.
     pub experiment: Option<String>,
     pub variant: Option<String>,
+    /// The caller's policy; `None` uses the gateway's `[policy]`.
+    pub policy: Option<Arc<crate::gateway::RequestPolicy>>,
     pub route: Option<Route>,
     pub reason: Option<Reason>,
     /// The local generation's aggregate score, when one was computed.
@@ -67,6 +69,7 @@ impl RequestContext {
             key_id: None,
             experiment: None,
             variant: None,
+            policy: None,
             route: None,
             reason: None,
             confidence: None,

@@ -147,6 +147,10 @@ async fn generate(
         if let Some(mut caller) = caller {
             let user = request.body.get("user").and_then(serde_json::Value::as_str);
             auth::assign_variant(&state.policies, &mut caller, user, &headers);
+            let variant = caller.experiment.as_ref().map(|(_, v)| v.as_str());
+            if let Some(policy) = state.policies.policy(&caller.team, &caller.key_id, variant) {
+                ctx.policy = Some(Arc::new(state.gateway.request_policy(policy)));
+            }
             ctx.team = Some(caller.team);
             ctx.key_id = Some(caller.key_id);
             if let Some((experiment, variant)) = caller.experiment {
@@ -215,14 +219,16 @@ fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Re
         }
         cascade_headers(h, &ctx);
     }
+    let aggregate = ctx
+        .policy
+        .as_ref()
+        .map_or_else(|| state.gateway.aggregate(), |p| p.policy.aggregate);
     let body = match reply {
         // A complete body goes out with a Content-Length, in one write.
         Reply::Json(bytes) => Body::from(bytes),
-        streamed => Body::from_stream(streamed.into_body(
-            ctx,
-            Arc::clone(&state.metrics),
-            state.gateway.aggregate(),
-        )),
+        streamed => {
+            Body::from_stream(streamed.into_body(ctx, Arc::clone(&state.metrics), aggregate))
+        }
     };
     response
         .body(body)

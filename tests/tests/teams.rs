@@ -22,13 +22,15 @@ fn with_teams(raw: &mut RawConfig) {
         )
         .unwrap(),
     );
-    raw.teams = [("alpha", KEY_A), ("beta", KEY_B)]
+    // Alpha may address models directly but not pick a route; beta the other way round.
+    raw.teams = [("alpha", KEY_A, true), ("beta", KEY_B, false)]
         .iter()
-        .map(|(name, key)| {
+        .map(|(name, key, direct)| {
             serde_json::from_value(json!({
                 "name": name,
                 "api_key_hashes": [hash_api_key(key)],
-                "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true},
+                "policy": {"threshold": -1.0, "remotes": [REMOTE],
+                           "allow_direct_models": direct, "allow_route_header": !direct},
             }))
             .unwrap()
         })
@@ -70,7 +72,20 @@ async fn with_teams_configured_requests_need_a_known_key() {
     assert!(r.answer().starts_with(ANSWER_PREFIX));
     assert_eq!(r.header("x-cascade-variant"), "only");
 
-    // Beta is in no experiment.
+    // Each team's own policy applies, not the gateway's `[policy]` (which allows both).
+    let route_remote = [
+        ("authorization", bearer_a.as_str()),
+        ("x-cascade-route", "remote"),
+    ];
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 10),
+        &route_remote,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
     let bearer_b = format!("Bearer {KEY_B}");
     let r = post(
         &server,
@@ -79,7 +94,21 @@ async fn with_teams_configured_requests_need_a_known_key() {
         &[("authorization", &bearer_b)],
     )
     .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let route_remote = [
+        ("authorization", bearer_b.as_str()),
+        ("x-cascade-route", "remote"),
+    ];
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", "Hi", 10),
+        &route_remote,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-cascade-route"), "remote");
+    // Beta is in no experiment.
     assert_eq!(r.header("x-cascade-variant"), "");
 }
 
