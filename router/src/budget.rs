@@ -40,6 +40,11 @@ impl BudgetGate {
         }
     }
 
+    /// The store reservations and spend are kept in.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
     /// Charges the paid calls of `request_id` to this team and key from now on.
     pub fn open(&self, request_id: &str, team: &str, key_id: &str) {
         if let Ok(mut accounts) = self.accounts.lock() {

@@ -52,6 +52,8 @@ impl ApiError {
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            // Only the budget gate refuses calls.
+            ApiError::Upstream(UpstreamError::Refused { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Local(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -70,6 +72,9 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("local_queue_full")),
             ApiError::NotReady { .. } => ("server_error", Some("local_model_loading")),
             ApiError::Upstream(e) if e.is_timeout() => ("upstream_error", Some("upstream_timeout")),
+            ApiError::Upstream(UpstreamError::Refused { .. }) => {
+                ("insufficient_quota", Some("budget_exhausted"))
+            }
             ApiError::Upstream(_) => ("upstream_error", Some("upstream_unavailable")),
             ApiError::Local(_) => ("server_error", Some("local_model_error")),
             ApiError::Internal(_) => ("server_error", None),

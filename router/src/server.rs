@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::auth;
+use crate::budget::BudgetGate;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::error::ApiError;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub gateway: Gateway,
     /// Teams, keys, prices, budgets and experiments.
     pub policies: policies::Policies,
+    /// The budget gate every paid call goes through, when the server keeps budgets.
+    pub budget: Option<Arc<BudgetGate>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
@@ -55,6 +58,8 @@ pub enum StartError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -71,6 +76,7 @@ impl AppState {
         Ok(Self {
             gateway,
             policies: config.policies.clone(),
+            budget: None,
             metrics,
             max_body_bytes: config.server.max_body_bytes,
         })
@@ -151,6 +157,9 @@ async fn generate(
             if let Some(policy) = state.policies.policy(&caller.team, &caller.key_id, variant) {
                 ctx.policy = Some(Arc::new(state.gateway.request_policy(policy)));
             }
+            if let Some(budget) = &state.budget {
+                budget.open(&ctx.id, &caller.team, &caller.key_id);
+            }
             ctx.team = Some(caller.team);
             ctx.key_id = Some(caller.key_id);
             if let Some((experiment, variant)) = caller.experiment {
@@ -159,7 +168,13 @@ async fn generate(
             }
         }
         let route = route_header(&headers)?;
-        state.gateway.complete(&mut ctx, request, route).await
+        let reply = state.gateway.complete(&mut ctx, request, route).await;
+        // Every paid call of the request has reserved by now (a stream's only call
+        // happened before its headers).
+        if let Some(budget) = &state.budget {
+            budget.close(&ctx.id);
+        }
+        reply
     }
     .await;
     match result {
@@ -321,8 +336,34 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds `config.server.listen` and starts serving with the open gate.
+    /// Opens the storage, binds `config.server.listen` and starts serving with every paid
+    /// call reserved against the budgets in storage.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
+        let storage = crate::storage::connect(&config.storage).await?;
+        let budget = Arc::new(BudgetGate::new(storage.clone(), config.policies.clone()));
+        let gate: Arc<dyn CallGate> = Arc::clone(&budget) as Arc<dyn CallGate>;
+        let server = Self::start_inner(config, gate, Some(budget)).await?;
+        // Reservations of requests that died (a crash elsewhere, a lost settle) are released
+        // after the TTL; `reserve` does so too, but only when a budget looks full.
+        let period =
+            std::time::Duration::from_secs(config.storage.reservation_ttl_secs.clamp(1, 60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                if let Err(e) = storage.expire_reservations(now).await {
+                    tracing::warn!(error = %e, "cannot expire reservations");
+                }
+            }
+        });
+        Ok(server)
+    }
+
+    /// Starts serving with the open gate: nothing is reserved or recorded.
+    pub async fn start_open(config: &Config) -> Result<Self, StartError> {
         Self::start_with_gate(config, Arc::new(OpenGate)).await
     }
 
@@ -331,7 +372,17 @@ impl RunningServer {
         config: &Config,
         gate: Arc<dyn CallGate>,
     ) -> Result<Self, StartError> {
-        let state = Arc::new(AppState::new(config, gate)?);
+        Self::start_inner(config, gate, None).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        gate: Arc<dyn CallGate>,
+        budget: Option<Arc<BudgetGate>>,
+    ) -> Result<Self, StartError> {
+        let mut state = AppState::new(config, gate)?;
+        state.budget = budget;
+        let state = Arc::new(state);
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await

@@ -125,3 +125,76 @@ async fn without_teams_no_key_is_needed() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text);
 }
+
+#[tokio::test]
+async fn concurrent_escalations_never_overspend_a_team_budget() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.prices.insert(
+        REMOTE.into(),
+        serde_json::from_value(
+            json!({"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}),
+        )
+        .unwrap(),
+    );
+    raw.teams = vec![serde_json::from_value(json!({
+        "name": "alpha",
+        "api_key_hashes": [hash_api_key(KEY_A)],
+        "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true,
+                   "daily_budget_usd": 1.0, "on_budget_exhausted": "reject"},
+    }))
+    .unwrap()];
+    let server = start(raw, None).await;
+    let bearer = format!("Bearer {KEY_A}");
+    let requests = (0..200).map(|i| {
+        let server = &server;
+        let bearer = bearer.clone();
+        async move {
+            let body = chat(REMOTE, &format!("Hello number {i}"), 10);
+            post(
+                server,
+                "/v1/chat/completions",
+                &body,
+                &[("authorization", &bearer)],
+            )
+            .await
+        }
+    });
+    let replies = futures::future::join_all(requests).await;
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused = replies.iter().filter(|r| r.status == 429).count();
+    assert_eq!(ok + refused, 200, "every request is answered or refused");
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+
+    let budget = server.state.budget.as_ref().unwrap();
+    let key_id = server
+        .state
+        .policies
+        .authenticate(KEY_A)
+        .unwrap()
+        .key_id
+        .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (scope, limit) = server
+        .state
+        .policies
+        .scopes_for("alpha", &key_id, now)
+        .into_iter()
+        .find(|(s, _)| s.storage_key().starts_with("team"))
+        .unwrap();
+    // Settling runs in its own task after the response: give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let state = budget
+        .storage()
+        .scope_state(&scope.storage_key())
+        .await
+        .unwrap();
+    assert_eq!(state.reserved_nanos, 0);
+    assert!(
+        state.spent_nanos > 0 && state.spent_nanos <= limit.0,
+        "{state:?} vs {limit:?}"
+    );
+}
