@@ -198,3 +198,100 @@ async fn concurrent_escalations_never_overspend_a_team_budget() {
         "{state:?} vs {limit:?}"
     );
 }
+
+#[tokio::test]
+async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
+    let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!(
+        "e2e_budget_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.storage.url = url;
+    raw.prices.insert(
+        REMOTE.into(),
+        serde_json::from_value(
+            json!({"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}),
+        )
+        .unwrap(),
+    );
+    raw.teams = vec![serde_json::from_value(json!({
+        "name": "alpha",
+        "api_key_hashes": [hash_api_key(KEY_A)],
+        "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true,
+                   "daily_budget_usd": 1.0, "on_budget_exhausted": "reject"},
+    }))
+    .unwrap()];
+    // Two instances, each with its own connection pool, one database.
+    let first = start(raw.clone(), None).await;
+    let second = start(raw, None).await;
+    let bearer = format!("Bearer {KEY_A}");
+    let requests = (0..200).map(|i| {
+        let server = if i % 2 == 0 { &first } else { &second };
+        let bearer = bearer.clone();
+        async move {
+            let body = chat(REMOTE, &format!("Hello number {i}"), 10);
+            post(
+                server,
+                "/v1/chat/completions",
+                &body,
+                &[("authorization", &bearer)],
+            )
+            .await
+        }
+    });
+    let replies = futures::future::join_all(requests).await;
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused = replies.iter().filter(|r| r.status == 429).count();
+    assert_eq!(ok + refused, 200, "every request is answered or refused");
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+
+    let key_id = first
+        .state
+        .policies
+        .authenticate(KEY_A)
+        .unwrap()
+        .key_id
+        .to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (scope, limit) = first
+        .state
+        .policies
+        .scopes_for("alpha", &key_id, now)
+        .into_iter()
+        .find(|(s, _)| s.storage_key().starts_with("team"))
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let storage = first.state.budget.as_ref().unwrap().storage();
+    let state = storage.scope_state(&scope.storage_key()).await.unwrap();
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert_eq!(state.reserved_nanos, 0);
+    assert!(
+        state.spent_nanos > 0 && state.spent_nanos <= limit.0,
+        "{state:?} vs {limit:?}"
+    );
+}
