@@ -3,6 +3,7 @@
 //! into typed values, so a bad value stops the process at start-up with the
 //! name of its key instead of surfacing in the middle of a request.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -11,7 +12,12 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use policies::{
+    ExperimentConfig, GlobalBudgetConfig, Policies, PoliciesConfig, PriceConfig, TeamConfig,
+};
+
 use crate::routing::{Aggregate, OnOverload, OnRemoteFailure, Policy};
+use crate::storage::StorageConfig;
 
 /// A configuration that cannot be used, naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,55 @@ pub struct RawConfig {
     pub local: RawLocal,
     pub policy: RawPolicy,
     pub remotes: Vec<RawRemote>,
+    pub storage: RawStorage,
+    pub admin: RawAdmin,
+    // The `policies` crate's sections, spelled as in docs/policies.md. They are
+    // listed one by one rather than flattened because serde's `flatten` would
+    // switch off `deny_unknown_fields` for the whole file.
+    /// IANA time zone of budget days and months; UTC when absent.
+    pub timezone: Option<String>,
+    /// `[prices.<remote>]`: USD per million input/output tokens.
+    pub prices: BTreeMap<String, PriceConfig>,
+    /// `[local_price]`: notional compute price of the local model.
+    pub local_price: PriceConfig,
+    /// `[global]`: gateway-wide budgets.
+    pub global: GlobalBudgetConfig,
+    /// `[[teams]]`; none means requests need no key and use `[policy]`.
+    pub teams: Vec<TeamConfig>,
+    /// `[[experiments]]`.
+    pub experiments: Vec<ExperimentConfig>,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStorage {
+    /// `sqlite://file` (relative to the config file's folder), `sqlite::memory:`
+    /// or `postgres://user@host/db`.
+    pub url: String,
+    pub max_connections: u32,
+    /// After this long an unsettled reservation is presumed orphaned.
+    pub reservation_ttl_secs: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://cascade.db".into(),
+            max_connections: 8,
+            reservation_ttl_secs: 300,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// Hex SHA-256 of the admin key; no admin API without it.
+    pub api_key_hash: Option<String>,
+    /// A separate address for the admin API; the main listener when absent.
+    pub listen: Option<String>,
 }
 
 /// `[server]`.
@@ -184,6 +239,18 @@ pub struct Config {
     /// Remotes in the policy's fallback order.
     pub policy_remotes: Vec<String>,
     pub remotes: Vec<RemoteConfig>,
+    pub storage: StorageConfig,
+    pub admin: AdminConfig,
+    /// Teams, keys, prices, budgets and experiments.
+    pub policies: Policies,
+}
+
+/// Validated `[admin]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Lower-case hex SHA-256 of the admin key.
+    pub api_key_hash: Option<String>,
+    pub listen: Option<SocketAddr>,
 }
 
 /// Validated `[server]`.
@@ -272,12 +339,27 @@ impl Config {
             return Err(invalid("local.name", "must differ from server.model_name"));
         }
         let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes)?;
+        let storage = validate_storage(&raw.storage, base_dir)?;
+        let admin = validate_admin(&raw.admin)?;
+        let policies = Policies::try_from(PoliciesConfig {
+            timezone: raw.timezone,
+            prices: raw.prices,
+            local_price: raw.local_price,
+            global: raw.global,
+            teams: raw.teams,
+            experiments: raw.experiments,
+        })
+        .map_err(|e| invalid("policies", e.to_string()))?;
+        check_team_policies(&policies, &remotes)?;
         Ok(Config {
             server,
             local,
             policy,
             policy_remotes,
             remotes,
+            storage,
+            admin,
+            policies,
         })
     }
 }
@@ -333,6 +415,119 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
         model_name: raw.model_name.clone(),
         max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
         worker_threads,
+    })
+}
+
+/// What the `policies` crate accepts but this gateway cannot route by: a remote that is priced
+/// but not configured, and aggregates that need more than token log-probs.
+fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<(), ConfigError> {
+    for team in policies.teams().values() {
+        let keys = team
+            .keys
+            .iter()
+            .map(|(id, k)| (format!("teams.{}.keys.{id}", team.name), &k.policy));
+        let all =
+            std::iter::once((format!("teams.{}.policy", team.name), &team.policy)).chain(keys);
+        for (at, policy) in all {
+            if let Some(r) = policy
+                .remotes()
+                .iter()
+                .find(|r| !remotes.iter().any(|c| &c.name == *r))
+            {
+                return Err(invalid(
+                    format!("{at}.remotes"),
+                    format!("`{r}` is not a configured [[remotes]] entry"),
+                ));
+            }
+            if !matches!(
+                policy.aggregate(),
+                policies::Aggregate::MeanLogprob
+                    | policies::Aggregate::MinLogprob
+                    | policies::Aggregate::Quantile { .. }
+                    | policies::Aggregate::FractionAbove { .. }
+            ) {
+                return Err(invalid(
+                    format!("{at}.aggregate"),
+                    "the gateway routes by mean_logprob, min_logprob, quantile or fraction_above only",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_storage(
+    raw: &RawStorage,
+    base_dir: Option<&Path>,
+) -> Result<StorageConfig, ConfigError> {
+    let url = raw.url.trim();
+    if !(url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://"))
+    {
+        return Err(invalid(
+            "storage.url",
+            format!("`{url}` must start with sqlite:, postgres:// or postgresql://"),
+        ));
+    }
+    if raw.max_connections == 0 {
+        return Err(invalid("storage.max_connections", "must be positive"));
+    }
+    if raw.reservation_ttl_secs == 0 {
+        return Err(invalid("storage.reservation_ttl_secs", "must be positive"));
+    }
+    Ok(StorageConfig {
+        url: resolve_sqlite_path(url, base_dir),
+        max_connections: raw.max_connections,
+        reservation_ttl_secs: raw.reservation_ttl_secs,
+    })
+}
+
+/// A relative SQLite file is taken relative to the config file's folder, so the
+/// ledger does not move with the directory the server happens to start in.
+fn resolve_sqlite_path(url: &str, base_dir: Option<&Path>) -> String {
+    let (Some(rest), Some(dir)) = (url.strip_prefix("sqlite://"), base_dir) else {
+        return url.to_string();
+    };
+    let (file, query) = match rest.split_once('?') {
+        Some((f, q)) => (f, Some(q)),
+        None => (rest, None),
+    };
+    if file.is_empty() || file == ":memory:" || Path::new(file).is_absolute() {
+        return url.to_string();
+    }
+    let joined = dir.join(file).to_string_lossy().into_owned();
+    match query {
+        Some(q) => format!("sqlite://{joined}?{q}"),
+        None => format!("sqlite://{joined}"),
+    }
+}
+
+fn validate_admin(raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+    let api_key_hash = match &raw.api_key_hash {
+        None => None,
+        Some(h) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Some(h.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(invalid(
+                "admin.api_key_hash",
+                "must be the hex SHA-256 of the admin key (64 hex digits)",
+            ))
+        }
+    };
+    let listen = match &raw.listen {
+        None => None,
+        Some(l) => Some(l.parse().map_err(|e| {
+            invalid(
+                "admin.listen",
+                format!("`{l}` is not an address:port ({e})"),
+            )
+        })?),
+    };
+    Ok(AdminConfig {
+        api_key_hash,
+        listen,
     })
 }
 
@@ -609,6 +804,75 @@ mod tests {
         assert!(e.starts_with("remotes[0].base_url:"), "{e}");
         let e = error_of("[server]\nlisten = \"127.0.0.1:1\"");
         assert!(e.starts_with("local.model:"), "{e}");
+    }
+
+    #[test]
+    fn storage_defaults_to_a_sqlite_file_next_to_the_config() {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(MINIMAL))
+            .extract()
+            .unwrap();
+        let c = Config::validate(raw, Some(Path::new("/etc/cascade")), &|name| match name {
+            "KEY" => Some("k".into()),
+            "URL" => Some("http://h/v1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.storage.url, "sqlite:///etc/cascade/cascade.db");
+        assert_eq!(c.storage.reservation_ttl_secs, 300);
+        assert!(c.policies.teams().is_empty());
+        assert_eq!(c.admin, AdminConfig::default());
+        assert_eq!(
+            resolve_sqlite_path("sqlite::memory:", Some(Path::new("/x"))),
+            "sqlite::memory:"
+        );
+        assert_eq!(
+            resolve_sqlite_path("postgres://h/db", Some(Path::new("/x"))),
+            "postgres://h/db"
+        );
+    }
+
+    #[test]
+    fn teams_prices_experiments_and_admin_are_read() {
+        let hash = "ab".repeat(32);
+        let c = parse(&format!(
+            r#"{MINIMAL}
+            [storage]
+            url = "sqlite::memory:"
+            [admin]
+            api_key_hash = "{hash}"
+            listen = "127.0.0.1:9091"
+            [prices.big]
+            input_usd_per_million = 1.0
+            output_usd_per_million = 2.0
+            [[teams]]
+            name = "alpha"
+            api_key_hashes = ["{}"]
+            [teams.policy]
+            threshold = -1.0
+            remotes = ["big"]
+            daily_budget_usd = 5.0
+            [[experiments]]
+            id = "exp"
+            team = "alpha"
+            subject = "key"
+            variants = [{{ name = "a", weight = 1 }}, {{ name = "b", weight = 1, overrides = {{ threshold = -2.0 }} }}]
+            "#,
+            "cd".repeat(32)
+        ))
+        .unwrap();
+        assert_eq!(c.admin.api_key_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9091".parse().unwrap()));
+        assert_eq!(c.storage.url, "sqlite::memory:");
+        assert_eq!(c.policies.teams().len(), 1);
+        let e = error_of(&format!(
+            "{MINIMAL}\n[[teams]]\nname = \"t\"\n[teams.policy]\nthreshold = -1.0\nremotes = [\"nope\"]"
+        ));
+        assert!(e.starts_with("policies:") && e.contains("nope"), "{e}");
+        let e = error_of(&format!("{MINIMAL}\n[admin]\napi_key_hash = \"xyz\""));
+        assert!(e.starts_with("admin.api_key_hash:"), "{e}");
+        let e = error_of(&format!("{MINIMAL}\n[storage]\nurl = \"mysql://x\""));
+        assert!(e.starts_with("storage.url:"), "{e}");
     }
 
     #[test]

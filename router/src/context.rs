@@ -18,6 +18,14 @@ pub struct RequestContext {
     pub endpoint: Endpoint,
     /// The model the client asked for.
     pub model: String,
+    /// The team and key id of the caller; `None` when no teams are configured.
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    /// The experiment the request is enrolled in, and its variant.
+    pub experiment: Option<String>,
+    pub variant: Option<String>,
+    /// The caller's policy; `None` uses the gateway's `[policy]`.
+    pub policy: Option<Arc<crate::gateway::RequestPolicy>>,
     pub route: Option<Route>,
     pub reason: Option<Reason>,
     /// The local generation's aggregate score, when one was computed.
@@ -57,6 +65,11 @@ impl RequestContext {
             started: Instant::now(),
             endpoint,
             model: String::new(),
+            team: None,
+            key_id: None,
+            experiment: None,
+            variant: None,
+            policy: None,
             route: None,
             reason: None,
             confidence: None,

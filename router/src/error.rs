@@ -22,6 +22,8 @@ pub enum ApiError {
     UnknownModel(String),
     #[error("The request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    #[error("Missing or unknown API key: send `Authorization: Bearer <key>`.")]
+    Unauthorized,
     #[error("{0}")]
     NotAllowed(String),
     #[error("No route for {0}")]
@@ -45,10 +47,13 @@ impl ApiError {
             ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::UnknownModel(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            // Only the budget gate refuses calls.
+            ApiError::Upstream(UpstreamError::Refused { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Local(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,10 +67,14 @@ impl ApiError {
             ApiError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::NotAllowed(_) => ("permission_error", Some("not_allowed_by_policy")),
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("local_queue_full")),
             ApiError::NotReady { .. } => ("server_error", Some("local_model_loading")),
             ApiError::Upstream(e) if e.is_timeout() => ("upstream_error", Some("upstream_timeout")),
+            ApiError::Upstream(UpstreamError::Refused { .. }) => {
+                ("insufficient_quota", Some("budget_exhausted"))
+            }
             ApiError::Upstream(_) => ("upstream_error", Some("upstream_unavailable")),
             ApiError::Local(_) => ("server_error", Some("local_model_error")),
             ApiError::Internal(_) => ("server_error", None),

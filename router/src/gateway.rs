@@ -52,13 +52,19 @@ pub enum Reply {
 /// The body of a response.
 pub type BodyStream = BoxStream<'static, Result<Bytes, Infallible>>;
 
+/// The routing policy of one request and its fallback chain (indices into the upstreams).
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    pub policy: Policy,
+    pub chain: Vec<usize>,
+}
+
 /// The gateway's shared state.
 pub struct Gateway {
     model_name: String,
     local_name: String,
-    policy: Policy,
-    /// The policy's fallback chain, as indices into the upstreams.
-    chain: Vec<usize>,
+    /// The gateway's `[policy]`: for every request when no teams are configured.
+    plan: Arc<RequestPolicy>,
     local: OnceLock<LocalEngine>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
@@ -81,12 +87,54 @@ impl Gateway {
         Ok(Self {
             model_name: config.server.model_name.clone(),
             local_name: config.local.name.clone(),
-            policy: config.policy.clone(),
-            chain,
+            plan: Arc::new(RequestPolicy {
+                policy: config.policy.clone(),
+                chain,
+            }),
             local: OnceLock::new(),
             upstreams,
             metrics,
         })
+    }
+
+    /// The policy of a request: its caller's, else the gateway's `[policy]`.
+    fn plan(&self, ctx: &RequestContext) -> Arc<RequestPolicy> {
+        ctx.policy.clone().unwrap_or_else(|| Arc::clone(&self.plan))
+    }
+
+    /// A team, key or variant policy in the terms the gateway routes by. Remotes it names that
+    /// are not configured are skipped (start-up checks the team policies themselves).
+    pub fn request_policy(&self, p: &policies::Policy) -> RequestPolicy {
+        let base = &self.plan.policy;
+        // `local_only` keeps every answer local; `remote_only` escalates every answer.
+        let threshold = match p.threshold() {
+            Some(t) => t,
+            None if p.local_only() => f64::NEG_INFINITY,
+            None => f64::INFINITY,
+        };
+        let policy = Policy {
+            aggregate: routing::Aggregate::from_policies(p.aggregate()),
+            threshold,
+            on_remote_failure: match p.on_remote_failure() {
+                policies::RemoteFailureAction::ServeLocal => routing::OnRemoteFailure::ServeLocal,
+                policies::RemoteFailureAction::Error => routing::OnRemoteFailure::Error,
+            },
+            on_overload: match p.on_overload() {
+                policies::OverloadAction::Escalate => OnOverload::Escalate,
+                policies::OverloadAction::Reject => OnOverload::Reject,
+            },
+            max_local_time: p.max_local_ms().map(Duration::from_millis),
+            // Not a team setting: the local queue is the gateway's.
+            max_queue_wait: base.max_queue_wait,
+            allow_route_header: p.allow_route_header(),
+            allow_direct_models: p.allow_direct_models(),
+        };
+        let chain = p
+            .remotes()
+            .iter()
+            .filter_map(|name| self.upstreams.find(name))
+            .collect();
+        RequestPolicy { policy, chain }
     }
 
     /// Makes the local model available; only the first call has an effect.
@@ -103,7 +151,7 @@ impl Gateway {
     /// allows addressing them) the local model and each remote.
     pub fn model_names(&self) -> Vec<(String, &'static str)> {
         let mut names = vec![(self.model_name.clone(), "cascade")];
-        if self.policy.allow_direct_models {
+        if self.plan.policy.allow_direct_models {
             names.push((self.local_name.clone(), "local"));
             names.extend(
                 self.upstreams
@@ -117,7 +165,7 @@ impl Gateway {
 
     /// The policy's confidence aggregate.
     pub fn aggregate(&self) -> Aggregate {
-        self.policy.aggregate
+        self.plan.policy.aggregate
     }
 
     /// Refreshes gauges that are read rather than counted.
@@ -136,7 +184,8 @@ impl Gateway {
         route_header: Option<Route>,
     ) -> Result<Reply, ApiError> {
         ctx.model = request.model.clone();
-        match self.target(&request.model, route_header)? {
+        let plan = self.plan(ctx);
+        match self.target(&request.model, route_header, &plan)? {
             Target::Cascade => self.cascade(ctx, &request).await,
             Target::Local(reason) => self.local_only(ctx, &request, reason).await,
             Target::Remotes(chain, reason) => {
@@ -147,15 +196,20 @@ impl Gateway {
         }
     }
 
-    fn target(&self, model: &str, route_header: Option<Route>) -> Result<Target, ApiError> {
+    fn target(
+        &self,
+        model: &str,
+        route_header: Option<Route>,
+        plan: &RequestPolicy,
+    ) -> Result<Target, ApiError> {
         if model == self.model_name {
             return match route_header {
                 None => Ok(Target::Cascade),
-                Some(_) if !self.policy.allow_route_header => Err(ApiError::NotAllowed(
+                Some(_) if !plan.policy.allow_route_header => Err(ApiError::NotAllowed(
                     "The x-cascade-route header is not allowed by the gateway's policy.".into(),
                 )),
                 Some(Route::Local) => Ok(Target::Local(Reason::RouteHeader)),
-                Some(Route::Remote) => Ok(Target::Remotes(self.chain.clone(), Reason::RouteHeader)),
+                Some(Route::Remote) => Ok(Target::Remotes(plan.chain.clone(), Reason::RouteHeader)),
             };
         }
         let direct = if model == self.local_name {
@@ -165,7 +219,7 @@ impl Gateway {
         } else {
             return Err(ApiError::UnknownModel(model.to_string()));
         };
-        if !self.policy.allow_direct_models {
+        if !plan.policy.allow_direct_models {
             return Err(ApiError::UnknownModel(model.to_string()));
         }
         Ok(direct)
@@ -176,13 +230,14 @@ impl Gateway {
         ctx: &mut RequestContext,
         request: &CompletionRequest,
     ) -> Result<Reply, ApiError> {
+        let plan = self.plan(ctx);
         if let Some(reason) = routing::local_unsuitable(&request.features) {
             return self.escalate(ctx, request, reason, None).await;
         }
         let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
             return self.overloaded(ctx, request, Reason::LocalLoading).await;
         };
-        if routing::overloaded(&local.load(), &self.policy) {
+        if routing::overloaded(&local.load(), &plan.policy) {
             return self.overloaded(ctx, request, Reason::LocalOverloaded).await;
         }
         match local.prompt_tokens(prompt).await {
@@ -198,8 +253,8 @@ impl Gateway {
             }
         }
         let options = RunOptions {
-            early_exit: Some((self.policy.aggregate, self.policy.threshold)),
-            time_budget: self.policy.max_local_time,
+            early_exit: Some((plan.policy.aggregate, plan.policy.threshold)),
+            time_budget: plan.policy.max_local_time,
             deltas: None,
         };
         let run = match local.run(request, prompt.clone(), options).await {
@@ -228,7 +283,7 @@ impl Gateway {
             hit_token_cap: run.hit_token_cap,
             json_valid,
         };
-        match routing::judge_local(&outcome, &self.policy) {
+        match routing::judge_local(&outcome, &plan.policy) {
             (Route::Local, reason) => {
                 ctx.route = Some(Route::Local);
                 ctx.reason = Some(reason);
@@ -248,7 +303,8 @@ impl Gateway {
         request: &CompletionRequest,
         reason: Reason,
     ) -> Result<Reply, ApiError> {
-        match self.policy.on_overload {
+        let plan = self.plan(ctx);
+        match plan.policy.on_overload {
             OnOverload::Escalate => self.escalate(ctx, request, reason, None).await,
             OnOverload::Reject => {
                 ctx.route = Some(Route::Local);
@@ -276,10 +332,11 @@ impl Gateway {
         reason: Reason,
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
+        let plan = self.plan(ctx);
         ctx.route = Some(Route::Remote);
         ctx.reason = Some(reason);
         ctx.escalated = true;
-        self.remote(ctx, request, &self.chain, local).await
+        self.remote(ctx, request, &plan.chain, local).await
     }
 
     async fn remote(
@@ -289,6 +346,7 @@ impl Gateway {
         chain: &[usize],
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
+        let plan = self.plan(ctx);
         let started = Instant::now();
         let result = self.upstreams.call(chain, &ctx.id, request).await;
         ctx.upstream_time += started.elapsed();
@@ -306,7 +364,7 @@ impl Gateway {
             }
             Err(error) => {
                 if let Some((run, outcome)) = local {
-                    if routing::serve_local_on_remote_failure(&self.policy, Some(&outcome)) {
+                    if routing::serve_local_on_remote_failure(&plan.policy, Some(&outcome)) {
                         tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
                         ctx.route = Some(Route::Local);
                         ctx.reason = Some(Reason::RemoteUnavailable);
@@ -327,6 +385,7 @@ impl Gateway {
         request: &CompletionRequest,
         reason: Reason,
     ) -> Result<Reply, ApiError> {
+        let plan = self.plan(ctx);
         ctx.route = Some(Route::Local);
         ctx.reason = Some(reason);
         if let Some(unsuitable) = routing::local_unsuitable(&request.features) {
@@ -338,7 +397,7 @@ impl Gateway {
         let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
             return Err(self.busy_error(Reason::LocalLoading));
         };
-        if routing::overloaded(&local.load(), &self.policy) {
+        if routing::overloaded(&local.load(), &plan.policy) {
             return Err(self.busy_error(Reason::LocalOverloaded));
         }
         if request.stream {
@@ -396,12 +455,13 @@ impl Gateway {
 
     /// Notes a finished local run in the context and the metrics.
     fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
+        let plan = self.plan(ctx);
         let generation = &run.output.generation;
         ctx.local_time += run.elapsed;
         ctx.local_queue_wait =
             Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         ctx.local_completion_tokens = generation.usage.completion_tokens;
-        ctx.confidence = self.policy.aggregate.score(&generation.tokens);
+        ctx.confidence = plan.policy.aggregate.score(&generation.tokens);
         observe_local(&self.metrics, run);
     }
 

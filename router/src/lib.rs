@@ -1,5 +1,7 @@
 //! Cascade: the gateway library behind the `cascade` binary.
 
+pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod commands;
 pub mod config;

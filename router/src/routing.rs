@@ -25,6 +25,21 @@ pub enum Aggregate {
 }
 
 impl Aggregate {
+    /// The `policies` crate's aggregate. Those without a counterpart here (sum, entropy,
+    /// margin) are refused at start-up (see `config.rs`), so they map to the mean only
+    /// defensively.
+    pub fn from_policies(a: policies::Aggregate) -> Self {
+        match a {
+            policies::Aggregate::MeanLogprob
+            | policies::Aggregate::SumLogprob
+            | policies::Aggregate::MeanEntropy
+            | policies::Aggregate::MeanMargin => Self::MeanLogprob,
+            policies::Aggregate::MinLogprob => Self::MinLogprob,
+            policies::Aggregate::Quantile { q } => Self::Quantile(q),
+            policies::Aggregate::FractionAbove { bound } => Self::FractionAbove(bound),
+        }
+    }
+
     /// The score of a generation, or `None` when it has no tokens.
     pub fn score(&self, tokens: &[TokenRecord]) -> Option<f64> {
         if tokens.is_empty() {

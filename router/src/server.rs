@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::auth;
+use crate::budget::BudgetGate;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::error::ApiError;
@@ -35,11 +37,16 @@ pub mod headers {
     pub const CONFIDENCE: HeaderName = HeaderName::from_static("x-cascade-confidence");
     pub const REASON: HeaderName = HeaderName::from_static("x-cascade-reason");
     pub const DEGRADED: HeaderName = HeaderName::from_static("x-cascade-degraded");
+    pub const VARIANT: HeaderName = HeaderName::from_static("x-cascade-variant");
 }
 
 /// State shared by every handler.
 pub struct AppState {
     pub gateway: Gateway,
+    /// Teams, keys, prices, budgets and experiments.
+    pub policies: policies::Policies,
+    /// The budget gate every paid call goes through, when the server keeps budgets.
+    pub budget: Option<Arc<BudgetGate>>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
@@ -51,6 +58,8 @@ pub enum StartError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -66,6 +75,8 @@ impl AppState {
         let gateway = Gateway::new(config, gate, Arc::clone(&metrics))?;
         Ok(Self {
             gateway,
+            policies: config.policies.clone(),
+            budget: None,
             metrics,
             max_body_bytes: config.server.max_body_bytes,
         })
@@ -135,10 +146,35 @@ async fn generate(
 ) -> Response {
     let mut ctx = RequestContext::new(id.0, endpoint, Some(Arc::clone(&state.metrics)));
     let result = async {
+        // Authentication comes first: an unknown caller learns nothing about its body.
+        let caller = auth::authenticate(&state.policies, &headers)?;
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let request = openai::parse_request(endpoint, &body)?;
+        if let Some(mut caller) = caller {
+            let user = request.body.get("user").and_then(serde_json::Value::as_str);
+            auth::assign_variant(&state.policies, &mut caller, user, &headers);
+            let variant = caller.experiment.as_ref().map(|(_, v)| v.as_str());
+            if let Some(policy) = state.policies.policy(&caller.team, &caller.key_id, variant) {
+                ctx.policy = Some(Arc::new(state.gateway.request_policy(policy)));
+            }
+            if let Some(budget) = &state.budget {
+                budget.open(&ctx.id, &caller.team, &caller.key_id);
+            }
+            ctx.team = Some(caller.team);
+            ctx.key_id = Some(caller.key_id);
+            if let Some((experiment, variant)) = caller.experiment {
+                ctx.experiment = Some(experiment);
+                ctx.variant = Some(variant);
+            }
+        }
         let route = route_header(&headers)?;
-        state.gateway.complete(&mut ctx, request, route).await
+        let reply = state.gateway.complete(&mut ctx, request, route).await;
+        // Every paid call of the request has reserved by now (a stream's only call
+        // happened before its headers).
+        if let Some(budget) = &state.budget {
+            budget.close(&ctx.id);
+        }
+        reply
     }
     .await;
     match result {
@@ -198,14 +234,16 @@ fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Re
         }
         cascade_headers(h, &ctx);
     }
+    let aggregate = ctx
+        .policy
+        .as_ref()
+        .map_or_else(|| state.gateway.aggregate(), |p| p.policy.aggregate);
     let body = match reply {
         // A complete body goes out with a Content-Length, in one write.
         Reply::Json(bytes) => Body::from(bytes),
-        streamed => Body::from_stream(streamed.into_body(
-            ctx,
-            Arc::clone(&state.metrics),
-            state.gateway.aggregate(),
-        )),
+        streamed => {
+            Body::from_stream(streamed.into_body(ctx, Arc::clone(&state.metrics), aggregate))
+        }
     };
     response
         .body(body)
@@ -230,6 +268,9 @@ fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
     set(h, headers::CONFIDENCE, &confidence);
     if ctx.degraded {
         set(h, headers::DEGRADED, "remote-unavailable");
+    }
+    if let Some(variant) = &ctx.variant {
+        set(h, headers::VARIANT, variant);
     }
 }
 
@@ -295,8 +336,34 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds `config.server.listen` and starts serving with the open gate.
+    /// Opens the storage, binds `config.server.listen` and starts serving with every paid
+    /// call reserved against the budgets in storage.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
+        let storage = crate::storage::connect(&config.storage).await?;
+        let budget = Arc::new(BudgetGate::new(storage.clone(), config.policies.clone()));
+        let gate: Arc<dyn CallGate> = Arc::clone(&budget) as Arc<dyn CallGate>;
+        let server = Self::start_inner(config, gate, Some(budget)).await?;
+        // Reservations of requests that died (a crash elsewhere, a lost settle) are released
+        // after the TTL; `reserve` does so too, but only when a budget looks full.
+        let period =
+            std::time::Duration::from_secs(config.storage.reservation_ttl_secs.clamp(1, 60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                if let Err(e) = storage.expire_reservations(now).await {
+                    tracing::warn!(error = %e, "cannot expire reservations");
+                }
+            }
+        });
+        Ok(server)
+    }
+
+    /// Starts serving with the open gate: nothing is reserved or recorded.
+    pub async fn start_open(config: &Config) -> Result<Self, StartError> {
         Self::start_with_gate(config, Arc::new(OpenGate)).await
     }
 
@@ -305,7 +372,17 @@ impl RunningServer {
         config: &Config,
         gate: Arc<dyn CallGate>,
     ) -> Result<Self, StartError> {
-        let state = Arc::new(AppState::new(config, gate)?);
+        Self::start_inner(config, gate, None).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        gate: Arc<dyn CallGate>,
+        budget: Option<Arc<BudgetGate>>,
+    ) -> Result<Self, StartError> {
+        let mut state = AppState::new(config, gate)?;
+        state.budget = budget;
+        let state = Arc::new(state);
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
             .await

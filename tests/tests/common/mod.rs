@@ -33,6 +33,7 @@ pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
     raw.local.model = "unused-in-process.gguf".into();
     raw.local.name = Some(LOCAL.into());
     raw.local.max_tokens = 32;
+    raw.storage.url = "sqlite::memory:".into();
     raw.policy.allow_route_header = true;
     raw.remotes = mocks
         .iter()
