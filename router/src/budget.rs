@@ -104,6 +104,12 @@ impl CallGate for BudgetGate {
                 limit_nanos: limit.0,
             })
             .collect();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if scopes.is_empty() {
+            // No budget applies (no teams, no global limit): nothing to hold, and no
+            // database write on the request path.
+            return Ok(Reservation(id));
+        }
         let amount = self.estimate(call);
         let reservation = self
             .storage
@@ -116,7 +122,6 @@ impl CallGate for BudgetGate {
                 // Fail closed: a paid call without a reservation could overspend.
                 other => GateRefusal(format!("budget store unavailable: {other}")),
             })?;
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut held) = self.held.lock() {
             held.insert(id, (reservation.id, call.upstream.to_string()));
         }

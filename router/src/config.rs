@@ -442,6 +442,7 @@ fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<
             if !matches!(
                 policy.aggregate(),
                 policies::Aggregate::MeanLogprob
+                    | policies::Aggregate::SumLogprob
                     | policies::Aggregate::MinLogprob
                     | policies::Aggregate::Quantile { .. }
                     | policies::Aggregate::FractionAbove { .. }
@@ -666,6 +667,7 @@ fn validate_policy(
 ) -> Result<(Policy, Vec<String>), ConfigError> {
     let aggregate = match raw.aggregate.as_str() {
         "mean_logprob" => Aggregate::MeanLogprob,
+        "sum_logprob" => Aggregate::SumLogprob,
         "min_logprob" => Aggregate::MinLogprob,
         "quantile" => {
             if !(0.0..=1.0).contains(&raw.quantile) {
@@ -682,7 +684,7 @@ fn validate_policy(
         other => {
             return Err(invalid(
                 "policy.aggregate",
-                format!("unknown aggregate `{other}` (choose mean_logprob, min_logprob, quantile, fraction_above)"),
+                format!("unknown aggregate `{other}` (choose mean_logprob, sum_logprob, min_logprob, quantile, fraction_above)"),
             ))
         }
     };

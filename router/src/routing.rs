@@ -16,6 +16,8 @@ use local_model::TokenRecord;
 pub enum Aggregate {
     /// Mean log-prob of the generated tokens.
     MeanLogprob,
+    /// Sum of the token log-probs: the log-probability of the whole answer.
+    SumLogprob,
     /// The lowest token log-prob.
     MinLogprob,
     /// The `q`-quantile of the token log-probs (0 = min, 1 = max), nearest rank.
@@ -28,15 +30,16 @@ impl Aggregate {
     /// The `policies` crate's aggregate. Those without a counterpart here (sum, entropy,
     /// margin) are refused at start-up (see `config.rs`), so they map to the mean only
     /// defensively.
-    pub fn from_policies(a: policies::Aggregate) -> Self {
+    pub fn from_policies(a: &policies::Aggregate) -> Self {
         match a {
+            policies::Aggregate::SumLogprob => Self::SumLogprob,
             policies::Aggregate::MeanLogprob
-            | policies::Aggregate::SumLogprob
             | policies::Aggregate::MeanEntropy
-            | policies::Aggregate::MeanMargin => Self::MeanLogprob,
+            | policies::Aggregate::MeanMargin
+            | policies::Aggregate::Learned { .. } => Self::MeanLogprob,
             policies::Aggregate::MinLogprob => Self::MinLogprob,
-            policies::Aggregate::Quantile { q } => Self::Quantile(q),
-            policies::Aggregate::FractionAbove { bound } => Self::FractionAbove(bound),
+            policies::Aggregate::Quantile { q } => Self::Quantile(*q),
+            policies::Aggregate::FractionAbove { bound } => Self::FractionAbove(*bound),
         }
     }
 
@@ -49,6 +52,7 @@ impl Aggregate {
         let logprobs = tokens.iter().map(|t| f64::from(t.logprob));
         Some(match *self {
             Aggregate::MeanLogprob => logprobs.sum::<f64>() / n,
+            Aggregate::SumLogprob => logprobs.sum::<f64>(),
             Aggregate::MinLogprob => logprobs.fold(f64::INFINITY, f64::min),
             Aggregate::Quantile(q) => {
                 let mut sorted: Vec<f64> = logprobs.collect();
@@ -68,10 +72,14 @@ impl Aggregate {
     /// early: a mean, a higher quantile or a fraction can always be raised by
     /// enough confident tokens still to come.
     pub fn settled_below(&self, tokens: &[TokenRecord], threshold: f64) -> bool {
+        if *self == Aggregate::SumLogprob {
+            // Log-probs are never positive, so the sum can only fall.
+            return tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>() < threshold;
+        }
         let can_only_fall = match *self {
             Aggregate::MinLogprob => true,
             Aggregate::Quantile(q) => q <= 0.0,
-            Aggregate::MeanLogprob | Aggregate::FractionAbove(_) => false,
+            Aggregate::MeanLogprob | Aggregate::SumLogprob | Aggregate::FractionAbove(_) => false,
         };
         can_only_fall && tokens.iter().any(|t| f64::from(t.logprob) < threshold)
     }
@@ -371,6 +379,8 @@ mod tests {
         assert!(Aggregate::Quantile(0.0).settled_below(&below, -1.0));
         assert!(!Aggregate::Quantile(0.1).settled_below(&below, -1.0));
         assert!(!Aggregate::MeanLogprob.settled_below(&below, -1.0));
+        // The sum settles as soon as it falls under the threshold, and not before.
+        assert!(Aggregate::SumLogprob.settled_below(&below, -1.0) == (Aggregate::SumLogprob.score(&below).unwrap() < -1.0));
         assert!(!Aggregate::FractionAbove(-1.0).settled_below(&below, 0.9));
     }
 
