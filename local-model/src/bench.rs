@@ -54,7 +54,9 @@ pub fn run(
     };
     let mut results = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let generation = model.generate(&Prompt::Text(prompt.to_string()), &params, &mut |_| Control::Continue)?;
+        let generation = model.generate(&Prompt::Text(prompt.to_string()), &params, &mut |_| {
+            Control::Continue
+        })?;
         let generated = generation.tokens.len();
         let prefill_s = generation.timings.prefill_ms / 1000.0;
         let decode_s = generation.timings.decode_ms / 1000.0;
@@ -68,7 +70,9 @@ pub fn run(
         });
     }
     Ok(BenchReport {
-        median_prefill_tokens_per_second: median(results.iter().map(|r| r.prefill_tokens_per_second)),
+        median_prefill_tokens_per_second: median(
+            results.iter().map(|r| r.prefill_tokens_per_second),
+        ),
         median_decode_tokens_per_second: median(results.iter().map(|r| r.decode_tokens_per_second)),
         runs: results,
         peak_rss_mib: peak_rss_mib(),

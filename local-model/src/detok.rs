@@ -34,7 +34,10 @@ impl<'a> IncrementalDecoder<'a> {
         self.ids.push(id);
         let prefix = self.decode(&self.ids[self.prefix_start..self.read_start])?;
         let full = self.decode(&self.ids[self.prefix_start..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_start = self.read_start;
             self.read_start = self.ids.len();

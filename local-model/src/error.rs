@@ -40,7 +40,9 @@ pub enum LoadError {
 pub enum GenerateError {
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("the prompt has {prompt_tokens} tokens; the model's context window is {context_window}")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens; the model's context window is {context_window}"
+    )]
     PromptTooLong {
         prompt_tokens: usize,
         context_window: usize,

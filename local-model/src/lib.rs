@@ -22,7 +22,9 @@ pub mod worker;
 
 pub use backend::Architecture;
 pub use error::{GenerateError, LoadError};
-pub use generate::{Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage};
+pub use generate::{
+    Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
+};
 pub use model::{LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype};
 pub use sampling::Sampling;
 pub use signals::TokenRecord;

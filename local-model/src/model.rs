@@ -8,15 +8,19 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
-use candle_transformers::models::{mixformer, phi, quantized_gemma3, quantized_llama, quantized_mixformer};
+use candle_transformers::models::{
+    mixformer, phi, quantized_gemma3, quantized_llama, quantized_mixformer,
+};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Architecture, Backend};
 use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
+use crate::generate::{
+    Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
+};
 use crate::phi_mixed::{MixedPhi, PhiConfig};
-use crate::generate::{Control, FinishReason, Generation, GenerationParams, Prompt, TokenEvent, Timings, Usage};
 use crate::sampling::{Sampler, Sampling};
 use crate::signals::{signals_from_logits, TokenRecord};
 use crate::spec::{ModelSpec, ResolvedModel};
@@ -169,6 +173,27 @@ impl LocalModel {
         Ok(model)
     }
 
+    /// Puts the parts every loader produces together.
+    fn assemble(
+        backend: Backend,
+        info: ModelInfo,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        eos_ids: Vec<u32>,
+        device: &Device,
+    ) -> Self {
+        Self {
+            backend,
+            info,
+            encoder: PromptEncoder {
+                tokenizer: Arc::new(tokenizer),
+                template,
+            },
+            eos_ids,
+            device: device.clone(),
+        }
+    }
+
     /// Facts about this model.
     pub fn info(&self) -> &ModelInfo {
         &self.info
@@ -191,7 +216,9 @@ impl LocalModel {
             max_tokens: 2,
             ..GenerationParams::default()
         };
-        self.generate(&Prompt::Text("Hello".into()), &params, &mut |_| Control::Continue)?;
+        self.generate(&Prompt::Text("Hello".into()), &params, &mut |_| {
+            Control::Continue
+        })?;
         Ok(())
     }
 
@@ -212,7 +239,9 @@ impl LocalModel {
         }
         if let Sampling::Sample { temperature, top_p } = params.sampling {
             if !temperature.is_finite() || temperature < 0.0 {
-                return Err(GenerateError::InvalidParameter(format!("temperature {temperature}")));
+                return Err(GenerateError::InvalidParameter(format!(
+                    "temperature {temperature}"
+                )));
             }
             if !top_p.is_finite() || top_p <= 0.0 || top_p > 1.0 {
                 return Err(GenerateError::InvalidParameter(format!("top_p {top_p}")));
@@ -290,7 +319,6 @@ impl LocalModel {
             timings,
         })
     }
-
 }
 
 /// Per-request decoding state: tokens, text, and stop-sequence hold-back.
@@ -340,7 +368,10 @@ impl<'a> Run<'a> {
             self.stopped_at = Some(at);
             let delta = self.text[self.released.min(at)..at].to_string();
             self.released = at;
-            return Ok(PushOutcome { delta, hit_stop: true });
+            return Ok(PushOutcome {
+                delta,
+                hit_stop: true,
+            });
         }
         // Hold back any tail that could still grow into a stop sequence.
         let safe = self.text.len() - self.held_back();
@@ -350,7 +381,10 @@ impl<'a> Run<'a> {
             String::new()
         };
         self.released = self.released.max(safe);
-        Ok(PushOutcome { delta, hit_stop: false })
+        Ok(PushOutcome {
+            delta,
+            hit_stop: false,
+        })
     }
 
     fn find_stop(&self) -> Option<usize> {
@@ -453,7 +487,10 @@ fn load_gguf(
         reason: e.to_string(),
     };
     let arch_name = tokenizer::gguf_string(&content, "general.architecture");
-    let is_mixformer = content.tensor_infos.keys().any(|k| k.starts_with("layers.0.wte"));
+    let is_mixformer = content
+        .tensor_infos
+        .keys()
+        .any(|k| k.starts_with("layers.0.wte"));
     let name = file_stem(path);
     match (arch_name.as_deref(), is_mixformer) {
         (_, true) => {
@@ -462,34 +499,37 @@ fn load_gguf(
                 None => mixformer::Config::v1_5(),
             };
             let context_window = mixformer_context(files.config.as_deref())?;
-            let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
-                path: path.to_path_buf(),
-                what: "tokenizer.json beside the GGUF (Phi GGUF files carry no vocabulary)".into(),
-            })?;
+            let tokenizer_path = files
+                .tokenizer
+                .clone()
+                .ok_or_else(|| LoadError::MissingFile {
+                    path: path.to_path_buf(),
+                    what: "tokenizer.json beside the GGUF (Phi GGUF files carry no vocabulary)"
+                        .into(),
+                })?;
             let tokenizer = tokenizer::from_file(&tokenizer_path)?;
             drop(reader);
-            let vb = candle_transformers::quantized_var_builder::VarBuilder::from_gguf(path, device)
-                .map_err(weights_err)?;
+            let vb =
+                candle_transformers::quantized_var_builder::VarBuilder::from_gguf(path, device)
+                    .map_err(weights_err)?;
             let model = quantized_mixformer::MixFormerSequentialForCausalLM::new(&config, vb)
                 .map_err(weights_err)?;
             let template = choose_template(options.template, None, files, true, &tokenizer)?;
             let eos_ids = eos_from_vocab(&tokenizer, &[]);
-            Ok(LocalModel {
-                backend: Backend::PhiGguf(Box::new(model)),
-                info: ModelInfo {
+            Ok(LocalModel::assemble(
+                Backend::PhiGguf(Box::new(model)),
+                ModelInfo {
                     name,
                     architecture: Architecture::PhiGguf,
                     context_window,
                     template: template.name(),
                     load_seconds: 0.0,
                 },
-                encoder: PromptEncoder {
-                    tokenizer: Arc::new(tokenizer),
-                    template,
-                },
+                tokenizer,
+                template,
                 eos_ids,
-                device: device.clone(),
-            })
+                device,
+            ))
         }
         (Some("llama"), false) | (Some("gemma3"), false) => {
             let is_llama = arch_name.as_deref() == Some("llama");
@@ -499,19 +539,23 @@ fn load_gguf(
             };
             let gguf_template = tokenizer::gguf_string(&content, "tokenizer.chat_template");
             // Before the weights: a bad template choice fails in an instant.
-            let template = choose_template(options.template, gguf_template, files, false, &tokenizer)?;
+            let template =
+                choose_template(options.template, gguf_template, files, false, &tokenizer)?;
             let declared_eos = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
                 .iter()
                 .filter_map(|k| tokenizer::gguf_u32(&content, k))
                 .collect::<Vec<_>>();
             let arch_prefix = arch_name.clone().unwrap_or_default();
-            let declared_ctx = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.context_length"))
-                .map(|v| v as usize);
-            let sliding_window = tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
-                .map(|v| v as usize);
+            let declared_ctx =
+                tokenizer::gguf_u32(&content, &format!("{arch_prefix}.context_length"))
+                    .map(|v| v as usize);
+            let sliding_window =
+                tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
+                    .map(|v| v as usize);
             let (backend, max_ctx) = if is_llama {
-                let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
-                    .map_err(weights_err)?;
+                let weights =
+                    quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
+                        .map_err(weights_err)?;
                 (
                     Backend::Llama {
                         pristine: Box::new(weights.clone()),
@@ -520,8 +564,9 @@ fn load_gguf(
                     quantized_llama::MAX_SEQ_LEN,
                 )
             } else {
-                let weights = quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device)
-                    .map_err(weights_err)?;
+                let weights =
+                    quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device)
+                        .map_err(weights_err)?;
                 (
                     Backend::Gemma3 {
                         pristine: Box::new(weights.clone()),
@@ -538,22 +583,24 @@ fn load_gguf(
             };
             let context_window = declared_ctx.unwrap_or(max_ctx).min(max_ctx);
             let eos_ids = eos_from_vocab(&tokenizer, &declared_eos);
-            Ok(LocalModel {
+            Ok(LocalModel::assemble(
                 backend,
-                info: ModelInfo {
+                ModelInfo {
                     name,
-                    architecture: if is_llama { Architecture::Llama } else { Architecture::Gemma3 },
+                    architecture: if is_llama {
+                        Architecture::Llama
+                    } else {
+                        Architecture::Gemma3
+                    },
                     context_window,
                     template: template.name(),
                     load_seconds: 0.0,
                 },
-                encoder: PromptEncoder {
-                    tokenizer: Arc::new(tokenizer),
-                    template,
-                },
+                tokenizer,
+                template,
                 eos_ids,
-                device: device.clone(),
-            })
+                device,
+            ))
         }
         (Some(other), false) => Err(LoadError::UnsupportedArchitecture {
             path: path.to_path_buf(),
@@ -581,7 +628,9 @@ fn load_phi_safetensors(
     if model_type != "phi" {
         return Err(LoadError::InvalidConfig {
             path: config_path,
-            reason: format!("model_type is `{model_type}`; only `phi` (Phi-1.5) is supported for safetensors"),
+            reason: format!(
+                "model_type is `{model_type}`; only `phi` (Phi-1.5) is supported for safetensors"
+            ),
         });
     }
     // candle's phi runs only in F32 on the CPU (with BF16 weights its F32
@@ -604,10 +653,13 @@ fn load_phi_safetensors(
             path: config_path.clone(),
             reason: "max_position_embeddings is missing".into(),
         })?;
-    let tokenizer_path = files.tokenizer.clone().ok_or_else(|| LoadError::MissingFile {
-        path: files.origin.clone(),
-        what: "tokenizer.json".into(),
-    })?;
+    let tokenizer_path = files
+        .tokenizer
+        .clone()
+        .ok_or_else(|| LoadError::MissingFile {
+            path: files.origin.clone(),
+            what: "tokenizer.json".into(),
+        })?;
     let tokenizer = tokenizer::from_file(&tokenizer_path)?;
     let dtype = match options.dtype {
         WeightDtype::F32 => DType::F32,
@@ -615,10 +667,11 @@ fn load_phi_safetensors(
     };
     let mut tensors = std::collections::HashMap::new();
     for path in weights {
-        let loaded = candle_core::safetensors::load(path, device).map_err(|e| LoadError::Weights {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let loaded =
+            candle_core::safetensors::load(path, device).map_err(|e| LoadError::Weights {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         tensors.extend(loaded);
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, device);
@@ -627,14 +680,18 @@ fn load_phi_safetensors(
         reason: e.to_string(),
     };
     let backend = match &flavour {
-        Flavour::Candle(config) => Backend::Phi(Box::new(phi::Model::new(config, vb).map_err(weights_err)?)),
-        Flavour::Mixed(config) => Backend::PhiMixed(Box::new(MixedPhi::new(config, vb).map_err(weights_err)?)),
+        Flavour::Candle(config) => {
+            Backend::Phi(Box::new(phi::Model::new(config, vb).map_err(weights_err)?))
+        }
+        Flavour::Mixed(config) => {
+            Backend::PhiMixed(Box::new(MixedPhi::new(config, vb).map_err(weights_err)?))
+        }
     };
     let template = choose_template(options.template, None, files, true, &tokenizer)?;
     let eos_ids = eos_from_vocab(&tokenizer, &[]);
-    Ok(LocalModel {
+    Ok(LocalModel::assemble(
         backend,
-        info: ModelInfo {
+        ModelInfo {
             name: files
                 .origin
                 .parent()
@@ -646,13 +703,11 @@ fn load_phi_safetensors(
             template: template.name(),
             load_seconds: 0.0,
         },
-        encoder: PromptEncoder {
-            tokenizer: Arc::new(tokenizer),
-            template,
-        },
+        tokenizer,
+        template,
         eos_ids,
-        device: device.clone(),
-    })
+        device,
+    ))
 }
 
 fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
@@ -695,7 +750,10 @@ fn choose_template(
     let jinja = |source: String| {
         ChatTemplate::Jinja {
             bos_token: special_token_text(tokenizer, &["<bos>", "<s>", "<|begin_of_text|>"]),
-            eos_token: special_token_text(tokenizer, &["<eos>", "</s>", "<|im_end|>", "<|endoftext|>"]),
+            eos_token: special_token_text(
+                tokenizer,
+                &["<eos>", "</s>", "<|im_end|>", "<|endoftext|>"],
+            ),
             source,
         }
         .validated()
@@ -708,7 +766,9 @@ fn choose_template(
         },
         TemplateChoice::Model => match own {
             Some(source) => jinja(source),
-            None => Err(LoadError::Template("the model has no chat template of its own".into())),
+            None => Err(LoadError::Template(
+                "the model has no chat template of its own".into(),
+            )),
         },
         TemplateChoice::Phi => Ok(ChatTemplate::PhiInstruct),
         TemplateChoice::Plain => Ok(ChatTemplate::Plain),
@@ -728,7 +788,14 @@ fn special_token_text(tokenizer: &Tokenizer, candidates: &[&str]) -> String {
 
 fn eos_from_vocab(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.to_vec();
-    for token in ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>", "<|eot_id|>"] {
+    for token in [
+        "<|endoftext|>",
+        "<|im_end|>",
+        "</s>",
+        "<eos>",
+        "<end_of_turn>",
+        "<|eot_id|>",
+    ] {
         if !is_special(tokenizer, token) {
             continue;
         }

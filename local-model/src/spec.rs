@@ -67,7 +67,10 @@ impl ModelSpec {
                 Ok(ResolvedModel {
                     gguf: Some(path.clone()),
                     safetensors: None,
-                    config: dir.as_ref().map(|d| d.join("config.json")).filter(|p| p.is_file()),
+                    config: dir
+                        .as_ref()
+                        .map(|d| d.join("config.json"))
+                        .filter(|p| p.is_file()),
                     tokenizer: dir
                         .as_ref()
                         .map(|d| d.join("tokenizer.json"))
@@ -92,7 +95,8 @@ fn is_hub_id(spec: &str) -> bool {
     let valid = |p: &str| {
         !p.is_empty()
             && !p.starts_with('.')
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!((parts.next(), parts.next(), parts.next()), (Some(org), Some(name), None) if valid(org) && valid(name))
 }
@@ -143,7 +147,11 @@ fn resolve_directory(dir: &Path) -> Result<ResolvedModel, LoadError> {
         });
     }
     Ok(ResolvedModel {
-        gguf: if safetensors.is_empty() { ggufs.pop() } else { None },
+        gguf: if safetensors.is_empty() {
+            ggufs.pop()
+        } else {
+            None
+        },
         safetensors: if safetensors.is_empty() {
             None
         } else {

@@ -116,9 +116,12 @@ fn environment() -> Environment<'static> {
     // Hugging Face templates are written for Python's Jinja: they call string
     // methods like `.strip()` and the `raise_exception` helper.
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env
 }
 
@@ -145,7 +148,10 @@ mod tests {
         .validated()
         .unwrap();
         let out = t
-            .render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", " hi ")])
+            .render(&[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", " hi "),
+            ])
             .unwrap();
         assert_eq!(out, "<s><system>Be brief.\n<user>hi\n<assistant>");
     }
@@ -208,7 +214,10 @@ mod tests {
     #[test]
     fn gemma_style_template_rejects_turns_out_of_order() {
         let err = gemma_style()
-            .render(&[ChatMessage::new("assistant", "Hi"), ChatMessage::new("user", "Hello")])
+            .render(&[
+                ChatMessage::new("assistant", "Hi"),
+                ChatMessage::new("user", "Hello"),
+            ])
             .unwrap_err();
         assert!(err.to_string().contains("must alternate"), "{err}");
     }

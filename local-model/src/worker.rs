@@ -198,7 +198,11 @@ fn run_job(model: &mut LocalModel, job: Job, shared: &Shared) {
     // Exponential moving average with weight 1/4 for the newest sample.
     let sample = elapsed.as_micros().min(u64::MAX as u128) as u64;
     let old = shared.avg_run_us.load(Ordering::Relaxed);
-    let new = if old == 0 { sample } else { (old * 3 + sample) / 4 };
+    let new = if old == 0 {
+        sample
+    } else {
+        (old * 3 + sample) / 4
+    };
     shared.avg_run_us.store(new, Ordering::Relaxed);
     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     let output = result

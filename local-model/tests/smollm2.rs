@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::sync::Mutex;
+use std::sync::OnceLock;
 
 use local_model::{
-    ChatMessage, Control, FinishReason, Generation, GenerationParams, LoadError, LoadOptions, LocalModel, Prompt,
+    ChatMessage, Control, FinishReason, Generation, GenerationParams, LoadError, LoadOptions,
+    LocalModel, Prompt,
 };
 
 fn model() -> &'static Mutex<LocalModel> {
@@ -42,7 +43,11 @@ fn mean_logprob(g: &Generation) -> f64 {
 
 #[test]
 fn names_capital_cities() {
-    let cases = [("France", "paris"), ("Germany", "berlin"), ("Japan", "tokyo")];
+    let cases = [
+        ("France", "paris"),
+        ("Germany", "berlin"),
+        ("Japan", "tokyo"),
+    ];
     let mut right = 0;
     for (country, city) in cases {
         let g = ask(
@@ -88,7 +93,10 @@ fn easy_questions_score_higher_confidence_than_unknowable_ones() {
     let easy_score = score(&easy);
     let hard_score = score(&unknowable);
     println!("easy {easy_score:.3} vs unknowable {hard_score:.3}");
-    assert!(easy_score > hard_score, "easy {easy_score} <= unknowable {hard_score}");
+    assert!(
+        easy_score > hard_score,
+        "easy {easy_score} <= unknowable {hard_score}"
+    );
 }
 
 #[test]
@@ -102,7 +110,20 @@ fn chat_markup_tokenizes_like_the_reference_tokenizer() {
     // digits one by one ("Ċ" is the byte-level newline).
     assert_eq!(
         enc.get_tokens(),
-        &["<|im_start|>", "user", "Ċ", "In", "Ġ", "2", "0", "2", "4", "?", "<|im_end|>", "Ċ"]
+        &[
+            "<|im_start|>",
+            "user",
+            "Ċ",
+            "In",
+            "Ġ",
+            "2",
+            "0",
+            "2",
+            "4",
+            "?",
+            "<|im_end|>",
+            "Ċ"
+        ]
     );
     assert_eq!(enc.get_ids()[0], 1);
     assert_eq!(enc.get_ids()[10], 2);
@@ -139,7 +160,11 @@ fn stop_sequences_end_generation_and_are_not_returned() {
     println!("{:?}", g.text);
     assert_eq!(g.finish_reason, FinishReason::Stop);
     assert!(!g.text.contains(" is"), "{:?}", g.text);
-    assert!(g.text.starts_with(&streamed), "streamed {streamed:?} is not a prefix of {:?}", g.text);
+    assert!(
+        g.text.starts_with(&streamed),
+        "streamed {streamed:?} is not a prefix of {:?}",
+        g.text
+    );
 }
 
 #[test]
@@ -148,7 +173,11 @@ fn prompt_longer_than_the_context_window_is_rejected() {
     let window = model.info().context_window;
     let long = "word ".repeat(window + 10);
     let err = model
-        .generate(&Prompt::Text(long), &GenerationParams::default(), &mut |_| Control::Continue)
+        .generate(
+            &Prompt::Text(long),
+            &GenerationParams::default(),
+            &mut |_| Control::Continue,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("context window"), "{err}");
 }

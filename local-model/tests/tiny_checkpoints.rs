@@ -6,7 +6,8 @@
 mod common;
 
 use local_model::{
-    ChatMessage, Control, FinishReason, GenerationParams, LoadError, LoadOptions, LocalModel, Prompt, Sampling,
+    ChatMessage, Control, FinishReason, GenerationParams, LoadError, LoadOptions, LocalModel,
+    Prompt, Sampling,
 };
 
 fn sampled(seed: u64) -> GenerationParams {
@@ -43,9 +44,16 @@ fn tiny_phi_safetensors_loads_and_generates_deterministically() {
     assert_eq!(a.info().template, "phi");
     let first = generate(&mut a, &sampled(7));
     let again = generate(&mut a, &sampled(7));
-    assert_eq!(first.tokens, again.tokens, "same seed, same model: same tokens");
+    assert_eq!(
+        first.tokens, again.tokens,
+        "same seed, same model: same tokens"
+    );
     let mut b = LocalModel::load(spec, &LoadOptions::default()).unwrap();
-    assert_eq!(generate(&mut b, &sampled(7)).tokens, first.tokens, "reloaded model differs");
+    assert_eq!(
+        generate(&mut b, &sampled(7)).tokens,
+        first.tokens,
+        "reloaded model differs"
+    );
     assert!(!first.tokens.is_empty());
     for t in &first.tokens {
         assert!(t.logprob <= 0.0 && t.logprob.is_finite());
@@ -59,7 +67,8 @@ fn tiny_phi_safetensors_loads_and_generates_deterministically() {
 fn greedy_decoding_ignores_the_seed_and_max_tokens_bounds_length() {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_phi(dir.path());
-    let mut model = LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let mut model =
+        LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let greedy = |seed| GenerationParams {
         max_tokens: 5,
         seed,
@@ -99,7 +108,10 @@ fn bf16_phi_generates_with_log_probs_close_to_f32() {
     // while both runs saw the same tokens. 0.1 nats is 2% of this model's
     // logit scale (about 5), the bound argued in phi_mixed_precision.rs.
     for (a, b) in exact.tokens.iter().zip(&rounded.tokens) {
-        assert!((a.logprob - b.logprob).abs() < 0.1, "F32 {a:?} vs BF16 {b:?}");
+        assert!(
+            (a.logprob - b.logprob).abs() < 0.1,
+            "F32 {a:?} vs BF16 {b:?}"
+        );
         if a.id != b.id {
             break;
         }
@@ -111,7 +123,10 @@ fn tiny_phi_gguf_loads_through_quantized_mixformer() {
     let dir = tempfile::tempdir().unwrap();
     let path = common::write_tiny_phi_gguf(dir.path());
     let mut model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!(model.info().architecture, local_model::Architecture::PhiGguf);
+    assert_eq!(
+        model.info().architecture,
+        local_model::Architecture::PhiGguf
+    );
     let a = generate(&mut model, &sampled(11));
     let b = generate(&mut model, &sampled(11));
     assert_eq!(a.tokens, b.tokens);
@@ -122,7 +137,8 @@ fn tiny_phi_gguf_loads_through_quantized_mixformer() {
 fn callback_can_stop_generation_early() {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_phi(dir.path());
-    let mut model = LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let mut model =
+        LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let params = GenerationParams {
         max_tokens: 20,
         ignore_eos: true,
@@ -186,12 +202,18 @@ fn missing_tokenizer_and_missing_files_are_named() {
 fn empty_and_too_long_prompts_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_phi(dir.path());
-    let mut model = LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let mut model =
+        LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let params = GenerationParams::default();
     let err = model
-        .generate(&Prompt::Text("   ".into()), &params, &mut |_| Control::Continue)
+        .generate(&Prompt::Text("   ".into()), &params, &mut |_| {
+            Control::Continue
+        })
         .unwrap_err();
-    assert!(matches!(err, local_model::GenerateError::EmptyPrompt), "{err:?}");
+    assert!(
+        matches!(err, local_model::GenerateError::EmptyPrompt),
+        "{err:?}"
+    );
     // Every byte is one token in the tiny vocabulary; the window is 128.
     let long = "x".repeat(500);
     let err = model
@@ -213,7 +235,8 @@ fn empty_and_too_long_prompts_are_errors() {
 fn generation_is_capped_by_the_context_window() {
     let dir = tempfile::tempdir().unwrap();
     common::write_tiny_phi(dir.path());
-    let mut model = LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let mut model =
+        LocalModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     let params = GenerationParams {
         max_tokens: 1000,
         ignore_eos: true,

@@ -8,7 +8,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use local_model::{
-    Control, GenerateRequest, GenerationParams, LoadOptions, LocalModel, ModelHandle, Prompt, WorkerError,
+    Control, GenerateRequest, GenerationParams, LoadOptions, LocalModel, ModelHandle, Prompt,
+    WorkerError,
 };
 
 fn tiny_handle(queue_depth: usize) -> (tempfile::TempDir, ModelHandle) {
@@ -39,7 +40,10 @@ async fn full_queue_answers_busy_at_once_and_reports_queue_wait() {
         if !signalled {
             signalled = true;
             let _ = started_tx.send(());
-            let _ = release_rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(30));
         }
         Control::Continue
     }));
@@ -51,8 +55,10 @@ async fn full_queue_answers_busy_at_once_and_reports_queue_wait() {
         .unwrap();
     // Second waits in the queue (capacity 1).
     let h2 = handle.clone();
-    let second =
-        tokio::spawn(async move { h2.generate(GenerateRequest::new(Prompt::Text("abc".into()), params(2))).await });
+    let second = tokio::spawn(async move {
+        h2.generate(GenerateRequest::new(Prompt::Text("abc".into()), params(2)))
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(handle.in_flight(), 2);
     // Third finds the queue full.
@@ -85,7 +91,10 @@ async fn time_budget_stops_generation_and_is_reported() {
     let out = handle.generate(request).await.unwrap();
     assert!(out.timed_out);
     assert!(out.generation.tokens.len() < 100);
-    assert_eq!(out.generation.finish_reason, local_model::FinishReason::Aborted);
+    assert_eq!(
+        out.generation.finish_reason,
+        local_model::FinishReason::Aborted
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,5 +121,8 @@ async fn dropped_caller_stops_generation() {
     }
     assert_eq!(handle.in_flight(), 0);
     let produced = count_rx.try_iter().last().unwrap_or(0);
-    assert!(produced < 100, "generation ran to the end after the caller left");
+    assert!(
+        produced < 100,
+        "generation ran to the end after the caller left"
+    );
 }

@@ -25,7 +25,10 @@ pub fn write_tiny_tokenizer(dir: &Path) -> PathBuf {
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
         .collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .unwrap();
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
@@ -108,7 +111,11 @@ pub fn write_tiny_phi_gguf(dir: &Path) -> PathBuf {
         .map(|name| {
             let t = data[name].as_tensor();
             let quantizable = t.rank() == 2 && t.dims()[1] % 32 == 0;
-            let dtype = if quantizable { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+            let dtype = if quantizable {
+                GgmlDType::Q8_0
+            } else {
+                GgmlDType::F32
+            };
             (name.clone(), QTensor::quantize(t, dtype).unwrap())
         })
         .collect();
@@ -125,8 +132,8 @@ pub fn smollm2_path() -> PathBuf {
     if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
         return PathBuf::from(p);
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-model.sh first",
@@ -174,6 +181,9 @@ pub fn assert_incremental_decoding_is_exact(tokenizer: &Tokenizer, ids: &[u32], 
     }
     pieces.push(decoder.finish().unwrap());
     assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
-    assert!(pieces.iter().any(|p| p.is_empty()), "expected a token that completes no character");
+    assert!(
+        pieces.iter().any(|p| p.is_empty()),
+        "expected a token that completes no character"
+    );
     assert_eq!(pieces.concat(), text);
 }
