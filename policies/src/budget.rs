@@ -146,19 +146,31 @@ pub fn window_end(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
         }
     };
     let fallback = now_unix_secs.saturating_add(86_400);
-    let Some(next) = next else { return fallback };
-    // Where a DST change skips local midnight, the window ends at the first local time that
-    // exists that day.
-    for hour in 0..24 {
-        let Some(local) = next.and_hms_opt(hour, 0, 0) else {
-            break;
-        };
+    next.and_then(|next| day_start(next, tz)).unwrap_or(fallback)
+}
+
+/// Unix seconds at which the window containing `now` began (the last local midnight, or the
+/// first local midnight of this month); for usage reports over the current window.
+pub fn window_start(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
+    let d = local_date(now_unix_secs, tz);
+    let first = match window {
+        Window::Day => Some(d),
+        Window::Month => NaiveDate::from_ymd_opt(d.year(), d.month(), 1),
+    };
+    let fallback = now_unix_secs.saturating_sub(86_400);
+    first.and_then(|first| day_start(first, tz)).unwrap_or(fallback)
+}
+
+/// The first instant of a local calendar day. Where a DST change skips local midnight, the
+/// day starts at the first local hour that exists.
+fn day_start(day: NaiveDate, tz: Tz) -> Option<i64> {
+    (0..24).find_map(|hour| {
+        let local = day.and_hms_opt(hour, 0, 0)?;
         match tz.from_local_datetime(&local) {
-            LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => return t.timestamp(),
-            LocalResult::None => {}
+            LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => Some(t.timestamp()),
+            LocalResult::None => None,
         }
-    }
-    fallback
+    })
 }
 
 /// Every limited scope a paid call of this key must fit in, with its limit: key, then
@@ -420,5 +432,17 @@ mod tests {
         let over = r.settle(NanoUsd(30), NanoUsd(70));
         assert_eq!(over.remaining(), NanoUsd::ZERO);
         assert!(!over.fits(NanoUsd(1)));
+    }
+
+    #[test]
+    fn windows_start_at_local_midnight_and_the_first_of_the_month() {
+        let tz = parse_time_zone("Europe/Berlin").unwrap_or(Tz::UTC);
+        // 2026-11-28T12:00:00Z is 13:00 in Berlin (UTC+1).
+        let now = 1_795_867_200;
+        assert_eq!(window_start(now, tz, Window::Day), 1_795_820_400);
+        assert_eq!(window_end(now, tz, Window::Day), 1_795_820_400 + 86_400);
+        // 2026-11-01T00:00 Berlin is 2026-10-31T23:00Z.
+        assert_eq!(window_start(now, tz, Window::Month), 1_793_487_600);
+        assert_eq!(window_start(now, Tz::UTC, Window::Day), 1_795_824_000);
     }
 }

@@ -416,18 +416,29 @@ impl BudgetDecision {
 /// cheapest affordable candidate (earliest on ties; reject when none), or `reject`.
 /// If a reservation for the chosen remote then fails, call again with `fits: false` for it.
 pub fn on_budget(policy: &Policy, view: &BudgetView) -> BudgetDecision {
+    decide_budget(
+        policy.on_budget_exhausted(),
+        policy.max_cost_per_request(),
+        view,
+    )
+}
+
+/// [`on_budget`] from the two policy fields it reads, for callers that hold them apart from a
+/// [`Policy`] (the gateway's default policy).
+pub fn decide_budget(
+    on_exhausted: ExhaustedAction,
+    max_cost_per_request: Option<NanoUsd>,
+    view: &BudgetView,
+) -> BudgetDecision {
     let affordable = |c: &&RemoteCandidate| {
-        c.fits
-            && policy
-                .max_cost_per_request()
-                .is_none_or(|max| c.estimated_cost <= max)
+        c.fits && max_cost_per_request.is_none_or(|max| c.estimated_cost <= max)
     };
     if let Some(first) = view.candidates.first().filter(affordable) {
         return BudgetDecision::Proceed {
             remote: first.remote.clone(),
         };
     }
-    match policy.on_budget_exhausted() {
+    match on_exhausted {
         ExhaustedAction::ServeLocal if view.local_available => BudgetDecision::ServeLocal,
         ExhaustedAction::ServeLocal | ExhaustedAction::Reject => BudgetDecision::Reject,
         ExhaustedAction::Fallback => view

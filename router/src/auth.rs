@@ -44,6 +44,31 @@ pub fn authenticate(policies: &Policies, headers: &HeaderMap) -> Result<Option<C
     }))
 }
 
+/// Checks the admin key of an admin API request. Without a configured admin key the admin
+/// API is off (404, as if it did not exist). A team key is not an admin key: 403, so a
+/// team learns it has no access rather than that its key is wrong.
+pub fn authenticate_admin(
+    admin_key_hash: Option<&str>,
+    policies: &Policies,
+    headers: &HeaderMap,
+    path: &str,
+) -> Result<(), ApiError> {
+    let Some(expected) = admin_key_hash else {
+        return Err(ApiError::NotFound(path.to_string()));
+    };
+    let key = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    let hash = policies::team::hash_api_key(key);
+    if policies::team::constant_time_eq(hash.as_bytes(), expected.as_bytes()) {
+        return Ok(());
+    }
+    if policies.authenticate(key).is_some() {
+        return Err(ApiError::NotAllowed(
+            "A team key cannot use the admin API.".into(),
+        ));
+    }
+    Err(ApiError::Unauthorized)
+}
+
 /// Puts the caller in its team's experiment, if any: the variant is a pure function of the
 /// experiment id and the subject (user, header or key), so a subject always sees one variant.
 /// A request without a subject (no `user`, no header) is not enrolled.
@@ -103,6 +128,29 @@ mod tests {
             HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
         );
         h
+    }
+
+    #[test]
+    fn only_the_admin_key_opens_the_admin_api() {
+        let p = policies(&[("alpha", "sk-a")]);
+        let admin = hash_api_key("sk-admin");
+        assert!(authenticate_admin(Some(&admin), &p, &with_key("sk-admin"), "/admin/spend").is_ok());
+        assert!(matches!(
+            authenticate_admin(Some(&admin), &p, &with_key("sk-a"), "/admin/spend"),
+            Err(ApiError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            authenticate_admin(Some(&admin), &p, &with_key("sk-x"), "/admin/spend"),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            authenticate_admin(Some(&admin), &p, &HeaderMap::new(), "/admin/spend"),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            authenticate_admin(None, &p, &with_key("sk-admin"), "/admin/spend"),
+            Err(ApiError::NotFound(_))
+        ));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use policies::{NanoUsd, Policies};
 
 use crate::storage::{ScopeLimit, Storage, StorageError};
-use crate::upstream::{CallGate, GateRefusal, PaidCall, RemoteUsage, Reservation};
+use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
 
 /// Output tokens assumed when a request sets no `max_tokens`.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
@@ -62,19 +62,39 @@ impl BudgetGate {
         }
     }
 
-    /// Worst-case cost of a call. Input tokens are over-estimated by the request body's byte
-    /// count (every token of every tokenizer covers at least one byte), output tokens by
-    /// `max_tokens`, so a reservation never undercounts.
+    /// Worst-case cost of a call: the estimated input tokens and `max_tokens` of output.
     fn estimate(&self, call: &PaidCall<'_>) -> NanoUsd {
-        let Some(price) = self.policies.price(call.upstream) else {
-            return NanoUsd::ZERO;
-        };
-        let input = serde_json::to_vec(&call.request.body).map_or(0, |b| b.len() as u64);
-        let output = call
-            .request
-            .max_tokens
-            .map_or(DEFAULT_MAX_OUTPUT_TOKENS, |n| n as u64);
-        price.cost(input, output)
+        estimate_cost(&self.policies, call.upstream, call.input_tokens, call.request)
+    }
+}
+
+/// Conservative cost of a call to `upstream`: `input_tokens` in, and the request's
+/// `max_tokens` (or [`DEFAULT_MAX_OUTPUT_TOKENS`]) out. An unpriced remote costs nothing.
+pub fn estimate_cost(
+    policies: &Policies,
+    upstream: &str,
+    input_tokens: u64,
+    request: &crate::openai::CompletionRequest,
+) -> NanoUsd {
+    let Some(price) = policies.price(upstream) else {
+        return NanoUsd::ZERO;
+    };
+    let output = request
+        .max_tokens
+        .map_or(DEFAULT_MAX_OUTPUT_TOKENS, |n| n as u64);
+    price.cost(input_tokens, output)
+}
+
+/// Input tokens to reserve for a prompt. The remote's tokenizer is not ours: the local
+/// count gets a 25% margin plus 16 tokens of chat-template overhead per request, and is
+/// never more than the request body's byte count, which no byte-level tokenizer exceeds
+/// (every token covers at least one byte; JSON syntax outweighs template tokens). Without
+/// a local count (a prompt the local model never saw) the byte count is used.
+pub fn input_token_estimate(counted: Option<usize>, body_bytes: usize) -> u64 {
+    let bytes = body_bytes as u64;
+    match counted {
+        Some(n) if n > 0 => (n as u64).saturating_mul(5).div_ceil(4).saturating_add(16).min(bytes),
+        _ => bytes,
     }
 }
 
@@ -116,11 +136,9 @@ impl CallGate for BudgetGate {
             .reserve(call.request_id, &scopes, amount.0, now)
             .await
             .map_err(|e| match e {
-                StorageError::BudgetExhausted { scope } => {
-                    GateRefusal(format!("budget exhausted: {scope}"))
-                }
+                StorageError::BudgetExhausted { scope } => GateRefusal::BudgetExhausted(scope),
                 // Fail closed: a paid call without a reservation could overspend.
-                other => GateRefusal(format!("budget store unavailable: {other}")),
+                other => GateRefusal::Unavailable(other.to_string()),
             })?;
         if let Ok(mut held) = self.held.lock() {
             held.insert(id, (reservation.id, call.upstream.to_string()));
@@ -128,7 +146,7 @@ impl CallGate for BudgetGate {
         Ok(Reservation(id))
     }
 
-    async fn settle(&self, reservation: Reservation, usage: Option<RemoteUsage>) {
+    async fn settle(&self, reservation: Reservation, settlement: Settlement) {
         let Some((id, upstream)) = self
             .held
             .lock()
@@ -137,15 +155,15 @@ impl CallGate for BudgetGate {
         else {
             return;
         };
-        let result = match usage {
-            Some(u) => {
+        let result = match settlement {
+            Settlement::Used(u) => {
                 let cost = self.policies.price(&upstream).map_or(NanoUsd::ZERO, |p| {
                     p.cost(u.prompt_tokens, u.completion_tokens)
                 });
                 self.storage.settle(&id, cost.0).await
             }
-            // A failed attempt (or one that reported no usage) gives its hold back.
-            None => self.storage.release(&id).await,
+            // A failed attempt gives its hold back.
+            Settlement::Failed => self.storage.release(&id).await,
         };
         if let Err(e) = result {
             // The reservation then expires after the TTL, releasing its hold.
@@ -197,26 +215,26 @@ mod tests {
                 upstream: "big",
                 model: "m",
                 request: &request,
+                input_tokens: 100,
                 attempt: 0,
             };
             match gate.reserve(&call).await {
                 Ok(r) => granted.push(r),
-                Err(refusal) => assert!(refusal.0.contains("budget exhausted"), "{}", refusal.0),
+                Err(refusal) => assert!(
+                    matches!(refusal, GateRefusal::BudgetExhausted(_)),
+                    "{refusal}"
+                ),
             }
         }
-        // Each call holds (body bytes + 100) tokens at $1000/M, about $0.18: only some fit in $1.
-        assert!(
-            !granted.is_empty() && granted.len() < 10,
-            "{}",
-            granted.len()
-        );
+        // Each call holds 100 input + 100 output tokens at $1000/M, $0.20: five fit in $1.
+        assert_eq!(granted.len(), 5);
         let n = granted.len() as u64;
-        let usage = RemoteUsage {
+        let usage = crate::upstream::RemoteUsage {
             prompt_tokens: 10,
             completion_tokens: 10,
         };
         for r in granted {
-            gate.settle(r, Some(usage)).await;
+            gate.settle(r, Settlement::Used(usage)).await;
         }
         let scope = policies
             .scopes_for("alpha", &key_id, now_ms() / 1000)
@@ -227,5 +245,13 @@ mod tests {
         let state = storage.scope_state(&scope).await.unwrap();
         assert_eq!(state.reserved_nanos, 0);
         assert_eq!(state.spent_nanos, n * 20_000_000);
+    }
+
+    #[test]
+    fn input_estimates_add_a_margin_to_the_local_count_and_never_exceed_the_body() {
+        assert_eq!(input_token_estimate(Some(100), 10_000), 141);
+        assert_eq!(input_token_estimate(Some(100), 120), 120);
+        assert_eq!(input_token_estimate(None, 500), 500);
+        assert_eq!(input_token_estimate(Some(0), 500), 500);
     }
 }

@@ -29,6 +29,25 @@ pub enum Command {
     Eval(EvalArgs),
     /// Choose a threshold and fit the learned confidence rule from an eval run.
     Calibrate(CalibrateArgs),
+    /// Print spend by team and experiment results from the ledger.
+    Report(ReportArgs),
+}
+
+/// `cascade report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The gateway's configuration file (its `[storage]` names the ledger).
+    #[arg(long, short)]
+    pub config: Option<std::path::PathBuf>,
+    /// The budget window to report spend over: day or month (the current one).
+    #[arg(long, default_value = "day")]
+    pub window: String,
+    /// Report this experiment only (default: every configured experiment).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// Print the admin API's JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cascade keys …`.

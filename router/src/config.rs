@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -13,7 +14,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use policies::{
-    ExperimentConfig, GlobalBudgetConfig, Policies, PoliciesConfig, PriceConfig, TeamConfig,
+    ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule, NanoUsd, Policies,
+    PoliciesConfig, PriceConfig, TeamConfig,
 };
 
 use crate::routing::{Aggregate, OnOverload, OnRemoteFailure, Policy};
@@ -45,6 +47,7 @@ pub struct RawConfig {
     pub remotes: Vec<RawRemote>,
     pub storage: RawStorage,
     pub admin: RawAdmin,
+    pub confidence: RawConfidence,
     // The `policies` crate's sections, spelled as in docs/policies.md. They are
     // listed one by one rather than flattened because serde's `flatten` would
     // switch off `deny_unknown_fields` for the whole file.
@@ -60,6 +63,23 @@ pub struct RawConfig {
     pub teams: Vec<TeamConfig>,
     /// `[[experiments]]`.
     pub experiments: Vec<ExperimentConfig>,
+}
+
+/// `[confidence]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfidence {
+    /// Where learned rules (`<name>.json`, written by `cascade calibrate`) are read from;
+    /// relative to the configuration file's folder.
+    pub rules_dir: String,
+}
+
+impl Default for RawConfidence {
+    fn default() -> Self {
+        Self {
+            rules_dir: "rules".into(),
+        }
+    }
 }
 
 /// `[storage]`.
@@ -151,8 +171,11 @@ impl Default for RawLocal {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
-    /// `mean_logprob`, `min_logprob`, `quantile` or `fraction_above`.
+    /// `sum_logprob`, `mean_logprob`, `min_logprob`, `quantile`, `fraction_above`,
+    /// `mean_entropy`, `mean_margin` or `learned` (with `learned_rule`).
     pub aggregate: String,
+    /// The rule file's name (`<rules_dir>/<name>.json`) for `aggregate = "learned"`.
+    pub learned_rule: Option<String>,
     /// The quantile for `aggregate = "quantile"`.
     pub quantile: f64,
     /// The log-prob bound for `aggregate = "fraction_above"`.
@@ -170,15 +193,23 @@ pub struct RawPolicy {
     pub max_queue_wait_ms: u64,
     pub allow_route_header: bool,
     pub allow_direct_models: bool,
+    /// `serve_local`, `fallback` or `reject`: when no budget can pay for the remote call.
+    pub on_budget_exhausted: String,
+    /// The largest estimated cost of one remote call, in USD; none when absent.
+    pub max_cost_per_request_usd: Option<f64>,
+    /// Keep prompt text in the ledger.
+    pub log_prompts: bool,
 }
 
 impl Default for RawPolicy {
     fn default() -> Self {
         Self {
-            aggregate: "mean_logprob".into(),
+            // The rule and threshold chosen by cross-validation (docs/confidence.md).
+            aggregate: "sum_logprob".into(),
+            learned_rule: None,
             quantile: 0.1,
             bound: -2.0,
-            threshold: -1.0,
+            threshold: policies::confidence::DEFAULT_THRESHOLD,
             remotes: Vec::new(),
             on_remote_failure: "serve_local".into(),
             on_overload: "escalate".into(),
@@ -186,6 +217,9 @@ impl Default for RawPolicy {
             max_queue_wait_ms: 0,
             allow_route_header: false,
             allow_direct_models: true,
+            on_budget_exhausted: "serve_local".into(),
+            max_cost_per_request_usd: None,
+            log_prompts: false,
         }
     }
 }
@@ -338,18 +372,22 @@ impl Config {
         if local.name == server.model_name {
             return Err(invalid("local.name", "must differ from server.model_name"));
         }
-        let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes)?;
-        let storage = validate_storage(&raw.storage, base_dir)?;
-        let admin = validate_admin(&raw.admin)?;
-        let policies = Policies::try_from(PoliciesConfig {
+        let mut policies_config = PoliciesConfig {
             timezone: raw.timezone,
             prices: raw.prices,
             local_price: raw.local_price,
             global: raw.global,
             teams: raw.teams,
             experiments: raw.experiments,
-        })
-        .map_err(|e| invalid("policies", e.to_string()))?;
+        };
+        let rules = load_learned_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
+        policies::learned::resolve_learned(&mut policies_config, &rules)
+            .map_err(|e| invalid("policies", e.to_string()))?;
+        let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes, &rules)?;
+        let storage = validate_storage(&raw.storage, base_dir)?;
+        let admin = validate_admin(&raw.admin)?;
+        let policies = Policies::try_from(policies_config)
+            .map_err(|e| invalid("policies", e.to_string()))?;
         check_team_policies(&policies, &remotes)?;
         Ok(Config {
             server,
@@ -418,8 +456,8 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-/// What the `policies` crate accepts but this gateway cannot route by: a remote that is priced
-/// but not configured, and aggregates that need more than token log-probs.
+/// What the `policies` crate accepts but this gateway cannot route by: a remote that is
+/// priced but not configured.
 fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<(), ConfigError> {
     for team in policies.teams().values() {
         let keys = team
@@ -437,19 +475,6 @@ fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<
                 return Err(invalid(
                     format!("{at}.remotes"),
                     format!("`{r}` is not a configured [[remotes]] entry"),
-                ));
-            }
-            if !matches!(
-                policy.aggregate(),
-                policies::Aggregate::MeanLogprob
-                    | policies::Aggregate::SumLogprob
-                    | policies::Aggregate::MinLogprob
-                    | policies::Aggregate::Quantile { .. }
-                    | policies::Aggregate::FractionAbove { .. }
-            ) {
-                return Err(invalid(
-                    format!("{at}.aggregate"),
-                    "the gateway routes by mean_logprob, min_logprob, quantile or fraction_above only",
                 ));
             }
         }
@@ -661,42 +686,121 @@ fn validate_remote(
     })
 }
 
+/// Reads every learned rule the configuration names from `<rules_dir>/<name>.json`.
+fn load_learned_rules(
+    confidence: &RawConfidence,
+    policy: &RawPolicy,
+    policies_config: &PoliciesConfig,
+    base_dir: Option<&Path>,
+) -> Result<BTreeMap<String, Arc<LearnedRule>>, ConfigError> {
+    let mut names = policies::learned::learned_rule_names(policies_config);
+    if policy.aggregate == "learned" {
+        let name = policy.learned_rule.clone().ok_or_else(|| {
+            invalid(
+                "policy.learned_rule",
+                "aggregate = \"learned\" needs the rule's name (its file is <confidence.rules_dir>/<name>.json)",
+            )
+        })?;
+        names.insert(name);
+    }
+    let dir = match base_dir {
+        Some(base) if Path::new(&confidence.rules_dir).is_relative() => {
+            base.join(&confidence.rules_dir)
+        }
+        _ => PathBuf::from(&confidence.rules_dir),
+    };
+    let mut rules = BTreeMap::new();
+    for name in names {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(invalid(
+                "confidence.rules_dir",
+                format!("`{name}` is not a rule name (a file name without folders)"),
+            ));
+        }
+        let path = dir.join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            invalid(
+                "confidence.rules_dir",
+                format!("cannot read learned rule `{name}` from {}: {e}", path.display()),
+            )
+        })?;
+        let rule = LearnedRule::from_json(&text).map_err(|e| {
+            invalid(
+                "confidence.rules_dir",
+                format!("learned rule {}: {e}", path.display()),
+            )
+        })?;
+        rules.insert(name, Arc::new(rule));
+    }
+    Ok(rules)
+}
+
 fn validate_policy(
     raw: &RawPolicy,
     remotes: &[RemoteConfig],
+    rules: &BTreeMap<String, Arc<LearnedRule>>,
 ) -> Result<(Policy, Vec<String>), ConfigError> {
     let aggregate = match raw.aggregate.as_str() {
         "mean_logprob" => Aggregate::MeanLogprob,
         "sum_logprob" => Aggregate::SumLogprob,
         "min_logprob" => Aggregate::MinLogprob,
+        "mean_entropy" => Aggregate::MeanEntropy,
+        "mean_margin" => Aggregate::MeanMargin,
         "quantile" => {
             if !(0.0..=1.0).contains(&raw.quantile) {
                 return Err(invalid("policy.quantile", "must be within [0, 1]"));
             }
-            Aggregate::Quantile(raw.quantile)
+            Aggregate::Quantile { q: raw.quantile }
         }
         "fraction_above" => {
             if !raw.bound.is_finite() || raw.bound > 0.0 {
                 return Err(invalid("policy.bound", "must be a log-prob: finite and at most 0"));
             }
-            Aggregate::FractionAbove(raw.bound)
+            Aggregate::FractionAbove { bound: raw.bound }
+        }
+        "learned" => {
+            // Loaded (or refused with the file's name) by `load_learned_rules`.
+            let name = raw.learned_rule.clone().unwrap_or_default();
+            let rule = rules.get(&name).cloned();
+            Aggregate::Learned { name, rule }
         }
         other => {
             return Err(invalid(
                 "policy.aggregate",
-                format!("unknown aggregate `{other}` (choose mean_logprob, sum_logprob, min_logprob, quantile, fraction_above)"),
+                format!("unknown aggregate `{other}` (choose sum_logprob, mean_logprob, min_logprob, quantile, fraction_above, mean_entropy, mean_margin, learned)"),
             ))
         }
     };
     if !raw.threshold.is_finite() {
         return Err(invalid("policy.threshold", "must be a finite number"));
     }
-    if matches!(aggregate, Aggregate::FractionAbove(_)) && !(0.0..=1.0).contains(&raw.threshold) {
+    let (lo, hi) = aggregate.score_range();
+    if !(lo..=hi).contains(&raw.threshold) {
         return Err(invalid(
             "policy.threshold",
-            "a fraction_above threshold must be within [0, 1]",
+            format!(
+                "{} is outside the range of {} scores [{lo}, {hi}]",
+                raw.threshold,
+                aggregate.name()
+            ),
         ));
     }
+    let on_budget_exhausted = match raw.on_budget_exhausted.as_str() {
+        "serve_local" => ExhaustedAction::ServeLocal,
+        "fallback" => ExhaustedAction::Fallback,
+        "reject" => ExhaustedAction::Reject,
+        other => {
+            return Err(invalid(
+                "policy.on_budget_exhausted",
+                format!("unknown action `{other}` (choose serve_local, fallback or reject)"),
+            ))
+        }
+    };
+    let max_cost_per_request = raw
+        .max_cost_per_request_usd
+        .map(NanoUsd::from_usd)
+        .transpose()
+        .map_err(|e| invalid("policy.max_cost_per_request_usd", e.to_string()))?;
     let on_remote_failure = match raw.on_remote_failure.as_str() {
         "serve_local" => OnRemoteFailure::ServeLocal,
         "error" => OnRemoteFailure::Error,
@@ -741,13 +845,16 @@ fn validate_policy(
         max_queue_wait: optional_ms(raw.max_queue_wait_ms),
         allow_route_header: raw.allow_route_header,
         allow_direct_models: raw.allow_direct_models,
+        on_budget_exhausted,
+        max_cost_per_request,
+        log_prompts: raw.log_prompts,
     };
     Ok((policy, policy_remotes))
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     fn parse(toml: &str) -> Result<Config, ConfigError> {
@@ -780,7 +887,8 @@ mod tests {
         assert_eq!(c.remotes[0].api_key.as_deref(), Some("sk-test"));
         assert_eq!(c.remotes[0].model, "big");
         assert_eq!(c.policy_remotes, vec!["big".to_string()]);
-        assert_eq!(c.policy.aggregate, Aggregate::MeanLogprob);
+        assert_eq!(c.policy.aggregate, Aggregate::SumLogprob);
+        assert_eq!(c.policy.threshold, policies::confidence::DEFAULT_THRESHOLD);
     }
 
     fn error_of(toml: &str) -> String {
@@ -889,12 +997,12 @@ mod tests {
             "{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25"
         ))
         .unwrap();
-        assert_eq!(c.policy.aggregate, Aggregate::Quantile(0.25));
+        assert_eq!(c.policy.aggregate, Aggregate::Quantile { q: 0.25 });
         let c = parse(&format!(
             "{MINIMAL}\n[policy]\naggregate = \"fraction_above\"\nbound = -1.5\nthreshold = 0.9"
         ))
         .unwrap();
-        assert_eq!(c.policy.aggregate, Aggregate::FractionAbove(-1.5));
+        assert_eq!(c.policy.aggregate, Aggregate::FractionAbove { bound: -1.5 });
     }
 
     #[test]
@@ -915,5 +1023,74 @@ mod tests {
             assert_eq!(raw.local.model, "a.gguf");
             Ok(())
         });
+    }
+
+    fn with_rules_dir(dir: &Path, toml: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| ConfigError::Read(e.to_string()))?;
+        Config::validate(raw, Some(dir), &|name| match name {
+            "KEY" => Some("sk-test".into()),
+            "URL" => Some("http://127.0.0.1:9/v1/".into()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn learned_rules_are_loaded_by_name_from_the_rules_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        let rule = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/confidence/smollm2-135m-dev.json");
+        std::fs::copy(&rule, dir.path().join("rules/dev.json")).unwrap();
+        let team = format!(
+            "{MINIMAL}\n[policy]\naggregate = \"learned\"\nlearned_rule = \"dev\"\nthreshold = 0.4\n\
+             [prices.big]\ninput_usd_per_million = 1.0\noutput_usd_per_million = 1.0\n\
+             [[teams]]\nname = \"a\"\napi_key_hashes = []\n\
+             [teams.policy]\naggregate = {{ kind = \"learned\", name = \"dev\" }}\nthreshold = 0.3\nremotes = [\"big\"]\n"
+        );
+        let c = with_rules_dir(dir.path(), &team).unwrap();
+        assert!(
+            matches!(&c.policy.aggregate, Aggregate::Learned { name, rule: Some(_) } if name == "dev")
+        );
+        let team_policy = &c.policies.team("a").unwrap().policy;
+        assert!(matches!(
+            team_policy.aggregate(),
+            Aggregate::Learned { rule: Some(_), .. }
+        ));
+        // A missing file is named, with the key to fix.
+        let e = with_rules_dir(dir.path(), &team.replace("\"dev\"", "\"absent\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("confidence.rules_dir:") && e.contains("absent.json"), "{e}");
+        // A learned threshold is a probability.
+        let e = with_rules_dir(dir.path(), &team.replace("threshold = 0.4", "threshold = -3.0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("policy.threshold:"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configurations_are_valid() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for name in ["quickstart.toml", "multi-team.toml"] {
+            let path = examples.join(name);
+            let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+                .merge(Toml::file(&path))
+                .extract()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let config = Config::validate(raw, Some(&examples), &|name| {
+                (name == "OPENAI_API_KEY").then(|| "sk-test".to_string())
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name == "multi-team.toml" {
+                assert_eq!(config.policies.teams().len(), 3);
+                assert_eq!(config.policies.experiments().len(), 1);
+                assert!(config.admin.listen.is_some());
+                let key = config.policies.authenticate("sk-support-example").unwrap();
+                assert_eq!(key.team, "support");
+            }
+        }
     }
 }

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
 use crate::routing::{Reason, Route};
+use crate::upstream::RemoteUsage;
 
-/// One request's facts, recorded exactly once when it is dropped: after the
-/// response (or the last streamed chunk) went out, or when the client went
-/// away first.
+/// One request's facts. Its ledger record is committed with [`RequestContext::commit`]
+/// before the response completes (or, for a client that went away, when the context is
+/// dropped); its metrics are recorded exactly once when it is dropped.
 pub struct RequestContext {
     pub id: String,
     pub received_at: SystemTime,
@@ -32,14 +34,24 @@ pub struct RequestContext {
     pub confidence: Option<f64>,
     /// The cascade escalated (not a client-chosen remote).
     pub escalated: bool,
-    /// A local answer served because every remote failed.
-    pub degraded: bool,
+    /// Why a local answer was served instead of the remote one the policy wanted
+    /// (`remote-unavailable`, `budget-exhausted`): the `x-cascade-degraded` header.
+    pub degraded: Option<&'static str>,
     /// The remote that answered.
     pub upstream: Option<String>,
+    /// The local model generated (so its compute is charged).
+    pub local_ran: bool,
     pub local_prompt_tokens: usize,
     pub local_completion_tokens: usize,
-    pub remote_prompt_tokens: Option<u64>,
-    pub remote_completion_tokens: Option<u64>,
+    /// What the answering remote call was charged: its reported usage, or the gateway's
+    /// count when it reported none.
+    pub remote_billed: Option<RemoteUsage>,
+    /// The name of the aggregate behind `confidence`.
+    pub aggregate_name: Option<String>,
+    /// The error code of a failed request.
+    pub error_code: Option<&'static str>,
+    /// The prompt, kept only when the caller's policy sets `log_prompts`.
+    pub prompt_text: Option<String>,
     /// Time waiting for and running the local model.
     pub local_time: Duration,
     pub local_queue_wait: Duration,
@@ -54,6 +66,8 @@ pub struct RequestContext {
     /// A streamed response that ended with an error event.
     pub stream_failed: bool,
     metrics: Option<Arc<Metrics>>,
+    ledger: Option<Arc<Ledger>>,
+    committed: bool,
 }
 
 impl RequestContext {
@@ -74,12 +88,15 @@ impl RequestContext {
             reason: None,
             confidence: None,
             escalated: false,
-            degraded: false,
+            degraded: None,
             upstream: None,
+            local_ran: false,
             local_prompt_tokens: 0,
             local_completion_tokens: 0,
-            remote_prompt_tokens: None,
-            remote_completion_tokens: None,
+            remote_billed: None,
+            aggregate_name: None,
+            error_code: None,
+            prompt_text: None,
             local_time: Duration::ZERO,
             local_queue_wait: Duration::ZERO,
             upstream_time: Duration::ZERO,
@@ -88,6 +105,28 @@ impl RequestContext {
             status: 499,
             stream_failed: false,
             metrics,
+            ledger: None,
+            committed: false,
+        }
+    }
+
+    /// From now on this request gets a ledger record.
+    pub fn keep_in(&mut self, ledger: Arc<Ledger>) {
+        self.ledger = Some(ledger);
+    }
+
+    /// Commits the ledger record (once) and returns when it is durable. A failed write is
+    /// logged and counted; the answer, already paid for, still goes out.
+    pub async fn commit(&mut self) {
+        if self.committed {
+            return;
+        }
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
+        self.committed = true;
+        if let Err(e) = ledger.commit(self).await {
+            tracing::error!(request_id = %self.id, error = %e, "ledger record not written");
         }
     }
 
@@ -134,6 +173,18 @@ impl Drop for RequestContext {
     fn drop(&mut self) {
         if let Some(metrics) = self.metrics.take() {
             self.record(&metrics);
+        }
+        // Not committed: the client went away before the response completed. The record
+        // is still written (what was spent stays accounted for), just not awaited.
+        if let Some(ledger) = self.ledger.take().filter(|_| !self.committed) {
+            let record = ledger.record_of(self);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = ledger.write(record).await {
+                        tracing::error!(error = %e, "ledger record of an abandoned request not written");
+                    }
+                });
+            }
         }
     }
 }

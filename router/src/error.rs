@@ -36,6 +36,8 @@ pub enum ApiError {
     Local(String),
     #[error("The remote model failed: {0}")]
     Upstream(#[from] UpstreamError),
+    #[error("The budget for this request is exhausted and the policy does not serve it otherwise.")]
+    BudgetExhausted,
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -52,8 +54,11 @@ impl ApiError {
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
-            // Only the budget gate refuses calls.
-            ApiError::Upstream(UpstreamError::Refused { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BudgetExhausted => StatusCode::TOO_MANY_REQUESTS,
+            // The gate refuses calls for a full budget (handled as `BudgetExhausted` by the
+            // gateway), or fails closed when it cannot reach the budget store.
+            ApiError::Upstream(e) if e.is_budget_exhausted() => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Upstream(UpstreamError::Refused { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::Local(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,8 +77,12 @@ impl ApiError {
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("local_queue_full")),
             ApiError::NotReady { .. } => ("server_error", Some("local_model_loading")),
             ApiError::Upstream(e) if e.is_timeout() => ("upstream_error", Some("upstream_timeout")),
-            ApiError::Upstream(UpstreamError::Refused { .. }) => {
+            ApiError::BudgetExhausted => ("insufficient_quota", Some("budget_exhausted")),
+            ApiError::Upstream(e) if e.is_budget_exhausted() => {
                 ("insufficient_quota", Some("budget_exhausted"))
+            }
+            ApiError::Upstream(UpstreamError::Refused { .. }) => {
+                ("server_error", Some("budget_store_unavailable"))
             }
             ApiError::Upstream(_) => ("upstream_error", Some("upstream_unavailable")),
             ApiError::Local(_) => ("server_error", Some("local_model_error")),
@@ -91,6 +100,11 @@ impl ApiError {
             }
             _ => None,
         }
+    }
+
+    /// The error's `code`, for the ledger.
+    pub fn code(&self) -> &'static str {
+        self.kind().1.unwrap_or(self.kind().0)
     }
 
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.

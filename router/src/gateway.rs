@@ -19,7 +19,11 @@ use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
 use crate::routing::{self, Aggregate, LocalOutcome, OnOverload, Policy, Reason, Route};
-use crate::upstream::{CallGate, UpstreamBody, UpstreamError, UpstreamStream, Upstreams};
+use crate::budget::{estimate_cost, input_token_estimate};
+use crate::upstream::{
+    CallGate, GateRefusal, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
+};
+use policies::decision::{decide_budget, BudgetDecision, BudgetView, RemoteCandidate};
 
 /// Where a request goes before anything runs.
 enum Target {
@@ -68,6 +72,8 @@ pub struct Gateway {
     local: OnceLock<LocalEngine>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
+    /// Price tables, for the cost estimates of budget decisions.
+    policies: policies::Policies,
 }
 
 impl Gateway {
@@ -94,6 +100,7 @@ impl Gateway {
             local: OnceLock::new(),
             upstreams,
             metrics,
+            policies: config.policies.clone(),
         })
     }
 
@@ -113,7 +120,7 @@ impl Gateway {
             None => f64::INFINITY,
         };
         let policy = Policy {
-            aggregate: routing::Aggregate::from_policies(p.aggregate()),
+            aggregate: p.aggregate().clone(),
             threshold,
             on_remote_failure: match p.on_remote_failure() {
                 policies::RemoteFailureAction::ServeLocal => routing::OnRemoteFailure::ServeLocal,
@@ -128,6 +135,9 @@ impl Gateway {
             max_queue_wait: base.max_queue_wait,
             allow_route_header: p.allow_route_header(),
             allow_direct_models: p.allow_direct_models(),
+            on_budget_exhausted: p.on_budget_exhausted(),
+            max_cost_per_request: p.max_cost_per_request(),
+            log_prompts: p.log_prompts(),
         };
         let chain = p
             .remotes()
@@ -165,7 +175,12 @@ impl Gateway {
 
     /// The policy's confidence aggregate.
     pub fn aggregate(&self) -> Aggregate {
-        self.plan.policy.aggregate
+        self.plan.policy.aggregate.clone()
+    }
+
+    /// The policy a request runs under: its caller's, else the gateway's `[policy]`.
+    pub fn policy_of(&self, ctx: &RequestContext) -> Arc<RequestPolicy> {
+        self.plan(ctx)
     }
 
     /// Refreshes gauges that are read rather than counted.
@@ -253,7 +268,7 @@ impl Gateway {
             }
         }
         let options = RunOptions {
-            early_exit: Some((plan.policy.aggregate, plan.policy.threshold)),
+            early_exit: Some((plan.policy.aggregate.clone(), plan.policy.threshold)),
             time_budget: plan.policy.max_local_time,
             deltas: None,
         };
@@ -339,6 +354,10 @@ impl Gateway {
         self.remote(ctx, request, &plan.chain, local).await
     }
 
+    /// Pays for a remote answer, as far as the budgets allow: reserves before each call
+    /// (in the upstream client's gate), and when a budget cannot hold the call, does what
+    /// the policy's `on_budget_exhausted` says (serve the local answer, fall back to a
+    /// cheaper remote, or refuse with 429).
     async fn remote(
         &self,
         ctx: &mut RequestContext,
@@ -347,34 +366,162 @@ impl Gateway {
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
         let plan = self.plan(ctx);
-        let started = Instant::now();
-        let result = self.upstreams.call(chain, &ctx.id, request).await;
-        ctx.upstream_time += started.elapsed();
-        match result {
-            Ok(reply) => {
-                ctx.upstream = Some(reply.upstream);
-                match reply.body {
-                    UpstreamBody::Complete { bytes, usage } => {
-                        ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
-                        ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
-                        Ok(Reply::Json(bytes))
-                    }
-                    UpstreamBody::Stream(stream) => Ok(Reply::Upstream(stream)),
+        let input_tokens = self.input_tokens(ctx, request).await;
+        let mut unaffordable: Vec<usize> = Vec::new();
+        let result = loop {
+            let calls = match self.budget_decision(&plan, request, chain, &unaffordable, input_tokens) {
+                BudgetDecision::Proceed { remote } => chain
+                    .iter()
+                    .copied()
+                    .skip_while(|&i| self.upstreams.name(i) != Some(remote.as_str()))
+                    .filter(|i| !unaffordable.contains(i))
+                    .collect::<Vec<_>>(),
+                BudgetDecision::Fallback { remote } => {
+                    ctx.reason = Some(Reason::BudgetFallback);
+                    self.upstreams.find(&remote).into_iter().collect()
                 }
+                BudgetDecision::ServeLocal => {
+                    return self.serve_local_within_budget(ctx, request, local).await
+                }
+                BudgetDecision::Reject => {
+                    ctx.reason = Some(Reason::BudgetExhausted);
+                    return Err(ApiError::BudgetExhausted);
+                }
+            };
+            let started = Instant::now();
+            let result = self
+                .upstreams
+                .call(&calls, &ctx.id, request, input_tokens)
+                .await;
+            ctx.upstream_time += started.elapsed();
+            match result {
+                Err(UpstreamError::Refused {
+                    upstream,
+                    refusal: GateRefusal::BudgetExhausted(scope),
+                }) => match self.upstreams.find(&upstream) {
+                    // Decide again with this remote known not to fit; each round marks one
+                    // more, so this ends.
+                    Some(i) if !unaffordable.contains(&i) => unaffordable.push(i),
+                    _ => {
+                        break Err(UpstreamError::Refused {
+                            upstream,
+                            refusal: GateRefusal::BudgetExhausted(scope),
+                        })
+                    }
+                },
+                other => break other,
             }
+        };
+        let result = result.and_then(|reply| match reply.body {
+            UpstreamBody::Complete { bytes, billed } => {
+                ctx.upstream = Some(reply.upstream);
+                ctx.remote_billed = Some(billed);
+                Ok(Reply::Json(bytes))
+            }
+            UpstreamBody::Stream(stream) => {
+                ctx.upstream = Some(reply.upstream);
+                Ok(Reply::Upstream(stream))
+            }
+        });
+        match result {
+            Ok(reply) => Ok(reply),
             Err(error) => {
                 if let Some((run, outcome)) = local {
                     if routing::serve_local_on_remote_failure(&plan.policy, Some(&outcome)) {
                         tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
                         ctx.route = Some(Route::Local);
                         ctx.reason = Some(Reason::RemoteUnavailable);
-                        ctx.degraded = true;
+                        ctx.degraded = Some("remote-unavailable");
                         return Ok(self.local_reply(request, &run));
                     }
                 }
                 Err(ApiError::Upstream(error))
             }
         }
+    }
+
+    /// Input tokens to reserve for this request's prompt (see [`input_token_estimate`]).
+    async fn input_tokens(&self, ctx: &RequestContext, request: &CompletionRequest) -> u64 {
+        let mut counted = (ctx.local_prompt_tokens > 0).then_some(ctx.local_prompt_tokens);
+        if counted.is_none() {
+            if let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) {
+                counted = local.prompt_tokens(prompt).await.ok();
+            }
+        }
+        input_token_estimate(counted, request.body_bytes)
+    }
+
+    /// The budget decision over the remotes of `chain`, with those whose reservation was
+    /// refused marked as not fitting.
+    fn budget_decision(
+        &self,
+        plan: &RequestPolicy,
+        request: &CompletionRequest,
+        chain: &[usize],
+        unaffordable: &[usize],
+        input_tokens: u64,
+    ) -> BudgetDecision {
+        let candidates = chain
+            .iter()
+            .filter_map(|&i| {
+                let name = self.upstreams.name(i)?;
+                Some(RemoteCandidate {
+                    remote: name.to_string(),
+                    estimated_cost: estimate_cost(&self.policies, name, input_tokens, request),
+                    fits: !unaffordable.contains(&i),
+                })
+            })
+            .collect();
+        let view = BudgetView {
+            candidates,
+            local_available: self.can_serve_locally(request),
+        };
+        decide_budget(
+            plan.policy.on_budget_exhausted,
+            plan.policy.max_cost_per_request,
+            &view,
+        )
+    }
+
+    /// Whether the local model could answer this request at all.
+    fn can_serve_locally(&self, request: &CompletionRequest) -> bool {
+        self.local.get().is_some()
+            && request.prompt.is_some()
+            && routing::local_unsuitable(&request.features).is_none()
+    }
+
+    /// No budget pays for a remote: serve the local answer, marked degraded. A local answer
+    /// cut short (early exit, time budget, token cap) is a fragment, so the local model
+    /// answers again, in full; when it cannot, the request is refused with 429.
+    async fn serve_local_within_budget(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        local: Option<(LocalRun, LocalOutcome)>,
+    ) -> Result<Reply, ApiError> {
+        ctx.route = Some(Route::Local);
+        ctx.reason = Some(Reason::BudgetExhausted);
+        ctx.escalated = false;
+        ctx.degraded = Some("budget-exhausted");
+        let complete = local.filter(|(_, o)| {
+            !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some()
+        });
+        if let Some((run, _)) = complete {
+            return Ok(self.local_reply(request, &run));
+        }
+        let (Some(engine), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
+            return Err(ApiError::BudgetExhausted);
+        };
+        let run = engine
+            .run(request, prompt.clone(), RunOptions::default())
+            .await
+            .map_err(|e| match e {
+                WorkerError::Busy { .. } => ApiError::BudgetExhausted,
+                other => self.local_error(other),
+            })?;
+        ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
+        self.note_local_run(ctx, &run);
+        Ok(self.local_reply(request, &run))
     }
 
     /// The local model addressed directly (by name or route header): no
@@ -457,11 +604,13 @@ impl Gateway {
     fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
         let plan = self.plan(ctx);
         let generation = &run.output.generation;
+        ctx.local_ran = true;
+        ctx.aggregate_name = Some(plan.policy.aggregate.name());
         ctx.local_time += run.elapsed;
         ctx.local_queue_wait =
             Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         ctx.local_completion_tokens = generation.usage.completion_tokens;
-        ctx.confidence = plan.policy.aggregate.score(&generation.tokens);
+        ctx.confidence = routing::score(&plan.policy.aggregate, &generation.tokens);
         observe_local(&self.metrics, run);
     }
 
@@ -505,9 +654,10 @@ impl Reply {
         !matches!(self, Reply::Json(_))
     }
 
-    /// The response body. The context goes with it and is recorded when the
-    /// body is finished or dropped (client gone), so streamed answers are
-    /// accounted for with what they really sent.
+    /// The response body. The context goes with it: a stream commits the request's ledger
+    /// record before its last event (so a client that saw the end has a durable record), and
+    /// its metrics are recorded when the body is finished or dropped (client gone). A JSON
+    /// body's record is committed by the caller before the response is sent.
     pub fn into_body(
         self,
         ctx: RequestContext,
@@ -524,29 +674,37 @@ impl Reply {
                 if !answer.text.is_empty() {
                     chunks.push(writer.delta(&answer.text));
                 }
-                chunks.push(writer.finish(
+                let last = writer.finish(
                     answer.finish_reason,
                     answer.prompt_tokens,
                     answer.completion_tokens,
-                ));
-                stream::iter(chunks)
-                    .map(move |chunk| {
-                        // Keeps the context alive until the body is done.
-                        let _ = &ctx;
-                        Ok(chunk)
-                    })
+                );
+                stream::iter(chunks.into_iter().map(Ok))
+                    .chain(stream::once(async move {
+                        let mut ctx = ctx;
+                        ctx.commit().await;
+                        Ok(last)
+                    }))
                     .boxed()
             }
             Reply::Upstream(upstream) => {
                 stream::unfold(Some((upstream, ctx)), |state| async move {
                     let (mut upstream, mut ctx) = state?;
-                    match upstream.next().await {
-                        Some(event) => Some((Ok(event), Some((upstream, ctx)))),
+                    let event = upstream.next().await;
+                    // Kept current so that a client leaving mid-stream is recorded with
+                    // what the stream was charged up to then.
+                    ctx.remote_billed = Some(upstream.billed());
+                    ctx.stream_failed = upstream.failed();
+                    match event {
+                        Some(event) if !upstream.is_done() => {
+                            Some((Ok(event), Some((upstream, ctx))))
+                        }
+                        Some(event) => {
+                            ctx.commit().await;
+                            Some((Ok(event), None))
+                        }
                         None => {
-                            ctx.stream_failed = upstream.failed();
-                            let usage = upstream.usage();
-                            ctx.remote_prompt_tokens = usage.map(|u| u.prompt_tokens);
-                            ctx.remote_completion_tokens = usage.map(|u| u.completion_tokens);
+                            ctx.commit().await;
                             None
                         }
                     }
@@ -594,10 +752,12 @@ fn live_local_body(live: Live) -> BodyStream {
             }
             Some(LiveEvent::Done(Ok(run))) => {
                 let generation = &run.output.generation;
+                live.ctx.local_ran = true;
+                live.ctx.aggregate_name = Some(live.aggregate.name());
                 live.ctx.local_time += run.elapsed;
                 live.ctx.local_prompt_tokens = generation.usage.prompt_tokens;
                 live.ctx.local_completion_tokens = generation.usage.completion_tokens;
-                live.ctx.confidence = live.aggregate.score(&generation.tokens);
+                live.ctx.confidence = routing::score(&live.aggregate, &generation.tokens);
                 observe_local(&live.metrics, &run);
                 // Deltas are a prefix of the final text: text held back while
                 // it might have begun a stop sequence is released now.
@@ -614,10 +774,12 @@ fn live_local_body(live: Live) -> BodyStream {
                     generation.usage.prompt_tokens,
                     generation.usage.completion_tokens,
                 ));
+                live.ctx.commit().await;
                 Some((Ok(Bytes::from(out)), None))
             }
             Some(LiveEvent::Done(Err(e))) => {
                 live.ctx.stream_failed = true;
+                live.ctx.commit().await;
                 Some((
                     Ok(openai::sse_error(&e.to_string(), "local_model_error")),
                     None,

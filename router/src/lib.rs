@@ -1,5 +1,6 @@
 //! Cascade: the gateway library behind the `cascade` binary.
 
+pub mod accounts;
 pub mod auth;
 pub mod budget;
 pub mod cli;
@@ -9,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod eval;
 pub mod gateway;
+pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod openai;

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::LocalConfig;
 use crate::openai::CompletionRequest;
-use crate::routing::{Aggregate, LocalLoad};
+use crate::routing::{self, Aggregate, LocalLoad};
 
 /// Why the local model could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +159,8 @@ impl LocalEngine {
             time_budget,
             deltas,
         } = options;
+        // The signals so far, grown by one per token rather than rebuilt.
+        let mut signals: Vec<policies::TokenSignal> = Vec::new();
         let on_token = move |event: &local_model::TokenEvent<'_>| -> Control {
             if let Some(tx) = &deltas {
                 // A closed channel means the client is gone.
@@ -170,8 +172,12 @@ impl LocalEngine {
                     return Control::Stop;
                 }
             }
-            if let Some((aggregate, threshold)) = early_exit {
-                if aggregate.settled_below(event.tokens_so_far, threshold) {
+            if let Some((aggregate, threshold)) = &early_exit {
+                if let Some(new) = event.tokens_so_far.get(signals.len()..) {
+                    signals.extend(routing::signals(new));
+                }
+                let more = cap.saturating_sub(event.tokens_so_far.len());
+                if aggregate.settled_below_within(&signals, *threshold, more) {
                     settled_flag.store(true, Ordering::Relaxed);
                     return Control::Stop;
                 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the gateway, in one registry served at `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -29,6 +29,16 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Time spent outside any model: parsing, routing, proxying.
     pub gateway_overhead: Histogram,
+    /// Recorded cost in USD by team (remote calls plus the local compute price).
+    pub team_spend: CounterVec,
+    /// Budget left in USD by team and window (`day`, `month`), read from storage at scrape.
+    pub team_budget_remaining: GaugeVec,
+    /// Requests by experiment and variant.
+    pub variant_requests: IntCounterVec,
+    /// Recorded cost in USD by experiment and variant.
+    pub variant_cost: CounterVec,
+    /// Ledger records that could not be written.
+    pub ledger_errors: IntCounter,
 }
 
 /// A metric definition that prometheus rejected; only possible through a
@@ -111,6 +121,43 @@ impl Metrics {
             )
             .buckets(prometheus::exponential_buckets(0.000_025, 2.0, 14)?),
         )?;
+        let team_spend = CounterVec::new(
+            Opts::new(
+                "cascade_team_spend_usd_total",
+                "Recorded cost by team in USD (remote calls plus local compute price)",
+            ),
+            &["team"],
+        )?;
+        let team_budget_remaining = GaugeVec::new(
+            Opts::new(
+                "cascade_team_budget_remaining_usd",
+                "Budget left by team and window (limit minus spent and reserved), at scrape time",
+            ),
+            &["team", "window"],
+        )?;
+        let variant_requests = IntCounterVec::new(
+            Opts::new(
+                "cascade_variant_requests_total",
+                "Requests by experiment and variant",
+            ),
+            &["experiment", "variant"],
+        )?;
+        let variant_cost = CounterVec::new(
+            Opts::new(
+                "cascade_variant_cost_usd_total",
+                "Recorded cost by experiment and variant in USD",
+            ),
+            &["experiment", "variant"],
+        )?;
+        let ledger_errors = IntCounter::new(
+            "cascade_ledger_write_errors_total",
+            "Ledger records that could not be written",
+        )?;
+        registry.register(Box::new(team_spend.clone()))?;
+        registry.register(Box::new(team_budget_remaining.clone()))?;
+        registry.register(Box::new(variant_requests.clone()))?;
+        registry.register(Box::new(variant_cost.clone()))?;
+        registry.register(Box::new(ledger_errors.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(confidence.clone()))?;
         registry.register(Box::new(escalations.clone()))?;
@@ -133,6 +180,11 @@ impl Metrics {
             upstream_latency,
             upstream_errors,
             gateway_overhead,
+            team_spend,
+            team_budget_remaining,
+            variant_requests,
+            variant_cost,
+            ledger_errors,
         })
     }
 

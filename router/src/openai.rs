@@ -56,6 +56,8 @@ pub struct CompletionRequest {
     pub stop: Vec<String>,
     /// `response_format: {"type": "json_object"}`.
     pub json_object: bool,
+    /// Size of the body as received: an upper bound on its prompt's tokens.
+    pub body_bytes: usize,
 }
 
 fn bad(message: impl Into<String>, param: &str) -> ApiError {
@@ -67,6 +69,7 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
 
 /// Parses and validates a request body for `endpoint`.
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let body_bytes = body.len();
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let Value::Object(body) = value else {
@@ -197,6 +200,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         seed,
         stop,
         json_object,
+        body_bytes,
     })
 }
 

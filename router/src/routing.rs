@@ -3,86 +3,32 @@
 //! finished local generation.
 //!
 //! No I/O, no clock, no async: everything the decision depends on is passed
-//! in, so this module can later be swapped for `policies::decision` and
-//! `policies::confidence`, which have the same shape.
+//! in. Confidence scores come from `policies::Aggregate`, the one definition of
+//! every rule (including learned ones).
 
 use std::fmt;
 use std::time::Duration;
 
 use local_model::TokenRecord;
 
-/// How per-token log-probs become one confidence score (higher = more confident).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Aggregate {
-    /// Mean log-prob of the generated tokens.
-    MeanLogprob,
-    /// Sum of the token log-probs: the log-probability of the whole answer.
-    SumLogprob,
-    /// The lowest token log-prob.
-    MinLogprob,
-    /// The `q`-quantile of the token log-probs (0 = min, 1 = max), nearest rank.
-    Quantile(f64),
-    /// Fraction of tokens whose log-prob is at least `bound`, in [0, 1].
-    FractionAbove(f64),
+pub use policies::Aggregate;
+use policies::{ExhaustedAction, NanoUsd, TokenSignal};
+
+/// The confidence signals of generated tokens, as the `policies` crate scores them.
+pub fn signals(tokens: &[TokenRecord]) -> Vec<TokenSignal> {
+    tokens
+        .iter()
+        .map(|t| TokenSignal {
+            logprob: t.logprob,
+            entropy: t.entropy,
+            margin: t.margin,
+        })
+        .collect()
 }
 
-impl Aggregate {
-    /// The `policies` crate's aggregate. Those without a counterpart here (sum, entropy,
-    /// margin) are refused at start-up (see `config.rs`), so they map to the mean only
-    /// defensively.
-    pub fn from_policies(a: &policies::Aggregate) -> Self {
-        match a {
-            policies::Aggregate::SumLogprob => Self::SumLogprob,
-            policies::Aggregate::MeanLogprob
-            | policies::Aggregate::MeanEntropy
-            | policies::Aggregate::MeanMargin
-            | policies::Aggregate::Learned { .. } => Self::MeanLogprob,
-            policies::Aggregate::MinLogprob => Self::MinLogprob,
-            policies::Aggregate::Quantile { q } => Self::Quantile(*q),
-            policies::Aggregate::FractionAbove { bound } => Self::FractionAbove(*bound),
-        }
-    }
-
-    /// The score of a generation, or `None` when it has no tokens.
-    pub fn score(&self, tokens: &[TokenRecord]) -> Option<f64> {
-        if tokens.is_empty() {
-            return None;
-        }
-        let n = tokens.len() as f64;
-        let logprobs = tokens.iter().map(|t| f64::from(t.logprob));
-        Some(match *self {
-            Aggregate::MeanLogprob => logprobs.sum::<f64>() / n,
-            Aggregate::SumLogprob => logprobs.sum::<f64>(),
-            Aggregate::MinLogprob => logprobs.fold(f64::INFINITY, f64::min),
-            Aggregate::Quantile(q) => {
-                let mut sorted: Vec<f64> = logprobs.collect();
-                sorted.sort_by(f64::total_cmp);
-                // Nearest rank, so q = 0 is exactly the minimum and q = 1 the maximum.
-                let rank = (q.clamp(0.0, 1.0) * (n - 1.0)).round() as usize;
-                sorted.get(rank).copied().unwrap_or(f64::NEG_INFINITY)
-            }
-            Aggregate::FractionAbove(bound) => logprobs.filter(|&l| l >= bound).count() as f64 / n,
-        })
-    }
-
-    /// True only when no continuation of `tokens` could bring the score up
-    /// to `threshold`, so generating further is wasted CPU.
-    ///
-    /// Only the minimum (and the 0-quantile, which is the same) can settle
-    /// early: a mean, a higher quantile or a fraction can always be raised by
-    /// enough confident tokens still to come.
-    pub fn settled_below(&self, tokens: &[TokenRecord], threshold: f64) -> bool {
-        if *self == Aggregate::SumLogprob {
-            // Log-probs are never positive, so the sum can only fall.
-            return tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>() < threshold;
-        }
-        let can_only_fall = match *self {
-            Aggregate::MinLogprob => true,
-            Aggregate::Quantile(q) => q <= 0.0,
-            Aggregate::MeanLogprob | Aggregate::SumLogprob | Aggregate::FractionAbove(_) => false,
-        };
-        can_only_fall && tokens.iter().any(|t| f64::from(t.logprob) < threshold)
-    }
+/// The score of a generation under `aggregate`, or `None` when it has no tokens.
+pub fn score(aggregate: &Aggregate, tokens: &[TokenRecord]) -> Option<f64> {
+    aggregate.score(&signals(tokens))
 }
 
 /// Where a request is answered.
@@ -143,6 +89,11 @@ pub enum Reason {
     ModelRequested,
     /// Every remote failed and the policy serves the local answer instead.
     RemoteUnavailable,
+    /// No budget could pay for the remote call: the local answer is served, or the
+    /// request is refused, as the policy says.
+    BudgetExhausted,
+    /// The preferred remote did not fit the budget; a cheaper one answered.
+    BudgetFallback,
 }
 
 impl Reason {
@@ -168,6 +119,8 @@ impl Reason {
             Reason::RouteHeader => "route_header",
             Reason::ModelRequested => "model_requested",
             Reason::RemoteUnavailable => "remote_unavailable",
+            Reason::BudgetExhausted => "budget_exhausted",
+            Reason::BudgetFallback => "budget_fallback",
         }
     }
 }
@@ -212,6 +165,12 @@ pub struct Policy {
     pub allow_route_header: bool,
     /// Clients may address the local or a remote model by name.
     pub allow_direct_models: bool,
+    /// What happens when no budget can pay for the remote call.
+    pub on_budget_exhausted: ExhaustedAction,
+    /// The largest estimated cost one remote call may have.
+    pub max_cost_per_request: Option<NanoUsd>,
+    /// Whether the ledger may keep the prompt's text.
+    pub log_prompts: bool,
 }
 
 /// What the request asks for, as far as routing is concerned.
@@ -331,6 +290,9 @@ mod tests {
 
     fn policy(aggregate: Aggregate, threshold: f64) -> Policy {
         Policy {
+            on_budget_exhausted: ExhaustedAction::ServeLocal,
+            max_cost_per_request: None,
+            log_prompts: false,
             aggregate,
             threshold,
             on_remote_failure: OnRemoteFailure::ServeLocal,
@@ -353,35 +315,14 @@ mod tests {
     }
 
     #[test]
-    fn aggregates_score_as_defined() {
+    fn scores_come_from_the_policies_aggregates() {
         let t = tokens(&[-0.5, -1.0, -0.1, -2.0]);
         let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-6;
-        assert!(close(Aggregate::MeanLogprob.score(&t), -0.9));
-        assert!(close(Aggregate::MinLogprob.score(&t), -2.0));
-        assert!(close(Aggregate::Quantile(0.0).score(&t), -2.0));
-        assert!(close(Aggregate::Quantile(1.0).score(&t), -0.1));
-        assert!(close(Aggregate::Quantile(0.5).score(&t), -0.5));
-        assert!(close(Aggregate::FractionAbove(-0.75).score(&t), 0.5));
-    }
-
-    #[test]
-    fn empty_generation_has_no_score() {
-        assert_eq!(Aggregate::MeanLogprob.score(&[]), None);
-        assert_eq!(Aggregate::FractionAbove(-1.0).score(&[]), None);
-    }
-
-    #[test]
-    fn only_the_minimum_settles_early_and_only_once_under_the_threshold() {
-        let above = tokens(&[-0.1, -0.2]);
-        let below = tokens(&[-0.1, -3.0]);
-        assert!(!Aggregate::MinLogprob.settled_below(&above, -1.0));
-        assert!(Aggregate::MinLogprob.settled_below(&below, -1.0));
-        assert!(Aggregate::Quantile(0.0).settled_below(&below, -1.0));
-        assert!(!Aggregate::Quantile(0.1).settled_below(&below, -1.0));
-        assert!(!Aggregate::MeanLogprob.settled_below(&below, -1.0));
-        // The sum settles as soon as it falls under the threshold, and not before.
-        assert!(Aggregate::SumLogprob.settled_below(&below, -1.0) == (Aggregate::SumLogprob.score(&below).unwrap() < -1.0));
-        assert!(!Aggregate::FractionAbove(-1.0).settled_below(&below, 0.9));
+        assert!(close(score(&Aggregate::MeanLogprob, &t), -0.9));
+        assert!(close(score(&Aggregate::SumLogprob, &t), -3.6));
+        assert!(close(score(&Aggregate::MinLogprob, &t), -2.0));
+        assert!(close(score(&Aggregate::FractionAbove { bound: -0.75 }, &t), 0.5));
+        assert_eq!(score(&Aggregate::MeanLogprob, &[]), None);
     }
 
     #[test]

@@ -17,15 +17,18 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::accounts;
 use crate::auth;
 use crate::budget::BudgetGate;
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, Reply};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint};
 use crate::routing::Route;
+use crate::storage::Storage;
 use crate::upstream::{CallGate, OpenGate};
 
 /// Header names the gateway reads or writes.
@@ -47,6 +50,12 @@ pub struct AppState {
     pub policies: policies::Policies,
     /// The budget gate every paid call goes through, when the server keeps budgets.
     pub budget: Option<Arc<BudgetGate>>,
+    /// The ledger and budget store, when the server keeps one.
+    pub storage: Option<Storage>,
+    /// Writes one record per request, when the server keeps a ledger.
+    pub ledger: Option<Arc<Ledger>>,
+    /// Hex SHA-256 of the admin key; the admin API is off without one.
+    pub admin_key_hash: Option<String>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
 }
@@ -77,26 +86,49 @@ impl AppState {
             gateway,
             policies: config.policies.clone(),
             budget: None,
+            storage: None,
+            ledger: None,
+            admin_key_hash: config.admin.api_key_hash.clone(),
             metrics,
             max_body_bytes: config.server.max_body_bytes,
         })
     }
 }
 
-/// The HTTP routes.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The HTTP routes; the admin API is among them unless it has its own listener.
+pub fn router(state: Arc<AppState>, with_admin: bool) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
+    let mut routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/usage", get(usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    if with_admin {
+        routes = admin_routes(routes);
+    }
+    routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The admin API alone, for its own listener.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    admin_routes(Router::new())
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+fn admin_routes(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    routes
+        .route("/admin/spend", get(admin_spend))
+        .route("/admin/experiments/{id}", get(admin_experiment))
 }
 
 /// The request id: the client's `x-request-id` when it is a sane token,
@@ -148,6 +180,10 @@ async fn generate(
     let result = async {
         // Authentication comes first: an unknown caller learns nothing about its body.
         let caller = auth::authenticate(&state.policies, &headers)?;
+        // Recorded from here on; unknown keys are not, so they cannot fill the ledger.
+        if let Some(ledger) = &state.ledger {
+            ctx.keep_in(Arc::clone(ledger));
+        }
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let request = openai::parse_request(endpoint, &body)?;
         if let Some(mut caller) = caller {
@@ -167,6 +203,9 @@ async fn generate(
                 ctx.variant = Some(variant);
             }
         }
+        if state.gateway.policy_of(&ctx).policy.log_prompts {
+            ctx.prompt_text = prompt_text(&request);
+        }
         let route = route_header(&headers)?;
         let reply = state.gateway.complete(&mut ctx, request, route).await;
         // Every paid call of the request has reserved by now (a stream's only call
@@ -178,7 +217,15 @@ async fn generate(
     }
     .await;
     match result {
-        Ok(reply) => reply_response(reply, ctx, &state),
+        Ok(reply) => {
+            ctx.response_ready(200);
+            if !reply.is_stream() {
+                // Durable before the client sees the answer; streams commit before their
+                // last event.
+                ctx.commit().await;
+            }
+            reply_response(reply, ctx, &state)
+        }
         Err(error) => {
             if !matches!(
                 error,
@@ -187,11 +234,23 @@ async fn generate(
                 tracing::info!(request_id = %ctx.id, %error, "request failed");
             }
             let mut response = error_response(&error);
+            ctx.error_code = Some(error.code());
             ctx.response_ready(response.status().as_u16());
             cascade_headers(response.headers_mut(), &ctx);
+            ctx.commit().await;
             response
         }
     }
+}
+
+/// The prompt as the ledger keeps it when a policy allows: the messages (or the prompt) as
+/// JSON, exactly as sent.
+fn prompt_text(request: &openai::CompletionRequest) -> Option<String> {
+    let prompt = request
+        .body
+        .get("messages")
+        .or_else(|| request.body.get("prompt"))?;
+    serde_json::to_string(prompt).ok()
 }
 
 fn body_error(rejection: &BytesRejection, limit: usize) -> ApiError {
@@ -219,13 +278,12 @@ fn route_header(headers: &HeaderMap) -> Result<Option<Route>, ApiError> {
     }
 }
 
-fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Response {
+fn reply_response(reply: Reply, ctx: RequestContext, state: &AppState) -> Response {
     let content_type = if reply.is_stream() {
         "text/event-stream"
     } else {
         "application/json"
     };
-    ctx.response_ready(200);
     let mut response = Response::builder().status(StatusCode::OK);
     if let Some(h) = response.headers_mut() {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -237,7 +295,7 @@ fn reply_response(reply: Reply, mut ctx: RequestContext, state: &AppState) -> Re
     let aggregate = ctx
         .policy
         .as_ref()
-        .map_or_else(|| state.gateway.aggregate(), |p| p.policy.aggregate);
+        .map_or_else(|| state.gateway.aggregate(), |p| p.policy.aggregate.clone());
     let body = match reply {
         // A complete body goes out with a Content-Length, in one write.
         Reply::Json(bytes) => Body::from(bytes),
@@ -266,8 +324,8 @@ fn cascade_headers(h: &mut HeaderMap, ctx: &RequestContext) {
         .confidence
         .map_or_else(|| "none".to_string(), |c| format!("{c:.4}"));
     set(h, headers::CONFIDENCE, &confidence);
-    if ctx.degraded {
-        set(h, headers::DEGRADED, "remote-unavailable");
+    if let Some(why) = ctx.degraded {
+        set(h, headers::DEGRADED, why);
     }
     if let Some(variant) = &ctx.variant {
         set(h, headers::VARIANT, variant);
@@ -283,6 +341,126 @@ pub fn error_response(error: &ApiError) -> Response {
             .insert(header::RETRY_AFTER, retry_after);
     }
     response
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The ledger store, or the error of a gateway that keeps none.
+fn storage_of(state: &AppState) -> Result<&Storage, ApiError> {
+    state.storage.as_ref().ok_or_else(|| {
+        ApiError::NotAllowed("This gateway keeps no ledger (it runs without storage).".into())
+    })
+}
+
+fn storage_error(e: crate::storage::StorageError) -> ApiError {
+    ApiError::Internal(format!("storage: {e}"))
+}
+
+/// `POST /v1/feedback`: a score for one of the caller's own requests.
+async fn feedback(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let caller = auth::authenticate(&state.policies, &headers)?;
+        let storage = storage_of(&state)?;
+        let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
+        let feedback = accounts::parse_feedback(&body)?;
+        let team = caller.as_ref().map(|c| c.team.as_str());
+        accounts::record_feedback(storage, team, &feedback, now_ms()).await?;
+        Ok::<_, ApiError>(Json(json!({
+            "object": "feedback",
+            "request_id": feedback.request_id,
+            "score": feedback.score,
+        })))
+    }
+    .await;
+    result.map_or_else(|e| error_response(&e), IntoResponse::into_response)
+}
+
+/// `GET /v1/usage`: the caller's own team's spend, budget left and escalation rate.
+async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        let caller = auth::authenticate(&state.policies, &headers)?;
+        let storage = storage_of(&state)?;
+        let team = caller.as_ref().map(|c| c.team.as_str());
+        accounts::team_usage(storage, &state.policies, team, now_ms())
+            .await
+            .map_err(storage_error)
+    }
+    .await;
+    result.map_or_else(|e| error_response(&e), |u| Json(u).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SpendQuery {
+    #[serde(default)]
+    window: Option<String>,
+}
+
+/// `GET /admin/spend?window=day|month`: every team's spend and budget.
+async fn admin_spend(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        auth::authenticate_admin(
+            state.admin_key_hash.as_deref(),
+            &state.policies,
+            &headers,
+            "/admin/spend",
+        )?;
+        let storage = storage_of(&state)?;
+        let query = query.map_err(|e| ApiError::InvalidRequest {
+            message: e.body_text(),
+            param: None,
+        })?;
+        let window = match query.window.as_deref() {
+            None | Some("day") => policies::Window::Day,
+            Some("month") => policies::Window::Month,
+            Some(_) => {
+                return Err(ApiError::InvalidRequest {
+                    message: "`window` must be `day` or `month`".into(),
+                    param: Some("window".into()),
+                })
+            }
+        };
+        accounts::spend(storage, &state.policies, window, now_ms())
+            .await
+            .map_err(storage_error)
+    }
+    .await;
+    result.map_or_else(|e| error_response(&e), |r| Json(r).into_response())
+}
+
+/// `GET /admin/experiments/{id}`: per-variant results with 95% confidence intervals.
+async fn admin_experiment(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let path = format!("/admin/experiments/{id}");
+    let result = async {
+        auth::authenticate_admin(
+            state.admin_key_hash.as_deref(),
+            &state.policies,
+            &headers,
+            &path,
+        )?;
+        let storage = storage_of(&state)?;
+        accounts::experiment(storage, &state.policies, &id)
+            .await
+            .map_err(storage_error)?
+            .ok_or_else(|| ApiError::NotFound(format!("experiment `{id}`")))
+    }
+    .await;
+    result.map_or_else(|e| error_response(&e), |r| Json(r).into_response())
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Response {
@@ -313,6 +491,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.gateway.update_gauges();
+    update_budget_gauges(&state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -323,6 +502,30 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// Sets the budget-remaining gauge of every team with a budget (one read per team and
+/// window, at scrape time rather than on the request path).
+async fn update_budget_gauges(state: &AppState) {
+    let Some(storage) = &state.storage else {
+        return;
+    };
+    let now = now_ms().div_euclid(1000);
+    for team in state.policies.teams().keys() {
+        for (scope, limit) in state.policies.scopes_for(team, "", now) {
+            if scope.kind != policies::ScopeKind::Team {
+                continue;
+            }
+            if let Ok(s) = storage.scope_state(&scope.storage_key()).await {
+                let used = s.spent_nanos.saturating_add(s.reserved_nanos);
+                state
+                    .metrics
+                    .team_budget_remaining
+                    .with_label_values(&[team.as_str(), scope.window.as_str()])
+                    .set(policies::NanoUsd(limit.0.saturating_sub(used)).usd());
+            }
+        }
+    }
+}
+
 async fn not_found(request: Request) -> Response {
     error_response(&ApiError::NotFound(request.uri().path().to_string()))
 }
@@ -330,6 +533,8 @@ async fn not_found(request: Request) -> Response {
 /// A server running on the current tokio runtime.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The admin API's own address, when it has one.
+    pub admin_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
@@ -342,7 +547,8 @@ impl RunningServer {
         let storage = crate::storage::connect(&config.storage).await?;
         let budget = Arc::new(BudgetGate::new(storage.clone(), config.policies.clone()));
         let gate: Arc<dyn CallGate> = Arc::clone(&budget) as Arc<dyn CallGate>;
-        let server = Self::start_inner(config, gate, Some(budget)).await?;
+        let server =
+            Self::start_inner(config, gate, Some((budget, storage.clone()))).await?;
         // Reservations of requests that died (a crash elsewhere, a lost settle) are released
         // after the TTL; `reserve` does so too, but only when a budget looks full.
         let period =
@@ -378,10 +584,18 @@ impl RunningServer {
     async fn start_inner(
         config: &Config,
         gate: Arc<dyn CallGate>,
-        budget: Option<Arc<BudgetGate>>,
+        store: Option<(Arc<BudgetGate>, Storage)>,
     ) -> Result<Self, StartError> {
         let mut state = AppState::new(config, gate)?;
-        state.budget = budget;
+        if let Some((budget, storage)) = store {
+            state.ledger = Some(Arc::new(Ledger::start(
+                storage.clone(),
+                config.policies.clone(),
+                Arc::clone(&state.metrics),
+            )));
+            state.budget = Some(budget);
+            state.storage = Some(storage);
+        }
         let state = Arc::new(state);
         let addr = config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -391,7 +605,29 @@ impl RunningServer {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let (shutdown, signal) = oneshot::channel::<()>();
-        let app = router(Arc::clone(&state));
+        let signal = futures::FutureExt::shared(async move {
+            let _ = signal.await;
+        });
+        let admin_addr = match config.admin.listen {
+            Some(admin) => {
+                let listener = TcpListener::bind(admin)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: admin, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr: admin, source })?;
+                let app = admin_router(Arc::clone(&state));
+                let stop = signal.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "admin listener failed");
+                    }
+                });
+                Some(bound)
+            }
+            None => None,
+        };
+        let app = router(Arc::clone(&state), admin_addr.is_none());
         // Headers and body may go out in separate writes; without NODELAY,
         // Nagle's algorithm holds the second one back for a delayed ACK.
         let listener = listener.tap_io(|tcp| {
@@ -399,13 +635,12 @@ impl RunningServer {
         });
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = signal.await;
-                })
+                .with_graceful_shutdown(signal)
                 .await
         });
         Ok(Self {
             addr,
+            admin_addr,
             state,
             shutdown: Some(shutdown),
             task,

@@ -42,6 +42,9 @@ pub struct PaidCall<'a> {
     pub model: &'a str,
     /// The request as it goes upstream (for a conservative cost estimate).
     pub request: &'a CompletionRequest,
+    /// Estimated input tokens: what is reserved for the prompt, and what is charged for it
+    /// when the remote reports no usage.
+    pub input_tokens: u64,
     /// 0 for the first try at this upstream.
     pub attempt: u32,
 }
@@ -50,19 +53,34 @@ pub struct PaidCall<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reservation(pub u64);
 
-/// The gate refused a call (a budget would be exceeded).
+/// Why the gate refused a call.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct GateRefusal(pub String);
+pub enum GateRefusal {
+    /// A budget scope cannot hold the call's estimated cost.
+    #[error("budget exhausted: {0}")]
+    BudgetExhausted(String),
+    /// The budget store could not be asked; the gate fails closed.
+    #[error("budget store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a granted call turned out to cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The remote produced nothing billable (the attempt failed before an answer).
+    Failed,
+    /// The tokens to charge: the remote's reported usage, or the gateway's count when it
+    /// reported none.
+    Used(RemoteUsage),
+}
 
 /// Hook around every paid call: the place for budget reservation and
 /// settlement. `reserve` runs before each attempt; `settle` runs exactly once
-/// per granted reservation, with the usage the remote reported, or `None`
-/// when the attempt failed or reported none (settle conservatively then).
+/// per granted reservation with what the call used.
 #[async_trait]
 pub trait CallGate: Send + Sync {
     async fn reserve(&self, call: &PaidCall<'_>) -> Result<Reservation, GateRefusal>;
-    async fn settle(&self, reservation: Reservation, usage: Option<RemoteUsage>);
+    async fn settle(&self, reservation: Reservation, settlement: Settlement);
 }
 
 /// The gate of this issue: every call is allowed and nothing is recorded.
@@ -74,7 +92,7 @@ impl CallGate for OpenGate {
     async fn reserve(&self, _call: &PaidCall<'_>) -> Result<Reservation, GateRefusal> {
         Ok(Reservation::default())
     }
-    async fn settle(&self, _reservation: Reservation, _usage: Option<RemoteUsage>) {}
+    async fn settle(&self, _reservation: Reservation, _settlement: Settlement) {}
 }
 
 /// Why a remote call failed.
@@ -94,8 +112,11 @@ pub enum UpstreamError {
     },
     #[error("{upstream}: malformed response: {detail}")]
     Malformed { upstream: String, detail: String },
-    #[error("{upstream}: call refused: {reason}")]
-    Refused { upstream: String, reason: String },
+    #[error("{upstream}: call refused: {refusal}")]
+    Refused {
+        upstream: String,
+        refusal: GateRefusal,
+    },
     #[error("no remote model is configured")]
     NoRemote,
     #[error("cannot build the HTTP client: {0}")]
@@ -106,6 +127,17 @@ impl UpstreamError {
     /// The remote timed out (504 rather than 502).
     pub fn is_timeout(&self) -> bool {
         matches!(self, UpstreamError::Timeout { .. })
+    }
+
+    /// The budget gate refused the call because a budget is full.
+    pub fn is_budget_exhausted(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Refused {
+                refusal: GateRefusal::BudgetExhausted(_),
+                ..
+            }
+        )
     }
 
     /// Worth another try at the same upstream: transient by nature.
@@ -148,7 +180,8 @@ pub enum UpstreamBody {
     /// A non-streamed response, passed to the client byte for byte.
     Complete {
         bytes: Bytes,
-        usage: Option<RemoteUsage>,
+        /// What was charged: the reported usage, or the gateway's estimate without one.
+        billed: RemoteUsage,
     },
     /// Server-sent events, forwarded one by one as they arrive.
     Stream(Box<UpstreamStream>),
@@ -170,6 +203,44 @@ struct ResponseProbe {
     usage: Option<RemoteUsage>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+    #[serde(default)]
+    choices: Vec<ChoiceProbe>,
+}
+
+/// The generated text of one choice, streamed (`delta.content`) or not (`message.content`,
+/// `text`), for counting tokens when a remote reports no usage.
+#[derive(Deserialize, Default)]
+struct ChoiceProbe {
+    #[serde(default)]
+    delta: Option<ContentProbe>,
+    #[serde(default)]
+    message: Option<ContentProbe>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ContentProbe {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+impl ChoiceProbe {
+    fn text_len(&self) -> usize {
+        let content = |c: &Option<ContentProbe>| {
+            c.as_ref()
+                .and_then(|c| c.content.as_ref())
+                .map_or(0, String::len)
+        };
+        content(&self.delta) + content(&self.message) + self.text.as_ref().map_or(0, String::len)
+    }
+}
+
+/// Output tokens of a generation the remote did not count: at least one per streamed event
+/// that carried text (OpenAI sends one token per event), and at least one per four bytes of
+/// text (some servers batch tokens), so budgets err on the side of charging too much.
+fn counted_output_tokens(text_events: u64, text_bytes: u64) -> u64 {
+    text_events.max(text_bytes.div_ceil(4))
 }
 
 impl Upstreams {
@@ -198,6 +269,11 @@ impl Upstreams {
         &self.remotes
     }
 
+    /// The name of the remote at index `i`.
+    pub fn name(&self, i: usize) -> Option<&str> {
+        self.remotes.get(i).map(|r| r.name.as_str())
+    }
+
     /// The index of the remote with this name.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.remotes.iter().position(|r| r.name == name)
@@ -211,6 +287,7 @@ impl Upstreams {
         chain: &[usize],
         request_id: &str,
         request: &CompletionRequest,
+        input_tokens: u64,
     ) -> Result<UpstreamReply, UpstreamError> {
         let started = Instant::now();
         let mut last = UpstreamError::NoRemote;
@@ -224,21 +301,22 @@ impl Upstreams {
                     upstream: &remote.name,
                     model: &remote.model,
                     request,
+                    input_tokens,
                     attempt,
                 };
                 let reservation = match self.gate.reserve(&call).await {
                     Ok(r) => r,
+                    // What to do about money is the caller's policy, not the next remote.
                     Err(refusal) => {
-                        last = UpstreamError::Refused {
+                        return Err(UpstreamError::Refused {
                             upstream: remote.name.clone(),
-                            reason: refusal.0,
-                        };
-                        break;
+                            refusal,
+                        })
                     }
                 };
                 let attempt_started = Instant::now();
                 let result = self
-                    .attempt(remote, &body, request.endpoint, request.stream, reservation)
+                    .attempt(remote, &body, request, input_tokens, reservation)
                     .await;
                 let latency = attempt_started.elapsed().as_secs_f64();
                 match result {
@@ -286,10 +364,11 @@ impl Upstreams {
         &self,
         remote: &Arc<RemoteConfig>,
         body: &Bytes,
-        endpoint: openai::Endpoint,
-        stream: bool,
+        request: &CompletionRequest,
+        input_tokens: u64,
         reservation: Reservation,
     ) -> Result<UpstreamBody, (UpstreamError, Option<Duration>)> {
+        let (endpoint, stream) = (request.endpoint, request.stream);
         let settle = Settle::new(Arc::clone(&self.gate), reservation);
         let url = format!("{}{}", remote.base_url, endpoint.upstream_path());
         let mut builder = self
@@ -338,6 +417,7 @@ impl Upstreams {
                 response.bytes_stream().boxed(),
                 remote.timeout,
                 settle,
+                input_tokens,
                 self.metrics.clone(),
             );
             // Wait for the first event before answering the client: a stream
@@ -376,11 +456,15 @@ impl Upstreams {
                 None,
             ));
         }
-        settle.finish(probe.usage);
-        Ok(UpstreamBody::Complete {
-            bytes,
-            usage: probe.usage,
-        })
+        let billed = probe.usage.unwrap_or_else(|| RemoteUsage {
+            prompt_tokens: input_tokens,
+            completion_tokens: counted_output_tokens(
+                probe.choices.len() as u64,
+                probe.choices.iter().map(|c| c.text_len() as u64).sum(),
+            ),
+        });
+        settle.finish(Settlement::Used(billed));
+        Ok(UpstreamBody::Complete { bytes, billed })
     }
 }
 
@@ -423,12 +507,12 @@ fn backoff(remote: &RemoteConfig, attempt: u32, retry_after: Option<Duration>) -
     retry_after.map_or(jittered, |r| jittered.max(r.min(remote.backoff_max)))
 }
 
-/// Settles a reservation exactly once: explicitly with the usage, or on drop
-/// with none (a failed attempt, a stream the client abandoned).
+/// Settles a reservation exactly once: explicitly with what was used, or on drop as
+/// failed (an attempt that produced no answer).
 struct Settle {
     gate: Arc<dyn CallGate>,
     reservation: Option<Reservation>,
-    usage: Option<RemoteUsage>,
+    settlement: Settlement,
 }
 
 impl Settle {
@@ -436,12 +520,12 @@ impl Settle {
         Self {
             gate,
             reservation: Some(reservation),
-            usage: None,
+            settlement: Settlement::Failed,
         }
     }
 
-    fn finish(mut self, usage: Option<RemoteUsage>) {
-        self.usage = usage;
+    fn finish(mut self, settlement: Settlement) {
+        self.settlement = settlement;
     }
 }
 
@@ -451,11 +535,11 @@ impl Drop for Settle {
             return;
         };
         let gate = Arc::clone(&self.gate);
-        let usage = self.usage;
+        let settlement = self.settlement;
         // Settling may do I/O; it must not be lost when a client goes away,
         // so it runs as its own task.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move { gate.settle(reservation, usage).await });
+            handle.spawn(async move { gate.settle(reservation, settlement).await });
         }
     }
 }
@@ -475,6 +559,11 @@ pub struct UpstreamStream {
     idle: Pin<Box<tokio::time::Sleep>>,
     finished: bool,
     usage: Option<RemoteUsage>,
+    /// Input tokens charged when the remote reports no usage.
+    input_tokens: u64,
+    /// Events that carried generated text, and its bytes, for counting without usage.
+    text_events: u64,
+    text_bytes: u64,
     failure: Option<UpstreamError>,
     failed: bool,
     settle: Option<Settle>,
@@ -487,6 +576,8 @@ struct ChunkProbe {
     usage: Option<RemoteUsage>,
     #[serde(default)]
     error: Option<serde_json::Value>,
+    #[serde(default)]
+    choices: Vec<ChoiceProbe>,
 }
 
 impl UpstreamStream {
@@ -495,6 +586,7 @@ impl UpstreamStream {
         inner: BoxStream<'static, reqwest::Result<Bytes>>,
         idle_timeout: Duration,
         settle: Settle,
+        input_tokens: u64,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Self {
@@ -506,6 +598,9 @@ impl UpstreamStream {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             finished: false,
             usage: None,
+            input_tokens,
+            text_events: 0,
+            text_bytes: 0,
             failure: None,
             failed: false,
             settle: Some(settle),
@@ -516,6 +611,31 @@ impl UpstreamStream {
     /// The usage the remote reported in the stream, if it did.
     pub fn usage(&self) -> Option<RemoteUsage> {
         self.usage
+    }
+
+    /// What the stream is charged so far: the reported usage, else the estimated input
+    /// and the output tokens counted from the text that arrived (a stream that breaks
+    /// or that the client leaves was still generated, and billed, up to there).
+    pub fn billed(&self) -> RemoteUsage {
+        self.usage.unwrap_or(RemoteUsage {
+            prompt_tokens: self.input_tokens,
+            completion_tokens: counted_output_tokens(self.text_events, self.text_bytes),
+        })
+    }
+
+    /// Nothing billable arrived (no text, no usage) is a failed attempt; anything else
+    /// is charged as [`UpstreamStream::billed`].
+    fn settlement(&self) -> Settlement {
+        if self.usage.is_none() && self.text_events == 0 {
+            Settlement::Failed
+        } else {
+            Settlement::Used(self.billed())
+        }
+    }
+
+    /// Whether the last event has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.finished && self.ready.is_empty()
     }
 
     /// The stream ended with an error event.
@@ -540,7 +660,7 @@ impl UpstreamStream {
     fn end(&mut self) {
         self.finished = true;
         if let Some(settle) = self.settle.take() {
-            settle.finish(self.usage);
+            settle.finish(self.settlement());
         }
     }
 
@@ -571,6 +691,11 @@ impl UpstreamStream {
                 if probe.usage.is_some() {
                     self.usage = probe.usage;
                 }
+                let text: usize = probe.choices.iter().map(ChoiceProbe::text_len).sum();
+                if text > 0 {
+                    self.text_events += 1;
+                    self.text_bytes += text as u64;
+                }
                 let is_error = probe.error.is_some();
                 self.ready.push_back(event);
                 if is_error {
@@ -582,6 +707,15 @@ impl UpstreamStream {
                 upstream: self.upstream.clone(),
                 detail: format!("bad stream event: {e}"),
             }),
+        }
+    }
+}
+
+impl Drop for UpstreamStream {
+    fn drop(&mut self) {
+        // A stream the client abandoned was generated, and billed, up to here.
+        if let Some(settle) = self.settle.take() {
+            settle.finish(self.settlement());
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod calibrate;
 pub mod eval;
 pub mod generate;
 pub mod keys;
+pub mod report;
 pub mod serve;
 
 use local_model::{LoadOptions, LocalModel};

@@ -1,7 +1,7 @@
 //! Plain-text tables for the terminal.
 
 use super::stats::{Estimate, VariantStats};
-use crate::storage::UsageSummary;
+use crate::accounts::TeamSpend;
 
 /// Formats rows as left-aligned columns under a header.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -77,24 +77,22 @@ pub fn experiment_table(stats: &[VariantStats]) -> String {
     )
 }
 
-/// The spend-by-team table.
-pub fn spend_table(rows: &[(String, UsageSummary)]) -> String {
-    let rows: Vec<Vec<String>> = rows
+/// The spend-by-team table of one window.
+pub fn spend_table(teams: &[TeamSpend]) -> String {
+    let money = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+    let rows: Vec<Vec<String>> = teams
         .iter()
-        .map(|(team, u)| {
-            let rate = if u.requests > 0 {
-                100.0 * u.escalated as f64 / u.requests as f64
-            } else {
-                0.0
-            };
+        .map(|t| {
+            let u = &t.usage;
             vec![
-                team.clone(),
+                if t.team.is_empty() { "(none)".into() } else { t.team.clone() },
                 u.requests.to_string(),
-                format!("{rate:.1}"),
-                format!("{:.6}", u.cost_nanos as f64 / 1e9),
-                u.local_tokens.to_string(),
-                u.remote_input_tokens.to_string(),
-                u.remote_output_tokens.to_string(),
+                u.escalation_rate
+                    .map_or_else(|| "-".into(), |r| format!("{:.1}", 100.0 * r)),
+                format!("{:.6}", u.cost_usd),
+                money(u.budget_usd),
+                format!("{:.6}", u.budget_spent_usd),
+                money(u.budget_remaining_usd),
             ]
         })
         .collect();
@@ -103,10 +101,10 @@ pub fn spend_table(rows: &[(String, UsageSummary)]) -> String {
             "team",
             "requests",
             "escalated %",
-            "spend USD",
-            "local tokens",
-            "remote in",
-            "remote out",
+            "cost USD",
+            "budget USD",
+            "budget spent USD",
+            "budget left USD",
         ],
         &rows,
     )

@@ -154,6 +154,12 @@ impl Storage {
         on_backend!(self, ledger::record(rec))
     }
 
+    /// Stores several records in one transaction (one commit for all); records whose id
+    /// exists are ignored. All or none are stored.
+    pub async fn record_batch(&self, records: &[LedgerRecord]) -> Result<(), StorageError> {
+        on_backend!(self, ledger::record_batch(records))
+    }
+
     /// Attaches a client's score in [0, 1] (and comment) to a request; the latest wins.
     pub async fn record_feedback(
         &self,

@@ -168,7 +168,16 @@ pub async fn post(
 }
 
 pub async fn get(server: &RunningServer, path: &str) -> Reply {
-    let response = client().get(url(server, path)).send().await.unwrap();
+    get_at(&url(server, path), &[]).await
+}
+
+/// GET any URL with headers.
+pub async fn get_at(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = client().get(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap_or_default();

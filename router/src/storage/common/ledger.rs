@@ -1,8 +1,8 @@
 //! The request ledger: one row per request, feedback, and the aggregates reports read.
 //!
 //! Compiled once per backend (`#[path]` from `sqlite.rs` and `postgres.rs`): `Db` comes from
-//! the parent module. Every statement is a single autocommitted statement, durable when it
-//! returns.
+//! the parent module. Every write is durable when it returns: single statements autocommit,
+//! and `record_batch` commits its records together.
 
 use sqlx::{Database, Pool, Row};
 
@@ -35,6 +35,26 @@ macro_rules! usage_columns {
 /// Stores a record unless one with the same id exists (the first write wins, so a retried
 /// write cannot double-count a request).
 pub(crate) async fn record(pool: &Pool<Db>, rec: &LedgerRecord) -> Result<(), StorageError> {
+    insert(pool, rec).await
+}
+
+/// Stores several records in one transaction: one commit (one fsync) for all of them.
+pub(crate) async fn record_batch(
+    pool: &Pool<Db>,
+    records: &[LedgerRecord],
+) -> Result<(), StorageError> {
+    let mut tx = pool.begin().await?;
+    for rec in records {
+        insert(&mut *tx, rec).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn insert<'e, E>(executor: E, rec: &LedgerRecord) -> Result<(), StorageError>
+where
+    E: sqlx::Executor<'e, Database = Db>,
+{
     sqlx::query(concat!(
         "INSERT INTO ledger (",
         record_columns!(),
@@ -59,7 +79,7 @@ pub(crate) async fn record(pool: &Pool<Db>, rec: &LedgerRecord) -> Result<(), St
         .bind(to_db(rec.latency_ms, "latency_ms")?)
         .bind(i32::from(rec.status))
         .bind(&rec.prompt_text)
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }

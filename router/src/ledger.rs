@@ -1,0 +1,180 @@
+//! The request ledger as the gateway writes it: one record per request, committed before
+//! the response completes (a JSON body is sent after its record is durable; a stream's last
+//! event after its record is durable), so a crash can lose a request in flight but never one
+//! a client saw finish.
+//!
+//! Records go through one writer task that commits whatever has queued up meanwhile in a
+//! single transaction (group commit): under load many requests share one fsync instead of
+//! queueing for one each, and each request still waits until its own record is durable.
+
+use std::sync::Arc;
+
+use policies::{NanoUsd, Policies};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::context::RequestContext;
+use crate::metrics::Metrics;
+use crate::storage::{LedgerRecord, Storage, StorageError};
+
+/// Most records committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Records waiting for the writer before callers wait to enqueue (backpressure).
+const QUEUE: usize = 4096;
+
+/// A record waiting for its commit, and who to tell.
+struct Pending {
+    record: LedgerRecord,
+    done: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// Why a record was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("the ledger writer has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Writes ledger records and keeps the spend metrics.
+pub struct Ledger {
+    queue: mpsc::Sender<Pending>,
+    policies: Policies,
+    metrics: Arc<Metrics>,
+}
+
+impl Ledger {
+    /// Starts the writer task on the current runtime. It ends when the last `Ledger` is
+    /// dropped, after writing what was queued.
+    pub fn start(storage: Storage, policies: Policies, metrics: Arc<Metrics>) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(storage, rx));
+        Self {
+            queue,
+            policies,
+            metrics,
+        }
+    }
+
+    /// The record of a request, as it stands now.
+    pub fn record_of(&self, ctx: &RequestContext) -> LedgerRecord {
+        let local_price = self.policies.local_price();
+        let local_cost = if ctx.local_ran {
+            local_price.cost(
+                ctx.local_prompt_tokens as u64,
+                ctx.local_completion_tokens as u64,
+            )
+        } else {
+            NanoUsd::ZERO
+        };
+        let remote_cost = match (&ctx.upstream, ctx.remote_billed) {
+            (Some(upstream), Some(billed)) => self
+                .policies
+                .price(upstream)
+                .map_or(NanoUsd::ZERO, |p| {
+                    p.cost(billed.prompt_tokens, billed.completion_tokens)
+                }),
+            _ => NanoUsd::ZERO,
+        };
+        let status = if ctx.stream_failed { 502 } else { ctx.status };
+        let route = match ctx.route {
+            _ if status >= 400 && !ctx.stream_failed => "rejected",
+            Some(route) => route.as_str(),
+            None => "rejected",
+        };
+        let local_tokens = if ctx.local_ran {
+            (ctx.local_prompt_tokens + ctx.local_completion_tokens) as u64
+        } else {
+            0
+        };
+        LedgerRecord {
+            id: ctx.id.clone(),
+            created_unix_ms: ctx
+                .received_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            team: ctx.team.clone(),
+            key_id: ctx.key_id.clone(),
+            experiment: ctx.experiment.clone(),
+            variant: ctx.variant.clone(),
+            route: route.to_string(),
+            reason: ctx
+                .reason
+                .map_or_else(|| ctx.error_code.unwrap_or("none").to_string(), |r| {
+                    r.as_str().to_string()
+                }),
+            confidence: ctx.confidence,
+            confidence_aggregate: ctx.confidence.and(ctx.aggregate_name.clone()),
+            local_tokens,
+            remote_model: ctx.upstream.clone(),
+            remote_input_tokens: ctx.remote_billed.map_or(0, |u| u.prompt_tokens),
+            remote_output_tokens: ctx.remote_billed.map_or(0, |u| u.completion_tokens),
+            cost_nanos: remote_cost.saturating_add(local_cost).0,
+            latency_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            status,
+            prompt_text: ctx.prompt_text.clone(),
+        }
+    }
+
+    /// Writes the request's record and returns once it is durable.
+    pub async fn commit(&self, ctx: &RequestContext) -> Result<(), LedgerError> {
+        self.write(self.record_of(ctx)).await
+    }
+
+    /// Writes a record and returns once it is durable.
+    pub async fn write(&self, record: LedgerRecord) -> Result<(), LedgerError> {
+        let (done, wait) = oneshot::channel();
+        let cost = NanoUsd(record.cost_nanos).usd();
+        let labels = (record.team.clone(), record.experiment.clone(), record.variant.clone());
+        self.queue
+            .send(Pending { record, done })
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        let result = wait.await.map_err(|_| LedgerError::Stopped)?;
+        if let Err(e) = result {
+            self.metrics.ledger_errors.inc();
+            return Err(e.into());
+        }
+        let (team, experiment, variant) = labels;
+        if let Some(team) = team {
+            self.metrics.team_spend.with_label_values(&[&team]).inc_by(cost);
+        }
+        if let (Some(experiment), Some(variant)) = (experiment, variant) {
+            self.metrics
+                .variant_requests
+                .with_label_values(&[&experiment, &variant])
+                .inc();
+            self.metrics
+                .variant_cost
+                .with_label_values(&[&experiment, &variant])
+                .inc_by(cost);
+        }
+        Ok(())
+    }
+}
+
+/// Commits queued records in batches until every sender is gone.
+async fn write_loop(storage: Storage, mut rx: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let records: Vec<LedgerRecord> = batch.iter().map(|p| p.record.clone()).collect();
+        match storage.record_batch(&records).await {
+            Ok(()) => {
+                for pending in batch.drain(..) {
+                    let _ = pending.done.send(Ok(()));
+                }
+            }
+            // One bad record (or a transient failure) must not fail the others: write them
+            // one by one and report each its own outcome.
+            Err(_) => {
+                for pending in batch.drain(..) {
+                    let result = storage.record(&pending.record).await;
+                    if let Err(e) = &result {
+                        tracing::error!(request_id = %pending.record.id, error = %e, "cannot write the ledger record");
+                    }
+                    let _ = pending.done.send(result);
+                }
+            }
+        }
+    }
+}

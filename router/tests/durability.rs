@@ -1,0 +1,267 @@
+//! Durability of the ledger: `cascade serve` killed with SIGKILL under load, restarted, and
+//! every request a client saw complete has its ledger record.
+//!
+//! Runs the real binary (it is the process that dies) against a minimal in-test upstream;
+//! needs the SmolLM2 file that `scripts/fetch-model.sh` downloads (the gateway loads its
+//! local model at start-up even though this policy never uses it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-durability-team";
+
+/// An upstream that answers every chat request after 5 ms, streamed or not.
+async fn upstream() -> SocketAddr {
+    async fn answer(body: axum::body::Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let usage = json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10});
+        if request["stream"] == json!(true) {
+            let chunk = |delta: Value, usage: Value| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": null}], "usage": usage})
+                )
+            };
+            let body = [
+                chunk(json!({"role": "assistant", "content": "Hi"}), Value::Null),
+                chunk(json!({"content": " there"}), usage),
+                "data: [DONE]\n\n".to_string(),
+            ]
+            .concat();
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        axum::Json(json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there"},
+                         "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response()
+    }
+    let app = Router::new().route("/v1/chat/completions", post(answer));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+
+[local]
+model = "{model}"
+name = "smollm2"
+warm_up = false
+
+[storage]
+url = "sqlite://{db}"
+
+[[remotes]]
+name = "big"
+base_url = "http://{upstream}/v1"
+timeout_ms = 5000
+max_retries = 0
+
+[prices.big]
+input_usd_per_million = 1.0
+output_usd_per_million = 2.0
+
+[[teams]]
+name = "alpha"
+api_key_hashes = ["{hash}"]
+policy = {{ remote_only = true, remotes = ["big"], daily_budget_usd = 1000.0 }}
+"#,
+        model = model_path().display(),
+        db = dir.join("ledger.db").display(),
+        hash = policies::team::hash_api_key(KEY),
+    );
+    let path = dir.join("cascade.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cascade serve did not come up at {base}");
+}
+
+/// One client: sends requests back to back and notes the id of each it saw complete (a
+/// full JSON body, or a stream through `[DONE]`).
+async fn client_loop(
+    client: reqwest::Client,
+    base: String,
+    streamed: bool,
+    completed: Arc<Mutex<Vec<String>>>,
+) {
+    let mut body = json!({"model": "cascade", "messages": [{"role": "user", "content": "Hello"}],
+                          "max_tokens": 8});
+    if streamed {
+        body["stream"] = json!(true);
+    }
+    loop {
+        let Ok(response) = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+        else {
+            return;
+        };
+        if response.status() != 200 {
+            return;
+        }
+        let id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let Ok(text) = response.text().await else {
+            return;
+        };
+        let complete = if streamed {
+            text.contains("data: [DONE]")
+        } else {
+            serde_json::from_str::<Value>(&text).is_ok()
+        };
+        if !complete {
+            return;
+        }
+        completed.lock().unwrap().push(id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_a_client_saw_complete_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream().await;
+    let port = free_port();
+    let config = write_config(dir.path(), port, upstream);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let mut child = spawn(&config);
+    wait_healthy(&client, &base).await;
+    let completed = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(client_loop(
+                client.clone(),
+                base.clone(),
+                i % 2 == 1,
+                Arc::clone(&completed),
+            ))
+        })
+        .collect();
+    // Load until a good number of requests finished, then kill mid-flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while completed.lock().unwrap().len() < 300 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown, no flush
+    child.wait().unwrap();
+    for c in clients {
+        let _ = c.await;
+    }
+    let completed = completed.lock().unwrap().clone();
+    assert!(completed.len() >= 100, "only {} requests completed", completed.len());
+
+    // Restart on the same files: the gateway recovers its database and serves again.
+    let mut child = spawn(&config);
+    wait_healthy(&client, &base).await;
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "cascade", "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let storage = cascade::storage::connect(&cascade::storage::StorageConfig {
+        url: format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        max_connections: 1,
+        reservation_ttl_secs: 60,
+    })
+    .await
+    .unwrap();
+    let mut missing = Vec::new();
+    for id in &completed {
+        match storage.get_record(id).await.unwrap() {
+            Some(rec) => {
+                assert_eq!(rec.status, 200, "{rec:?}");
+                assert_eq!(rec.cost_nanos, 7 * 1_000 + 3 * 2_000, "{rec:?}");
+            }
+            None => missing.push(id.clone()),
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        missing.is_empty(),
+        "{} of {} completed requests have no ledger record: {:?}",
+        missing.len(),
+        completed.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
