@@ -426,14 +426,22 @@ impl Gateway {
         match result {
             Ok(reply) => Ok(reply),
             Err(error) => {
-                if let Some((run, outcome)) = local {
-                    if routing::serve_local_on_remote_failure(&plan.policy, Some(&outcome)) {
-                        tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
-                        ctx.route = Some(Route::Local);
-                        ctx.reason = Some(Reason::RemoteUnavailable);
-                        ctx.degraded = Some("remote-unavailable");
-                        return Ok(self.local_reply(request, &run));
-                    }
+                // Only a request the local model already worked on falls back to it: one it
+                // could not or would not take (tools, overload, a client's choice) gets the
+                // error.
+                let serve_local = plan.policy.on_remote_failure
+                    == routing::OnRemoteFailure::ServeLocal
+                    && local.is_some();
+                if serve_local {
+                    tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
+                    ctx.route = Some(Route::Local);
+                    ctx.reason = Some(Reason::RemoteUnavailable);
+                    ctx.escalated = false;
+                    ctx.degraded = Some("remote-unavailable");
+                    return self
+                        .full_local_answer(ctx, request, local)
+                        .await
+                        .map_err(|_| ApiError::Upstream(error));
                 }
                 Err(ApiError::Upstream(error))
             }
@@ -490,9 +498,8 @@ impl Gateway {
             && routing::local_unsuitable(&request.features).is_none()
     }
 
-    /// No budget pays for a remote: serve the local answer, marked degraded. A local answer
-    /// cut short (early exit, time budget, token cap) is a fragment, so the local model
-    /// answers again, in full; when it cannot, the request is refused with 429.
+    /// No budget pays for a remote: serve the local answer, marked degraded, or refuse with
+    /// 429 when there can be none.
     async fn serve_local_within_budget(
         &self,
         ctx: &mut RequestContext,
@@ -503,22 +510,38 @@ impl Gateway {
         ctx.reason = Some(Reason::BudgetExhausted);
         ctx.escalated = false;
         ctx.degraded = Some("budget-exhausted");
+        self.full_local_answer(ctx, request, local)
+            .await
+            .map_err(|_| ApiError::BudgetExhausted)
+    }
+
+    /// The local answer to serve instead of a remote one. A local run cut short (early exit,
+    /// time budget, token cap) is a fragment, not an answer, so the local model answers
+    /// again, in full (no early exit, no time budget); the error says why it could not.
+    async fn full_local_answer(
+        &self,
+        ctx: &mut RequestContext,
+        request: &CompletionRequest,
+        local: Option<(LocalRun, LocalOutcome)>,
+    ) -> Result<Reply, ApiError> {
         let complete = local.filter(|(_, o)| {
             !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some()
         });
         if let Some((run, _)) = complete {
             return Ok(self.local_reply(request, &run));
         }
+        if !self.can_serve_locally(request) {
+            return Err(ApiError::NotAllowed(
+                "The local model cannot answer this request.".into(),
+            ));
+        }
         let (Some(engine), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
-            return Err(ApiError::BudgetExhausted);
+            return Err(self.busy_error(Reason::LocalLoading));
         };
         let run = engine
             .run(request, prompt.clone(), RunOptions::default())
             .await
-            .map_err(|e| match e {
-                WorkerError::Busy { .. } => ApiError::BudgetExhausted,
-                other => self.local_error(other),
-            })?;
+            .map_err(|e| self.local_error(e))?;
         ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
         self.note_local_run(ctx, &run);
         Ok(self.local_reply(request, &run))

@@ -261,15 +261,6 @@ pub fn judge_local(outcome: &LocalOutcome, policy: &Policy) -> (Route, Reason) {
     }
 }
 
-/// Whether a complete local answer may be served when every remote failed.
-/// A generation cut short (early exit, time budget, token cap) is never
-/// served: it is a fragment, not an answer.
-pub fn serve_local_on_remote_failure(policy: &Policy, outcome: Option<&LocalOutcome>) -> bool {
-    policy.on_remote_failure == OnRemoteFailure::ServeLocal
-        && outcome
-            .is_some_and(|o| !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -357,13 +348,6 @@ mod tests {
         assert_eq!(judge_local(&timed, &p).1, Reason::LocalTimeBudget);
         assert_eq!(judge_local(&capped, &p).1, Reason::LocalTokenCap);
         assert_eq!(judge_local(&outcome(None), &p).1, Reason::EmptyAnswer);
-        assert!(!serve_local_on_remote_failure(&p, Some(&early)));
-        assert!(!serve_local_on_remote_failure(&p, Some(&timed)));
-        assert!(serve_local_on_remote_failure(
-            &p,
-            Some(&outcome(Some(-5.0)))
-        ));
-        assert!(!serve_local_on_remote_failure(&p, None));
     }
 
     #[test]

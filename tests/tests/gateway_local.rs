@@ -211,7 +211,14 @@ async fn when_every_remote_fails_the_policy_decides_between_the_local_answer_and
     assert_eq!(r.header("x-cascade-route"), "local");
     assert_eq!(r.header("x-cascade-reason"), "remote_unavailable");
     assert_eq!(r.header("x-cascade-degraded"), "remote-unavailable");
+    // The whole answer, even when the local run had stopped early to escalate.
     assert!(!r.answer().is_empty());
+    assert_eq!(
+        r.json()["choices"][0]["finish_reason"],
+        "length",
+        "all 12 tokens: {}",
+        r.text
+    );
     assert_eq!(mock.request_count(), 3, "one try and two retries");
 
     mock.set_fault(Some(Fault::Timeout));
