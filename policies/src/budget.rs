@@ -146,7 +146,8 @@ pub fn window_end(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
         }
     };
     let fallback = now_unix_secs.saturating_add(86_400);
-    next.and_then(|next| day_start(next, tz)).unwrap_or(fallback)
+    next.and_then(|next| day_start(next, tz))
+        .unwrap_or(fallback)
 }
 
 /// Unix seconds at which the window containing `now` began (the last local midnight, or the
@@ -158,7 +159,9 @@ pub fn window_start(now_unix_secs: i64, tz: Tz, window: Window) -> i64 {
         Window::Month => NaiveDate::from_ymd_opt(d.year(), d.month(), 1),
     };
     let fallback = now_unix_secs.saturating_sub(86_400);
-    first.and_then(|first| day_start(first, tz)).unwrap_or(fallback)
+    first
+        .and_then(|first| day_start(first, tz))
+        .unwrap_or(fallback)
 }
 
 /// The first instant of a local calendar day. Where a DST change skips local midnight, the

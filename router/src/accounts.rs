@@ -94,7 +94,11 @@ async fn window_usage(
     let (since, until) = (start.saturating_mul(1000), end.saturating_mul(1000));
     let summary = match team {
         Some(team) => storage.team_usage(team, since, until).await?,
-        None => sum(storage.spend_by_team(since, until).await?.iter().map(|(_, u)| u)),
+        None => sum(storage
+            .spend_by_team(since, until)
+            .await?
+            .iter()
+            .map(|(_, u)| u)),
     };
     // The team's (or, without teams, the global) budget counter of this window.
     let (kind, id) = match team {
@@ -250,7 +254,10 @@ pub fn parse_feedback(body: &[u8]) -> Result<Feedback, ApiError> {
     let body: FeedbackBody =
         serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     if body.request_id.is_empty() || body.request_id.len() > 128 {
-        return Err(bad("`request_id` must be a request id from x-request-id", "request_id"));
+        return Err(bad(
+            "`request_id` must be a request id from x-request-id",
+            "request_id",
+        ));
     }
     let score = match (body.score, body.thumbs.as_deref()) {
         (Some(s), None) if (0.0..=1.0).contains(&s) => s,
@@ -261,7 +268,11 @@ pub fn parse_feedback(body: &[u8]) -> Result<Feedback, ApiError> {
         (Some(_), Some(_)) => return Err(bad("send `score` or `thumbs`, not both", "score")),
         (None, None) => return Err(bad("`score` (in [0, 1]) or `thumbs` is required", "score")),
     };
-    if body.comment.as_ref().is_some_and(|c| c.len() > MAX_COMMENT_BYTES) {
+    if body
+        .comment
+        .as_ref()
+        .is_some_and(|c| c.len() > MAX_COMMENT_BYTES)
+    {
         return Err(bad(
             format!("`comment` is longer than {MAX_COMMENT_BYTES} bytes"),
             "comment",
@@ -312,8 +323,8 @@ mod tests {
 
     #[test]
     fn feedback_takes_a_score_or_thumbs_and_nothing_else() {
-        let ok = parse_feedback(br#"{"request_id": "r1", "thumbs": "up", "comment": "good"}"#)
-            .unwrap();
+        let ok =
+            parse_feedback(br#"{"request_id": "r1", "thumbs": "up", "comment": "good"}"#).unwrap();
         assert_eq!(ok.score, 1.0);
         assert_eq!(ok.comment.as_deref(), Some("good"));
         assert_eq!(

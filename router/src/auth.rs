@@ -134,7 +134,9 @@ mod tests {
     fn only_the_admin_key_opens_the_admin_api() {
         let p = policies(&[("alpha", "sk-a")]);
         let admin = hash_api_key("sk-admin");
-        assert!(authenticate_admin(Some(&admin), &p, &with_key("sk-admin"), "/admin/spend").is_ok());
+        assert!(
+            authenticate_admin(Some(&admin), &p, &with_key("sk-admin"), "/admin/spend").is_ok()
+        );
         assert!(matches!(
             authenticate_admin(Some(&admin), &p, &with_key("sk-a"), "/admin/spend"),
             Err(ApiError::NotAllowed(_))

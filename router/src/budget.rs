@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use policies::{NanoUsd, Policies};
 
+use crate::live::SharedPolicies;
 use crate::storage::{ScopeLimit, Storage, StorageError};
 use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
 
@@ -20,7 +21,7 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 /// Reserves and settles paid calls in [`Storage`].
 pub struct BudgetGate {
     storage: Storage,
-    policies: Policies,
+    policies: SharedPolicies,
     /// The caller of each request in flight (team, key id), registered once it is known.
     accounts: Mutex<HashMap<String, (String, String)>>,
     /// Granted reservations: gate id → (storage reservation id, remote name).
@@ -29,7 +30,7 @@ pub struct BudgetGate {
 }
 
 impl BudgetGate {
-    pub fn new(storage: Storage, policies: Policies) -> Self {
+    pub fn new(storage: Storage, policies: SharedPolicies) -> Self {
         Self {
             storage,
             policies,
@@ -55,6 +56,12 @@ impl BudgetGate {
         }
     }
 
+    /// Reservations granted and not yet settled (settling runs in its own task after a
+    /// call); shutdown waits for this to reach zero.
+    pub fn outstanding(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.len())
+    }
+
     /// Forgets the caller of a finished request (its calls were reserved already).
     pub fn close(&self, request_id: &str) {
         if let Ok(mut accounts) = self.accounts.lock() {
@@ -64,7 +71,12 @@ impl BudgetGate {
 
     /// Worst-case cost of a call: the estimated input tokens and `max_tokens` of output.
     fn estimate(&self, call: &PaidCall<'_>) -> NanoUsd {
-        estimate_cost(&self.policies, call.upstream, call.input_tokens, call.request)
+        estimate_cost(
+            &self.policies.load(),
+            call.upstream,
+            call.input_tokens,
+            call.request,
+        )
     }
 }
 
@@ -93,7 +105,11 @@ pub fn estimate_cost(
 pub fn input_token_estimate(counted: Option<usize>, body_bytes: usize) -> u64 {
     let bytes = body_bytes as u64;
     match counted {
-        Some(n) if n > 0 => (n as u64).saturating_mul(5).div_ceil(4).saturating_add(16).min(bytes),
+        Some(n) if n > 0 => (n as u64)
+            .saturating_mul(5)
+            .div_ceil(4)
+            .saturating_add(16)
+            .min(bytes),
         _ => bytes,
     }
 }
@@ -117,6 +133,7 @@ impl CallGate for BudgetGate {
         let (team, key_id) = account.unwrap_or_default();
         let scopes: Vec<ScopeLimit> = self
             .policies
+            .load()
             .scopes_for(&team, &key_id, now / 1000)
             .into_iter()
             .map(|(scope, limit)| ScopeLimit {
@@ -157,9 +174,13 @@ impl CallGate for BudgetGate {
         };
         let result = match settlement {
             Settlement::Used(u) => {
-                let cost = self.policies.price(&upstream).map_or(NanoUsd::ZERO, |p| {
-                    p.cost(u.prompt_tokens, u.completion_tokens)
-                });
+                let cost = self
+                    .policies
+                    .load()
+                    .price(&upstream)
+                    .map_or(NanoUsd::ZERO, |p| {
+                        p.cost(u.prompt_tokens, u.completion_tokens)
+                    });
                 self.storage.settle(&id, cost.0).await
             }
             // A failed attempt gives its hold back.
@@ -199,7 +220,10 @@ mod tests {
         })
         .await
         .unwrap();
-        let gate = BudgetGate::new(storage.clone(), policies.clone());
+        let gate = BudgetGate::new(
+            storage.clone(),
+            std::sync::Arc::new(crate::live::Live::new(policies.clone())),
+        );
         let key_id = policies.authenticate("k").unwrap().key_id.to_string();
         let request = parse_request(
             Endpoint::Chat,

@@ -124,6 +124,9 @@ pub struct RawServer {
     pub max_body_bytes: u64,
     /// Async worker threads; 0 picks min(4, CPUs).
     pub worker_threads: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish (and, after that, how
+    /// long settling reservations and writing the ledger may take).
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for RawServer {
@@ -133,6 +136,7 @@ impl Default for RawServer {
             model_name: "cascade".into(),
             max_body_bytes: 4 * 1024 * 1024,
             worker_threads: 0,
+            shutdown_grace_ms: 30_000,
         }
     }
 }
@@ -294,6 +298,7 @@ pub struct ServerConfig {
     pub model_name: String,
     pub max_body_bytes: usize,
     pub worker_threads: usize,
+    pub shutdown_grace: Duration,
 }
 
 /// Validated `[local]`.
@@ -309,7 +314,7 @@ pub struct LocalConfig {
 }
 
 /// Validated `[[remotes]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteConfig {
     pub name: String,
     pub model: String,
@@ -386,8 +391,8 @@ impl Config {
         let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes, &rules)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;
-        let policies = Policies::try_from(policies_config)
-            .map_err(|e| invalid("policies", e.to_string()))?;
+        let policies =
+            Policies::try_from(policies_config).map_err(|e| invalid("policies", e.to_string()))?;
         check_team_policies(&policies, &remotes)?;
         Ok(Config {
             server,
@@ -453,6 +458,7 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
         model_name: raw.model_name.clone(),
         max_body_bytes: usize::try_from(raw.max_body_bytes).unwrap_or(usize::MAX),
         worker_threads,
+        shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
     })
 }
 
@@ -721,7 +727,10 @@ fn load_learned_rules(
         let text = std::fs::read_to_string(&path).map_err(|e| {
             invalid(
                 "confidence.rules_dir",
-                format!("cannot read learned rule `{name}` from {}: {e}", path.display()),
+                format!(
+                    "cannot read learned rule `{name}` from {}: {e}",
+                    path.display()
+                ),
             )
         })?;
         let rule = LearnedRule::from_json(&text).map_err(|e| {
@@ -1041,8 +1050,8 @@ mod tests {
     fn learned_rules_are_loaded_by_name_from_the_rules_dir() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rules")).unwrap();
-        let rule = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../docs/confidence/smollm2-135m-dev.json");
+        let rule =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/confidence/smollm2-135m-dev.json");
         std::fs::copy(&rule, dir.path().join("rules/dev.json")).unwrap();
         let team = format!(
             "{MINIMAL}\n[policy]\naggregate = \"learned\"\nlearned_rule = \"dev\"\nthreshold = 0.4\n\
@@ -1063,11 +1072,17 @@ mod tests {
         let e = with_rules_dir(dir.path(), &team.replace("\"dev\"", "\"absent\""))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("confidence.rules_dir:") && e.contains("absent.json"), "{e}");
+        assert!(
+            e.starts_with("confidence.rules_dir:") && e.contains("absent.json"),
+            "{e}"
+        );
         // A learned threshold is a probability.
-        let e = with_rules_dir(dir.path(), &team.replace("threshold = 0.4", "threshold = -3.0"))
-            .unwrap_err()
-            .to_string();
+        let e = with_rules_dir(
+            dir.path(),
+            &team.replace("threshold = 0.4", "threshold = -3.0"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("policy.threshold:"), "{e}");
     }
 

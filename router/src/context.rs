@@ -178,13 +178,7 @@ impl Drop for RequestContext {
         // is still written (what was spent stays accounted for), just not awaited.
         if let Some(ledger) = self.ledger.take().filter(|_| !self.committed) {
             let record = ledger.record_of(self);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    if let Err(e) = ledger.write(record).await {
-                        tracing::error!(error = %e, "ledger record of an abandoned request not written");
-                    }
-                });
-            }
+            ledger.write_detached(record);
         }
     }
 }

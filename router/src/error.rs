@@ -36,7 +36,9 @@ pub enum ApiError {
     Local(String),
     #[error("The remote model failed: {0}")]
     Upstream(#[from] UpstreamError),
-    #[error("The budget for this request is exhausted and the policy does not serve it otherwise.")]
+    #[error(
+        "The budget for this request is exhausted and the policy does not serve it otherwise."
+    )]
     BudgetExhausted,
     #[error("Internal error: {0}")]
     Internal(String),

@@ -12,14 +12,15 @@ use futures::StreamExt;
 use local_model::{FinishReason, GenerateError, Prompt, WorkerError};
 use tokio::sync::mpsc;
 
+use crate::budget::{estimate_cost, input_token_estimate};
 use crate::config::Config;
 use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::live::{self, SharedPolicies};
 use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
 use crate::routing::{self, Aggregate, LocalOutcome, OnOverload, Policy, Reason, Route};
-use crate::budget::{estimate_cost, input_token_estimate};
 use crate::upstream::{
     CallGate, GateRefusal, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
 };
@@ -68,12 +69,12 @@ pub struct Gateway {
     model_name: String,
     local_name: String,
     /// The gateway's `[policy]`: for every request when no teams are configured.
-    plan: Arc<RequestPolicy>,
+    plan: live::Live<RequestPolicy>,
     local: OnceLock<LocalEngine>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     /// Price tables, for the cost estimates of budget decisions.
-    policies: policies::Policies,
+    policies: SharedPolicies,
 }
 
 impl Gateway {
@@ -81,6 +82,7 @@ impl Gateway {
     /// [`Gateway::attach_local`] once it has loaded.
     pub fn new(
         config: &Config,
+        policies: SharedPolicies,
         gate: Arc<dyn CallGate>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, UpstreamError> {
@@ -93,26 +95,41 @@ impl Gateway {
         Ok(Self {
             model_name: config.server.model_name.clone(),
             local_name: config.local.name.clone(),
-            plan: Arc::new(RequestPolicy {
+            plan: live::Live::new(RequestPolicy {
                 policy: config.policy.clone(),
                 chain,
             }),
             local: OnceLock::new(),
             upstreams,
             metrics,
-            policies: config.policies.clone(),
+            policies,
         })
+    }
+
+    /// Takes the `[policy]` of a reloaded configuration (its remotes must be the running
+    /// ones: `AppState::reload` checks).
+    pub fn reload(&self, config: &Config) {
+        let chain = config
+            .policy_remotes
+            .iter()
+            .filter_map(|name| self.upstreams.find(name))
+            .collect();
+        self.plan.store(RequestPolicy {
+            policy: config.policy.clone(),
+            chain,
+        });
     }
 
     /// The policy of a request: its caller's, else the gateway's `[policy]`.
     fn plan(&self, ctx: &RequestContext) -> Arc<RequestPolicy> {
-        ctx.policy.clone().unwrap_or_else(|| Arc::clone(&self.plan))
+        ctx.policy.clone().unwrap_or_else(|| self.plan.load())
     }
 
     /// A team, key or variant policy in the terms the gateway routes by. Remotes it names that
     /// are not configured are skipped (start-up checks the team policies themselves).
     pub fn request_policy(&self, p: &policies::Policy) -> RequestPolicy {
-        let base = &self.plan.policy;
+        let plan = self.plan.load();
+        let base = &plan.policy;
         // `local_only` keeps every answer local; `remote_only` escalates every answer.
         let threshold = match p.threshold() {
             Some(t) => t,
@@ -161,7 +178,7 @@ impl Gateway {
     /// allows addressing them) the local model and each remote.
     pub fn model_names(&self) -> Vec<(String, &'static str)> {
         let mut names = vec![(self.model_name.clone(), "cascade")];
-        if self.plan.policy.allow_direct_models {
+        if self.plan.load().policy.allow_direct_models {
             names.push((self.local_name.clone(), "local"));
             names.extend(
                 self.upstreams
@@ -175,7 +192,7 @@ impl Gateway {
 
     /// The policy's confidence aggregate.
     pub fn aggregate(&self) -> Aggregate {
-        self.plan.policy.aggregate.clone()
+        self.plan.load().policy.aggregate.clone()
     }
 
     /// The policy a request runs under: its caller's, else the gateway's `[policy]`.
@@ -369,25 +386,26 @@ impl Gateway {
         let input_tokens = self.input_tokens(ctx, request).await;
         let mut unaffordable: Vec<usize> = Vec::new();
         let result = loop {
-            let calls = match self.budget_decision(&plan, request, chain, &unaffordable, input_tokens) {
-                BudgetDecision::Proceed { remote } => chain
-                    .iter()
-                    .copied()
-                    .skip_while(|&i| self.upstreams.name(i) != Some(remote.as_str()))
-                    .filter(|i| !unaffordable.contains(i))
-                    .collect::<Vec<_>>(),
-                BudgetDecision::Fallback { remote } => {
-                    ctx.reason = Some(Reason::BudgetFallback);
-                    self.upstreams.find(&remote).into_iter().collect()
-                }
-                BudgetDecision::ServeLocal => {
-                    return self.serve_local_within_budget(ctx, request, local).await
-                }
-                BudgetDecision::Reject => {
-                    ctx.reason = Some(Reason::BudgetExhausted);
-                    return Err(ApiError::BudgetExhausted);
-                }
-            };
+            let calls =
+                match self.budget_decision(&plan, request, chain, &unaffordable, input_tokens) {
+                    BudgetDecision::Proceed { remote } => chain
+                        .iter()
+                        .copied()
+                        .skip_while(|&i| self.upstreams.name(i) != Some(remote.as_str()))
+                        .filter(|i| !unaffordable.contains(i))
+                        .collect::<Vec<_>>(),
+                    BudgetDecision::Fallback { remote } => {
+                        ctx.reason = Some(Reason::BudgetFallback);
+                        self.upstreams.find(&remote).into_iter().collect()
+                    }
+                    BudgetDecision::ServeLocal => {
+                        return self.serve_local_within_budget(ctx, request, local).await
+                    }
+                    BudgetDecision::Reject => {
+                        ctx.reason = Some(Reason::BudgetExhausted);
+                        return Err(ApiError::BudgetExhausted);
+                    }
+                };
             let started = Instant::now();
             let result = self
                 .upstreams
@@ -412,19 +430,17 @@ impl Gateway {
                 other => break other,
             }
         };
-        let result = result.and_then(|reply| match reply.body {
-            UpstreamBody::Complete { bytes, billed } => {
-                ctx.upstream = Some(reply.upstream);
-                ctx.remote_billed = Some(billed);
-                Ok(Reply::Json(bytes))
-            }
-            UpstreamBody::Stream(stream) => {
-                ctx.upstream = Some(reply.upstream);
-                Ok(Reply::Upstream(stream))
-            }
-        });
         match result {
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                ctx.upstream = Some(reply.upstream);
+                Ok(match reply.body {
+                    UpstreamBody::Complete { bytes, billed } => {
+                        ctx.remote_billed = Some(billed);
+                        Reply::Json(bytes)
+                    }
+                    UpstreamBody::Stream(stream) => Reply::Upstream(stream),
+                })
+            }
             Err(error) => {
                 // Only a request the local model already worked on falls back to it: one it
                 // could not or would not take (tools, overload, a client's choice) gets the
@@ -469,13 +485,14 @@ impl Gateway {
         unaffordable: &[usize],
         input_tokens: u64,
     ) -> BudgetDecision {
+        let policies = self.policies.load();
         let candidates = chain
             .iter()
             .filter_map(|&i| {
                 let name = self.upstreams.name(i)?;
                 Some(RemoteCandidate {
                     remote: name.to_string(),
-                    estimated_cost: estimate_cost(&self.policies, name, input_tokens, request),
+                    estimated_cost: estimate_cost(&policies, name, input_tokens, request),
                     fits: !unaffordable.contains(&i),
                 })
             })

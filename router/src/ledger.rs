@@ -7,12 +7,14 @@
 //! single transaction (group commit): under load many requests share one fsync instead of
 //! queueing for one each, and each request still waits until its own record is durable.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use policies::{NanoUsd, Policies};
+use policies::NanoUsd;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::context::RequestContext;
+use crate::live::SharedPolicies;
 use crate::metrics::Metrics;
 use crate::storage::{LedgerRecord, Storage, StorageError};
 
@@ -39,26 +41,30 @@ pub enum LedgerError {
 /// Writes ledger records and keeps the spend metrics.
 pub struct Ledger {
     queue: mpsc::Sender<Pending>,
-    policies: Policies,
+    policies: SharedPolicies,
     metrics: Arc<Metrics>,
+    /// Records handed to the ledger and not yet written (or failed); shutdown waits for 0.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Ledger {
     /// Starts the writer task on the current runtime. It ends when the last `Ledger` is
     /// dropped, after writing what was queued.
-    pub fn start(storage: Storage, policies: Policies, metrics: Arc<Metrics>) -> Self {
+    pub fn start(storage: Storage, policies: SharedPolicies, metrics: Arc<Metrics>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(storage, rx));
         Self {
             queue,
             policies,
             metrics,
+            pending: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// The record of a request, as it stands now.
     pub fn record_of(&self, ctx: &RequestContext) -> LedgerRecord {
-        let local_price = self.policies.local_price();
+        let policies = self.policies.load();
+        let local_price = policies.local_price();
         let local_cost = if ctx.local_ran {
             local_price.cost(
                 ctx.local_prompt_tokens as u64,
@@ -68,12 +74,9 @@ impl Ledger {
             NanoUsd::ZERO
         };
         let remote_cost = match (&ctx.upstream, ctx.remote_billed) {
-            (Some(upstream), Some(billed)) => self
-                .policies
-                .price(upstream)
-                .map_or(NanoUsd::ZERO, |p| {
-                    p.cost(billed.prompt_tokens, billed.completion_tokens)
-                }),
+            (Some(upstream), Some(billed)) => policies.price(upstream).map_or(NanoUsd::ZERO, |p| {
+                p.cost(billed.prompt_tokens, billed.completion_tokens)
+            }),
             _ => NanoUsd::ZERO,
         };
         let status = if ctx.stream_failed { 502 } else { ctx.status };
@@ -98,11 +101,10 @@ impl Ledger {
             experiment: ctx.experiment.clone(),
             variant: ctx.variant.clone(),
             route: route.to_string(),
-            reason: ctx
-                .reason
-                .map_or_else(|| ctx.error_code.unwrap_or("none").to_string(), |r| {
-                    r.as_str().to_string()
-                }),
+            reason: ctx.reason.map_or_else(
+                || ctx.error_code.unwrap_or("none").to_string(),
+                |r| r.as_str().to_string(),
+            ),
             confidence: ctx.confidence,
             confidence_aggregate: ctx.confidence.and(ctx.aggregate_name.clone()),
             local_tokens,
@@ -121,11 +123,45 @@ impl Ledger {
         self.write(self.record_of(ctx)).await
     }
 
+    /// Records not yet written.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Writes a record in the background (a client that left does not wait), counted as
+    /// pending from this call on so that shutdown waits for it.
+    pub fn write_detached(self: Arc<Self>, record: LedgerRecord) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(request_id = %record.id, "no runtime to write the ledger record");
+            return;
+        };
+        handle.spawn(async move {
+            let id = record.id.clone();
+            if let Err(e) = self.write_counted(record).await {
+                tracing::error!(request_id = %id, error = %e, "ledger record of an abandoned request not written");
+            }
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
     /// Writes a record and returns once it is durable.
     pub async fn write(&self, record: LedgerRecord) -> Result<(), LedgerError> {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let result = self.write_counted(record).await;
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    async fn write_counted(&self, record: LedgerRecord) -> Result<(), LedgerError> {
         let (done, wait) = oneshot::channel();
         let cost = NanoUsd(record.cost_nanos).usd();
-        let labels = (record.team.clone(), record.experiment.clone(), record.variant.clone());
+        let labels = (
+            record.team.clone(),
+            record.experiment.clone(),
+            record.variant.clone(),
+        );
         self.queue
             .send(Pending { record, done })
             .await
@@ -137,7 +173,10 @@ impl Ledger {
         }
         let (team, experiment, variant) = labels;
         if let Some(team) = team {
-            self.metrics.team_spend.with_label_values(&[&team]).inc_by(cost);
+            self.metrics
+                .team_spend
+                .with_label_values(&[&team])
+                .inc_by(cost);
         }
         if let (Some(experiment), Some(variant)) = (experiment, variant) {
             self.metrics

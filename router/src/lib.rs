@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod gateway;
 pub mod ledger;
+pub mod live;
 pub mod local;
 pub mod metrics;
 pub mod openai;

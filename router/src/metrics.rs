@@ -39,6 +39,8 @@ pub struct Metrics {
     pub variant_cost: CounterVec,
     /// Ledger records that could not be written.
     pub ledger_errors: IntCounter,
+    /// Configuration reloads by result (`ok`, `refused`).
+    pub config_reloads: IntCounterVec,
 }
 
 /// A metric definition that prometheus rejected; only possible through a
@@ -153,6 +155,14 @@ impl Metrics {
             "cascade_ledger_write_errors_total",
             "Ledger records that could not be written",
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "cascade_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(team_spend.clone()))?;
         registry.register(Box::new(team_budget_remaining.clone()))?;
         registry.register(Box::new(variant_requests.clone()))?;
@@ -185,6 +195,7 @@ impl Metrics {
             variant_requests,
             variant_cost,
             ledger_errors,
+            config_reloads,
         })
     }
 

@@ -312,7 +312,10 @@ mod tests {
         assert!(close(score(&Aggregate::MeanLogprob, &t), -0.9));
         assert!(close(score(&Aggregate::SumLogprob, &t), -3.6));
         assert!(close(score(&Aggregate::MinLogprob, &t), -2.0));
-        assert!(close(score(&Aggregate::FractionAbove { bound: -0.75 }, &t), 0.5));
+        assert!(close(
+            score(&Aggregate::FractionAbove { bound: -0.75 }, &t),
+            0.5
+        ));
         assert_eq!(score(&Aggregate::MeanLogprob, &[]), None);
     }
 

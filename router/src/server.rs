@@ -25,6 +25,7 @@ use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, Reply};
 use crate::ledger::Ledger;
+use crate::live::{Live, SharedPolicies};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint};
 use crate::routing::Route;
@@ -46,8 +47,8 @@ pub mod headers {
 /// State shared by every handler.
 pub struct AppState {
     pub gateway: Gateway,
-    /// Teams, keys, prices, budgets and experiments.
-    pub policies: policies::Policies,
+    /// Teams, keys, prices, budgets and experiments; replaced on reload.
+    pub policies: SharedPolicies,
     /// The budget gate every paid call goes through, when the server keeps budgets.
     pub budget: Option<Arc<BudgetGate>>,
     /// The ledger and budget store, when the server keeps one.
@@ -58,6 +59,8 @@ pub struct AppState {
     pub admin_key_hash: Option<String>,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    /// The remotes the gateway runs with; a reload may not change them.
+    remotes: Vec<crate::config::RemoteConfig>,
 }
 
 /// Why the server could not start.
@@ -78,21 +81,71 @@ pub enum StartError {
 }
 
 impl AppState {
-    /// Builds the state from a validated configuration.
-    pub fn new(config: &Config, gate: Arc<dyn CallGate>) -> Result<Self, StartError> {
+    /// Builds the state from a validated configuration; `policies` is the handle the call
+    /// gate reads too, so that a reload reaches both.
+    pub fn new(
+        config: &Config,
+        policies: SharedPolicies,
+        gate: Arc<dyn CallGate>,
+    ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new()?);
-        let gateway = Gateway::new(config, gate, Arc::clone(&metrics))?;
+        let gateway = Gateway::new(config, Arc::clone(&policies), gate, Arc::clone(&metrics))?;
         Ok(Self {
             gateway,
-            policies: config.policies.clone(),
+            policies,
             budget: None,
             storage: None,
             ledger: None,
             admin_key_hash: config.admin.api_key_hash.clone(),
             metrics,
             max_body_bytes: config.server.max_body_bytes,
+            remotes: config.remotes.clone(),
         })
     }
+
+    /// Applies the policy and price sections of a new, already validated configuration:
+    /// `[policy]`, `timezone`, `[prices.*]`, `[local_price]`, `[global]`, `[[teams]]`,
+    /// `[[experiments]]` (and the learned rules they name). Requests in flight finish under
+    /// the policy they started with. Refused, with nothing changed, when `[[remotes]]`
+    /// differ from the running ones (those need a restart); other sections are not
+    /// reloaded.
+    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        if config.remotes != self.remotes {
+            return Err(ReloadError::RemotesChanged);
+        }
+        self.policies.store(config.policies.clone());
+        self.gateway.reload(config);
+        Ok(())
+    }
+}
+
+/// How a graceful shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Every in-flight request finished within the grace period.
+    pub finished_in_time: bool,
+    /// Reservations still unsettled at the end (released later by their TTL).
+    pub unsettled: usize,
+    /// Ledger records not written at the end (lost).
+    pub unwritten: usize,
+}
+
+impl DrainReport {
+    /// Nothing was cut or lost.
+    pub fn clean(&self) -> bool {
+        self.finished_in_time && self.unsettled == 0 && self.unwritten == 0
+    }
+}
+
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "[[remotes]] changed: restart the gateway to apply remote changes (nothing was reloaded)"
+    )]
+    RemotesChanged,
 }
 
 /// The HTTP routes; the admin API is among them unless it has its own listener.
@@ -179,7 +232,8 @@ async fn generate(
     let mut ctx = RequestContext::new(id.0, endpoint, Some(Arc::clone(&state.metrics)));
     let result = async {
         // Authentication comes first: an unknown caller learns nothing about its body.
-        let caller = auth::authenticate(&state.policies, &headers)?;
+        let policies = state.policies.load();
+        let caller = auth::authenticate(&policies, &headers)?;
         // Recorded from here on; unknown keys are not, so they cannot fill the ledger.
         if let Some(ledger) = &state.ledger {
             ctx.keep_in(Arc::clone(ledger));
@@ -188,9 +242,9 @@ async fn generate(
         let request = openai::parse_request(endpoint, &body)?;
         if let Some(mut caller) = caller {
             let user = request.body.get("user").and_then(serde_json::Value::as_str);
-            auth::assign_variant(&state.policies, &mut caller, user, &headers);
+            auth::assign_variant(&policies, &mut caller, user, &headers);
             let variant = caller.experiment.as_ref().map(|(_, v)| v.as_str());
-            if let Some(policy) = state.policies.policy(&caller.team, &caller.key_id, variant) {
+            if let Some(policy) = policies.policy(&caller.team, &caller.key_id, variant) {
                 ctx.policy = Some(Arc::new(state.gateway.request_policy(policy)));
             }
             if let Some(budget) = &state.budget {
@@ -367,7 +421,7 @@ async fn feedback(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let caller = auth::authenticate(&state.policies, &headers)?;
+        let caller = auth::authenticate(&state.policies.load(), &headers)?;
         let storage = storage_of(&state)?;
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let feedback = accounts::parse_feedback(&body)?;
@@ -386,10 +440,10 @@ async fn feedback(
 /// `GET /v1/usage`: the caller's own team's spend, budget left and escalation rate.
 async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let result = async {
-        let caller = auth::authenticate(&state.policies, &headers)?;
+        let caller = auth::authenticate(&state.policies.load(), &headers)?;
         let storage = storage_of(&state)?;
         let team = caller.as_ref().map(|c| c.team.as_str());
-        accounts::team_usage(storage, &state.policies, team, now_ms())
+        accounts::team_usage(storage, &state.policies.load(), team, now_ms())
             .await
             .map_err(storage_error)
     }
@@ -412,7 +466,7 @@ async fn admin_spend(
     let result = async {
         auth::authenticate_admin(
             state.admin_key_hash.as_deref(),
-            &state.policies,
+            &state.policies.load(),
             &headers,
             "/admin/spend",
         )?;
@@ -431,7 +485,7 @@ async fn admin_spend(
                 })
             }
         };
-        accounts::spend(storage, &state.policies, window, now_ms())
+        accounts::spend(storage, &state.policies.load(), window, now_ms())
             .await
             .map_err(storage_error)
     }
@@ -449,12 +503,12 @@ async fn admin_experiment(
     let result = async {
         auth::authenticate_admin(
             state.admin_key_hash.as_deref(),
-            &state.policies,
+            &state.policies.load(),
             &headers,
             &path,
         )?;
         let storage = storage_of(&state)?;
-        accounts::experiment(storage, &state.policies, &id)
+        accounts::experiment(storage, &state.policies.load(), &id)
             .await
             .map_err(storage_error)?
             .ok_or_else(|| ApiError::NotFound(format!("experiment `{id}`")))
@@ -509,8 +563,9 @@ async fn update_budget_gauges(state: &AppState) {
         return;
     };
     let now = now_ms().div_euclid(1000);
-    for team in state.policies.teams().keys() {
-        for (scope, limit) in state.policies.scopes_for(team, "", now) {
+    let policies = state.policies.load();
+    for team in policies.teams().keys() {
+        for (scope, limit) in policies.scopes_for(team, "", now) {
             if scope.kind != policies::ScopeKind::Team {
                 continue;
             }
@@ -538,6 +593,8 @@ pub struct RunningServer {
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The task that releases expired reservations; stopped with the server.
+    expiry: Option<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -545,15 +602,16 @@ impl RunningServer {
     /// call reserved against the budgets in storage.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let storage = crate::storage::connect(&config.storage).await?;
-        let budget = Arc::new(BudgetGate::new(storage.clone(), config.policies.clone()));
+        let policies: SharedPolicies = Arc::new(Live::new(config.policies.clone()));
+        let budget = Arc::new(BudgetGate::new(storage.clone(), Arc::clone(&policies)));
         let gate: Arc<dyn CallGate> = Arc::clone(&budget) as Arc<dyn CallGate>;
-        let server =
-            Self::start_inner(config, gate, Some((budget, storage.clone()))).await?;
+        let mut server =
+            Self::start_inner(config, policies, gate, Some((budget, storage.clone()))).await?;
         // Reservations of requests that died (a crash elsewhere, a lost settle) are released
         // after the TTL; `reserve` does so too, but only when a budget looks full.
         let period =
             std::time::Duration::from_secs(config.storage.reservation_ttl_secs.clamp(1, 60));
-        tokio::spawn(async move {
+        server.expiry = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
@@ -564,7 +622,7 @@ impl RunningServer {
                     tracing::warn!(error = %e, "cannot expire reservations");
                 }
             }
-        });
+        }));
         Ok(server)
     }
 
@@ -578,19 +636,21 @@ impl RunningServer {
         config: &Config,
         gate: Arc<dyn CallGate>,
     ) -> Result<Self, StartError> {
-        Self::start_inner(config, gate, None).await
+        let policies: SharedPolicies = Arc::new(Live::new(config.policies.clone()));
+        Self::start_inner(config, policies, gate, None).await
     }
 
     async fn start_inner(
         config: &Config,
+        policies: SharedPolicies,
         gate: Arc<dyn CallGate>,
         store: Option<(Arc<BudgetGate>, Storage)>,
     ) -> Result<Self, StartError> {
-        let mut state = AppState::new(config, gate)?;
+        let mut state = AppState::new(config, Arc::clone(&policies), gate)?;
         if let Some((budget, storage)) = store {
             state.ledger = Some(Arc::new(Ledger::start(
                 storage.clone(),
-                config.policies.clone(),
+                policies,
                 Arc::clone(&state.metrics),
             )));
             state.budget = Some(budget);
@@ -610,16 +670,24 @@ impl RunningServer {
         });
         let admin_addr = match config.admin.listen {
             Some(admin) => {
-                let listener = TcpListener::bind(admin)
-                    .await
-                    .map_err(|source| StartError::Bind { addr: admin, source })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr: admin, source })?;
+                let listener =
+                    TcpListener::bind(admin)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: admin,
+                            source,
+                        })?;
+                let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: admin,
+                    source,
+                })?;
                 let app = admin_router(Arc::clone(&state));
                 let stop = signal.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                    {
                         tracing::error!(error = %e, "admin listener failed");
                     }
                 });
@@ -641,6 +709,7 @@ impl RunningServer {
         Ok(Self {
             addr,
             admin_addr,
+            expiry: None,
             state,
             shutdown: Some(shutdown),
             task,
@@ -663,6 +732,47 @@ impl RunningServer {
         match (&mut self.task).await {
             Ok(result) => result,
             Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Graceful shutdown: stops accepting, lets in-flight requests finish for up to `grace`
+    /// (then cuts those left, whose records are still written as abandoned), waits for
+    /// reservations to settle and the ledger to be written (up to `grace` more), and closes
+    /// the database.
+    pub async fn drain(mut self, grace: std::time::Duration) -> DrainReport {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let finished_in_time = tokio::time::timeout(grace, &mut self.task).await.is_ok();
+        if !finished_in_time {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish in time; cutting them"
+            );
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+        if let Some(expiry) = self.expiry.take() {
+            expiry.abort();
+        }
+        let state = &self.state;
+        let outstanding = || {
+            let held = state.budget.as_ref().map_or(0, |b| b.outstanding());
+            let pending = state.ledger.as_ref().map_or(0, |l| l.pending());
+            (held, pending)
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        while outstanding() != (0, 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (unsettled, unwritten) = outstanding();
+        if let Some(storage) = &state.storage {
+            storage.close().await;
+        }
+        DrainReport {
+            finished_in_time,
+            unsettled,
+            unwritten,
         }
     }
 

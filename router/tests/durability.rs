@@ -7,139 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::routing::post;
-use axum::Router;
+use common::*;
 use serde_json::{json, Value};
-
-const KEY: &str = "sk-durability-team";
-
-/// An upstream that answers every chat request after 5 ms, streamed or not.
-async fn upstream() -> SocketAddr {
-    async fn answer(body: axum::body::Bytes) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
-        let usage = json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10});
-        if request["stream"] == json!(true) {
-            let chunk = |delta: Value, usage: Value| {
-                format!(
-                    "data: {}\n\n",
-                    json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": null}], "usage": usage})
-                )
-            };
-            let body = [
-                chunk(json!({"role": "assistant", "content": "Hi"}), Value::Null),
-                chunk(json!({"content": " there"}), usage),
-                "data: [DONE]\n\n".to_string(),
-            ]
-            .concat();
-            return ([("content-type", "text/event-stream")], body).into_response();
-        }
-        axum::Json(json!({
-            "id": "c", "object": "chat.completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there"},
-                         "finish_reason": "stop"}],
-            "usage": usage,
-        }))
-        .into_response()
-    }
-    let app = Router::new().route("/v1/chat/completions", post(answer));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn write_config(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-
-[local]
-model = "{model}"
-name = "smollm2"
-warm_up = false
-
-[storage]
-url = "sqlite://{db}"
-
-[[remotes]]
-name = "big"
-base_url = "http://{upstream}/v1"
-timeout_ms = 5000
-max_retries = 0
-
-[prices.big]
-input_usd_per_million = 1.0
-output_usd_per_million = 2.0
-
-[[teams]]
-name = "alpha"
-api_key_hashes = ["{hash}"]
-policy = {{ remote_only = true, remotes = ["big"], daily_budget_usd = 1000.0 }}
-"#,
-        model = model_path().display(),
-        db = dir.join("ledger.db").display(),
-        hash = policies::team::hash_api_key(KEY),
-    );
-    let path = dir.join("cascade.toml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
-fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_cascade"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/healthz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("cascade serve did not come up at {base}");
-}
 
 /// One client: sends requests back to back and notes the id of each it saw complete (a
 /// full JSON body, or a stream through `[DONE]`).
@@ -191,7 +65,7 @@ async fn client_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_a_client_saw_complete_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream().await;
+    let upstream = upstream(Duration::from_millis(5)).await;
     let port = free_port();
     let config = write_config(dir.path(), port, upstream);
     let base = format!("http://127.0.0.1:{port}");
@@ -224,7 +98,11 @@ async fn every_request_a_client_saw_complete_survives_kill_9() {
         let _ = c.await;
     }
     let completed = completed.lock().unwrap().clone();
-    assert!(completed.len() >= 100, "only {} requests completed", completed.len());
+    assert!(
+        completed.len() >= 100,
+        "only {} requests completed",
+        completed.len()
+    );
 
     // Restart on the same files: the gateway recovers its database and serves again.
     let mut child = spawn(&config);

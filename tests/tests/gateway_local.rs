@@ -442,5 +442,8 @@ async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
     .await;
     assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
     assert_eq!(r.header("x-cascade-reason"), "low_confidence");
-    assert!((confidence(&r) - p).abs() < 1e-3, "same answer, same probability");
+    assert!(
+        (confidence(&r) - p).abs() < 1e-3,
+        "same answer, same probability"
+    );
 }

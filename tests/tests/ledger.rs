@@ -65,11 +65,10 @@ async fn team_spent(server: &RunningServer, team: &str) -> u64 {
     let (scope, _) = server
         .state
         .policies
+        .load()
         .scopes_for(team, "", now)
         .into_iter()
-        .find(|(s, _)| {
-            s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day
-        })
+        .find(|(s, _)| s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day)
         .unwrap();
     let state = storage(server)
         .scope_state(&scope.storage_key())
@@ -100,11 +99,10 @@ async fn team_spent_unchecked(server: &RunningServer, team: &str) -> u64 {
     let (scope, _) = server
         .state
         .policies
+        .load()
         .scopes_for(team, "", now)
         .into_iter()
-        .find(|(s, _)| {
-            s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day
-        })
+        .find(|(s, _)| s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day)
         .unwrap();
     storage(server)
         .scope_state(&scope.storage_key())
@@ -153,7 +151,10 @@ async fn every_request_is_in_the_ledger_when_its_response_completes() {
         (input, output)
     );
     assert_eq!(rec.cost_nanos, cost_1_2(input, output));
-    assert_eq!(rec.prompt_text, None, "prompts are not kept unless the policy says so");
+    assert_eq!(
+        rec.prompt_text, None,
+        "prompts are not kept unless the policy says so"
+    );
     let mut total = rec.cost_nanos;
 
     // Streamed with a usage chunk: the real usage is recorded.
@@ -267,7 +268,10 @@ async fn fallbacks_after_a_failure_are_charged_to_the_remote_that_answered() {
         cost_1_2(rec.remote_input_tokens, rec.remote_output_tokens)
     );
     // The failed attempt at the expensive remote gave its reservation back.
-    assert_eq!(settled(&server, "alpha", rec.cost_nanos).await, rec.cost_nanos);
+    assert_eq!(
+        settled(&server, "alpha", rec.cost_nanos).await,
+        rec.cost_nanos
+    );
     assert_eq!(team_spent(&server, "alpha").await, rec.cost_nanos);
 }
 
@@ -346,7 +350,11 @@ async fn an_exhausted_budget_rejects_or_falls_back_as_the_policy_says() {
     let r = ask("sk-local").await;
     assert_eq!(r.status, 429, "{}", r.text);
 
-    assert_eq!(expensive.request_count(), 0, "no call the budget could not pay");
+    assert_eq!(
+        expensive.request_count(),
+        0,
+        "no call the budget could not pay"
+    );
     assert_eq!(cheap.request_count(), 1);
 }
 
@@ -390,7 +398,13 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
     for user in 0..6 {
         let mut body = chat(REMOTE, "Hello there", 10);
         body["user"] = json!(format!("user-{user}"));
-        let r = post(&server, "/v1/chat/completions", &body, &[("authorization", &auth_a)]).await;
+        let r = post(
+            &server,
+            "/v1/chat/completions",
+            &body,
+            &[("authorization", &auth_a)],
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text);
         alpha_ids.push(r.header("x-request-id").to_string());
     }
@@ -403,7 +417,10 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
     .await;
     let beta_id = r.header("x-request-id").to_string();
     let rec = record(&server, &alpha_ids[0]).await;
-    assert!(rec.prompt_text.unwrap().contains("Hello there"), "alpha logs prompts");
+    assert!(
+        rec.prompt_text.unwrap().contains("Hello there"),
+        "alpha logs prompts"
+    );
     assert!(rec.variant.is_some() && rec.experiment.as_deref() == Some("alpha-exp"));
 
     let base = format!("http://{}", server.addr);
@@ -428,7 +445,10 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
     assert_eq!(a["day"]["budget_usd"], 5.0);
     assert!(a["day"]["budget_remaining_usd"].as_f64().unwrap() < 5.0);
     let b = usage(Some(KEY_B)).await.json();
-    assert_eq!((b["team"].as_str(), b["day"]["requests"].as_u64()), (Some("beta"), Some(1)));
+    assert_eq!(
+        (b["team"].as_str(), b["day"]["requests"].as_u64()),
+        (Some("beta"), Some(1))
+    );
     assert_eq!(b["day"]["budget_usd"], Value::Null);
     assert_eq!(usage(None).await.status, 401);
     assert_eq!(usage(Some("sk-wrong")).await.status, 401);
@@ -441,22 +461,42 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
         body["request_id"] = json!(id);
         async move { post(server, "/v1/feedback", &body, &[("authorization", &auth)]).await }
     };
-    assert_eq!(fb(KEY_A, &alpha_ids[0], json!({"thumbs": "up"})).await.status, 200);
     assert_eq!(
-        fb(KEY_A, &alpha_ids[1], json!({"score": 0.25, "comment": "meh"}))
+        fb(KEY_A, &alpha_ids[0], json!({"thumbs": "up"}))
             .await
             .status,
         200
     );
+    assert_eq!(
+        fb(
+            KEY_A,
+            &alpha_ids[1],
+            json!({"score": 0.25, "comment": "meh"})
+        )
+        .await
+        .status,
+        200
+    );
     let r = fb(KEY_A, &beta_id, json!({"score": 1.0})).await;
     assert_eq!(r.status, 404, "{}", r.text);
-    assert_eq!(fb(KEY_B, &alpha_ids[0], json!({"score": 1.0})).await.status, 404);
-    let r = fb(KEY_A, &alpha_ids[0], json!({"score": 7})).await;
-    assert_eq!((r.status, r.json()["error"]["param"].as_str()), (400, Some("score")));
     assert_eq!(
-        post(&server, "/v1/feedback", &json!({"request_id": beta_id, "score": 1}), &[])
-            .await
-            .status,
+        fb(KEY_B, &alpha_ids[0], json!({"score": 1.0})).await.status,
+        404
+    );
+    let r = fb(KEY_A, &alpha_ids[0], json!({"score": 7})).await;
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].as_str()),
+        (400, Some("score"))
+    );
+    assert_eq!(
+        post(
+            &server,
+            "/v1/feedback",
+            &json!({"request_id": beta_id, "score": 1}),
+            &[]
+        )
+        .await
+        .status,
         401
     );
 
@@ -489,12 +529,18 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
         .collect();
     assert_eq!(teams, ["alpha", "beta"]);
     assert_eq!(spend["teams"][0]["requests"], 6);
-    assert_eq!(admin("/admin/spend?window=year", Some(ADMIN)).await.status, 400);
+    assert_eq!(
+        admin("/admin/spend?window=year", Some(ADMIN)).await.status,
+        400
+    );
     let exp = admin("/admin/experiments/alpha-exp", Some(ADMIN)).await;
     assert_eq!(exp.status, 200, "{}", exp.text);
     let exp = exp.json();
     let variants = exp["variants"].as_array().unwrap();
-    let requests: u64 = variants.iter().map(|v| v["requests"].as_u64().unwrap()).sum();
+    let requests: u64 = variants
+        .iter()
+        .map(|v| v["requests"].as_u64().unwrap())
+        .sum();
     let feedback: u64 = variants
         .iter()
         .map(|v| v["feedback_count"].as_u64().unwrap())
@@ -506,7 +552,10 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
         assert!(v["cost_per_1k_requests_usd"]["value"].as_f64().unwrap() > 0.0);
         assert!(v["latency_p50_ms"].is_object());
     }
-    assert_eq!(admin("/admin/experiments/nope", Some(ADMIN)).await.status, 404);
+    assert_eq!(
+        admin("/admin/experiments/nope", Some(ADMIN)).await.status,
+        404
+    );
 
     // Metrics: spend by team, budget left, requests and cost by variant.
     let text = get(&server, "/metrics").await.text;
@@ -518,10 +567,20 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
     );
     assert!(left > 0.0 && left < 5.0, "{left}");
     assert_eq!(
-        metric(&text, "cascade_variant_requests_total", &["experiment=\"alpha-exp\""]),
+        metric(
+            &text,
+            "cascade_variant_requests_total",
+            &["experiment=\"alpha-exp\""]
+        ),
         6.0
     );
-    assert!(metric(&text, "cascade_variant_cost_usd_total", &["experiment=\"alpha-exp\""]) > 0.0);
+    assert!(
+        metric(
+            &text,
+            "cascade_variant_cost_usd_total",
+            &["experiment=\"alpha-exp\""]
+        ) > 0.0
+    );
 
     // `cascade report` reads the same ledger and prints the same numbers.
     server.shutdown().await.unwrap();
@@ -532,15 +591,17 @@ async fn teams_see_only_their_own_usage_and_only_the_admin_key_opens_the_admin_a
         experiment: None,
         json: false,
     };
-    let text = cascade::commands::report::report(&config, &args).await.unwrap();
+    let text = cascade::commands::report::report(&config, &args)
+        .await
+        .unwrap();
     assert!(text.contains("alpha") && text.contains("beta"), "{text}");
     assert!(text.contains("Experiment alpha-exp, team alpha"), "{text}");
     let alpha_line = text.lines().find(|l| l.starts_with("alpha")).unwrap();
-    assert!(alpha_line.split_whitespace().nth(1) == Some("6"), "{alpha_line}");
-    let json_args = cascade::cli::ReportArgs {
-        json: true,
-        ..args
-    };
+    assert!(
+        alpha_line.split_whitespace().nth(1) == Some("6"),
+        "{alpha_line}"
+    );
+    let json_args = cascade::cli::ReportArgs { json: true, ..args };
     let json: Value = serde_json::from_str(
         &cascade::commands::report::report(&config, &json_args)
             .await
@@ -572,5 +633,8 @@ async fn the_admin_api_can_have_its_own_listener() {
     .await;
     assert_eq!(own.status, 200, "{}", own.text);
     let chat_on_admin = get_at(&format!("http://{admin_addr}/v1/models"), &[]).await;
-    assert_eq!(chat_on_admin.status, 404, "the admin listener serves the admin API only");
+    assert_eq!(
+        chat_on_admin.status, 404,
+        "the admin listener serves the admin API only"
+    );
 }

@@ -170,6 +170,7 @@ async fn concurrent_escalations_never_overspend_a_team_budget() {
     let key_id = server
         .state
         .policies
+        .load()
         .authenticate(KEY_A)
         .unwrap()
         .key_id
@@ -181,6 +182,7 @@ async fn concurrent_escalations_never_overspend_a_team_budget() {
     let (scope, limit) = server
         .state
         .policies
+        .load()
         .scopes_for("alpha", &key_id, now)
         .into_iter()
         .find(|(s, _)| s.storage_key().starts_with("team"))
@@ -193,6 +195,15 @@ async fn concurrent_escalations_never_overspend_a_team_budget() {
         .await
         .unwrap();
     assert_eq!(state.reserved_nanos, 0);
+    // Every request has its record, and the ledger's cost is the budget's spend.
+    let usage = budget
+        .storage()
+        .team_usage("alpha", 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(usage.requests, 200);
+    assert_eq!(usage.escalated as usize, ok);
+    assert_eq!(usage.cost_nanos, state.spent_nanos);
     assert!(
         state.spent_nanos > 0 && state.spent_nanos <= limit.0,
         "{state:?} vs {limit:?}"
@@ -267,6 +278,7 @@ async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
     let key_id = first
         .state
         .policies
+        .load()
         .authenticate(KEY_A)
         .unwrap()
         .key_id
@@ -278,6 +290,7 @@ async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
     let (scope, limit) = first
         .state
         .policies
+        .load()
         .scopes_for("alpha", &key_id, now)
         .into_iter()
         .find(|(s, _)| s.storage_key().starts_with("team"))
@@ -285,6 +298,7 @@ async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let storage = first.state.budget.as_ref().unwrap().storage();
     let state = storage.scope_state(&scope.storage_key()).await.unwrap();
+    let usage = storage.team_usage("alpha", 0, i64::MAX).await.unwrap();
     sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
         .await
@@ -294,4 +308,6 @@ async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
         state.spent_nanos > 0 && state.spent_nanos <= limit.0,
         "{state:?} vs {limit:?}"
     );
+    assert_eq!((usage.requests, usage.escalated as usize), (200, ok));
+    assert_eq!(usage.cost_nanos, state.spent_nanos);
 }

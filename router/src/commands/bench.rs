@@ -27,7 +27,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("model            {} ({})", info.name, info.architecture.as_str());
+    println!(
+        "model            {} ({})",
+        info.name,
+        info.architecture.as_str()
+    );
     println!("threads          {}", candle_threads());
     println!("load time        {load_seconds:.2} s");
     println!(

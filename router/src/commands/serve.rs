@@ -1,5 +1,6 @@
 //! `cascade serve`: the gateway.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -10,7 +11,8 @@ use crate::local::LocalEngine;
 use crate::server::RunningServer;
 
 /// Loads the configuration, starts listening at once (`/readyz` says when
-/// the model is loaded), loads the model, and serves until Ctrl-C/SIGTERM.
+/// the model is loaded), loads the model, and serves until Ctrl-C/SIGTERM (then drains
+/// gracefully); SIGHUP reloads the policy and price sections of the configuration.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
@@ -21,11 +23,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, args.config.clone()))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let mut server = RunningServer::start(&config).await?;
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let server = RunningServer::start(&config).await?;
     tracing::info!(
         addr = %server.addr,
         model = %config.local.model,
@@ -36,6 +38,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let local_config = config.local.clone();
     let mut loading = tokio::task::spawn_blocking(move || LocalEngine::start(&local_config));
     let mut loaded = false;
+    let mut signals = Signals::new()?;
     loop {
         tokio::select! {
             result = &mut loading, if !loaded => {
@@ -44,33 +47,99 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::info!(name = engine.name(), context_window = engine.context_window(), "local model ready");
                 state.gateway.attach_local(engine);
             }
-            () = shutdown_signal() => {
-                tracing::info!("shutting down");
-                server.stop();
-                break;
-            }
+            signal = signals.next() => match signal {
+                Signal::Reload => reload(&state, path.as_deref()),
+                Signal::Stop => break,
+            },
         }
     }
-    server.wait().await.context("server failed")
+    tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: no new connections, finishing requests in flight");
+    let report = server.drain(config.server.shutdown_grace).await;
+    if report.clean() {
+        tracing::info!("shut down cleanly: every request finished, settled and recorded");
+    } else {
+        tracing::warn!(
+            finished_in_time = report.finished_in_time,
+            unsettled_reservations = report.unsettled,
+            unwritten_records = report.unwritten,
+            "shut down with work left (unsettled reservations are released after their TTL)"
+        );
+    }
+    Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Re-reads the configuration file and applies its policy and price sections; a file that
+/// does not validate is refused and the running configuration stays.
+fn reload(state: &crate::server::AppState, path: Option<&Path>) {
+    let result = Config::load(path)
+        .map_err(crate::server::ReloadError::from)
+        .and_then(|config| state.reload(&config));
+    match result {
+        Ok(()) => {
+            state
+                .metrics
+                .config_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            tracing::info!("configuration reloaded (policies and prices)");
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        Err(e) => {
+            state
+                .metrics
+                .config_reloads
+                .with_label_values(&["refused"])
+                .inc();
+            tracing::error!(error = %e, "configuration reload refused; the running configuration stays");
+        }
+    }
+}
+
+/// What a signal asks of the server.
+enum Signal {
+    /// SIGHUP: reload the configuration.
+    Reload,
+    /// SIGTERM or Ctrl-C: shut down gracefully.
+    Stop,
+}
+
+/// The process signals the server reacts to.
+struct Signals {
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                hangup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn next(&mut self) -> Signal {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                () = ctrl_c => Signal::Stop,
+                _ = self.terminate.recv() => Signal::Stop,
+                _ = self.hangup.recv() => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            ctrl_c.await;
+            Signal::Stop
+        }
     }
 }

@@ -54,7 +54,10 @@ pub fn variant_stats(samples: &[VariantSample]) -> Vec<VariantStats> {
 fn summarise(name: &str, rows: &[&VariantSample]) -> VariantStats {
     let n = rows.len() as u64;
     let escalated = rows.iter().filter(|r| r.route == "remote").count() as u64;
-    let costs: Vec<f64> = rows.iter().map(|r| r.cost_nanos as f64 / 1e9 * 1000.0).collect();
+    let costs: Vec<f64> = rows
+        .iter()
+        .map(|r| r.cost_nanos as f64 / 1e9 * 1000.0)
+        .collect();
     let mut latencies: Vec<f64> = rows.iter().map(|r| r.latency_ms as f64).collect();
     latencies.sort_by(f64::total_cmp);
     let feedback: Vec<f64> = rows.iter().filter_map(|r| r.feedback).collect();
@@ -133,7 +136,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn sample(variant: &str, route: &str, cost_nanos: u64, latency_ms: u64, feedback: Option<f64>) -> VariantSample {
+    fn sample(
+        variant: &str,
+        route: &str,
+        cost_nanos: u64,
+        latency_ms: u64,
+        feedback: Option<f64>,
+    ) -> VariantSample {
         VariantSample {
             variant: variant.into(),
             route: route.into(),

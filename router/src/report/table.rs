@@ -59,7 +59,11 @@ pub fn experiment_table(stats: &[VariantStats]) -> String {
                 estimate(s.cost_per_1k_requests_usd, 1.0, 4),
                 estimate(s.latency_p50_ms, 1.0, 0),
                 estimate(s.latency_p95_ms, 1.0, 0),
-                format!("{} ({})", estimate(s.mean_feedback, 1.0, 2), s.feedback_count),
+                format!(
+                    "{} ({})",
+                    estimate(s.mean_feedback, 1.0, 2),
+                    s.feedback_count
+                ),
             ]
         })
         .collect();
@@ -85,7 +89,11 @@ pub fn spend_table(teams: &[TeamSpend]) -> String {
         .map(|t| {
             let u = &t.usage;
             vec![
-                if t.team.is_empty() { "(none)".into() } else { t.team.clone() },
+                if t.team.is_empty() {
+                    "(none)".into()
+                } else {
+                    t.team.clone()
+                },
                 u.requests.to_string(),
                 u.escalation_rate
                     .map_or_else(|| "-".into(), |r| format!("{:.1}", 100.0 * r)),
