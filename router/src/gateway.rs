@@ -555,6 +555,17 @@ impl Gateway {
         let (Some(engine), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
             return Err(self.busy_error(Reason::LocalLoading));
         };
+        self.answer_locally(ctx, engine, request, prompt).await
+    }
+
+    /// A whole local answer: no early exit, no time budget.
+    async fn answer_locally(
+        &self,
+        ctx: &mut RequestContext,
+        engine: &LocalEngine,
+        request: &CompletionRequest,
+        prompt: &Prompt,
+    ) -> Result<Reply, ApiError> {
         let run = engine
             .run(request, prompt.clone(), RunOptions::default())
             .await
@@ -590,13 +601,7 @@ impl Gateway {
         if request.stream {
             return Ok(self.live_local(local, request, prompt.clone()));
         }
-        let run = local
-            .run(request, prompt.clone(), RunOptions::default())
-            .await
-            .map_err(|e| self.local_error(e))?;
-        ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
-        self.note_local_run(ctx, &run);
-        Ok(self.local_reply(request, &run))
+        self.answer_locally(ctx, local, request, prompt).await
     }
 
     fn local_error(&self, error: WorkerError) -> ApiError {

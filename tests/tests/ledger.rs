@@ -57,41 +57,7 @@ fn cost_1_2(input: u64, output: u64) -> u64 {
 }
 
 /// Today's team scope of `team`, read from the budget counters.
-async fn team_spent(server: &RunningServer, team: &str) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (scope, _) = server
-        .state
-        .policies
-        .load()
-        .scopes_for(team, "", now)
-        .into_iter()
-        .find(|(s, _)| s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day)
-        .unwrap();
-    let state = storage(server)
-        .scope_state(&scope.storage_key())
-        .await
-        .unwrap();
-    assert_eq!(state.reserved_nanos, 0, "every reservation settled");
-    state.spent_nanos
-}
-
-/// Waits until settlements (which run in their own tasks) have landed.
-async fn settled(server: &RunningServer, team: &str, expected: u64) -> u64 {
-    let mut spent = 0;
-    for _ in 0..50 {
-        spent = team_spent_unchecked(server, team).await;
-        if spent == expected {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    spent
-}
-
-async fn team_spent_unchecked(server: &RunningServer, team: &str) -> u64 {
+async fn team_scope(server: &RunningServer, team: &str) -> cascade::storage::ScopeState {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -108,7 +74,26 @@ async fn team_spent_unchecked(server: &RunningServer, team: &str) -> u64 {
         .scope_state(&scope.storage_key())
         .await
         .unwrap()
-        .spent_nanos
+}
+
+/// The team's spend today, once every reservation is settled.
+async fn team_spent(server: &RunningServer, team: &str) -> u64 {
+    let state = team_scope(server, team).await;
+    assert_eq!(state.reserved_nanos, 0, "every reservation settled");
+    state.spent_nanos
+}
+
+/// Waits until settlements (which run in their own tasks) have landed.
+async fn settled(server: &RunningServer, team: &str, expected: u64) -> u64 {
+    let mut spent = 0;
+    for _ in 0..50 {
+        spent = team_scope(server, team).await.spent_nanos;
+        if spent == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    spent
 }
 
 #[tokio::test]

@@ -59,10 +59,12 @@ fn parse_args() -> Args {
 
 /// Easy questions (capitals) and hard ones (MT-Bench first turns), alternated.
 fn prompts(dir: &str) -> Vec<String> {
-    let read = |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        eprintln!("cannot read {path}: {e}");
-        std::process::exit(1)
-    });
+    let read = |path: String| {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            eprintln!("cannot read {path}: {e}");
+            std::process::exit(1)
+        })
+    };
     let easy: Vec<String> = read(format!("{dir}/capitals/capitals-dev.jsonl"))
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
