@@ -92,6 +92,11 @@ pub struct RawStorage {
     pub max_connections: u32,
     /// After this long an unsettled reservation is presumed orphaned.
     pub reservation_ttl_secs: u64,
+    /// What a ledger record that cannot be written does: `spool` (to `spool_path`, replayed
+    /// later; the answer goes out) or `fail_closed` (the client gets 503).
+    pub on_ledger_failure: String,
+    /// The JSONL file of records waiting for the database; relative to the config's folder.
+    pub spool_path: String,
 }
 
 impl Default for RawStorage {
@@ -100,6 +105,8 @@ impl Default for RawStorage {
             url: "sqlite://cascade.db".into(),
             max_connections: 8,
             reservation_ttl_secs: 300,
+            on_ledger_failure: "spool".into(),
+            spool_path: "cascade-ledger-spool.jsonl".into(),
         }
     }
 }
@@ -249,6 +256,12 @@ pub struct RawRemote {
     pub max_retries: u32,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
+    /// The largest response body (or, streamed, the largest event) read from this remote.
+    pub max_response_bytes: u64,
+    /// Consecutive failed attempts that open this remote's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before letting one probe through.
+    pub breaker_cooldown_ms: u64,
 }
 
 impl Default for RawRemote {
@@ -264,9 +277,15 @@ impl Default for RawRemote {
             max_retries: 2,
             backoff_base_ms: 100,
             backoff_max_ms: 2_000,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
         }
     }
 }
+
+/// 16 MiB: far above any chat completion, far below what would hurt the process.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -278,9 +297,28 @@ pub struct Config {
     pub policy_remotes: Vec<String>,
     pub remotes: Vec<RemoteConfig>,
     pub storage: StorageConfig,
+    /// What happens to ledger records the database does not take.
+    pub ledger: LedgerConfig,
     pub admin: AdminConfig,
     /// Teams, keys, prices, budgets and experiments.
     pub policies: Policies,
+}
+
+/// What a ledger record that cannot be written does (`storage.on_ledger_failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLedgerFailure {
+    /// Append it to the spool file (fsynced) and answer; replay it when the database heals.
+    Spool,
+    /// Answer 503 `ledger_unavailable` instead of an answer without a record.
+    FailClosed,
+}
+
+/// Validated ledger-failure settings from `[storage]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    pub on_failure: OnLedgerFailure,
+    /// The spool file (resolved against the config's folder).
+    pub spool_path: PathBuf,
 }
 
 /// Validated `[admin]`.
@@ -326,6 +364,12 @@ pub struct RemoteConfig {
     pub max_retries: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// The largest body, or streamed event, read from this remote.
+    pub max_response_bytes: usize,
+    /// Consecutive failed attempts that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before a probe.
+    pub breaker_cooldown: Duration,
 }
 
 /// How a remote expects its API key.
@@ -390,6 +434,7 @@ impl Config {
             .map_err(|e| invalid("policies", e.to_string()))?;
         let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes, &rules)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
+        let ledger = validate_ledger(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;
         let policies =
             Policies::try_from(policies_config).map_err(|e| invalid("policies", e.to_string()))?;
@@ -401,6 +446,7 @@ impl Config {
             policy_remotes,
             remotes,
             storage,
+            ledger,
             admin,
             policies,
         })
@@ -512,6 +558,31 @@ fn validate_storage(
         url: resolve_sqlite_path(url, base_dir),
         max_connections: raw.max_connections,
         reservation_ttl_secs: raw.reservation_ttl_secs,
+    })
+}
+
+fn validate_ledger(raw: &RawStorage, base_dir: Option<&Path>) -> Result<LedgerConfig, ConfigError> {
+    let on_failure = match raw.on_ledger_failure.as_str() {
+        "spool" => OnLedgerFailure::Spool,
+        "fail_closed" => OnLedgerFailure::FailClosed,
+        other => {
+            return Err(invalid(
+                "storage.on_ledger_failure",
+                format!("unknown behaviour `{other}` (choose spool or fail_closed)"),
+            ))
+        }
+    };
+    let spool = raw.spool_path.trim();
+    if spool.is_empty() {
+        return Err(invalid("storage.spool_path", "must not be empty"));
+    }
+    let spool_path = match base_dir {
+        Some(dir) if Path::new(spool).is_relative() => dir.join(spool),
+        _ => PathBuf::from(spool),
+    };
+    Ok(LedgerConfig {
+        on_failure,
+        spool_path,
     })
 }
 
@@ -679,6 +750,16 @@ fn validate_remote(
             "must be at least backoff_base_ms",
         ));
     }
+    // A limit below a kilobyte would refuse ordinary error bodies and stream events.
+    if raw.max_response_bytes < 1024 {
+        return Err(invalid(key("max_response_bytes"), "must be at least 1024"));
+    }
+    if raw.breaker_failures == 0 {
+        return Err(invalid(key("breaker_failures"), "must be at least 1"));
+    }
+    if raw.breaker_cooldown_ms == 0 {
+        return Err(invalid(key("breaker_cooldown_ms"), "must be positive"));
+    }
     Ok(RemoteConfig {
         name: raw.name.clone(),
         model: raw.model.clone().unwrap_or_else(|| raw.name.clone()),
@@ -689,6 +770,9 @@ fn validate_remote(
         max_retries: raw.max_retries,
         backoff_base: Duration::from_millis(raw.backoff_base_ms),
         backoff_max: Duration::from_millis(raw.backoff_max_ms),
+        max_response_bytes: usize::try_from(raw.max_response_bytes).unwrap_or(usize::MAX),
+        breaker_failures: raw.breaker_failures,
+        breaker_cooldown: Duration::from_millis(raw.breaker_cooldown_ms),
     })
 }
 
@@ -992,6 +1076,39 @@ mod tests {
         assert!(e.starts_with("admin.api_key_hash:"), "{e}");
         let e = error_of(&format!("{MINIMAL}\n[storage]\nurl = \"mysql://x\""));
         assert!(e.starts_with("storage.url:"), "{e}");
+    }
+
+    #[test]
+    fn reliability_settings_have_defaults_and_are_validated() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.remotes[0].max_response_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.remotes[0].breaker_failures, 5);
+        assert_eq!(c.remotes[0].breaker_cooldown, Duration::from_secs(10));
+        assert_eq!(c.ledger.on_failure, OnLedgerFailure::Spool);
+        assert_eq!(
+            c.ledger.spool_path,
+            PathBuf::from("cascade-ledger-spool.jsonl")
+        );
+        let c = parse(&format!(
+            "{MINIMAL}max_response_bytes = 4096\nbreaker_failures = 2\n[storage]\non_ledger_failure = \"fail_closed\""
+        ))
+        .unwrap();
+        assert_eq!(c.remotes[0].max_response_bytes, 4096);
+        assert_eq!(c.remotes[0].breaker_failures, 2);
+        assert_eq!(c.ledger.on_failure, OnLedgerFailure::FailClosed);
+        for (extra, key) in [
+            ("max_response_bytes = 10", "remotes[0].max_response_bytes:"),
+            ("breaker_failures = 0", "remotes[0].breaker_failures:"),
+            ("breaker_cooldown_ms = 0", "remotes[0].breaker_cooldown_ms:"),
+            (
+                "[storage]\non_ledger_failure = \"drop\"",
+                "storage.on_ledger_failure:",
+            ),
+            ("[storage]\nspool_path = \" \"", "storage.spool_path:"),
+        ] {
+            let e = error_of(&format!("{MINIMAL}{extra}"));
+            assert!(e.starts_with(key), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
@@ -115,18 +116,28 @@ impl RequestContext {
         self.ledger = Some(ledger);
     }
 
-    /// Commits the ledger record (once) and returns when it is durable. A failed write is
-    /// logged and counted; the answer, already paid for, still goes out.
-    pub async fn commit(&mut self) {
+    /// Commits the ledger record (once) and returns when it is durable (in the database, or
+    /// in the spool while the database refuses it). A failed write is logged and counted;
+    /// it fails the request only when the ledger fails closed (`storage.on_ledger_failure =
+    /// "fail_closed"`): then the caller must not send the answer.
+    pub async fn commit(&mut self) -> Result<(), ApiError> {
         if self.committed {
-            return;
+            return Ok(());
         }
         let Some(ledger) = self.ledger.clone() else {
-            return;
+            return Ok(());
         };
         self.committed = true;
-        if let Err(e) = ledger.commit(self).await {
-            tracing::error!(request_id = %self.id, error = %e, "ledger record not written");
+        match ledger.commit(self).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(request_id = %self.id, error = %e, "ledger record not written");
+                if ledger.fails_closed() {
+                    Err(ApiError::LedgerUnavailable)
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 

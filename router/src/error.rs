@@ -42,6 +42,10 @@ pub enum ApiError {
     BudgetExhausted,
     #[error("Internal error: {0}")]
     Internal(String),
+    /// The request's ledger record could not be written and `storage.on_ledger_failure` is
+    /// `fail_closed`: no answer goes out without its record.
+    #[error("The request ledger is unavailable; the answer is withheld because it could not be recorded. Retry later.")]
+    LedgerUnavailable,
 }
 
 impl ApiError {
@@ -60,8 +64,11 @@ impl ApiError {
             // The gate refuses calls for a full budget (handled as `BudgetExhausted` by the
             // gateway), or fails closed when it cannot reach the budget store.
             ApiError::Upstream(e) if e.is_budget_exhausted() => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Upstream(UpstreamError::Refused { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream(
+                UpstreamError::Refused { .. } | UpstreamError::CircuitOpen { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Local(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,7 +93,14 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::Refused { .. }) => {
                 ("server_error", Some("budget_store_unavailable"))
             }
+            ApiError::Upstream(UpstreamError::CircuitOpen { .. }) => {
+                ("upstream_error", Some("circuit_open"))
+            }
+            ApiError::Upstream(UpstreamError::TooLarge { .. }) => {
+                ("upstream_error", Some("upstream_response_too_large"))
+            }
             ApiError::Upstream(_) => ("upstream_error", Some("upstream_unavailable")),
+            ApiError::LedgerUnavailable => ("server_error", Some("ledger_unavailable")),
             ApiError::Local(_) => ("server_error", Some("local_model_error")),
             ApiError::Internal(_) => ("server_error", None),
         }
@@ -100,6 +114,12 @@ impl ApiError {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
                 Some(HeaderValue::from(secs.max(1)))
             }
+            // The breaker lets a probe through when its cooldown ends.
+            ApiError::Upstream(UpstreamError::CircuitOpen { retry_in, .. }) => {
+                let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+                Some(HeaderValue::from(secs.max(1)))
+            }
+            ApiError::LedgerUnavailable => Some(HeaderValue::from(1u64)),
             _ => None,
         }
     }

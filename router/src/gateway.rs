@@ -202,6 +202,7 @@ impl Gateway {
 
     /// Refreshes gauges that are read rather than counted.
     pub fn update_gauges(&self) {
+        self.upstreams.update_gauges();
         if let Some(local) = self.local.get() {
             let depth = i64::try_from(local.load().in_flight).unwrap_or(i64::MAX);
             self.metrics.local_queue_depth.set(depth);
@@ -727,8 +728,7 @@ impl Reply {
                 stream::iter(chunks.into_iter().map(Ok))
                     .chain(stream::once(async move {
                         let mut ctx = ctx;
-                        ctx.commit().await;
-                        Ok(last)
+                        Ok(last_or_ledger_error(ctx.commit().await, last))
                     }))
                     .boxed()
             }
@@ -745,13 +745,13 @@ impl Reply {
                             Some((Ok(event), Some((upstream, ctx))))
                         }
                         Some(event) => {
-                            ctx.commit().await;
-                            Some((Ok(event), None))
+                            let last = last_or_ledger_error(ctx.commit().await, event);
+                            Some((Ok(last), None))
                         }
-                        None => {
-                            ctx.commit().await;
-                            None
-                        }
+                        None => match ctx.commit().await {
+                            Ok(()) => None,
+                            Err(e) => Some((Ok(ledger_error_event(&e)), None)),
+                        },
                     }
                 })
                 .boxed()
@@ -819,12 +819,13 @@ fn live_local_body(live: Live) -> BodyStream {
                     generation.usage.prompt_tokens,
                     generation.usage.completion_tokens,
                 ));
-                live.ctx.commit().await;
-                Some((Ok(Bytes::from(out)), None))
+                let last = last_or_ledger_error(live.ctx.commit().await, Bytes::from(out));
+                Some((Ok(last), None))
             }
             Some(LiveEvent::Done(Err(e))) => {
                 live.ctx.stream_failed = true;
-                live.ctx.commit().await;
+                // The stream ends with an error event either way.
+                let _ = live.ctx.commit().await;
                 Some((
                     Ok(openai::sse_error(&e.to_string(), "local_model_error")),
                     None,
@@ -834,6 +835,20 @@ fn live_local_body(live: Live) -> BodyStream {
         }
     })
     .boxed()
+}
+
+/// A stream's last event, or, when its ledger record could not be written and the ledger
+/// fails closed, an error event in its place: the client never sees a stream end normally
+/// without a record (the text before it has gone out already; see docs/reliability.md).
+fn last_or_ledger_error(committed: Result<(), ApiError>, last: Bytes) -> Bytes {
+    match committed {
+        Ok(()) => last,
+        Err(e) => ledger_error_event(&e),
+    }
+}
+
+fn ledger_error_event(error: &ApiError) -> Bytes {
+    openai::sse_error(&error.to_string(), error.code())
 }
 
 fn observe_local(metrics: &Metrics, run: &LocalRun) {

@@ -3,12 +3,18 @@
 //! event after its record is durable), so a crash can lose a request in flight but never one
 //! a client saw finish.
 //!
+//! When the database refuses a batch for a transient reason (locked, read-only, unreachable),
+//! the writer appends it to the spool file instead (see [`crate::spool`]) and a replay task
+//! writes it into the database once it works again; with no spool (`fail_closed`) the write
+//! fails and the caller withholds the answer.
+//!
 //! Records go through one writer task that commits whatever has queued up meanwhile in a
 //! single transaction (group commit): under load many requests share one fsync instead of
 //! queueing for one each, and each request still waits until its own record is durable.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use policies::NanoUsd;
 use tokio::sync::{mpsc, oneshot};
@@ -16,17 +22,20 @@ use tokio::sync::{mpsc, oneshot};
 use crate::context::RequestContext;
 use crate::live::SharedPolicies;
 use crate::metrics::Metrics;
+use crate::spool::Spool;
 use crate::storage::{LedgerRecord, Storage, StorageError};
 
 /// Most records committed in one transaction.
 const MAX_BATCH: usize = 256;
 /// Records waiting for the writer before callers wait to enqueue (backpressure).
 const QUEUE: usize = 4096;
+/// How often the replay task looks for spooled records (a memory read when there are none).
+const REPLAY_PERIOD: Duration = Duration::from_secs(1);
 
 /// A record waiting for its commit, and who to tell.
 struct Pending {
     record: LedgerRecord,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    done: oneshot::Sender<Result<(), LedgerError>>,
 }
 
 /// Why a record was not written.
@@ -36,11 +45,15 @@ pub enum LedgerError {
     Stopped,
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("the database refused the record and the spool could not keep it: {0}")]
+    Spool(String),
 }
 
 /// Writes ledger records and keeps the spend metrics.
 pub struct Ledger {
     queue: mpsc::Sender<Pending>,
+    /// Where records go while the database refuses them; `None` fails closed.
+    spool: Option<Arc<Spool>>,
     policies: SharedPolicies,
     metrics: Arc<Metrics>,
     /// Records handed to the ledger and not yet written (or failed); shutdown waits for 0.
@@ -49,16 +62,36 @@ pub struct Ledger {
 
 impl Ledger {
     /// Starts the writer task on the current runtime. It ends when the last `Ledger` is
-    /// dropped, after writing what was queued.
-    pub fn start(storage: Storage, policies: SharedPolicies, metrics: Arc<Metrics>) -> Self {
+    /// dropped, after writing what was queued. With a spool, records the database refuses
+    /// for a transient reason are spooled, and a replay task writes them back later.
+    pub fn start(
+        storage: Storage,
+        policies: SharedPolicies,
+        metrics: Arc<Metrics>,
+        spool: Option<Arc<Spool>>,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(storage, rx));
+        if let Some(spool) = &spool {
+            tokio::spawn(replay_loop(storage.clone(), Arc::downgrade(spool)));
+        }
+        let writer = Writer {
+            storage,
+            spool: spool.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        tokio::spawn(writer.run(rx));
         Self {
             queue,
+            spool,
             policies,
             metrics,
             pending: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Whether a record that cannot be written fails its request (no spool).
+    pub fn fails_closed(&self) -> bool {
+        self.spool.is_none()
     }
 
     /// The record of a request, as it stands now.
@@ -169,7 +202,7 @@ impl Ledger {
         let result = wait.await.map_err(|_| LedgerError::Stopped)?;
         if let Err(e) = result {
             self.metrics.ledger_errors.inc();
-            return Err(e.into());
+            return Err(e);
         }
         let (team, experiment, variant) = labels;
         if let Some(team) = team {
@@ -192,28 +225,89 @@ impl Ledger {
     }
 }
 
-/// Commits queued records in batches until every sender is gone.
-async fn write_loop(storage: Storage, mut rx: mpsc::Receiver<Pending>) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let records: Vec<LedgerRecord> = batch.iter().map(|p| p.record.clone()).collect();
-        match storage.record_batch(&records).await {
-            Ok(()) => {
-                for pending in batch.drain(..) {
-                    let _ = pending.done.send(Ok(()));
-                }
-            }
-            // One bad record (or a transient failure) must not fail the others: write them
-            // one by one and report each its own outcome.
-            Err(_) => {
-                for pending in batch.drain(..) {
-                    let result = storage.record(&pending.record).await;
-                    if let Err(e) = &result {
-                        tracing::error!(request_id = %pending.record.id, error = %e, "cannot write the ledger record");
+/// The writer task's state.
+struct Writer {
+    storage: Storage,
+    spool: Option<Arc<Spool>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    /// Commits queued records in batches until every sender is gone.
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+        let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let records: Vec<LedgerRecord> = batch.iter().map(|p| p.record.clone()).collect();
+            match self.storage.record_batch(&records).await {
+                Ok(()) => {
+                    for pending in batch.drain(..) {
+                        let _ = pending.done.send(Ok(()));
                     }
-                    let _ = pending.done.send(result);
+                }
+                // The database is not taking writes now: spool the whole batch (one fsync)
+                // rather than wait on each record in turn.
+                Err(e) if e.is_transient() && self.spool.is_some() => {
+                    tracing::warn!(error = %e, records = records.len(), "ledger database unavailable; spooling");
+                    let result = self.spool_records(&records).await;
+                    for pending in batch.drain(..) {
+                        let _ = pending
+                            .done
+                            .send(result.clone().map_err(LedgerError::Spool));
+                    }
+                }
+                // One bad record (or a transient failure) must not fail the others: write
+                // them one by one and report each its own outcome.
+                Err(_) => {
+                    for pending in batch.drain(..) {
+                        let result = self.write_one(&pending.record).await;
+                        if let Err(e) = &result {
+                            tracing::error!(request_id = %pending.record.id, error = %e, "cannot write the ledger record");
+                        }
+                        let _ = pending.done.send(result);
+                    }
                 }
             }
+        }
+    }
+
+    async fn write_one(&self, record: &LedgerRecord) -> Result<(), LedgerError> {
+        match self.storage.record(record).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_transient() && self.spool.is_some() => self
+                .spool_records(std::slice::from_ref(record))
+                .await
+                .map_err(LedgerError::Spool),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn spool_records(&self, records: &[LedgerRecord]) -> Result<(), String> {
+        let Some(spool) = &self.spool else {
+            return Err("no spool is configured".into());
+        };
+        spool.append(records).await.map_err(|e| e.to_string())?;
+        self.metrics.ledger_spooled.inc_by(records.len() as u64);
+        Ok(())
+    }
+}
+
+/// Writes spooled records into the database whenever there are some and it takes them;
+/// ends when the ledger (the spool's owner) is gone.
+async fn replay_loop(storage: Storage, spool: Weak<Spool>) {
+    let mut tick = tokio::time::interval(REPLAY_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(spool) = spool.upgrade() else {
+            return;
+        };
+        if !spool.has_pending() {
+            continue;
+        }
+        match spool.replay(&storage).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "replayed the ledger spool into the database"),
+            Err(e) => tracing::debug!(error = %e, "ledger spool not replayed yet"),
         }
     }
 }

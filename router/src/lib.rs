@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod breaker;
 pub mod budget;
 pub mod cli;
 pub mod commands;
@@ -18,5 +19,6 @@ pub mod openai;
 pub mod report;
 pub mod routing;
 pub mod server;
+pub mod spool;
 pub mod storage;
 pub mod upstream;

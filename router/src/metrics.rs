@@ -2,7 +2,7 @@
 
 use prometheus::{
     CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -41,6 +41,10 @@ pub struct Metrics {
     pub ledger_errors: IntCounter,
     /// Configuration reloads by result (`ok`, `refused`).
     pub config_reloads: IntCounterVec,
+    /// Ledger records written to the spool file because the database refused them.
+    pub ledger_spooled: IntCounter,
+    /// Each upstream's circuit breaker: 0 closed, 1 open, 2 half-open (set at scrape time).
+    pub upstream_circuit_state: IntGaugeVec,
 }
 
 /// A metric definition that prometheus rejected; only possible through a
@@ -163,6 +167,19 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(config_reloads.clone()))?;
+        let ledger_spooled = IntCounter::new(
+            "cascade_ledger_spooled_total",
+            "Ledger records spooled to a file because the database could not take them",
+        )?;
+        let upstream_circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "cascade_upstream_circuit_state",
+                "Circuit breaker of each upstream: 0 closed, 1 open, 2 half-open",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(ledger_spooled.clone()))?;
+        registry.register(Box::new(upstream_circuit_state.clone()))?;
         registry.register(Box::new(team_spend.clone()))?;
         registry.register(Box::new(team_budget_remaining.clone()))?;
         registry.register(Box::new(variant_requests.clone()))?;
@@ -196,6 +213,8 @@ impl Metrics {
             variant_cost,
             ledger_errors,
             config_reloads,
+            ledger_spooled,
+            upstream_circuit_state,
         })
     }
 

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::accounts;
 use crate::auth;
 use crate::budget::BudgetGate;
-use crate::config::Config;
+use crate::config::{Config, OnLedgerFailure};
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, Reply};
@@ -29,6 +29,7 @@ use crate::live::{Live, SharedPolicies};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint};
 use crate::routing::Route;
+use crate::spool::Spool;
 use crate::storage::Storage;
 use crate::upstream::{CallGate, OpenGate};
 
@@ -275,8 +276,10 @@ async fn generate(
             ctx.response_ready(200);
             if !reply.is_stream() {
                 // Durable before the client sees the answer; streams commit before their
-                // last event.
-                ctx.commit().await;
+                // last event. A ledger that fails closed withholds an answer it cannot record.
+                if let Err(error) = ctx.commit().await {
+                    return ledger_failure_response(&error, &ctx);
+                }
             }
             reply_response(reply, ctx, &state)
         }
@@ -291,10 +294,19 @@ async fn generate(
             ctx.error_code = Some(error.code());
             ctx.response_ready(response.status().as_u16());
             cascade_headers(response.headers_mut(), &ctx);
-            ctx.commit().await;
+            if let Err(error) = ctx.commit().await {
+                return ledger_failure_response(&error, &ctx);
+            }
             response
         }
     }
+}
+
+/// The 503 of a request whose record the ledger could not write (`fail_closed`).
+fn ledger_failure_response(error: &ApiError, ctx: &RequestContext) -> Response {
+    let mut response = error_response(error);
+    cascade_headers(response.headers_mut(), ctx);
+    response
 }
 
 /// The prompt as the ledger keeps it when a policy allows: the messages (or the prompt) as
@@ -602,11 +614,29 @@ impl RunningServer {
     /// call reserved against the budgets in storage.
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let storage = crate::storage::connect(&config.storage).await?;
+        // Records spooled by an earlier run (the database was down when it stopped) go in
+        // first, whatever this run's behaviour; a spool that cannot be replayed now stays for
+        // the replay task (spool mode) or the next start.
+        let spool = Arc::new(Spool::new(config.ledger.spool_path.clone()));
+        if spool.has_pending() {
+            match spool.replay(&storage).await {
+                Ok(n) => {
+                    tracing::info!(records = n, path = %spool.path().display(), "replayed the ledger spool left by an earlier run")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot replay the ledger spool yet"),
+            }
+        }
+        let spool = (config.ledger.on_failure == OnLedgerFailure::Spool).then_some(spool);
         let policies: SharedPolicies = Arc::new(Live::new(config.policies.clone()));
         let budget = Arc::new(BudgetGate::new(storage.clone(), Arc::clone(&policies)));
         let gate: Arc<dyn CallGate> = Arc::clone(&budget) as Arc<dyn CallGate>;
-        let mut server =
-            Self::start_inner(config, policies, gate, Some((budget, storage.clone()))).await?;
+        let mut server = Self::start_inner(
+            config,
+            policies,
+            gate,
+            Some((budget, storage.clone(), spool)),
+        )
+        .await?;
         // Reservations of requests that died (a crash elsewhere, a lost settle) are released
         // after the TTL; `reserve` does so too, but only when a budget looks full.
         let period =
@@ -644,14 +674,15 @@ impl RunningServer {
         config: &Config,
         policies: SharedPolicies,
         gate: Arc<dyn CallGate>,
-        store: Option<(Arc<BudgetGate>, Storage)>,
+        store: Option<(Arc<BudgetGate>, Storage, Option<Arc<Spool>>)>,
     ) -> Result<Self, StartError> {
         let mut state = AppState::new(config, Arc::clone(&policies), gate)?;
-        if let Some((budget, storage)) = store {
+        if let Some((budget, storage, spool)) = store {
             state.ledger = Some(Arc::new(Ledger::start(
                 storage.clone(),
                 policies,
                 Arc::clone(&state.metrics),
+                spool,
             )));
             state.budget = Some(budget);
             state.storage = Some(storage);

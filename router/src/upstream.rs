@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use rand::Rng;
 use serde::Deserialize;
 
+use crate::breaker::Breaker;
 use crate::config::{RemoteAuth, RemoteConfig};
 use crate::metrics::Metrics;
 use crate::openai::{self, CompletionRequest};
@@ -112,6 +113,14 @@ pub enum UpstreamError {
     },
     #[error("{upstream}: malformed response: {detail}")]
     Malformed { upstream: String, detail: String },
+    #[error("{upstream}: the response is larger than the limit of {limit} bytes")]
+    TooLarge { upstream: String, limit: usize },
+    #[error("{upstream}: circuit open after repeated failures; not called")]
+    CircuitOpen {
+        upstream: String,
+        /// Until the breaker lets a probe through.
+        retry_in: Duration,
+    },
     #[error("{upstream}: call refused: {refusal}")]
     Refused {
         upstream: String,
@@ -149,7 +158,25 @@ impl UpstreamError {
         }
     }
 
-    /// Metric label.
+    /// Says something about the upstream's health, for its circuit breaker: an answer that
+    /// is a client error (400, 401, …) came from a working upstream, and a refused or
+    /// skipped call never reached it.
+    fn is_upstream_failure(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Timeout { .. }
+            | UpstreamError::Connect { .. }
+            | UpstreamError::Network { .. }
+            | UpstreamError::Malformed { .. }
+            | UpstreamError::TooLarge { .. } => true,
+            UpstreamError::Refused { .. }
+            | UpstreamError::CircuitOpen { .. }
+            | UpstreamError::NoRemote
+            | UpstreamError::Client(_) => false,
+        }
+    }
+
+    /// Metric label and, in stream error events, the error's code.
     fn kind(&self) -> &'static str {
         match self {
             UpstreamError::Timeout { .. } => "timeout",
@@ -159,6 +186,8 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } if *status >= 500 => "status_5xx",
             UpstreamError::Status { .. } => "status_4xx",
             UpstreamError::Malformed { .. } => "malformed",
+            UpstreamError::TooLarge { .. } => "too_large",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
             UpstreamError::Refused { .. } => "refused",
             UpstreamError::NoRemote | UpstreamError::Client(_) => "config",
         }
@@ -191,6 +220,8 @@ pub enum UpstreamBody {
 pub struct Upstreams {
     client: reqwest::Client,
     remotes: Vec<Arc<RemoteConfig>>,
+    /// One per remote, same order.
+    breakers: Vec<Breaker>,
     gate: Arc<dyn CallGate>,
     metrics: Option<Arc<Metrics>>,
 }
@@ -256,8 +287,13 @@ impl Upstreams {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| UpstreamError::Client(e.to_string()))?;
+        let breakers = remotes
+            .iter()
+            .map(|r| Breaker::new(r.breaker_failures, r.breaker_cooldown))
+            .collect();
         Ok(Self {
             client,
+            breakers,
             remotes: remotes.into_iter().map(Arc::new).collect(),
             gate,
             metrics,
@@ -274,6 +310,17 @@ impl Upstreams {
         self.remotes.get(i).map(|r| r.name.as_str())
     }
 
+    /// Sets the circuit-state gauge of every remote.
+    pub fn update_gauges(&self) {
+        if let Some(m) = &self.metrics {
+            for (remote, breaker) in self.remotes.iter().zip(&self.breakers) {
+                m.upstream_circuit_state
+                    .with_label_values(&[&remote.name])
+                    .set(breaker.state().gauge());
+            }
+        }
+    }
+
     /// The index of the remote with this name.
     pub fn find(&self, name: &str) -> Option<usize> {
         self.remotes.iter().position(|r| r.name == name)
@@ -281,7 +328,8 @@ impl Upstreams {
 
     /// Sends `request` to the remotes of `chain` in order, retrying each on
     /// transient failures, until one answers. Returns the last failure when
-    /// none does.
+    /// none does. A remote whose circuit breaker is open is skipped without a call and
+    /// without a reservation.
     pub async fn call(
         &self,
         chain: &[usize],
@@ -291,11 +339,35 @@ impl Upstreams {
     ) -> Result<UpstreamReply, UpstreamError> {
         let started = Instant::now();
         let mut last = UpstreamError::NoRemote;
-        for remote in chain.iter().filter_map(|&i| self.remotes.get(i)) {
+        let remotes = chain
+            .iter()
+            .filter_map(|&i| Some((self.remotes.get(i)?, self.breakers.get(i)?)));
+        for (remote, breaker) in remotes {
             let body = openai::upstream_body(request, &remote.model)
                 .map_err(|e| UpstreamError::Client(e.to_string()))?;
             let mut attempt = 0u32;
             loop {
+                let permit = match breaker.admit(Instant::now()) {
+                    Ok(permit) => permit,
+                    Err(retry_in) => {
+                        let error = UpstreamError::CircuitOpen {
+                            upstream: remote.name.clone(),
+                            retry_in,
+                        };
+                        if let Some(m) = &self.metrics {
+                            m.upstream_errors
+                                .with_label_values(&[&remote.name, error.kind()])
+                                .inc();
+                        }
+                        tracing::debug!(request_id, upstream = %remote.name, "circuit open; skipping the upstream");
+                        // A breaker that opened during this request's own retries: its real
+                        // failure says more than "circuit open".
+                        if attempt == 0 {
+                            last = error;
+                        }
+                        break;
+                    }
+                };
                 let call = PaidCall {
                     request_id,
                     upstream: &remote.name,
@@ -321,6 +393,7 @@ impl Upstreams {
                 let latency = attempt_started.elapsed().as_secs_f64();
                 match result {
                     Ok(body) => {
+                        permit.success();
                         self.observe(&remote.name, "ok", latency);
                         return Ok(UpstreamReply {
                             upstream: remote.name.clone(),
@@ -329,6 +402,11 @@ impl Upstreams {
                         });
                     }
                     Err((error, retry_after)) => {
+                        if error.is_upstream_failure() {
+                            permit.failure(Instant::now());
+                        } else {
+                            permit.success();
+                        }
                         self.observe(&remote.name, error.kind(), latency);
                         if let Some(m) = &self.metrics {
                             m.upstream_errors
@@ -397,8 +475,9 @@ impl Upstreams {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            // The error body is only for the log line; do not wait long for it.
-            let detail = tokio::time::timeout(Duration::from_millis(500), response.bytes())
+            // The error body is only for the log line; do not wait long for it, nor read much.
+            let read = read_limited(response, &remote.name, ERROR_BODY_LIMIT);
+            let detail = tokio::time::timeout(Duration::from_millis(500), read)
                 .await
                 .ok()
                 .and_then(Result::ok)
@@ -416,6 +495,7 @@ impl Upstreams {
                 name(),
                 response.bytes_stream().boxed(),
                 remote.timeout,
+                remote.max_response_bytes,
                 settle,
                 input_tokens,
                 self.metrics.clone(),
@@ -433,10 +513,11 @@ impl Upstreams {
             }
             return Ok(UpstreamBody::Stream(Box::new(events)));
         }
-        let bytes = tokio::time::timeout_at(deadline, response.bytes())
+        let read = read_limited(response, &remote.name, remote.max_response_bytes);
+        let bytes = tokio::time::timeout_at(deadline, read)
             .await
             .map_err(|_| timed_out())?
-            .map_err(|e| (transport_error(&remote.name, &e), None))?;
+            .map_err(|e| (e, None))?;
         let probe: ResponseProbe = serde_json::from_slice(&bytes).map_err(|e| {
             (
                 UpstreamError::Malformed {
@@ -466,6 +547,38 @@ impl Upstreams {
         settle.finish(Settlement::Used(billed));
         Ok(UpstreamBody::Complete { bytes, billed })
     }
+}
+
+/// Most bytes of an error response read (for the log line).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// A response body, refused as soon as it is known to exceed `limit` (by its Content-Length,
+/// or while it arrives), so a hostile or broken remote cannot fill the gateway's memory.
+async fn read_limited(
+    response: reqwest::Response,
+    upstream: &str,
+    limit: usize,
+) -> Result<Bytes, UpstreamError> {
+    let too_large = || UpstreamError::TooLarge {
+        upstream: upstream.to_string(),
+        limit,
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| transport_error(upstream, &e))?;
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn transport_error(upstream: &str, e: &reqwest::Error) -> UpstreamError {
@@ -557,6 +670,9 @@ pub struct UpstreamStream {
     ready: VecDeque<Bytes>,
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
+    /// The largest event accepted; a longer one (or a buffer that grows past it without an
+    /// event ending) fails the stream.
+    max_event_bytes: usize,
     finished: bool,
     usage: Option<RemoteUsage>,
     /// Input tokens charged when the remote reports no usage.
@@ -585,6 +701,7 @@ impl UpstreamStream {
         upstream: String,
         inner: BoxStream<'static, reqwest::Result<Bytes>>,
         idle_timeout: Duration,
+        max_event_bytes: usize,
         settle: Settle,
         input_tokens: u64,
         metrics: Option<Arc<Metrics>>,
@@ -596,6 +713,7 @@ impl UpstreamStream {
             ready: VecDeque::new(),
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            max_event_bytes,
             finished: false,
             usage: None,
             input_tokens,
@@ -615,12 +733,13 @@ impl UpstreamStream {
 
     /// What the stream is charged so far: the reported usage, else the estimated input
     /// and the output tokens counted from the text that arrived (a stream that breaks
-    /// or that the client leaves was still generated, and billed, up to there).
+    /// or that the client leaves was still generated, and billed, up to there). Nothing,
+    /// when nothing billable arrived: the ledger and the budget settlement agree.
     pub fn billed(&self) -> RemoteUsage {
-        self.usage.unwrap_or(RemoteUsage {
-            prompt_tokens: self.input_tokens,
-            completion_tokens: counted_output_tokens(self.text_events, self.text_bytes),
-        })
+        match self.settlement() {
+            Settlement::Used(usage) => usage,
+            Settlement::Failed => RemoteUsage::default(),
+        }
     }
 
     /// Nothing billable arrived (no text, no usage) is a failed attempt; anything else
@@ -629,7 +748,10 @@ impl UpstreamStream {
         if self.usage.is_none() && self.text_events == 0 {
             Settlement::Failed
         } else {
-            Settlement::Used(self.billed())
+            Settlement::Used(self.usage.unwrap_or(RemoteUsage {
+                prompt_tokens: self.input_tokens,
+                completion_tokens: counted_output_tokens(self.text_events, self.text_bytes),
+            }))
         }
     }
 
@@ -749,7 +871,15 @@ impl Stream for UpstreamStream {
             if this.finished {
                 return Poll::Ready(None);
             }
-            if let Some(end) = event_end(&this.buf) {
+            let end = event_end(&this.buf);
+            if end.map_or(this.buf.len(), |e| e) > this.max_event_bytes {
+                this.fail(UpstreamError::TooLarge {
+                    upstream: this.upstream.clone(),
+                    limit: this.max_event_bytes,
+                });
+                continue;
+            }
+            if let Some(end) = end {
                 let event = this.buf.split_to(end).freeze();
                 this.inspect(event);
                 continue;
@@ -831,6 +961,9 @@ mod tests {
             max_retries: 5,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_millis(1000),
+            max_response_bytes: 1 << 20,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(10),
         };
         for _ in 0..50 {
             let d0 = backoff(&remote, 0, None);

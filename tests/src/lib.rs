@@ -7,8 +7,14 @@
 //! header, a model named `mock-fault-<fault>`, the queue filled with
 //! [`MockUpstream::push_faults`], then the default set with
 //! [`MockUpstream::set_fault`]. Faults: an HTTP status (`500`, `429`, …),
-//! `timeout` (never answers), `cut` (the connection drops mid-body),
-//! `malformed` (invalid JSON with status 200).
+//! `retry-after-<s>` (429 with that `Retry-After`), `timeout` (never answers),
+//! `stall` (headers, then nothing), `stall-midway` (part of the body, then
+//! nothing), `cut` (the connection drops mid-body), `malformed` (invalid JSON
+//! with status 200), `oversized` (a valid answer of [`OVERSIZED_BYTES`]).
+//!
+//! Faults below HTTP have their own servers: [`ResetServer`] resets every
+//! connection, and [`TcpProxy`] forwards to a real server (a database) until
+//! it is told to cut every connection and refuse new ones.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -31,13 +37,24 @@ use tokio::sync::oneshot;
 /// The start of every answer the mock gives.
 pub const ANSWER_PREFIX: &str = "Mock answer from";
 
+/// The size of the text of an `oversized` answer (and of its one streamed event).
+pub const OVERSIZED_BYTES: usize = 1024 * 1024;
+
 /// A failure the mock can be told to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// Answer with this HTTP status and an OpenAI error body.
+    /// Answer with this HTTP status and an OpenAI error body (no `Retry-After`).
     Status(u16),
+    /// Answer 429 with `Retry-After: <seconds>`.
+    RetryAfter(u64),
     /// Never answer.
     Timeout,
+    /// Send the headers (200), then nothing: the first byte of the body never comes.
+    Stall,
+    /// Send part of the body (a few stream events), then nothing.
+    StallMidway,
+    /// A valid answer whose text is [`OVERSIZED_BYTES`] long (streamed: in one event).
+    Oversized,
     /// Start the body, then drop the connection.
     Cut,
     /// Status 200 with a body (or stream event) that is not valid JSON.
@@ -49,6 +66,13 @@ impl FromStr for Fault {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "timeout" => Ok(Fault::Timeout),
+            "stall" => Ok(Fault::Stall),
+            "stall-midway" => Ok(Fault::StallMidway),
+            "oversized" => Ok(Fault::Oversized),
+            other if other.starts_with("retry-after-") => other["retry-after-".len()..]
+                .parse()
+                .map(Fault::RetryAfter)
+                .map_err(|_| format!("unknown fault `{other}`")),
             "cut" => Ok(Fault::Cut),
             "malformed" => Ok(Fault::Malformed),
             other => other
@@ -249,17 +273,16 @@ async fn models() -> Response {
 
 fn error_body(status: u16, message: &str) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (
+    (
         code,
         Json(json!({"error": {"message": message, "type": "mock_error", "param": null, "code": null}})),
     )
-        .into_response();
-    if status == 429 {
-        response
-            .headers_mut()
-            .insert("retry-after", axum::http::HeaderValue::from_static("0"));
-    }
-    response
+        .into_response()
+}
+
+/// A body that never sends another byte.
+fn never() -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::pending()
 }
 
 /// Counts a request as in flight until dropped, so a caller that goes away
@@ -310,11 +333,22 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
     if let Some(Fault::Status(status)) = fault {
         return error_body(status, &format!("mock failure {status}"));
     }
+    if let Some(Fault::RetryAfter(seconds)) = fault {
+        let mut response = error_body(429, "mock rate limit");
+        response
+            .headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from(seconds));
+        return response;
+    }
     let prompt_text = prompt_text(kind, &request);
-    let text = format!(
+    let mut text = format!(
         "{ANSWER_PREFIX} {model} to: {}",
         prompt_text.chars().take(60).collect::<String>()
     );
+    if fault == Some(Fault::Oversized) {
+        text.push(' ');
+        text.push_str(&"x".repeat(OVERSIZED_BYTES));
+    }
     let usage = json!({
         "prompt_tokens": prompt_text.split_whitespace().count(),
         "completion_tokens": text.split_whitespace().count(),
@@ -359,6 +393,18 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
     };
     let bytes = Bytes::from(body.to_string());
     match fault {
+        Some(Fault::Stall) => {
+            let mut response = Response::new(Body::from_stream(never()));
+            set_json(&mut response);
+            response
+        }
+        Some(Fault::StallMidway) => {
+            let half = bytes.slice(..bytes.len() / 2);
+            let body = futures::stream::once(async move { Ok(half) }).chain(never());
+            let mut response = Response::new(Body::from_stream(body));
+            set_json(&mut response);
+            response
+        }
         Some(Fault::Malformed) => json_response(Bytes::from_static(
             b"{\"id\": \"chatcmpl-mock\", \"choices\": [",
         )),
@@ -461,8 +507,19 @@ fn stream_answer(
         first["choices"][0]["delta"]["role"] = json!("assistant");
         events.push(Ok(sse(&first)));
     }
-    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    let words: Vec<&str> = if fault == Some(Fault::Oversized) {
+        // The whole text in one event, so that one event is over any limit.
+        vec![text]
+    } else if fault == Some(Fault::Stall) {
+        events.clear();
+        Vec::new()
+    } else {
+        text.split_inclusive(' ').collect()
+    };
     for (i, word) in words.iter().enumerate() {
+        if fault == Some(Fault::StallMidway) && i == 2 {
+            break;
+        }
         if fault == Some(Fault::Cut) && i == 2 {
             events.push(Err(std::io::Error::other("mock cut the stream")));
             break;
@@ -473,7 +530,8 @@ fn stream_answer(
         }
         events.push(Ok(sse(&chunk(Some(word), None))));
     }
-    if fault.is_none() {
+    let completes = matches!(fault, None | Some(Fault::Oversized));
+    if completes {
         events.push(Ok(sse(&chunk(None, Some("stop")))));
         if include_usage {
             let object = if kind == Kind::Chat {
@@ -487,16 +545,120 @@ fn stream_answer(
         }
         events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
     }
-    let body = futures::stream::iter(events).then(move |event| async move {
-        if !chunk_delay.is_zero() {
-            tokio::time::sleep(chunk_delay).await;
-        }
-        event
-    });
+    let stalls = matches!(fault, Some(Fault::Stall | Fault::StallMidway));
+    let body = futures::stream::iter(events)
+        .then(move |event| async move {
+            if !chunk_delay.is_zero() {
+                tokio::time::sleep(chunk_delay).await;
+            }
+            event
+        })
+        .chain(futures::stream::iter(stalls.then(never)).flatten());
     let mut response = Response::new(Body::from_stream(body));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("text/event-stream"),
     );
     response
+}
+
+/// A server that accepts each connection, reads the request, and resets the connection (RST,
+/// not a clean close): a remote that crashes while answering.
+pub struct ResetServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ResetServer {
+    /// Starts on 127.0.0.1 with a free port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::io::AsyncReadExt::read(&mut socket, &mut buf),
+                    )
+                    .await;
+                    // Linger 0: closing sends RST instead of FIN.
+                    #[allow(deprecated)]
+                    let _ = socket.set_linger(Some(Duration::ZERO));
+                    drop(socket);
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    /// The OpenAI base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for ResetServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy to a real server (a database) that can be cut: while down, every connection
+/// through it is closed and new ones are closed as soon as they are accepted, as if the
+/// server had become unreachable; up again, it forwards as before.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts a proxy on 127.0.0.1 with a free port, forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (accept_up, accept_connections) = (Arc::clone(&up), Arc::clone(&connections));
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let forward = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                lock(&accept_connections).push(forward);
+            }
+        });
+        Ok(Self {
+            addr,
+            up,
+            connections,
+            task,
+        })
+    }
+
+    /// Cuts every connection and refuses new ones (`false`), or forwards again (`true`).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for connection in lock(&self.connections).drain(..) {
+                connection.abort();
+            }
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.set_up(false);
+        self.task.abort();
+    }
 }

@@ -163,6 +163,9 @@ async fn when_every_remote_fails_and_there_is_no_local_answer_the_client_gets_50
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
     raw.remotes[0].timeout_ms = 300;
+    // Each fault's own error is the point here; the breaker (which these failures would
+    // open) has its own test in faults.rs.
+    raw.remotes[0].breaker_failures = 100;
     let server = start(raw, None).await;
     for (fault, status, code) in [
         (Fault::Status(500), 502, "upstream_unavailable"),

@@ -33,8 +33,9 @@ pub struct ScopeState {
     pub reserved_nanos: u64,
 }
 
-/// One request as the ledger keeps it.
-#[derive(Debug, Clone, PartialEq)]
+/// One request as the ledger keeps it (and, while the database is unavailable, as the spool
+/// file keeps it: one JSON object per line).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LedgerRecord {
     /// The request id (also returned to the client as `x-request-id`).
     pub id: String,

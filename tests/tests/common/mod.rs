@@ -34,6 +34,9 @@ pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
     raw.local.name = Some(LOCAL.into());
     raw.local.max_tokens = 32;
     raw.storage.url = "sqlite::memory:".into();
+    // Each gateway its own spool: one left in the working directory would be replayed into
+    // whichever test's database started next.
+    raw.storage.spool_path = unique_spool_path().display().to_string();
     raw.policy.allow_route_header = true;
     raw.remotes = mocks
         .iter()
@@ -55,6 +58,16 @@ pub fn raw_config(mocks: &[&MockUpstream]) -> RawConfig {
         })
         .collect();
     raw
+}
+
+/// A spool file path no other gateway of this run uses.
+pub fn unique_spool_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "cascade-e2e-spool-{}-{n}.jsonl",
+        std::process::id()
+    ))
 }
 
 /// Validates a raw configuration with a fake key in `TEST_KEY`.
