@@ -17,3 +17,6 @@ echo "== official openai Python client against cascade serve"
 target="${CARGO_TARGET_DIR:-$root/target}"
 cargo build -p cascade -p cascade-e2e --bins 2>&1
 bash scripts/python-client-test.sh "$target/debug/cascade" "$target/debug/cascade-mock-upstream"
+
+echo "== schemathesis against cascade serve (no 5xx, no panic)"
+bash scripts/schemathesis.sh "$target/debug/cascade" "$target/debug/cascade-mock-upstream"

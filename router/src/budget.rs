@@ -164,11 +164,13 @@ impl CallGate for BudgetGate {
     }
 
     async fn settle(&self, reservation: Reservation, settlement: Settlement) {
+        // Looked up, not removed: the entry stays until the write below is done, so that
+        // `outstanding` (what shutdown waits for) still counts a settlement in progress.
         let Some((id, upstream)) = self
             .held
             .lock()
             .ok()
-            .and_then(|mut h| h.remove(&reservation.0))
+            .and_then(|h| h.get(&reservation.0).cloned())
         else {
             return;
         };
@@ -189,6 +191,9 @@ impl CallGate for BudgetGate {
         if let Err(e) = result {
             // The reservation then expires after the TTL, releasing its hold.
             tracing::warn!(reservation = %id, error = %e, "cannot settle a reservation");
+        }
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&reservation.0);
         }
     }
 }

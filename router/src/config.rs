@@ -18,6 +18,7 @@ use policies::{
     PoliciesConfig, PriceConfig, TeamConfig,
 };
 
+use crate::limits::{Limits, RawLimits};
 use crate::routing::{Aggregate, OnOverload, OnRemoteFailure, Policy};
 use crate::storage::StorageConfig;
 
@@ -48,6 +49,8 @@ pub struct RawConfig {
     pub storage: RawStorage,
     pub admin: RawAdmin,
     pub confidence: RawConfidence,
+    /// `[limits]`: hard limits on one request.
+    pub limits: RawLimits,
     // The `policies` crate's sections, spelled as in docs/policies.md. They are
     // listed one by one rather than flattened because serde's `flatten` would
     // switch off `deny_unknown_fields` for the whole file.
@@ -302,6 +305,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Teams, keys, prices, budgets and experiments.
     pub policies: Policies,
+    /// Hard limits on one request.
+    pub limits: Limits,
 }
 
 /// What a ledger record that cannot be written does (`storage.on_ledger_failure`).
@@ -351,8 +356,9 @@ pub struct LocalConfig {
     pub warm_up: bool,
 }
 
-/// Validated `[[remotes]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Validated `[[remotes]]` entry. Its `Debug` leaves the API key out, so no debug print or
+/// log of a configuration can leak it.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RemoteConfig {
     pub name: String,
     pub model: String,
@@ -370,6 +376,22 @@ pub struct RemoteConfig {
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before a probe.
     pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("auth", &self.auth)
+            .field("timeout", &self.timeout)
+            .field("max_retries", &self.max_retries)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
 }
 
 /// How a remote expects its API key.
@@ -397,6 +419,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let server = validate_server(&raw.server)?;
+        let limits = Limits::validate(&raw.limits)?;
         let local = validate_local(&raw.local, base_dir)?;
         let mut remotes = Vec::with_capacity(raw.remotes.len());
         for (i, r) in raw.remotes.iter().enumerate() {
@@ -449,6 +472,7 @@ impl Config {
             ledger,
             admin,
             policies,
+            limits,
         })
     }
 }
@@ -474,6 +498,14 @@ impl RawConfig {
             .split("__");
         figment = figment.merge(env);
         figment
+            .extract()
+            .map_err(|e| ConfigError::Read(e.to_string()))
+    }
+
+    /// Reads TOML text over the defaults, as `load` reads a file (without the environment).
+    pub fn parse_toml(text: &str) -> Result<Self, ConfigError> {
+        Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(text))
             .extract()
             .map_err(|e| ConfigError::Read(e.to_string()))
     }
@@ -982,6 +1014,29 @@ mod tests {
         assert_eq!(c.policy_remotes, vec!["big".to_string()]);
         assert_eq!(c.policy.aggregate, Aggregate::SumLogprob);
         assert_eq!(c.policy.threshold, policies::confidence::DEFAULT_THRESHOLD);
+    }
+
+    #[test]
+    fn debug_output_of_a_configuration_never_shows_a_remote_key() {
+        let c = parse(MINIMAL).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("sk-test"), "{printed}");
+        assert!(printed.contains("<redacted>"));
+    }
+
+    #[test]
+    fn limits_are_read_from_their_section_and_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[limits]\nmax_messages = 7\nrequest_timeout_ms = 1500"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_messages, 7);
+        assert_eq!(c.limits.request_timeout, Duration::from_millis(1500));
+        assert_eq!(c.limits.max_output_tokens, 32_768);
+        let e = error_of(&format!("{MINIMAL}\n[limits]\nmax_prompt_chars = 0"));
+        assert!(e.starts_with("limits.max_prompt_chars"), "{e}");
+        let e = error_of(&format!("{MINIMAL}\n[limits]\nmax_mesages = 7"));
+        assert!(e.contains("max_mesages"), "{e}");
     }
 
     fn error_of(toml: &str) -> String {

@@ -22,6 +22,12 @@ pub enum ApiError {
     UnknownModel(String),
     #[error("The request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    #[error("The prompt is longer than the limit of {limit} characters.")]
+    PromptTooLong { limit: usize, param: String },
+    #[error("The request headers are larger than the limit of {limit} bytes.")]
+    HeadersTooLarge { limit: usize },
+    #[error("The request took longer than the limit of {limit_ms} ms.")]
+    RequestTimeout { limit_ms: u128 },
     #[error("Missing or unknown API key: send `Authorization: Bearer <key>`.")]
     Unauthorized,
     #[error("{0}")]
@@ -52,9 +58,15 @@ impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::MalformedJson(_)
+            | ApiError::InvalidRequest { .. }
+            | ApiError::PromptTooLong { .. } => StatusCode::BAD_REQUEST,
             ApiError::UnknownModel(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            // The gateway (not the client) ran out of time: a gateway timeout, as for a
+            // remote that does not answer in time.
+            ApiError::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -81,6 +93,15 @@ impl ApiError {
             ApiError::UnknownModel(_) => ("invalid_request_error", Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", Some("not_found")),
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            // OpenAI's own code for a prompt beyond the model's context.
+            ApiError::PromptTooLong { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
+            ApiError::HeadersTooLarge { .. } => (
+                "invalid_request_error",
+                Some("request_header_fields_too_large"),
+            ),
+            ApiError::RequestTimeout { .. } => ("timeout_error", Some("request_timeout")),
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::NotAllowed(_) => ("permission_error", Some("not_allowed_by_policy")),
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("local_queue_full")),
@@ -134,6 +155,7 @@ impl ApiError {
         let (kind, code) = self.kind();
         let param = match self {
             ApiError::InvalidRequest { param, .. } => param.clone(),
+            ApiError::PromptTooLong { param, .. } => Some(param.clone()),
             ApiError::UnknownModel(_) => Some("model".into()),
             _ => None,
         };

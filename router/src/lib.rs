@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod gateway;
 pub mod ledger;
+pub mod limits;
 pub mod live;
 pub mod local;
 pub mod metrics;

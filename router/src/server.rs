@@ -25,6 +25,7 @@ use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::gateway::{Gateway, Reply};
 use crate::ledger::Ledger;
+use crate::limits::Limits;
 use crate::live::{Live, SharedPolicies};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint};
@@ -62,6 +63,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The remotes the gateway runs with; a reload may not change them.
     remotes: Vec<crate::config::RemoteConfig>,
+    /// Hard limits on one request.
+    pub limits: Limits,
 }
 
 /// Why the server could not start.
@@ -101,6 +104,7 @@ impl AppState {
             metrics,
             max_body_bytes: config.server.max_body_bytes,
             remotes: config.remotes.clone(),
+            limits: config.limits.clone(),
         })
     }
 
@@ -160,13 +164,18 @@ pub fn router(state: Arc<AppState>, with_admin: bool) -> Router {
         .route("/v1/usage", get(usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi));
     if with_admin {
         routes = admin_routes(routes);
     }
     routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            enforce_limits,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -175,8 +184,76 @@ pub fn router(state: Arc<AppState>, with_admin: bool) -> Router {
 pub fn admin_router(state: Arc<AppState>) -> Router {
     admin_routes(Router::new())
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            enforce_limits,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The paths the HTTP API serves (the admin API's included), as in `openapi.json`.
+pub const ROUTES: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/feedback",
+    "/v1/usage",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/admin/spend",
+    "/admin/experiments/{id}",
+];
+
+/// The OpenAPI 3 description of this API, compiled in so it always matches the binary.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Header size and total time limits, for every route. The time limit ends when the
+/// response's headers are ready: a stream's body then runs under the remote's own timeout
+/// and the local model's `max_tokens`, since cutting an answer half-streamed would leave
+/// the client a broken response it cannot tell from a complete one.
+async fn enforce_limits(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Err(error) = state.limits.check_headers(request.headers()) {
+        return error_response(&error);
+    }
+    let limit = state.limits.request_timeout;
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::info!(request_id = %id, limit_ms = limit.as_millis(), "request timed out");
+            error_response(&ApiError::RequestTimeout {
+                limit_ms: limit.as_millis(),
+            })
+        }
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// A request's caller in the budget gate, forgotten when the request ends however it ends
+/// (finished, timed out, or dropped when its client went away).
+struct OpenAccount {
+    budget: Arc<BudgetGate>,
+    request_id: String,
+}
+
+impl Drop for OpenAccount {
+    fn drop(&mut self) {
+        self.budget.close(&self.request_id);
+    }
 }
 
 fn admin_routes(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
@@ -241,6 +318,8 @@ async fn generate(
         }
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let request = openai::parse_request(endpoint, &body)?;
+        state.limits.check(&request)?;
+        let mut account = None;
         if let Some(mut caller) = caller {
             let user = request.body.get("user").and_then(serde_json::Value::as_str);
             auth::assign_variant(&policies, &mut caller, user, &headers);
@@ -250,6 +329,10 @@ async fn generate(
             }
             if let Some(budget) = &state.budget {
                 budget.open(&ctx.id, &caller.team, &caller.key_id);
+                account = Some(OpenAccount {
+                    budget: Arc::clone(budget),
+                    request_id: ctx.id.clone(),
+                });
             }
             ctx.team = Some(caller.team);
             ctx.key_id = Some(caller.key_id);
@@ -265,9 +348,7 @@ async fn generate(
         let reply = state.gateway.complete(&mut ctx, request, route).await;
         // Every paid call of the request has reserved by now (a stream's only call
         // happened before its headers).
-        if let Some(budget) = &state.budget {
-            budget.close(&ctx.id);
-        }
+        drop(account);
         reply
     }
     .await;
@@ -286,7 +367,9 @@ async fn generate(
         Err(error) => {
             if !matches!(
                 error,
-                ApiError::MalformedJson(_) | ApiError::InvalidRequest { .. }
+                ApiError::MalformedJson(_)
+                    | ApiError::InvalidRequest { .. }
+                    | ApiError::PromptTooLong { .. }
             ) {
                 tracing::info!(request_id = %ctx.id, %error, "request failed");
             }
@@ -529,7 +612,12 @@ async fn admin_experiment(
     result.map_or_else(|e| error_response(&e), |r| Json(r).into_response())
 }
 
-async fn models(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /v1/models`: with teams configured it needs a team key, as OpenAI's does, so the
+/// remotes a gateway pays for are not listed to anyone who can reach it.
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = auth::authenticate(&state.policies.load(), &headers) {
+        return error_response(&e);
+    }
     let data: Vec<_> = state
         .gateway
         .model_names()
@@ -811,6 +899,29 @@ impl RunningServer {
     pub fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_parses_and_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+        let mut routes = ROUTES.to_vec();
+        documented.sort_unstable();
+        routes.sort_unstable();
+        assert_eq!(documented, routes);
+        // Every `$ref` points at a schema the document defines.
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for reference in OPENAPI.split("\"$ref\": \"#/components/schemas/").skip(1) {
+            let name = reference.split('"').next().unwrap();
+            assert!(schemas.contains_key(name), "undefined schema {name}");
         }
     }
 }
