@@ -8,7 +8,7 @@
 # stable toolchain through RUSTC_BOOTSTRAP=1, without a sanitizer (Rust's own checks catch
 # what matters here: panics, overflows in debug assertions, stack overflows). A crash leaves
 # its input in fuzz/artifacts/<target>/; add it as a regression test (see
-# docs/reliability-input.md) before fixing.
+# docs/reliability.md) before fixing.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
