@@ -83,6 +83,24 @@ pub fn free_port() -> u16 {
 /// The configuration of a gateway on `port` with one remote `big` at `upstream`, the ledger
 /// in `dir`, and team `alpha` (key [`KEY`], remote only).
 pub fn config_text(dir: &Path, port: u16, upstream: SocketAddr) -> String {
+    config_with(
+        port,
+        upstream,
+        &format!("sqlite://{}", dir.join("ledger.db").display()),
+        (1.0, 2.0),
+        r#"{ remote_only = true, remotes = ["big"], daily_budget_usd = 1000.0 }"#,
+    )
+}
+
+/// A configuration with its own storage URL, price of `big` (USD per million input and
+/// output tokens) and policy of team `alpha` (an inline TOML table).
+pub fn config_with(
+    port: u16,
+    upstream: SocketAddr,
+    storage_url: &str,
+    price: (f64, f64),
+    alpha_policy: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -94,7 +112,7 @@ name = "smollm2"
 warm_up = false
 
 [storage]
-url = "sqlite://{db}"
+url = "{storage_url}"
 
 [[remotes]]
 name = "big"
@@ -103,17 +121,18 @@ timeout_ms = 5000
 max_retries = 0
 
 [prices.big]
-input_usd_per_million = 1.0
-output_usd_per_million = 2.0
+input_usd_per_million = {input:?}
+output_usd_per_million = {output:?}
 
 [[teams]]
 name = "alpha"
 api_key_hashes = ["{hash}"]
-policy = {{ remote_only = true, remotes = ["big"], daily_budget_usd = 1000.0 }}
+policy = {alpha_policy}
 "#,
         model = model_path().display(),
-        db = dir.join("ledger.db").display(),
         hash = policies::team::hash_api_key(KEY),
+        input = price.0,
+        output = price.1,
     )
 }
 
