@@ -51,7 +51,9 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if a.url.is_empty() || a.data.is_empty() || !(a.rate > 0.0) || !(a.seconds > 0.0) {
+    // Written so that NaN is refused too.
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if a.url.is_empty() || a.data.is_empty() || !positive(a.rate) || !positive(a.seconds) {
         usage()
     }
     a
