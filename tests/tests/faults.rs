@@ -603,6 +603,9 @@ async fn a_locked_sqlite_ledger_spools_records_and_replays_them_when_it_heals() 
     assert_eq!(before.status, 200, "{}", before.text);
     let before_id = before.header("x-request-id").to_string();
     record(&server, &before_id).await;
+    // Its settlement runs in its own task after the answer: let it land before the fault
+    // (a settlement that meets a locked database waits for the TTL instead).
+    assert_eq!(alpha_budget(&server).await.1, 0);
 
     let lock = lock_sqlite(&db).await;
     // No budget to reserve: the answer goes out once its record is in the spool.
