@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use policies::{NanoUsd, Policies};
 
+use crate::clock::now_unix_ms as now_ms;
 use crate::live::SharedPolicies;
 use crate::storage::{ScopeLimit, Storage, StorageError};
 use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
@@ -112,12 +112,6 @@ pub fn input_token_estimate(counted: Option<usize>, body_bytes: usize) -> u64 {
             .min(bytes),
         _ => bytes,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[async_trait]

@@ -125,10 +125,7 @@ impl Ledger {
         };
         LedgerRecord {
             id: ctx.id.clone(),
-            created_unix_ms: ctx
-                .received_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            created_unix_ms: crate::clock::unix_ms(ctx.received_at),
             team: ctx.team.clone(),
             key_id: ctx.key_id.clone(),
             experiment: ctx.experiment.clone(),

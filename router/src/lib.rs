@@ -5,6 +5,7 @@ pub mod auth;
 pub mod breaker;
 pub mod budget;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod context;

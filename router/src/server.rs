@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::accounts;
 use crate::auth;
 use crate::budget::BudgetGate;
+use crate::clock::now_unix_ms as now_ms;
 use crate::config::{Config, OnLedgerFailure};
 use crate::context::RequestContext;
 use crate::error::ApiError;
@@ -492,12 +493,6 @@ pub fn error_response(error: &ApiError) -> Response {
     response
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The ledger store, or the error of a gateway that keeps none.
 fn storage_of(state: &AppState) -> Result<&Storage, ApiError> {
     state.storage.as_ref().ok_or_else(|| {
@@ -733,10 +728,7 @@ impl RunningServer {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                if let Err(e) = storage.expire_reservations(now).await {
+                if let Err(e) = storage.expire_reservations(now_ms()).await {
                     tracing::warn!(error = %e, "cannot expire reservations");
                 }
             }

@@ -313,10 +313,7 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     } else {
         parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
     };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let now_ms = crate::clock::now_unix_ms();
     let since_ms = now_ms.saturating_sub(i64::from(args.since_days) * 86_400_000);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

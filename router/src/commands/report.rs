@@ -32,9 +32,7 @@ pub async fn report(config: &Config, args: &ReportArgs) -> anyhow::Result<String
         "month" => policies::Window::Month,
         other => anyhow::bail!("--window must be day or month, not `{other}`"),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let now = crate::clock::now_unix_ms();
     let spend = accounts::spend(&storage, &config.policies, window, now).await?;
     let ids: Vec<String> = match &args.experiment {
         Some(id) => vec![id.clone()],

@@ -3,8 +3,6 @@
 //! Compiled once per backend (`#[path]` from `sqlite.rs` and `postgres.rs`): `Db`, `MIGRATIONS`,
 //! `begin_write` and `lock_for_migration` come from the parent module.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use sqlx::Pool;
 
 use super::{begin_write, lock_for_migration, Db, MIGRATIONS};
@@ -24,9 +22,7 @@ pub(crate) async fn run(pool: &Pool<Db>) -> Result<(), StorageError> {
     let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
         .fetch_all(&mut *tx)
         .await?;
-    let now_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let now_unix_ms = crate::clock::now_unix_ms();
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let failed = |source| StorageError::Migration {
             version: migration.version,
