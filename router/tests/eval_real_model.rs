@@ -5,24 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use cascade::cli::{Cli, Command};
 use clap::Parser;
-
-fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
-}
+use common::model_path;
 
 fn data_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");

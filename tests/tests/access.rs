@@ -23,25 +23,14 @@ const WRONG: &str = "sk-access-wrong-000000";
 /// A prompt word that must never appear in the logs (no team here logs prompts).
 const SECRET_PROMPT: &str = "zanzibar-prompt-7c4e";
 
-fn team(name: &str, key: &str) -> policies::TeamConfig {
-    serde_json::from_value(json!({
-        "name": name,
-        "api_key_hashes": [hash_api_key(key)],
-        "policy": {"remote_only": true, "remotes": [REMOTE]},
-    }))
-    .unwrap()
-}
-
 fn two_teams(mock: &cascade_e2e::MockUpstream) -> RawConfig {
     let mut raw = raw_config(&[mock]);
-    raw.prices.insert(
-        REMOTE.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1.0, "output_usd_per_million": 2.0}),
-        )
-        .unwrap(),
-    );
-    raw.teams = vec![team("alpha", KEY_A), team("beta", KEY_B)];
+    price(&mut raw, REMOTE, 1.0, 2.0);
+    let policy = json!({"remote_only": true, "remotes": [REMOTE]});
+    raw.teams = vec![
+        team("alpha", KEY_A, policy.clone()),
+        team("beta", KEY_B, policy),
+    ];
     raw.experiments = vec![serde_json::from_value(json!({
         "id": "alpha-exp",
         "team": "alpha",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cascade::config::RawConfig;
 use cascade::server::RunningServer;
-use cascade::storage::{LedgerRecord, Storage};
+use cascade::storage::LedgerRecord;
 use cascade_e2e::{Fault, MockOptions, ResetServer, TcpProxy};
 use common::*;
 use policies::team::hash_api_key;
@@ -23,16 +23,6 @@ const TIMEOUT_MS: u64 = 500;
 const MAX_RETRIES: u32 = 2;
 const BACKOFF_MAX_MS: u64 = 50;
 const LIMIT: u64 = 64 * 1024;
-
-fn price(raw: &mut RawConfig, remote: &str) {
-    raw.prices.insert(
-        remote.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1.0, "output_usd_per_million": 2.0}),
-        )
-        .unwrap(),
-    );
-}
 
 /// The mocks as remotes with a short timeout and response limit, a breaker that stays closed
 /// (the breaker has its own test), and teams alpha (budgeted) and beta.
@@ -48,7 +38,7 @@ fn faulty_config(mocks: &[&cascade_e2e::MockUpstream]) -> RawConfig {
     }
     let names: Vec<String> = raw.remotes.iter().map(|r| r.name.clone()).collect();
     for name in &names {
-        price(&mut raw, name);
+        price(&mut raw, name, 1.0, 2.0);
     }
     set_teams(&mut raw, &names);
     raw
@@ -77,7 +67,7 @@ fn add_remote(raw: &mut RawConfig, name: &str, base_url: String) {
     remote.name = name.into();
     remote.base_url = Some(base_url);
     raw.remotes.push(remote);
-    price(raw, name);
+    price(raw, name, 1.0, 2.0);
     let names: Vec<String> = raw.remotes.iter().map(|r| r.name.clone()).collect();
     set_teams(raw, &names);
 }
@@ -108,44 +98,9 @@ fn streamed(mut body: Value) -> Value {
     body
 }
 
-fn storage(server: &RunningServer) -> &Storage {
-    server.state.storage.as_ref().unwrap()
-}
-
-async fn record(server: &RunningServer, id: &str) -> LedgerRecord {
-    storage(server)
-        .get_record(id)
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("no ledger record for {id}"))
-}
-
-/// Alpha's day scope once every settlement task has run: (spent, reserved). Settlements run
-/// in their own tasks, so this waits (boundedly) for the reservations to reach zero.
+/// Alpha's day scope once every settlement task has run: (spent, reserved).
 async fn alpha_budget(server: &RunningServer) -> (u64, u64) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (scope, _) = server
-        .state
-        .policies
-        .load()
-        .scopes_for("alpha", "", now)
-        .into_iter()
-        .find(|(s, _)| s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day)
-        .unwrap();
-    let mut state = Default::default();
-    for _ in 0..100 {
-        state = storage(server)
-            .scope_state(&scope.storage_key())
-            .await
-            .unwrap();
-        if state.reserved_nanos == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let state = settled_team_scope(server, "alpha").await;
     (state.spent_nanos, state.reserved_nanos)
 }
 
@@ -716,28 +671,10 @@ async fn a_fail_closed_ledger_withholds_answers_it_cannot_record() {
 
 #[tokio::test]
 async fn an_unreachable_postgres_ledger_spools_records_and_replays_them_when_it_heals() {
-    let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "e2e_faults_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&base)
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let schema = PgSchema::create("e2e_faults").await;
     // The gateway reaches the shared server through a proxy this test can cut: the server
     // itself is never stopped.
-    let target: reqwest::Url = base.parse().unwrap();
+    let target: reqwest::Url = schema.base.parse().unwrap();
     let target_addr = format!(
         "{}:{}",
         target.host_str().unwrap(),
@@ -746,12 +683,7 @@ async fn an_unreachable_postgres_ledger_spools_records_and_replays_them_when_it_
     let proxy = TcpProxy::start(target_addr.parse().unwrap()).await.unwrap();
     let mut via_proxy = target.clone();
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();
-    let separator = if via_proxy.query().is_some() {
-        '&'
-    } else {
-        '?'
-    };
-    let url = format!("{via_proxy}{separator}options=-c%20search_path%3D{schema}");
+    let url = schema.url_via(via_proxy.as_str());
 
     let mock = mock().await;
     let dir = tempfile::tempdir().unwrap();
@@ -773,10 +705,7 @@ async fn an_unreachable_postgres_ledger_spools_records_and_replays_them_when_it_
     proxy.set_up(true);
     let rec = eventually_recorded(&server, &during_id, Duration::from_secs(30)).await;
     let before_rec = storage(&server).get_record(&before_id).await.unwrap();
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    schema.drop().await;
     assert_eq!((rec.status, rec.team.as_deref()), (200, Some("beta")));
     assert!(
         before_rec.is_some(),

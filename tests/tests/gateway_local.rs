@@ -363,21 +363,14 @@ async fn a_full_local_queue_escalates_or_answers_429_and_a_departed_client_frees
 async fn an_exhausted_budget_serves_the_full_local_answer_marked_degraded() {
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
-    raw.prices.insert(
-        REMOTE.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}),
-        )
-        .unwrap(),
-    );
+    price(&mut raw, REMOTE, 1000.0, 1000.0);
     // Threshold 0 escalates every answer (its first unsure token ends the local run early);
     // a budget of a thousandth of a cent pays for no call.
-    raw.teams = vec![serde_json::from_value(json!({
-        "name": "alpha",
-        "api_key_hashes": [policies::team::hash_api_key("sk-alpha")],
-        "policy": {"threshold": 0.0, "remotes": [REMOTE], "daily_budget_usd": 0.00001},
-    }))
-    .unwrap()];
+    raw.teams = vec![team(
+        "alpha",
+        "sk-alpha",
+        json!({"threshold": 0.0, "remotes": [REMOTE], "daily_budget_usd": 0.00001}),
+    )];
     let server = start(raw, Some(shared_engine())).await;
     let r = post(
         &server,
@@ -393,15 +386,7 @@ async fn an_exhausted_budget_serves_the_full_local_answer_marked_degraded() {
     // The answer is whole, not the fragment the early exit left.
     assert!(r.answer().contains("Paris"), "{}", r.text);
     assert_eq!(mock.request_count(), 0);
-    let rec = server
-        .state
-        .storage
-        .as_ref()
-        .unwrap()
-        .get_record(r.header("x-request-id"))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = record(&server, r.header("x-request-id")).await;
     assert_eq!(
         (rec.route.as_str(), rec.reason.as_str(), rec.cost_nanos),
         ("local", "budget_exhausted", 0)

@@ -5,9 +5,9 @@
 mod common;
 
 use cascade::config::RawConfig;
+use cascade::server::RunningServer;
 use cascade_e2e::ANSWER_PREFIX;
 use common::*;
-use policies::team::hash_api_key;
 use serde_json::json;
 
 const KEY_A: &str = "sk-team-alpha";
@@ -15,24 +15,17 @@ const KEY_B: &str = "sk-team-beta";
 
 /// Two teams on the mock remote; alpha runs a two-variant experiment by key.
 fn with_teams(raw: &mut RawConfig) {
-    raw.prices.insert(
-        REMOTE.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1.0, "output_usd_per_million": 2.0}),
-        )
-        .unwrap(),
-    );
+    price(raw, REMOTE, 1.0, 2.0);
     // Alpha may address models directly but not pick a route; beta the other way round.
     raw.teams = [("alpha", KEY_A, true), ("beta", KEY_B, false)]
         .iter()
         .map(|(name, key, direct)| {
-            serde_json::from_value(json!({
-                "name": name,
-                "api_key_hashes": [hash_api_key(key)],
-                "policy": {"threshold": -1.0, "remotes": [REMOTE],
-                           "allow_direct_models": direct, "allow_route_header": !direct},
-            }))
-            .unwrap()
+            team(
+                name,
+                key,
+                json!({"threshold": -1.0, "remotes": [REMOTE],
+                       "allow_direct_models": direct, "allow_route_header": !direct}),
+            )
         })
         .collect();
     raw.experiments = vec![serde_json::from_value(json!({
@@ -126,188 +119,101 @@ async fn without_teams_no_key_is_needed() {
     assert_eq!(r.status, 200, "{}", r.text);
 }
 
+/// Team alpha on a $1 daily budget at $1000 per million tokens, refusing what it cannot
+/// pay: only some of 200 escalations fit.
+fn budgeted_alpha(raw: &mut RawConfig) {
+    price(raw, REMOTE, 1000.0, 1000.0);
+    raw.teams = vec![team(
+        "alpha",
+        KEY_A,
+        json!({"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true,
+               "daily_budget_usd": 1.0, "on_budget_exhausted": "reject"}),
+    )];
+}
+
+/// What 200 concurrent escalations against alpha's budget came to.
+struct Overspend {
+    ok: usize,
+    refused: usize,
+    state: cascade::storage::ScopeState,
+    limit: policies::NanoUsd,
+    usage: cascade::storage::UsageSummary,
+}
+
+impl Overspend {
+    /// Sends 200 concurrent escalations for alpha, alternating over `servers` (which share
+    /// one database), and reads the budget and the ledger once settlements have landed.
+    async fn run(servers: &[&RunningServer]) -> Self {
+        let bearer = format!("Bearer {KEY_A}");
+        let requests = (0..200).map(|i| {
+            let server = servers[i % servers.len()];
+            let bearer = bearer.clone();
+            async move {
+                let body = chat(REMOTE, &format!("Hello number {i}"), 10);
+                post(
+                    server,
+                    "/v1/chat/completions",
+                    &body,
+                    &[("authorization", &bearer)],
+                )
+                .await
+            }
+        });
+        let replies = futures::future::join_all(requests).await;
+        let (_, limit) = team_day_scope(servers[0], "alpha");
+        let state = settled_team_scope(servers[0], "alpha").await;
+        let usage = storage(servers[0])
+            .team_usage("alpha", 0, i64::MAX)
+            .await
+            .unwrap();
+        Self {
+            ok: replies.iter().filter(|r| r.status == 200).count(),
+            refused: replies.iter().filter(|r| r.status == 429).count(),
+            state,
+            limit,
+            usage,
+        }
+    }
+
+    /// Spend never passed the budget, every request was answered or refused, nothing stays
+    /// reserved, and every request has its record, whose costs add up to the budget's spend.
+    fn check(&self) {
+        let (ok, refused, state, limit) = (self.ok, self.refused, self.state, self.limit);
+        assert_eq!(ok + refused, 200, "every request is answered or refused");
+        assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+        assert_eq!(state.reserved_nanos, 0);
+        assert!(
+            state.spent_nanos > 0 && state.spent_nanos <= limit.0,
+            "{state:?} vs {limit:?}"
+        );
+        assert_eq!(
+            (self.usage.requests, self.usage.escalated as usize),
+            (200, ok)
+        );
+        assert_eq!(self.usage.cost_nanos, state.spent_nanos);
+    }
+}
+
 #[tokio::test]
 async fn concurrent_escalations_never_overspend_a_team_budget() {
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
-    raw.prices.insert(
-        REMOTE.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}),
-        )
-        .unwrap(),
-    );
-    raw.teams = vec![serde_json::from_value(json!({
-        "name": "alpha",
-        "api_key_hashes": [hash_api_key(KEY_A)],
-        "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true,
-                   "daily_budget_usd": 1.0, "on_budget_exhausted": "reject"},
-    }))
-    .unwrap()];
+    budgeted_alpha(&mut raw);
     let server = start(raw, None).await;
-    let bearer = format!("Bearer {KEY_A}");
-    let requests = (0..200).map(|i| {
-        let server = &server;
-        let bearer = bearer.clone();
-        async move {
-            let body = chat(REMOTE, &format!("Hello number {i}"), 10);
-            post(
-                server,
-                "/v1/chat/completions",
-                &body,
-                &[("authorization", &bearer)],
-            )
-            .await
-        }
-    });
-    let replies = futures::future::join_all(requests).await;
-    let ok = replies.iter().filter(|r| r.status == 200).count();
-    let refused = replies.iter().filter(|r| r.status == 429).count();
-    assert_eq!(ok + refused, 200, "every request is answered or refused");
-    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
-
-    let budget = server.state.budget.as_ref().unwrap();
-    let key_id = server
-        .state
-        .policies
-        .load()
-        .authenticate(KEY_A)
-        .unwrap()
-        .key_id
-        .to_string();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (scope, limit) = server
-        .state
-        .policies
-        .load()
-        .scopes_for("alpha", &key_id, now)
-        .into_iter()
-        .find(|(s, _)| s.storage_key().starts_with("team"))
-        .unwrap();
-    // Settling runs in its own task after the response: give it a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let state = budget
-        .storage()
-        .scope_state(&scope.storage_key())
-        .await
-        .unwrap();
-    assert_eq!(state.reserved_nanos, 0);
-    // Every request has its record, and the ledger's cost is the budget's spend.
-    let usage = budget
-        .storage()
-        .team_usage("alpha", 0, i64::MAX)
-        .await
-        .unwrap();
-    assert_eq!(usage.requests, 200);
-    assert_eq!(usage.escalated as usize, ok);
-    assert_eq!(usage.cost_nanos, state.spent_nanos);
-    assert!(
-        state.spent_nanos > 0 && state.spent_nanos <= limit.0,
-        "{state:?} vs {limit:?}"
-    );
+    Overspend::run(&[&server]).await.check();
 }
 
 #[tokio::test]
 async fn two_gateways_sharing_postgres_never_overspend_a_team_budget() {
-    let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "e2e_budget_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&base)
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-
+    let schema = PgSchema::create("e2e_budget").await;
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
-    raw.storage.url = url;
-    raw.prices.insert(
-        REMOTE.into(),
-        serde_json::from_value(
-            json!({"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}),
-        )
-        .unwrap(),
-    );
-    raw.teams = vec![serde_json::from_value(json!({
-        "name": "alpha",
-        "api_key_hashes": [hash_api_key(KEY_A)],
-        "policy": {"threshold": -1.0, "remotes": [REMOTE], "allow_direct_models": true,
-                   "daily_budget_usd": 1.0, "on_budget_exhausted": "reject"},
-    }))
-    .unwrap()];
+    raw.storage.url = schema.url();
+    budgeted_alpha(&mut raw);
     // Two instances, each with its own connection pool, one database.
     let first = start(raw.clone(), None).await;
     let second = start(raw, None).await;
-    let bearer = format!("Bearer {KEY_A}");
-    let requests = (0..200).map(|i| {
-        let server = if i % 2 == 0 { &first } else { &second };
-        let bearer = bearer.clone();
-        async move {
-            let body = chat(REMOTE, &format!("Hello number {i}"), 10);
-            post(
-                server,
-                "/v1/chat/completions",
-                &body,
-                &[("authorization", &bearer)],
-            )
-            .await
-        }
-    });
-    let replies = futures::future::join_all(requests).await;
-    let ok = replies.iter().filter(|r| r.status == 200).count();
-    let refused = replies.iter().filter(|r| r.status == 429).count();
-    assert_eq!(ok + refused, 200, "every request is answered or refused");
-    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
-
-    let key_id = first
-        .state
-        .policies
-        .load()
-        .authenticate(KEY_A)
-        .unwrap()
-        .key_id
-        .to_string();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (scope, limit) = first
-        .state
-        .policies
-        .load()
-        .scopes_for("alpha", &key_id, now)
-        .into_iter()
-        .find(|(s, _)| s.storage_key().starts_with("team"))
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let storage = first.state.budget.as_ref().unwrap().storage();
-    let state = storage.scope_state(&scope.storage_key()).await.unwrap();
-    let usage = storage.team_usage("alpha", 0, i64::MAX).await.unwrap();
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    assert_eq!(state.reserved_nanos, 0);
-    assert!(
-        state.spent_nanos > 0 && state.spent_nanos <= limit.0,
-        "{state:?} vs {limit:?}"
-    );
-    assert_eq!((usage.requests, usage.escalated as usize), (200, ok));
-    assert_eq!(usage.cost_nanos, state.spent_nanos);
+    let outcome = Overspend::run(&[&first, &second]).await;
+    schema.drop().await;
+    outcome.check();
 }

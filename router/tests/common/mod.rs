@@ -1,5 +1,5 @@
-//! Shared set-up of the tests that run the real `cascade` binary: a minimal upstream, a
-//! configuration file, starting the process and waiting for it.
+//! Shared set-up of the router's integration tests: the model file, a minimal upstream, a
+//! configuration file, starting the `cascade` binary and waiting for it.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

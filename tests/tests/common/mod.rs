@@ -10,6 +10,7 @@ use std::time::Duration;
 use cascade::config::{Config, RawConfig, RawRemote};
 use cascade::local::LocalEngine;
 use cascade::server::RunningServer;
+use cascade::storage::{LedgerRecord, ScopeState, Storage};
 use cascade_e2e::{MockOptions, MockUpstream};
 use local_model::{LoadOptions, LocalModel, ModelHandle};
 use serde_json::{json, Value};
@@ -239,4 +240,134 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Prices `remote` at `input` / `output` USD per million tokens.
+pub fn price(raw: &mut RawConfig, remote: &str, input: f64, output: f64) {
+    raw.prices.insert(
+        remote.into(),
+        serde_json::from_value(
+            json!({"input_usd_per_million": input, "output_usd_per_million": output}),
+        )
+        .unwrap(),
+    );
+}
+
+/// A team with one key and `policy` (JSON of a `[teams.policy]` table).
+pub fn team(name: &str, key: &str, policy: Value) -> policies::TeamConfig {
+    serde_json::from_value(json!({
+        "name": name,
+        "api_key_hashes": [policies::team::hash_api_key(key)],
+        "policy": policy,
+    }))
+    .unwrap()
+}
+
+/// The ledger and budget store of a server started with [`start`].
+pub fn storage(server: &RunningServer) -> &Storage {
+    server.state.storage.as_ref().unwrap()
+}
+
+/// The ledger record of a request, which must exist.
+pub async fn record(server: &RunningServer, id: &str) -> LedgerRecord {
+    storage(server)
+        .get_record(id)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no ledger record for {id}"))
+}
+
+/// Today's budget scope of `team` (its storage key) and that scope's limit.
+pub fn team_day_scope(server: &RunningServer, team: &str) -> (String, policies::NanoUsd) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (scope, limit) = server
+        .state
+        .policies
+        .load()
+        .scopes_for(team, "", now)
+        .into_iter()
+        .find(|(s, _)| s.kind == policies::ScopeKind::Team && s.window == policies::Window::Day)
+        .unwrap_or_else(|| panic!("team {team} has no daily budget"));
+    (scope.storage_key(), limit)
+}
+
+/// The spend and reservations of `team`'s budget today, as they are now.
+pub async fn team_scope_state(server: &RunningServer, team: &str) -> ScopeState {
+    let (scope, _) = team_day_scope(server, team);
+    storage(server).scope_state(&scope).await.unwrap()
+}
+
+/// The same once settlements, which run in their own tasks after each response, have
+/// landed: waits (at most 2 s) until nothing is reserved.
+pub async fn settled_team_scope(server: &RunningServer, team: &str) -> ScopeState {
+    let mut state = team_scope_state(server, team).await;
+    for _ in 0..100 {
+        if state.reserved_nanos == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state = team_scope_state(server, team).await;
+    }
+    state
+}
+
+/// A PostgreSQL schema of its own on the test server (`CASCADE_TEST_POSTGRES_URL`), so that
+/// tests never see each other's tables; dropped with [`PgSchema::drop`].
+pub struct PgSchema {
+    /// The server's URL as configured.
+    pub base: String,
+    /// The schema's name.
+    pub name: String,
+    admin: sqlx::PgPool,
+}
+
+impl PgSchema {
+    /// Creates a schema named after `prefix`, this process and the time.
+    pub async fn create(prefix: &str) -> Self {
+        let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&base)
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!("CREATE SCHEMA {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        Self { base, name, admin }
+    }
+
+    /// `server_url` (the test server, or a way to it) with this schema as the search path.
+    pub fn url_via(&self, server_url: &str) -> String {
+        let separator = if server_url.contains('?') { '&' } else { '?' };
+        format!(
+            "{server_url}{separator}options=-c%20search_path%3D{}",
+            self.name
+        )
+    }
+
+    /// The test server's URL with this schema as the search path.
+    pub fn url(&self) -> String {
+        self.url_via(&self.base)
+    }
+
+    /// Drops the schema and everything in it.
+    pub async fn drop(self) {
+        sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+    }
 }
