@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
 
+use crate::engine::TunedModel;
 use crate::error::GenerateError;
 use crate::phi_mixed::MixedPhi;
 
@@ -50,6 +51,13 @@ pub(crate) enum Backend {
         pristine: Box<quantized_gemma3::ModelWeights>,
         live: Box<quantized_gemma3::ModelWeights>,
     },
+    /// Llama-family or Gemma 3 GGUF on Cascade's tuned engine, with the
+    /// tokens its cache holds so that a prompt sharing a prefix with the
+    /// previous sequence (a repeated system prompt) skips that prefix.
+    Tuned {
+        model: Box<TunedModel>,
+        history: Vec<u32>,
+    },
 }
 
 impl Backend {
@@ -61,7 +69,37 @@ impl Backend {
             Backend::PhiGguf(m) => m.clear_kv_cache(),
             Backend::Llama { pristine, live } => *live = pristine.clone(),
             Backend::Gemma3 { pristine, live } => *live = pristine.clone(),
+            Backend::Tuned { model, history } => {
+                model.truncate_cache(0);
+                history.clear();
+            }
         }
+    }
+
+    /// Runs a prompt from the start of a new sequence and returns the logits
+    /// for its next token and how many prompt tokens came from the cache.
+    /// Where the backend keeps its cache, the positions shared with the
+    /// previous sequence are reused, not recomputed.
+    pub(crate) fn prefill(
+        &mut self,
+        prompt: &[u32],
+        device: &Device,
+    ) -> Result<(Vec<f32>, usize), GenerateError> {
+        if let Backend::Tuned { model, history } = self {
+            let shared = history
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                // At least one token must run to produce logits.
+                .min(prompt.len().saturating_sub(1));
+            model.truncate_cache(shared);
+            history.truncate(shared);
+            let logits = self.forward(&prompt[shared..], shared, device)?;
+            return Ok((logits, shared));
+        }
+        self.reset();
+        Ok((self.forward(prompt, 0, device)?, 0))
     }
 
     /// Runs `tokens` (placed at `position` in the sequence) and returns the
@@ -72,6 +110,20 @@ impl Backend {
         position: usize,
         device: &Device,
     ) -> Result<Vec<f32>, GenerateError> {
+        if let Backend::Tuned { model, history } = self {
+            return match model.forward(tokens, position) {
+                Ok(logits) => {
+                    history.extend_from_slice(tokens);
+                    Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                }
+                Err(e) => {
+                    // The cache may hold part of this step: start afresh.
+                    model.truncate_cache(0);
+                    history.clear();
+                    Err(e.into())
+                }
+            };
+        }
         let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
         let logits = match self {
             Backend::Phi(m) => m.forward(&input)?,
@@ -79,9 +131,16 @@ impl Backend {
             Backend::PhiGguf(m) => m.forward(&input)?,
             Backend::Llama { live, .. } => live.forward(&input, position)?,
             Backend::Gemma3 { live, .. } => live.forward(&input, position)?,
+            // Handled above; kept exhaustive so a new backend is not missed.
+            Backend::Tuned { .. } => {
+                return Err(GenerateError::Model(
+                    "tuned backend reached the generic forward path".into(),
+                ))
+            }
         };
         // Shapes differ by architecture ([1, vocab] or [vocab]); flatten.
         let logits = logits.flatten_all()?.to_dtype(DType::F32)?;
         Ok(logits.to_vec1::<f32>()?)
     }
 }
+

@@ -54,6 +54,8 @@ pub fn run(
     };
     let mut results = Vec::with_capacity(runs);
     for _ in 0..runs {
+        // Time the whole prompt every run, not a cached prefix.
+        model.clear_cache();
         let generation = model.generate(&Prompt::Text(prompt.to_string()), &params, &mut |_| {
             Control::Continue
         })?;

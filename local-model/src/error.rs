@@ -33,6 +33,8 @@ pub enum LoadError {
     InvalidSpec { spec: String, reason: String },
     #[error("unsupported dtype `{0}` (use f32 or bf16)")]
     UnsupportedDtype(String),
+    #[error("invalid model option: {0}")]
+    InvalidOption(String),
 }
 
 /// Why a generation failed.

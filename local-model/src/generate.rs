@@ -82,6 +82,9 @@ pub struct Timings {
     pub prefill_ms: f64,
     /// Generating tokens after the first.
     pub decode_ms: f64,
+    /// Prompt tokens whose keys and values were reused from the previous
+    /// sequence instead of being computed (a shared prefix).
+    pub cached_prompt_tokens: usize,
 }
 
 impl Timings {

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod bench;
 pub mod detok;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
@@ -17,10 +18,12 @@ pub mod sampling;
 pub mod signals;
 pub mod spec;
 pub mod template;
+pub mod threads;
 pub mod tokenizer;
 pub mod worker;
 
 pub use backend::Architecture;
+pub use engine::{Kernels, PrefillWeights};
 pub use error::{GenerateError, LoadError};
 pub use generate::{
     Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,

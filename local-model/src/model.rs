@@ -15,6 +15,9 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Architecture, Backend};
+use crate::engine::gemma3::Gemma3;
+use crate::engine::llama::{self as tuned_llama, Llama};
+use crate::engine::{Kernels, PrefillWeights, TunedModel};
 use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
 use crate::generate::{
@@ -82,6 +85,10 @@ impl std::str::FromStr for TemplateChoice {
 pub struct LoadOptions {
     pub dtype: WeightDtype,
     pub template: TemplateChoice,
+    /// Which forward-pass code runs llama-family GGUF models.
+    pub kernels: Kernels,
+    /// Whether the tuned engine keeps a dense copy of the weights for prefill.
+    pub prefill_weights: PrefillWeights,
 }
 
 /// Facts about a loaded model.
@@ -209,6 +216,60 @@ impl LocalModel {
         &self.encoder
     }
 
+    /// Forgets the cached sequence, so the next prompt is computed from its
+    /// first token (benchmarks use this to time a full prefill every run).
+    pub fn clear_cache(&mut self) {
+        self.backend.reset();
+    }
+
+    /// Bytes held by a dense copy of the weights kept for prefill (0 when
+    /// there is none).
+    pub fn prefill_copy_bytes(&self) -> usize {
+        match &self.backend {
+            Backend::Tuned { model, .. } => model.dense_bytes(),
+            _ => 0,
+        }
+    }
+
+    /// The log-prob of each token of `continuation` after `prompt`, fed one
+    /// at a time as decoding would: how sure the model is of a given answer.
+    /// Tests use it to compare engines token for token.
+    pub fn continuation_logprobs(
+        &mut self,
+        prompt: &Prompt,
+        continuation: &[u32],
+    ) -> Result<Vec<f32>, GenerateError> {
+        let prompt_ids = self.encoder.encode(prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let total = prompt_ids.len() + continuation.len();
+        if total > self.info.context_window {
+            return Err(GenerateError::PromptTooLong {
+                prompt_tokens: total,
+                context_window: self.info.context_window,
+            });
+        }
+        self.backend.reset();
+        let (mut logits, _) = self.backend.prefill(&prompt_ids, &self.device)?;
+        let mut logprobs = Vec::with_capacity(continuation.len());
+        for (i, &token) in continuation.iter().enumerate() {
+            if token as usize >= logits.len() {
+                return Err(GenerateError::InvalidParameter(format!(
+                    "token id {token} is outside the vocabulary of {}",
+                    logits.len()
+                )));
+            }
+            logprobs.push(signals_from_logits(&logits, token as usize).logprob);
+            if i + 1 < continuation.len() {
+                logits =
+                    self.backend
+                        .forward(&[token], prompt_ids.len() + i, &self.device)?;
+            }
+        }
+        Ok(logprobs)
+    }
+
     /// Runs one short generation so that lazily built state (weight
     /// repacking, allocations) is ready before the first real request.
     pub fn warm_up(&mut self) -> Result<(), GenerateError> {
@@ -263,10 +324,11 @@ impl LocalModel {
         let mut sampler = Sampler::new(params.sampling, params.seed);
         let mut timings = Timings::default();
 
-        self.backend.reset();
         let prefill_started = Instant::now();
         let mut logits = if max_new > 0 {
-            self.backend.forward(&prompt_ids, 0, &self.device)?
+            let (logits, cached) = self.backend.prefill(&prompt_ids, &self.device)?;
+            timings.cached_prompt_tokens = cached;
+            logits
         } else {
             Vec::new()
         };
@@ -434,6 +496,10 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Longest sequence the tuned engine serves: its rotary tables and KV cache
+/// grow with it (the cache only as far as a sequence actually goes).
+const TUNED_MAX_POSITIONS: usize = 8192;
+
 fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), LoadError> {
     let file = File::open(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -552,7 +618,49 @@ fn load_gguf(
             let sliding_window =
                 tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
                     .map(|v| v as usize);
-            let (backend, max_ctx) = if is_llama {
+            let (backend, max_ctx) = if is_llama
+                && matches!(options.kernels, Kernels::Tuned | Kernels::Exact)
+                && tuned_llama::supports(&content)
+            {
+                let max_ctx = declared_ctx
+                    .unwrap_or(quantized_llama::MAX_SEQ_LEN)
+                    .min(TUNED_MAX_POSITIONS);
+                let model =
+                    Llama::from_gguf(
+                        &content,
+                        &mut reader,
+                        max_ctx,
+                        options.prefill_weights,
+                        options.kernels == Kernels::Exact,
+                        device,
+                    )
+                    .map_err(weights_err)?;
+                (
+                    Backend::Tuned {
+                        model: Box::new(TunedModel::Llama(model)),
+                        history: Vec::new(),
+                    },
+                    max_ctx,
+                )
+            } else if options.kernels == Kernels::Exact {
+                return Err(LoadError::InvalidOption(
+                    "exact kernels run llama-family GGUF only".into(),
+                ));
+            } else if !is_llama && options.kernels == Kernels::Tuned {
+                // The window applies while decoding too, so sequences may
+                // run past it (unlike candle's Gemma 3 below).
+                let max_ctx = declared_ctx.unwrap_or(8192).min(TUNED_MAX_POSITIONS);
+                let model =
+                    Gemma3::from_gguf(&content, &mut reader, max_ctx, options.prefill_weights, device)
+                        .map_err(weights_err)?;
+                (
+                    Backend::Tuned {
+                        model: Box::new(TunedModel::Gemma3(model)),
+                        history: Vec::new(),
+                    },
+                    max_ctx,
+                )
+            } else if is_llama {
                 let weights =
                     quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
                         .map_err(weights_err)?;

@@ -80,6 +80,14 @@ pub struct ModelArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Forward-pass code for llama-family GGUF: tuned (Cascade's engine) or
+    /// reference (candle's model code on the file's weights as stored).
+    #[arg(long, default_value = "tuned")]
+    pub kernels: String,
+    /// Dense prefill copy of the weights (tuned engine): auto (when it
+    /// takes at most 512 MiB), dense or quantized.
+    #[arg(long, default_value = "auto")]
+    pub prefill_weights: String,
 }
 
 /// `cascade generate`.
@@ -163,6 +171,12 @@ pub struct EvalArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Forward-pass code for llama-family GGUF: tuned or reference.
+    #[arg(long, default_value = "tuned")]
+    pub kernels: String,
+    /// Dense prefill copy of the weights: auto, dense or quantized.
+    #[arg(long, default_value = "auto")]
+    pub prefill_weights: String,
     /// capitals, arc, gsm8k, mmlu, or a labeled .jsonl file (see docs/confidence.md).
     #[arg(long)]
     pub dataset: Option<String>,

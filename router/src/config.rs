@@ -161,6 +161,10 @@ pub struct RawLocal {
     pub name: Option<String>,
     pub template: String,
     pub dtype: String,
+    /// Forward-pass code for llama-family GGUF: `tuned` or `reference`.
+    pub kernels: String,
+    /// Dense prefill copy of the weights: `auto`, `dense` or `quantized`.
+    pub prefill_weights: String,
     pub queue_depth: usize,
     /// Cap on tokens the local model generates per request.
     pub max_tokens: usize,
@@ -174,6 +178,8 @@ impl Default for RawLocal {
             name: None,
             template: "auto".into(),
             dtype: "f32".into(),
+            kernels: "tuned".into(),
+            prefill_weights: "auto".into(),
             queue_depth: 8,
             max_tokens: 256,
             warm_up: true,
@@ -351,6 +357,8 @@ pub struct LocalConfig {
     pub name: String,
     pub template: local_model::TemplateChoice,
     pub dtype: local_model::WeightDtype,
+    pub kernels: local_model::Kernels,
+    pub prefill_weights: local_model::PrefillWeights,
     pub queue_depth: usize,
     pub max_tokens: usize,
     pub warm_up: bool,
@@ -694,6 +702,14 @@ fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig
         .dtype
         .parse()
         .map_err(|e: local_model::LoadError| invalid("local.dtype", e.to_string()))?;
+    let kernels = raw
+        .kernels
+        .parse()
+        .map_err(|e: local_model::LoadError| invalid("local.kernels", e.to_string()))?;
+    let prefill_weights = raw
+        .prefill_weights
+        .parse()
+        .map_err(|e: local_model::LoadError| invalid("local.prefill_weights", e.to_string()))?;
     if raw.max_tokens == 0 {
         return Err(invalid("local.max_tokens", "must be positive"));
     }
@@ -702,6 +718,8 @@ fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig
         name,
         template,
         dtype,
+        kernels,
+        prefill_weights,
         queue_depth: raw.queue_depth,
         max_tokens: raw.max_tokens,
         warm_up: raw.warm_up,

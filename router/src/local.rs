@@ -75,6 +75,8 @@ impl LocalEngine {
         let options = LoadOptions {
             dtype: config.dtype,
             template: config.template,
+            kernels: config.kernels,
+            prefill_weights: config.prefill_weights,
         };
         let mut model =
             LocalModel::load(&config.model, &options).map_err(|source| LocalStartError::Load {

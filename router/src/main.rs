@@ -6,6 +6,8 @@ use cascade::cli::{Cli, Command};
 use cascade::commands;
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: it sets a process-wide variable.
+    local_model::threads::settle_thread_count();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

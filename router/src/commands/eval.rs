@@ -124,6 +124,8 @@ fn generate(args: &EvalArgs) -> anyhow::Result<(Vec<EvalRecord>, PathBuf)> {
     let options = LoadOptions {
         dtype: args.dtype.parse()?,
         template: args.template.parse()?,
+        kernels: args.kernels.parse()?,
+        prefill_weights: args.prefill_weights.parse()?,
     };
     let mut model = LocalModel::load(model_spec, &options)?;
     let path = args.out.join("run.jsonl");

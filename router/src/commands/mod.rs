@@ -17,6 +17,8 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LocalModel> {
     let options = LoadOptions {
         dtype: args.dtype.parse()?,
         template: args.template.parse()?,
+        kernels: args.kernels.parse()?,
+        prefill_weights: args.prefill_weights.parse()?,
     };
     Ok(LocalModel::load(&args.model, &options)?)
 }

@@ -1,0 +1,370 @@
+//! Gemma 3 from a GGUF file (llama.cpp's `gemma3` layout).
+//!
+//! Built from the same parts as [`super::llama`], plus what Gemma 3 adds:
+//! embeddings scaled by √width, RMS norms on each query and key head, norms
+//! after attention and after the MLP, a GELU-gated MLP, and five local
+//! layers (sliding window, their own rotary base) for every global one.
+//!
+//! Differences from candle 0.11's `quantized_gemma3`, on purpose: the MLP
+//! gate is GELU (tanh approximation) as in Gemma, where candle uses SiLU
+//! (candle issue #3745); the local layers' window applies while decoding
+//! too, not only within a prefill, so sequences may run past it; the window
+//! holds the last `sliding_window` positions, as in llama.cpp and
+//! Transformers (candle's admits one more); the embedding table stays
+//! quantized (candle expands it to F32: 671 MB for Gemma 3 270M).
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{Device, Module, Result, Tensor, D};
+
+use super::kv_cache::LayerCache;
+use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
+use super::llama::{causal_mask, rope_tables};
+use super::PrefillWeights;
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    width: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    rms_eps: f32,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    qkv: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    attn_out: Linear,
+    post_attn_norm: Tensor,
+    ffn_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+    post_ffn_norm: Tensor,
+    /// `Some(window)` for local layers.
+    window: Option<usize>,
+    /// Index into the rotary tables: 0 global, 1 local.
+    rope: usize,
+    cache: LayerCache,
+}
+
+/// A Gemma 3 model with its KV cache.
+#[derive(Debug, Clone)]
+pub(crate) struct Gemma3 {
+    embeddings: QMatMul,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    output: QMatMul,
+    /// Cosine and sine tables for the global and the local rotary base.
+    rope: [(Tensor, Tensor); 2],
+    shape: Shape,
+    dense_bytes: usize,
+}
+
+impl Gemma3 {
+    pub(crate) fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        max_positions: usize,
+        prefill: PrefillWeights,
+        device: &Device,
+    ) -> Result<Self> {
+        let meta = |key: &str| match content.metadata.get(&format!("gemma3.{key}")) {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("GGUF metadata has no gemma3.{key}"),
+        };
+        let heads = meta("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = meta("attention.head_count_kv")?.to_u32()? as usize;
+        let blocks = meta("block_count")?.to_u32()? as usize;
+        let width = meta("embedding_length")?.to_u32()? as usize;
+        let head_dim = meta("attention.key_length")?.to_u32()? as usize;
+        let rms_eps = meta("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let window = meta("attention.sliding_window")?.to_u32()? as usize;
+        // Every `pattern`-th layer is global, the others local (Gemma 3: 6).
+        let pattern = meta("attention.sliding_window_type")
+            .and_then(|v| v.to_u32())
+            .map_or(6, |v| v as usize)
+            .max(1);
+        let global_base = meta("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(1_000_000.0);
+        let local_base = meta("rope.local_freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+            candle_core::bail!("inconsistent head counts: {heads} heads, {kv_heads} kv heads")
+        }
+
+        let embeddings = Arc::new(content.tensor(reader, "token_embd.weight", device)?);
+        let norm = content
+            .tensor(reader, "output_norm.weight", device)?
+            .dequantize(device)?;
+        let output = match content.tensor(reader, "output.weight", device) {
+            Ok(t) => QMatMul::from_qtensor(with_simd_kernel(t, device)?)?,
+            Err(_) => {
+                let converted =
+                    with_simd_kernel(content.tensor(reader, "token_embd.weight", device)?, device)?;
+                if converted.dtype() == embeddings.dtype() {
+                    QMatMul::from_arc(embeddings.clone())?
+                } else {
+                    QMatMul::from_qtensor(converted)?
+                }
+            }
+        };
+
+        let mut raw = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut get = |part: &str| -> Result<QTensor> {
+                let t = content.tensor(reader, &format!("blk.{i}.{part}.weight"), device)?;
+                with_simd_kernel(t, device)
+            };
+            raw.push([
+                get("attn_q")?,
+                get("attn_k")?,
+                get("attn_v")?,
+                get("attn_output")?,
+                get("ffn_gate")?,
+                get("ffn_up")?,
+                get("ffn_down")?,
+                get("attn_norm")?,
+                get("attn_q_norm")?,
+                get("attn_k_norm")?,
+                get("post_attention_norm")?,
+                get("ffn_norm")?,
+                get("post_ffw_norm")?,
+            ]);
+        }
+        let dense_total: usize = raw.iter().flat_map(|b| b[..7].iter()).map(dense_size).sum();
+        let keep_dense = match prefill {
+            PrefillWeights::Dense => true,
+            PrefillWeights::Quantized => false,
+            PrefillWeights::Auto { max_mib } => dense_total <= max_mib * 1024 * 1024,
+        };
+
+        let mut built = Vec::with_capacity(blocks);
+        let mut dense_bytes = 0;
+        let mut ffn = 0;
+        for (i, parts) in raw.into_iter().enumerate() {
+            let [q, k, v, o, gate, up, down, attn_norm, q_norm, k_norm, post_attn_norm, ffn_norm, post_ffn_norm] =
+                parts;
+            ffn = gate.shape().dims2()?.0;
+            let local = (i + 1) % pattern != 0;
+            // Stacking needs one format; where the file mixes them, keep
+            // the projections apart.
+            let qkv = if q.dtype() == k.dtype() && k.dtype() == v.dtype() {
+                Linear::new(stack_rows(&[q, k, v], device)?, keep_dense, device)?
+            } else {
+                let dense = [q, k, v]
+                    .iter()
+                    .map(|t| t.dequantize(device))
+                    .collect::<Result<Vec<_>>>()?;
+                let stacked = Tensor::cat(&dense, 0)?;
+                Linear::new(
+                    QTensor::quantize(&stacked, candle_core::quantized::GgmlDType::Q8_0)?,
+                    keep_dense,
+                    device,
+                )?
+            };
+            let gate_up = if gate.dtype() == up.dtype() {
+                Linear::new(stack_rows(&[gate, up], device)?, keep_dense, device)?
+            } else {
+                let dense = Tensor::cat(&[gate.dequantize(device)?, up.dequantize(device)?], 0)?;
+                Linear::new(
+                    QTensor::quantize(&dense, candle_core::quantized::GgmlDType::Q8_0)?,
+                    keep_dense,
+                    device,
+                )?
+            };
+            let block = Block {
+                attn_norm: attn_norm.dequantize(device)?,
+                qkv,
+                q_norm: q_norm.dequantize(device)?,
+                k_norm: k_norm.dequantize(device)?,
+                attn_out: Linear::new(o, keep_dense, device)?,
+                post_attn_norm: post_attn_norm.dequantize(device)?,
+                ffn_norm: ffn_norm.dequantize(device)?,
+                gate_up,
+                down: Linear::new(down, keep_dense, device)?,
+                post_ffn_norm: post_ffn_norm.dequantize(device)?,
+                window: local.then_some(window),
+                rope: usize::from(local),
+                cache: LayerCache::default(),
+            };
+            dense_bytes += block.qkv.dense_bytes()
+                + block.attn_out.dense_bytes()
+                + block.gate_up.dense_bytes()
+                + block.down.dense_bytes();
+            built.push(block);
+        }
+
+        Ok(Self {
+            embeddings: QMatMul::from_arc(embeddings)?,
+            blocks: built,
+            norm,
+            output,
+            rope: [
+                rope_tables(head_dim, global_base, max_positions, device)?,
+                rope_tables(head_dim, local_base, max_positions, device)?,
+            ],
+            shape: Shape {
+                width,
+                heads,
+                kv_heads,
+                head_dim,
+                ffn,
+                rms_eps,
+            },
+            dense_bytes,
+        })
+    }
+
+    pub(crate) fn dense_bytes(&self) -> usize {
+        self.dense_bytes
+    }
+
+    pub(crate) fn cached_len(&self) -> usize {
+        self.blocks.first().map_or(0, |b| b.cache.len())
+    }
+
+    pub(crate) fn truncate_cache(&mut self, len: usize) {
+        for block in &mut self.blocks {
+            block.cache.truncate(len);
+        }
+    }
+
+    /// Runs `tokens` placed at `position` (the cached length) and returns
+    /// the next-token logits of the last one, `[vocab]`.
+    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 {
+            candle_core::bail!("forward: no tokens")
+        }
+        if position != self.cached_len() {
+            candle_core::bail!(
+                "forward at position {position} but the cache holds {}",
+                self.cached_len()
+            )
+        }
+        let limit = self.rope[0].0.dim(0)?;
+        if position + n > limit {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's {limit}",
+                position + n
+            )
+        }
+        let device = self.norm.device().clone();
+        let shape = self.shape;
+        let ids = Tensor::new(tokens, &device)?;
+        let mut x = (self.embeddings.embedding(&ids)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
+        let rope = [
+            (
+                self.rope[0].0.narrow(0, position, n)?,
+                self.rope[0].1.narrow(0, position, n)?,
+            ),
+            (
+                self.rope[1].0.narrow(0, position, n)?,
+                self.rope[1].1.narrow(0, position, n)?,
+            ),
+        ];
+        let (global_mask, local_mask) = if n > 1 {
+            let window = self.blocks.iter().find_map(|b| b.window);
+            (
+                Some(causal_mask(n, position, None, &device)?),
+                match window {
+                    Some(w) => Some(causal_mask(n, position, Some(w), &device)?),
+                    None => None,
+                },
+            )
+        } else {
+            (None, None)
+        };
+        for block in &mut self.blocks {
+            let mask = if block.window.is_some() {
+                local_mask.as_ref()
+            } else {
+                global_mask.as_ref()
+            };
+            let (cos, sin) = &rope[block.rope];
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let attended = block.attention(&h, cos, sin, mask, shape)?;
+            let attended = candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
+            x = (x + attended)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
+            let gate_up = block.gate_up.forward(&h)?;
+            let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
+            let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
+            let mixed = (gate.gelu()? * up)?;
+            let out = block.down.forward(&mixed)?;
+            let out = candle_nn::ops::rms_norm(&out, &block.post_ffn_norm, shape.rms_eps)?;
+            x = (x + out)?;
+        }
+        let last = x.narrow(1, n - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
+        self.output.forward(&last)?.flatten_all()
+    }
+}
+
+impl Block {
+    fn attention(
+        &mut self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        shape: Shape,
+    ) -> Result<Tensor> {
+        let (_, n, _) = x.dims3()?;
+        let Shape {
+            heads,
+            kv_heads,
+            head_dim,
+            rms_eps,
+            ..
+        } = shape;
+        let qkv = self.qkv.forward(x)?;
+        let split = |start: usize, count: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
+                .reshape((1, n, count, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = candle_nn::ops::rms_norm(&split(0, heads)?, &self.q_norm, rms_eps)?;
+        let k = candle_nn::ops::rms_norm(&split(heads, kv_heads)?, &self.k_norm, rms_eps)?;
+        let v = split(heads + kv_heads, kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (mut keys, mut values) = self.cache.append(&k, &v)?;
+        let mut positions = keys.dim(2)?;
+        // Decoding a local layer: only the window's positions take part.
+        if let (Some(window), None) = (self.window, mask) {
+            if positions > window {
+                keys = keys.narrow(2, positions - window, window)?;
+                values = values.narrow(2, positions - window, window)?;
+                positions = window;
+            }
+        }
+        let group = heads / kv_heads;
+        let q = q.reshape((1, kv_heads, group * n, head_dim))?;
+        let scores = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((1, kv_heads, group, n, positions))?
+                .broadcast_add(mask)?
+                .reshape((1, kv_heads, group * n, positions))?,
+            None => scores,
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mixed = weights.matmul(&values)?;
+        let mixed = mixed
+            .reshape((1, heads, n, head_dim))?
+            .transpose(1, 2)?
+            .reshape((1, n, heads * head_dim))?;
+        self.attn_out.forward(&mixed)
+    }
+}

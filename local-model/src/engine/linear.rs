@@ -1,0 +1,194 @@
+//! A linear layer over quantized weights, with an optional dense copy for
+//! prefill.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+
+/// Rows of input from which the dense copy (when there is one) is used: a
+/// dense matrix product only pays off once the weights are reused by
+/// several rows.
+const DENSE_MIN_ROWS: usize = 8;
+
+/// Brings weights into a format with a SIMD kernel in candle.
+///
+/// candle 0.11 has hand-written AVX2 dot products for Q4_0, Q8_0 and the
+/// K-quants, but runs Q4_1, Q5_0 and Q5_1 through a generic scalar loop.
+/// Q8_0 holds every value of those formats to within half a step of an
+/// 8-bit grid per 32 values, far finer than their own 4- or 5-bit grid, so
+/// the conversion costs no measurable accuracy (the log-prob test in
+/// `tests/engine.rs` holds it to 0.05 nats) and 1.7x the memory of Q4_1.
+pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTensor> {
+    let slow = matches!(
+        weights.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    );
+    let row = weights.shape().dims().last().copied().unwrap_or(0);
+    if !slow || row % GgmlDType::Q8_0.block_size() != 0 {
+        return Ok(weights);
+    }
+    let dense = weights.dequantize(device)?;
+    QTensor::quantize(&dense, GgmlDType::Q8_0)
+}
+
+/// Stacks weight matrices with the same input width and format into one,
+/// so that projections of the same input run as one matrix product.
+pub(crate) fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> {
+    let Some(first) = parts.first() else {
+        candle_core::bail!("stack_rows: no weights")
+    };
+    let dtype = first.dtype();
+    let (_, cols) = first.shape().dims2()?;
+    let mut rows = 0;
+    let mut bytes = Vec::new();
+    for part in parts {
+        let (r, c) = part.shape().dims2()?;
+        if c != cols || part.dtype() != dtype {
+            candle_core::bail!(
+                "stack_rows: {:?} {:?} does not match {:?} {:?}",
+                part.dtype(),
+                part.shape(),
+                dtype,
+                first.shape()
+            )
+        }
+        rows += r;
+        bytes.extend_from_slice(&part.data()?);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
+    QTensor::new(storage, (rows, cols))
+}
+
+/// `y = x Wᵀ` with `W` quantized, and optionally also held dense.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    quantized: QMatMul,
+    /// `[out, in]` in F32, used for inputs of `dense_from_rows` rows or more.
+    dense: Option<Tensor>,
+    dense_from_rows: usize,
+}
+
+impl Linear {
+    pub(crate) fn new(weights: QTensor, keep_dense: bool, device: &Device) -> Result<Self> {
+        let dense = if keep_dense {
+            Some(weights.dequantize(device)?.to_dtype(DType::F32)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            quantized: QMatMul::from_qtensor(weights)?,
+            dense,
+            dense_from_rows: DENSE_MIN_ROWS,
+        })
+    }
+
+    /// Every product in F32 on the dequantised weights: exact arithmetic on
+    /// the file's values, for accuracy tests (slow, 4 bytes per weight).
+    pub(crate) fn exact(weights: QTensor, device: &Device) -> Result<Self> {
+        let mut linear = Self::new(weights, true, device)?;
+        linear.dense_from_rows = 1;
+        Ok(linear)
+    }
+
+    /// Bytes held by the dense copy.
+    pub(crate) fn dense_bytes(&self) -> usize {
+        self.dense
+            .as_ref()
+            .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+    }
+
+    /// `x`: `[.., in]`; returns `[.., out]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let width = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / width.max(1);
+        match &self.dense {
+            Some(w) if rows >= self.dense_from_rows => {
+                let mut out_shape = x.dims().to_vec();
+                let (out, _) = w.dims2()?;
+                if let Some(last) = out_shape.last_mut() {
+                    *last = out;
+                }
+                x.reshape((rows, width))?.matmul(&w.t()?)?.reshape(out_shape)
+            }
+            _ => self.quantized.forward(x),
+        }
+    }
+}
+
+/// Bytes a dense F32 copy of these weights would take.
+pub(crate) fn dense_size(weights: &QTensor) -> usize {
+    weights.shape().elem_count() * DType::F32.size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
+        // A small deterministic generator: tests must not depend on a seed
+        // that a crate version bump could change.
+        let mut state = seed;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn slow_formats_become_q8_0_without_losing_their_values() {
+        let dense = random(16, 64, 1);
+        let q4_1 = QTensor::quantize(&dense, GgmlDType::Q4_1).unwrap();
+        let before = q4_1.dequantize(&Device::Cpu).unwrap();
+        let converted = with_simd_kernel(q4_1, &Device::Cpu).unwrap();
+        assert_eq!(converted.dtype(), GgmlDType::Q8_0);
+        let after = converted.dequantize(&Device::Cpu).unwrap();
+        // Half a step of an 8-bit grid over values within ±0.5.
+        assert!(max_abs_diff(&before, &after) < 0.5 / 127.0 + 1e-6);
+        // Formats with a kernel are left alone.
+        let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
+        assert_eq!(with_simd_kernel(q8, &Device::Cpu).unwrap().dtype(), GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn stacked_weights_give_the_separate_products_side_by_side() {
+        let q8 = |rows, seed| QTensor::quantize(&random(rows, 64, seed), GgmlDType::Q8_0).unwrap();
+        let (a, b) = (q8(8, 2), q8(4, 3));
+        let x = random(3, 64, 4);
+        let separate_a = QMatMul::from_qtensor(q8(8, 2)).unwrap().forward(&x).unwrap();
+        let separate_b = QMatMul::from_qtensor(q8(4, 3)).unwrap().forward(&x).unwrap();
+        let stacked = Linear::new(stack_rows(&[a, b], &Device::Cpu).unwrap(), false, &Device::Cpu)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        assert_eq!(stacked.dims(), [3, 12]);
+        assert!(max_abs_diff(&stacked.narrow(1, 0, 8).unwrap(), &separate_a) < 1e-5);
+        assert!(max_abs_diff(&stacked.narrow(1, 8, 4).unwrap(), &separate_b) < 1e-5);
+        // Mismatched widths are an error, not garbage.
+        let c = QTensor::quantize(&random(4, 32, 5), GgmlDType::Q8_0).unwrap();
+        let d = QTensor::quantize(&random(4, 64, 6), GgmlDType::Q8_0).unwrap();
+        assert!(stack_rows(&[c, d], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn dense_and_quantized_paths_agree() {
+        let w = || QTensor::quantize(&random(32, 64, 7), GgmlDType::Q8_0).unwrap();
+        let with_copy = Linear::new(w(), true, &Device::Cpu).unwrap();
+        let without = Linear::new(w(), false, &Device::Cpu).unwrap();
+        assert_eq!(with_copy.dense_bytes(), 32 * 64 * 4);
+        let x = random(DENSE_MIN_ROWS * 2, 64, 8).unsqueeze(0).unwrap();
+        let dense = with_copy.forward(&x).unwrap();
+        let quantized = without.forward(&x).unwrap();
+        assert_eq!(dense.dims(), [1, DENSE_MIN_ROWS * 2, 32]);
+        // The quantized path rounds activations to 8 bits; the dense one does not.
+        assert!(max_abs_diff(&dense, &quantized) < 0.05);
+    }
+}

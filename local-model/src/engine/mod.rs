@@ -1,0 +1,111 @@
+//! Cascade's own CPU forward passes for quantized GGUF models.
+//!
+//! candle's model code is correct but leaves speed on the table on small
+//! CPUs: weight formats without a SIMD kernel (Q4_1, Q5_0, Q5_1) run a scalar
+//! loop, every projection is its own matmul and thread-pool round, the KV
+//! cache is re-concatenated on every token, and grouped-query attention
+//! copies the keys and values once per query head. This engine fixes those
+//! while reading the same files (see docs/benchmarks.md for the figures).
+
+pub(crate) mod gemma3;
+pub(crate) mod kv_cache;
+pub(crate) mod linear;
+pub(crate) mod llama;
+
+use candle_core::Tensor;
+
+/// A model on the tuned engine.
+#[derive(Debug, Clone)]
+pub(crate) enum TunedModel {
+    Llama(llama::Llama),
+    Gemma3(gemma3::Gemma3),
+}
+
+impl TunedModel {
+    /// Runs `tokens` at `position` (the cached length); next-token logits.
+    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
+        match self {
+            TunedModel::Llama(m) => m.forward(tokens, position),
+            TunedModel::Gemma3(m) => m.forward(tokens, position),
+        }
+    }
+
+    /// Keeps the first `len` cached positions.
+    pub(crate) fn truncate_cache(&mut self, len: usize) {
+        match self {
+            TunedModel::Llama(m) => m.truncate_cache(len),
+            TunedModel::Gemma3(m) => m.truncate_cache(len),
+        }
+    }
+
+    /// Bytes of the dense prefill copy.
+    pub(crate) fn dense_bytes(&self) -> usize {
+        match self {
+            TunedModel::Llama(m) => m.dense_bytes(),
+            TunedModel::Gemma3(m) => m.dense_bytes(),
+        }
+    }
+}
+
+/// Which forward-pass code runs a quantized GGUF model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Cascade's engine: SIMD-friendly weight formats, fused projections,
+    /// a dense prefill copy where it fits (see [`PrefillWeights`]).
+    #[default]
+    Tuned,
+    /// candle's own model code on the file's weights as stored.
+    Reference,
+    /// The tuned engine's code with every product in F32 on the
+    /// dequantised weights: the file's values with exact arithmetic, the
+    /// yardstick that accuracy tests hold both other paths to. Slow and
+    /// 4 bytes per weight; llama-family GGUF only.
+    Exact,
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = crate::error::LoadError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tuned" => Ok(Kernels::Tuned),
+            "reference" => Ok(Kernels::Reference),
+            "exact" => Ok(Kernels::Exact),
+            other => Err(crate::error::LoadError::InvalidOption(format!(
+                "unknown kernels `{other}` (choose tuned, reference or exact)"
+            ))),
+        }
+    }
+}
+
+/// Whether the tuned engine keeps a dequantised copy of the layer weights
+/// for prefill, where a dense matrix product beats the quantized kernels
+/// several times over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillWeights {
+    /// A copy when it takes at most this many MiB, else none.
+    Auto { max_mib: usize },
+    /// Always keep the copy.
+    Dense,
+    /// Never: prefill runs on the quantized weights.
+    Quantized,
+}
+
+impl Default for PrefillWeights {
+    fn default() -> Self {
+        PrefillWeights::Auto { max_mib: 512 }
+    }
+}
+
+impl std::str::FromStr for PrefillWeights {
+    type Err = crate::error::LoadError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(PrefillWeights::default()),
+            "dense" => Ok(PrefillWeights::Dense),
+            "quantized" => Ok(PrefillWeights::Quantized),
+            other => Err(crate::error::LoadError::InvalidOption(format!(
+                "unknown prefill weights `{other}` (choose auto, dense or quantized)"
+            ))),
+        }
+    }
+}

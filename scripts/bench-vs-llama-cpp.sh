@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Local inference speed, Cascade against llama.cpp, side by side in one run:
+# the same GGUF file, the same thread count, the same prompt length and
+# number of decoded tokens. Prints prefill and decode tok/s of both engines
+# and Cascade's ratio to llama.cpp, one row per model (medians of RUNS runs).
+#
+#   scripts/bench-vs-llama-cpp.sh [MODEL.gguf ...]
+#   defaults: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M in models/
+#   THREADS (2), PROMPT_TOKENS (200), DECODE_TOKENS (128), RUNS (5)
+#   KERNELS: tuned (default) or reference (candle's own model code)
+#   SKIP_BUILD=1: use the release binary already built
+#
+# llama.cpp comes from `llama-cpp-python` 0.3.36 (PyPI, built from source:
+# 15-30 minutes the first time on 2 cores; pip caches the wheel) in a
+# virtual environment at $CASCADE_BENCH_VENV (default .venv-bench).
+# Both engines spin on their cores: run nothing else meanwhile.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+target="${CARGO_TARGET_DIR:-$root/target}"
+threads="${THREADS:-2}"
+prompt_tokens="${PROMPT_TOKENS:-200}"
+decode_tokens="${DECODE_TOKENS:-128}"
+runs="${RUNS:-5}"
+kernels="${KERNELS:-tuned}"
+venv="${CASCADE_BENCH_VENV:-$root/.venv-bench}"
+if [[ $# -gt 0 ]]; then
+  models=("$@")
+else
+  models=("$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$root/models/gemma-3-270m-Q4_K_M.gguf")
+fi
+for m in "${models[@]}"; do
+  [[ -e "$m" ]] || { echo "error: $m missing (scripts/fetch-model.sh, scripts/fetch-gemma.sh)" >&2; exit 1; }
+done
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  (cd "$root" && cargo build --release -p cascade)
+fi
+cascade="$target/release/cascade"
+
+if ! "$venv/bin/python" -c 'import llama_cpp, numpy' 2>/dev/null; then
+  echo "installing llama-cpp-python into $venv (builds llama.cpp from source)..." >&2
+  python3 -m venv "$venv"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
+    --disable-pip-version-check llama-cpp-python==0.3.36 numpy
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+rows=()
+for m in "${models[@]}"; do
+  name="$(basename "$m" .gguf)"
+  echo "== $name: cascade ($kernels kernels)" >&2
+  RAYON_NUM_THREADS="$threads" CANDLE_NUM_THREADS="$threads" "$cascade" bench --model "$m" \
+    --kernels "$kernels" --prompt-tokens "$prompt_tokens" --decode-tokens "$decode_tokens" \
+    --runs "$runs" --json >"$work/cascade.json"
+  # Exactly as many prompt tokens as Cascade's prompt came to.
+  ran_tokens="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["report"]["runs"][0]["prompt_tokens"])' "$work/cascade.json")"
+  echo "== $name: llama.cpp" >&2
+  "$venv/bin/python" "$root/scripts/bench_llama_cpp.py" --model "$m" --threads "$threads" \
+    --prompt-tokens "$ran_tokens" --decode-tokens "$decode_tokens" --runs "$runs" \
+    >"$work/llama.json"
+  rows+=("$(python3 - "$work/cascade.json" "$work/llama.json" "$name" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+l = json.load(open(sys.argv[2]))
+r = c["report"]
+cp, cd = r["median_prefill_tokens_per_second"], r["median_decode_tokens_per_second"]
+lp, ld = l["median_prefill_tokens_per_second"], l["median_decode_tokens_per_second"]
+rss = r.get("peak_rss_mib") or 0
+print(f"| {sys.argv[3]} | {cp:.1f} | {lp:.1f} | {cp/lp:.2f}x | {cd:.1f} | {ld:.1f} | {cd/ld:.2f}x | {rss:.0f} |")
+PY
+)")
+done
+
+echo
+echo "threads $threads, prompt about $prompt_tokens tokens (the same count for both engines), $decode_tokens decoded tokens, median of $runs runs, cascade kernels: $kernels"
+echo
+echo "| model | prefill cascade | prefill llama.cpp | ratio | decode cascade | decode llama.cpp | ratio | cascade peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
