@@ -172,8 +172,22 @@ fn loads_as_gemma3_without_a_chat_template() {
     assert_eq!(stops, [1, 106], "<eos> and <end_of_turn>");
     // The HTML tag "</s>" is ordinary text in Gemma's vocabulary.
     assert!(!stops.contains(&model.encoder().tokenizer().token_to_id("</s>").unwrap()));
-    assert_eq!(info.context_window, 512, "kept within the sliding window");
+    // The tuned engine applies the local layers' window while decoding, so
+    // the context is the file's (32,768), capped at 8192.
+    assert_eq!(info.context_window, 8192);
     drop(model);
+
+    // candle's own Gemma 3 does not: it stays within the 512-token window.
+    let reference = LocalModel::load(
+        common::gemma3_path().to_str().unwrap(),
+        &LoadOptions {
+            kernels: local_model::Kernels::Reference,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(reference.info().context_window, 512, "kept within the sliding window");
+    drop(reference);
 
     let err = LocalModel::load(
         common::gemma3_path().to_str().unwrap(),

@@ -80,8 +80,9 @@ pub struct ModelArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Forward-pass code for llama-family GGUF: tuned (Cascade's engine) or
-    /// reference (candle's model code on the file's weights as stored).
+    /// Forward-pass code for llama-family and Gemma 3 GGUF: tuned (Cascade's
+    /// engine), reference (candle's model code on the file's weights as
+    /// stored) or exact (F32 products on the dequantised weights; slow).
     #[arg(long, default_value = "tuned")]
     pub kernels: String,
     /// Dense prefill copy of the weights (tuned engine): auto (when it
@@ -171,7 +172,7 @@ pub struct EvalArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Forward-pass code for llama-family GGUF: tuned or reference.
+    /// Forward-pass code for llama-family and Gemma 3 GGUF: tuned, reference or exact.
     #[arg(long, default_value = "tuned")]
     pub kernels: String,
     /// Dense prefill copy of the weights: auto, dense or quantized.

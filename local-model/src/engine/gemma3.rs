@@ -20,7 +20,7 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
-use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
+use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::PrefillWeights;
 
@@ -107,13 +107,17 @@ impl Gemma3 {
             .dequantize(device)?;
         let output = match content.tensor(reader, "output.weight", device) {
             Ok(t) => QMatMul::from_qtensor(with_simd_kernel(t, device)?)?,
+            // Tied embeddings: the output projection shares the table (one
+            // copy in memory) unless its format needs converting.
             Err(_) => {
-                let converted =
-                    with_simd_kernel(content.tensor(reader, "token_embd.weight", device)?, device)?;
-                if converted.dtype() == embeddings.dtype() {
-                    QMatMul::from_arc(embeddings.clone())?
+                let row = embeddings.shape().dims().last().copied().unwrap_or(0);
+                if lacks_simd_kernel(embeddings.dtype(), row) {
+                    QMatMul::from_qtensor(with_simd_kernel(
+                        content.tensor(reader, "token_embd.weight", device)?,
+                        device,
+                    )?)?
                 } else {
-                    QMatMul::from_qtensor(converted)?
+                    QMatMul::from_arc(embeddings.clone())?
                 }
             }
         };

@@ -20,16 +20,19 @@ const DENSE_MIN_ROWS: usize = 8;
 /// the conversion costs no measurable accuracy (the log-prob test in
 /// `tests/engine.rs` holds it to 0.05 nats) and 1.7x the memory of Q4_1.
 pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTensor> {
-    let slow = matches!(
-        weights.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-    );
     let row = weights.shape().dims().last().copied().unwrap_or(0);
-    if !slow || row % GgmlDType::Q8_0.block_size() != 0 {
+    if !lacks_simd_kernel(weights.dtype(), row) {
         return Ok(weights);
     }
     let dense = weights.dequantize(device)?;
     QTensor::quantize(&dense, GgmlDType::Q8_0)
+}
+
+/// Whether weights of this format and row length get converted by
+/// [`with_simd_kernel`].
+pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+        && row % GgmlDType::Q8_0.block_size() == 0
 }
 
 /// Stacks weight matrices with the same input width and format into one,

@@ -14,7 +14,7 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
-use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
+use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
 use super::PrefillWeights;
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -120,11 +120,14 @@ impl Llama {
             // Tied embeddings: the output projection shares the table (one
             // copy in memory) unless its format needs converting.
             Err(_) => {
-                let converted = convert(content.tensor(reader, "token_embd.weight", device)?)?;
-                if converted.dtype() == embeddings.dtype() {
-                    QMatMul::from_arc(embeddings.clone())?
+                let row = embeddings.shape().dims().last().copied().unwrap_or(0);
+                if lacks_simd_kernel(embeddings.dtype(), row) {
+                    QMatMul::from_qtensor(with_simd_kernel(
+                        content.tensor(reader, "token_embd.weight", device)?,
+                        device,
+                    )?)?
                 } else {
-                    QMatMul::from_qtensor(converted)?
+                    QMatMul::from_arc(embeddings.clone())?
                 }
             }
         };

@@ -54,7 +54,8 @@ pub enum Kernels {
     /// a dense prefill copy where it fits (see [`PrefillWeights`]).
     #[default]
     Tuned,
-    /// candle's own model code on the file's weights as stored.
+    /// candle's own model code on the file's weights as stored (also what
+    /// runs architectures the tuned engine does not cover).
     Reference,
     /// The tuned engine's code with every product in F32 on the
     /// dequantised weights: the file's values with exact arithmetic, the

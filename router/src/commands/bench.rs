@@ -22,6 +22,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "architecture": info.architecture,
             "threads": candle_threads(),
             "load_seconds": load_seconds,
+            "prefill_copy_mib": model.prefill_copy_bytes() as f64 / (1024.0 * 1024.0),
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -45,6 +46,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         report.median_decode_tokens_per_second,
         report.runs.len(),
         report.runs.first().map(|r| r.generated_tokens).unwrap_or(0)
+    );
+    println!(
+        "prefill copy     {:.0} MiB (dense weights kept for prefill; 0 = none)",
+        model.prefill_copy_bytes() as f64 / (1024.0 * 1024.0)
     );
     match report.peak_rss_mib {
         Some(mib) => println!("peak memory      {mib:.0} MiB resident"),
