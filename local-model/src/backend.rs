@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
 
-use crate::engine::TunedModel;
+use crate::engine::{Pass, TunedModel};
 use crate::error::GenerateError;
 use crate::phi_mixed::MixedPhi;
 
@@ -56,7 +56,11 @@ pub(crate) enum Backend {
     /// previous sequence (a repeated system prompt) skips that prefix.
     Tuned {
         model: Box<TunedModel>,
-        history: Vec<u32>,
+        /// The prompt tokens whose keys and values the cache holds, as
+        /// computed by a prefill. Generated tokens are not reused: their
+        /// keys and values came from the decode path, and a prompt that
+        /// repeats them must get what a fresh prefill would give.
+        prefilled: Vec<u32>,
     },
 }
 
@@ -69,9 +73,9 @@ impl Backend {
             Backend::PhiGguf(m) => m.clear_kv_cache(),
             Backend::Llama { pristine, live } => *live = pristine.clone(),
             Backend::Gemma3 { pristine, live } => *live = pristine.clone(),
-            Backend::Tuned { model, history } => {
+            Backend::Tuned { model, prefilled } => {
                 model.truncate_cache(0);
-                history.clear();
+                prefilled.clear();
             }
         }
     }
@@ -85,8 +89,8 @@ impl Backend {
         prompt: &[u32],
         device: &Device,
     ) -> Result<(Vec<f32>, usize), GenerateError> {
-        if let Backend::Tuned { model, history } = self {
-            let shared = history
+        if let Backend::Tuned { model, prefilled } = self {
+            let shared = prefilled
                 .iter()
                 .zip(prompt)
                 .take_while(|(a, b)| a == b)
@@ -94,8 +98,10 @@ impl Backend {
                 // At least one token must run to produce logits.
                 .min(prompt.len().saturating_sub(1));
             model.truncate_cache(shared);
-            history.truncate(shared);
-            let logits = self.forward(&prompt[shared..], shared, device)?;
+            prefilled.truncate(shared);
+            let logits = run_tuned(model, &prompt[shared..], shared, Pass::Prefill)
+                .inspect_err(|_| prefilled.clear())?;
+            prefilled.extend_from_slice(&prompt[shared..]);
             return Ok((logits, shared));
         }
         self.reset();
@@ -110,19 +116,10 @@ impl Backend {
         position: usize,
         device: &Device,
     ) -> Result<Vec<f32>, GenerateError> {
-        if let Backend::Tuned { model, history } = self {
-            return match model.forward(tokens, position) {
-                Ok(logits) => {
-                    history.extend_from_slice(tokens);
-                    Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-                }
-                Err(e) => {
-                    // The cache may hold part of this step: start afresh.
-                    model.truncate_cache(0);
-                    history.clear();
-                    Err(e.into())
-                }
-            };
+        if let Backend::Tuned { model, prefilled } = self {
+            return run_tuned(model, tokens, position, Pass::Decode).inspect_err(|_| {
+                prefilled.clear();
+            });
         }
         let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
         let logits = match self {
@@ -144,3 +141,20 @@ impl Backend {
     }
 }
 
+
+/// One forward call on the tuned engine; on failure the cache may hold part
+/// of the step, so it is emptied and the next prompt starts afresh.
+fn run_tuned(
+    model: &mut TunedModel,
+    tokens: &[u32],
+    position: usize,
+    pass: Pass,
+) -> Result<Vec<f32>, GenerateError> {
+    let logits = model
+        .forward(tokens, position, pass)
+        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1::<f32>());
+    if logits.is_err() {
+        model.truncate_cache(0);
+    }
+    Ok(logits?)
+}

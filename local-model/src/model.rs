@@ -638,7 +638,7 @@ fn load_gguf(
                 (
                     Backend::Tuned {
                         model: Box::new(TunedModel::Llama(model)),
-                        history: Vec::new(),
+                        prefilled: Vec::new(),
                     },
                     max_ctx,
                 )
@@ -656,7 +656,7 @@ fn load_gguf(
                 (
                     Backend::Tuned {
                         model: Box::new(TunedModel::Gemma3(model)),
-                        history: Vec::new(),
+                        prefilled: Vec::new(),
                     },
                     max_ctx,
                 )

@@ -22,7 +22,7 @@ use candle_core::{Device, Module, Result, Tensor, D};
 use super::kv_cache::LayerCache;
 use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
-use super::PrefillWeights;
+use super::{Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -244,7 +244,7 @@ impl Gemma3 {
 
     /// Runs `tokens` placed at `position` (the cached length) and returns
     /// the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             candle_core::bail!("forward: no tokens")
@@ -296,15 +296,15 @@ impl Gemma3 {
             };
             let (cos, sin) = &rope[block.rope];
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, cos, sin, mask, shape)?;
+            let attended = block.attention(&h, cos, sin, mask, shape, pass)?;
             let attended = candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
-            let gate_up = block.gate_up.forward(&h)?;
+            let gate_up = block.gate_up.forward(&h, pass)?;
             let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
             let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
             let mixed = (gate.gelu()? * up)?;
-            let out = block.down.forward(&mixed)?;
+            let out = block.down.forward(&mixed, pass)?;
             let out = candle_nn::ops::rms_norm(&out, &block.post_ffn_norm, shape.rms_eps)?;
             x = (x + out)?;
         }
@@ -322,6 +322,7 @@ impl Block {
         sin: &Tensor,
         mask: Option<&Tensor>,
         shape: Shape,
+        pass: Pass,
     ) -> Result<Tensor> {
         let (_, n, _) = x.dims3()?;
         let Shape {
@@ -331,7 +332,7 @@ impl Block {
             rms_eps,
             ..
         } = shape;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward(x, pass)?;
         let split = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
                 .reshape((1, n, count, head_dim))?
@@ -369,6 +370,6 @@ impl Block {
             .reshape((1, heads, n, head_dim))?
             .transpose(1, 2)?
             .reshape((1, n, heads * head_dim))?;
-        self.attn_out.forward(&mixed)
+        self.attn_out.forward(&mixed, pass)
     }
 }

@@ -6,10 +6,8 @@ use std::borrow::Cow;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-/// Rows of input from which the dense copy (when there is one) is used: a
-/// dense matrix product only pays off once the weights are reused by
-/// several rows.
-const DENSE_MIN_ROWS: usize = 8;
+use super::Pass;
+
 
 /// Brings weights into a format with a SIMD kernel in candle.
 ///
@@ -67,9 +65,10 @@ pub(crate) fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> 
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     quantized: QMatMul,
-    /// `[out, in]` in F32, used for inputs of `dense_from_rows` rows or more.
+    /// `[out, in]` in F32, used for every prefill product (and, in exact
+    /// mode, every product).
     dense: Option<Tensor>,
-    dense_from_rows: usize,
+    exact: bool,
 }
 
 impl Linear {
@@ -82,7 +81,7 @@ impl Linear {
         Ok(Self {
             quantized: QMatMul::from_qtensor(weights)?,
             dense,
-            dense_from_rows: DENSE_MIN_ROWS,
+            exact: false,
         })
     }
 
@@ -90,7 +89,7 @@ impl Linear {
     /// the file's values, for accuracy tests (slow, 4 bytes per weight).
     pub(crate) fn exact(weights: QTensor, device: &Device) -> Result<Self> {
         let mut linear = Self::new(weights, true, device)?;
-        linear.dense_from_rows = 1;
+        linear.exact = true;
         Ok(linear)
     }
 
@@ -102,11 +101,15 @@ impl Linear {
     }
 
     /// `x`: `[.., in]`; returns `[.., out]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    ///
+    /// The path depends on the pass, never on the number of rows: a prompt
+    /// suffix run after a reused prefix then takes the same path as in a
+    /// full prefill, and the same request always gets the same log-probs.
+    pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let width = x.dim(D::Minus1)?;
         let rows = x.elem_count() / width.max(1);
         match &self.dense {
-            Some(w) if rows >= self.dense_from_rows => {
+            Some(w) if pass == Pass::Prefill || self.exact => {
                 let mut out_shape = x.dims().to_vec();
                 let (out, _) = w.dims2()?;
                 if let Some(last) = out_shape.last_mut() {
@@ -170,7 +173,7 @@ mod tests {
         let separate_b = QMatMul::from_qtensor(q8(4, 3)).unwrap().forward(&x).unwrap();
         let stacked = Linear::new(stack_rows(&[a, b], &Device::Cpu).unwrap(), false, &Device::Cpu)
             .unwrap()
-            .forward(&x)
+            .forward(&x, Pass::Decode)
             .unwrap();
         assert_eq!(stacked.dims(), [3, 12]);
         assert!(max_abs_diff(&stacked.narrow(1, 0, 8).unwrap(), &separate_a) < 1e-5);
@@ -187,10 +190,13 @@ mod tests {
         let with_copy = Linear::new(w(), true, &Device::Cpu).unwrap();
         let without = Linear::new(w(), false, &Device::Cpu).unwrap();
         assert_eq!(with_copy.dense_bytes(), 32 * 64 * 4);
-        let x = random(DENSE_MIN_ROWS * 2, 64, 8).unsqueeze(0).unwrap();
-        let dense = with_copy.forward(&x).unwrap();
-        let quantized = without.forward(&x).unwrap();
-        assert_eq!(dense.dims(), [1, DENSE_MIN_ROWS * 2, 32]);
+        let x = random(16, 64, 8).unsqueeze(0).unwrap();
+        let dense = with_copy.forward(&x, Pass::Prefill).unwrap();
+        let quantized = without.forward(&x, Pass::Prefill).unwrap();
+        assert_eq!(dense.dims(), [1, 16, 32]);
+        // Decoding uses the quantized weights even where a copy exists.
+        let decoded = with_copy.forward(&x, Pass::Decode).unwrap();
+        assert_eq!(max_abs_diff(&decoded, &quantized), 0.0);
         // The quantized path rounds activations to 8 bits; the dense one does not.
         assert!(max_abs_diff(&dense, &quantized) < 0.05);
     }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
 use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
-use super::PrefillWeights;
+use super::{Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -215,7 +215,7 @@ impl Llama {
 
     /// Runs `tokens` placed at `position` (which must equal the cached
     /// length) and returns the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             candle_core::bail!("forward: no tokens")
@@ -246,14 +246,14 @@ impl Llama {
         let shape = self.shape;
         for block in &mut self.blocks {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, &cos, &sin, mask.as_ref(), shape)?;
+            let attended = block.attention(&h, &cos, &sin, mask.as_ref(), shape, pass)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
-            let gate_up = block.gate_up.forward(&h)?;
+            let gate_up = block.gate_up.forward(&h, pass)?;
             let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
             let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
             let mixed = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + block.down.forward(&mixed)?)?;
+            x = (x + block.down.forward(&mixed, pass)?)?;
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
@@ -271,6 +271,7 @@ impl Block {
         sin: &Tensor,
         mask: Option<&Tensor>,
         shape: Shape,
+        pass: Pass,
     ) -> Result<Tensor> {
         let (_, n, width) = x.dims3()?;
         let Shape {
@@ -279,7 +280,7 @@ impl Block {
             head_dim,
             ..
         } = shape;
-        let qkv = self.qkv.forward(x)?;
+        let qkv = self.qkv.forward(x, pass)?;
         let split = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
                 .reshape((1, n, count, head_dim))?
@@ -313,7 +314,7 @@ impl Block {
             .reshape((1, heads, n, head_dim))?
             .transpose(1, 2)?
             .reshape((1, n, width))?;
-        self.attn_out.forward(&mixed)
+        self.attn_out.forward(&mixed, pass)
     }
 }
 

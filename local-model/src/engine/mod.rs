@@ -14,6 +14,14 @@ pub(crate) mod llama;
 
 use candle_core::Tensor;
 
+/// Which pass a forward call belongs to: prompt tokens (prefill) or one
+/// generated token (decode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Prefill,
+    Decode,
+}
+
 /// A model on the tuned engine.
 #[derive(Debug, Clone)]
 pub(crate) enum TunedModel {
@@ -23,10 +31,15 @@ pub(crate) enum TunedModel {
 
 impl TunedModel {
     /// Runs `tokens` at `position` (the cached length); next-token logits.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            TunedModel::Llama(m) => m.forward(tokens, position),
-            TunedModel::Gemma3(m) => m.forward(tokens, position),
+            TunedModel::Llama(m) => m.forward(tokens, position, pass),
+            TunedModel::Gemma3(m) => m.forward(tokens, position, pass),
         }
     }
 
