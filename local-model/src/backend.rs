@@ -61,6 +61,9 @@ pub(crate) enum Backend {
         /// keys and values came from the decode path, and a prompt that
         /// repeats them must get what a fresh prefill would give.
         prefilled: Vec<u32>,
+        /// Whether a new prompt may reuse the cached prefix at all (see
+        /// `LoadOptions::reuse_prompt_prefix`).
+        reuse: bool,
     },
 }
 
@@ -73,7 +76,9 @@ impl Backend {
             Backend::PhiGguf(m) => m.clear_kv_cache(),
             Backend::Llama { pristine, live } => *live = pristine.clone(),
             Backend::Gemma3 { pristine, live } => *live = pristine.clone(),
-            Backend::Tuned { model, prefilled } => {
+            Backend::Tuned {
+                model, prefilled, ..
+            } => {
                 model.truncate_cache(0);
                 prefilled.clear();
             }
@@ -89,7 +94,15 @@ impl Backend {
         prompt: &[u32],
         device: &Device,
     ) -> Result<(Vec<f32>, usize), GenerateError> {
-        if let Backend::Tuned { model, prefilled } = self {
+        if let Backend::Tuned {
+            model,
+            prefilled,
+            reuse,
+        } = self
+        {
+            if !*reuse {
+                prefilled.clear();
+            }
             let shared = prefilled
                 .iter()
                 .zip(prompt)
@@ -116,7 +129,10 @@ impl Backend {
         position: usize,
         device: &Device,
     ) -> Result<Vec<f32>, GenerateError> {
-        if let Backend::Tuned { model, prefilled } = self {
+        if let Backend::Tuned {
+            model, prefilled, ..
+        } = self
+        {
             return run_tuned(model, tokens, position, Pass::Decode).inspect_err(|_| {
                 prefilled.clear();
             });

@@ -89,6 +89,13 @@ pub struct LoadOptions {
     pub kernels: Kernels,
     /// Whether the tuned engine keeps a dense copy of the weights for prefill.
     pub prefill_weights: PrefillWeights,
+    /// Whether the tuned engine skips the part of a prompt that repeats the
+    /// previous prompt's start (a shared system prompt). Off by default:
+    /// the skipped part was computed as part of another prompt, in chunks
+    /// of another size, and the log-probs can then differ in the third
+    /// decimal (measured up to 0.002 nats), so the same request could get a
+    /// slightly different confidence depending on what ran before it.
+    pub reuse_prompt_prefix: bool,
 }
 
 /// Facts about a loaded model.
@@ -639,6 +646,7 @@ fn load_gguf(
                     Backend::Tuned {
                         model: Box::new(TunedModel::Llama(model)),
                         prefilled: Vec::new(),
+                        reuse: options.reuse_prompt_prefix,
                     },
                     max_ctx,
                 )
@@ -657,6 +665,7 @@ fn load_gguf(
                     Backend::Tuned {
                         model: Box::new(TunedModel::Gemma3(model)),
                         prefilled: Vec::new(),
+                        reuse: options.reuse_prompt_prefix,
                     },
                     max_ctx,
                 )

@@ -165,6 +165,8 @@ pub struct RawLocal {
     pub kernels: String,
     /// Dense prefill copy of the weights: `auto`, `dense` or `quantized`.
     pub prefill_weights: String,
+    /// Skip the part of a prompt that repeats the previous prompt's start.
+    pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
     /// Cap on tokens the local model generates per request.
     pub max_tokens: usize,
@@ -180,6 +182,7 @@ impl Default for RawLocal {
             dtype: "f32".into(),
             kernels: "tuned".into(),
             prefill_weights: "auto".into(),
+            reuse_prompt_prefix: false,
             queue_depth: 8,
             max_tokens: 256,
             warm_up: true,
@@ -359,6 +362,7 @@ pub struct LocalConfig {
     pub dtype: local_model::WeightDtype,
     pub kernels: local_model::Kernels,
     pub prefill_weights: local_model::PrefillWeights,
+    pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
     pub max_tokens: usize,
     pub warm_up: bool,
@@ -720,6 +724,7 @@ fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig
         dtype,
         kernels,
         prefill_weights,
+        reuse_prompt_prefix: raw.reuse_prompt_prefix,
         queue_depth: raw.queue_depth,
         max_tokens: raw.max_tokens,
         warm_up: raw.warm_up,

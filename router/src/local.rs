@@ -77,6 +77,7 @@ impl LocalEngine {
             template: config.template,
             kernels: config.kernels,
             prefill_weights: config.prefill_weights,
+            reuse_prompt_prefix: config.reuse_prompt_prefix,
         };
         let mut model =
             LocalModel::load(&config.model, &options).map_err(|source| LocalStartError::Load {

@@ -126,6 +126,7 @@ fn generate(args: &EvalArgs) -> anyhow::Result<(Vec<EvalRecord>, PathBuf)> {
         template: args.template.parse()?,
         kernels: args.kernels.parse()?,
         prefill_weights: args.prefill_weights.parse()?,
+        ..LoadOptions::default()
     };
     let mut model = LocalModel::load(model_spec, &options)?;
     let path = args.out.join("run.jsonl");

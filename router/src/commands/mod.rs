@@ -19,6 +19,7 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LocalModel> {
         template: args.template.parse()?,
         kernels: args.kernels.parse()?,
         prefill_weights: args.prefill_weights.parse()?,
+        ..LoadOptions::default()
     };
     Ok(LocalModel::load(&args.model, &options)?)
 }
