@@ -6,7 +6,8 @@
 #
 #   scripts/bench-vs-llama-cpp.sh [MODEL.gguf ...]
 #   defaults: SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M in models/
-#   THREADS (2), PROMPT_TOKENS (200), DECODE_TOKENS (128), RUNS (5)
+#   THREADS (2), PROMPT_TOKENS (200), DECODE_TOKENS (128), RUNS (5) per round,
+#   ROUNDS (3) of the two engines in turn
 #   KERNELS: tuned (default) or reference (candle's own model code)
 #   SKIP_BUILD=1: use the release binary already built
 #
@@ -22,6 +23,7 @@ threads="${THREADS:-2}"
 prompt_tokens="${PROMPT_TOKENS:-200}"
 decode_tokens="${DECODE_TOKENS:-128}"
 runs="${RUNS:-5}"
+rounds="${ROUNDS:-3}"
 kernels="${KERNELS:-tuned}"
 venv="${CASCADE_BENCH_VENV:-$root/.venv-bench}"
 if [[ $# -gt 0 ]]; then
@@ -50,32 +52,45 @@ trap 'rm -rf "$work"' EXIT
 rows=()
 for m in "${models[@]}"; do
   name="$(basename "$m" .gguf)"
-  echo "== $name: cascade ($kernels kernels)" >&2
-  RAYON_NUM_THREADS="$threads" CANDLE_NUM_THREADS="$threads" "$cascade" bench --model "$m" \
-    --kernels "$kernels" --prompt-tokens "$prompt_tokens" --decode-tokens "$decode_tokens" \
-    --runs "$runs" --json >"$work/cascade.json"
-  # Exactly as many prompt tokens as Cascade's prompt came to.
-  ran_tokens="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["report"]["runs"][0]["prompt_tokens"])' "$work/cascade.json")"
-  echo "== $name: llama.cpp" >&2
-  "$venv/bin/python" "$root/scripts/bench_llama_cpp.py" --model "$m" --threads "$threads" \
-    --prompt-tokens "$ran_tokens" --decode-tokens "$decode_tokens" --runs "$runs" \
-    >"$work/llama.json"
-  rows+=("$(python3 - "$work/cascade.json" "$work/llama.json" "$name" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-l = json.load(open(sys.argv[2]))
-r = c["report"]
-cp, cd = r["median_prefill_tokens_per_second"], r["median_decode_tokens_per_second"]
-lp, ld = l["median_prefill_tokens_per_second"], l["median_decode_tokens_per_second"]
-rss = r.get("peak_rss_mib") or 0
-print(f"| {sys.argv[3]} | {cp:.1f} | {lp:.1f} | {cp/lp:.2f}x | {cd:.1f} | {ld:.1f} | {cd/ld:.2f}x | {rss:.0f} |")
+  # Alternate the engines, ROUNDS times: this machine's speed drifts (a
+  # shared VM), and alternating spreads the drift over both.
+  for round in $(seq 1 "$rounds"); do
+    echo "== $name, round $round: cascade ($kernels kernels)" >&2
+    RAYON_NUM_THREADS="$threads" CANDLE_NUM_THREADS="$threads" "$cascade" bench --model "$m" \
+      --kernels "$kernels" --prompt-tokens "$prompt_tokens" --decode-tokens "$decode_tokens" \
+      --runs "$runs" --json >"$work/cascade-$round.json"
+    # Exactly as many prompt tokens as Cascade's prompt came to.
+    ran_tokens="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["report"]["runs"][0]["prompt_tokens"])' "$work/cascade-$round.json")"
+    echo "== $name, round $round: llama.cpp" >&2
+    "$venv/bin/python" "$root/scripts/bench_llama_cpp.py" --model "$m" --threads "$threads" \
+      --prompt-tokens "$ran_tokens" --decode-tokens "$decode_tokens" --runs "$runs" \
+      >"$work/llama-$round.json"
+  done
+  rows+=("$(python3 - "$work" "$rounds" "$name" <<'PY'
+import json, statistics, sys
+work, rounds, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = [json.load(open(f"{work}/cascade-{r}.json")) for r in range(1, rounds + 1)]
+l = [json.load(open(f"{work}/llama-{r}.json")) for r in range(1, rounds + 1)]
+def med(xs):
+    return statistics.median(xs)
+def span(xs):
+    return f"{min(xs):.0f}–{max(xs):.0f}"
+cp = [x["report"]["median_prefill_tokens_per_second"] for x in c]
+cd = [x["report"]["median_decode_tokens_per_second"] for x in c]
+lp = [x["median_prefill_tokens_per_second"] for x in l]
+ld = [x["median_decode_tokens_per_second"] for x in l]
+rss = max(x["report"].get("peak_rss_mib") or 0 for x in c)
+copy = c[0].get("prefill_copy_mib", 0)
+print(f"| {name} | {med(cp):.1f} ({span(cp)}) | {med(lp):.1f} ({span(lp)}) | {med(cp)/med(lp):.2f}x "
+      f"| {med(cd):.1f} ({span(cd)}) | {med(ld):.1f} ({span(ld)}) | {med(cd)/med(ld):.2f}x | {rss:.0f} ({copy:.0f}) |")
 PY
 )")
 done
 
 echo
-echo "threads $threads, prompt about $prompt_tokens tokens (the same count for both engines), $decode_tokens decoded tokens, median of $runs runs, cascade kernels: $kernels"
+echo "threads $threads, prompt about $prompt_tokens tokens (the same count for both engines), $decode_tokens decoded tokens;"
+echo "each figure: median over $rounds alternating rounds of the median of $runs runs (range of the rounds); cascade kernels: $kernels"
 echo
-echo "| model | prefill cascade | prefill llama.cpp | ratio | decode cascade | decode llama.cpp | ratio | cascade peak RSS MiB |"
+echo "| model | prefill cascade | prefill llama.cpp | ratio | decode cascade | decode llama.cpp | ratio | cascade peak RSS MiB (prefill copy) |"
 echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
