@@ -20,7 +20,8 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
-use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
+use super::attention::{self, output_projection};
+use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::{Pass, PrefillWeights};
 
@@ -105,22 +106,7 @@ impl Gemma3 {
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
             .dequantize(device)?;
-        let output = match content.tensor(reader, "output.weight", device) {
-            Ok(t) => QMatMul::from_qtensor(with_simd_kernel(t, device)?)?,
-            // Tied embeddings: the output projection shares the table (one
-            // copy in memory) unless its format needs converting.
-            Err(_) => {
-                let row = embeddings.shape().dims().last().copied().unwrap_or(0);
-                if lacks_simd_kernel(embeddings.dtype(), row) {
-                    QMatMul::from_qtensor(with_simd_kernel(
-                        content.tensor(reader, "token_embd.weight", device)?,
-                        device,
-                    )?)?
-                } else {
-                    QMatMul::from_arc(embeddings.clone())?
-                }
-            }
-        };
+        let output = output_projection(content, reader, &embeddings, false, device)?;
 
         let mut raw = Vec::with_capacity(blocks);
         for i in 0..blocks {
@@ -345,31 +331,15 @@ impl Block {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (mut keys, mut values) = self.cache.append(&k, &v)?;
-        let mut positions = keys.dim(2)?;
+        let positions = keys.dim(2)?;
         // Decoding a local layer: only the window's positions take part.
         if let (Some(window), None) = (self.window, mask) {
             if positions > window {
                 keys = keys.narrow(2, positions - window, window)?;
                 values = values.narrow(2, positions - window, window)?;
-                positions = window;
             }
         }
-        let group = heads / kv_heads;
-        let q = q.reshape((1, kv_heads, group * n, head_dim))?;
-        let scores = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((1, kv_heads, group, n, positions))?
-                .broadcast_add(mask)?
-                .reshape((1, kv_heads, group * n, positions))?,
-            None => scores,
-        };
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let mixed = weights.matmul(&values)?;
-        let mixed = mixed
-            .reshape((1, heads, n, head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, n, heads * head_dim))?;
+        let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

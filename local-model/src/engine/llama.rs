@@ -14,7 +14,8 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
-use super::linear::{dense_size, lacks_simd_kernel, stack_rows, with_simd_kernel, Linear};
+use super::attention::{self, output_projection};
+use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::{Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -113,24 +114,7 @@ impl Llama {
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
             .dequantize(device)?;
-        let output = match content.tensor(reader, "output.weight", device) {
-            Ok(t) if exact => QMatMul::Tensor(t.dequantize(device)?),
-            Ok(t) => QMatMul::from_qtensor(convert(t)?)?,
-            Err(_) if exact => QMatMul::Tensor(embeddings.dequantize(device)?),
-            // Tied embeddings: the output projection shares the table (one
-            // copy in memory) unless its format needs converting.
-            Err(_) => {
-                let row = embeddings.shape().dims().last().copied().unwrap_or(0);
-                if lacks_simd_kernel(embeddings.dtype(), row) {
-                    QMatMul::from_qtensor(with_simd_kernel(
-                        content.tensor(reader, "token_embd.weight", device)?,
-                        device,
-                    )?)?
-                } else {
-                    QMatMul::from_arc(embeddings.clone())?
-                }
-            }
-        };
+        let output = output_projection(content, reader, &embeddings, exact, device)?;
 
         let mut raw = Vec::with_capacity(blocks);
         for i in 0..blocks {
@@ -273,7 +257,7 @@ impl Block {
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
-        let (_, n, width) = x.dims3()?;
+        let (_, n, _) = x.dims3()?;
         let Shape {
             heads,
             kv_heads,
@@ -294,26 +278,7 @@ impl Block {
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         let (keys, values) = self.cache.append(&k, &v)?;
-        let positions = keys.dim(2)?;
-
-        // Query heads that share a key/value head are adjacent: view them
-        // as one block of rows per key/value head.
-        let group = heads / kv_heads;
-        let q = q.reshape((1, kv_heads, group * n, head_dim))?;
-        let scores = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((1, kv_heads, group, n, positions))?
-                .broadcast_add(mask)?
-                .reshape((1, kv_heads, group * n, positions))?,
-            None => scores,
-        };
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let mixed = weights.matmul(&values)?;
-        let mixed = mixed
-            .reshape((1, heads, n, head_dim))?
-            .transpose(1, 2)?
-            .reshape((1, n, width))?;
+        let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

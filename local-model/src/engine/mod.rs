@@ -7,6 +7,7 @@
 //! copies the keys and values once per query head. This engine fixes those
 //! while reading the same files (see docs/benchmarks.md for the figures).
 
+pub(crate) mod attention;
 pub(crate) mod gemma3;
 pub(crate) mod kv_cache;
 pub(crate) mod linear;

@@ -1,0 +1,70 @@
+//! Pieces shared by the tuned engine's architectures: grouped-query
+//! attention over the cache, the output projection of a GGUF file.
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{Device, Result, Tensor};
+
+use super::linear::{lacks_simd_kernel, with_simd_kernel};
+
+/// Attention of `q` (`[1, heads, n, head_dim]`, rotated) over `keys` and
+/// `values` (`[1, kv_heads, positions, head_dim]`), with an additive `mask`
+/// (`[n, positions]`) for more than one query; returns `[1, n, heads * head_dim]`.
+///
+/// Query heads that share a key/value head are adjacent, so they are
+/// viewed as one block of rows per key/value head: each key/value head is
+/// read once for its whole group instead of being copied per query head.
+pub(crate) fn grouped(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&Tensor>,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (_, heads, n, head_dim) = q.dims4()?;
+    let positions = keys.dim(2)?;
+    let group = heads / kv_heads;
+    let q = q.reshape((1, kv_heads, group * n, head_dim))?;
+    let scores = (q.matmul(&keys.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((1, kv_heads, group, n, positions))?
+            .broadcast_add(mask)?
+            .reshape((1, kv_heads, group * n, positions))?,
+        None => scores,
+    };
+    let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+    weights
+        .matmul(values)?
+        .reshape((1, heads, n, head_dim))?
+        .transpose(1, 2)?
+        .reshape((1, n, heads * head_dim))
+}
+
+/// The output projection: `output.weight`, or for tied embeddings the
+/// embedding table itself (one copy in memory) unless its format needs
+/// converting. `exact` keeps it dense in F32.
+pub(crate) fn output_projection<R: Read + Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    embeddings: &Arc<QTensor>,
+    exact: bool,
+    device: &Device,
+) -> Result<QMatMul> {
+    match content.tensor(reader, "output.weight", device) {
+        Ok(t) if exact => Ok(QMatMul::Tensor(t.dequantize(device)?)),
+        Ok(t) => QMatMul::from_qtensor(with_simd_kernel(t, device)?),
+        Err(_) if exact => Ok(QMatMul::Tensor(embeddings.dequantize(device)?)),
+        Err(_) => {
+            let row = embeddings.shape().dims().last().copied().unwrap_or(0);
+            if lacks_simd_kernel(embeddings.dtype(), row) {
+                let table = content.tensor(reader, "token_embd.weight", device)?;
+                QMatMul::from_qtensor(with_simd_kernel(table, device)?)
+            } else {
+                QMatMul::from_arc(embeddings.clone())
+            }
+        }
+    }
+}
