@@ -23,7 +23,7 @@ use super::kv_cache::LayerCache;
 use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
-use super::{Pass, PrefillWeights};
+use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -131,11 +131,7 @@ impl Gemma3 {
             ]);
         }
         let dense_total: usize = raw.iter().flat_map(|b| b[..7].iter()).map(dense_size).sum();
-        let keep_dense = match prefill {
-            PrefillWeights::Dense => true,
-            PrefillWeights::Quantized => false,
-            PrefillWeights::Auto { max_mib } => dense_total <= max_mib * 1024 * 1024,
-        };
+        let keep_dense = prefill.keeps_copy(dense_total);
 
         let mut built = Vec::with_capacity(blocks);
         let mut dense_bytes = 0;
@@ -232,22 +228,7 @@ impl Gemma3 {
     /// the next-token logits of the last one, `[vocab]`.
     pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
         let n = tokens.len();
-        if n == 0 {
-            candle_core::bail!("forward: no tokens")
-        }
-        if position != self.cached_len() {
-            candle_core::bail!(
-                "forward at position {position} but the cache holds {}",
-                self.cached_len()
-            )
-        }
-        let limit = self.rope[0].0.dim(0)?;
-        if position + n > limit {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the model's {limit}",
-                position + n
-            )
-        }
+        check_step(n, position, self.cached_len(), self.rope[0].0.dim(0)?)?;
         let device = self.norm.device().clone();
         let shape = self.shape;
         let ids = Tensor::new(tokens, &device)?;

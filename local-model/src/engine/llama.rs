@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use super::kv_cache::LayerCache;
 use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
-use super::{Pass, PrefillWeights};
+use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -134,11 +134,7 @@ impl Llama {
             ]);
         }
         let dense_total: usize = raw.iter().flat_map(|b| b[..7].iter()).map(dense_size).sum();
-        let keep_dense = match prefill {
-            PrefillWeights::Dense => true,
-            PrefillWeights::Quantized => false,
-            PrefillWeights::Auto { max_mib } => dense_total <= max_mib * 1024 * 1024,
-        };
+        let keep_dense = prefill.keeps_copy(dense_total);
 
         let mut built = Vec::with_capacity(blocks);
         let mut dense_bytes = 0;
@@ -201,22 +197,7 @@ impl Llama {
     /// length) and returns the next-token logits of the last one, `[vocab]`.
     pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
         let n = tokens.len();
-        if n == 0 {
-            candle_core::bail!("forward: no tokens")
-        }
-        if position != self.cached_len() {
-            candle_core::bail!(
-                "forward at position {position} but the cache holds {}",
-                self.cached_len()
-            )
-        }
-        if position + n > self.cos.dim(0)? {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the model's {}",
-                position + n,
-                self.cos.dim(0)?
-            )
-        }
+        check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
         let device = self.norm.device().clone();
         let ids = Tensor::new(tokens, &device)?;
         let mut x = self.embeddings.embedding(&ids)?.unsqueeze(0)?;

@@ -111,6 +111,40 @@ impl Default for PrefillWeights {
     }
 }
 
+impl PrefillWeights {
+    /// Whether to keep a dense copy that would take `bytes`.
+    pub(crate) fn keeps_copy(self, bytes: usize) -> bool {
+        match self {
+            PrefillWeights::Dense => true,
+            PrefillWeights::Quantized => false,
+            PrefillWeights::Auto { max_mib } => bytes <= max_mib * 1024 * 1024,
+        }
+    }
+}
+
+/// Checks a forward call of `tokens` tokens at `position` against what the
+/// cache holds (`cached`) and the longest sequence the model serves.
+pub(crate) fn check_step(
+    tokens: usize,
+    position: usize,
+    cached: usize,
+    max_positions: usize,
+) -> candle_core::Result<()> {
+    if tokens == 0 {
+        candle_core::bail!("forward: no tokens")
+    }
+    if position != cached {
+        candle_core::bail!("forward at position {position} but the cache holds {cached}")
+    }
+    if position + tokens > max_positions {
+        candle_core::bail!(
+            "sequence of {} positions exceeds the model's {max_positions}",
+            position + tokens
+        )
+    }
+    Ok(())
+}
+
 impl std::str::FromStr for PrefillWeights {
     type Err = crate::error::LoadError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
