@@ -10,6 +10,9 @@
 #   ROUNDS (3) of the two engines in turn
 #   KERNELS: tuned (default) or reference (candle's own model code)
 #   SKIP_BUILD=1: use the release binary already built
+#   PHI=q4k (or q8_0, q4_0, ...): also Phi-1.5 at full size, randomly
+#     initialised in llama.cpp's phi2 layout (speed does not depend on the
+#     weights' values), written to models/ first if missing (about a minute)
 #
 # llama.cpp comes from `llama-cpp-python` 0.3.36 (PyPI, built from source:
 # 15-30 minutes the first time on 2 cores; pip caches the wheel) in a
@@ -30,6 +33,15 @@ if [[ $# -gt 0 ]]; then
   models=("$@")
 else
   models=("$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" "$root/models/gemma-3-270m-Q4_K_M.gguf")
+fi
+if [[ -n "${PHI:-}" ]]; then
+  phi="$root/models/phi-1_5-random.$PHI.gguf"
+  if [[ ! -e "$phi" ]]; then
+    echo "writing a random full-size Phi-1.5 ($PHI) to $phi..." >&2
+    (cd "$root" && cargo run --release -q -p local-model --example random_phi2_gguf -- \
+      "$phi" "$PHI" "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+  fi
+  models+=("$phi")
 fi
 for m in "${models[@]}"; do
   [[ -e "$m" ]] || { echo "error: $m missing (scripts/fetch-model.sh, scripts/fetch-gemma.sh)" >&2; exit 1; }

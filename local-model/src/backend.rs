@@ -19,6 +19,8 @@ pub enum Architecture {
     Llama,
     /// Gemma 3 GGUF.
     Gemma3,
+    /// Phi-1.5 or Phi-2 GGUF in llama.cpp's `phi2` layout.
+    Phi2,
 }
 
 impl Architecture {
@@ -29,6 +31,7 @@ impl Architecture {
             Architecture::PhiGguf => "phi-gguf",
             Architecture::Llama => "llama",
             Architecture::Gemma3 => "gemma3",
+            Architecture::Phi2 => "phi2",
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod phi_mixed;
 pub mod sampling;
 pub mod signals;
 pub mod spec;
+pub mod synthetic;
 pub mod template;
 pub mod threads;
 pub mod tokenizer;

@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 use crate::backend::{Architecture, Backend};
 use crate::engine::gemma3::Gemma3;
 use crate::engine::llama::{self as tuned_llama, Llama};
+use crate::engine::phi2::Phi2;
 use crate::engine::{Kernels, PrefillWeights, TunedModel};
 use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
@@ -604,8 +605,9 @@ fn load_gguf(
                 device,
             ))
         }
-        (Some("llama"), false) | (Some("gemma3"), false) => {
+        (Some("llama" | "gemma3" | "phi2"), false) => {
             let is_llama = arch_name.as_deref() == Some("llama");
+            let is_phi2 = arch_name.as_deref() == Some("phi2");
             let tokenizer = match &files.tokenizer {
                 Some(p) => tokenizer::from_file(p)?,
                 None => tokenizer::from_gguf(&content, path)?,
@@ -613,7 +615,7 @@ fn load_gguf(
             let gguf_template = tokenizer::gguf_string(&content, "tokenizer.chat_template");
             // Before the weights: a bad template choice fails in an instant.
             let template =
-                choose_template(options.template, gguf_template, files, false, &tokenizer)?;
+                choose_template(options.template, gguf_template, files, is_phi2, &tokenizer)?;
             let declared_eos = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
                 .iter()
                 .filter_map(|k| tokenizer::gguf_u32(&content, k))
@@ -625,7 +627,33 @@ fn load_gguf(
             let sliding_window =
                 tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
                     .map(|v| v as usize);
-            let (backend, max_ctx) = if is_llama
+            let (backend, max_ctx) = if is_phi2 {
+                if options.kernels == Kernels::Reference {
+                    return Err(LoadError::InvalidOption(
+                        "reference kernels do not run phi2 GGUF files (candle's quantized_phi \
+                         reads only the fused layout); use tuned or exact kernels"
+                            .into(),
+                    ));
+                }
+                let max_ctx = declared_ctx.unwrap_or(2048).min(TUNED_MAX_POSITIONS);
+                let model = Phi2::from_gguf(
+                    &content,
+                    &mut reader,
+                    max_ctx,
+                    options.prefill_weights,
+                    options.kernels == Kernels::Exact,
+                    device,
+                )
+                .map_err(weights_err)?;
+                (
+                    Backend::Tuned {
+                        model: Box::new(TunedModel::Phi2(model)),
+                        prefilled: Vec::new(),
+                        reuse: options.reuse_prompt_prefix,
+                    },
+                    max_ctx,
+                )
+            } else if is_llama
                 && matches!(options.kernels, Kernels::Tuned | Kernels::Exact)
                 && tuned_llama::supports(&content)
             {
@@ -652,7 +680,7 @@ fn load_gguf(
                 )
             } else if options.kernels == Kernels::Exact {
                 return Err(LoadError::InvalidOption(
-                    "exact kernels run llama-family GGUF only".into(),
+                    "exact kernels run llama-family and phi2 GGUF only".into(),
                 ));
             } else if !is_llama && options.kernels == Kernels::Tuned {
                 // The window applies while decoding too, so sequences may
@@ -706,6 +734,8 @@ fn load_gguf(
                     name,
                     architecture: if is_llama {
                         Architecture::Llama
+                    } else if is_phi2 {
+                        Architecture::Phi2
                     } else {
                         Architecture::Gemma3
                     },

@@ -2,8 +2,9 @@
 //! prefill.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::Pass;
@@ -61,13 +62,87 @@ pub(crate) fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> 
     QTensor::new(storage, (rows, cols))
 }
 
+/// Block-quantized weights multiplied through candle's plain CPU kernel
+/// (`k_quants::matmul`: activations quantized once, four rows per dot
+/// product, spread over candle's thread pool), called directly.
+///
+/// Through `QMatMul`, candle 0.11 sends Q4_K weights on x86 to a repacked
+/// layout that it builds at first use and keeps beside the original: twice
+/// the file's size in memory (1.8 GB resident for a 0.8 GB Phi-1.5), for a
+/// kernel no faster on AVX2 (docs/benchmarks.md). The direct call also
+/// skips the tensor machinery around each product.
+#[derive(Clone)]
+pub(crate) struct BlockWeights {
+    blocks: Arc<Box<dyn QuantizedType>>,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for BlockWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockWeights")
+            .field("dtype", &self.blocks.dtype())
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl BlockWeights {
+    /// `None` for float formats (F32, F16, BF16), which `QMatMul` runs as
+    /// dense products.
+    fn new(weights: &QTensor, device: &Device) -> Result<Option<Self>> {
+        if matches!(weights.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            || !device.is_cpu()
+        {
+            return Ok(None);
+        }
+        let (rows, cols) = weights.shape().dims2()?;
+        match QStorage::from_data(weights.data()?, device, weights.dtype())? {
+            QStorage::Cpu(blocks) => Ok(Some(Self {
+                blocks: Arc::new(blocks),
+                rows,
+                cols,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// `x`: `[.., cols]`; returns `[.., rows]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let width = x.dim(D::Minus1)?;
+        if width != self.cols {
+            candle_core::bail!("input width {width} does not match weights of width {}", self.cols)
+        }
+        let lhs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let m = lhs.len() / width.max(1);
+        let mut out = vec![0f32; m * self.rows];
+        self.blocks.matmul_t((m, self.cols, self.rows), &lhs, &mut out)?;
+        let mut shape = x.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = self.rows;
+        }
+        Tensor::from_vec(out, shape, x.device())
+    }
+}
+
+/// The product kernel for a layer's weights.
+#[derive(Debug, Clone)]
+enum Product {
+    Blocks(BlockWeights),
+    /// Float formats, and every format off the CPU.
+    Candle(QMatMul),
+}
+
 /// `y = x Wᵀ` with `W` quantized, and optionally also held dense.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    quantized: QMatMul,
+    quantized: Product,
     /// `[out, in]` in F32, used for every prefill product (and, in exact
     /// mode, every product).
     dense: Option<Tensor>,
+    /// `[out]`, added to every product (Phi-2's linears carry biases).
+    bias: Option<Tensor>,
     exact: bool,
 }
 
@@ -78,11 +153,22 @@ impl Linear {
         } else {
             None
         };
+        let quantized = match BlockWeights::new(&weights, device)? {
+            Some(blocks) if direct_enabled() => Product::Blocks(blocks),
+            _ => Product::Candle(QMatMul::from_qtensor(weights)?),
+        };
         Ok(Self {
-            quantized: QMatMul::from_qtensor(weights)?,
+            quantized,
             dense,
+            bias: None,
             exact: false,
         })
+    }
+
+    /// The same layer with `bias` (`[out]`) added to every product.
+    pub(crate) fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
     }
 
     /// Every product in F32 on the dequantised weights: exact arithmetic on
@@ -106,6 +192,14 @@ impl Linear {
     /// suffix run after a reused prefix then takes the same path as in a
     /// full prefill, and the same request always gets the same log-probs.
     pub(crate) fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let product = self.product(x, pass)?;
+        match &self.bias {
+            Some(bias) => product.broadcast_add(bias),
+            None => Ok(product),
+        }
+    }
+
+    fn product(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let width = x.dim(D::Minus1)?;
         let rows = x.elem_count() / width.max(1);
         match &self.dense {
@@ -117,9 +211,16 @@ impl Linear {
                 }
                 x.reshape((rows, width))?.matmul(&w.t()?)?.reshape(out_shape)
             }
-            _ => self.quantized.forward(x),
+            _ => match &self.quantized {
+                Product::Blocks(blocks) => blocks.forward(x),
+                Product::Candle(matmul) => matmul.forward(x),
+            },
         }
     }
+}
+
+fn direct_enabled() -> bool {
+    std::env::var("CASCADE_DIRECT").as_deref() != Ok("0")
 }
 
 /// Bytes a dense F32 copy of these weights would take.

@@ -12,6 +12,7 @@ pub(crate) mod gemma3;
 pub(crate) mod kv_cache;
 pub(crate) mod linear;
 pub(crate) mod llama;
+pub(crate) mod phi2;
 
 use candle_core::Tensor;
 
@@ -28,6 +29,7 @@ pub(crate) enum Pass {
 pub(crate) enum TunedModel {
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
+    Phi2(phi2::Phi2),
 }
 
 impl TunedModel {
@@ -41,6 +43,7 @@ impl TunedModel {
         match self {
             TunedModel::Llama(m) => m.forward(tokens, position, pass),
             TunedModel::Gemma3(m) => m.forward(tokens, position, pass),
+            TunedModel::Phi2(m) => m.forward(tokens, position, pass),
         }
     }
 
@@ -49,6 +52,7 @@ impl TunedModel {
         match self {
             TunedModel::Llama(m) => m.truncate_cache(len),
             TunedModel::Gemma3(m) => m.truncate_cache(len),
+            TunedModel::Phi2(m) => m.truncate_cache(len),
         }
     }
 
@@ -57,6 +61,7 @@ impl TunedModel {
         match self {
             TunedModel::Llama(m) => m.dense_bytes(),
             TunedModel::Gemma3(m) => m.dense_bytes(),
+            TunedModel::Phi2(m) => m.dense_bytes(),
         }
     }
 }
@@ -74,7 +79,7 @@ pub enum Kernels {
     /// The tuned engine's code with every product in F32 on the
     /// dequantised weights: the file's values with exact arithmetic, the
     /// yardstick that accuracy tests hold both other paths to. Slow and
-    /// 4 bytes per weight; llama-family GGUF only.
+    /// 4 bytes per weight; llama-family and phi2 GGUF only.
     Exact,
 }
 
