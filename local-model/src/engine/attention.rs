@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor};
 
-use super::linear::{lacks_simd_kernel, with_simd_kernel};
+use super::linear::{lacks_simd_kernel, with_simd_kernel, Linear};
 
 /// Attention of `q` (`[1, heads, n, head_dim]`, rotated) over `keys` and
 /// `values` (`[1, kv_heads, positions, head_dim]`), with an additive `mask`
@@ -52,18 +52,18 @@ pub(crate) fn output_projection<R: Read + Seek>(
     embeddings: &Arc<QTensor>,
     exact: bool,
     device: &Device,
-) -> Result<QMatMul> {
+) -> Result<Linear> {
     match content.tensor(reader, "output.weight", device) {
-        Ok(t) if exact => Ok(QMatMul::Tensor(t.dequantize(device)?)),
-        Ok(t) => QMatMul::from_qtensor(with_simd_kernel(t, device)?),
-        Err(_) if exact => Ok(QMatMul::Tensor(embeddings.dequantize(device)?)),
+        Ok(t) if exact => Linear::exact(t, device),
+        Ok(t) => Linear::new(with_simd_kernel(t, device)?, false, device),
+        Err(_) if exact => Ok(Linear::from_matmul(QMatMul::Tensor(embeddings.dequantize(device)?))),
         Err(_) => {
             let row = embeddings.shape().dims().last().copied().unwrap_or(0);
             if lacks_simd_kernel(embeddings.dtype(), row) {
                 let table = content.tensor(reader, "token_embd.weight", device)?;
-                QMatMul::from_qtensor(with_simd_kernel(table, device)?)
+                Linear::new(with_simd_kernel(table, device)?, false, device)
             } else {
-                QMatMul::from_arc(embeddings.clone())
+                QMatMul::from_arc(embeddings.clone()).map(Linear::from_matmul)
             }
         }
     }

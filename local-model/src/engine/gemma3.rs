@@ -17,7 +17,7 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
 use super::attention::{self, output_projection};
@@ -61,7 +61,7 @@ pub(crate) struct Gemma3 {
     embeddings: QMatMul,
     blocks: Vec<Block>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// Cosine and sine tables for the global and the local rotary base.
     rope: [(Tensor, Tensor); 2],
     shape: Shape,
@@ -277,7 +277,7 @@ impl Gemma3 {
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
-        self.output.forward(&last)?.flatten_all()
+        self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
 }
 

@@ -66,11 +66,14 @@ pub(crate) fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> 
 /// (`k_quants::matmul`: activations quantized once, four rows per dot
 /// product, spread over candle's thread pool), called directly.
 ///
-/// Through `QMatMul`, candle 0.11 sends Q4_K weights on x86 to a repacked
-/// layout that it builds at first use and keeps beside the original: twice
-/// the file's size in memory (1.8 GB resident for a 0.8 GB Phi-1.5), for a
-/// kernel no faster on AVX2 (docs/benchmarks.md). The direct call also
-/// skips the tensor machinery around each product.
+/// Through `QMatMul`, candle 0.11 sends Q4_K weights whose widths are
+/// multiples of 256 on x86 to a repacked layout that it builds at first use
+/// and keeps beside the original: twice the file's size in memory (1.8 GB
+/// resident for a 0.8 GB Phi-1.5). On AVX2 that layout decodes slower
+/// (Phi-1.5: 12–13 against 16–19 tok/s here) and prefills about twice as
+/// fast; memory and decode win (docs/benchmarks.md). Other formats take the
+/// plain kernel through `QMatMul` too; the direct call skips the tensor
+/// machinery around each product.
 #[derive(Clone)]
 pub(crate) struct BlockWeights {
     blocks: Arc<Box<dyn QuantizedType>>,
@@ -154,7 +157,7 @@ impl Linear {
             None
         };
         let quantized = match BlockWeights::new(&weights, device)? {
-            Some(blocks) if direct_enabled() => Product::Blocks(blocks),
+            Some(blocks) => Product::Blocks(blocks),
             _ => Product::Candle(QMatMul::from_qtensor(weights)?),
         };
         Ok(Self {
@@ -163,6 +166,17 @@ impl Linear {
             bias: None,
             exact: false,
         })
+    }
+
+    /// A layer over weights shared with another user (a tied embedding
+    /// table), multiplied through candle's `QMatMul` without a copy.
+    pub(crate) fn from_matmul(matmul: QMatMul) -> Self {
+        Self {
+            quantized: Product::Candle(matmul),
+            dense: None,
+            bias: None,
+            exact: false,
+        }
     }
 
     /// The same layer with `bias` (`[out]`) added to every product.
@@ -217,10 +231,6 @@ impl Linear {
             },
         }
     }
-}
-
-fn direct_enabled() -> bool {
-    std::env::var("CASCADE_DIRECT").as_deref() != Ok("0")
 }
 
 /// Bytes a dense F32 copy of these weights would take.

@@ -11,7 +11,7 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
 use super::attention::{self, output_projection};
@@ -47,7 +47,7 @@ pub(crate) struct Llama {
     embeddings: QMatMul,
     blocks: Vec<Block>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     shape: Shape,
@@ -222,7 +222,7 @@ impl Llama {
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
-        self.output.forward(&last)?.flatten_all()
+        self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
 }
 

@@ -13,7 +13,7 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, output_projection};
 use super::kv_cache::LayerCache;
@@ -62,7 +62,7 @@ pub(crate) struct Phi2 {
     embeddings: QMatMul,
     blocks: Vec<Block>,
     norm: LayerNorm,
-    output: QMatMul,
+    output: Linear,
     output_bias: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
@@ -266,7 +266,7 @@ impl Phi2 {
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = self.norm.forward(&last, shape.norm_eps)?;
-        let logits = self.output.forward(&last)?.flatten_all()?;
+        let logits = self.output.forward(&last, Pass::Decode)?.flatten_all()?;
         match &self.output_bias {
             Some(bias) => logits + bias,
             None => Ok(logits),
