@@ -19,10 +19,10 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
-use super::kv_cache::LayerCache;
+use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
 use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, rope_tables};
+use super::llama::{causal_mask, decode_rope_row, rope_tables};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -42,6 +42,9 @@ struct Block {
     qkv: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
+    /// The same norms' weights as plain values, for the decode step.
+    q_norm_values: Vec<f32>,
+    k_norm_values: Vec<f32>,
     attn_out: Linear,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
@@ -170,6 +173,8 @@ impl Gemma3 {
             let block = Block {
                 attn_norm: attn_norm.dequantize(device)?,
                 qkv,
+                q_norm_values: q_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
+                k_norm_values: k_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
                 q_norm: q_norm.dequantize(device)?,
                 k_norm: k_norm.dequantize(device)?,
                 attn_out: Linear::new(o, keep_dense, device)?,
@@ -243,6 +248,10 @@ impl Gemma3 {
                 self.rope[1].1.narrow(0, position, n)?,
             ),
         ];
+        let rope_rows = [
+            decode_rope_row(&rope[0].0, &rope[0].1, n)?,
+            decode_rope_row(&rope[1].0, &rope[1].1, n)?,
+        ];
         let (global_mask, local_mask) = if n > 1 {
             let window = self.blocks.iter().find_map(|b| b.window);
             (
@@ -263,7 +272,8 @@ impl Gemma3 {
             };
             let (cos, sin) = &rope[block.rope];
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, cos, sin, mask, shape, pass)?;
+            let rope_row = rope_rows[block.rope].as_ref();
+            let attended = block.attention(&h, cos, sin, rope_row, mask, shape, pass)?;
             let attended = candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
@@ -287,6 +297,7 @@ impl Block {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -300,6 +311,19 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
+        if let Some((cos, sin)) = rope_row {
+            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let (q, rest) = qkv.split_at_mut(heads * head_dim);
+            let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+            rms_norm_each(q, &self.q_norm_values, rms_eps);
+            rms_norm_each(k, &self.k_norm_values, rms_eps);
+            rope_one(q, head_dim, head_dim, cos, sin, false);
+            rope_one(k, head_dim, head_dim, cos, sin, false);
+            self.cache.append_one(k, v, kv_heads, x.device())?;
+            let mixed = self.cache.attend_one(q, heads, kv_heads, self.window)?;
+            let mixed = Tensor::from_vec(mixed, (1, 1, heads * head_dim), x.device())?;
+            return self.attn_out.forward(&mixed, pass);
+        }
         let split = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
                 .reshape((1, n, count, head_dim))?

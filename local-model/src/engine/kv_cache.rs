@@ -50,6 +50,116 @@ impl LayerCache {
     }
 }
 
+impl LayerCache {
+    /// Appends one position's keys and values (`kv_heads * head_dim` each,
+    /// head-major), for decoding.
+    pub(crate) fn append_one(
+        &mut self,
+        keys: &[f32],
+        values: &[f32],
+        kv_heads: usize,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let head_dim = keys.len() / kv_heads.max(1);
+        let shape = (1, kv_heads, 1, head_dim);
+        let keys = Tensor::from_slice(keys, shape, device)?;
+        let values = Tensor::from_slice(values, shape, device)?;
+        self.append(&keys, &values)?;
+        Ok(())
+    }
+
+    /// Attention of one query position (`q`: `heads * head_dim`, rotated)
+    /// over the cached positions, the last `window` only when given;
+    /// returns `heads * head_dim` values. Reads the cache in place: this is
+    /// the decode step, where candle's tensor operations cost more in
+    /// dispatch and copies than the arithmetic itself.
+    pub(crate) fn attend_one(
+        &self,
+        q: &[f32],
+        heads: usize,
+        kv_heads: usize,
+        window: Option<usize>,
+    ) -> Result<Vec<f32>> {
+        let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
+            candle_core::bail!("attention over an empty cache")
+        };
+        let head_dim = q.len() / heads.max(1);
+        let capacity = keys.dim(2)?;
+        let start = window.map_or(0, |w| self.len.saturating_sub(w));
+        let (key_storage, key_layout) = keys.storage_and_layout();
+        let (value_storage, value_layout) = values.storage_and_layout();
+        let (candle_core::Storage::Cpu(key_cpu), candle_core::Storage::Cpu(value_cpu)) =
+            (&*key_storage, &*value_storage)
+        else {
+            candle_core::bail!("attend_one runs on the CPU only")
+        };
+        let all_keys = &key_cpu.as_slice::<f32>()?[key_layout.start_offset()..];
+        let all_values = &value_cpu.as_slice::<f32>()?[value_layout.start_offset()..];
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let group = heads / kv_heads.max(1);
+        let mut out = vec![0f32; heads * head_dim];
+        let mut weights = vec![0f32; self.len - start];
+        for h in 0..heads {
+            let base = (h / group) * capacity * head_dim;
+            let query = &q[h * head_dim..(h + 1) * head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (p, w) in (start..self.len).zip(weights.iter_mut()) {
+                let key = &all_keys[base + p * head_dim..base + (p + 1) * head_dim];
+                *w = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*w);
+            }
+            let mut total = 0f32;
+            for w in weights.iter_mut() {
+                *w = (*w - max).exp();
+                total += *w;
+            }
+            let mixed = &mut out[h * head_dim..(h + 1) * head_dim];
+            for (p, w) in (start..self.len).zip(&weights) {
+                let value = &all_values[base + p * head_dim..base + (p + 1) * head_dim];
+                let w = w / total;
+                for (m, v) in mixed.iter_mut().zip(value) {
+                    *m += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Rotary embeddings at one position, in place, on each `head_dim` vector
+/// of `x`: the first `rope_dim` dimensions rotate, in interleaved pairs
+/// (`2i`, `2i+1`: llama GGUF) or split halves (`i`, `i + rope_dim/2`: NeoX,
+/// Gemma, Phi); `cos`, `sin`: `rope_dim / 2` values.
+pub(crate) fn rope_one(
+    x: &mut [f32],
+    head_dim: usize,
+    rope_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    let half = rope_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half.min(cos.len()) {
+            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// RMS norm of each `weight.len()`-long vector of `x`, in place.
+pub(crate) fn rms_norm_each(x: &mut [f32], weight: &[f32], eps: f32) {
+    for v in x.chunks_exact_mut(weight.len().max(1)) {
+        let mean = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
+        let inverse = 1.0 / (mean + eps).sqrt();
+        for (a, w) in v.iter_mut().zip(weight) {
+            *a *= inverse * w;
+        }
+    }
+}
+
 /// A zeroed buffer of `capacity` positions holding the first `keep` of `old`.
 fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, capacity: usize) -> Result<Tensor> {
     let mut shape = like.dims().to_vec();
@@ -102,5 +212,68 @@ mod tests {
         assert_eq!(&head0[8..], &[7.0; 4]);
         cache.truncate(10);
         assert_eq!(cache.len(), 3, "truncating beyond the length keeps it");
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn one_query_attention_matches_the_tensor_path() {
+        let (heads, kv_heads, head_dim, positions) = (6, 2, 8, 11);
+        let device = Device::Cpu;
+        let mut cache = LayerCache::default();
+        let keys = Tensor::from_vec(values(kv_heads * positions * head_dim, 1), (1, kv_heads, positions, head_dim), &device).unwrap();
+        let vals = Tensor::from_vec(values(kv_heads * positions * head_dim, 2), (1, kv_heads, positions, head_dim), &device).unwrap();
+        cache.append(&keys, &vals).unwrap();
+        let last_k = values(kv_heads * head_dim, 3);
+        let last_v = values(kv_heads * head_dim, 4);
+        cache.append_one(&last_k, &last_v, kv_heads, &device).unwrap();
+        let q = values(heads * head_dim, 5);
+        let (all_keys, all_values) = {
+            let k = Tensor::from_vec(last_k.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
+            let v = Tensor::from_vec(last_v.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
+            (Tensor::cat(&[&keys, &k], 2).unwrap(), Tensor::cat(&[&vals, &v], 2).unwrap())
+        };
+        let q_tensor = Tensor::from_vec(q.clone(), (1, heads, 1, head_dim), &device).unwrap();
+        for window in [None, Some(5)] {
+            let (k, v) = match window {
+                Some(w) => (all_keys.narrow(2, positions + 1 - w, w).unwrap(), all_values.narrow(2, positions + 1 - w, w).unwrap()),
+                None => (all_keys.clone(), all_values.clone()),
+            };
+            let want: Vec<f32> = super::super::attention::grouped(&q_tensor, &k, &v, None, kv_heads).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got = cache.attend_one(&q, heads, kv_heads, window).unwrap();
+            let gap = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(gap < 1e-5, "window {window:?}: {gap}");
+        }
+    }
+
+    #[test]
+    fn rotary_layouts_match_candles() {
+        let device = Device::Cpu;
+        let (heads, head_dim) = (2, 8);
+        let x = values(heads * head_dim, 6);
+        let angles: Vec<f32> = (0..head_dim / 2).map(|i| 0.3 + i as f32).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let t = Tensor::from_vec(x.clone(), (1, heads, 1, head_dim), &device).unwrap();
+        let c = Tensor::from_vec(cos.clone(), (1, head_dim / 2), &device).unwrap();
+        let s = Tensor::from_vec(sin.clone(), (1, head_dim / 2), &device).unwrap();
+        for interleaved in [true, false] {
+            let want: Vec<f32> = if interleaved {
+                candle_nn::rotary_emb::rope_i(&t, &c, &s)
+            } else {
+                candle_nn::rotary_emb::rope(&t, &c, &s)
+            }
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            let mut got = x.clone();
+            rope_one(&mut got, head_dim, head_dim, &cos, &sin, interleaved);
+            let gap = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(gap < 1e-6, "interleaved {interleaved}: {gap}");
+        }
     }
 }

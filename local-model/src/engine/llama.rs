@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::kv_cache::LayerCache;
+use super::kv_cache::{rope_one, LayerCache};
 use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::{check_step, Pass, PrefillWeights};
@@ -209,9 +209,11 @@ impl Llama {
             None
         };
         let shape = self.shape;
+        let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, &cos, &sin, mask.as_ref(), shape, pass)?;
+            let attended =
+                block.attention(&h, &cos, &sin, rope_row.as_ref(), mask.as_ref(), shape, pass)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
             let gate_up = block.gate_up.forward(&h, pass)?;
@@ -234,6 +236,7 @@ impl Block {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -246,6 +249,17 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
+        if let Some((cos, sin)) = rope_row {
+            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let (q, rest) = qkv.split_at_mut(heads * head_dim);
+            let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+            rope_one(q, head_dim, head_dim, cos, sin, true);
+            rope_one(k, head_dim, head_dim, cos, sin, true);
+            self.cache.append_one(k, v, kv_heads, x.device())?;
+            let mixed = self.cache.attend_one(q, heads, kv_heads, None)?;
+            let mixed = Tensor::from_vec(mixed, (1, 1, heads * head_dim), x.device())?;
+            return self.attn_out.forward(&mixed, pass);
+        }
         let split = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
                 .reshape((1, n, count, head_dim))?
@@ -288,6 +302,19 @@ pub(crate) fn causal_mask(
         })
         .collect();
     Tensor::from_vec(values, (n, total), device)
+}
+
+/// For a decode step (one token), the rotary table rows of its position as
+/// plain values, for the attention that runs outside candle's tensors.
+pub(crate) fn decode_rope_row(
+    cos: &Tensor,
+    sin: &Tensor,
+    n: usize,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    if n != 1 {
+        return Ok(None);
+    }
+    Ok(Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?)))
 }
 
 /// Cosine and sine tables `[positions, head_dim / 2]`.

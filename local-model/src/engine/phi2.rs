@@ -16,9 +16,9 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, output_projection};
-use super::kv_cache::LayerCache;
+use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, rope_tables};
+use super::llama::{causal_mask, decode_rope_row, rope_tables};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -258,9 +258,11 @@ impl Phi2 {
             None
         };
         let shape = self.shape;
+        let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = block.norm.forward(&x, shape.norm_eps)?;
-            let attended = block.attention(&h, &cos, &sin, mask.as_ref(), shape, pass)?;
+            let attended =
+                block.attention(&h, &cos, &sin, rope_row.as_ref(), mask.as_ref(), shape, pass)?;
             let mlp = block.down.forward(&block.up.forward(&h, pass)?.gelu()?, pass)?;
             x = ((x + attended)? + mlp)?;
         }
@@ -282,6 +284,7 @@ impl Block {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -295,6 +298,17 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
+        if let Some((cos, sin)) = rope_row {
+            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let (q, rest) = qkv.split_at_mut(heads * head_dim);
+            let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+            rope_one(q, head_dim, rope_dim, cos, sin, false);
+            rope_one(k, head_dim, rope_dim, cos, sin, false);
+            self.cache.append_one(k, v, kv_heads, x.device())?;
+            let mixed = self.cache.attend_one(q, heads, kv_heads, None)?;
+            let mixed = Tensor::from_vec(mixed, (1, 1, heads * head_dim), x.device())?;
+            return self.attn_out.forward(&mixed, pass);
+        }
         let split = |start: usize, count: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
                 .reshape((1, n, count, head_dim))?
