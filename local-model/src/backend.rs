@@ -160,7 +160,6 @@ impl Backend {
     }
 }
 
-
 /// One forward call on the tuned engine; on failure the cache may hold part
 /// of the step, so it is emptied and the next prompt starts afresh.
 fn run_tuned(

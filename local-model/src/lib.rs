@@ -1,7 +1,7 @@
 //! Local LLM inference on candle, scoring every generated token.
 //!
-//! Loads Phi-1.5 (safetensors or quantized mixformer GGUF), llama-family
-//! GGUF (SmolLM2) and Gemma 3 GGUF; generates with greedy or sampled
+//! Loads Phi-1.5 (safetensors, quantized mixformer GGUF, or llama.cpp's
+//! phi2 GGUF), llama-family GGUF (SmolLM2) and Gemma 3 GGUF; generates with greedy or sampled
 //! decoding; reports each token's log-prob, entropy and top-1/top-2 margin
 //! from the raw logits; and runs the model on its own thread behind a
 //! bounded queue.

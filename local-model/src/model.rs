@@ -15,11 +15,11 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Architecture, Backend};
+use crate::detok::IncrementalDecoder;
 use crate::engine::gemma3::Gemma3;
 use crate::engine::llama::{self as tuned_llama, Llama};
 use crate::engine::phi2::Phi2;
 use crate::engine::{Kernels, PrefillWeights, TunedModel};
-use crate::detok::IncrementalDecoder;
 use crate::error::{GenerateError, LoadError};
 use crate::generate::{
     Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
@@ -270,9 +270,9 @@ impl LocalModel {
             }
             logprobs.push(signals_from_logits(&logits, token as usize).logprob);
             if i + 1 < continuation.len() {
-                logits =
-                    self.backend
-                        .forward(&[token], prompt_ids.len() + i, &self.device)?;
+                logits = self
+                    .backend
+                    .forward(&[token], prompt_ids.len() + i, &self.device)?;
             }
         }
         Ok(logprobs)
@@ -660,16 +660,15 @@ fn load_gguf(
                 let max_ctx = declared_ctx
                     .unwrap_or(quantized_llama::MAX_SEQ_LEN)
                     .min(TUNED_MAX_POSITIONS);
-                let model =
-                    Llama::from_gguf(
-                        &content,
-                        &mut reader,
-                        max_ctx,
-                        options.prefill_weights,
-                        options.kernels == Kernels::Exact,
-                        device,
-                    )
-                    .map_err(weights_err)?;
+                let model = Llama::from_gguf(
+                    &content,
+                    &mut reader,
+                    max_ctx,
+                    options.prefill_weights,
+                    options.kernels == Kernels::Exact,
+                    device,
+                )
+                .map_err(weights_err)?;
                 (
                     Backend::Tuned {
                         model: Box::new(TunedModel::Llama(model)),
@@ -686,9 +685,14 @@ fn load_gguf(
                 // The window applies while decoding too, so sequences may
                 // run past it (unlike candle's Gemma 3 below).
                 let max_ctx = declared_ctx.unwrap_or(8192).min(TUNED_MAX_POSITIONS);
-                let model =
-                    Gemma3::from_gguf(&content, &mut reader, max_ctx, options.prefill_weights, device)
-                        .map_err(weights_err)?;
+                let model = Gemma3::from_gguf(
+                    &content,
+                    &mut reader,
+                    max_ctx,
+                    options.prefill_weights,
+                    device,
+                )
+                .map_err(weights_err)?;
                 (
                     Backend::Tuned {
                         model: Box::new(TunedModel::Gemma3(model)),

@@ -99,7 +99,9 @@ pub fn write_random_phi2(
         reason: e.to_string(),
     };
     if dims.heads == 0 || dims.width % dims.heads != 0 || dims.rope_dim > dims.width / dims.heads {
-        return Err(LoadError::InvalidOption(format!("inconsistent dimensions {dims:?}")));
+        return Err(LoadError::InvalidOption(format!(
+            "inconsistent dimensions {dims:?}"
+        )));
     }
     let mut rng = SplitMix64(seed);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -139,17 +141,37 @@ pub fn write_random_phi2(
     };
     let mut small = Vec::new();
     for i in 0..dims.blocks {
-        small.push(vector(format!("blk.{i}.attn_norm.weight"), w, Some(1.0), &mut rng)?);
-        small.push(vector(format!("blk.{i}.attn_norm.bias"), w, None, &mut rng)?);
+        small.push(vector(
+            format!("blk.{i}.attn_norm.weight"),
+            w,
+            Some(1.0),
+            &mut rng,
+        )?);
+        small.push(vector(
+            format!("blk.{i}.attn_norm.bias"),
+            w,
+            None,
+            &mut rng,
+        )?);
         match layout {
-            QkvLayout::Fused => small.push(vector(format!("blk.{i}.attn_qkv.bias"), 3 * w, None, &mut rng)?),
+            QkvLayout::Fused => small.push(vector(
+                format!("blk.{i}.attn_qkv.bias"),
+                3 * w,
+                None,
+                &mut rng,
+            )?),
             QkvLayout::Separate => {
                 for part in ["attn_q", "attn_k", "attn_v"] {
                     small.push(vector(format!("blk.{i}.{part}.bias"), w, None, &mut rng)?);
                 }
             }
         }
-        small.push(vector(format!("blk.{i}.attn_output.bias"), w, None, &mut rng)?);
+        small.push(vector(
+            format!("blk.{i}.attn_output.bias"),
+            w,
+            None,
+            &mut rng,
+        )?);
         small.push(vector(format!("blk.{i}.ffn_up.bias"), f, None, &mut rng)?);
         small.push(vector(format!("blk.{i}.ffn_down.bias"), w, None, &mut rng)?);
     }
@@ -194,7 +216,11 @@ fn padded(vocabulary: Vocabulary, size: usize) -> Result<Vocabulary, LoadError> 
     let mut entries: HashMap<String, Value> = vocabulary.into_iter().collect();
     let tokens = match entries.remove("tokenizer.ggml.tokens") {
         Some(Value::Array(tokens)) => tokens,
-        _ => return Err(LoadError::InvalidOption("vocabulary without a token list".into())),
+        _ => {
+            return Err(LoadError::InvalidOption(
+                "vocabulary without a token list".into(),
+            ))
+        }
     };
     if tokens.len() > size {
         return Err(LoadError::InvalidOption(format!(

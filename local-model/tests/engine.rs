@@ -104,7 +104,10 @@ fn tuned_logprobs_stay_within_tolerance_of_exact_arithmetic() {
     let [reference_gap, dense_gap, quantized_gap] = [found[0], found[1], found[2]];
     eprintln!("reference {reference_gap:?}\ntuned, dense prefill {dense_gap:?}\ntuned, quantized prefill {quantized_gap:?}");
     assert_eq!(dense_gap.tokens, 5 * 24);
-    for (name, gap) in [("dense prefill", dense_gap), ("quantized prefill", quantized_gap)] {
+    for (name, gap) in [
+        ("dense prefill", dense_gap),
+        ("quantized prefill", quantized_gap),
+    ] {
         assert!(
             gap.sequence_mean_max <= TOLERANCE_NATS,
             "{name}: a sequence's mean log-prob is {} nats from exact",
@@ -156,7 +159,12 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     assert_eq!(fresh.tokens.len(), reused.tokens.len());
     for (a, b) in fresh.tokens.iter().zip(&reused.tokens) {
         assert_eq!(a.id, b.id);
-        assert!((a.logprob - b.logprob).abs() < 1e-4, "{} vs {}", a.logprob, b.logprob);
+        assert!(
+            (a.logprob - b.logprob).abs() < 1e-4,
+            "{} vs {}",
+            a.logprob,
+            b.logprob
+        );
     }
     // And the reuse was real: the system prompt and the start of the user
     // turn came from the cache.
@@ -171,10 +179,18 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     let again = model
         .generate(&second, &params, &mut |_| Control::Continue)
         .unwrap();
-    assert_eq!(again.timings.cached_prompt_tokens, reused.usage.prompt_tokens - 1);
+    assert_eq!(
+        again.timings.cached_prompt_tokens,
+        reused.usage.prompt_tokens - 1
+    );
     assert_eq!(again.text, fresh.text);
     for (a, b) in fresh.tokens.iter().zip(&again.tokens) {
-        assert!((a.logprob - b.logprob).abs() < 1e-2, "{} vs {}", a.logprob, b.logprob);
+        assert!(
+            (a.logprob - b.logprob).abs() < 1e-2,
+            "{} vs {}",
+            a.logprob,
+            b.logprob
+        );
     }
 
     // A prompt that contains the previous answer reuses only the prompt
@@ -186,7 +202,9 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     turn.push(ChatMessage::new("assistant", &again.text));
     turn.push(ChatMessage::new("user", "And of Portugal?"));
     let follow_up = model
-        .generate(&Prompt::Chat(turn.clone()), &params, &mut |_| Control::Continue)
+        .generate(&Prompt::Chat(turn.clone()), &params, &mut |_| {
+            Control::Continue
+        })
         .unwrap();
     assert!(follow_up.timings.cached_prompt_tokens <= again.usage.prompt_tokens);
     model.clear_cache();
@@ -199,7 +217,12 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     // and twelve decoded tokens carry the difference along (0.011 nats
     // measured at most): why reuse is off by default.
     for (a, b) in follow_up.tokens.iter().zip(&follow_up_fresh.tokens) {
-        assert!((a.logprob - b.logprob).abs() < 2e-2, "{} vs {}", a.logprob, b.logprob);
+        assert!(
+            (a.logprob - b.logprob).abs() < 2e-2,
+            "{} vs {}",
+            a.logprob,
+            b.logprob
+        );
     }
 }
 
@@ -212,13 +235,19 @@ fn by_default_the_same_request_gets_the_same_logprobs_whatever_ran_before() {
     };
     let ask = |q: &str| Prompt::Chat(vec![ChatMessage::new("user", q)]);
     let first = model
-        .generate(&ask("What is the capital of Spain?"), &params, &mut |_| Control::Continue)
+        .generate(&ask("What is the capital of Spain?"), &params, &mut |_| {
+            Control::Continue
+        })
         .unwrap();
     model
-        .generate(&ask("What is the capital of Italy?"), &params, &mut |_| Control::Continue)
+        .generate(&ask("What is the capital of Italy?"), &params, &mut |_| {
+            Control::Continue
+        })
         .unwrap();
     let again = model
-        .generate(&ask("What is the capital of Spain?"), &params, &mut |_| Control::Continue)
+        .generate(&ask("What is the capital of Spain?"), &params, &mut |_| {
+            Control::Continue
+        })
         .unwrap();
     assert_eq!(again.timings.cached_prompt_tokens, 0);
     let lp = |g: &local_model::Generation| g.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>();

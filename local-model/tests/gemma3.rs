@@ -186,7 +186,11 @@ fn loads_as_gemma3_without_a_chat_template() {
         },
     )
     .unwrap();
-    assert_eq!(reference.info().context_window, 512, "kept within the sliding window");
+    assert_eq!(
+        reference.info().context_window,
+        512,
+        "kept within the sliding window"
+    );
     drop(reference);
 
     let err = LocalModel::load(

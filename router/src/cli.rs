@@ -80,9 +80,10 @@ pub struct ModelArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Forward-pass code for llama-family and Gemma 3 GGUF: tuned (Cascade's
-    /// engine), reference (candle's model code on the file's weights as
-    /// stored) or exact (F32 products on the dequantised weights; slow).
+    /// Forward-pass code for llama-family, Gemma 3 and phi2 GGUF: tuned
+    /// (Cascade's engine), reference (candle's model code on the file's
+    /// weights as stored; not phi2) or exact (F32 products on the
+    /// dequantised weights; slow).
     #[arg(long, default_value = "tuned")]
     pub kernels: String,
     /// Dense prefill copy of the weights (tuned engine): auto (when it
@@ -172,7 +173,7 @@ pub struct EvalArgs {
     /// Precision of safetensors weights: f32 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Forward-pass code for llama-family and Gemma 3 GGUF: tuned, reference or exact.
+    /// Forward-pass code for llama-family, Gemma 3 and phi2 GGUF: tuned, reference or exact.
     #[arg(long, default_value = "tuned")]
     pub kernels: String,
     /// Dense prefill copy of the weights: auto, dense or quantized.

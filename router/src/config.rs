@@ -161,7 +161,7 @@ pub struct RawLocal {
     pub name: Option<String>,
     pub template: String,
     pub dtype: String,
-    /// Forward-pass code for llama-family and Gemma 3 GGUF: `tuned`, `reference` or `exact`.
+    /// Forward-pass code for llama-family, Gemma 3 and phi2 GGUF: `tuned`, `reference` or `exact`.
     pub kernels: String,
     /// Dense prefill copy of the weights: `auto`, `dense` or `quantized`.
     pub prefill_weights: String,

@@ -43,6 +43,14 @@ pub(crate) fn grouped(
         .reshape((1, n, heads * head_dim))
 }
 
+/// The rotary tables of the positions a forward call runs: `[n, dim / 2]`
+/// tensors, and for a decode step (`n == 1`) the same row as plain values.
+pub(crate) struct Rotary<'a> {
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+    pub(crate) row: Option<&'a (Vec<f32>, Vec<f32>)>,
+}
+
 /// The output projection: `output.weight`, or for tied embeddings the
 /// embedding table itself (one copy in memory) unless its format needs
 /// converting. `exact` keeps it dense in F32.
@@ -56,7 +64,9 @@ pub(crate) fn output_projection<R: Read + Seek>(
     match content.tensor(reader, "output.weight", device) {
         Ok(t) if exact => Linear::exact(t, device),
         Ok(t) => Linear::new(with_simd_kernel(t, device)?, false, device),
-        Err(_) if exact => Ok(Linear::from_matmul(QMatMul::Tensor(embeddings.dequantize(device)?))),
+        Err(_) if exact => Ok(Linear::from_matmul(QMatMul::Tensor(
+            embeddings.dequantize(device)?,
+        ))),
         Err(_) => {
             let row = embeddings.shape().dims().last().copied().unwrap_or(0);
             if lacks_simd_kernel(embeddings.dtype(), row) {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
+use super::attention::{self, output_projection, Rotary};
 use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
-use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, decode_rope_row, rope_tables};
 use super::{check_step, Pass, PrefillWeights};
@@ -231,7 +231,12 @@ impl Gemma3 {
 
     /// Runs `tokens` placed at `position` (the cached length) and returns
     /// the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         check_step(n, position, self.cached_len(), self.rope[0].0.dim(0)?)?;
         let device = self.norm.device().clone();
@@ -273,8 +278,19 @@ impl Gemma3 {
             let (cos, sin) = &rope[block.rope];
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
             let rope_row = rope_rows[block.rope].as_ref();
-            let attended = block.attention(&h, cos, sin, rope_row, mask, shape, pass)?;
-            let attended = candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
+            let attended = block.attention(
+                &h,
+                &Rotary {
+                    cos,
+                    sin,
+                    row: rope_row,
+                },
+                mask,
+                shape,
+                pass,
+            )?;
+            let attended =
+                candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
             let gate_up = block.gate_up.forward(&h, pass)?;
@@ -295,9 +311,7 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
+        rotary: &Rotary<'_>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -311,7 +325,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        if let Some((cos, sin)) = rope_row {
+        let (cos, sin) = (rotary.cos, rotary.sin);
+        if let Some((cos, sin)) = rotary.row {
             let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
             let (q, rest) = qkv.split_at_mut(heads * head_dim);
             let (k, v) = rest.split_at_mut(kv_heads * head_dim);

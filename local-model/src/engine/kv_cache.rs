@@ -141,7 +141,11 @@ pub(crate) fn rope_one(
     let half = rope_dim / 2;
     for head in x.chunks_exact_mut(head_dim) {
         for i in 0..half.min(cos.len()) {
-            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
             let (x0, x1) = (head[a], head[b]);
             head[a] = x0 * cos[i] - x1 * sin[i];
             head[b] = x0 * sin[i] + x1 * cos[i];
@@ -186,7 +190,9 @@ mod tests {
     #[test]
     fn appends_grow_past_capacity_and_keep_every_position() {
         let mut cache = LayerCache::default();
-        cache.append(&step(1.0, GROW_BY - 1), &step(-1.0, GROW_BY - 1)).unwrap();
+        cache
+            .append(&step(1.0, GROW_BY - 1), &step(-1.0, GROW_BY - 1))
+            .unwrap();
         let (k, v) = cache.append(&step(2.0, 3), &step(-2.0, 3)).unwrap();
         assert_eq!(cache.len(), GROW_BY + 2);
         assert_eq!(k.dims(), [1, 2, GROW_BY + 2, 4]);
@@ -207,7 +213,15 @@ mod tests {
         assert_eq!(cache.len(), 2);
         let (k, _) = cache.append(&step(7.0, 1), &step(7.0, 1)).unwrap();
         assert_eq!(k.dims(), [1, 2, 3, 4]);
-        let head0: Vec<f32> = k.get(0).unwrap().get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let head0: Vec<f32> = k
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(&head0[..8], &[1.0; 8]);
         assert_eq!(&head0[8..], &[7.0; 4]);
         cache.truncate(10);
@@ -215,7 +229,13 @@ mod tests {
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
     }
 
     #[test]
@@ -223,27 +243,55 @@ mod tests {
         let (heads, kv_heads, head_dim, positions) = (6, 2, 8, 11);
         let device = Device::Cpu;
         let mut cache = LayerCache::default();
-        let keys = Tensor::from_vec(values(kv_heads * positions * head_dim, 1), (1, kv_heads, positions, head_dim), &device).unwrap();
-        let vals = Tensor::from_vec(values(kv_heads * positions * head_dim, 2), (1, kv_heads, positions, head_dim), &device).unwrap();
+        let keys = Tensor::from_vec(
+            values(kv_heads * positions * head_dim, 1),
+            (1, kv_heads, positions, head_dim),
+            &device,
+        )
+        .unwrap();
+        let vals = Tensor::from_vec(
+            values(kv_heads * positions * head_dim, 2),
+            (1, kv_heads, positions, head_dim),
+            &device,
+        )
+        .unwrap();
         cache.append(&keys, &vals).unwrap();
         let last_k = values(kv_heads * head_dim, 3);
         let last_v = values(kv_heads * head_dim, 4);
-        cache.append_one(&last_k, &last_v, kv_heads, &device).unwrap();
+        cache
+            .append_one(&last_k, &last_v, kv_heads, &device)
+            .unwrap();
         let q = values(heads * head_dim, 5);
         let (all_keys, all_values) = {
             let k = Tensor::from_vec(last_k.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
             let v = Tensor::from_vec(last_v.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
-            (Tensor::cat(&[&keys, &k], 2).unwrap(), Tensor::cat(&[&vals, &v], 2).unwrap())
+            (
+                Tensor::cat(&[&keys, &k], 2).unwrap(),
+                Tensor::cat(&[&vals, &v], 2).unwrap(),
+            )
         };
         let q_tensor = Tensor::from_vec(q.clone(), (1, heads, 1, head_dim), &device).unwrap();
         for window in [None, Some(5)] {
             let (k, v) = match window {
-                Some(w) => (all_keys.narrow(2, positions + 1 - w, w).unwrap(), all_values.narrow(2, positions + 1 - w, w).unwrap()),
+                Some(w) => (
+                    all_keys.narrow(2, positions + 1 - w, w).unwrap(),
+                    all_values.narrow(2, positions + 1 - w, w).unwrap(),
+                ),
                 None => (all_keys.clone(), all_values.clone()),
             };
-            let want: Vec<f32> = super::super::attention::grouped(&q_tensor, &k, &v, None, kv_heads).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> =
+                super::super::attention::grouped(&q_tensor, &k, &v, None, kv_heads)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
             let got = cache.attend_one(&q, heads, kv_heads, window).unwrap();
-            let gap = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let gap = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(gap < 1e-5, "window {window:?}: {gap}");
         }
     }
@@ -272,7 +320,11 @@ mod tests {
             .unwrap();
             let mut got = x.clone();
             rope_one(&mut got, head_dim, head_dim, &cos, &sin, interleaved);
-            let gap = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let gap = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(gap < 1e-6, "interleaved {interleaved}: {gap}");
         }
     }

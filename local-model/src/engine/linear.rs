@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::Pass;
 
-
 /// Brings weights into a format with a SIMD kernel in candle.
 ///
 /// candle 0.11 has hand-written AVX2 dot products for Q4_0, Q8_0 and the
@@ -95,8 +94,10 @@ impl BlockWeights {
     /// `None` for float formats (F32, F16, BF16), which `QMatMul` runs as
     /// dense products.
     fn new(weights: &QTensor, device: &Device) -> Result<Option<Self>> {
-        if matches!(weights.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-            || !device.is_cpu()
+        if matches!(
+            weights.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) || !device.is_cpu()
         {
             return Ok(None);
         }
@@ -115,12 +116,16 @@ impl BlockWeights {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let width = x.dim(D::Minus1)?;
         if width != self.cols {
-            candle_core::bail!("input width {width} does not match weights of width {}", self.cols)
+            candle_core::bail!(
+                "input width {width} does not match weights of width {}",
+                self.cols
+            )
         }
         let lhs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let m = lhs.len() / width.max(1);
         let mut out = vec![0f32; m * self.rows];
-        self.blocks.matmul_t((m, self.cols, self.rows), &lhs, &mut out)?;
+        self.blocks
+            .matmul_t((m, self.cols, self.rows), &lhs, &mut out)?;
         let mut shape = x.dims().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = self.rows;
@@ -223,7 +228,9 @@ impl Linear {
                 if let Some(last) = out_shape.last_mut() {
                     *last = out;
                 }
-                x.reshape((rows, width))?.matmul(&w.t()?)?.reshape(out_shape)
+                x.reshape((rows, width))?
+                    .matmul(&w.t()?)?
+                    .reshape(out_shape)
             }
             _ => match &self.quantized {
                 Product::Blocks(blocks) => blocks.forward(x),
@@ -249,7 +256,9 @@ mod tests {
         let mut state = seed;
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect();
@@ -257,7 +266,16 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -272,7 +290,10 @@ mod tests {
         assert!(max_abs_diff(&before, &after) < 0.5 / 127.0 + 1e-6);
         // Formats with a kernel are left alone.
         let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
-        assert_eq!(with_simd_kernel(q8, &Device::Cpu).unwrap().dtype(), GgmlDType::Q8_0);
+        assert_eq!(
+            with_simd_kernel(q8, &Device::Cpu).unwrap().dtype(),
+            GgmlDType::Q8_0
+        );
     }
 
     #[test]
@@ -280,12 +301,22 @@ mod tests {
         let q8 = |rows, seed| QTensor::quantize(&random(rows, 64, seed), GgmlDType::Q8_0).unwrap();
         let (a, b) = (q8(8, 2), q8(4, 3));
         let x = random(3, 64, 4);
-        let separate_a = QMatMul::from_qtensor(q8(8, 2)).unwrap().forward(&x).unwrap();
-        let separate_b = QMatMul::from_qtensor(q8(4, 3)).unwrap().forward(&x).unwrap();
-        let stacked = Linear::new(stack_rows(&[a, b], &Device::Cpu).unwrap(), false, &Device::Cpu)
+        let separate_a = QMatMul::from_qtensor(q8(8, 2))
             .unwrap()
-            .forward(&x, Pass::Decode)
+            .forward(&x)
             .unwrap();
+        let separate_b = QMatMul::from_qtensor(q8(4, 3))
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let stacked = Linear::new(
+            stack_rows(&[a, b], &Device::Cpu).unwrap(),
+            false,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .forward(&x, Pass::Decode)
+        .unwrap();
         assert_eq!(stacked.dims(), [3, 12]);
         assert!(max_abs_diff(&stacked.narrow(1, 0, 8).unwrap(), &separate_a) < 1e-5);
         assert!(max_abs_diff(&stacked.narrow(1, 8, 4).unwrap(), &separate_b) < 1e-5);

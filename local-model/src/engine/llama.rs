@@ -13,8 +13,8 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::attention::{self, output_projection, Rotary};
 use super::kv_cache::{rope_one, LayerCache};
-use super::attention::{self, output_projection};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::{check_step, Pass, PrefillWeights};
 
@@ -81,7 +81,13 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         // Exact mode keeps the file's values and multiplies in F32.
-        let convert = |t: QTensor| if exact { Ok(t) } else { with_simd_kernel(t, device) };
+        let convert = |t: QTensor| {
+            if exact {
+                Ok(t)
+            } else {
+                with_simd_kernel(t, device)
+            }
+        };
         let linear = |t: QTensor, keep_dense: bool| {
             if exact {
                 Linear::exact(t, device)
@@ -103,7 +109,9 @@ impl Llama {
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || width % heads != 0 {
-            candle_core::bail!("inconsistent head counts: {heads} heads, {kv_heads} kv heads, width {width}")
+            candle_core::bail!(
+                "inconsistent head counts: {heads} heads, {kv_heads} kv heads, width {width}"
+            )
         }
         let head_dim = width / heads;
         if rope_dim != head_dim {
@@ -195,7 +203,12 @@ impl Llama {
 
     /// Runs `tokens` placed at `position` (which must equal the cached
     /// length) and returns the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
         let device = self.norm.device().clone();
@@ -212,8 +225,17 @@ impl Llama {
         let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended =
-                block.attention(&h, &cos, &sin, rope_row.as_ref(), mask.as_ref(), shape, pass)?;
+            let attended = block.attention(
+                &h,
+                &Rotary {
+                    cos: &cos,
+                    sin: &sin,
+                    row: rope_row.as_ref(),
+                },
+                mask.as_ref(),
+                shape,
+                pass,
+            )?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
             let gate_up = block.gate_up.forward(&h, pass)?;
@@ -234,9 +256,7 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
+        rotary: &Rotary<'_>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -249,7 +269,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        if let Some((cos, sin)) = rope_row {
+        let (cos, sin) = (rotary.cos, rotary.sin);
+        if let Some((cos, sin)) = rotary.row {
             let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
             let (q, rest) = qkv.split_at_mut(heads * head_dim);
             let (k, v) = rest.split_at_mut(kv_heads * head_dim);
@@ -314,7 +335,10 @@ pub(crate) fn decode_rope_row(
     if n != 1 {
         return Ok(None);
     }
-    Ok(Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?)))
+    Ok(Some((
+        cos.flatten_all()?.to_vec1()?,
+        sin.flatten_all()?.to_vec1()?,
+    )))
 }
 
 /// Cosine and sine tables `[positions, head_dim / 2]`.

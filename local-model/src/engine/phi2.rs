@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
-use super::attention::{self, output_projection};
+use super::attention::{self, output_projection, Rotary};
 use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, decode_rope_row, rope_tables};
@@ -114,7 +114,13 @@ impl Phi2 {
             candle_core::bail!("rotary dimension {rope_dim} does not fit heads of {head_dim}")
         }
 
-        let convert = |t: QTensor| if exact { Ok(t) } else { with_simd_kernel(t, device) };
+        let convert = |t: QTensor| {
+            if exact {
+                Ok(t)
+            } else {
+                with_simd_kernel(t, device)
+            }
+        };
         let dense = |t: QTensor| t.dequantize(device);
         let mut tensor = |name: &str| content.tensor(reader, name, device);
         let embeddings = Arc::new(tensor("token_embd.weight")?);
@@ -188,7 +194,10 @@ impl Phi2 {
             let qkv_bias = Tensor::cat(&b.qkv_bias, 0)?;
             let (q_rows, _) = qkv_weights.shape().dims2()?;
             if q_rows != (heads + 2 * kv_heads) * head_dim || qkv_bias.dim(0)? != q_rows {
-                candle_core::bail!("query/key/value projection has {q_rows} rows, expected {}", (heads + 2 * kv_heads) * head_dim)
+                candle_core::bail!(
+                    "query/key/value projection has {q_rows} rows, expected {}",
+                    (heads + 2 * kv_heads) * head_dim
+                )
             }
             let block = Block {
                 norm: b.norm,
@@ -244,7 +253,12 @@ impl Phi2 {
 
     /// Runs `tokens` placed at `position` (which must equal the cached
     /// length) and returns the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize, pass: Pass) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
         let device = self.norm.weight.device().clone();
@@ -261,9 +275,20 @@ impl Phi2 {
         let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = block.norm.forward(&x, shape.norm_eps)?;
-            let attended =
-                block.attention(&h, &cos, &sin, rope_row.as_ref(), mask.as_ref(), shape, pass)?;
-            let mlp = block.down.forward(&block.up.forward(&h, pass)?.gelu()?, pass)?;
+            let attended = block.attention(
+                &h,
+                &Rotary {
+                    cos: &cos,
+                    sin: &sin,
+                    row: rope_row.as_ref(),
+                },
+                mask.as_ref(),
+                shape,
+                pass,
+            )?;
+            let mlp = block
+                .down
+                .forward(&block.up.forward(&h, pass)?.gelu()?, pass)?;
             x = ((x + attended)? + mlp)?;
         }
         let last = x.narrow(1, n - 1, 1)?;
@@ -282,9 +307,7 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        rope_row: Option<&(Vec<f32>, Vec<f32>)>,
+        rotary: &Rotary<'_>,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
@@ -298,7 +321,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        if let Some((cos, sin)) = rope_row {
+        let (cos, sin) = (rotary.cos, rotary.sin);
+        if let Some((cos, sin)) = rotary.row {
             let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
             let (q, rest) = qkv.split_at_mut(heads * head_dim);
             let (k, v) = rest.split_at_mut(kv_heads * head_dim);
@@ -328,7 +352,8 @@ impl Block {
 /// head of `x` (`[1, heads, n, head_dim]`); the rest pass through.
 fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rope_dim: usize) -> Result<Tensor> {
     let head_dim = x.dim(D::Minus1)?;
-    let rotated = candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, rope_dim)?.contiguous()?, cos, sin)?;
+    let rotated =
+        candle_nn::rotary_emb::rope(&x.narrow(D::Minus1, 0, rope_dim)?.contiguous()?, cos, sin)?;
     if rope_dim == head_dim {
         return Ok(rotated);
     }
@@ -369,9 +394,24 @@ mod tests {
             .unwrap();
         let (cos, sin) = rope_tables(4, 10_000.0, 4, &Device::Cpu).unwrap();
         // Position 0 is the identity; position 3 rotates the first four only.
-        let at0 = partial_rope(&x, &cos.narrow(0, 0, 1).unwrap(), &sin.narrow(0, 0, 1).unwrap(), 4).unwrap();
-        assert_eq!(at0.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let at3 = partial_rope(&x, &cos.narrow(0, 3, 1).unwrap(), &sin.narrow(0, 3, 1).unwrap(), 4).unwrap();
+        let at0 = partial_rope(
+            &x,
+            &cos.narrow(0, 0, 1).unwrap(),
+            &sin.narrow(0, 0, 1).unwrap(),
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            at0.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let at3 = partial_rope(
+            &x,
+            &cos.narrow(0, 3, 1).unwrap(),
+            &sin.narrow(0, 3, 1).unwrap(),
+            4,
+        )
+        .unwrap();
         let got: Vec<f32> = at3.flatten_all().unwrap().to_vec1().unwrap();
         let want: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(&got[4..8], &want[4..8]);

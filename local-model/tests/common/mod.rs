@@ -139,14 +139,27 @@ pub fn write_tiny_phi2_gguf_from(dir: &Path, matrices: GgmlDType, fused: bool) -
     let n = |key: &str| config[key].as_u64().unwrap() as u32;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, t: &candle_core::Tensor| {
-        let dtype = if t.rank() == 2 { matrices } else { GgmlDType::F32 };
+        let dtype = if t.rank() == 2 {
+            matrices
+        } else {
+            GgmlDType::F32
+        };
         tensors.push((name, QTensor::quantize(t, dtype).unwrap()));
     };
-    put("token_embd.weight".into(), &weights["model.embed_tokens.weight"]);
+    put(
+        "token_embd.weight".into(),
+        &weights["model.embed_tokens.weight"],
+    );
     put("output.weight".into(), &weights["lm_head.weight"]);
     put("output.bias".into(), &weights["lm_head.bias"]);
-    put("output_norm.weight".into(), &weights["model.final_layernorm.weight"]);
-    put("output_norm.bias".into(), &weights["model.final_layernorm.bias"]);
+    put(
+        "output_norm.weight".into(),
+        &weights["model.final_layernorm.weight"],
+    );
+    put(
+        "output_norm.bias".into(),
+        &weights["model.final_layernorm.bias"],
+    );
     for i in 0..n("num_hidden_layers") {
         let hf = |part: &str| &weights[&format!("model.layers.{i}.{part}")];
         let blk = |part: &str| format!("blk.{i}.{part}");
@@ -156,36 +169,72 @@ pub fn write_tiny_phi2_gguf_from(dir: &Path, matrices: GgmlDType, fused: bool) -
                     .iter()
                     .map(|p| hf(&format!("self_attn.{p}.{suffix}")))
                     .collect();
-                put(blk(&format!("attn_qkv.{suffix}")), &candle_core::Tensor::cat(&parts, 0).unwrap());
+                put(
+                    blk(&format!("attn_qkv.{suffix}")),
+                    &candle_core::Tensor::cat(&parts, 0).unwrap(),
+                );
             } else {
-                for (hf_name, name) in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")] {
-                    put(blk(&format!("{name}.{suffix}")), hf(&format!("self_attn.{hf_name}.{suffix}")));
+                for (hf_name, name) in [
+                    ("q_proj", "attn_q"),
+                    ("k_proj", "attn_k"),
+                    ("v_proj", "attn_v"),
+                ] {
+                    put(
+                        blk(&format!("{name}.{suffix}")),
+                        hf(&format!("self_attn.{hf_name}.{suffix}")),
+                    );
                 }
             }
-            put(blk(&format!("attn_output.{suffix}")), hf(&format!("self_attn.dense.{suffix}")));
-            put(blk(&format!("ffn_up.{suffix}")), hf(&format!("mlp.fc1.{suffix}")));
-            put(blk(&format!("ffn_down.{suffix}")), hf(&format!("mlp.fc2.{suffix}")));
-            put(blk(&format!("attn_norm.{suffix}")), hf(&format!("input_layernorm.{suffix}")));
+            put(
+                blk(&format!("attn_output.{suffix}")),
+                hf(&format!("self_attn.dense.{suffix}")),
+            );
+            put(
+                blk(&format!("ffn_up.{suffix}")),
+                hf(&format!("mlp.fc1.{suffix}")),
+            );
+            put(
+                blk(&format!("ffn_down.{suffix}")),
+                hf(&format!("mlp.fc2.{suffix}")),
+            );
+            put(
+                blk(&format!("attn_norm.{suffix}")),
+                hf(&format!("input_layernorm.{suffix}")),
+            );
         }
     }
     let width = n("hidden_size");
     let heads = n("num_attention_heads");
-    let rope_dim = ((width / heads) as f64 * config["partial_rotary_factor"].as_f64().unwrap()) as u32;
+    let rope_dim =
+        ((width / heads) as f64 * config["partial_rotary_factor"].as_f64().unwrap()) as u32;
     use gguf_file::Value;
     let metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("phi2".into())),
-        ("phi2.context_length", Value::U32(n("max_position_embeddings"))),
+        (
+            "phi2.context_length",
+            Value::U32(n("max_position_embeddings")),
+        ),
         ("phi2.embedding_length", Value::U32(width)),
-        ("phi2.feed_forward_length", Value::U32(n("intermediate_size"))),
+        (
+            "phi2.feed_forward_length",
+            Value::U32(n("intermediate_size")),
+        ),
         ("phi2.block_count", Value::U32(n("num_hidden_layers"))),
         ("phi2.attention.head_count", Value::U32(heads)),
-        ("phi2.attention.head_count_kv", Value::U32(n("num_key_value_heads"))),
+        (
+            "phi2.attention.head_count_kv",
+            Value::U32(n("num_key_value_heads")),
+        ),
         ("phi2.attention.layer_norm_epsilon", Value::F32(1e-5)),
         ("phi2.rope.dimension_count", Value::U32(rope_dim)),
     ];
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let name = if fused { "phi2-fused.gguf" } else { "phi2.gguf" };
+    let name = if fused {
+        "phi2-fused.gguf"
+    } else {
+        "phi2.gguf"
+    };
     let path = dir.join(name);
     let mut file = std::fs::File::create(&path).unwrap();
     gguf_file::write(&mut file, &meta_refs, &refs).unwrap();
