@@ -71,6 +71,15 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
+    /// A model on the tuned engine with an empty cache.
+    pub(crate) fn tuned(model: TunedModel, reuse_prompt_prefix: bool) -> Self {
+        Backend::Tuned {
+            model: Box::new(model),
+            prefilled: Vec::new(),
+            reuse: reuse_prompt_prefix,
+        }
+    }
+
     /// Forgets the previous sequence so a new prompt starts at position 0.
     pub(crate) fn reset(&mut self) {
         match self {

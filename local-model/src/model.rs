@@ -646,11 +646,7 @@ fn load_gguf(
                 )
                 .map_err(weights_err)?;
                 (
-                    Backend::Tuned {
-                        model: Box::new(TunedModel::Phi2(model)),
-                        prefilled: Vec::new(),
-                        reuse: options.reuse_prompt_prefix,
-                    },
+                    Backend::tuned(TunedModel::Phi2(model), options.reuse_prompt_prefix),
                     max_ctx,
                 )
             } else if is_llama
@@ -670,11 +666,7 @@ fn load_gguf(
                 )
                 .map_err(weights_err)?;
                 (
-                    Backend::Tuned {
-                        model: Box::new(TunedModel::Llama(model)),
-                        prefilled: Vec::new(),
-                        reuse: options.reuse_prompt_prefix,
-                    },
+                    Backend::tuned(TunedModel::Llama(model), options.reuse_prompt_prefix),
                     max_ctx,
                 )
             } else if options.kernels == Kernels::Exact {
@@ -694,11 +686,7 @@ fn load_gguf(
                 )
                 .map_err(weights_err)?;
                 (
-                    Backend::Tuned {
-                        model: Box::new(TunedModel::Gemma3(model)),
-                        prefilled: Vec::new(),
-                        reuse: options.reuse_prompt_prefix,
-                    },
+                    Backend::tuned(TunedModel::Gemma3(model), options.reuse_prompt_prefix),
                     max_ctx,
                 )
             } else if is_llama {

@@ -5,7 +5,9 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor, D};
+
+use super::kv_cache::LayerCache;
 
 use super::linear::{lacks_simd_kernel, with_simd_kernel, Linear};
 
@@ -49,6 +51,30 @@ pub(crate) struct Rotary<'a> {
     pub(crate) cos: &'a Tensor,
     pub(crate) sin: &'a Tensor,
     pub(crate) row: Option<&'a (Vec<f32>, Vec<f32>)>,
+}
+
+/// The attention of a decode step (one token), outside candle's tensors:
+/// splits the token's `[q | k | v]` projection (`qkv`, `[1, 1, ..]`), lets
+/// `prepare` rotate (and normalise) the query and key in place, appends key
+/// and value to `cache` and attends over it, the last `window` positions
+/// only when given. Returns `[1, 1, heads * head_dim]`.
+pub(crate) fn decode_step(
+    qkv: &Tensor,
+    cache: &mut LayerCache,
+    heads: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+    prepare: impl Fn(&mut [f32], &mut [f32]),
+) -> Result<Tensor> {
+    let width = qkv.dim(D::Minus1)?;
+    let head_dim = width / (heads + 2 * kv_heads).max(1);
+    let mut values = qkv.flatten_all()?.to_vec1::<f32>()?;
+    let (q, rest) = values.split_at_mut(heads * head_dim);
+    let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+    prepare(q, k);
+    cache.append_one(k, v, kv_heads, qkv.device())?;
+    let mixed = cache.attend_one(q, heads, kv_heads, window)?;
+    Tensor::from_vec(mixed, (1, 1, heads * head_dim), qkv.device())
 }
 
 /// The output projection: `output.weight`, or for tied embeddings the

@@ -327,16 +327,20 @@ impl Block {
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (rotary.cos, rotary.sin);
         if let Some((cos, sin)) = rotary.row {
-            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-            let (q, rest) = qkv.split_at_mut(heads * head_dim);
-            let (k, v) = rest.split_at_mut(kv_heads * head_dim);
-            rms_norm_each(q, &self.q_norm_values, rms_eps);
-            rms_norm_each(k, &self.k_norm_values, rms_eps);
-            rope_one(q, head_dim, head_dim, cos, sin, false);
-            rope_one(k, head_dim, head_dim, cos, sin, false);
-            self.cache.append_one(k, v, kv_heads, x.device())?;
-            let mixed = self.cache.attend_one(q, heads, kv_heads, self.window)?;
-            let mixed = Tensor::from_vec(mixed, (1, 1, heads * head_dim), x.device())?;
+            let (q_norm, k_norm) = (&self.q_norm_values, &self.k_norm_values);
+            let mixed = attention::decode_step(
+                &qkv,
+                &mut self.cache,
+                heads,
+                kv_heads,
+                self.window,
+                |q, k| {
+                    rms_norm_each(q, q_norm, rms_eps);
+                    rms_norm_each(k, k_norm, rms_eps);
+                    rope_one(q, head_dim, head_dim, cos, sin, false);
+                    rope_one(k, head_dim, head_dim, cos, sin, false);
+                },
+            )?;
             return self.attn_out.forward(&mixed, pass);
         }
         let split = |start: usize, count: usize| -> Result<Tensor> {

@@ -271,14 +271,11 @@ impl Block {
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (rotary.cos, rotary.sin);
         if let Some((cos, sin)) = rotary.row {
-            let mut qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-            let (q, rest) = qkv.split_at_mut(heads * head_dim);
-            let (k, v) = rest.split_at_mut(kv_heads * head_dim);
-            rope_one(q, head_dim, head_dim, cos, sin, true);
-            rope_one(k, head_dim, head_dim, cos, sin, true);
-            self.cache.append_one(k, v, kv_heads, x.device())?;
-            let mixed = self.cache.attend_one(q, heads, kv_heads, None)?;
-            let mixed = Tensor::from_vec(mixed, (1, 1, heads * head_dim), x.device())?;
+            let mixed =
+                attention::decode_step(&qkv, &mut self.cache, heads, kv_heads, None, |q, k| {
+                    rope_one(q, head_dim, head_dim, cos, sin, true);
+                    rope_one(k, head_dim, head_dim, cos, sin, true);
+                })?;
             return self.attn_out.forward(&mixed, pass);
         }
         let split = |start: usize, count: usize| -> Result<Tensor> {
