@@ -1,5 +1,7 @@
-//! Pieces shared by the tuned engine's architectures: grouped-query
-//! attention over the cache, the output projection of a GGUF file.
+//! Pieces shared by the tuned engine's architectures: the rotary rows of a
+//! forward call, splitting a stacked projection into heads, grouped-query
+//! attention over the cache (and its one-query decode step), the output
+//! projection of a GGUF file.
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -46,11 +48,50 @@ pub(crate) fn grouped(
 }
 
 /// The rotary tables of the positions a forward call runs: `[n, dim / 2]`
-/// tensors, and for a decode step (`n == 1`) the same row as plain values.
-pub(crate) struct Rotary<'a> {
-    pub(crate) cos: &'a Tensor,
-    pub(crate) sin: &'a Tensor,
-    pub(crate) row: Option<&'a (Vec<f32>, Vec<f32>)>,
+/// tensors, and for a decode step (`n == 1`) the same row as plain values
+/// for the attention that runs outside candle's tensors.
+pub(crate) struct Rotary {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) row: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Rotary {
+    /// Rows `position..position + n` of the tables `cos` and `sin`
+    /// (`[positions, dim / 2]`).
+    pub(crate) fn at(cos: &Tensor, sin: &Tensor, position: usize, n: usize) -> Result<Self> {
+        let cos = cos.narrow(0, position, n)?;
+        let sin = sin.narrow(0, position, n)?;
+        let row = if n == 1 {
+            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(Self { cos, sin, row })
+    }
+}
+
+/// The query, key and value heads of a stacked projection `qkv`
+/// (`[1, n, (heads + 2 * kv_heads) * head_dim]`), each
+/// `[1, count, n, head_dim]` and contiguous.
+pub(crate) fn split_heads(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = qkv.dim(1)?;
+    let split = |start: usize, count: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
+            .reshape((1, n, count, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    Ok((
+        split(0, heads)?,
+        split(heads, kv_heads)?,
+        split(heads + kv_heads, kv_heads)?,
+    ))
 }
 
 /// The attention of a decode step (one token), outside candle's tensors:

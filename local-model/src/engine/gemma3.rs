@@ -22,7 +22,7 @@ use candle_core::{Device, Result, Tensor, D};
 use super::attention::{self, output_projection, Rotary};
 use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, decode_rope_row, rope_tables};
+use super::llama::{causal_mask, rope_tables};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -243,19 +243,9 @@ impl Gemma3 {
         let shape = self.shape;
         let ids = Tensor::new(tokens, &device)?;
         let mut x = (self.embeddings.embedding(&ids)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
-        let rope = [
-            (
-                self.rope[0].0.narrow(0, position, n)?,
-                self.rope[0].1.narrow(0, position, n)?,
-            ),
-            (
-                self.rope[1].0.narrow(0, position, n)?,
-                self.rope[1].1.narrow(0, position, n)?,
-            ),
-        ];
-        let rope_rows = [
-            decode_rope_row(&rope[0].0, &rope[0].1, n)?,
-            decode_rope_row(&rope[1].0, &rope[1].1, n)?,
+        let rotary = [
+            Rotary::at(&self.rope[0].0, &self.rope[0].1, position, n)?,
+            Rotary::at(&self.rope[1].0, &self.rope[1].1, position, n)?,
         ];
         let (global_mask, local_mask) = if n > 1 {
             let window = self.blocks.iter().find_map(|b| b.window);
@@ -275,20 +265,8 @@ impl Gemma3 {
             } else {
                 global_mask.as_ref()
             };
-            let (cos, sin) = &rope[block.rope];
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let rope_row = rope_rows[block.rope].as_ref();
-            let attended = block.attention(
-                &h,
-                &Rotary {
-                    cos,
-                    sin,
-                    row: rope_row,
-                },
-                mask,
-                shape,
-                pass,
-            )?;
+            let attended = block.attention(&h, &rotary[block.rope], mask, shape, pass)?;
             let attended =
                 candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
@@ -311,12 +289,11 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        rotary: &Rotary<'_>,
+        rotary: &Rotary,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
-        let (_, n, _) = x.dims3()?;
         let Shape {
             heads,
             kv_heads,
@@ -325,8 +302,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        let (cos, sin) = (rotary.cos, rotary.sin);
-        if let Some((cos, sin)) = rotary.row {
+        let (cos, sin) = (&rotary.cos, &rotary.sin);
+        if let Some((cos, sin)) = &rotary.row {
             let (q_norm, k_norm) = (&self.q_norm_values, &self.k_norm_values);
             let mixed = attention::decode_step(
                 &qkv,
@@ -343,15 +320,9 @@ impl Block {
             )?;
             return self.attn_out.forward(&mixed, pass);
         }
-        let split = |start: usize, count: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
-                .reshape((1, n, count, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = candle_nn::ops::rms_norm(&split(0, heads)?, &self.q_norm, rms_eps)?;
-        let k = candle_nn::ops::rms_norm(&split(heads, kv_heads)?, &self.k_norm, rms_eps)?;
-        let v = split(heads + kv_heads, kv_heads)?;
+        let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
+        let q = candle_nn::ops::rms_norm(&q, &self.q_norm, rms_eps)?;
+        let k = candle_nn::ops::rms_norm(&k, &self.k_norm, rms_eps)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (mut keys, mut values) = self.cache.append(&k, &v)?;

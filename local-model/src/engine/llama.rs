@@ -214,28 +214,16 @@ impl Llama {
         let device = self.norm.device().clone();
         let ids = Tensor::new(tokens, &device)?;
         let mut x = self.embeddings.embedding(&ids)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, position, n)?;
-        let sin = self.sin.narrow(0, position, n)?;
+        let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = if n > 1 {
             Some(causal_mask(n, position, None, &device)?)
         } else {
             None
         };
         let shape = self.shape;
-        let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(
-                &h,
-                &Rotary {
-                    cos: &cos,
-                    sin: &sin,
-                    row: rope_row.as_ref(),
-                },
-                mask.as_ref(),
-                shape,
-                pass,
-            )?;
+            let attended = block.attention(&h, &rotary, mask.as_ref(), shape, pass)?;
             x = (x + attended)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
             let gate_up = block.gate_up.forward(&h, pass)?;
@@ -256,12 +244,11 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        rotary: &Rotary<'_>,
+        rotary: &Rotary,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
-        let (_, n, _) = x.dims3()?;
         let Shape {
             heads,
             kv_heads,
@@ -269,8 +256,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        let (cos, sin) = (rotary.cos, rotary.sin);
-        if let Some((cos, sin)) = rotary.row {
+        let (cos, sin) = (&rotary.cos, &rotary.sin);
+        if let Some((cos, sin)) = &rotary.row {
             let mixed =
                 attention::decode_step(&qkv, &mut self.cache, heads, kv_heads, None, |q, k| {
                     rope_one(q, head_dim, head_dim, cos, sin, true);
@@ -278,15 +265,7 @@ impl Block {
                 })?;
             return self.attn_out.forward(&mixed, pass);
         }
-        let split = |start: usize, count: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
-                .reshape((1, n, count, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(0, heads)?;
-        let k = split(heads, kv_heads)?;
-        let v = split(heads + kv_heads, kv_heads)?;
+        let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         // GGUF llama weights are permuted for interleaved rotary pairs.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
@@ -320,22 +299,6 @@ pub(crate) fn causal_mask(
         })
         .collect();
     Tensor::from_vec(values, (n, total), device)
-}
-
-/// For a decode step (one token), the rotary table rows of its position as
-/// plain values, for the attention that runs outside candle's tensors.
-pub(crate) fn decode_rope_row(
-    cos: &Tensor,
-    sin: &Tensor,
-    n: usize,
-) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-    if n != 1 {
-        return Ok(None);
-    }
-    Ok(Some((
-        cos.flatten_all()?.to_vec1()?,
-        sin.flatten_all()?.to_vec1()?,
-    )))
 }
 
 /// Cosine and sine tables `[positions, head_dim / 2]`.

@@ -18,7 +18,7 @@ use candle_core::{Device, Result, Tensor, D};
 use super::attention::{self, output_projection, Rotary};
 use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, decode_rope_row, rope_tables};
+use super::llama::{causal_mask, rope_tables};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -264,28 +264,16 @@ impl Phi2 {
         let device = self.norm.weight.device().clone();
         let ids = Tensor::new(tokens, &device)?;
         let mut x = self.embeddings.embedding(&ids)?.unsqueeze(0)?;
-        let cos = self.cos.narrow(0, position, n)?;
-        let sin = self.sin.narrow(0, position, n)?;
+        let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = if n > 1 {
             Some(causal_mask(n, position, None, &device)?)
         } else {
             None
         };
         let shape = self.shape;
-        let rope_row = decode_rope_row(&cos, &sin, n)?;
         for block in &mut self.blocks {
             let h = block.norm.forward(&x, shape.norm_eps)?;
-            let attended = block.attention(
-                &h,
-                &Rotary {
-                    cos: &cos,
-                    sin: &sin,
-                    row: rope_row.as_ref(),
-                },
-                mask.as_ref(),
-                shape,
-                pass,
-            )?;
+            let attended = block.attention(&h, &rotary, mask.as_ref(), shape, pass)?;
             let mlp = block
                 .down
                 .forward(&block.up.forward(&h, pass)?.gelu()?, pass)?;
@@ -307,12 +295,11 @@ impl Block {
     fn attention(
         &mut self,
         x: &Tensor,
-        rotary: &Rotary<'_>,
+        rotary: &Rotary,
         mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
-        let (_, n, _) = x.dims3()?;
         let Shape {
             heads,
             kv_heads,
@@ -321,8 +308,8 @@ impl Block {
             ..
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
-        let (cos, sin) = (rotary.cos, rotary.sin);
-        if let Some((cos, sin)) = rotary.row {
+        let (cos, sin) = (&rotary.cos, &rotary.sin);
+        if let Some((cos, sin)) = &rotary.row {
             let mixed =
                 attention::decode_step(&qkv, &mut self.cache, heads, kv_heads, None, |q, k| {
                     rope_one(q, head_dim, rope_dim, cos, sin, false);
@@ -330,15 +317,9 @@ impl Block {
                 })?;
             return self.attn_out.forward(&mixed, pass);
         }
-        let split = |start: usize, count: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * head_dim, count * head_dim)?
-                .reshape((1, n, count, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = partial_rope(&split(0, heads)?, cos, sin, rope_dim)?;
-        let k = partial_rope(&split(heads, kv_heads)?, cos, sin, rope_dim)?;
-        let v = split(heads + kv_heads, kv_heads)?;
+        let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
+        let q = partial_rope(&q, cos, sin, rope_dim)?;
+        let k = partial_rope(&k, cos, sin, rope_dim)?;
         let (keys, values) = self.cache.append(&k, &v)?;
         let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
         self.attn_out.forward(&mixed, pass)
