@@ -1,17 +1,10 @@
 //! Pieces shared by the tuned engine's architectures: the rotary rows of a
 //! forward call, splitting a stacked projection into heads, grouped-query
-//! attention over the cache (and its one-query decode step), the output
-//! projection of a GGUF file.
+//! attention over the cache (and its one-query decode step).
 
-use std::io::{Read, Seek};
-use std::sync::Arc;
-
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
-
-use super::linear::{lacks_simd_kernel, with_simd_kernel, Linear};
 
 /// Attention of `q` (`[1, heads, n, head_dim]`, rotated) over `keys` and
 /// `values` (`[1, kv_heads, positions, head_dim]`), with an additive `mask`
@@ -116,32 +109,4 @@ pub(crate) fn decode_step(
     cache.append_one(k, v, kv_heads, qkv.device())?;
     let mixed = cache.attend_one(q, heads, kv_heads, window)?;
     Tensor::from_vec(mixed, (1, 1, heads * head_dim), qkv.device())
-}
-
-/// The output projection: `output.weight`, or for tied embeddings the
-/// embedding table itself (one copy in memory) unless its format needs
-/// converting. `exact` keeps it dense in F32.
-pub(crate) fn output_projection<R: Read + Seek>(
-    content: &gguf_file::Content,
-    reader: &mut R,
-    embeddings: &Arc<QTensor>,
-    exact: bool,
-    device: &Device,
-) -> Result<Linear> {
-    match content.tensor(reader, "output.weight", device) {
-        Ok(t) if exact => Linear::exact(t, device),
-        Ok(t) => Linear::new(with_simd_kernel(t, device)?, false, device),
-        Err(_) if exact => Ok(Linear::from_matmul(QMatMul::Tensor(
-            embeddings.dequantize(device)?,
-        ))),
-        Err(_) => {
-            let row = embeddings.shape().dims().last().copied().unwrap_or(0);
-            if lacks_simd_kernel(embeddings.dtype(), row) {
-                let table = content.tensor(reader, "token_embd.weight", device)?;
-                Linear::new(with_simd_kernel(table, device)?, false, device)
-            } else {
-                QMatMul::from_arc(embeddings.clone()).map(Linear::from_matmul)
-            }
-        }
-    }
 }

@@ -14,15 +14,15 @@
 //! quantized (candle expands it to F32: 671 MB for Gemma 3 270M).
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
-use super::attention::{self, output_projection, Rotary};
+use super::attention::{self, Rotary};
 use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
+use super::token_table::{output_projection, TokenTable};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -61,7 +61,7 @@ struct Block {
 /// A Gemma 3 model with its KV cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Gemma3 {
-    embeddings: QMatMul,
+    embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
     output: Linear,
@@ -105,7 +105,7 @@ impl Gemma3 {
             candle_core::bail!("inconsistent head counts: {heads} heads, {kv_heads} kv heads")
         }
 
-        let embeddings = Arc::new(content.tensor(reader, "token_embd.weight", device)?);
+        let embeddings = TokenTable::load(content, reader, false, device)?;
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
             .dequantize(device)?;
@@ -195,7 +195,7 @@ impl Gemma3 {
         }
 
         Ok(Self {
-            embeddings: QMatMul::from_arc(embeddings)?,
+            embeddings,
             blocks: built,
             norm,
             output,
@@ -241,8 +241,7 @@ impl Gemma3 {
         check_step(n, position, self.cached_len(), self.rope[0].0.dim(0)?)?;
         let device = self.norm.device().clone();
         let shape = self.shape;
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = (self.embeddings.embedding(&ids)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
+        let mut x = (self.embeddings.lookup(tokens, &device)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
         let rotary = [
             Rotary::at(&self.rope[0].0, &self.rope[0].1, position, n)?,
             Rotary::at(&self.rope[1].0, &self.rope[1].1, position, n)?,

@@ -105,7 +105,7 @@ impl LayerCache {
             let mut max = f32::NEG_INFINITY;
             for (p, w) in (start..self.len).zip(weights.iter_mut()) {
                 let key = &all_keys[base + p * head_dim..base + (p + 1) * head_dim];
-                *w = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *w = dot(query, key) * scale;
                 max = max.max(*w);
             }
             let mut total = 0f32;
@@ -124,6 +124,29 @@ impl LayerCache {
         }
         Ok(out)
     }
+}
+
+/// `Σ a·b` in eight interleaved partial sums, which the compiler turns
+/// into one vector multiply-add per eight values. A plain `.sum()` is one
+/// chain of dependent additions (floating-point addition is not
+/// reassociated): with 64-value heads that made the decode step's
+/// attention 10% of SmolLM2's decode time.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut partial = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..LANES {
+            partial[i] += x[i] * y[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
 }
 
 /// Rotary embeddings at one position, in place, on each `head_dim` vector

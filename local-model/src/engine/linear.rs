@@ -7,16 +7,20 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use super::kernels::{self, GroupedWeights};
 use super::Pass;
 
-/// Brings weights into a format with a SIMD kernel in candle.
+/// Brings weights into a format with a SIMD kernel, Cascade's own
+/// (`kernels`: Q8_0, Q4_1, Q4_K on AVX2) or candle's.
 ///
 /// candle 0.11 has hand-written AVX2 dot products for Q4_0, Q8_0 and the
 /// K-quants, but runs Q4_1, Q5_0 and Q5_1 through a generic scalar loop.
+/// Those become Q8_0, except Q4_1 where Cascade's kernel runs it as it is.
 /// Q8_0 holds every value of those formats to within half a step of an
 /// 8-bit grid per 32 values, far finer than their own 4- or 5-bit grid, so
 /// the conversion costs no measurable accuracy (the log-prob test in
-/// `tests/engine.rs` holds it to 0.05 nats) and 1.7x the memory of Q4_1.
+/// `tests/engine.rs` holds it to 0.05 nats), but 34 bytes per 32 values
+/// against Q5_0's 22 and Q4_1's 20.
 pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTensor> {
     let row = weights.shape().dims().last().copied().unwrap_or(0);
     if !lacks_simd_kernel(weights.dtype(), row) {
@@ -30,7 +34,13 @@ pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTen
 /// [`with_simd_kernel`].
 pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
     matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+        && !grouped_kernels_cover(dtype)
         && row % GgmlDType::Q8_0.block_size() == 0
+}
+
+/// Whether Cascade's kernels run weights of `dtype` here.
+pub(crate) fn grouped_kernels_cover(dtype: GgmlDType) -> bool {
+    std::env::var_os("CASCADE_NO_GROUPED").is_none() && kernels::covers(dtype)
 }
 
 /// Stacks weight matrices with the same input width and format into one,
@@ -134,9 +144,35 @@ impl BlockWeights {
     }
 }
 
+/// Weights regrouped for Cascade's own kernels (`kernels`), when this CPU
+/// runs them (AVX2/FMA); `None` for other formats and devices.
+pub(crate) fn grouped(weights: &QTensor, device: &Device) -> Result<Option<GroupedWeights>> {
+    if !device.is_cpu() || !grouped_kernels_cover(weights.dtype()) {
+        return Ok(None);
+    }
+    let (rows, cols) = weights.shape().dims2()?;
+    GroupedWeights::new(weights.dtype(), &weights.data()?, rows, cols)
+        .map_err(candle_core::Error::wrap)
+}
+
+/// `x Wᵀ` through Cascade's kernels; `x`: `[.., cols]`, returns
+/// `[.., rows]`.
+fn grouped_forward(weights: &GroupedWeights, x: &Tensor) -> Result<Tensor> {
+    let lhs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let out = weights.matmul(&lhs).map_err(candle_core::Error::wrap)?;
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = weights.rows();
+    }
+    Tensor::from_vec(out, shape, x.device())
+}
+
 /// The product kernel for a layer's weights.
 #[derive(Debug, Clone)]
 enum Product {
+    /// Cascade's kernels (Q8_0, Q4_K on CPUs with AVX2/FMA); Q8_0 may be
+    /// shared with a tied embedding table.
+    Grouped(Arc<GroupedWeights>),
     Blocks(BlockWeights),
     /// Float formats, and every format off the CPU.
     Candle(QMatMul),
@@ -161,9 +197,12 @@ impl Linear {
         } else {
             None
         };
-        let quantized = match BlockWeights::new(&weights, device)? {
-            Some(blocks) => Product::Blocks(blocks),
-            _ => Product::Candle(QMatMul::from_qtensor(weights)?),
+        let quantized = if let Some(grouped) = grouped(&weights, device)? {
+            Product::Grouped(Arc::new(grouped))
+        } else if let Some(blocks) = BlockWeights::new(&weights, device)? {
+            Product::Blocks(blocks)
+        } else {
+            Product::Candle(QMatMul::from_qtensor(weights)?)
         };
         Ok(Self {
             quantized,
@@ -178,6 +217,16 @@ impl Linear {
     pub(crate) fn from_matmul(matmul: QMatMul) -> Self {
         Self {
             quantized: Product::Candle(matmul),
+            dense: None,
+            bias: None,
+            exact: false,
+        }
+    }
+
+    /// A layer over Q8_0 weights shared with a tied embedding table.
+    pub(crate) fn from_grouped(weights: Arc<GroupedWeights>) -> Self {
+        Self {
+            quantized: Product::Grouped(weights),
             dense: None,
             bias: None,
             exact: false,
@@ -233,6 +282,7 @@ impl Linear {
                     .reshape(out_shape)
             }
             _ => match &self.quantized {
+                Product::Grouped(weights) => grouped_forward(weights, x),
                 Product::Blocks(blocks) => blocks.forward(x),
                 Product::Candle(matmul) => matmul.forward(x),
             },
@@ -281,19 +331,27 @@ mod tests {
     #[test]
     fn slow_formats_become_q8_0_without_losing_their_values() {
         let dense = random(16, 64, 1);
-        let q4_1 = QTensor::quantize(&dense, GgmlDType::Q4_1).unwrap();
-        let before = q4_1.dequantize(&Device::Cpu).unwrap();
-        let converted = with_simd_kernel(q4_1, &Device::Cpu).unwrap();
+        let q5_0 = QTensor::quantize(&dense, GgmlDType::Q5_0).unwrap();
+        let before = q5_0.dequantize(&Device::Cpu).unwrap();
+        let converted = with_simd_kernel(q5_0, &Device::Cpu).unwrap();
         assert_eq!(converted.dtype(), GgmlDType::Q8_0);
         let after = converted.dequantize(&Device::Cpu).unwrap();
         // Half a step of an 8-bit grid over values within ±0.5.
         assert!(max_abs_diff(&before, &after) < 0.5 / 127.0 + 1e-6);
-        // Formats with a kernel are left alone.
+        // Formats with a kernel are left alone: Q8_0 everywhere, Q4_1
+        // where Cascade's kernels run.
         let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
         assert_eq!(
             with_simd_kernel(q8, &Device::Cpu).unwrap().dtype(),
             GgmlDType::Q8_0
         );
+        let q4_1 = QTensor::quantize(&dense, GgmlDType::Q4_1).unwrap();
+        let kept = if grouped_kernels_cover(GgmlDType::Q4_1) {
+            GgmlDType::Q4_1
+        } else {
+            GgmlDType::Q8_0
+        };
+        assert_eq!(with_simd_kernel(q4_1, &Device::Cpu).unwrap().dtype(), kept);
     }
 
     #[test]
@@ -301,14 +359,13 @@ mod tests {
         let q8 = |rows, seed| QTensor::quantize(&random(rows, 64, seed), GgmlDType::Q8_0).unwrap();
         let (a, b) = (q8(8, 2), q8(4, 3));
         let x = random(3, 64, 4);
-        let separate_a = QMatMul::from_qtensor(q8(8, 2))
-            .unwrap()
-            .forward(&x)
-            .unwrap();
-        let separate_b = QMatMul::from_qtensor(q8(4, 3))
-            .unwrap()
-            .forward(&x)
-            .unwrap();
+        let separate = |w| {
+            Linear::new(w, false, &Device::Cpu)
+                .unwrap()
+                .forward(&x, Pass::Decode)
+                .unwrap()
+        };
+        let (separate_a, separate_b) = (separate(q8(8, 2)), separate(q8(4, 3)));
         let stacked = Linear::new(
             stack_rows(&[a, b], &Device::Cpu).unwrap(),
             false,

@@ -8,14 +8,14 @@
 //! head, and prefill can run on a dense copy of the weights.
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::attention::{self, output_projection, Rotary};
+use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
+use super::token_table::{output_projection, TokenTable};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -44,7 +44,7 @@ struct Block {
 /// A llama-architecture model with its KV cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Llama {
-    embeddings: QMatMul,
+    embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
     output: Linear,
@@ -118,7 +118,7 @@ impl Llama {
             candle_core::bail!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported by the tuned engine")
         }
 
-        let embeddings = Arc::new(content.tensor(reader, "token_embd.weight", device)?);
+        let embeddings = TokenTable::load(content, reader, exact, device)?;
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
             .dequantize(device)?;
@@ -167,7 +167,7 @@ impl Llama {
 
         let (cos, sin) = rope_tables(head_dim, rope_base, max_positions, device)?;
         Ok(Self {
-            embeddings: QMatMul::from_arc(embeddings)?,
+            embeddings,
             blocks: built,
             norm,
             output,
@@ -212,8 +212,7 @@ impl Llama {
         let n = tokens.len();
         check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
         let device = self.norm.device().clone();
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embeddings.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = if n > 1 {
             Some(causal_mask(n, position, None, &device)?)

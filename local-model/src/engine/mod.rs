@@ -9,10 +9,12 @@
 
 pub(crate) mod attention;
 pub(crate) mod gemma3;
+pub mod kernels;
 pub(crate) mod kv_cache;
 pub(crate) mod linear;
 pub(crate) mod llama;
 pub(crate) mod phi2;
+pub(crate) mod token_table;
 
 use candle_core::Tensor;
 

@@ -10,15 +10,15 @@
 //! both are read into one stacked projection.
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
-use super::attention::{self, output_projection, Rotary};
+use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
+use super::token_table::{output_projection, TokenTable};
 use super::{check_step, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -59,7 +59,7 @@ struct Block {
 /// A `phi2`-architecture model with its KV cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Phi2 {
-    embeddings: QMatMul,
+    embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: LayerNorm,
     output: Linear,
@@ -122,8 +122,8 @@ impl Phi2 {
             }
         };
         let dense = |t: QTensor| t.dequantize(device);
+        let embeddings = TokenTable::load(content, reader, exact, device)?;
         let mut tensor = |name: &str| content.tensor(reader, name, device);
-        let embeddings = Arc::new(tensor("token_embd.weight")?);
         let norm = LayerNorm {
             weight: dense(tensor("output_norm.weight")?)?,
             bias: dense(tensor("output_norm.bias")?)?,
@@ -216,7 +216,7 @@ impl Phi2 {
 
         let (cos, sin) = rope_tables(rope_dim, rope_base, max_positions, device)?;
         Ok(Self {
-            embeddings: QMatMul::from_arc(embeddings)?,
+            embeddings,
             blocks: built,
             norm,
             output,
@@ -262,8 +262,7 @@ impl Phi2 {
         let n = tokens.len();
         check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
         let device = self.norm.weight.device().clone();
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embeddings.embedding(&ids)?.unsqueeze(0)?;
+        let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = if n > 1 {
             Some(causal_mask(n, position, None, &device)?)

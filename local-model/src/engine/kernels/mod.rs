@@ -1,0 +1,231 @@
+//! Cascade's own products of F32 activations with block-quantized weights
+//! (Q8_0, Q4_1 and Q4_K), on AVX2 through `pulp`'s safe intrinsics.
+//!
+//! candle 0.11's x86 kernels take one weight row at a time through a single
+//! accumulator and re-read the activation block for every row. Here the
+//! weights are regrouped at load so that four rows sit block by block in
+//! one sequential stream; each activation block is loaded once for the four
+//! rows, and each row has its own accumulator. In prefill every activation
+//! row passes over a four-row group while it sits in L1, so the matrix is
+//! read once per product instead of once per tile of rows.
+//!
+//! No `unsafe` here: `pulp::x86::V3` is a token that exists only when the CPU
+//! has AVX2 and FMA (checked at run time), its intrinsics are safe methods,
+//! and `V3::vectorize` compiles the closure with those features. Without the
+//! token (another CPU or architecture) the constructors return `None` and the
+//! caller keeps candle's kernels (on ARM, candle's NEON kernels already take
+//! four rows at a time).
+
+mod q4_1;
+mod q4_k;
+mod q8_0;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use candle_core::quantized::GgmlDType;
+
+pub use q4_1::Q4_1Matrix;
+pub use q4_k::Q4KMatrix;
+pub use q8_0::Q8_0Matrix;
+
+/// Weight rows that share one pass over an activation block.
+const ROWS_PER_GROUP: usize = 4;
+
+/// Proof that the CPU runs the AVX2/FMA kernels.
+#[cfg(target_arch = "x86_64")]
+type Simd = pulp::x86::V3;
+/// No kernels here: the type has no values, so no matrix is ever built.
+#[cfg(not(target_arch = "x86_64"))]
+type Simd = std::convert::Infallible;
+
+#[cfg(target_arch = "x86_64")]
+fn detect_simd() -> Option<Simd> {
+    pulp::x86::V3::try_new()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_simd() -> Option<Simd> {
+    None
+}
+
+/// Why a buffer cannot be used as quantized weights or activations.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{format:?} rows of {cols} values are not whole blocks of {block}")]
+    PartialBlock {
+        format: GgmlDType,
+        cols: usize,
+        block: usize,
+    },
+    #[error("{rows} x {cols} {format:?} weights take {expected} bytes, got {actual}")]
+    Size {
+        format: GgmlDType,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("activations of {actual} values are not rows of {cols}")]
+    Activations { cols: usize, actual: usize },
+}
+
+/// Checks GGUF bytes of `rows x cols` weights in a format of `block`
+/// values per `block_bytes` bytes.
+fn check_layout(
+    format: GgmlDType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<(), KernelError> {
+    let block = format.block_size();
+    if cols % block != 0 {
+        return Err(KernelError::PartialBlock {
+            format,
+            cols,
+            block,
+        });
+    }
+    let expected = rows * cols / block * format.type_size();
+    if bytes.len() != expected {
+        return Err(KernelError::Size {
+            format,
+            rows,
+            cols,
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Regroups GGUF rows (runs of `block_bytes`-byte blocks) four at a time,
+/// block by block: group `g` holds, for each block index, that block of
+/// rows `4g..4g+4`, each rewritten by `repack` into `packed_bytes`. The last
+/// group is padded with zero blocks (scale 0), whose products are computed
+/// and dropped.
+fn regroup(
+    bytes: &[u8],
+    rows: usize,
+    row_blocks: usize,
+    block_bytes: usize,
+    packed_bytes: usize,
+    repack: impl Fn(&[u8], &mut [u8]),
+) -> Vec<u8> {
+    let group_bytes = row_blocks * ROWS_PER_GROUP * packed_bytes;
+    let mut groups = vec![0u8; rows.div_ceil(ROWS_PER_GROUP) * group_bytes];
+    for (row, source) in bytes.chunks_exact(row_blocks * block_bytes).enumerate() {
+        let (group, lane) = (row / ROWS_PER_GROUP, row % ROWS_PER_GROUP);
+        for (b, block) in source.chunks_exact(block_bytes).enumerate() {
+            let at = group * group_bytes + (b * ROWS_PER_GROUP + lane) * packed_bytes;
+            repack(block, &mut groups[at..at + packed_bytes]);
+        }
+    }
+    groups
+}
+
+/// Runs `dot(group, activation_row)` for every four-row group of a
+/// `rows`-row matrix (`group_bytes` each in `groups`) and each of `m`
+/// activation rows; returns `m x rows` values, row-major. Groups are split
+/// over candle's thread pool.
+fn for_each_group(
+    groups: &[u8],
+    group_bytes: usize,
+    rows: usize,
+    m: usize,
+    dot: impl Fn(&[u8], usize) -> [f32; ROWS_PER_GROUP] + Sync,
+) -> Vec<f32> {
+    // Each output is written once, by whichever worker owns its group;
+    // relaxed atomic stores compile to plain stores and let the workers
+    // share the buffer without `unsafe`.
+    let out: Vec<AtomicU32> = (0..m * rows).map(|_| AtomicU32::new(0)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_GROUP), |range| {
+        for group in range {
+            let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
+            let first = group * ROWS_PER_GROUP;
+            let lanes = ROWS_PER_GROUP.min(rows - first);
+            for i in 0..m {
+                for (lane, sum) in dot(weights, i).iter().take(lanes).enumerate() {
+                    out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    out.into_iter()
+        .map(|v| f32::from_bits(v.into_inner()))
+        .collect()
+}
+
+/// Rounds `chunk` to signed bytes on a symmetric grid (scale = max |v| /
+/// 127, half away from zero, as llama.cpp), returning the scale.
+fn quantize_block(chunk: &[f32], out: &mut [i8]) -> f32 {
+    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(chunk) {
+        // |v * inverse| <= 127 by construction of the scale.
+        *q = (v * inverse).round() as i8;
+    }
+    scale
+}
+
+/// Checks activations `x` against rows of `cols` values; the row count.
+fn activation_rows(x: &[f32], cols: usize) -> Result<usize, KernelError> {
+    if cols == 0 || x.len() % cols != 0 {
+        return Err(KernelError::Activations {
+            cols,
+            actual: x.len(),
+        });
+    }
+    Ok(x.len() / cols)
+}
+
+/// Weights in one of the formats these kernels cover.
+#[derive(Debug, Clone)]
+pub enum GroupedWeights {
+    Q8_0(Q8_0Matrix),
+    Q4_1(Q4_1Matrix),
+    Q4K(Q4KMatrix),
+}
+
+/// Whether weights of `format` get Cascade's kernel on this CPU.
+pub fn covers(format: GgmlDType) -> bool {
+    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) && detect_simd().is_some()
+}
+
+impl GroupedWeights {
+    /// `bytes`: `rows x cols` weights of `format` in GGUF's layout. `None`
+    /// for other formats, or when this CPU lacks AVX2/FMA.
+    pub fn new(
+        format: GgmlDType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>, KernelError> {
+        Ok(match format {
+            GgmlDType::Q8_0 => Q8_0Matrix::new(bytes, rows, cols)?.map(Self::Q8_0),
+            GgmlDType::Q4_1 => Q4_1Matrix::new(bytes, rows, cols)?.map(Self::Q4_1),
+            GgmlDType::Q4K => Q4KMatrix::new(bytes, rows, cols)?.map(Self::Q4K),
+            _ => None,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8_0(m) => m.rows(),
+            Self::Q4_1(m) => m.rows(),
+            Self::Q4K(m) => m.rows(),
+        }
+    }
+
+    /// `x Wᵀ` for `x` of `m` rows of `cols` values: `m x rows` values.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
+        match self {
+            Self::Q8_0(m) => m.matmul(x),
+            Self::Q4_1(m) => m.matmul(x),
+            Self::Q4K(m) => m.matmul(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! Checks of both kernels against the weights' own values and candle's
+//! kernels, on small random matrices.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::{GroupedWeights, KernelError, Q4KMatrix, Q8_0Matrix};
+
+fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..rows * cols)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// Weights of `format` in GGUF's layout and their dequantised values.
+fn quantized(format: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let dense = Tensor::from_vec(random(rows, cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&dense, format).unwrap();
+    let values = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (q.data().unwrap().to_vec(), values)
+}
+
+fn candle_product(format: GgmlDType, bytes: &[u8], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let QStorage::Cpu(blocks) =
+        QStorage::from_data(bytes.to_vec().into(), &Device::Cpu, format).unwrap()
+    else {
+        panic!("CPU storage")
+    };
+    let m = x.len() / cols;
+    let mut out = vec![0f32; m * rows];
+    blocks.matmul_t((m, cols, rows), x, &mut out).unwrap();
+    out
+}
+
+/// Our product against the exact one on the dequantised weights (bounded
+/// by rounding the activations: half a step of a block's 8-bit grid per
+/// value, values within ±0.5) and against candle's kernel.
+fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_tolerance: f32) {
+    let (bytes, weights) = quantized(format, rows, cols, 1);
+    let x = random(m, cols, 2);
+    let ours = GroupedWeights::new(format, &bytes, rows, cols)
+        .unwrap()
+        .expect("the test build targets x86-64-v3, which has AVX2 and FMA")
+        .matmul(&x)
+        .unwrap();
+    assert_eq!(ours.len(), m * rows);
+    let candle = candle_product(format, &bytes, &x, rows, cols);
+    for i in 0..m {
+        for r in 0..rows {
+            let w = &weights[r * cols..(r + 1) * cols];
+            let exact: f32 = w.iter().zip(&x[i * cols..]).map(|(w, x)| w * x).sum();
+            let bound: f32 = w.iter().map(|w| w.abs() * 0.25 / 127.0).sum::<f32>() + 1e-4;
+            let got = ours[i * rows + r];
+            assert!(
+                (got - exact).abs() <= bound,
+                "{format:?} row {r} of input {i}: {got} against {exact} (bound {bound})"
+            );
+            let theirs = candle[i * rows + r];
+            assert!(
+                (got - theirs).abs() <= candle_tolerance,
+                "{format:?} row {r} of input {i}: {got} against candle's {theirs}"
+            );
+        }
+    }
+}
+
+#[test]
+fn q8_0_products_match_the_weights_values_and_candles_kernel() {
+    // 13 rows: three full groups of four and a padded one.
+    check_format(GgmlDType::Q8_0, 13, 96, 3, 2e-3);
+}
+
+#[test]
+fn q4_1_products_match_the_weights_values_and_candles_kernel() {
+    // candle's Q4_1 product rounds activations the same way (Q8_1).
+    check_format(GgmlDType::Q4_1, 7, 128, 2, 2e-3);
+}
+
+#[test]
+fn q4_k_products_match_the_weights_values_and_candles_kernel() {
+    // candle quantizes activations per 256 values on a -128..127 grid,
+    // we on a symmetric one: both within the rounding bound, not equal.
+    check_format(GgmlDType::Q4K, 9, 512, 3, 0.05);
+}
+
+#[test]
+fn q8_0_rows_come_back_from_the_grouped_layout_unchanged() {
+    let (rows, cols) = (6, 64);
+    let (bytes, weights) = quantized(GgmlDType::Q8_0, rows, cols, 3);
+    let m = Q8_0Matrix::new(&bytes, rows, cols).unwrap().unwrap();
+    for r in 0..rows {
+        assert_eq!(m.row(r).unwrap(), weights[r * cols..(r + 1) * cols]);
+    }
+    assert_eq!(m.row(rows), None);
+    // Padding to whole groups of four is all the memory it adds.
+    assert_eq!(m.size_in_bytes(), 8 * 2 * 34);
+}
+
+#[test]
+fn q4_k_keeps_its_size_but_for_unpacked_scales() {
+    let (bytes, _) = quantized(GgmlDType::Q4K, 8, 512, 4);
+    let m = Q4KMatrix::new(&bytes, 8, 512).unwrap().unwrap();
+    assert_eq!(m.size_in_bytes(), bytes.len() / 144 * 148);
+}
+
+#[test]
+fn malformed_inputs_are_errors() {
+    let (bytes, _) = quantized(GgmlDType::Q8_0, 4, 64, 5);
+    assert!(matches!(
+        Q8_0Matrix::new(&bytes, 4, 48),
+        Err(KernelError::PartialBlock { cols: 48, .. })
+    ));
+    assert!(matches!(
+        Q8_0Matrix::new(&bytes[1..], 4, 64),
+        Err(KernelError::Size { .. })
+    ));
+    assert!(matches!(
+        Q4KMatrix::new(&bytes, 4, 64),
+        Err(KernelError::PartialBlock { block: 256, .. })
+    ));
+    let m = Q8_0Matrix::new(&bytes, 4, 64).unwrap().unwrap();
+    assert_eq!(
+        m.matmul(&[0.0; 65]).err(),
+        Some(KernelError::Activations {
+            cols: 64,
+            actual: 65
+        })
+    );
+    // Formats without a kernel here are left to candle.
+    assert!(GroupedWeights::new(GgmlDType::Q6K, &bytes, 4, 64)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn zero_activations_give_zero_products() {
+    let (bytes, _) = quantized(GgmlDType::Q4K, 4, 256, 6);
+    let out = Q4KMatrix::new(&bytes, 4, 256)
+        .unwrap()
+        .unwrap()
+        .matmul(&[0.0; 512])
+        .unwrap();
+    assert_eq!(out, vec![0.0; 8]);
+}
