@@ -184,9 +184,13 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
         reused.usage.prompt_tokens - 1
     );
     assert_eq!(again.text, fresh.text);
+    // The cached part came from two prefill chunks of other sizes (see
+    // below); 0.014 nats measured at most since the decode kernels became
+    // Cascade's own, whose 8-bit rounding of activations turns last-bit
+    // differences into steps of that size now and then.
     for (a, b) in fresh.tokens.iter().zip(&again.tokens) {
         assert!(
-            (a.logprob - b.logprob).abs() < 1e-2,
+            (a.logprob - b.logprob).abs() < 2e-2,
             "{} vs {}",
             a.logprob,
             b.logprob

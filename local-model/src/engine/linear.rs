@@ -40,7 +40,7 @@ pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
 
 /// Whether Cascade's kernels run weights of `dtype` here.
 pub(crate) fn grouped_kernels_cover(dtype: GgmlDType) -> bool {
-    std::env::var_os("CASCADE_NO_GROUPED").is_none() && kernels::covers(dtype)
+    kernels::covers(dtype)
 }
 
 /// Stacks weight matrices with the same input width and format into one,

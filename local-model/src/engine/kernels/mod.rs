@@ -123,16 +123,29 @@ fn regroup(
     groups
 }
 
-/// Runs `dot(group, activation_row)` for every four-row group of a
-/// `rows`-row matrix (`group_bytes` each in `groups`) and each of `m`
-/// activation rows; returns `m x rows` values, row-major. Groups are split
-/// over candle's thread pool.
+/// Activation rows that share one pass over a weight group in prefill:
+/// each weight block is loaded and unpacked once for both.
+const ACTIVATION_ROWS_PER_STEP: usize = 2;
+
+/// A format's dot products of one four-row weight group with activation
+/// rows.
+trait GroupKernel: Sync {
+    /// With activation row `i`.
+    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP];
+    /// With activation rows `i` and `i + 1`.
+    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP];
+}
+
+/// Runs `kernel` over every four-row group of a `rows`-row matrix
+/// (`group_bytes` each in `groups`) and each of `m` activation rows;
+/// returns `m x rows` values, row-major. Groups are split over candle's
+/// thread pool.
 fn for_each_group(
     groups: &[u8],
     group_bytes: usize,
     rows: usize,
     m: usize,
-    dot: impl Fn(&[u8], usize) -> [f32; ROWS_PER_GROUP] + Sync,
+    kernel: &impl GroupKernel,
 ) -> Vec<f32> {
     // Each output is written once, by whichever worker owns its group;
     // relaxed atomic stores compile to plain stores and let the workers
@@ -143,16 +156,34 @@ fn for_each_group(
             let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
             let first = group * ROWS_PER_GROUP;
             let lanes = ROWS_PER_GROUP.min(rows - first);
-            for i in 0..m {
-                for (lane, sum) in dot(weights, i).iter().take(lanes).enumerate() {
+            let store = |i: usize, sums: &[f32; ROWS_PER_GROUP]| {
+                for (lane, sum) in sums.iter().take(lanes).enumerate() {
                     out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
                 }
+            };
+            let mut i = 0;
+            while i + ACTIVATION_ROWS_PER_STEP <= m {
+                for (offset, sums) in kernel.dot_pair(weights, i).iter().enumerate() {
+                    store(i + offset, sums);
+                }
+                i += ACTIVATION_ROWS_PER_STEP;
+            }
+            for i in i..m {
+                store(i, &kernel.dot(weights, i));
             }
         }
     });
     out.into_iter()
         .map(|v| f32::from_bits(v.into_inner()))
         .collect()
+}
+
+/// Horizontal sum of eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
+    let lanes: [f32; 8] = pulp::bytemuck::cast(v);
+    lanes.iter().sum()
 }
 
 /// Rounds `chunk` to signed bytes on a symmetric grid (scale = max |v| /

@@ -10,7 +10,12 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::q8_0::Activations;
-use super::{check_layout, detect_simd, for_each_group, regroup, KernelError, Simd, ROWS_PER_GROUP};
+#[cfg(target_arch = "x86_64")]
+use super::lane_sum;
+use super::{
+    check_layout, detect_simd, for_each_group, regroup, GroupKernel, KernelError, Simd,
+    ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
+};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
@@ -65,30 +70,66 @@ impl Q4_1Matrix {
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
+        let kernel = Kernel {
+            simd: self.simd,
+            activations: &activations,
+        };
         Ok(for_each_group(
             &self.groups,
             self.cols / BLOCK * ROWS_PER_GROUP * BLOCK_BYTES,
             self.rows,
             m,
-            |weights, i| dot_group(self.simd, weights, &activations, i),
+            &kernel,
         ))
     }
 }
 
-/// Dot products of one four-row group with activation row `i`.
+/// The Q4_1 product over one set of quantized activations.
+struct Kernel<'a> {
+    simd: Simd,
+    activations: &'a Activations,
+}
+
+impl GroupKernel for Kernel<'_> {
+    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP] {
+        let [sums] = dot_group(self.simd, weights, [self.activations.row(i)]);
+        sums
+    }
+
+    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+        dot_group(
+            self.simd,
+            weights,
+            [self.activations.row(i), self.activations.row(i + 1)],
+        )
+    }
+}
+
+/// Scales, values and sums of one activation row.
+type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
+
+/// Dot products of one four-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group(simd: Simd, _weights: &[u8], _x: &Activations, _i: usize) -> [f32; ROWS_PER_GROUP] {
+fn dot_group<const N: usize>(
+    simd: Simd,
+    _weights: &[u8],
+    _rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with activation row `i`.
+/// Dot products of one four-row group with `N` activation rows; each
+/// weight block is unpacked once for all `N`.
 ///
 /// Per block: `d·dy·Σ q·y + m·dy·Σ y`; the second factor of the minimum's
-/// term is computed once per activation block.
+/// term comes with the activations.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group(simd: Simd, weights: &[u8], x: &Activations, i: usize) -> [f32; ROWS_PER_GROUP] {
-    let (scales, values, sums) = x.row(i);
+fn dot_group<const N: usize>(
+    simd: Simd,
+    weights: &[u8],
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     simd.vectorize(
         #[inline(always)]
         || {
@@ -96,20 +137,16 @@ fn dot_group(simd: Simd, weights: &[u8], x: &Activations, i: usize) -> [f32; ROW
             use std::arch::x86_64::{__m128i, __m256i};
             let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
             let ones = simd.avx._mm256_set1_epi16(1);
-            let mut acc = [simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP];
-            let mut min_terms = [0f32; ROWS_PER_GROUP];
-            for (((&y_scale, y), &y_sum), blocks) in scales
-                .iter()
-                .zip(values)
-                .zip(sums)
-                .zip(weights.chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES))
+            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
+            let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
+            for (b, blocks) in weights
+                .chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES)
+                .enumerate()
             {
-                let y: __m256i = bytemuck::cast(*y);
-                for ((acc, min_term), block) in acc
-                    .iter_mut()
-                    .zip(&mut min_terms)
-                    .zip(blocks.chunks_exact(BLOCK_BYTES))
-                {
+                let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                let y_scales: [f32; N] = std::array::from_fn(|n| rows[n].0[b]);
+                let y_sums: [f32; N] = std::array::from_fn(|n| rows[n].2[b]);
+                for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
                     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                     let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
                     let packed: __m128i = bytemuck::pod_read_unaligned(&block[4..]);
@@ -119,19 +156,20 @@ fn dot_group(simd: Simd, weights: &[u8], x: &Activations, i: usize) -> [f32; ROW
                         simd.sse2._mm_srli_epi16::<4>(packed),
                     );
                     let q = simd.avx2._mm256_and_si256(both, low_nibbles);
-                    let pairs = simd.avx2._mm256_maddubs_epi16(q, y);
-                    let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
-                    *acc = simd.fma._mm256_fmadd_ps(
-                        simd.avx._mm256_cvtepi32_ps(quads),
-                        simd.avx._mm256_set1_ps(d * y_scale),
-                        *acc,
-                    );
-                    *min_term += m * y_sum;
+                    for n in 0..N {
+                        let pairs = simd.avx2._mm256_maddubs_epi16(q, ys[n]);
+                        let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
+                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_cvtepi32_ps(quads),
+                            simd.avx._mm256_set1_ps(d * y_scales[n]),
+                            acc[n][lane],
+                        );
+                        min_terms[n][lane] += m * y_sums[n];
+                    }
                 }
             }
-            std::array::from_fn(|lane| {
-                let lanes: [f32; 8] = bytemuck::cast(acc[lane]);
-                lanes.iter().sum::<f32>() + min_terms[lane]
+            std::array::from_fn(|n| {
+                std::array::from_fn(|lane| lane_sum(acc[n][lane]) + min_terms[n][lane])
             })
         },
     )

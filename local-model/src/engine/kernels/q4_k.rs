@@ -5,9 +5,11 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use super::lane_sum;
 use super::{
     activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    KernelError, Simd, ROWS_PER_GROUP,
+    GroupKernel, KernelError, Simd, ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_K super-block.
@@ -122,26 +124,57 @@ impl Q4KMatrix {
         let activations = quantize(x, self.cols)?;
         let m = x.len() / self.cols;
         let row_blocks = self.cols / BLOCK;
+        let kernel = Kernel {
+            simd: self.simd,
+            activations: &activations,
+            row_blocks,
+        };
         Ok(for_each_group(
             &self.groups,
             row_blocks * ROWS_PER_GROUP * PACKED_BYTES,
             self.rows,
             m,
-            |weights, i| {
-                let row = &activations[i * row_blocks..(i + 1) * row_blocks];
-                dot_group(self.simd, weights, row)
-            },
+            &kernel,
         ))
     }
 }
 
-/// Dot products of one four-row group with one quantized activation row.
+/// The Q4_K product over one set of quantized activations.
+struct Kernel<'a> {
+    simd: Simd,
+    activations: &'a [ActivationBlock],
+    row_blocks: usize,
+}
+
+impl Kernel<'_> {
+    fn row(&self, i: usize) -> &[ActivationBlock] {
+        &self.activations[i * self.row_blocks..(i + 1) * self.row_blocks]
+    }
+}
+
+impl GroupKernel for Kernel<'_> {
+    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP] {
+        let [sums] = dot_group(self.simd, weights, [self.row(i)]);
+        sums
+    }
+
+    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+        dot_group(self.simd, weights, [self.row(i), self.row(i + 1)])
+    }
+}
+
+/// Dot products of one four-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group(simd: Simd, _weights: &[u8], _row: &[ActivationBlock]) -> [f32; ROWS_PER_GROUP] {
+fn dot_group<const N: usize>(
+    simd: Simd,
+    _weights: &[u8],
+    _rows: [&[ActivationBlock]; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with one quantized activation row.
+/// Dot products of one four-row group with `N` activation rows; each
+/// weight block is unpacked once for all `N`.
 ///
 /// Per sub-block `j` of a row: `d·scale_j·Σ q·y − dmin·min_j·Σ y`, times
 /// the activation scale. The first term accumulates in integers across
@@ -149,66 +182,74 @@ fn dot_group(simd: Simd, _weights: &[u8], _row: &[ActivationBlock]) -> [f32; ROW
 /// is a short integer dot product of minimums and activation sums.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group(simd: Simd, weights: &[u8], row: &[ActivationBlock]) -> [f32; ROWS_PER_GROUP] {
+fn dot_group<const N: usize>(
+    simd: Simd,
+    weights: &[u8],
+    rows: [&[ActivationBlock]; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     simd.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::__m256i;
             let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
-            let mut acc = [simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP];
-            let mut min_terms = [0f32; ROWS_PER_GROUP];
-            for (y, blocks) in row
-                .iter()
-                .zip(weights.chunks_exact(ROWS_PER_GROUP * PACKED_BYTES))
+            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
+            let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
+            for (b, blocks) in weights
+                .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
+                .enumerate()
             {
-                let ys: [__m256i; BLOCK / SUB] = y.values.map(bytemuck::cast);
-                for ((acc, min_term), block) in acc
-                    .iter_mut()
-                    .zip(&mut min_terms)
-                    .zip(blocks.chunks_exact(PACKED_BYTES))
-                {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32() * y.scale;
-                    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32() * y.scale;
+                let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
+                for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
+                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
                     let scales = &block[4..12];
                     let mins = &block[12..20];
-                    let mut sum = simd.avx._mm256_setzero_si256();
+                    let mut sums = [simd.avx._mm256_setzero_si256(); N];
                     for (k, values) in block[VALUES_AT..].chunks_exact(32).enumerate() {
                         let q: __m256i = bytemuck::pod_read_unaligned(values);
                         let low = simd.avx2._mm256_and_si256(q, low_nibbles);
                         let high = simd
                             .avx2
                             ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
-                        // Nibbles are unsigned (0..=15), activations signed:
-                        // maddubs without sign tricks, no saturation.
-                        let low = simd.avx2._mm256_madd_epi16(
-                            simd.avx2._mm256_maddubs_epi16(low, ys[2 * k]),
-                            simd.avx._mm256_set1_epi16(i16::from(scales[2 * k])),
-                        );
-                        let high = simd.avx2._mm256_madd_epi16(
-                            simd.avx2._mm256_maddubs_epi16(high, ys[2 * k + 1]),
-                            simd.avx._mm256_set1_epi16(i16::from(scales[2 * k + 1])),
-                        );
-                        sum = simd
-                            .avx2
-                            ._mm256_add_epi32(sum, simd.avx2._mm256_add_epi32(low, high));
+                        let low_scale = simd.avx._mm256_set1_epi16(i16::from(scales[2 * k]));
+                        let high_scale = simd.avx._mm256_set1_epi16(i16::from(scales[2 * k + 1]));
+                        for n in 0..N {
+                            // Nibbles are unsigned (0..=15), activations
+                            // signed: maddubs needs no sign trick and
+                            // cannot saturate.
+                            let y_low: __m256i = bytemuck::cast(ys[n].values[2 * k]);
+                            let y_high: __m256i = bytemuck::cast(ys[n].values[2 * k + 1]);
+                            let low = simd.avx2._mm256_madd_epi16(
+                                simd.avx2._mm256_maddubs_epi16(low, y_low),
+                                low_scale,
+                            );
+                            let high = simd.avx2._mm256_madd_epi16(
+                                simd.avx2._mm256_maddubs_epi16(high, y_high),
+                                high_scale,
+                            );
+                            sums[n] = simd
+                                .avx2
+                                ._mm256_add_epi32(sums[n], simd.avx2._mm256_add_epi32(low, high));
+                        }
                     }
-                    *acc = simd.fma._mm256_fmadd_ps(
-                        simd.avx._mm256_set1_ps(d),
-                        simd.avx._mm256_cvtepi32_ps(sum),
-                        *acc,
-                    );
-                    let min_dot: i32 = mins
-                        .iter()
-                        .zip(&y.sums)
-                        .map(|(&m, &s)| i32::from(m) * s)
-                        .sum();
-                    *min_term += dmin * min_dot as f32;
+                    for n in 0..N {
+                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_set1_ps(d * ys[n].scale),
+                            simd.avx._mm256_cvtepi32_ps(sums[n]),
+                            acc[n][lane],
+                        );
+                        let min_dot: i32 = mins
+                            .iter()
+                            .zip(&ys[n].sums)
+                            .map(|(&m, &s)| i32::from(m) * s)
+                            .sum();
+                        min_terms[n][lane] += dmin * ys[n].scale * min_dot as f32;
+                    }
                 }
             }
-            std::array::from_fn(|lane| {
-                let lanes: [f32; 8] = bytemuck::cast(acc[lane]);
-                lanes.iter().sum::<f32>() - min_terms[lane]
+            std::array::from_fn(|n| {
+                std::array::from_fn(|lane| lane_sum(acc[n][lane]) - min_terms[n][lane])
             })
         },
     )

@@ -4,9 +4,11 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use super::lane_sum;
 use super::{
     activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    KernelError, Simd, ROWS_PER_GROUP,
+    GroupKernel, KernelError, Simd, ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
@@ -143,72 +145,95 @@ impl Q8_0Matrix {
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
+        let kernel = Kernel {
+            simd: self.simd,
+            activations: &activations,
+        };
         Ok(for_each_group(
             &self.groups,
             self.group_bytes(),
             self.rows,
             m,
-            |weights, i| {
-                let (scales, values, _) = activations.row(i);
-                dot_group(self.simd, weights, scales, values)
-            },
+            &kernel,
         ))
     }
 }
 
-/// Dot products of one four-row group with one quantized activation row.
+/// The Q8_0 product over one set of quantized activations.
+struct Kernel<'a> {
+    simd: Simd,
+    activations: &'a Activations,
+}
+
+impl GroupKernel for Kernel<'_> {
+    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP] {
+        let [sums] = dot_group(self.simd, weights, [self.activations.row(i)]);
+        sums
+    }
+
+    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+        dot_group(
+            self.simd,
+            weights,
+            [self.activations.row(i), self.activations.row(i + 1)],
+        )
+    }
+}
+
+/// Scales, values and sums of one activation row.
+type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
+
+/// Dot products of one four-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group(
+fn dot_group<const N: usize>(
     simd: Simd,
     _weights: &[u8],
-    _scales: &[f32],
-    _values: &[[i8; BLOCK]],
-) -> [f32; ROWS_PER_GROUP] {
+    _rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with one quantized activation row.
+/// Dot products of one four-row group with `N` activation rows; each
+/// weight block is loaded and its sign taken once for all `N`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group(
+fn dot_group<const N: usize>(
     simd: Simd,
     weights: &[u8],
-    scales: &[f32],
-    values: &[[i8; BLOCK]],
-) -> [f32; ROWS_PER_GROUP] {
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
     simd.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::__m256i;
             let ones = simd.avx._mm256_set1_epi16(1);
-            let mut acc = [simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP];
-            for ((&y_scale, y), blocks) in scales
-                .iter()
-                .zip(values)
-                .zip(weights.chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES))
+            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
+            for (b, blocks) in weights
+                .chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES)
+                .enumerate()
             {
-                let y: __m256i = bytemuck::cast(*y);
-                for (acc, block) in acc.iter_mut().zip(blocks.chunks_exact(BLOCK_BYTES)) {
+                let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                let y_scales: [f32; N] = std::array::from_fn(|n| rows[n].0[b]);
+                for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
                     let x_scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
                     let x: __m256i = bytemuck::pod_read_unaligned(&block[2..]);
-                    // maddubs multiplies unsigned by signed bytes: move x's
-                    // sign onto y and take |x|.
+                    // maddubs multiplies unsigned by signed bytes: take |x|
+                    // and move x's sign onto y.
                     let x_abs = simd.avx2._mm256_sign_epi8(x, x);
-                    let y_signed = simd.avx2._mm256_sign_epi8(y, x);
-                    let pairs = simd.avx2._mm256_maddubs_epi16(x_abs, y_signed);
-                    let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
-                    *acc = simd.fma._mm256_fmadd_ps(
-                        simd.avx._mm256_cvtepi32_ps(quads),
-                        simd.avx._mm256_set1_ps(x_scale * y_scale),
-                        *acc,
-                    );
+                    for n in 0..N {
+                        let y_signed = simd.avx2._mm256_sign_epi8(ys[n], x);
+                        let pairs = simd.avx2._mm256_maddubs_epi16(x_abs, y_signed);
+                        let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
+                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_cvtepi32_ps(quads),
+                            simd.avx._mm256_set1_ps(x_scale * y_scales[n]),
+                            acc[n][lane],
+                        );
+                    }
                 }
             }
-            acc.map(|acc| {
-                let lanes: [f32; 8] = bytemuck::cast(acc);
-                lanes.iter().sum()
-            })
+            acc.map(|row| row.map(lane_sum))
         },
     )
 }
