@@ -179,7 +179,8 @@ fn dot_group<const N: usize>(
 /// Per sub-block `j` of a row: `d·scale_j·Σ q·y − dmin·min_j·Σ y`, times
 /// the activation scale. The first term accumulates in integers across
 /// the super-block (the sub-block scale multiplies in `madd`), the second
-/// is a short integer dot product of minimums and activation sums.
+/// multiplies the eight minimums by the eight activation sums in one
+/// vector and joins the same accumulator.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn dot_group<const N: usize>(
@@ -194,7 +195,6 @@ fn dot_group<const N: usize>(
             use std::arch::x86_64::__m256i;
             let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
-            let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
             for (b, blocks) in weights
                 .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
                 .enumerate()
@@ -204,7 +204,9 @@ fn dot_group<const N: usize>(
                     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                     let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
                     let scales = &block[4..12];
-                    let mins = &block[12..20];
+                    let mut mins = [0u8; 16];
+                    mins[..8].copy_from_slice(&block[12..20]);
+                    let mins = simd.avx2._mm256_cvtepu8_epi32(bytemuck::cast(mins));
                     let mut sums = [simd.avx._mm256_setzero_si256(); N];
                     for (k, values) in block[VALUES_AT..].chunks_exact(32).enumerate() {
                         let q: __m256i = bytemuck::pod_read_unaligned(values);
@@ -234,22 +236,24 @@ fn dot_group<const N: usize>(
                         }
                     }
                     for n in 0..N {
+                        let min_products = simd
+                            .avx2
+                            ._mm256_mullo_epi32(mins, bytemuck::cast(ys[n].sums));
                         acc[n][lane] = simd.fma._mm256_fmadd_ps(
                             simd.avx._mm256_set1_ps(d * ys[n].scale),
                             simd.avx._mm256_cvtepi32_ps(sums[n]),
                             acc[n][lane],
                         );
-                        let min_dot: i32 = mins
-                            .iter()
-                            .zip(&ys[n].sums)
-                            .map(|(&m, &s)| i32::from(m) * s)
-                            .sum();
-                        min_terms[n][lane] += dmin * ys[n].scale * min_dot as f32;
+                        acc[n][lane] = simd.fma._mm256_fnmadd_ps(
+                            simd.avx._mm256_set1_ps(dmin * ys[n].scale),
+                            simd.avx._mm256_cvtepi32_ps(min_products),
+                            acc[n][lane],
+                        );
                     }
                 }
             }
             std::array::from_fn(|n| {
-                std::array::from_fn(|lane| lane_sum(acc[n][lane]) - min_terms[n][lane])
+                std::array::from_fn(|lane| lane_sum(acc[n][lane]))
             })
         },
     )
