@@ -1,37 +1,89 @@
-//! Q8_0 matrix products: Cascade's kernel against candle's, same weights,
-//! cycling through `copies` matrices so that they stream from memory.
+//! One matrix product on block-quantized weights, Cascade's kernel
+//! (`local_model::engine::kernels`) against candle's plain CPU kernel, on
+//! the same random weights and activations.
+//!
+//! ```sh
+//! cargo run --release -p local-model --example kernel_bench -- FORMAT ROWS COLS M [REPS] [COPIES]
+//! # FORMAT: q8_0, q4_1 or q4k; M: activation rows (1 = a decode step);
+//! # COPIES: distinct matrices cycled through, so that they stream from
+//! # memory as a model's layers do (default 1: the matrix stays in cache).
+//! cargo run --release -p local-model --example kernel_bench -- q4_1 3072 576 1 2000 100
+//! ```
+//!
+//! Prints the time per product and the weight bytes read per second, three
+//! rounds, and the largest difference between the two results (they round
+//! activations differently).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use local_model::engine::kernels::GroupedWeights;
-use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
-    let format = match std::env::var("FORMAT").as_deref() { Ok("q4_1") => GgmlDType::Q4_1, Ok("q4k") => GgmlDType::Q4K, _ => GgmlDType::Q8_0 };
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap_or(1)).collect();
-    let (rows, cols, m, reps, copies) = (args[0], args[1], args[2], args[3], args[4]);
-    let mut theirs = Vec::new();
-    let mut ours = Vec::new();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: kernel_bench FORMAT(q8_0|q4_1|q4k) ROWS COLS M [REPS] [COPIES]";
+    let format = match args.first().map(String::as_str) {
+        Some("q8_0") => GgmlDType::Q8_0,
+        Some("q4_1") => GgmlDType::Q4_1,
+        Some("q4k") => GgmlDType::Q4K,
+        _ => bail!("{usage}"),
+    };
+    let number = |i: usize, default: Option<usize>| -> anyhow::Result<usize> {
+        match (args.get(i), default) {
+            (Some(v), _) => v.parse().with_context(|| format!("{v}: {usage}")),
+            (None, Some(d)) => Ok(d),
+            (None, None) => bail!("{usage}"),
+        }
+    };
+    let (rows, cols, m) = (number(1, None)?, number(2, None)?, number(3, None)?);
+    let (reps, copies) = (number(4, Some(100))?, number(5, Some(1))?.max(1));
+
+    let mut theirs = Vec::with_capacity(copies);
+    let mut ours = Vec::with_capacity(copies);
     for _ in 0..copies {
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
-        let q = QTensor::quantize(&w, format)?;
-        let QStorage::Cpu(blocks) = QStorage::from_data(q.data()?, &Device::Cpu, format)? else { anyhow::bail!("cpu") };
+        let dense = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
+        let q = QTensor::quantize(&dense, format)?;
+        let QStorage::Cpu(blocks) = QStorage::from_data(q.data()?, &Device::Cpu, format)? else {
+            bail!("expected CPU storage")
+        };
         theirs.push(blocks);
-        ours.push(GroupedWeights::new(format, &q.data()?, rows, cols)?.ok_or_else(|| anyhow::anyhow!("no avx2"))?);
+        ours.push(
+            GroupedWeights::new(format, &q.data()?, rows, cols)?
+                .context("this CPU lacks AVX2/FMA: no Cascade kernel to time")?,
+        );
     }
-    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu)?.flatten_all()?.to_vec1()?;
-    let mut out = vec![0f32; m * rows];
-    let gb = (rows * cols) as f64 * format.type_size() as f64 / format.block_size() as f64 / 1e9;
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
+    let gigabytes =
+        (rows * cols) as f64 * format.type_size() as f64 / format.block_size() as f64 / 1e9;
+    let mut candle_out = vec![0f32; m * rows];
     for round in 0..3 {
-        let t = Instant::now();
-        for r in 0..reps { theirs[r % copies].matmul_t((m, cols, rows), &x, &mut out)?; }
-        let candle = t.elapsed().as_secs_f64() / reps as f64;
-        let t = Instant::now();
-        let mut o = Vec::new();
-        for r in 0..reps { o = ours[r % copies].matmul(&x)?; }
-        let cascade = t.elapsed().as_secs_f64() / reps as f64;
-        let diff = out.iter().zip(&o).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        println!("round {round}: candle {:.3} ms ({:.1} GB/s)  cascade {:.3} ms ({:.1} GB/s)  max diff {diff:.4}",
-            candle * 1e3, gb / candle, cascade * 1e3, gb / cascade);
+        let start = Instant::now();
+        for r in 0..reps {
+            theirs[r % copies].matmul_t((m, cols, rows), &x, &mut candle_out)?;
+        }
+        let candle = start.elapsed().as_secs_f64() / reps as f64;
+        let start = Instant::now();
+        let mut cascade_out = Vec::new();
+        for r in 0..reps {
+            cascade_out = ours[r % copies].matmul(&x)?;
+        }
+        let cascade = start.elapsed().as_secs_f64() / reps as f64;
+        let diff = candle_out
+            .iter()
+            .zip(&cascade_out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "round {round}: candle {:.3} ms ({:.1} GB/s)  cascade {:.3} ms ({:.1} GB/s)  max diff {diff:.4}",
+            candle * 1e3,
+            gigabytes / candle,
+            cascade * 1e3,
+            gigabytes / cascade
+        );
     }
     Ok(())
 }

@@ -241,7 +241,8 @@ impl Gemma3 {
         check_step(n, position, self.cached_len(), self.rope[0].0.dim(0)?)?;
         let device = self.norm.device().clone();
         let shape = self.shape;
-        let mut x = (self.embeddings.lookup(tokens, &device)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
+        let mut x =
+            (self.embeddings.lookup(tokens, &device)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
         let rotary = [
             Rotary::at(&self.rope[0].0, &self.rope[0].1, position, n)?,
             Rotary::at(&self.rope[1].0, &self.rope[1].1, position, n)?,

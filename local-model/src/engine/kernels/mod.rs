@@ -133,7 +133,11 @@ trait GroupKernel: Sync {
     /// With activation row `i`.
     fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP];
     /// With activation rows `i` and `i + 1`.
-    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP];
+    fn dot_pair(
+        &self,
+        weights: &[u8],
+        i: usize,
+    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP];
 }
 
 /// Runs `kernel` over every four-row group of a `rows`-row matrix

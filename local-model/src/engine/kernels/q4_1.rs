@@ -9,9 +9,9 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::q8_0::Activations;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
+use super::q8_0::Activations;
 use super::{
     check_layout, detect_simd, for_each_group, regroup, GroupKernel, KernelError, Simd,
     ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
@@ -96,7 +96,11 @@ impl GroupKernel for Kernel<'_> {
         sums
     }
 
-    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+    fn dot_pair(
+        &self,
+        weights: &[u8],
+        i: usize,
+    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
         dot_group(
             self.simd,
             weights,

@@ -43,7 +43,8 @@ fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError>
             let scale = quantize_block(chunk, &mut flat);
             let mut values = [[0i8; SUB]; BLOCK / SUB];
             let mut sums = [0i32; BLOCK / SUB];
-            for ((run, sum), source) in values.iter_mut().zip(&mut sums).zip(flat.chunks_exact(SUB)) {
+            for ((run, sum), source) in values.iter_mut().zip(&mut sums).zip(flat.chunks_exact(SUB))
+            {
                 run.copy_from_slice(source);
                 *sum = source.iter().map(|&v| i32::from(v)).sum();
             }
@@ -158,7 +159,11 @@ impl GroupKernel for Kernel<'_> {
         sums
     }
 
-    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+    fn dot_pair(
+        &self,
+        weights: &[u8],
+        i: usize,
+    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
         dot_group(self.simd, weights, [self.row(i), self.row(i + 1)])
     }
 }
@@ -252,9 +257,7 @@ fn dot_group<const N: usize>(
                     }
                 }
             }
-            std::array::from_fn(|n| {
-                std::array::from_fn(|lane| lane_sum(acc[n][lane]))
-            })
+            std::array::from_fn(|n| std::array::from_fn(|lane| lane_sum(acc[n][lane])))
         },
     )
 }

@@ -171,7 +171,11 @@ impl GroupKernel for Kernel<'_> {
         sums
     }
 
-    fn dot_pair(&self, weights: &[u8], i: usize) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+    fn dot_pair(
+        &self,
+        weights: &[u8],
+        i: usize,
+    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
         dot_group(
             self.simd,
             weights,

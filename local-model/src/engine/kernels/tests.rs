@@ -33,7 +33,13 @@ fn quantized(format: GgmlDType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>
     (q.data().unwrap().to_vec(), values)
 }
 
-fn candle_product(format: GgmlDType, bytes: &[u8], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn candle_product(
+    format: GgmlDType,
+    bytes: &[u8],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
     let QStorage::Cpu(blocks) =
         QStorage::from_data(bytes.to_vec().into(), &Device::Cpu, format).unwrap()
     else {
