@@ -69,8 +69,8 @@ pub enum KernelError {
     Activations { cols: usize, actual: usize },
 }
 
-/// Checks GGUF bytes of `rows x cols` weights in a format of `block`
-/// values per `block_bytes` bytes.
+/// Checks that `bytes` hold `rows x cols` weights of `format` in GGUF's
+/// layout: whole blocks per row, and nothing more or less.
 fn check_layout(
     format: GgmlDType,
     bytes: &[u8],
