@@ -130,14 +130,8 @@ const ACTIVATION_ROWS_PER_STEP: usize = 2;
 /// A format's dot products of one four-row weight group with activation
 /// rows.
 trait GroupKernel: Sync {
-    /// With activation row `i`.
-    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP];
-    /// With activation rows `i` and `i + 1`.
-    fn dot_pair(
-        &self,
-        weights: &[u8],
-        i: usize,
-    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP];
+    /// With the `N` activation rows from `first` on.
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N];
 }
 
 /// Runs `kernel` over every four-row group of a `rows`-row matrix
@@ -167,13 +161,18 @@ fn for_each_group(
             };
             let mut i = 0;
             while i + ACTIVATION_ROWS_PER_STEP <= m {
-                for (offset, sums) in kernel.dot_pair(weights, i).iter().enumerate() {
+                for (offset, sums) in kernel
+                    .dot::<ACTIVATION_ROWS_PER_STEP>(weights, i)
+                    .iter()
+                    .enumerate()
+                {
                     store(i + offset, sums);
                 }
                 i += ACTIVATION_ROWS_PER_STEP;
             }
             for i in i..m {
-                store(i, &kernel.dot(weights, i));
+                let [sums] = kernel.dot::<1>(weights, i);
+                store(i, &sums);
             }
         }
     });

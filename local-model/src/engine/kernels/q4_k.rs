@@ -9,7 +9,7 @@ use half::f16;
 use super::lane_sum;
 use super::{
     activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    GroupKernel, KernelError, Simd, ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
+    GroupKernel, KernelError, Simd, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_K super-block.
@@ -154,17 +154,12 @@ impl Kernel<'_> {
 }
 
 impl GroupKernel for Kernel<'_> {
-    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP] {
-        let [sums] = dot_group(self.simd, weights, [self.row(i)]);
-        sums
-    }
-
-    fn dot_pair(
-        &self,
-        weights: &[u8],
-        i: usize,
-    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
-        dot_group(self.simd, weights, [self.row(i), self.row(i + 1)])
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
+        dot_group(
+            self.simd,
+            weights,
+            std::array::from_fn(|n| self.row(first + n)),
+        )
     }
 }
 

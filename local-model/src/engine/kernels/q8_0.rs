@@ -8,7 +8,7 @@ use half::f16;
 use super::lane_sum;
 use super::{
     activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    GroupKernel, KernelError, Simd, ACTIVATION_ROWS_PER_STEP, ROWS_PER_GROUP,
+    GroupKernel, KernelError, Simd, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
@@ -166,26 +166,17 @@ struct Kernel<'a> {
 }
 
 impl GroupKernel for Kernel<'_> {
-    fn dot(&self, weights: &[u8], i: usize) -> [f32; ROWS_PER_GROUP] {
-        let [sums] = dot_group(self.simd, weights, [self.activations.row(i)]);
-        sums
-    }
-
-    fn dot_pair(
-        &self,
-        weights: &[u8],
-        i: usize,
-    ) -> [[f32; ROWS_PER_GROUP]; ACTIVATION_ROWS_PER_STEP] {
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         dot_group(
             self.simd,
             weights,
-            [self.activations.row(i), self.activations.row(i + 1)],
+            std::array::from_fn(|n| self.activations.row(first + n)),
         )
     }
 }
 
 /// Scales, values and sums of one activation row.
-type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
+pub(super) type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
 
 /// Dot products of one four-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
