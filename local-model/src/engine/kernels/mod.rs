@@ -15,6 +15,13 @@
 //! token (another CPU or architecture) the constructors return `None` and the
 //! caller keeps candle's kernels (on ARM, candle's NEON kernels already take
 //! four rows at a time).
+//!
+//! Where the CPU also has AVX-512 (F, BW, VL: `pulp::x86::V4`, checked at
+//! run time), the Q8_0 and Q4_K products take 64 bytes per instruction and
+//! four activation rows per pass over a weight block instead of two: twice
+//! the work per instruction in prefill, where the products are bound by
+//! compute rather than by memory. The AVX2 kernels stay for other CPUs and
+//! read the same layout.
 
 mod q4_1;
 mod q4_k;
@@ -45,6 +52,22 @@ fn detect_simd() -> Option<Simd> {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_simd() -> Option<Simd> {
+    None
+}
+
+/// Proof that the CPU runs the AVX-512 kernels.
+#[cfg(target_arch = "x86_64")]
+type WideSimd = pulp::x86::V4;
+#[cfg(not(target_arch = "x86_64"))]
+type WideSimd = std::convert::Infallible;
+
+#[cfg(target_arch = "x86_64")]
+fn detect_wide_simd() -> Option<WideSimd> {
+    pulp::x86::V4::try_new()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_wide_simd() -> Option<WideSimd> {
     None
 }
 
@@ -123,15 +146,33 @@ fn regroup(
     groups
 }
 
-/// Activation rows that share one pass over a weight group in prefill:
-/// each weight block is loaded and unpacked once for both.
-const ACTIVATION_ROWS_PER_STEP: usize = 2;
-
 /// A format's dot products of one four-row weight group with activation
 /// rows.
 trait GroupKernel: Sync {
     /// With the `N` activation rows from `first` on.
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N];
+
+    /// Activation rows that share one pass over a weight group in
+    /// prefill, so that each weight block is loaded and unpacked once for
+    /// all of them: as many as the registers hold with the accumulators
+    /// (2 with AVX2's 16 registers, 4 with AVX-512's 32).
+    fn rows_per_step(&self) -> usize {
+        2
+    }
+}
+
+/// Runs `kernel` on `N` activation rows from `first` on and stores the
+/// products in `store`.
+#[inline(always)]
+fn dot_rows<const N: usize>(
+    kernel: &impl GroupKernel,
+    weights: &[u8],
+    first: usize,
+    store: &impl Fn(usize, &[f32; ROWS_PER_GROUP]),
+) {
+    for (offset, sums) in kernel.dot::<N>(weights, first).iter().enumerate() {
+        store(first + offset, sums);
+    }
 }
 
 /// Runs `kernel` over every four-row group of a `rows`-row matrix
@@ -160,19 +201,18 @@ fn for_each_group(
                 }
             };
             let mut i = 0;
-            while i + ACTIVATION_ROWS_PER_STEP <= m {
-                for (offset, sums) in kernel
-                    .dot::<ACTIVATION_ROWS_PER_STEP>(weights, i)
-                    .iter()
-                    .enumerate()
-                {
-                    store(i + offset, sums);
+            if kernel.rows_per_step() >= 4 {
+                while i + 4 <= m {
+                    dot_rows::<4>(kernel, weights, i, &store);
+                    i += 4;
                 }
-                i += ACTIVATION_ROWS_PER_STEP;
             }
-            for i in i..m {
-                let [sums] = kernel.dot::<1>(weights, i);
-                store(i, &sums);
+            while i + 2 <= m {
+                dot_rows::<2>(kernel, weights, i, &store);
+                i += 2;
+            }
+            if i < m {
+                dot_rows::<1>(kernel, weights, i, &store);
             }
         }
     });
@@ -257,6 +297,25 @@ impl GroupedWeights {
             Self::Q8_0(m) => m.matmul(x),
             Self::Q4_1(m) => m.matmul(x),
             Self::Q4K(m) => m.matmul(x),
+        }
+    }
+
+    /// The same weights on the AVX2 kernels only, even where the CPU has
+    /// AVX-512: for tests and benchmarks that compare the two.
+    pub fn without_avx512(self) -> Self {
+        match self {
+            Self::Q8_0(m) => Self::Q8_0(m.without_avx512()),
+            Self::Q4_1(m) => Self::Q4_1(m),
+            Self::Q4K(m) => Self::Q4K(m.without_avx512()),
+        }
+    }
+
+    /// Whether products run on the AVX-512 kernels.
+    pub fn uses_avx512(&self) -> bool {
+        match self {
+            Self::Q8_0(m) => m.uses_avx512(),
+            Self::Q4_1(_) => false,
+            Self::Q4K(m) => m.uses_avx512(),
         }
     }
 }

@@ -8,8 +8,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    GroupKernel, KernelError, Simd, ROWS_PER_GROUP,
+    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group,
+    quantize_block, regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_K super-block.
@@ -31,8 +31,19 @@ const VALUES_AT: usize = 20;
 #[derive(Debug, Clone)]
 struct ActivationBlock {
     scale: f32,
+    /// The eight 32-value runs, in the order `position` gives.
     values: [[i8; SUB]; BLOCK / SUB],
+    /// Sums of the runs, in their own order.
     sums: [i32; BLOCK / SUB],
+}
+
+/// Where sub-block `j`'s activations are held in `ActivationBlock::values`:
+/// the order `0 2 1 3 4 6 5 7`. A 64-byte load of the nibbles of sub-blocks
+/// `4p..4p + 4` (two 32-byte runs, each with sub-block `2k` in its low and
+/// `2k + 1` in its high nibbles) then meets, in one 64-byte load each, the
+/// activations of its low nibbles (`4p`, `4p + 2`) and of its high ones.
+const fn position(j: usize) -> usize {
+    (j & 4) | ((j & 1) << 1) | ((j >> 1) & 1)
 }
 
 fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError> {
@@ -43,9 +54,8 @@ fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError>
             let scale = quantize_block(chunk, &mut flat);
             let mut values = [[0i8; SUB]; BLOCK / SUB];
             let mut sums = [0i32; BLOCK / SUB];
-            for ((run, sum), source) in values.iter_mut().zip(&mut sums).zip(flat.chunks_exact(SUB))
-            {
-                run.copy_from_slice(source);
+            for (j, (sum, source)) in sums.iter_mut().zip(flat.chunks_exact(SUB)).enumerate() {
+                values[position(j)].copy_from_slice(source);
                 *sum = source.iter().map(|&v| i32::from(v)).sum();
             }
             ActivationBlock {
@@ -85,6 +95,7 @@ pub struct Q4KMatrix {
     rows: usize,
     cols: usize,
     simd: Simd,
+    wide: Option<WideSimd>,
 }
 
 impl Q4KMatrix {
@@ -107,11 +118,21 @@ impl Q4KMatrix {
             rows,
             cols,
             simd,
+            wide: detect_wide_simd(),
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The same weights on the AVX2 kernel only.
+    pub fn without_avx512(self) -> Self {
+        Self { wide: None, ..self }
+    }
+
+    pub fn uses_avx512(&self) -> bool {
+        self.wide.is_some()
     }
 
     /// Bytes of weights held.
@@ -127,6 +148,7 @@ impl Q4KMatrix {
         let row_blocks = self.cols / BLOCK;
         let kernel = Kernel {
             simd: self.simd,
+            wide: self.wide,
             activations: &activations,
             row_blocks,
         };
@@ -143,6 +165,7 @@ impl Q4KMatrix {
 /// The Q4_K product over one set of quantized activations.
 struct Kernel<'a> {
     simd: Simd,
+    wide: Option<WideSimd>,
     activations: &'a [ActivationBlock],
     row_blocks: usize,
 }
@@ -155,12 +178,30 @@ impl Kernel<'_> {
 
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
-        dot_group(
-            self.simd,
-            weights,
-            std::array::from_fn(|n| self.row(first + n)),
-        )
+        let rows = std::array::from_fn(|n| self.row(first + n));
+        match self.wide {
+            Some(wide) => dot_group_wide(wide, weights, rows),
+            None => dot_group(self.simd, weights, rows),
+        }
     }
+
+    fn rows_per_step(&self) -> usize {
+        if self.wide.is_some() {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// Dot products of one four-row group with `N` activation rows.
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    _weights: &[u8],
+    _rows: [&[ActivationBlock]; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    match simd {}
 }
 
 /// Dot products of one four-row group with `N` activation rows.
@@ -220,8 +261,9 @@ fn dot_group<const N: usize>(
                             // Nibbles are unsigned (0..=15), activations
                             // signed: maddubs needs no sign trick and
                             // cannot saturate.
-                            let y_low: __m256i = bytemuck::cast(ys[n].values[2 * k]);
-                            let y_high: __m256i = bytemuck::cast(ys[n].values[2 * k + 1]);
+                            let y_low: __m256i = bytemuck::cast(ys[n].values[position(2 * k)]);
+                            let y_high: __m256i =
+                                bytemuck::cast(ys[n].values[position(2 * k + 1)]);
                             let low = simd.avx2._mm256_madd_epi16(
                                 simd.avx2._mm256_maddubs_epi16(low, y_low),
                                 low_scale,
@@ -242,6 +284,108 @@ fn dot_group<const N: usize>(
                         acc[n][lane] = simd.fma._mm256_fmadd_ps(
                             simd.avx._mm256_set1_ps(d * ys[n].scale),
                             simd.avx._mm256_cvtepi32_ps(sums[n]),
+                            acc[n][lane],
+                        );
+                        acc[n][lane] = simd.fma._mm256_fnmadd_ps(
+                            simd.avx._mm256_set1_ps(dmin * ys[n].scale),
+                            simd.avx._mm256_cvtepi32_ps(min_products),
+                            acc[n][lane],
+                        );
+                    }
+                }
+            }
+            std::array::from_fn(|n| std::array::from_fn(|lane| lane_sum(acc[n][lane])))
+        },
+    )
+}
+
+/// `dot_group` on AVX-512: each 64-byte load takes four sub-blocks' nibbles
+/// (two 32-byte runs), and the sub-block scales are spread over the
+/// 16-bit lanes by one permutation per half.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    weights: &[u8],
+    rows: [&[ActivationBlock]; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m128i, __m512i};
+            let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+            // For the runs `2p` and `2p + 1`: the low nibbles' scales are
+            // those of sub-blocks `4p` (first 32 bytes) and `4p + 2`, the
+            // high nibbles' those of `4p + 1` and `4p + 3`.
+            let spread = |first: i16, second: i16| -> __m512i {
+                let mut lanes = [first; 32];
+                lanes[16..].fill(second);
+                bytemuck::cast(lanes)
+            };
+            let scale_spreads = [
+                [spread(0, 2), spread(1, 3)],
+                [spread(4, 6), spread(5, 7)],
+            ];
+            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
+            for (b, blocks) in weights
+                .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
+                .enumerate()
+            {
+                let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
+                for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
+                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                    let mut scale_bytes = [0u8; 16];
+                    scale_bytes[..8].copy_from_slice(&block[4..12]);
+                    let scales: __m128i = simd.sse4_1._mm_cvtepu8_epi16(bytemuck::cast(scale_bytes));
+                    let scales = simd.avx512f._mm512_broadcast_i32x4(scales);
+                    let mut mins = [0u8; 16];
+                    mins[..8].copy_from_slice(&block[12..20]);
+                    let mins = simd.avx2._mm256_cvtepu8_epi32(bytemuck::cast(mins));
+                    let mut sums = [simd.avx512f._mm512_setzero_si512(); N];
+                    for (p, values) in block[VALUES_AT..].chunks_exact(64).enumerate() {
+                        let q: __m512i = bytemuck::pod_read_unaligned(values);
+                        let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
+                        let high = simd.avx512f._mm512_and_si512(
+                            simd.avx512bw._mm512_srli_epi16::<4>(q),
+                            low_nibbles,
+                        );
+                        let low_scale =
+                            simd.avx512bw._mm512_permutexvar_epi16(scale_spreads[p][0], scales);
+                        let high_scale =
+                            simd.avx512bw._mm512_permutexvar_epi16(scale_spreads[p][1], scales);
+                        for n in 0..N {
+                            let runs = &ys[n].values[4 * p..4 * p + 4];
+                            let y_low: __m512i =
+                                bytemuck::pod_read_unaligned(bytemuck::cast_slice(&runs[..2]));
+                            let y_high: __m512i =
+                                bytemuck::pod_read_unaligned(bytemuck::cast_slice(&runs[2..]));
+                            let low = simd.avx512bw._mm512_madd_epi16(
+                                simd.avx512bw._mm512_maddubs_epi16(low, y_low),
+                                low_scale,
+                            );
+                            let high = simd.avx512bw._mm512_madd_epi16(
+                                simd.avx512bw._mm512_maddubs_epi16(high, y_high),
+                                high_scale,
+                            );
+                            sums[n] = simd.avx512f._mm512_add_epi32(
+                                sums[n],
+                                simd.avx512f._mm512_add_epi32(low, high),
+                            );
+                        }
+                    }
+                    for n in 0..N {
+                        let sum = simd.avx2._mm256_add_epi32(
+                            simd.avx512f._mm512_castsi512_si256(sums[n]),
+                            simd.avx512f._mm512_extracti64x4_epi64::<1>(sums[n]),
+                        );
+                        let min_products = simd
+                            .avx2
+                            ._mm256_mullo_epi32(mins, bytemuck::cast(ys[n].sums));
+                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_set1_ps(d * ys[n].scale),
+                            simd.avx._mm256_cvtepi32_ps(sum),
                             acc[n][lane],
                         );
                         acc[n][lane] = simd.fma._mm256_fnmadd_ps(

@@ -7,14 +7,18 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, for_each_group, quantize_block, regroup,
-    GroupKernel, KernelError, Simd, ROWS_PER_GROUP,
+    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group,
+    quantize_block, regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
 /// Bytes per Q8_0 block: an F16 scale, then 32 signed bytes.
 const BLOCK_BYTES: usize = 34;
+/// Bytes of one block index across a four-row group.
+const STEP_BYTES: usize = ROWS_PER_GROUP * BLOCK_BYTES;
+/// Where the values start in a group's step: after the four scales.
+const VALUES_AT: usize = ROWS_PER_GROUP * 2;
 
 /// Activation rows quantized to 8 bits per 32-value block, with an F32
 /// scale per block (llama.cpp and candle round the scale to F16), and each
@@ -69,7 +73,9 @@ impl Activations {
 }
 
 /// Q8_0 weights, `rows x cols`, regrouped four rows at a time (see
-/// `regroup`; blocks are kept as they are).
+/// `regroup`), each block index of a group held as the four rows' F16
+/// scales and then their 4 x 32 values, so that the AVX-512 kernel reads
+/// two rows' values in one 64-byte load and the four scales in one place.
 ///
 /// In GGUF's layout (each row its own run of blocks) a four-row step reads
 /// four streams a row apart; on this machine that ran at half the speed of
@@ -81,6 +87,19 @@ pub struct Q8_0Matrix {
     rows: usize,
     cols: usize,
     simd: Simd,
+    wide: Option<WideSimd>,
+}
+
+/// Moves the four scales of one group step (four GGUF blocks side by side)
+/// in front of the four rows' values.
+fn scales_first(step: &mut [u8]) {
+    let mut blocks = [0u8; STEP_BYTES];
+    blocks.copy_from_slice(step);
+    for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
+        step[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);
+        let at = VALUES_AT + lane * BLOCK;
+        step[at..at + BLOCK].copy_from_slice(&block[2..]);
+    }
 }
 
 impl Q8_0Matrix {
@@ -90,7 +109,7 @@ impl Q8_0Matrix {
         let Some(simd) = detect_simd() else {
             return Ok(None);
         };
-        let groups = regroup(
+        let mut groups = regroup(
             bytes,
             rows,
             cols / BLOCK,
@@ -98,16 +117,27 @@ impl Q8_0Matrix {
             BLOCK_BYTES,
             |block, out| out.copy_from_slice(block),
         );
+        groups.chunks_exact_mut(STEP_BYTES).for_each(scales_first);
         Ok(Some(Self {
             groups,
             rows,
             cols,
             simd,
+            wide: detect_wide_simd(),
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The same weights on the AVX2 kernel only.
+    pub fn without_avx512(self) -> Self {
+        Self { wide: None, ..self }
+    }
+
+    pub fn uses_avx512(&self) -> bool {
+        self.wide.is_some()
     }
 
     pub fn cols(&self) -> usize {
@@ -120,7 +150,7 @@ impl Q8_0Matrix {
     }
 
     fn group_bytes(&self) -> usize {
-        self.cols / BLOCK * ROWS_PER_GROUP * BLOCK_BYTES
+        self.cols / BLOCK * STEP_BYTES
     }
 
     /// Row `row`, dequantised (an embedding lookup in a table shared with
@@ -132,10 +162,10 @@ impl Q8_0Matrix {
         let (group, lane) = (row / ROWS_PER_GROUP, row % ROWS_PER_GROUP);
         let group = &self.groups[group * self.group_bytes()..(group + 1) * self.group_bytes()];
         let mut out = Vec::with_capacity(self.cols);
-        for blocks in group.chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES) {
-            let block = &blocks[lane * BLOCK_BYTES..(lane + 1) * BLOCK_BYTES];
-            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * scale));
+        for step in group.chunks_exact(STEP_BYTES) {
+            let scale = f16::from_le_bytes([step[2 * lane], step[2 * lane + 1]]).to_f32();
+            let at = VALUES_AT + lane * BLOCK;
+            out.extend(step[at..at + BLOCK].iter().map(|&q| f32::from(q as i8) * scale));
         }
         Some(out)
     }
@@ -147,6 +177,7 @@ impl Q8_0Matrix {
         let m = x.len() / self.cols;
         let kernel = Kernel {
             simd: self.simd,
+            wide: self.wide,
             activations: &activations,
         };
         Ok(for_each_group(
@@ -162,21 +193,40 @@ impl Q8_0Matrix {
 /// The Q8_0 product over one set of quantized activations.
 struct Kernel<'a> {
     simd: Simd,
+    wide: Option<WideSimd>,
     activations: &'a Activations,
 }
 
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
-        dot_group(
-            self.simd,
-            weights,
-            std::array::from_fn(|n| self.activations.row(first + n)),
-        )
+        let rows = std::array::from_fn(|n| self.activations.row(first + n));
+        match self.wide {
+            Some(wide) => dot_group_wide(wide, weights, rows),
+            None => dot_group(self.simd, weights, rows),
+        }
+    }
+
+    fn rows_per_step(&self) -> usize {
+        if self.wide.is_some() {
+            4
+        } else {
+            2
+        }
     }
 }
 
 /// Scales, values and sums of one activation row.
 pub(super) type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
+
+/// Dot products of one four-row group with `N` activation rows.
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    _weights: &[u8],
+    _rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    match simd {}
+}
 
 /// Dot products of one four-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
@@ -204,15 +254,14 @@ fn dot_group<const N: usize>(
             use std::arch::x86_64::__m256i;
             let ones = simd.avx._mm256_set1_epi16(1);
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
-            for (b, blocks) in weights
-                .chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES)
-                .enumerate()
-            {
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
                 let y_scales: [f32; N] = std::array::from_fn(|n| rows[n].0[b]);
-                for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
-                    let x_scale = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    let x: __m256i = bytemuck::pod_read_unaligned(&block[2..]);
+                let (scales, values) = step.split_at(VALUES_AT);
+                for (lane, block) in values.chunks_exact(BLOCK).enumerate() {
+                    let x_scale =
+                        f16::from_le_bytes([scales[2 * lane], scales[2 * lane + 1]]).to_f32();
+                    let x: __m256i = bytemuck::pod_read_unaligned(block);
                     // maddubs multiplies unsigned by signed bytes: take |x|
                     // and move x's sign onto y.
                     let x_abs = simd.avx2._mm256_sign_epi8(x, x);
@@ -229,6 +278,73 @@ fn dot_group<const N: usize>(
                 }
             }
             acc.map(|row| row.map(lane_sum))
+        },
+    )
+}
+
+/// `dot_group` on AVX-512: one 64-byte load takes two rows' blocks, which
+/// meet the activation block repeated in both halves; AVX-512 has no
+/// byte `sign`, so the activations are negated under the mask of the
+/// weights' signs instead.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    weights: &[u8],
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m256i, __m512, __m512i};
+            const PAIRS: usize = ROWS_PER_GROUP / 2;
+            let ones = simd.avx512f._mm512_set1_epi16(1);
+            let zero = simd.avx512f._mm512_setzero_si512();
+            // Spreads rows `2h` and `2h + 1`'s scales over the two halves.
+            let spread = |h: i32| -> __m512i {
+                let mut lanes = [2 * h; 16];
+                lanes[8..].fill(2 * h + 1);
+                bytemuck::cast(lanes)
+            };
+            let spreads: [__m512i; PAIRS] = std::array::from_fn(|h| spread(h as i32));
+            let mut acc = [[simd.avx512f._mm512_setzero_ps(); PAIRS]; N];
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                let mut scale_bytes = [0u8; 32];
+                scale_bytes[..VALUES_AT].copy_from_slice(&step[..VALUES_AT]);
+                let x_scales: __m512 =
+                    simd.avx512f._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(scale_bytes));
+                let ys: [__m512i; N] = std::array::from_fn(|n| {
+                    simd.avx512f._mm512_broadcast_i64x4(bytemuck::cast(rows[n].1[b]))
+                });
+                let y_scales: [__m512; N] =
+                    std::array::from_fn(|n| simd.avx512f._mm512_set1_ps(rows[n].0[b]));
+                for (h, pair) in step[VALUES_AT..].chunks_exact(2 * BLOCK).enumerate() {
+                    let x: __m512i = bytemuck::pod_read_unaligned(pair);
+                    let x_abs = simd.avx512bw._mm512_abs_epi8(x);
+                    let negative = simd.avx512bw._mm512_movepi8_mask(x);
+                    let pair_scales = simd.avx512f._mm512_permutexvar_ps(spreads[h], x_scales);
+                    for n in 0..N {
+                        // maddubs multiplies unsigned by signed bytes: |x|
+                        // times y with x's sign.
+                        let y_signed =
+                            simd.avx512bw._mm512_mask_sub_epi8(ys[n], negative, zero, ys[n]);
+                        let pairs = simd.avx512bw._mm512_maddubs_epi16(x_abs, y_signed);
+                        let quads = simd.avx512bw._mm512_madd_epi16(pairs, ones);
+                        acc[n][h] = simd.avx512f._mm512_fmadd_ps(
+                            simd.avx512f._mm512_cvtepi32_ps(quads),
+                            simd.avx512f._mm512_mul_ps(pair_scales, y_scales[n]),
+                            acc[n][h],
+                        );
+                    }
+                }
+            }
+            std::array::from_fn(|n| {
+                std::array::from_fn(|lane| {
+                    let halves: [[f32; 8]; 2] = bytemuck::cast(acc[n][lane / 2]);
+                    halves[lane % 2].iter().sum()
+                })
+            })
         },
     )
 }

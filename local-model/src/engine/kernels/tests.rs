@@ -51,19 +51,40 @@ fn candle_product(
     out
 }
 
-/// Our product against the exact one on the dequantised weights (bounded
-/// by rounding the activations: half a step of a block's 8-bit grid per
+/// Our product (on the AVX2 kernel, and on the AVX-512 one where the CPU
+/// has it) against the exact one on the dequantised weights (bounded by
+/// rounding the activations: half a step of a block's 8-bit grid per
 /// value, values within ±0.5) and against candle's kernel.
 fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_tolerance: f32) {
     let (bytes, weights) = quantized(format, rows, cols, 1);
-    let x = random(m, cols, 2);
-    let ours = GroupedWeights::new(format, &bytes, rows, cols)
+    let grouped = GroupedWeights::new(format, &bytes, rows, cols)
         .unwrap()
-        .expect("the test build targets x86-64-v3, which has AVX2 and FMA")
-        .matmul(&x)
-        .unwrap();
-    assert_eq!(ours.len(), m * rows);
+        .expect("the test build targets x86-64-v3, which has AVX2 and FMA");
+    let x = random(m, cols, 2);
     let candle = candle_product(format, &bytes, &x, rows, cols);
+    let check = |grouped: &GroupedWeights| {
+        check_product(format, grouped, &weights, &x, &candle, candle_tolerance)
+    };
+    if grouped.uses_avx512() {
+        check(&grouped);
+    }
+    let narrow = grouped.without_avx512();
+    assert!(!narrow.uses_avx512());
+    check(&narrow);
+}
+
+fn check_product(
+    format: GgmlDType,
+    grouped: &GroupedWeights,
+    weights: &[f32],
+    x: &[f32],
+    candle: &[f32],
+    candle_tolerance: f32,
+) {
+    let (rows, cols) = (grouped.rows(), weights.len() / grouped.rows());
+    let m = x.len() / cols;
+    let ours = grouped.matmul(x).unwrap();
+    assert_eq!(ours.len(), m * rows);
     for i in 0..m {
         for r in 0..rows {
             let w = &weights[r * cols..(r + 1) * cols];
@@ -85,8 +106,9 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
 
 #[test]
 fn q8_0_products_match_the_weights_values_and_candles_kernel() {
-    // 13 rows: three full groups of four and a padded one.
-    check_format(GgmlDType::Q8_0, 13, 96, 3, 2e-3);
+    // 13 rows: three full groups of four and a padded one; 7 inputs: the
+    // four-, two- and one-row passes.
+    check_format(GgmlDType::Q8_0, 13, 96, 7, 2e-3);
 }
 
 #[test]
@@ -99,7 +121,7 @@ fn q4_1_products_match_the_weights_values_and_candles_kernel() {
 fn q4_k_products_match_the_weights_values_and_candles_kernel() {
     // candle quantizes activations per 256 values on a -128..127 grid,
     // we on a symmetric one: both within the rounding bound, not equal.
-    check_format(GgmlDType::Q4K, 9, 512, 3, 0.05);
+    check_format(GgmlDType::Q4K, 9, 512, 7, 0.05);
 }
 
 #[test]
