@@ -19,6 +19,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
+use super::gelu::gelu;
 use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
@@ -274,7 +275,7 @@ impl Gemma3 {
             let gate_up = block.gate_up.forward(&h, pass)?;
             let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
             let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
-            let mixed = (gate.gelu()? * up)?;
+            let mixed = (gelu(&gate)? * up)?;
             let out = block.down.forward(&mixed, pass)?;
             let out = candle_nn::ops::rms_norm(&out, &block.post_ffn_norm, shape.rms_eps)?;
             x = (x + out)?;

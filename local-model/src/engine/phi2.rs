@@ -15,6 +15,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
+use super::gelu::gelu;
 use super::kv_cache::{rope_one, LayerCache};
 use super::linear::{dense_size, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
@@ -275,7 +276,7 @@ impl Phi2 {
             let attended = block.attention(&h, &rotary, mask.as_ref(), shape, pass)?;
             let mlp = block
                 .down
-                .forward(&block.up.forward(&h, pass)?.gelu()?, pass)?;
+                .forward(&gelu(&block.up.forward(&h, pass)?)?, pass)?;
             x = ((x + attended)? + mlp)?;
         }
         let last = x.narrow(1, n - 1, 1)?;

@@ -8,8 +8,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group,
-    quantize_block, regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group, quantize_block,
+    regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_K super-block.
@@ -262,8 +262,7 @@ fn dot_group<const N: usize>(
                             // signed: maddubs needs no sign trick and
                             // cannot saturate.
                             let y_low: __m256i = bytemuck::cast(ys[n].values[position(2 * k)]);
-                            let y_high: __m256i =
-                                bytemuck::cast(ys[n].values[position(2 * k + 1)]);
+                            let y_high: __m256i = bytemuck::cast(ys[n].values[position(2 * k + 1)]);
                             let low = simd.avx2._mm256_madd_epi16(
                                 simd.avx2._mm256_maddubs_epi16(low, y_low),
                                 low_scale,
@@ -323,10 +322,7 @@ fn dot_group_wide<const N: usize>(
                 lanes[16..].fill(second);
                 bytemuck::cast(lanes)
             };
-            let scale_spreads = [
-                [spread(0, 2), spread(1, 3)],
-                [spread(4, 6), spread(5, 7)],
-            ];
+            let scale_spreads = [[spread(0, 2), spread(1, 3)], [spread(4, 6), spread(5, 7)]];
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
             for (b, blocks) in weights
                 .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
@@ -338,7 +334,8 @@ fn dot_group_wide<const N: usize>(
                     let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
                     let mut scale_bytes = [0u8; 16];
                     scale_bytes[..8].copy_from_slice(&block[4..12]);
-                    let scales: __m128i = simd.sse4_1._mm_cvtepu8_epi16(bytemuck::cast(scale_bytes));
+                    let scales: __m128i =
+                        simd.sse4_1._mm_cvtepu8_epi16(bytemuck::cast(scale_bytes));
                     let scales = simd.avx512f._mm512_broadcast_i32x4(scales);
                     let mut mins = [0u8; 16];
                     mins[..8].copy_from_slice(&block[12..20]);
@@ -347,14 +344,15 @@ fn dot_group_wide<const N: usize>(
                     for (p, values) in block[VALUES_AT..].chunks_exact(64).enumerate() {
                         let q: __m512i = bytemuck::pod_read_unaligned(values);
                         let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
-                        let high = simd.avx512f._mm512_and_si512(
-                            simd.avx512bw._mm512_srli_epi16::<4>(q),
-                            low_nibbles,
-                        );
-                        let low_scale =
-                            simd.avx512bw._mm512_permutexvar_epi16(scale_spreads[p][0], scales);
-                        let high_scale =
-                            simd.avx512bw._mm512_permutexvar_epi16(scale_spreads[p][1], scales);
+                        let high = simd
+                            .avx512f
+                            ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+                        let low_scale = simd
+                            .avx512bw
+                            ._mm512_permutexvar_epi16(scale_spreads[p][0], scales);
+                        let high_scale = simd
+                            .avx512bw
+                            ._mm512_permutexvar_epi16(scale_spreads[p][1], scales);
                         for n in 0..N {
                             let runs = &ys[n].values[4 * p..4 * p + 4];
                             let y_low: __m512i =

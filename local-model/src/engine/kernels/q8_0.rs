@@ -7,8 +7,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group,
-    quantize_block, regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group, quantize_block,
+    regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
@@ -165,7 +165,11 @@ impl Q8_0Matrix {
         for step in group.chunks_exact(STEP_BYTES) {
             let scale = f16::from_le_bytes([step[2 * lane], step[2 * lane + 1]]).to_f32();
             let at = VALUES_AT + lane * BLOCK;
-            out.extend(step[at..at + BLOCK].iter().map(|&q| f32::from(q as i8) * scale));
+            out.extend(
+                step[at..at + BLOCK]
+                    .iter()
+                    .map(|&q| f32::from(q as i8) * scale),
+            );
         }
         Some(out)
     }
@@ -312,10 +316,12 @@ fn dot_group_wide<const N: usize>(
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 let mut scale_bytes = [0u8; 32];
                 scale_bytes[..VALUES_AT].copy_from_slice(&step[..VALUES_AT]);
-                let x_scales: __m512 =
-                    simd.avx512f._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(scale_bytes));
+                let x_scales: __m512 = simd
+                    .avx512f
+                    ._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(scale_bytes));
                 let ys: [__m512i; N] = std::array::from_fn(|n| {
-                    simd.avx512f._mm512_broadcast_i64x4(bytemuck::cast(rows[n].1[b]))
+                    simd.avx512f
+                        ._mm512_broadcast_i64x4(bytemuck::cast(rows[n].1[b]))
                 });
                 let y_scales: [__m512; N] =
                     std::array::from_fn(|n| simd.avx512f._mm512_set1_ps(rows[n].0[b]));
@@ -327,8 +333,9 @@ fn dot_group_wide<const N: usize>(
                     for n in 0..N {
                         // maddubs multiplies unsigned by signed bytes: |x|
                         // times y with x's sign.
-                        let y_signed =
-                            simd.avx512bw._mm512_mask_sub_epi8(ys[n], negative, zero, ys[n]);
+                        let y_signed = simd
+                            .avx512bw
+                            ._mm512_mask_sub_epi8(ys[n], negative, zero, ys[n]);
                         let pairs = simd.avx512bw._mm512_maddubs_epi16(x_abs, y_signed);
                         let quads = simd.avx512bw._mm512_madd_epi16(pairs, ones);
                         acc[n][h] = simd.avx512f._mm512_fmadd_ps(
