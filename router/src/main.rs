@@ -5,6 +5,13 @@ use clap::Parser;
 use cascade::cli::{Cli, Command};
 use cascade::commands;
 
+// glibc's allocator hands large freed buffers back to the kernel, so
+// every prefill step paid page faults and page clearing again for its
+// activations (about 8% of Phi-1.5's prefill samples under perf);
+// mimalloc keeps them for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // Before any thread starts: it sets a process-wide variable.
     local_model::threads::settle_thread_count();
