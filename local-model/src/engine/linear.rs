@@ -38,6 +38,22 @@ pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
         && row % GgmlDType::Q8_0.block_size() == 0
 }
 
+/// The dense size of `weights` and the part of it whose products run on
+/// Cascade's AVX-512 kernels here.
+pub(crate) fn dense_and_wide_sizes<'a>(
+    weights: impl Iterator<Item = &'a QTensor>,
+) -> (usize, usize) {
+    weights.fold((0, 0), |(dense, wide), w| {
+        let size = dense_size(w);
+        let on_wide = if kernels::wide_covers(w.dtype()) {
+            size
+        } else {
+            0
+        };
+        (dense + size, wide + on_wide)
+    })
+}
+
 /// Whether Cascade's kernels run weights of `dtype` here.
 pub(crate) fn grouped_kernels_cover(dtype: GgmlDType) -> bool {
     kernels::covers(dtype)
