@@ -17,7 +17,7 @@
 //! four rows at a time).
 //!
 //! Where the CPU also has AVX-512 (F, BW, VL: `pulp::x86::V4`, checked at
-//! run time), the Q8_0 and Q4_K products take 64 bytes per instruction and
+//! run time), the products take 64 bytes per instruction and
 //! four activation rows per pass over a weight block instead of two: twice
 //! the work per instruction in prefill, where the products are bound by
 //! compute rather than by memory. The AVX2 kernels stay for other CPUs and
@@ -268,7 +268,8 @@ pub fn covers(format: GgmlDType) -> bool {
 
 /// Whether weights of `format` get Cascade's AVX-512 kernel on this CPU.
 pub fn wide_covers(format: GgmlDType) -> bool {
-    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4K) && detect_wide_simd().is_some()
+    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+        && detect_wide_simd().is_some()
 }
 
 impl GroupedWeights {
@@ -310,7 +311,7 @@ impl GroupedWeights {
     pub fn without_avx512(self) -> Self {
         match self {
             Self::Q8_0(m) => Self::Q8_0(m.without_avx512()),
-            Self::Q4_1(m) => Self::Q4_1(m),
+            Self::Q4_1(m) => Self::Q4_1(m.without_avx512()),
             Self::Q4K(m) => Self::Q4K(m.without_avx512()),
         }
     }
@@ -319,7 +320,7 @@ impl GroupedWeights {
     pub fn uses_avx512(&self) -> bool {
         match self {
             Self::Q8_0(m) => m.uses_avx512(),
-            Self::Q4_1(_) => false,
+            Self::Q4_1(m) => m.uses_avx512(),
             Self::Q4K(m) => m.uses_avx512(),
         }
     }

@@ -13,8 +13,8 @@ use half::f16;
 use super::lane_sum;
 use super::q8_0::{ActivationRow, Activations};
 use super::{
-    check_layout, detect_simd, for_each_group, regroup, GroupKernel, KernelError, Simd,
-    ROWS_PER_GROUP,
+    check_layout, detect_simd, detect_wide_simd, for_each_group, regroup, GroupKernel, KernelError,
+    Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_1 block.
@@ -22,15 +22,37 @@ const BLOCK: usize = 32;
 /// Bytes per Q4_1 block: F16 scale, F16 minimum, 16 bytes of nibbles
 /// (value `i` in the low nibble of byte `i`, value `16 + i` in the high).
 const BLOCK_BYTES: usize = 20;
+/// Bytes of one block index across a four-row group: the four scales,
+/// the four minimums, then the four rows' nibbles (see `fields_first`).
+const STEP_BYTES: usize = ROWS_PER_GROUP * BLOCK_BYTES;
+const MINS_AT: usize = 2 * ROWS_PER_GROUP;
+const VALUES_AT: usize = 4 * ROWS_PER_GROUP;
+/// Bytes of nibbles per block.
+const PACKED: usize = BLOCK / 2;
 
-/// Q4_1 weights, `rows x cols`, regrouped four rows at a time (blocks kept
-/// as they are).
+/// Rewrites one group step (four GGUF blocks side by side) field by field,
+/// so that the AVX-512 kernel loads the four rows' nibbles in one 64-byte
+/// load and their scales and minimums in one conversion.
+fn fields_first(step: &mut [u8]) {
+    let mut blocks = [0u8; STEP_BYTES];
+    blocks.copy_from_slice(step);
+    for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
+        step[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);
+        step[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
+        let at = VALUES_AT + PACKED * lane;
+        step[at..at + PACKED].copy_from_slice(&block[4..]);
+    }
+}
+
+/// Q4_1 weights, `rows x cols`, regrouped four rows at a time, each block
+/// index of a group held field by field.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     groups: Vec<u8>,
     rows: usize,
     cols: usize,
     simd: Simd,
+    wide: Option<WideSimd>,
 }
 
 impl Q4_1Matrix {
@@ -40,7 +62,7 @@ impl Q4_1Matrix {
         let Some(simd) = detect_simd() else {
             return Ok(None);
         };
-        let groups = regroup(
+        let mut groups = regroup(
             bytes,
             rows,
             cols / BLOCK,
@@ -48,16 +70,27 @@ impl Q4_1Matrix {
             BLOCK_BYTES,
             |block, out| out.copy_from_slice(block),
         );
+        groups.chunks_exact_mut(STEP_BYTES).for_each(fields_first);
         Ok(Some(Self {
             groups,
             rows,
             cols,
             simd,
+            wide: detect_wide_simd(),
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The same weights on the AVX2 kernel only.
+    pub fn without_avx512(self) -> Self {
+        Self { wide: None, ..self }
+    }
+
+    pub fn uses_avx512(&self) -> bool {
+        self.wide.is_some()
     }
 
     /// Bytes of weights held.
@@ -72,11 +105,12 @@ impl Q4_1Matrix {
         let m = x.len() / self.cols;
         let kernel = Kernel {
             simd: self.simd,
+            wide: self.wide,
             activations: &activations,
         };
         Ok(for_each_group(
             &self.groups,
-            self.cols / BLOCK * ROWS_PER_GROUP * BLOCK_BYTES,
+            self.cols / BLOCK * STEP_BYTES,
             self.rows,
             m,
             &kernel,
@@ -87,17 +121,36 @@ impl Q4_1Matrix {
 /// The Q4_1 product over one set of quantized activations.
 struct Kernel<'a> {
     simd: Simd,
+    wide: Option<WideSimd>,
     activations: &'a Activations,
 }
 
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
-        dot_group(
-            self.simd,
-            weights,
-            std::array::from_fn(|n| self.activations.row(first + n)),
-        )
+        let rows = std::array::from_fn(|n| self.activations.row(first + n));
+        match self.wide {
+            Some(wide) => dot_group_wide(wide, weights, rows),
+            None => dot_group(self.simd, weights, rows),
+        }
     }
+
+    fn rows_per_step(&self) -> usize {
+        if self.wide.is_some() {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// Dot products of one four-row group with `N` activation rows.
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    _weights: &[u8],
+    _rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    match simd {}
 }
 
 /// Dot products of one four-row group with `N` activation rows.
@@ -131,17 +184,15 @@ fn dot_group<const N: usize>(
             let ones = simd.avx._mm256_set1_epi16(1);
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
             let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
-            for (b, blocks) in weights
-                .chunks_exact(ROWS_PER_GROUP * BLOCK_BYTES)
-                .enumerate()
-            {
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
                 let y_scales: [f32; N] = std::array::from_fn(|n| rows[n].0[b]);
                 let y_sums: [f32; N] = std::array::from_fn(|n| rows[n].2[b]);
-                for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
-                    let packed: __m128i = bytemuck::pod_read_unaligned(&block[4..]);
+                for (lane, packed) in step[VALUES_AT..].chunks_exact(PACKED).enumerate() {
+                    let half = |at: usize| f16::from_le_bytes([step[at], step[at + 1]]).to_f32();
+                    let d = half(2 * lane);
+                    let m = half(MINS_AT + 2 * lane);
+                    let packed: __m128i = bytemuck::pod_read_unaligned(packed);
                     // Low nibbles are values 0..16, high nibbles 16..32.
                     let both = simd.avx2._mm256_inserti128_si256::<1>(
                         simd.avx._mm256_castsi128_si256(packed),
@@ -162,6 +213,80 @@ fn dot_group<const N: usize>(
             }
             std::array::from_fn(|n| {
                 std::array::from_fn(|lane| lane_sum(acc[n][lane]) + min_terms[n][lane])
+            })
+        },
+    )
+}
+
+/// `dot_group` on AVX-512: one 64-byte load takes the four rows' nibbles,
+/// 128 bits a row, which meet the activation block's first and second
+/// halves repeated in every 128-bit lane; element `e` of the sums belongs
+/// to row `e / 4`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_group_wide<const N: usize>(
+    simd: WideSimd,
+    weights: &[u8],
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; ROWS_PER_GROUP]; N] {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
+            let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+            let ones = simd.avx512f._mm512_set1_epi16(1);
+            // From the converted scales [d0..d3, m0..m3, ...]: each row's
+            // scale, and its minimum, over its four elements.
+            let row_scales: __m512i =
+                bytemuck::cast(std::array::from_fn::<i32, 16, _>(|e| e as i32 / 4));
+            let row_mins: __m512i =
+                bytemuck::cast(std::array::from_fn::<i32, 16, _>(|e| 4 + e as i32 / 4));
+            let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
+            let mut min_terms = [simd.avx512f._mm512_setzero_ps(); N];
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                let mut halves = [0u8; 32];
+                halves[..VALUES_AT].copy_from_slice(&step[..VALUES_AT]);
+                let halves = simd
+                    .avx512f
+                    ._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(halves));
+                let ds = simd.avx512f._mm512_permutexvar_ps(row_scales, halves);
+                let ms = simd.avx512f._mm512_permutexvar_ps(row_mins, halves);
+                let q: __m512i = bytemuck::pod_read_unaligned(&step[VALUES_AT..]);
+                // Low nibbles are values 0..16 of each row, high 16..32.
+                let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
+                let high = simd
+                    .avx512f
+                    ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+                for n in 0..N {
+                    let [first, second]: [__m128i; 2] = bytemuck::cast(rows[n].1[b]);
+                    let first = simd.avx512f._mm512_broadcast_i32x4(first);
+                    let second = simd.avx512f._mm512_broadcast_i32x4(second);
+                    // Nibbles are unsigned: no sign trick, and two pair
+                    // sums (at most 2 x 15 x 127 each) fit 16 bits.
+                    let pairs = simd.avx512bw._mm512_add_epi16(
+                        simd.avx512bw._mm512_maddubs_epi16(low, first),
+                        simd.avx512bw._mm512_maddubs_epi16(high, second),
+                    );
+                    let quads = simd.avx512bw._mm512_madd_epi16(pairs, ones);
+                    acc[n] = simd.avx512f._mm512_fmadd_ps(
+                        simd.avx512f._mm512_cvtepi32_ps(quads),
+                        simd.avx512f
+                            ._mm512_mul_ps(ds, simd.avx512f._mm512_set1_ps(rows[n].0[b])),
+                        acc[n],
+                    );
+                    min_terms[n] = simd.avx512f._mm512_fmadd_ps(
+                        ms,
+                        simd.avx512f._mm512_set1_ps(rows[n].2[b]),
+                        min_terms[n],
+                    );
+                }
+            }
+            std::array::from_fn(|n| {
+                let sums: [[f32; 4]; ROWS_PER_GROUP] = bytemuck::cast::<__m512, _>(acc[n]);
+                let mins: [[f32; 4]; ROWS_PER_GROUP] = bytemuck::cast::<__m512, _>(min_terms[n]);
+                // Every element of a row holds its whole minimum term.
+                std::array::from_fn(|lane| sums[lane].iter().sum::<f32>() + mins[lane][0])
             })
         },
     )
