@@ -216,13 +216,16 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
         .generate(&Prompt::Chat(turn), &params, &mut |_| Control::Continue)
         .unwrap();
     assert_eq!(follow_up.text, follow_up_fresh.text);
-    // Same path for every position, but the dense products run over other
-    // row counts, so the summation order (and the last bits) can differ,
-    // and twelve decoded tokens carry the difference along (0.011 nats
-    // measured at most): why reuse is off by default.
+    // Same path for every position, but the products run over other row
+    // counts, so the summation order (and the last bits) can differ, and
+    // twelve decoded tokens carry the difference along: 0.011 nats
+    // measured at most with the dense prefill copy, 0.055 where the
+    // AVX-512 kernels prefill on the quantized weights (the default there
+    // since session 6), whose 8-bit rounding of activations turns
+    // last-bit differences into steps. Why reuse is off by default.
     for (a, b) in follow_up.tokens.iter().zip(&follow_up_fresh.tokens) {
         assert!(
-            (a.logprob - b.logprob).abs() < 2e-2,
+            (a.logprob - b.logprob).abs() < 0.1,
             "{} vs {}",
             a.logprob,
             b.logprob

@@ -61,8 +61,16 @@ type WideSimd = pulp::x86::V4;
 #[cfg(not(target_arch = "x86_64"))]
 type WideSimd = std::convert::Infallible;
 
+/// Set (to anything) to keep to the AVX2 kernels on a CPU with AVX-512:
+/// to compare the two, or where AVX-512 lowers the clock (some Intel
+/// server parts before Ice Lake).
+pub const NO_AVX512_VARIABLE: &str = "CASCADE_NO_AVX512";
+
 #[cfg(target_arch = "x86_64")]
 fn detect_wide_simd() -> Option<WideSimd> {
+    if std::env::var_os(NO_AVX512_VARIABLE).is_some() {
+        return None;
+    }
     pulp::x86::V4::try_new()
 }
 

@@ -183,3 +183,4 @@ fn zero_activations_give_zero_products() {
         .unwrap();
     assert_eq!(out, vec![0.0; 8]);
 }
+
