@@ -1,13 +1,13 @@
 //! The token embedding table: looked up for every input token, and for
 //! models with tied embeddings also the output projection.
 
-use std::io::{Read, Seek};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor};
 
-use super::kernels::GroupedWeights;
+use super::kernels::{GroupedWeights, Q8_0Matrix};
 use super::linear::{grouped, grouped_kernels_cover, lacks_simd_kernel, with_simd_kernel, Linear};
 
 /// `token_embd.weight`, held once.
@@ -30,7 +30,23 @@ impl TokenTable {
         exact: bool,
         device: &Device,
     ) -> Result<Self> {
-        let table = content.tensor(reader, "token_embd.weight", device)?;
+        let name = "token_embd.weight";
+        if let Some(info) = content.tensor_infos.get(name) {
+            if !exact && info.ggml_dtype == GgmlDType::Q8_0 && device.is_cpu() {
+                // Straight from the file into the grouped layout: through
+                // candle's reader the table would be held twice (its
+                // layout and ours) at the peak of loading.
+                let (rows, cols) = info.shape.dims2()?;
+                reader.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))?;
+                let mut buffered = BufReader::with_capacity(1 << 20, &mut *reader);
+                if let Some(table) = Q8_0Matrix::read(&mut buffered, rows, cols)
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?
+                {
+                    return Ok(TokenTable::Grouped(Arc::new(GroupedWeights::Q8_0(table))));
+                }
+            }
+        }
+        let table = content.tensor(reader, name, device)?;
         if !exact && table.dtype() == GgmlDType::Q8_0 {
             if let Some(grouped) = grouped(&table, device)? {
                 return Ok(TokenTable::Grouped(Arc::new(grouped)));

@@ -33,7 +33,7 @@ use candle_core::quantized::GgmlDType;
 
 pub use q4_1::Q4_1Matrix;
 pub use q4_k::Q4KMatrix;
-pub use q8_0::Q8_0Matrix;
+pub use q8_0::{Q8_0Matrix, ReadError};
 
 /// Weight rows that share one pass over an activation block.
 const ROWS_PER_GROUP: usize = 4;
@@ -144,14 +144,37 @@ fn regroup(
 ) -> Vec<u8> {
     let group_bytes = row_blocks * ROWS_PER_GROUP * packed_bytes;
     let mut groups = vec![0u8; rows.div_ceil(ROWS_PER_GROUP) * group_bytes];
-    for (row, source) in bytes.chunks_exact(row_blocks * block_bytes).enumerate() {
-        let (group, lane) = (row / ROWS_PER_GROUP, row % ROWS_PER_GROUP);
-        for (b, block) in source.chunks_exact(block_bytes).enumerate() {
-            let at = group * group_bytes + (b * ROWS_PER_GROUP + lane) * packed_bytes;
-            repack(block, &mut groups[at..at + packed_bytes]);
-        }
+    for (source, group) in bytes
+        .chunks(ROWS_PER_GROUP * row_blocks * block_bytes)
+        .zip(groups.chunks_exact_mut(group_bytes))
+    {
+        regroup_one(
+            source,
+            group,
+            row_blocks,
+            block_bytes,
+            packed_bytes,
+            &repack,
+        );
     }
     groups
+}
+
+/// `regroup` for one group: `source` holds its (up to four) GGUF rows.
+fn regroup_one(
+    source: &[u8],
+    group: &mut [u8],
+    row_blocks: usize,
+    block_bytes: usize,
+    packed_bytes: usize,
+    repack: &impl Fn(&[u8], &mut [u8]),
+) {
+    for (lane, row) in source.chunks_exact(row_blocks * block_bytes).enumerate() {
+        for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+            let at = (b * ROWS_PER_GROUP + lane) * packed_bytes;
+            repack(block, &mut group[at..at + packed_bytes]);
+        }
+    }
 }
 
 /// A format's dot products of one four-row weight group with activation

@@ -8,7 +8,7 @@ use half::f16;
 use super::lane_sum;
 use super::{
     activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group, quantize_block,
-    regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    regroup, regroup_one, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
@@ -90,6 +90,15 @@ pub struct Q8_0Matrix {
     wide: Option<WideSimd>,
 }
 
+/// Why weights could not be read into the grouped layout.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Layout(#[from] KernelError),
+    #[error("reading Q8_0 weights: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Moves the four scales of one group step (four GGUF blocks side by side)
 /// in front of the four rows' values.
 fn scales_first(step: &mut [u8]) {
@@ -118,6 +127,52 @@ impl Q8_0Matrix {
             |block, out| out.copy_from_slice(block),
         );
         groups.chunks_exact_mut(STEP_BYTES).for_each(scales_first);
+        Ok(Some(Self {
+            groups,
+            rows,
+            cols,
+            simd,
+            wide: detect_wide_simd(),
+        }))
+    }
+
+    /// Reads `rows x cols` weights in GGUF's layout from `reader`, four
+    /// rows at a time, straight into the grouped layout: a large table
+    /// (Gemma 3's 178 MB embedding) is never held twice while loading.
+    /// `None` when this CPU lacks AVX2/FMA (nothing is read then).
+    pub fn read(
+        reader: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>, ReadError> {
+        if cols % BLOCK != 0 {
+            return Err(ReadError::Layout(KernelError::PartialBlock {
+                format: GgmlDType::Q8_0,
+                cols,
+                block: BLOCK,
+            }));
+        }
+        let Some(simd) = detect_simd() else {
+            return Ok(None);
+        };
+        let row_bytes = cols / BLOCK * BLOCK_BYTES;
+        let group_bytes = cols / BLOCK * STEP_BYTES;
+        let mut groups = vec![0u8; rows.div_ceil(ROWS_PER_GROUP) * group_bytes];
+        let mut source = vec![0u8; ROWS_PER_GROUP * row_bytes];
+        for (g, group) in groups.chunks_exact_mut(group_bytes).enumerate() {
+            let lanes = ROWS_PER_GROUP.min(rows - g * ROWS_PER_GROUP);
+            let source = &mut source[..lanes * row_bytes];
+            reader.read_exact(source)?;
+            regroup_one(
+                source,
+                group,
+                cols / BLOCK,
+                BLOCK_BYTES,
+                BLOCK_BYTES,
+                &|block: &[u8], out: &mut [u8]| out.copy_from_slice(block),
+            );
+            group.chunks_exact_mut(STEP_BYTES).for_each(scales_first);
+        }
         Ok(Some(Self {
             groups,
             rows,

@@ -5,7 +5,7 @@
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::{GroupedWeights, KernelError, Q4KMatrix, Q8_0Matrix};
+use super::{GroupedWeights, KernelError, Q4KMatrix, Q8_0Matrix, ReadError};
 
 fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut state = seed;
@@ -184,3 +184,26 @@ fn zero_activations_give_zero_products() {
     assert_eq!(out, vec![0.0; 8]);
 }
 
+#[test]
+fn q8_0_weights_read_from_a_stream_equal_those_regrouped_in_memory() {
+    let (rows, cols) = (7, 96);
+    let (bytes, weights) = quantized(GgmlDType::Q8_0, rows, cols, 8);
+    let read = Q8_0Matrix::read(&mut bytes.as_slice(), rows, cols)
+        .unwrap()
+        .unwrap();
+    let regrouped = Q8_0Matrix::new(&bytes, rows, cols).unwrap().unwrap();
+    for r in 0..rows {
+        assert_eq!(read.row(r).unwrap(), weights[r * cols..(r + 1) * cols]);
+    }
+    let x = random(3, cols, 9);
+    assert_eq!(read.matmul(&x).unwrap(), regrouped.matmul(&x).unwrap());
+    // A stream that ends early is an error, not a short table.
+    assert!(matches!(
+        Q8_0Matrix::read(&mut &bytes[..bytes.len() - 1], rows, cols),
+        Err(ReadError::Io(_))
+    ));
+    assert!(matches!(
+        Q8_0Matrix::read(&mut bytes.as_slice(), rows, 48),
+        Err(ReadError::Layout(KernelError::PartialBlock { .. }))
+    ));
+}
