@@ -79,6 +79,24 @@ fn detect_wide_simd() -> Option<WideSimd> {
     None
 }
 
+/// The instruction sets one matrix's products run on: AVX2/FMA always,
+/// AVX-512 where the CPU has it and `CASCADE_NO_AVX512` is not set.
+#[derive(Debug, Clone, Copy)]
+struct Isa {
+    simd: Simd,
+    wide: Option<WideSimd>,
+}
+
+impl Isa {
+    /// `None` when the CPU lacks AVX2/FMA.
+    fn detect() -> Option<Self> {
+        Some(Self {
+            simd: detect_simd()?,
+            wide: detect_wide_simd(),
+        })
+    }
+}
+
 /// Why a buffer cannot be used as quantized weights or activations.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KernelError {
@@ -183,12 +201,19 @@ trait GroupKernel: Sync {
     /// With the `N` activation rows from `first` on.
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N];
 
+    /// The instruction sets it runs on.
+    fn isa(&self) -> Isa;
+
     /// Activation rows that share one pass over a weight group in
     /// prefill, so that each weight block is loaded and unpacked once for
     /// all of them: as many as the registers hold with the accumulators
     /// (2 with AVX2's 16 registers, 4 with AVX-512's 32).
     fn rows_per_step(&self) -> usize {
-        2
+        if self.isa().wide.is_some() {
+            4
+        } else {
+            2
+        }
     }
 }
 
@@ -337,22 +362,27 @@ impl GroupedWeights {
         }
     }
 
+    fn isa_mut(&mut self) -> &mut Isa {
+        match self {
+            Self::Q8_0(m) => &mut m.isa,
+            Self::Q4_1(m) => &mut m.isa,
+            Self::Q4K(m) => &mut m.isa,
+        }
+    }
+
     /// The same weights on the AVX2 kernels only, even where the CPU has
     /// AVX-512: for tests and benchmarks that compare the two.
-    pub fn without_avx512(self) -> Self {
-        match self {
-            Self::Q8_0(m) => Self::Q8_0(m.without_avx512()),
-            Self::Q4_1(m) => Self::Q4_1(m.without_avx512()),
-            Self::Q4K(m) => Self::Q4K(m.without_avx512()),
-        }
+    pub fn without_avx512(mut self) -> Self {
+        self.isa_mut().wide = None;
+        self
     }
 
     /// Whether products run on the AVX-512 kernels.
     pub fn uses_avx512(&self) -> bool {
         match self {
-            Self::Q8_0(m) => m.uses_avx512(),
-            Self::Q4_1(m) => m.uses_avx512(),
-            Self::Q4K(m) => m.uses_avx512(),
+            Self::Q8_0(m) => m.isa.wide.is_some(),
+            Self::Q4_1(m) => m.isa.wide.is_some(),
+            Self::Q4K(m) => m.isa.wide.is_some(),
         }
     }
 }

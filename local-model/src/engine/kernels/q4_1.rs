@@ -13,8 +13,8 @@ use half::f16;
 use super::lane_sum;
 use super::q8_0::{ActivationRow, Activations};
 use super::{
-    check_layout, detect_simd, detect_wide_simd, for_each_group, regroup, GroupKernel, KernelError,
-    Simd, WideSimd, ROWS_PER_GROUP,
+    check_layout, for_each_group, regroup, GroupKernel, Isa, KernelError, Simd, WideSimd,
+    ROWS_PER_GROUP,
 };
 
 /// Values per Q4_1 block.
@@ -51,15 +51,14 @@ pub struct Q4_1Matrix {
     groups: Vec<u8>,
     rows: usize,
     cols: usize,
-    simd: Simd,
-    wide: Option<WideSimd>,
+    pub(super) isa: Isa,
 }
 
 impl Q4_1Matrix {
     /// From GGUF's layout. `None` when this CPU lacks AVX2/FMA.
     pub fn new(bytes: &[u8], rows: usize, cols: usize) -> Result<Option<Self>, KernelError> {
         check_layout(GgmlDType::Q4_1, bytes, rows, cols)?;
-        let Some(simd) = detect_simd() else {
+        let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
         let mut groups = regroup(
@@ -75,22 +74,12 @@ impl Q4_1Matrix {
             groups,
             rows,
             cols,
-            simd,
-            wide: detect_wide_simd(),
+            isa,
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// The same weights on the AVX2 kernel only.
-    pub fn without_avx512(self) -> Self {
-        Self { wide: None, ..self }
-    }
-
-    pub fn uses_avx512(&self) -> bool {
-        self.wide.is_some()
     }
 
     /// Bytes of weights held.
@@ -104,8 +93,7 @@ impl Q4_1Matrix {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
         let kernel = Kernel {
-            simd: self.simd,
-            wide: self.wide,
+            isa: self.isa,
             activations: &activations,
         };
         Ok(for_each_group(
@@ -120,26 +108,21 @@ impl Q4_1Matrix {
 
 /// The Q4_1 product over one set of quantized activations.
 struct Kernel<'a> {
-    simd: Simd,
-    wide: Option<WideSimd>,
+    isa: Isa,
     activations: &'a Activations,
 }
 
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
-        match self.wide {
+        match self.isa.wide {
             Some(wide) => dot_group_wide(wide, weights, rows),
-            None => dot_group(self.simd, weights, rows),
+            None => dot_group(self.isa.simd, weights, rows),
         }
     }
 
-    fn rows_per_step(&self) -> usize {
-        if self.wide.is_some() {
-            4
-        } else {
-            2
-        }
+    fn isa(&self) -> Isa {
+        self.isa
     }
 }
 

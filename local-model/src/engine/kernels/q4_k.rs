@@ -8,8 +8,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group, quantize_block,
-    regroup, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_layout, for_each_group, quantize_block, regroup, GroupKernel, Isa,
+    KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q4_K super-block.
@@ -94,15 +94,14 @@ pub struct Q4KMatrix {
     groups: Vec<u8>,
     rows: usize,
     cols: usize,
-    simd: Simd,
-    wide: Option<WideSimd>,
+    pub(super) isa: Isa,
 }
 
 impl Q4KMatrix {
     /// From GGUF's layout. `None` when this CPU lacks AVX2/FMA.
     pub fn new(bytes: &[u8], rows: usize, cols: usize) -> Result<Option<Self>, KernelError> {
         check_layout(GgmlDType::Q4K, bytes, rows, cols)?;
-        let Some(simd) = detect_simd() else {
+        let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
         let groups = regroup(
@@ -117,22 +116,12 @@ impl Q4KMatrix {
             groups,
             rows,
             cols,
-            simd,
-            wide: detect_wide_simd(),
+            isa,
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// The same weights on the AVX2 kernel only.
-    pub fn without_avx512(self) -> Self {
-        Self { wide: None, ..self }
-    }
-
-    pub fn uses_avx512(&self) -> bool {
-        self.wide.is_some()
     }
 
     /// Bytes of weights held.
@@ -147,8 +136,7 @@ impl Q4KMatrix {
         let m = x.len() / self.cols;
         let row_blocks = self.cols / BLOCK;
         let kernel = Kernel {
-            simd: self.simd,
-            wide: self.wide,
+            isa: self.isa,
             activations: &activations,
             row_blocks,
         };
@@ -164,8 +152,7 @@ impl Q4KMatrix {
 
 /// The Q4_K product over one set of quantized activations.
 struct Kernel<'a> {
-    simd: Simd,
-    wide: Option<WideSimd>,
+    isa: Isa,
     activations: &'a [ActivationBlock],
     row_blocks: usize,
 }
@@ -179,18 +166,14 @@ impl Kernel<'_> {
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         let rows = std::array::from_fn(|n| self.row(first + n));
-        match self.wide {
+        match self.isa.wide {
             Some(wide) => dot_group_wide(wide, weights, rows),
-            None => dot_group(self.simd, weights, rows),
+            None => dot_group(self.isa.simd, weights, rows),
         }
     }
 
-    fn rows_per_step(&self) -> usize {
-        if self.wide.is_some() {
-            4
-        } else {
-            2
-        }
+    fn isa(&self) -> Isa {
+        self.isa
     }
 }
 

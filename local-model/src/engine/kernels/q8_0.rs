@@ -7,8 +7,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::lane_sum;
 use super::{
-    activation_rows, check_layout, detect_simd, detect_wide_simd, for_each_group, quantize_block,
-    regroup, regroup_one, GroupKernel, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_layout, for_each_group, quantize_block, regroup, regroup_one,
+    GroupKernel, Isa, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
 
 /// Values per Q8_0 block.
@@ -86,8 +86,7 @@ pub struct Q8_0Matrix {
     groups: Vec<u8>,
     rows: usize,
     cols: usize,
-    simd: Simd,
-    wide: Option<WideSimd>,
+    pub(super) isa: Isa,
 }
 
 /// Why weights could not be read into the grouped layout.
@@ -115,7 +114,7 @@ impl Q8_0Matrix {
     /// From GGUF's layout. `None` when this CPU lacks AVX2/FMA.
     pub fn new(bytes: &[u8], rows: usize, cols: usize) -> Result<Option<Self>, KernelError> {
         check_layout(GgmlDType::Q8_0, bytes, rows, cols)?;
-        let Some(simd) = detect_simd() else {
+        let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
         let mut groups = regroup(
@@ -131,8 +130,7 @@ impl Q8_0Matrix {
             groups,
             rows,
             cols,
-            simd,
-            wide: detect_wide_simd(),
+            isa,
         }))
     }
 
@@ -152,7 +150,7 @@ impl Q8_0Matrix {
                 block: BLOCK,
             }));
         }
-        let Some(simd) = detect_simd() else {
+        let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
         let row_bytes = cols / BLOCK * BLOCK_BYTES;
@@ -177,22 +175,12 @@ impl Q8_0Matrix {
             groups,
             rows,
             cols,
-            simd,
-            wide: detect_wide_simd(),
+            isa,
         }))
     }
 
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// The same weights on the AVX2 kernel only.
-    pub fn without_avx512(self) -> Self {
-        Self { wide: None, ..self }
-    }
-
-    pub fn uses_avx512(&self) -> bool {
-        self.wide.is_some()
     }
 
     pub fn cols(&self) -> usize {
@@ -235,8 +223,7 @@ impl Q8_0Matrix {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
         let kernel = Kernel {
-            simd: self.simd,
-            wide: self.wide,
+            isa: self.isa,
             activations: &activations,
         };
         Ok(for_each_group(
@@ -251,26 +238,21 @@ impl Q8_0Matrix {
 
 /// The Q8_0 product over one set of quantized activations.
 struct Kernel<'a> {
-    simd: Simd,
-    wide: Option<WideSimd>,
+    isa: Isa,
     activations: &'a Activations,
 }
 
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
-        match self.wide {
+        match self.isa.wide {
             Some(wide) => dot_group_wide(wide, weights, rows),
-            None => dot_group(self.simd, weights, rows),
+            None => dot_group(self.isa.simd, weights, rows),
         }
     }
 
-    fn rows_per_step(&self) -> usize {
-        if self.wide.is_some() {
-            4
-        } else {
-            2
-        }
+    fn isa(&self) -> Isa {
+        self.isa
     }
 }
 
