@@ -8,7 +8,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Result, Tensor};
 
 use super::kernels::{GroupedWeights, Q8_0Matrix};
-use super::linear::{grouped, grouped_kernels_cover, lacks_simd_kernel, with_simd_kernel, Linear};
+use super::linear::{grouped_kernels_cover, lacks_simd_kernel, with_simd_kernel, Linear};
 
 /// `token_embd.weight`, held once.
 #[derive(Debug, Clone)]
@@ -35,7 +35,8 @@ impl TokenTable {
             if !exact && info.ggml_dtype == GgmlDType::Q8_0 && device.is_cpu() {
                 // Straight from the file into the grouped layout: through
                 // candle's reader the table would be held twice (its
-                // layout and ours) at the peak of loading.
+                // layout and ours) at the peak of loading. (`read_gguf`
+                // has checked that the tensor lies inside the file.)
                 let (rows, cols) = info.shape.dims2()?;
                 reader.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))?;
                 let mut buffered = BufReader::with_capacity(1 << 20, &mut *reader);
@@ -46,13 +47,11 @@ impl TokenTable {
                 }
             }
         }
-        let table = content.tensor(reader, name, device)?;
-        if !exact && table.dtype() == GgmlDType::Q8_0 {
-            if let Some(grouped) = grouped(&table, device)? {
-                return Ok(TokenTable::Grouped(Arc::new(grouped)));
-            }
-        }
-        Ok(TokenTable::Candle(Arc::new(table)))
+        // Exact, another format or device, or a CPU without Cascade's
+        // kernels (where `read` declines): candle's layout.
+        Ok(TokenTable::Candle(Arc::new(
+            content.tensor(reader, name, device)?,
+        )))
     }
 
     /// The rows of `tokens`, dequantised: `[tokens, width]`.

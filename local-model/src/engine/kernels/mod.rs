@@ -126,15 +126,8 @@ fn check_layout(
     rows: usize,
     cols: usize,
 ) -> Result<(), KernelError> {
-    let block = format.block_size();
-    if cols % block != 0 {
-        return Err(KernelError::PartialBlock {
-            format,
-            cols,
-            block,
-        });
-    }
-    let expected = rows * cols / block * format.type_size();
+    check_blocks(format, cols)?;
+    let expected = rows * cols / format.block_size() * format.type_size();
     if bytes.len() != expected {
         return Err(KernelError::Size {
             format,
@@ -145,6 +138,24 @@ fn check_layout(
         });
     }
     Ok(())
+}
+
+/// Checks that rows of `cols` values are whole blocks of `format`.
+fn check_blocks(format: GgmlDType, cols: usize) -> Result<(), KernelError> {
+    let block = format.block_size();
+    if cols % block != 0 {
+        return Err(KernelError::PartialBlock {
+            format,
+            cols,
+            block,
+        });
+    }
+    Ok(())
+}
+
+/// The `repack` of formats whose blocks are regrouped as they are.
+fn keep_block(block: &[u8], out: &mut [u8]) {
+    out.copy_from_slice(block);
 }
 
 /// Regroups GGUF rows (runs of `block_bytes`-byte blocks) four at a time,
@@ -285,6 +296,16 @@ fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
     lanes.iter().sum()
 }
 
+/// The (at most 16) little-endian F16 values in `bytes` as F32 lanes, the
+/// lanes after them zero: a step's scales (and minimums) in one conversion.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn widen_halves(simd: WideSimd, bytes: &[u8]) -> std::arch::x86_64::__m512 {
+    let mut halves = [0u8; 32];
+    halves[..bytes.len()].copy_from_slice(bytes);
+    simd.avx512f._mm512_cvtph_ps(pulp::bytemuck::cast(halves))
+}
+
 /// Rounds `chunk` to signed bytes on a symmetric grid (scale = max |v| /
 /// 127, half away from zero, as llama.cpp), returning the scale.
 fn quantize_block(chunk: &[f32], out: &mut [i8]) -> f32 {
@@ -317,15 +338,19 @@ pub enum GroupedWeights {
     Q4K(Q4KMatrix),
 }
 
+/// The formats with kernels here (AVX2 and AVX-512 alike).
+fn has_kernel(format: GgmlDType) -> bool {
+    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+}
+
 /// Whether weights of `format` get Cascade's kernel on this CPU.
 pub fn covers(format: GgmlDType) -> bool {
-    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K) && detect_simd().is_some()
+    has_kernel(format) && detect_simd().is_some()
 }
 
 /// Whether weights of `format` get Cascade's AVX-512 kernel on this CPU.
 pub fn wide_covers(format: GgmlDType) -> bool {
-    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
-        && detect_wide_simd().is_some()
+    has_kernel(format) && detect_wide_simd().is_some()
 }
 
 impl GroupedWeights {

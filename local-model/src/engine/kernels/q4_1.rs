@@ -9,13 +9,13 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-#[cfg(target_arch = "x86_64")]
-use super::lane_sum;
 use super::q8_0::{ActivationRow, Activations};
 use super::{
-    check_layout, for_each_group, regroup, GroupKernel, Isa, KernelError, Simd, WideSimd,
-    ROWS_PER_GROUP,
+    check_layout, for_each_group, keep_block, regroup, GroupKernel, Isa, KernelError, Simd,
+    WideSimd, ROWS_PER_GROUP,
 };
+#[cfg(target_arch = "x86_64")]
+use super::{lane_sum, widen_halves};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
@@ -67,7 +67,7 @@ impl Q4_1Matrix {
             cols / BLOCK,
             BLOCK_BYTES,
             BLOCK_BYTES,
-            |block, out| out.copy_from_slice(block),
+            keep_block,
         );
         groups.chunks_exact_mut(STEP_BYTES).for_each(fields_first);
         Ok(Some(Self {
@@ -216,7 +216,7 @@ fn dot_group_wide<const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
+            use std::arch::x86_64::{__m128i, __m512, __m512i};
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
             let ones = simd.avx512f._mm512_set1_epi16(1);
             // From the converted scales [d0..d3, m0..m3, ...]: each row's
@@ -228,11 +228,7 @@ fn dot_group_wide<const N: usize>(
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
             let mut min_terms = [simd.avx512f._mm512_setzero_ps(); N];
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
-                let mut halves = [0u8; 32];
-                halves[..VALUES_AT].copy_from_slice(&step[..VALUES_AT]);
-                let halves = simd
-                    .avx512f
-                    ._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(halves));
+                let halves = widen_halves(simd, &step[..VALUES_AT]);
                 let ds = simd.avx512f._mm512_permutexvar_ps(row_scales, halves);
                 let ms = simd.avx512f._mm512_permutexvar_ps(row_mins, halves);
                 let q: __m512i = bytemuck::pod_read_unaligned(&step[VALUES_AT..]);

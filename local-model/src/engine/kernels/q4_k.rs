@@ -197,6 +197,46 @@ fn dot_group<const N: usize>(
     match simd {}
 }
 
+/// A held block's scale and minimum scale, and its eight sub-block
+/// minimums widened to 32 bits: what `accumulate` needs of it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn block_header(simd: Simd, block: &[u8]) -> (f32, f32, std::arch::x86_64::__m256i) {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+    let mut mins = [0u8; 16];
+    mins[..8].copy_from_slice(&block[12..20]);
+    let mins = simd.avx2._mm256_cvtepu8_epi32(pulp::bytemuck::cast(mins));
+    (d, dmin, mins)
+}
+
+/// Adds one super-block of one row to its accumulator: `sums` are the
+/// eight lanes of `Σ scale_j·q·y`; the minimums' term multiplies the eight
+/// minimums by the eight activation sums in one vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn accumulate(
+    simd: Simd,
+    acc: std::arch::x86_64::__m256,
+    sums: std::arch::x86_64::__m256i,
+    (d, dmin, mins): (f32, f32, std::arch::x86_64::__m256i),
+    y: &ActivationBlock,
+) -> std::arch::x86_64::__m256 {
+    let min_products = simd
+        .avx2
+        ._mm256_mullo_epi32(mins, pulp::bytemuck::cast(y.sums));
+    let acc = simd.fma._mm256_fmadd_ps(
+        simd.avx._mm256_set1_ps(d * y.scale),
+        simd.avx._mm256_cvtepi32_ps(sums),
+        acc,
+    );
+    simd.fma._mm256_fnmadd_ps(
+        simd.avx._mm256_set1_ps(dmin * y.scale),
+        simd.avx._mm256_cvtepi32_ps(min_products),
+        acc,
+    )
+}
+
 /// Dot products of one four-row group with `N` activation rows; each
 /// weight block is unpacked once for all `N`.
 ///
@@ -225,12 +265,8 @@ fn dot_group<const N: usize>(
             {
                 let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
                 for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                    let header = block_header(simd, block);
                     let scales = &block[4..12];
-                    let mut mins = [0u8; 16];
-                    mins[..8].copy_from_slice(&block[12..20]);
-                    let mins = simd.avx2._mm256_cvtepu8_epi32(bytemuck::cast(mins));
                     let mut sums = [simd.avx._mm256_setzero_si256(); N];
                     for (k, values) in block[VALUES_AT..].chunks_exact(32).enumerate() {
                         let q: __m256i = bytemuck::pod_read_unaligned(values);
@@ -260,19 +296,7 @@ fn dot_group<const N: usize>(
                         }
                     }
                     for n in 0..N {
-                        let min_products = simd
-                            .avx2
-                            ._mm256_mullo_epi32(mins, bytemuck::cast(ys[n].sums));
-                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
-                            simd.avx._mm256_set1_ps(d * ys[n].scale),
-                            simd.avx._mm256_cvtepi32_ps(sums[n]),
-                            acc[n][lane],
-                        );
-                        acc[n][lane] = simd.fma._mm256_fnmadd_ps(
-                            simd.avx._mm256_set1_ps(dmin * ys[n].scale),
-                            simd.avx._mm256_cvtepi32_ps(min_products),
-                            acc[n][lane],
-                        );
+                        acc[n][lane] = accumulate(simd, acc[n][lane], sums[n], header, ys[n]);
                     }
                 }
             }
@@ -313,16 +337,12 @@ fn dot_group_wide<const N: usize>(
             {
                 let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
                 for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                    let header = block_header(*simd, block);
                     let mut scale_bytes = [0u8; 16];
                     scale_bytes[..8].copy_from_slice(&block[4..12]);
                     let scales: __m128i =
                         simd.sse4_1._mm_cvtepu8_epi16(bytemuck::cast(scale_bytes));
                     let scales = simd.avx512f._mm512_broadcast_i32x4(scales);
-                    let mut mins = [0u8; 16];
-                    mins[..8].copy_from_slice(&block[12..20]);
-                    let mins = simd.avx2._mm256_cvtepu8_epi32(bytemuck::cast(mins));
                     let mut sums = [simd.avx512f._mm512_setzero_si512(); N];
                     for (p, values) in block[VALUES_AT..].chunks_exact(64).enumerate() {
                         let q: __m512i = bytemuck::pod_read_unaligned(values);
@@ -361,19 +381,7 @@ fn dot_group_wide<const N: usize>(
                             simd.avx512f._mm512_castsi512_si256(sums[n]),
                             simd.avx512f._mm512_extracti64x4_epi64::<1>(sums[n]),
                         );
-                        let min_products = simd
-                            .avx2
-                            ._mm256_mullo_epi32(mins, bytemuck::cast(ys[n].sums));
-                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
-                            simd.avx._mm256_set1_ps(d * ys[n].scale),
-                            simd.avx._mm256_cvtepi32_ps(sum),
-                            acc[n][lane],
-                        );
-                        acc[n][lane] = simd.fma._mm256_fnmadd_ps(
-                            simd.avx._mm256_set1_ps(dmin * ys[n].scale),
-                            simd.avx._mm256_cvtepi32_ps(min_products),
-                            acc[n][lane],
-                        );
+                        acc[n][lane] = accumulate(*simd, acc[n][lane], sum, header, ys[n]);
                     }
                 }
             }

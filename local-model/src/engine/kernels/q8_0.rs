@@ -4,12 +4,12 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-#[cfg(target_arch = "x86_64")]
-use super::lane_sum;
 use super::{
-    activation_rows, check_layout, for_each_group, quantize_block, regroup, regroup_one,
-    GroupKernel, Isa, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_blocks, check_layout, for_each_group, keep_block, quantize_block,
+    regroup, regroup_one, GroupKernel, Isa, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
 };
+#[cfg(target_arch = "x86_64")]
+use super::{lane_sum, widen_halves};
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
@@ -35,13 +35,7 @@ pub(super) struct Activations {
 impl Activations {
     pub(super) fn quantize(x: &[f32], cols: usize) -> Result<Self, KernelError> {
         activation_rows(x, cols)?;
-        if cols % BLOCK != 0 {
-            return Err(KernelError::PartialBlock {
-                format: GgmlDType::Q8_0,
-                cols,
-                block: BLOCK,
-            });
-        }
+        check_blocks(GgmlDType::Q8_0, cols)?;
         let blocks = x.len() / BLOCK;
         let mut scales = Vec::with_capacity(blocks);
         let mut values = Vec::with_capacity(blocks);
@@ -123,7 +117,7 @@ impl Q8_0Matrix {
             cols / BLOCK,
             BLOCK_BYTES,
             BLOCK_BYTES,
-            |block, out| out.copy_from_slice(block),
+            keep_block,
         );
         groups.chunks_exact_mut(STEP_BYTES).for_each(scales_first);
         Ok(Some(Self {
@@ -143,13 +137,7 @@ impl Q8_0Matrix {
         rows: usize,
         cols: usize,
     ) -> Result<Option<Self>, ReadError> {
-        if cols % BLOCK != 0 {
-            return Err(ReadError::Layout(KernelError::PartialBlock {
-                format: GgmlDType::Q8_0,
-                cols,
-                block: BLOCK,
-            }));
-        }
+        check_blocks(GgmlDType::Q8_0, cols)?;
         let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
@@ -167,7 +155,7 @@ impl Q8_0Matrix {
                 cols / BLOCK,
                 BLOCK_BYTES,
                 BLOCK_BYTES,
-                &|block: &[u8], out: &mut [u8]| out.copy_from_slice(block),
+                &keep_block,
             );
             group.chunks_exact_mut(STEP_BYTES).for_each(scales_first);
         }
@@ -338,7 +326,7 @@ fn dot_group_wide<const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::{__m256i, __m512, __m512i};
+            use std::arch::x86_64::{__m512, __m512i};
             const PAIRS: usize = ROWS_PER_GROUP / 2;
             let ones = simd.avx512f._mm512_set1_epi16(1);
             let zero = simd.avx512f._mm512_setzero_si512();
@@ -351,11 +339,7 @@ fn dot_group_wide<const N: usize>(
             let spreads: [__m512i; PAIRS] = std::array::from_fn(|h| spread(h as i32));
             let mut acc = [[simd.avx512f._mm512_setzero_ps(); PAIRS]; N];
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
-                let mut scale_bytes = [0u8; 32];
-                scale_bytes[..VALUES_AT].copy_from_slice(&step[..VALUES_AT]);
-                let x_scales: __m512 = simd
-                    .avx512f
-                    ._mm512_cvtph_ps(bytemuck::cast::<_, __m256i>(scale_bytes));
+                let x_scales = widen_halves(simd, &step[..VALUES_AT]);
                 let ys: [__m512i; N] = std::array::from_fn(|n| {
                     simd.avx512f
                         ._mm512_broadcast_i64x4(bytemuck::cast(rows[n].1[b]))
