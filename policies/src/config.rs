@@ -188,13 +188,22 @@ impl TryFrom<PoliciesConfig> for Policies {
 
 /// Applies a variant's override to one base policy, saying which team it failed for.
 fn apply(base: &Policy, o: &PolicyOverride, at: &str, team: &str) -> Result<Policy, PolicyError> {
-    base.with_override(o).map_err(|e| match e.within(at) {
+    let policy = base.with_override(o).map_err(|e| match e.within(at) {
         PolicyError::Invalid { key, reason } => PolicyError::Invalid {
             key,
             reason: format!("{reason} (applied to team `{team}`)"),
         },
         other => other,
-    })
+    })?;
+    // An experiment (one without `team` applies to every team) must not send a local_only
+    // team's prompts out: its promise is the team's, not a treatment.
+    if base.local_only() && !policy.local_only() {
+        return Err(PolicyError::invalid(
+            format!("{at}.local_only"),
+            format!("team `{team}` is local_only; an experiment variant cannot turn that off"),
+        ));
+    }
+    Ok(policy)
 }
 
 impl Policies {

@@ -143,6 +143,12 @@ impl TryFrom<ExperimentConfig> for Experiment {
                     "budgets cannot vary by experiment variant",
                 ));
             }
+            if let Some(field) = v.overrides.sets_guarded_field() {
+                return Err(PolicyError::invalid(
+                    format!("{at}.overrides.{field}"),
+                    "spend limits and prompt storage cannot vary by experiment variant",
+                ));
+            }
             total += v.weight;
         }
         if !total.is_finite() {

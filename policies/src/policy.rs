@@ -121,6 +121,22 @@ impl PolicyOverride {
     pub fn sets_budget(&self) -> bool {
         self.daily_budget_usd.is_some() || self.monthly_budget_usd.is_some()
     }
+
+    /// The first field set here that an experiment variant may not change, if any: the
+    /// per-request cap and what happens when a budget runs out are spend limits too, and
+    /// storing prompts is a data-retention promise of the team's own policy
+    /// (docs/security.md), not a treatment to randomise.
+    pub fn sets_guarded_field(&self) -> Option<&'static str> {
+        if self.max_cost_per_request_usd.is_some() {
+            Some("max_cost_per_request_usd")
+        } else if self.on_budget_exhausted.is_some() {
+            Some("on_budget_exhausted")
+        } else if self.log_prompts.is_some() {
+            Some("log_prompts")
+        } else {
+            None
+        }
+    }
 }
 
 /// A validated policy. Fields are private so that every `Policy` in existence passed

@@ -80,8 +80,15 @@ impl BudgetGate {
     }
 }
 
-/// Conservative cost of a call to `upstream`: `input_tokens` in, and the request's
-/// `max_tokens` (or [`DEFAULT_MAX_OUTPUT_TOKENS`]) out. An unpriced remote costs nothing.
+/// The worst-case cost of a call to `upstream`: `input_tokens` in, and out the most output
+/// the upstream may produce for the request: its `max_tokens` (or
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`], which the gateway then sets on the upstream request) for
+/// each of the choices it asks for ([`CompletionRequest::output_sequences`]: `n`, `best_of`,
+/// every prompt of a multi-prompt completion). Start-up refuses a remote without a price
+/// that a budget or a per-request cap could apply to, so the zero of an unpriced remote
+/// never meets a limit.
+///
+/// [`CompletionRequest::output_sequences`]: crate::openai::CompletionRequest::output_sequences
 pub fn estimate_cost(
     policies: &Policies,
     upstream: &str,
@@ -91,24 +98,33 @@ pub fn estimate_cost(
     let Some(price) = policies.price(upstream) else {
         return NanoUsd::ZERO;
     };
-    let output = request
-        .max_tokens
-        .map_or(DEFAULT_MAX_OUTPUT_TOKENS, |n| n as u64);
-    price.cost(input_tokens, output)
+    price.cost(input_tokens, max_output_tokens(request))
 }
 
-/// Input tokens to reserve for a prompt. The remote's tokenizer is not ours: the local
-/// count gets a 25% margin plus 16 tokens of chat-template overhead per request, and is
-/// never more than the request body's byte count, which no byte-level tokenizer exceeds
-/// (every token covers at least one byte; JSON syntax outweighs template tokens). Without
-/// a local count (a prompt the local model never saw) the byte count is used.
-pub fn input_token_estimate(counted: Option<usize>, body_bytes: usize) -> u64 {
+/// The most output tokens an upstream may bill for `request`: `max_tokens` (or
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`]) for every sequence it generates.
+pub fn max_output_tokens(request: &crate::openai::CompletionRequest) -> u64 {
+    let per_sequence = request
+        .max_tokens
+        .map_or(DEFAULT_MAX_OUTPUT_TOKENS, |n| n as u64);
+    per_sequence.saturating_mul(request.output_sequences())
+}
+
+/// Input tokens to reserve for a request. The remote's tokenizer is not ours: the local
+/// count of the prompt gets a 25% margin plus 16 tokens of chat-template overhead, plus one
+/// token per byte of what goes upstream besides the messages (`schema_bytes`: tools,
+/// functions, response format schemas), and is never more than the request body's byte
+/// count, which no byte-level tokenizer exceeds (every token covers at least one byte; JSON
+/// syntax outweighs template tokens). Without a local count (a prompt the local model never
+/// saw) the byte count is used.
+pub fn input_token_estimate(counted: Option<usize>, schema_bytes: usize, body_bytes: usize) -> u64 {
     let bytes = body_bytes as u64;
     match counted {
         Some(n) if n > 0 => (n as u64)
             .saturating_mul(5)
             .div_ceil(4)
             .saturating_add(16)
+            .saturating_add(schema_bytes as u64)
             .min(bytes),
         _ => bytes,
     }
@@ -136,12 +152,20 @@ impl CallGate for BudgetGate {
             })
             .collect();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let amount = self.estimate(call);
+        // The per-request cap is checked here, where every attempt at every remote passes,
+        // not only where the route is decided.
+        if let Some(cap) = call.max_cost.filter(|cap| amount > *cap) {
+            return Err(GateRefusal::OverRequestCap {
+                estimate: amount,
+                cap,
+            });
+        }
         if scopes.is_empty() {
             // No budget applies (no teams, no global limit): nothing to hold, and no
             // database write on the request path.
             return Ok(Reservation(id));
         }
-        let amount = self.estimate(call);
         let reservation = self
             .storage
             .reserve(call.request_id, &scopes, amount.0, now)
@@ -240,6 +264,7 @@ mod tests {
                 request: &request,
                 input_tokens: 100,
                 attempt: 0,
+                max_cost: None,
             };
             match gate.reserve(&call).await {
                 Ok(r) => granted.push(r),
@@ -272,9 +297,11 @@ mod tests {
 
     #[test]
     fn input_estimates_add_a_margin_to_the_local_count_and_never_exceed_the_body() {
-        assert_eq!(input_token_estimate(Some(100), 10_000), 141);
-        assert_eq!(input_token_estimate(Some(100), 120), 120);
-        assert_eq!(input_token_estimate(None, 500), 500);
-        assert_eq!(input_token_estimate(Some(0), 500), 500);
+        assert_eq!(input_token_estimate(Some(100), 0, 10_000), 141);
+        assert_eq!(input_token_estimate(Some(100), 0, 120), 120);
+        assert_eq!(input_token_estimate(None, 0, 500), 500);
+        assert_eq!(input_token_estimate(Some(0), 0, 500), 500);
+        // Tool schemas are billed as input: their bytes are added to the prompt's count.
+        assert_eq!(input_token_estimate(Some(100), 300, 10_000), 441);
     }
 }

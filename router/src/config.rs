@@ -552,16 +552,46 @@ fn validate_server(raw: &RawServer) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-/// What the `policies` crate accepts but this gateway cannot route by: a remote that is
-/// priced but not configured.
+/// What the `policies` crate accepts but this gateway cannot route by, or could not count
+/// the cost of: a remote a team, key or variant policy names that is priced but not
+/// configured; a remote without a price under a `[global]` budget (the `policies` crate
+/// already makes every remote a team policy names priced, and a direct model reaches only
+/// its caller's `remotes`). A `local_only` policy that lists remotes is accepted, and they
+/// are ignored with a warning: it never calls one.
 fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<(), ConfigError> {
+    let global = policies.global_limits();
+    if global.daily.is_some() || global.monthly.is_some() {
+        if let Some(r) = remotes.iter().find(|r| policies.price(&r.name).is_none()) {
+            return Err(invalid(
+                format!("prices.{}", r.name),
+                format!(
+                    "remote `{}` has no price, and the [global] budget applies to every paid \
+                     call: add [prices.{}]",
+                    r.name, r.name
+                ),
+            ));
+        }
+    }
     for team in policies.teams().values() {
         let keys = team
             .keys
             .iter()
             .map(|(id, k)| (format!("teams.{}.keys.{id}", team.name), &k.policy));
-        let all =
-            std::iter::once((format!("teams.{}.policy", team.name), &team.policy)).chain(keys);
+        let variants = policies
+            .experiment_for(&team.name)
+            .into_iter()
+            .flat_map(|e| {
+                let key_ids = std::iter::once("").chain(team.keys.keys().map(String::as_str));
+                e.variants().iter().flat_map(move |v| {
+                    key_ids.clone().filter_map(move |key_id| {
+                        let at = format!("experiments.{}.variants.{}", e.id(), v.name);
+                        Some((at, policies.policy(&team.name, key_id, Some(&v.name))?))
+                    })
+                })
+            });
+        let all = std::iter::once((format!("teams.{}.policy", team.name), &team.policy))
+            .chain(keys)
+            .chain(variants);
         for (at, policy) in all {
             if let Some(r) = policy
                 .remotes()
@@ -572,6 +602,12 @@ fn check_team_policies(policies: &Policies, remotes: &[RemoteConfig]) -> Result<
                     format!("{at}.remotes"),
                     format!("`{r}` is not a configured [[remotes]] entry"),
                 ));
+            }
+            if policy.local_only() && !policy.remotes().is_empty() {
+                tracing::warn!(
+                    policy = %at,
+                    "local_only: the remotes this policy lists are ignored; it never calls a remote"
+                );
             }
         }
     }
@@ -985,6 +1021,7 @@ fn validate_policy(
     };
     let optional_ms = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
     let policy = Policy {
+        mode: crate::routing::Mode::Cascade,
         aggregate,
         threshold: raw.threshold,
         on_remote_failure,

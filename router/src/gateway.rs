@@ -20,21 +20,13 @@ use crate::live::{self, SharedPolicies};
 use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
-use crate::routing::{self, Aggregate, LocalOutcome, OnOverload, Policy, Reason, Route};
+use crate::routing::{
+    self, Addressed, Aggregate, LocalOutcome, Mode, OnOverload, Policy, PreRoute, Reason, Route,
+};
 use crate::upstream::{
     CallGate, GateRefusal, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
 };
 use policies::decision::{decide_budget, BudgetDecision, BudgetView, RemoteCandidate};
-
-/// Where a request goes before anything runs.
-enum Target {
-    /// Local first, remote if unsure.
-    Cascade,
-    /// The local model only.
-    Local(Reason),
-    /// These remotes, in order.
-    Remotes(Vec<usize>, Reason),
-}
 
 /// What the gateway answers; the handler writes it out.
 pub enum Reply {
@@ -130,13 +122,17 @@ impl Gateway {
     pub fn request_policy(&self, p: &policies::Policy) -> RequestPolicy {
         let plan = self.plan.load();
         let base = &plan.policy;
-        // `local_only` keeps every answer local; `remote_only` escalates every answer.
-        let threshold = match p.threshold() {
-            Some(t) => t,
-            None if p.local_only() => f64::NEG_INFINITY,
-            None => f64::INFINITY,
+        let mode = if p.local_only() {
+            Mode::LocalOnly
+        } else if p.remote_only() {
+            Mode::RemoteOnly
+        } else {
+            Mode::Cascade
         };
+        // Only a cascading policy judges confidence (validation makes it set a threshold).
+        let threshold = p.threshold().unwrap_or(f64::INFINITY);
         let policy = Policy {
+            mode,
             aggregate: p.aggregate().clone(),
             threshold,
             on_remote_failure: match p.on_remote_failure() {
@@ -156,11 +152,15 @@ impl Gateway {
             max_cost_per_request: p.max_cost_per_request(),
             log_prompts: p.log_prompts(),
         };
-        let chain = p
-            .remotes()
-            .iter()
-            .filter_map(|name| self.upstreams.find(name))
-            .collect();
+        // A local_only policy calls no remote, whatever `remotes` it lists (start-up warns).
+        let chain = match mode {
+            Mode::LocalOnly => Vec::new(),
+            Mode::Cascade | Mode::RemoteOnly => p
+                .remotes()
+                .iter()
+                .filter_map(|name| self.upstreams.find(name))
+                .collect(),
+        };
         RequestPolicy { policy, chain }
     }
 
@@ -218,44 +218,40 @@ impl Gateway {
     ) -> Result<Reply, ApiError> {
         ctx.model = request.model.clone();
         let plan = self.plan(ctx);
-        match self.target(&request.model, route_header, &plan)? {
-            Target::Cascade => self.cascade(ctx, &request).await,
-            Target::Local(reason) => self.local_only(ctx, &request, reason).await,
-            Target::Remotes(chain, reason) => {
+        let (addressed, named_remote) = self.addressed(&request.model, &plan)?;
+        match routing::pre_route(&plan.policy, addressed, route_header) {
+            PreRoute::Cascade => self.cascade(ctx, &request).await,
+            PreRoute::Local(reason) => self.serve_local_directly(ctx, &request, reason).await,
+            PreRoute::Remote(reason) => {
                 ctx.route = Some(Route::Remote);
                 ctx.reason = Some(reason);
+                let chain = match named_remote {
+                    Some(i) => vec![i],
+                    None => plan.chain.clone(),
+                };
                 self.remote(ctx, &request, &chain, None).await
             }
+            PreRoute::Refuse(refusal) => Err(ApiError::NotAllowed(refusal.message().into())),
         }
     }
 
-    fn target(
+    /// What a request's `model` names, and the remote's index when it names one; 404 for a
+    /// name the gateway does not know.
+    fn addressed(
         &self,
         model: &str,
-        route_header: Option<Route>,
         plan: &RequestPolicy,
-    ) -> Result<Target, ApiError> {
+    ) -> Result<(Addressed, Option<usize>), ApiError> {
         if model == self.model_name {
-            return match route_header {
-                None => Ok(Target::Cascade),
-                Some(_) if !plan.policy.allow_route_header => Err(ApiError::NotAllowed(
-                    "The x-cascade-route header is not allowed by the gateway's policy.".into(),
-                )),
-                Some(Route::Local) => Ok(Target::Local(Reason::RouteHeader)),
-                Some(Route::Remote) => Ok(Target::Remotes(plan.chain.clone(), Reason::RouteHeader)),
-            };
-        }
-        let direct = if model == self.local_name {
-            Target::Local(Reason::ModelRequested)
+            Ok((Addressed::Cascade, None))
+        } else if model == self.local_name {
+            Ok((Addressed::LocalModel, None))
         } else if let Some(i) = self.upstreams.find(model) {
-            Target::Remotes(vec![i], Reason::ModelRequested)
+            let in_policy = plan.chain.contains(&i);
+            Ok((Addressed::Remote { in_policy }, Some(i)))
         } else {
-            return Err(ApiError::UnknownModel(model.to_string()));
-        };
-        if !plan.policy.allow_direct_models {
-            return Err(ApiError::UnknownModel(model.to_string()));
+            Err(ApiError::UnknownModel(model.to_string()))
         }
-        Ok(direct)
     }
 
     async fn cascade(
@@ -372,10 +368,13 @@ impl Gateway {
         self.remote(ctx, request, &plan.chain, local).await
     }
 
-    /// Pays for a remote answer, as far as the budgets allow: reserves before each call
-    /// (in the upstream client's gate), and when a budget cannot hold the call, does what
-    /// the policy's `on_budget_exhausted` says (serve the local answer, fall back to a
-    /// cheaper remote, or refuse with 429).
+    /// Pays for a remote answer, as far as the budgets allow. Each round asks the budget
+    /// decision which remote of the chain to call (the first that has not failed, or under
+    /// `on_budget_exhausted = "fallback"` the cheapest one that fits), then calls that one
+    /// remote; the budget gate enforces the per-request cap and the budgets before every
+    /// attempt. A remote that fails is not tried again; one whose reservation is refused is
+    /// marked as not fitting and the decision is made again. When no budget pays for any
+    /// remote, `on_budget_exhausted` decides; when every remote failed, `on_remote_failure`.
     async fn remote(
         &self,
         ctx: &mut RequestContext,
@@ -386,83 +385,99 @@ impl Gateway {
         let plan = self.plan(ctx);
         let input_tokens = self.input_tokens(ctx, request).await;
         let mut unaffordable: Vec<usize> = Vec::new();
-        let result = loop {
-            let calls =
-                match self.budget_decision(&plan, request, chain, &unaffordable, input_tokens) {
-                    BudgetDecision::Proceed { remote } => chain
-                        .iter()
-                        .copied()
-                        .skip_while(|&i| self.upstreams.name(i) != Some(remote.as_str()))
-                        .filter(|i| !unaffordable.contains(i))
-                        .collect::<Vec<_>>(),
-                    BudgetDecision::Fallback { remote } => {
-                        ctx.reason = Some(Reason::BudgetFallback);
-                        self.upstreams.find(&remote).into_iter().collect()
-                    }
-                    BudgetDecision::ServeLocal => {
-                        return self.serve_local_within_budget(ctx, request, local).await
-                    }
-                    BudgetDecision::Reject => {
-                        ctx.reason = Some(Reason::BudgetExhausted);
-                        return Err(ApiError::BudgetExhausted);
-                    }
-                };
+        let mut failed: Vec<usize> = Vec::new();
+        let mut last_failure = UpstreamError::NoRemote;
+        loop {
+            let remaining: Vec<usize> = chain
+                .iter()
+                .copied()
+                .filter(|i| !failed.contains(i))
+                .collect();
+            if remaining.is_empty() {
+                break;
+            }
+            let decision = self.budget_decision(
+                &plan,
+                request,
+                &remaining,
+                &unaffordable,
+                input_tokens,
+                local.is_some(),
+            );
+            let remote = match decision {
+                BudgetDecision::Proceed { remote } => remote,
+                BudgetDecision::Fallback { remote } => {
+                    ctx.reason = Some(Reason::BudgetFallback);
+                    remote
+                }
+                BudgetDecision::ServeLocal => {
+                    return self.serve_local_within_budget(ctx, request, local).await
+                }
+                BudgetDecision::Reject => {
+                    ctx.reason = Some(Reason::BudgetExhausted);
+                    return Err(ApiError::BudgetExhausted);
+                }
+            };
+            let Some(i) = self.upstreams.find(&remote) else {
+                break;
+            };
             let started = Instant::now();
             let result = self
                 .upstreams
-                .call(&calls, &ctx.id, request, input_tokens)
+                .call(
+                    &[i],
+                    &ctx.id,
+                    request,
+                    input_tokens,
+                    plan.policy.max_cost_per_request,
+                )
                 .await;
             ctx.upstream_time += started.elapsed();
             match result {
-                Err(UpstreamError::Refused {
-                    upstream,
-                    refusal: GateRefusal::BudgetExhausted(scope),
-                }) => match self.upstreams.find(&upstream) {
-                    // Decide again with this remote known not to fit; each round marks one
-                    // more, so this ends.
-                    Some(i) if !unaffordable.contains(&i) => unaffordable.push(i),
-                    _ => {
-                        break Err(UpstreamError::Refused {
-                            upstream,
-                            refusal: GateRefusal::BudgetExhausted(scope),
-                        })
-                    }
-                },
-                other => break other,
-            }
-        };
-        match result {
-            Ok(reply) => {
-                ctx.upstream = Some(reply.upstream);
-                Ok(match reply.body {
-                    UpstreamBody::Complete { bytes, billed } => {
-                        ctx.remote_billed = Some(billed);
-                        Reply::Json(bytes)
-                    }
-                    UpstreamBody::Stream(stream) => Reply::Upstream(stream),
-                })
-            }
-            Err(error) => {
-                // Only a request the local model already worked on falls back to it: one it
-                // could not or would not take (tools, overload, a client's choice) gets the
-                // error.
-                let serve_local = plan.policy.on_remote_failure
-                    == routing::OnRemoteFailure::ServeLocal
-                    && local.is_some();
-                if serve_local {
-                    tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
-                    ctx.route = Some(Route::Local);
-                    ctx.reason = Some(Reason::RemoteUnavailable);
-                    ctx.escalated = false;
-                    ctx.degraded = Some("remote-unavailable");
-                    return self
-                        .full_local_answer(ctx, request, local)
-                        .await
-                        .map_err(|_| ApiError::Upstream(error));
+                Ok(reply) => {
+                    ctx.upstream = Some(reply.upstream);
+                    return Ok(match reply.body {
+                        UpstreamBody::Complete { bytes, billed } => {
+                            ctx.remote_billed = Some(billed);
+                            Reply::Json(bytes)
+                        }
+                        UpstreamBody::Stream(stream) => Reply::Upstream(stream),
+                    });
                 }
-                Err(ApiError::Upstream(error))
+                // Decide again with this remote known not to fit; each round marks one more
+                // remote as failed or not fitting, so this ends.
+                Err(UpstreamError::Refused {
+                    refusal: GateRefusal::BudgetExhausted(_) | GateRefusal::OverRequestCap { .. },
+                    ..
+                }) => unaffordable.push(i),
+                // The budget store cannot be asked: fail closed, whatever else could be served.
+                Err(error @ UpstreamError::Refused { .. }) => {
+                    return Err(ApiError::Upstream(error));
+                }
+                Err(error) => {
+                    failed.push(i);
+                    last_failure = error;
+                }
             }
         }
+        // Only a request the local model already worked on falls back to it: one it could
+        // not or would not take (tools, overload, a client's choice, remote_only) gets the
+        // error.
+        let error = last_failure;
+        let serve_local =
+            plan.policy.on_remote_failure == routing::OnRemoteFailure::ServeLocal && local.is_some();
+        if serve_local {
+            tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
+            ctx.route = Some(Route::Local);
+            ctx.reason = Some(Reason::RemoteUnavailable);
+            ctx.escalated = false;
+            ctx.degraded = Some("remote-unavailable");
+            return self
+                .full_local_answer(ctx, request, local)
+                .await
+                .map_err(|_| ApiError::Upstream(error));
+        }
+        Err(ApiError::Upstream(error))
     }
 
     /// Input tokens to reserve for this request's prompt (see [`input_token_estimate`]).
@@ -473,11 +488,13 @@ impl Gateway {
                 counted = local.prompt_tokens(prompt).await.ok();
             }
         }
-        input_token_estimate(counted, request.body_bytes)
+        input_token_estimate(counted, request.schema_bytes, request.body_bytes)
     }
 
     /// The budget decision over the remotes of `chain`, with those whose reservation was
-    /// refused marked as not fitting.
+    /// refused marked as not fitting. A local answer is available only when the local model
+    /// worked on this request: a request it could not or would not take (tools, overload, a
+    /// client's explicit remote choice, remote_only) is refused rather than answered locally.
     fn budget_decision(
         &self,
         plan: &RequestPolicy,
@@ -485,6 +502,7 @@ impl Gateway {
         chain: &[usize],
         unaffordable: &[usize],
         input_tokens: u64,
+        local_ran: bool,
     ) -> BudgetDecision {
         let policies = self.policies.load();
         let candidates = chain
@@ -500,7 +518,7 @@ impl Gateway {
             .collect();
         let view = BudgetView {
             candidates,
-            local_available: self.can_serve_locally(request),
+            local_available: local_ran,
         };
         decide_budget(
             plan.policy.on_budget_exhausted,
@@ -533,18 +551,18 @@ impl Gateway {
             .map_err(|_| ApiError::BudgetExhausted)
     }
 
-    /// The local answer to serve instead of a remote one. A local run cut short (early exit,
-    /// time budget, token cap) is a fragment, not an answer, so the local model answers
-    /// again, in full (no early exit, no time budget); the error says why it could not.
+    /// The local answer to serve instead of a remote one. A local run cut short to escalate
+    /// (early exit, time budget) is a fragment, not an answer, so the local model answers
+    /// again, in full (no early exit, no time budget); the error says why it could not. A run
+    /// that reached `local.max_tokens` is served as it is (`finish_reason: "length"`): a
+    /// rerun would stop at the same cap.
     async fn full_local_answer(
         &self,
         ctx: &mut RequestContext,
         request: &CompletionRequest,
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
-        let complete = local.filter(|(_, o)| {
-            !o.early_exit && !o.timed_out && !o.hit_token_cap && o.score.is_some()
-        });
+        let complete = local.filter(|(_, o)| !o.early_exit && !o.timed_out && o.score.is_some());
         if let Some((run, _)) = complete {
             return Ok(self.local_reply(request, &run));
         }
@@ -576,9 +594,11 @@ impl Gateway {
         Ok(self.local_reply(request, &run))
     }
 
-    /// The local model addressed directly (by name or route header): no
-    /// escalation, so no early exit and no time budget either.
-    async fn local_only(
+    /// The local model and nothing else (named directly, `x-cascade-route: local`, or a
+    /// `local_only` policy): no early exit, no time budget, no escalation. What it cannot
+    /// take is a 400, a full queue 429 and a loading model 503, each recorded with its own
+    /// reason; a remote is never called.
+    async fn serve_local_directly(
         &self,
         ctx: &mut RequestContext,
         request: &CompletionRequest,
@@ -588,21 +608,28 @@ impl Gateway {
         ctx.route = Some(Route::Local);
         ctx.reason = Some(reason);
         if let Some(unsuitable) = routing::local_unsuitable(&request.features) {
+            ctx.reason = Some(unsuitable);
             return Err(ApiError::InvalidRequest {
                 message: format!("The local model cannot serve this request ({unsuitable})."),
                 param: None,
             });
         }
         let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
+            ctx.reason = Some(Reason::LocalLoading);
             return Err(self.busy_error(Reason::LocalLoading));
         };
         if routing::overloaded(&local.load(), &plan.policy) {
+            ctx.reason = Some(Reason::LocalOverloaded);
             return Err(self.busy_error(Reason::LocalOverloaded));
         }
         if request.stream {
             return Ok(self.live_local(local, request, prompt.clone()));
         }
-        self.answer_locally(ctx, local, request, prompt).await
+        let result = self.answer_locally(ctx, local, request, prompt).await;
+        if matches!(result, Err(ApiError::Overloaded { .. })) {
+            ctx.reason = Some(Reason::LocalOverloaded);
+        }
+        result
     }
 
     fn local_error(&self, error: WorkerError) -> ApiError {

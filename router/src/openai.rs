@@ -58,6 +58,29 @@ pub struct CompletionRequest {
     pub json_object: bool,
     /// Size of the body as received: an upper bound on its prompt's tokens.
     pub body_bytes: usize,
+    /// `n`: choices asked for (1 when absent).
+    pub n: u64,
+    /// `best_of` (completions): sequences generated server-side to return the best `n`.
+    pub best_of: Option<u64>,
+    /// Prompts of a completion request (a `prompt` array of strings is one prompt each).
+    pub prompts: u64,
+    /// Bytes of what goes upstream besides the messages: `tools`, `functions`,
+    /// `tool_choice`, `response_format` (schemas), all billed as input.
+    pub schema_bytes: usize,
+}
+
+/// The largest `n` and `best_of` accepted (OpenAI's own limit for `n`).
+pub const MAX_CHOICES: u64 = 128;
+
+impl CompletionRequest {
+    /// How many output sequences an upstream may generate and bill for this request: the
+    /// larger of `n` and `best_of`, for every prompt.
+    pub fn output_sequences(&self) -> u64 {
+        self.n
+            .max(self.best_of.unwrap_or(1))
+            .max(1)
+            .saturating_mul(self.prompts.max(1))
+    }
 }
 
 fn bad(message: impl Into<String>, param: &str) -> ApiError {
@@ -122,7 +145,35 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
     if n == Some(0) {
         return Err(bad("`n` must be at least 1", "n"));
     }
+    if n.is_some_and(|n| n as u64 > MAX_CHOICES) {
+        return Err(bad(format!("`n` must be at most {MAX_CHOICES}"), "n"));
+    }
     features.multiple_choices |= n.is_some_and(|n| n > 1);
+    let best_of = optional_count(&body, "best_of")?;
+    if best_of == Some(0) {
+        return Err(bad("`best_of` must be at least 1", "best_of"));
+    }
+    if best_of.is_some_and(|b| b as u64 > MAX_CHOICES) {
+        return Err(bad(
+            format!("`best_of` must be at most {MAX_CHOICES}"),
+            "best_of",
+        ));
+    }
+    // Several sequences generated to return one: the local model generates one.
+    features.multiple_choices |= best_of.is_some_and(|b| b > 1);
+    let prompts = match (endpoint, body.get("prompt")) {
+        (Endpoint::Completions, Some(Value::Array(items)))
+            if items.iter().all(Value::is_string) =>
+        {
+            items.len() as u64
+        }
+        _ => 1,
+    };
+    let schema_bytes = ["tools", "functions", "tool_choice", "response_format"]
+        .iter()
+        .filter_map(|key| body.get(*key))
+        .map(|v| v.to_string().len())
+        .sum();
     let seed = match body.get("seed") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -201,6 +252,10 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
         stop,
         json_object,
         body_bytes,
+        n: n.map_or(1, |n| n as u64),
+        best_of: best_of.map(|b| b as u64),
+        prompts,
+        schema_bytes,
     })
 }
 
@@ -343,11 +398,20 @@ fn parse_prompt(
     }
 }
 
-/// The body of the request sent upstream: the client's, with `model`
-/// replaced by the remote's model name.
+/// The body of the request sent upstream: the client's, with `model` replaced by the
+/// remote's model name, and, when the client set no output limit, `max_tokens` set to
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`], the bound the cost estimate reserved for.
+///
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`]: crate::budget::DEFAULT_MAX_OUTPUT_TOKENS
 pub fn upstream_body(request: &CompletionRequest, remote_model: &str) -> Result<Bytes, ApiError> {
     let mut body = request.body.clone();
     body.insert("model".into(), Value::String(remote_model.to_string()));
+    if request.max_tokens.is_none() {
+        body.insert(
+            "max_tokens".into(),
+            Value::from(crate::budget::DEFAULT_MAX_OUTPUT_TOKENS),
+        );
+    }
     serde_json::to_vec(&body)
         .map(Bytes::from)
         .map_err(|e| ApiError::Internal(format!("cannot encode the upstream request: {e}")))

@@ -94,6 +94,11 @@ pub enum Reason {
     BudgetExhausted,
     /// The preferred remote did not fit the budget; a cheaper one answered.
     BudgetFallback,
+    /// The policy is `local_only`: the local model answers whatever its confidence, and no
+    /// remote is ever called.
+    LocalOnly,
+    /// The policy is `remote_only`: the local model never runs.
+    RemoteOnly,
 }
 
 impl Reason {
@@ -121,6 +126,8 @@ impl Reason {
             Reason::RemoteUnavailable => "remote_unavailable",
             Reason::BudgetExhausted => "budget_exhausted",
             Reason::BudgetFallback => "budget_fallback",
+            Reason::LocalOnly => "local_only",
+            Reason::RemoteOnly => "remote_only",
         }
     }
 }
@@ -149,9 +156,23 @@ pub enum OnOverload {
     Reject,
 }
 
-/// The single default policy of this gateway.
+/// Which models a policy lets a request reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Local first, a remote when unsure.
+    #[default]
+    Cascade,
+    /// Never call a remote: every answer is the local model's.
+    LocalOnly,
+    /// Never run the local model.
+    RemoteOnly,
+}
+
+/// The routing policy of one request (a team's, a key's, a variant's, or `[policy]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// Which models requests may reach; the thresholds below apply to `Cascade` only.
+    pub mode: Mode,
     pub aggregate: Aggregate,
     /// Scores at or above this are served locally.
     pub threshold: f64,
@@ -197,6 +218,105 @@ pub fn local_unsuitable(features: &RequestFeatures) -> Option<Reason> {
         Some(Reason::MultipleChoices)
     } else {
         None
+    }
+}
+
+/// What a request's `model` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressed {
+    /// The cascade's own name.
+    Cascade,
+    /// The local model by its name.
+    LocalModel,
+    /// A configured remote by its name; `in_policy` when the policy's `remotes` list it.
+    Remote { in_policy: bool },
+}
+
+/// Where a request goes before any model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreRoute {
+    /// Run the local model, judge its answer, escalate when unsure.
+    Cascade,
+    /// The local model answers in full, whatever its confidence; nothing is escalated.
+    Local(Reason),
+    /// Straight to the remotes (the named one, or the policy's chain).
+    Remote(Reason),
+    /// Refused with 403 `not_allowed_by_policy`.
+    Refuse(Refusal),
+}
+
+/// Why a request is not allowed by its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    RouteHeaderNotAllowed,
+    DirectModelNotAllowed,
+    RemoteNotInPolicy,
+    LocalModelUnderRemoteOnly,
+    RemoteUnderLocalOnly,
+}
+
+impl Refusal {
+    /// The error message the client gets.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::RouteHeaderNotAllowed => {
+                "The x-cascade-route header is not allowed by your policy."
+            }
+            Refusal::DirectModelNotAllowed => {
+                "Naming a model directly is not allowed by your policy; use the cascade's model name."
+            }
+            Refusal::RemoteNotInPolicy => {
+                "Your policy's `remotes` do not include this model."
+            }
+            Refusal::LocalModelUnderRemoteOnly => {
+                "Your policy is remote_only: the local model does not answer its requests."
+            }
+            Refusal::RemoteUnderLocalOnly => {
+                "Your policy is local_only: no remote model answers its requests."
+            }
+        }
+    }
+}
+
+/// Decides where a request goes before anything runs.
+///
+/// Precedence: a directly named model (allowed by `allow_direct_models`, and by the mode);
+/// a route header that the policy does not allow is refused; then the mode: `local_only`
+/// serves the local model whatever the header says, `remote_only` goes to the remotes
+/// whatever the header says; a cascading policy follows an allowed header, else cascades.
+pub fn pre_route(policy: &Policy, addressed: Addressed, header: Option<Route>) -> PreRoute {
+    match addressed {
+        Addressed::LocalModel => {
+            return if !policy.allow_direct_models {
+                PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+            } else if policy.mode == Mode::RemoteOnly {
+                PreRoute::Refuse(Refusal::LocalModelUnderRemoteOnly)
+            } else {
+                PreRoute::Local(Reason::ModelRequested)
+            };
+        }
+        Addressed::Remote { in_policy } => {
+            return if !policy.allow_direct_models {
+                PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+            } else if policy.mode == Mode::LocalOnly {
+                PreRoute::Refuse(Refusal::RemoteUnderLocalOnly)
+            } else if !in_policy {
+                PreRoute::Refuse(Refusal::RemoteNotInPolicy)
+            } else {
+                PreRoute::Remote(Reason::ModelRequested)
+            };
+        }
+        Addressed::Cascade => {}
+    }
+    if header.is_some() && !policy.allow_route_header {
+        return PreRoute::Refuse(Refusal::RouteHeaderNotAllowed);
+    }
+    match (policy.mode, header) {
+        (Mode::LocalOnly, _) => PreRoute::Local(Reason::LocalOnly),
+        (Mode::RemoteOnly, _) => PreRoute::Remote(Reason::RemoteOnly),
+        (Mode::Cascade, Some(Route::Local)) => PreRoute::Local(Reason::RouteHeader),
+        (Mode::Cascade, Some(Route::Remote)) => PreRoute::Remote(Reason::RouteHeader),
+        (Mode::Cascade, None) => PreRoute::Cascade,
     }
 }
 
@@ -281,6 +401,7 @@ mod tests {
 
     fn policy(aggregate: Aggregate, threshold: f64) -> Policy {
         Policy {
+            mode: Mode::Cascade,
             on_budget_exhausted: ExhaustedAction::ServeLocal,
             max_cost_per_request: None,
             log_prompts: false,
@@ -377,6 +498,58 @@ mod tests {
         };
         assert_eq!(local_unsuitable(&f), Some(Reason::Tools));
         assert_eq!(local_unsuitable(&RequestFeatures::default()), None);
+    }
+
+    #[test]
+    fn local_only_never_reaches_a_remote_and_remote_only_never_the_local_model() {
+        let mut p = policy(Aggregate::MeanLogprob, -1.0);
+        p.mode = Mode::LocalOnly;
+        for header in [None, Some(Route::Local), Some(Route::Remote)] {
+            assert_eq!(
+                pre_route(&p, Addressed::Cascade, header),
+                PreRoute::Local(Reason::LocalOnly)
+            );
+        }
+        assert_eq!(
+            pre_route(&p, Addressed::Remote { in_policy: true }, None),
+            PreRoute::Refuse(Refusal::RemoteUnderLocalOnly)
+        );
+        p.mode = Mode::RemoteOnly;
+        for header in [None, Some(Route::Local), Some(Route::Remote)] {
+            assert_eq!(
+                pre_route(&p, Addressed::Cascade, header),
+                PreRoute::Remote(Reason::RemoteOnly)
+            );
+        }
+        assert_eq!(
+            pre_route(&p, Addressed::LocalModel, None),
+            PreRoute::Refuse(Refusal::LocalModelUnderRemoteOnly)
+        );
+    }
+
+    #[test]
+    fn headers_and_direct_models_need_the_policy_s_permission() {
+        let mut p = policy(Aggregate::MeanLogprob, -1.0);
+        assert_eq!(pre_route(&p, Addressed::Cascade, None), PreRoute::Cascade);
+        assert_eq!(
+            pre_route(&p, Addressed::Cascade, Some(Route::Remote)),
+            PreRoute::Remote(Reason::RouteHeader)
+        );
+        assert_eq!(
+            pre_route(&p, Addressed::Remote { in_policy: false }, None),
+            PreRoute::Refuse(Refusal::RemoteNotInPolicy)
+        );
+        p.allow_route_header = false;
+        p.allow_direct_models = false;
+        p.mode = Mode::LocalOnly;
+        assert_eq!(
+            pre_route(&p, Addressed::Cascade, Some(Route::Local)),
+            PreRoute::Refuse(Refusal::RouteHeaderNotAllowed)
+        );
+        assert_eq!(
+            pre_route(&p, Addressed::LocalModel, None),
+            PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+        );
     }
 
     #[test]

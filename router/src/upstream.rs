@@ -23,6 +23,7 @@ use crate::breaker::Breaker;
 use crate::config::{RemoteAuth, RemoteConfig};
 use crate::metrics::Metrics;
 use crate::openai::{self, CompletionRequest};
+use policies::NanoUsd;
 
 /// Token counts a remote reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -48,6 +49,9 @@ pub struct PaidCall<'a> {
     pub input_tokens: u64,
     /// 0 for the first try at this upstream.
     pub attempt: u32,
+    /// The policy's `max_cost_per_request_usd`: a call whose worst-case cost exceeds it is
+    /// refused, whichever remote of the chain and whichever attempt it is.
+    pub max_cost: Option<NanoUsd>,
 }
 
 /// A granted call, to be settled exactly once.
@@ -60,6 +64,9 @@ pub enum GateRefusal {
     /// A budget scope cannot hold the call's estimated cost.
     #[error("budget exhausted: {0}")]
     BudgetExhausted(String),
+    /// The call's worst-case cost exceeds the policy's `max_cost_per_request_usd`.
+    #[error("worst-case cost {estimate} exceeds max_cost_per_request {cap}")]
+    OverRequestCap { estimate: NanoUsd, cap: NanoUsd },
     /// The budget store could not be asked; the gate fails closed.
     #[error("budget store unavailable: {0}")]
     Unavailable(String),
@@ -143,7 +150,7 @@ impl UpstreamError {
         matches!(
             self,
             UpstreamError::Refused {
-                refusal: GateRefusal::BudgetExhausted(_),
+                refusal: GateRefusal::BudgetExhausted(_) | GateRefusal::OverRequestCap { .. },
                 ..
             }
         )
@@ -336,6 +343,7 @@ impl Upstreams {
         request_id: &str,
         request: &CompletionRequest,
         input_tokens: u64,
+        max_cost: Option<NanoUsd>,
     ) -> Result<UpstreamReply, UpstreamError> {
         let started = Instant::now();
         let mut last = UpstreamError::NoRemote;
@@ -375,6 +383,7 @@ impl Upstreams {
                     request,
                     input_tokens,
                     attempt,
+                    max_cost,
                 };
                 let reservation = match self.gate.reserve(&call).await {
                     Ok(r) => r,
