@@ -47,6 +47,9 @@ pub struct RequestContext {
     /// What the answering remote call was charged: its reported usage, or the gateway's
     /// count when it reported none.
     pub remote_billed: Option<RemoteUsage>,
+    /// The worst-case cost reserved for the answering remote call: what it billed beyond
+    /// this is recorded as an overrun.
+    pub remote_reserved: Option<policies::NanoUsd>,
     /// The name of the aggregate behind `confidence`.
     pub aggregate_name: Option<String>,
     /// The error code of a failed request.
@@ -95,6 +98,7 @@ impl RequestContext {
             local_prompt_tokens: 0,
             local_completion_tokens: 0,
             remote_billed: None,
+            remote_reserved: None,
             aggregate_name: None,
             error_code: None,
             prompt_text: None,

@@ -383,7 +383,7 @@ impl Gateway {
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
         let plan = self.plan(ctx);
-        let input_tokens = self.input_tokens(ctx, request).await;
+        let counted = self.counted_prompt_tokens(ctx, request).await;
         let mut unaffordable: Vec<usize> = Vec::new();
         let mut failed: Vec<usize> = Vec::new();
         let mut last_failure = UpstreamError::NoRemote;
@@ -401,7 +401,7 @@ impl Gateway {
                 request,
                 &remaining,
                 &unaffordable,
-                input_tokens,
+                counted,
                 local.is_some(),
             );
             let remote = match decision {
@@ -421,6 +421,7 @@ impl Gateway {
             let Some(i) = self.upstreams.find(&remote) else {
                 break;
             };
+            let input_tokens = self.call_input_tokens(request, counted, i);
             let started = Instant::now();
             let result = self
                 .upstreams
@@ -435,6 +436,12 @@ impl Gateway {
             ctx.upstream_time += started.elapsed();
             match result {
                 Ok(reply) => {
+                    ctx.remote_reserved = Some(estimate_cost(
+                        &self.policies.load(),
+                        &reply.upstream,
+                        input_tokens,
+                        request,
+                    ));
                     ctx.upstream = Some(reply.upstream);
                     return Ok(match reply.body {
                         UpstreamBody::Complete { bytes, billed } => {
@@ -480,15 +487,32 @@ impl Gateway {
         Err(ApiError::Upstream(error))
     }
 
-    /// Input tokens to reserve for this request's prompt (see [`input_token_estimate`]).
-    async fn input_tokens(&self, ctx: &RequestContext, request: &CompletionRequest) -> u64 {
+    /// The local tokenizer's count of the request's prompt, when the local model can read it.
+    async fn counted_prompt_tokens(
+        &self,
+        ctx: &RequestContext,
+        request: &CompletionRequest,
+    ) -> Option<usize> {
         let mut counted = (ctx.local_prompt_tokens > 0).then_some(ctx.local_prompt_tokens);
         if counted.is_none() {
             if let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) {
                 counted = local.prompt_tokens(prompt).await.ok();
             }
         }
-        input_token_estimate(counted, request.schema_bytes, request.body_bytes)
+        counted
+    }
+
+    /// Input tokens to reserve for a call to remote `i` (see [`input_token_estimate`]). The
+    /// byte bound is the body that remote receives, not the client's: its model name and
+    /// the `max_tokens` the gateway adds can make it longer.
+    fn call_input_tokens(&self, request: &CompletionRequest, counted: Option<usize>, i: usize) -> u64 {
+        let upstream_bytes = self
+            .upstreams
+            .remotes()
+            .get(i)
+            .and_then(|r| openai::upstream_body(request, &r.model).ok())
+            .map_or(request.body_bytes, |b| b.len().max(request.body_bytes));
+        input_token_estimate(counted, request.schema_bytes, upstream_bytes)
     }
 
     /// The budget decision over the remotes of `chain`, with those whose reservation was
@@ -501,7 +525,7 @@ impl Gateway {
         request: &CompletionRequest,
         chain: &[usize],
         unaffordable: &[usize],
-        input_tokens: u64,
+        counted: Option<usize>,
         local_ran: bool,
     ) -> BudgetDecision {
         let policies = self.policies.load();
@@ -511,7 +535,12 @@ impl Gateway {
                 let name = self.upstreams.name(i)?;
                 Some(RemoteCandidate {
                     remote: name.to_string(),
-                    estimated_cost: estimate_cost(&policies, name, input_tokens, request),
+                    estimated_cost: estimate_cost(
+                        &policies,
+                        name,
+                        self.call_input_tokens(request, counted, i),
+                        request,
+                    ),
                     fits: !unaffordable.contains(&i),
                 })
             })

@@ -145,6 +145,9 @@ impl Ledger {
             latency_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             status,
             prompt_text: ctx.prompt_text.clone(),
+            overrun_nanos: ctx
+                .remote_reserved
+                .map_or(0, |reserved| remote_cost.0.saturating_sub(reserved.0)),
         }
     }
 
@@ -187,6 +190,18 @@ impl Ledger {
     async fn write_counted(&self, record: LedgerRecord) -> Result<(), LedgerError> {
         let (done, wait) = oneshot::channel();
         let cost = NanoUsd(record.cost_nanos).usd();
+        if let (true, Some(upstream)) = (record.overrun_nanos > 0, &record.remote_model) {
+            tracing::warn!(
+                request_id = %record.id,
+                %upstream,
+                overrun_nanos = record.overrun_nanos,
+                "the remote billed more than the worst case reserved for the call"
+            );
+            self.metrics
+                .spend_overrun
+                .with_label_values(&[upstream])
+                .inc_by(record.overrun_nanos);
+        }
         let labels = (
             record.team.clone(),
             record.experiment.clone(),

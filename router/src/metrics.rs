@@ -39,6 +39,9 @@ pub struct Metrics {
     pub variant_cost: CounterVec,
     /// Ledger records that could not be written.
     pub ledger_errors: IntCounter,
+    /// Nano-USD that remotes billed beyond the worst case reserved for their calls, by
+    /// remote (docs/api.md: when an upstream ignores the request's output limit).
+    pub spend_overrun: IntCounterVec,
     /// Configuration reloads by result (`ok`, `refused`).
     pub config_reloads: IntCounterVec,
     /// Ledger records written to the spool file because the database refused them.
@@ -155,6 +158,13 @@ impl Metrics {
             ),
             &["experiment", "variant"],
         )?;
+        let spend_overrun = IntCounterVec::new(
+            Opts::new(
+                "cascade_spend_overrun_nanos_total",
+                "Nano-USD remotes billed beyond the worst-case cost reserved for the call",
+            ),
+            &["upstream"],
+        )?;
         let ledger_errors = IntCounter::new(
             "cascade_ledger_write_errors_total",
             "Ledger records that could not be written",
@@ -185,6 +195,7 @@ impl Metrics {
         registry.register(Box::new(variant_requests.clone()))?;
         registry.register(Box::new(variant_cost.clone()))?;
         registry.register(Box::new(ledger_errors.clone()))?;
+        registry.register(Box::new(spend_overrun.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(confidence.clone()))?;
         registry.register(Box::new(escalations.clone()))?;
@@ -212,6 +223,7 @@ impl Metrics {
             variant_requests,
             variant_cost,
             ledger_errors,
+            spend_overrun,
             config_reloads,
             ledger_spooled,
             upstream_circuit_state,

@@ -247,6 +247,7 @@ mod tests {
             latency_ms: 5,
             status: 200,
             prompt_text: None,
+            overrun_nanos: 0,
         }
     }
 

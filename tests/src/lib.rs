@@ -92,6 +92,32 @@ pub struct MockOptions {
     pub delay: Duration,
     /// Wait between stream events.
     pub chunk_delay: Duration,
+    /// Report usage as the most output the request allows: `max_tokens` (or
+    /// `max_completion_tokens`; [`UNLIMITED_OUTPUT_TOKENS`] when neither is set) for each of
+    /// `max(n, best_of)` sequences of each prompt, as a provider billing the worst case
+    /// would; the input as the request body's byte count.
+    pub bill_max_output: bool,
+}
+
+/// Output tokens a `bill_max_output` mock bills per sequence when the request sets no limit:
+/// a provider that is not told a limit may generate far more than the gateway assumed.
+pub const UNLIMITED_OUTPUT_TOKENS: u64 = 100_000;
+
+/// The usage a `bill_max_output` mock reports for `request` (of `body_bytes` bytes).
+pub fn max_billed_usage(request: &Value, body_bytes: usize) -> (u64, u64) {
+    let count = |key: &str| request.get(key).and_then(Value::as_u64);
+    let per_sequence = count("max_tokens")
+        .or_else(|| count("max_completion_tokens"))
+        .unwrap_or(UNLIMITED_OUTPUT_TOKENS);
+    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
+    let prompts = match request.get("prompt") {
+        Some(Value::Array(items)) => items.len().max(1) as u64,
+        _ => 1,
+    };
+    (
+        body_bytes as u64,
+        per_sequence * sequences.max(1) * prompts,
+    )
 }
 
 /// A request the mock received.
@@ -100,6 +126,10 @@ pub struct RecordedRequest {
     pub path: String,
     pub authorization: Option<String>,
     pub body: Value,
+    /// The body's size as received.
+    pub bytes: usize,
+    /// Whether the mock answered it (no fault): a provider bills these only.
+    pub answered: bool,
 }
 
 /// Shared state of one mock server.
@@ -303,6 +333,12 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
         Ok(v) => v,
         Err(e) => return error_body(400, &format!("invalid JSON: {e}")),
     };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let fault = state.next_fault(&headers, &model);
     if state.record {
         lock(&state.requests).push(RecordedRequest {
             path: match kind {
@@ -314,14 +350,10 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: request.clone(),
+            bytes: body.len(),
+            answered: fault.is_none(),
         });
     }
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock")
-        .to_string();
-    let fault = state.next_fault(&headers, &model);
     let options = *lock(&state.options);
     if fault == Some(Fault::Timeout) {
         // Never answer; the client's timeout (or disconnect) ends this.
@@ -349,10 +381,18 @@ async fn answer(state: Arc<MockState>, kind: Kind, headers: HeaderMap, body: Byt
         text.push(' ');
         text.push_str(&"x".repeat(OVERSIZED_BYTES));
     }
+    let (prompt_tokens, completion_tokens) = if options.bill_max_output {
+        max_billed_usage(&request, body.len())
+    } else {
+        (
+            prompt_text.split_whitespace().count() as u64,
+            text.split_whitespace().count() as u64,
+        )
+    };
     let usage = json!({
-        "prompt_tokens": prompt_text.split_whitespace().count(),
-        "completion_tokens": text.split_whitespace().count(),
-        "total_tokens": prompt_text.split_whitespace().count() + text.split_whitespace().count(),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     });
     let stream = request
         .get("stream")

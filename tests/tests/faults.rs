@@ -335,6 +335,7 @@ async fn stream_faults_end_with_an_error_event_or_an_error_before_the_stream() {
     mock.set_options(MockOptions {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(20),
+        ..MockOptions::default()
     });
     let server = start(faulty_config(&[&mock]), None).await;
     let mut spent = 0;

@@ -61,6 +61,7 @@ async fn streamed_remote_answer_is_passed_through_as_it_arrives() {
     mock.set_options(MockOptions {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(150),
+        ..MockOptions::default()
     });
     let server = start(raw_config(&[&mock]), None).await;
     let mut body = chat(REMOTE, "Tell me a story", 20);
@@ -194,6 +195,7 @@ async fn a_stream_that_breaks_mid_way_ends_with_an_error_event_not_done() {
     mock.set_options(MockOptions {
         delay: Duration::ZERO,
         chunk_delay: Duration::from_millis(30),
+        ..MockOptions::default()
     });
     let server = start(raw_config(&[&mock]), None).await;
     for fault in [Fault::Cut, Fault::Malformed] {
@@ -295,8 +297,10 @@ async fn route_header_and_direct_models_only_where_the_policy_allows() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.text);
+    // A configured model the policy does not let clients name: 403, as docs/api.md says.
     let r = post(&server, "/v1/chat/completions", &chat(REMOTE, "Hi", 5), &[]).await;
-    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "not_allowed_by_policy");
     let models = get(&server, "/v1/models").await.json();
     assert_eq!(models["data"].as_array().unwrap().len(), 1);
     assert_eq!(mock.request_count(), 0);
@@ -418,6 +422,7 @@ async fn a_client_that_goes_away_cancels_the_upstream_call() {
     mock.set_options(MockOptions {
         delay: Duration::from_secs(10),
         chunk_delay: Duration::ZERO,
+        ..MockOptions::default()
     });
     let mut raw = raw_config(&[&mock]);
     raw.remotes[0].timeout_ms = 30_000;

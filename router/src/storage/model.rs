@@ -73,6 +73,11 @@ pub struct LedgerRecord {
     pub status: u16,
     /// The prompt, only when the team's policy turns storing it on.
     pub prompt_text: Option<String>,
+    /// What the remote billed beyond the worst case reserved for the call, in nano-USD: 0
+    /// unless an upstream produced more than the request allowed (docs/api.md). Spooled
+    /// records written before the field existed read as 0.
+    #[serde(default)]
+    pub overrun_nanos: u64,
 }
 
 /// Totals over a set of ledger records.

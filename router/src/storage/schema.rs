@@ -24,18 +24,32 @@ pub(crate) const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS sch
     applied_unix_ms BIGINT NOT NULL)";
 
 /// SQLite's migrations.
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    description: "ledger and budget reservations",
-    sql: include_str!("migrations/sqlite/0001_ledger_and_budgets.sql"),
-}];
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "ledger and budget reservations",
+        sql: include_str!("migrations/sqlite/0001_ledger_and_budgets.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "ledger overrun_nanos",
+        sql: include_str!("migrations/sqlite/0002_ledger_overrun.sql"),
+    },
+];
 
 /// PostgreSQL's migrations.
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    description: "ledger and budget reservations",
-    sql: include_str!("migrations/postgres/0001_ledger_and_budgets.sql"),
-}];
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "ledger and budget reservations",
+        sql: include_str!("migrations/postgres/0001_ledger_and_budgets.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "ledger overrun_nanos",
+        sql: include_str!("migrations/postgres/0002_ledger_overrun.sql"),
+    },
+];
 
 #[cfg(test)]
 mod unit_tests {

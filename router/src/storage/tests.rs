@@ -202,6 +202,7 @@ mod cases {
             latency_ms: 80,
             status: 200,
             prompt_text: None,
+            overrun_nanos: 0,
         }
     }
 
@@ -536,6 +537,7 @@ mod cases {
             experiment: Some("exp-1".to_owned()),
             variant: Some("b".to_owned()),
             prompt_text: Some("What is 2 + 2? ünïcödé".to_owned()),
+            overrun_nanos: 0,
             status: 203,
             ..remote_request("req-1", "alpha", T0, 12_345)
         };
@@ -875,6 +877,7 @@ mod sqlite_only {
                 latency_ms: 1,
                 status: 200,
                 prompt_text: None,
+                overrun_nanos: 0,
             })
             .await?;
             writeln!(stdout, "recorded {id}")?;

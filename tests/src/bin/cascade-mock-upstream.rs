@@ -9,7 +9,7 @@ use std::time::Duration;
 use cascade_e2e::{MockOptions, MockUpstream};
 
 fn usage() -> ! {
-    eprintln!("usage: cascade-mock-upstream [--host 127.0.0.1] [--port 0] [--delay-ms 0] [--chunk-delay-ms 0]");
+    eprintln!("usage: cascade-mock-upstream [--host 127.0.0.1] [--port 0] [--delay-ms 0] [--chunk-delay-ms 0] [--bill-max-output false]");
     std::process::exit(2)
 }
 
@@ -29,6 +29,9 @@ fn main() -> std::io::Result<()> {
             "--chunk-delay-ms" => {
                 options.chunk_delay =
                     Duration::from_millis(value.parse().unwrap_or_else(|_| usage()))
+            }
+            "--bill-max-output" => {
+                options.bill_max_output = value.parse().unwrap_or_else(|_| usage())
             }
             _ => usage(),
         }

@@ -15,7 +15,7 @@ macro_rules! record_columns {
     () => {
         "id, created_unix_ms, team, key_id, experiment, variant, route, reason, confidence, \
          confidence_aggregate, local_tokens, remote_model, remote_input_tokens, \
-         remote_output_tokens, cost_nanos, latency_ms, status, prompt_text"
+         remote_output_tokens, cost_nanos, latency_ms, status, prompt_text, overrun_nanos"
     };
 }
 
@@ -58,7 +58,7 @@ where
     sqlx::query(concat!(
         "INSERT INTO ledger (",
         record_columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          ON CONFLICT (id) DO NOTHING"
     ))
         .bind(&rec.id)
@@ -79,6 +79,7 @@ where
         .bind(to_db(rec.latency_ms, "latency_ms")?)
         .bind(i32::from(rec.status))
         .bind(&rec.prompt_text)
+        .bind(to_db(rec.overrun_nanos, "overrun_nanos")?)
         .execute(executor)
         .await?;
     Ok(())
@@ -263,6 +264,7 @@ fn ledger_record(row: &<Db as Database>::Row) -> Result<LedgerRecord, StorageErr
         latency_ms: from_db(row.try_get("latency_ms")?, "latency_ms")?,
         status: status_from_db(row.try_get("status")?)?,
         prompt_text: row.try_get("prompt_text")?,
+        overrun_nanos: from_db(row.try_get("overrun_nanos")?, "overrun_nanos")?,
     })
 }
 
