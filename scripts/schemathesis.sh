@@ -74,9 +74,10 @@ pids+=($!)
 team_key="sk-schemathesis-team"
 admin_key="sk-schemathesis-admin"
 port="$(free_port)"
-# The team's policy sends every cascade request to the mock (the real model on two cores
-# would make a run take hours); a request naming the local model directly still runs it,
-# for at most `local.max_tokens` = 4 tokens. A request may take 20 s at most.
+# The team's policy (remote_only) sends every cascade request to the mock (the real model on
+# two cores would make a run take hours); a request naming the local model directly is 403
+# under remote_only, so the model never runs here (`local.max_tokens` = 4 bounds it if it
+# did). A request may take 20 s at most.
 cat >"$work/cascade.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"

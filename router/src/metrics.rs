@@ -199,6 +199,11 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(confidence.clone()))?;
         registry.register(Box::new(escalations.clone()))?;
+        // Every reason is exported from the start (at 0), so a dashboard or alert on one
+        // sees a series before its first request, and a new reason shows up as a new series.
+        for reason in crate::routing::Reason::ALL {
+            escalations.with_label_values(&[reason.as_str()]);
+        }
         registry.register(Box::new(local_tokens.clone()))?;
         registry.register(Box::new(local_tokens_per_second.clone()))?;
         registry.register(Box::new(local_queue_depth.clone()))?;

@@ -102,6 +102,33 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order docs/api.md lists them.
+    pub const ALL: [Reason; 23] = [
+        Reason::Confident,
+        Reason::LowConfidence,
+        Reason::EarlyExit,
+        Reason::LocalTimeBudget,
+        Reason::LocalTokenCap,
+        Reason::EmptyAnswer,
+        Reason::InvalidJson,
+        Reason::ImageContent,
+        Reason::UnsupportedContent,
+        Reason::Tools,
+        Reason::JsonSchema,
+        Reason::MultipleChoices,
+        Reason::ContextTooLong,
+        Reason::LocalOverloaded,
+        Reason::LocalLoading,
+        Reason::LocalError,
+        Reason::RouteHeader,
+        Reason::ModelRequested,
+        Reason::RemoteUnavailable,
+        Reason::BudgetExhausted,
+        Reason::BudgetFallback,
+        Reason::LocalOnly,
+        Reason::RemoteOnly,
+    ];
+
     /// The value of the `x-cascade-reason` header and of metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -550,6 +577,29 @@ mod tests {
             pre_route(&p, Addressed::LocalModel, None),
             PreRoute::Refuse(Refusal::DirectModelNotAllowed)
         );
+    }
+
+    #[test]
+    fn the_openapi_description_and_docs_list_every_reason() {
+        let spec: serde_json::Value = serde_json::from_str(crate::server::OPENAPI).unwrap();
+        let path = "/paths/~1v1~1chat~1completions/post/responses/200/headers/x-cascade-reason/schema/enum";
+        let listed: Vec<&str> = spec
+            .pointer(path)
+            .and_then(|v| v.as_array())
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        names.push("none");
+        assert_eq!(listed, names);
+        let api = include_str!("../../docs/api.md");
+        for reason in Reason::ALL {
+            assert!(
+                api.contains(&format!("| `{}` |", reason.as_str())),
+                "docs/api.md does not list `{reason}`"
+            );
+        }
     }
 
     #[test]

@@ -45,6 +45,8 @@ enum Ask {
     JsonSchema,
     /// `n = 2`.
     TwoChoices,
+    /// A prompt longer than the local context window.
+    TooLong,
     /// The model named directly.
     Model(&'static str),
 }
@@ -188,6 +190,8 @@ fn rows() -> Vec<Row> {
         row("cascade: image", cascade(), Image, ok("remote", "image_content", false, (1, 0))),
         row("cascade: json_schema", cascade(), JsonSchema, ok("remote", "json_schema", false, (1, 0))),
         row("cascade: n = 2", cascade(), TwoChoices, ok("remote", "multiple_choices", false, (1, 0))),
+        row("cascade: prompt over the context window", cascade(), TooLong,
+            ok("remote", "context_too_long", false, (1, 0))),
         row("cascade: route header remote", with(cascade(), json!({"allow_route_header": true})), Easy,
             ok("remote", "route_header", false, (1, 0))).header("remote"),
         row("cascade: route header local", with(cascade(), json!({"allow_route_header": true})), Hard,
@@ -262,6 +266,8 @@ fn rows() -> Vec<Row> {
         row("local_only: json_schema", local_only(), JsonSchema, refused(400, "json_schema", false, (0, 0))),
         row("local_only: n = 2", local_only(), TwoChoices, refused(400, "multiple_choices", false, (0, 0))),
         row("local_only: direct remote", local_only(), Model("big"), refused(403, "", false, (0, 0))),
+        row("local_only: prompt over the context window", local_only_listing_remotes(), TooLong,
+            refused(400, "local_only", false, (0, 0))),
         row("local_only listing remotes: unsure", local_only_listing_remotes(), Hard,
             ok("local", "local_only", true, (0, 0))),
         row("local_only listing remotes: token cap", local_only_listing_remotes(), Long,
@@ -296,6 +302,7 @@ fn body(ask: Ask) -> (&'static str, Value) {
         Ask::Long => json!({"model": "cascade", "messages": [{"role": "user",
             "content": "Write a long story about a dragon who learns to bake bread."}]}),
         Ask::Model(m) => chat(m, EASY, 12),
+        Ask::TooLong => chat("cascade", &"lorem ipsum dolor sit amet ".repeat(4000), 8),
         _ => chat("cascade", EASY, 12),
     };
     match ask {
