@@ -448,6 +448,28 @@ mod tests {
     }
 
     #[test]
+    fn an_experiment_cannot_turn_a_local_only_team_s_local_only_off() {
+        let mut v = sample();
+        // No `team`: the experiment applies to every team, legal-style beta included.
+        v["experiments"] = json!([{
+            "id": "everyone",
+            "subject": "user",
+            "variants": [{"name": "out", "weight": 1, "overrides": {"local_only": false, "threshold": -1.0, "remotes": ["gpt-4o"]}}]
+        }]);
+        let err = err_of(v).to_string();
+        assert!(err.contains("local_only") && err.contains("beta"), "{err}");
+        // Remotes added to a local_only team stay unused: accepted, and it stays local_only.
+        let mut v = sample();
+        v["experiments"] = json!([{
+            "id": "everyone",
+            "subject": "user",
+            "variants": [{"name": "more", "weight": 1, "overrides": {"remotes": ["gpt-4o"]}}]
+        }]);
+        let p = load(v).unwrap();
+        assert!(p.policy("beta", "x", Some("more")).unwrap().local_only());
+    }
+
+    #[test]
     fn empty_config_is_valid_with_utc() {
         let p = load(json!({})).unwrap();
         assert_eq!(p.timezone(), Tz::UTC);

@@ -369,6 +369,24 @@ mod tests {
                 ]}),
                 "variants[0].overrides",
             ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [
+                    {"name": "a", "weight": 1.0, "overrides": {"max_cost_per_request_usd": 5.0}}
+                ]}),
+                "variants[0].overrides.max_cost_per_request_usd",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [
+                    {"name": "a", "weight": 1.0, "overrides": {"on_budget_exhausted": "fallback"}}
+                ]}),
+                "variants[0].overrides.on_budget_exhausted",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [
+                    {"name": "a", "weight": 1.0, "overrides": {"log_prompts": true}}
+                ]}),
+                "variants[0].overrides.log_prompts",
+            ),
         ];
         for (config, key) in cases {
             let err = experiment(config.clone()).unwrap_err();

@@ -218,7 +218,7 @@ impl CallGate for BudgetGate {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use policies::team::hash_api_key;
     use policies::PoliciesConfig;
     use serde_json::json;
@@ -293,6 +293,51 @@ mod tests {
         let state = storage.scope_state(&scope).await.unwrap();
         assert_eq!(state.reserved_nanos, 0);
         assert_eq!(state.spent_nanos, n * 20_000_000);
+    }
+
+    #[tokio::test]
+    async fn the_gate_refuses_a_call_over_the_per_request_cap_on_any_remote_and_attempt() {
+        let config: PoliciesConfig = serde_json::from_value(json!({
+            "prices": {"big": {"input_usd_per_million": 1000.0, "output_usd_per_million": 1000.0}},
+        }))
+        .unwrap();
+        let policies = Policies::try_from(config).unwrap();
+        let storage = connect(&StorageConfig {
+            url: "sqlite::memory:".into(),
+            max_connections: 1,
+            reservation_ttl_secs: 60,
+        })
+        .await
+        .unwrap();
+        let gate = BudgetGate::new(
+            storage,
+            std::sync::Arc::new(crate::live::Live::new(policies)),
+        );
+        // 100 in + 8 × 100 out at $1000/M: $0.90 in the worst case, n counted.
+        let request = parse_request(
+            Endpoint::Chat,
+            br#"{"model":"big","messages":[{"role":"user","content":"hi"}],"max_tokens":100,"n":8}"#,
+        )
+        .unwrap();
+        let call = |attempt, cap: f64| PaidCall {
+            request_id: "r",
+            upstream: "big",
+            model: "m",
+            request: &request,
+            input_tokens: 100,
+            attempt,
+            max_cost: Some(NanoUsd::from_usd(cap).unwrap()),
+        };
+        for attempt in [0, 2] {
+            match gate.reserve(&call(attempt, 0.5)).await {
+                Err(GateRefusal::OverRequestCap { estimate, .. }) => {
+                    assert_eq!(estimate, NanoUsd::from_usd(0.9).unwrap());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // No budget scope applies here: within the cap, nothing is held.
+        assert!(gate.reserve(&call(0, 1.0)).await.is_ok());
     }
 
     #[test]

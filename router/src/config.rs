@@ -1194,6 +1194,47 @@ mod tests {
     }
 
     #[test]
+    fn every_remote_a_budget_can_reach_is_priced_and_configured() {
+        // No budget anywhere: an unpriced remote is accepted (its calls are recorded at $0).
+        assert!(parse(MINIMAL).is_ok());
+        // A [global] budget applies to every paid call: the remote needs a price.
+        let e = error_of(&format!("{MINIMAL}
+[global]
+daily_budget_usd = 5.0"));
+        assert!(e.starts_with("prices.big:") && e.contains("[global]"), "{e}");
+        let priced = format!(
+            "{MINIMAL}
+[global]
+daily_budget_usd = 5.0
+[prices.big]
+             input_usd_per_million = 1.0
+output_usd_per_million = 1.0"
+        );
+        assert!(parse(&priced).is_ok());
+        // A variant may only name configured remotes (priced is not enough).
+        let e = error_of(&format!(
+            "{priced}
+[prices.elsewhere]
+input_usd_per_million = 1.0
+output_usd_per_million = 1.0
+             [[teams]]
+name = \"t\"
+[teams.policy]
+threshold = -1.0
+remotes = [\"big\"]
+             [[experiments]]
+id = \"x\"
+team = \"t\"
+subject = \"user\"
+             variants = [{{ name = \"a\", weight = 1, overrides = {{ remotes = [\"elsewhere\"] }} }}]"
+        ));
+        assert!(
+            e.starts_with("experiments.x.variants.a.remotes:") && e.contains("elsewhere"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn reliability_settings_have_defaults_and_are_validated() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.remotes[0].max_response_bytes, 16 * 1024 * 1024);

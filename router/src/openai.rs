@@ -596,6 +596,44 @@ mod tests {
     }
 
     #[test]
+    fn choices_prompts_and_schemas_are_counted_for_the_cost_estimate() {
+        let r = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":["a","b","c"],"n":2,"best_of":5,"max_tokens":7}"#,
+        )
+        .unwrap();
+        // best_of (5) sequences for each of 3 prompts.
+        assert_eq!(r.output_sequences(), 15);
+        assert!(r.features.multiple_choices);
+        let r = parse(
+            Endpoint::Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":64,
+                "tools":[{"type":"function","function":{"name":"f"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.output_sequences(), 64);
+        assert_eq!(
+            r.schema_bytes,
+            r#"[{"type":"function","function":{"name":"f"}}]"#.len()
+        );
+        // No output limit from the client: the upstream gets the one the estimate assumed.
+        let sent: Value = serde_json::from_slice(&upstream_body(&r, "remote-model").unwrap()).unwrap();
+        assert_eq!(sent["max_tokens"], crate::budget::DEFAULT_MAX_OUTPUT_TOKENS);
+        assert_eq!(sent["model"], "remote-model");
+        for (body, param) in [
+            (r#"{"model":"m","prompt":"x","n":129}"#, "n"),
+            (r#"{"model":"m","prompt":"x","best_of":0}"#, "best_of"),
+            (r#"{"model":"m","prompt":"x","best_of":1000}"#, "best_of"),
+        ] {
+            let e = parse(Endpoint::Completions, body).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidRequest { param: Some(p), .. } if p == param),
+                "{body}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
     fn chat_request_becomes_a_text_conversation() {
         let r = parse(
             Endpoint::Chat,

@@ -8,7 +8,7 @@
 mod error;
 mod model;
 mod postgres;
-mod schema;
+pub(crate) mod schema;
 mod sqlite;
 
 #[cfg(test)]

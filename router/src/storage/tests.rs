@@ -752,7 +752,7 @@ mod cases {
                     .await?
             }
         };
-        assert_eq!(versions, [1]);
+        assert_eq!(versions, [1, 2]);
         Ok(())
     }
 }
@@ -761,6 +761,45 @@ mod cases {
 mod sqlite_only {
     use super::*;
     use crate::storage::{LedgerRecord, ScopeLimit};
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_upgraded_and_its_rows_read_no_overrun(
+    ) -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        // The schema and one row as a binary of migration 1 left them.
+        {
+            use sqlx::ConnectOptions;
+            use std::str::FromStr;
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+                .create_if_missing(true)
+                .connect()
+                .await?;
+            sqlx::raw_sql(crate::storage::schema::CREATE_MIGRATIONS_TABLE)
+                .execute(&mut conn)
+                .await?;
+            sqlx::raw_sql(crate::storage::schema::SQLITE[0].sql)
+                .execute(&mut conn)
+                .await?;
+            sqlx::raw_sql(
+                "INSERT INTO schema_migrations VALUES (1, 'ledger and budget reservations', 0); \
+                 INSERT INTO ledger (id, created_unix_ms, route, reason, local_tokens, \
+                 remote_input_tokens, remote_output_tokens, cost_nanos, latency_ms, status) \
+                 VALUES ('old-1', 1, 'remote', 'low_confidence', 3, 10, 20, 500, 7, 200)",
+            )
+            .execute(&mut conn)
+            .await?;
+        }
+        let s = connect(&StorageConfig {
+            url,
+            max_connections: 1,
+            reservation_ttl_secs: TTL_SECS,
+        })
+        .await?;
+        let old = s.get_record("old-1").await?.ok_or("the old row is gone")?;
+        assert_eq!((old.cost_nanos, old.overrun_nanos), (500, 0));
+        Ok(())
+    }
 
     #[tokio::test]
     async fn a_missing_database_file_and_directory_are_created_in_wal_mode_with_full_sync(
