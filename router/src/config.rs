@@ -1198,10 +1198,15 @@ mod tests {
         // No budget anywhere: an unpriced remote is accepted (its calls are recorded at $0).
         assert!(parse(MINIMAL).is_ok());
         // A [global] budget applies to every paid call: the remote needs a price.
-        let e = error_of(&format!("{MINIMAL}
+        let e = error_of(&format!(
+            "{MINIMAL}
 [global]
-daily_budget_usd = 5.0"));
-        assert!(e.starts_with("prices.big:") && e.contains("[global]"), "{e}");
+daily_budget_usd = 5.0"
+        ));
+        assert!(
+            e.starts_with("prices.big:") && e.contains("[global]"),
+            "{e}"
+        );
         let priced = format!(
             "{MINIMAL}
 [global]

@@ -471,8 +471,8 @@ impl Gateway {
         // not or would not take (tools, overload, a client's choice, remote_only) gets the
         // error.
         let error = last_failure;
-        let serve_local =
-            plan.policy.on_remote_failure == routing::OnRemoteFailure::ServeLocal && local.is_some();
+        let serve_local = plan.policy.on_remote_failure == routing::OnRemoteFailure::ServeLocal
+            && local.is_some();
         if serve_local {
             tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
             ctx.route = Some(Route::Local);
@@ -505,7 +505,12 @@ impl Gateway {
     /// Input tokens to reserve for a call to remote `i` (see [`input_token_estimate`]). The
     /// byte bound is the body that remote receives, not the client's: its model name and
     /// the `max_tokens` the gateway adds can make it longer.
-    fn call_input_tokens(&self, request: &CompletionRequest, counted: Option<usize>, i: usize) -> u64 {
+    fn call_input_tokens(
+        &self,
+        request: &CompletionRequest,
+        counted: Option<usize>,
+        i: usize,
+    ) -> u64 {
         let upstream_bytes = self
             .upstreams
             .remotes()

@@ -617,7 +617,8 @@ mod tests {
             r#"[{"type":"function","function":{"name":"f"}}]"#.len()
         );
         // No output limit from the client: the upstream gets the one the estimate assumed.
-        let sent: Value = serde_json::from_slice(&upstream_body(&r, "remote-model").unwrap()).unwrap();
+        let sent: Value =
+            serde_json::from_slice(&upstream_body(&r, "remote-model").unwrap()).unwrap();
         assert_eq!(sent["max_tokens"], crate::budget::DEFAULT_MAX_OUTPUT_TOKENS);
         assert_eq!(sent["model"], "remote-model");
         for (body, param) in [

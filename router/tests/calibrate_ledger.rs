@@ -27,6 +27,7 @@ fn request(i: usize, confidence: f64, aggregate: &str, now_ms: i64) -> LedgerRec
         latency_ms: 50,
         status: 200,
         prompt_text: None,
+        overrun_nanos: 0,
     }
 }
 

@@ -114,10 +114,7 @@ pub fn max_billed_usage(request: &Value, body_bytes: usize) -> (u64, u64) {
         Some(Value::Array(items)) => items.len().max(1) as u64,
         _ => 1,
     };
-    (
-        body_bytes as u64,
-        per_sequence * sequences.max(1) * prompts,
-    )
+    (body_bytes as u64, per_sequence * sequences.max(1) * prompts)
 }
 
 /// A request the mock received.

@@ -166,131 +166,450 @@ fn rows() -> Vec<Row> {
     use Ask::*;
     let cascade = cascade_policy;
     // The minimum log-prob under -2 settles as soon as one token is unsure.
-    let unsure = || with(cascade(), json!({"aggregate": {"kind": "min_logprob"}, "threshold": -2.0}));
+    let unsure = || {
+        with(
+            cascade(),
+            json!({"aggregate": {"kind": "min_logprob"}, "threshold": -2.0}),
+        )
+    };
     let local_only = || json!({"local_only": true});
     let local_only_listing_remotes = || json!({"local_only": true, "remotes": ["big"]});
     let remote_only = || json!({"remote_only": true, "remotes": ["big"]});
     let tiny_budget = json!({"daily_budget_usd": 0.000001});
     vec![
         // The cascade.
-        row("cascade: confident", cascade(), Easy, ok("local", "confident", true, (0, 0))),
-        row("cascade: unsure, settled early", unsure(), Hard, ok("remote", "early_exit", true, (1, 0))),
-        row("cascade: local time cap", with(cascade(), json!({"max_local_ms": 1})), Hard,
-            ok("remote", "local_time_budget", true, (1, 0))),
-        row("cascade: local token cap", cascade(), Long, ok("remote", "local_token_cap", true, (1, 0))),
-        row("cascade: queue full, escalate", cascade(), Easy, ok("remote", "local_overloaded", false, (1, 0)))
-            .load(Load::Full),
-        row("cascade: queue full, reject", with(cascade(), json!({"on_overload": "reject"})), Easy,
-            refused(429, "local_overloaded", false, (0, 0))).load(Load::Full),
-        row("cascade: loading, escalate", cascade(), Easy, ok("remote", "local_loading", false, (1, 0)))
-            .load(Load::Loading),
-        row("cascade: loading, reject", with(cascade(), json!({"on_overload": "reject"})), Easy,
-            refused(503, "local_loading", false, (0, 0))).load(Load::Loading),
-        row("cascade: tools", cascade(), Tools, ok("remote", "tools", false, (1, 0))),
-        row("cascade: image", cascade(), Image, ok("remote", "image_content", false, (1, 0))),
-        row("cascade: json_schema", cascade(), JsonSchema, ok("remote", "json_schema", false, (1, 0))),
-        row("cascade: n = 2", cascade(), TwoChoices, ok("remote", "multiple_choices", false, (1, 0))),
-        row("cascade: prompt over the context window", cascade(), TooLong,
-            ok("remote", "context_too_long", false, (1, 0))),
-        row("cascade: route header remote", with(cascade(), json!({"allow_route_header": true})), Easy,
-            ok("remote", "route_header", false, (1, 0))).header("remote"),
-        row("cascade: route header local", with(cascade(), json!({"allow_route_header": true})), Hard,
-            ok("local", "route_header", true, (0, 0))).header("local"),
-        row("cascade: route header not allowed", cascade(), Easy, refused(403, "", false, (0, 0)))
-            .header("remote"),
-        row("cascade: direct remote", with(cascade(), json!({"allow_direct_models": true})), Model("big"),
-            ok("remote", "model_requested", false, (1, 0))),
-        row("cascade: direct local", with(cascade(), json!({"allow_direct_models": true})), Model(LOCAL),
-            ok("local", "model_requested", true, (0, 0))),
-        row("cascade: direct model not allowed", cascade(), Model("big"), refused(403, "", false, (0, 0))),
-        row("cascade: direct remote outside the policy's remotes",
-            with(cascade(), json!({"allow_direct_models": true})), Model(OTHER), refused(403, "", false, (0, 0))),
-        row("cascade: remote fails, serve_local", unsure(), Hard, ok("local", "remote_unavailable", true, (3, 0)))
-            .remotes(Remotes::BigFails),
-        row("cascade: remote fails, error", with(unsure(), json!({"on_remote_failure": "error"})), Hard,
-            refused(502, "early_exit", true, (3, 0))).remotes(Remotes::BigFails),
-        row("cascade: remote fails, next remote answers", with(unsure(), json!({"remotes": ["big", OTHER]})), Hard,
-            ok("remote", "early_exit", true, (3, 1))).remotes(Remotes::BigFails),
-        row("cascade: budget exhausted, serve_local", with(unsure(), tiny_budget.clone()), Hard,
-            ok("local", "budget_exhausted", true, (0, 0))),
-        row("cascade: budget exhausted, reject",
-            with(unsure(), with(tiny_budget.clone(), json!({"on_budget_exhausted": "reject"}))), Hard,
-            refused(429, "budget_exhausted", true, (0, 0))),
-        row("cascade: budget exhausted, no local answer (tools)", with(cascade(), tiny_budget.clone()), Tools,
-            refused(429, "budget_exhausted", false, (0, 0))),
-        row("cascade: budget exhausted, direct remote",
-            with(cascade(), with(tiny_budget.clone(), json!({"allow_direct_models": true}))), Model("big"),
-            refused(429, "budget_exhausted", false, (0, 0))),
-        row("cascade: budget fallback",
-            with(unsure(), json!({"remotes": ["big", OTHER], "max_cost_per_request_usd": 0.01,
-                                  "on_budget_exhausted": "fallback"})), Hard,
-            ok("remote", "budget_fallback", true, (0, 1))).prices(1000.0, 1.0),
-        row("cascade: over max_cost_per_request, reject",
-            with(unsure(), json!({"max_cost_per_request_usd": 0.01, "on_budget_exhausted": "reject"})), Hard,
-            refused(429, "budget_exhausted", true, (0, 0))).prices(1000.0, 1.0),
-        row("cascade: first remote fails, next is over max_cost_per_request",
-            with(unsure(), json!({"remotes": ["big", OTHER], "max_cost_per_request_usd": 0.01})), Hard,
-            ok("local", "budget_exhausted", true, (3, 0))).prices(1.0, 1000.0).remotes(Remotes::BigFails),
+        row(
+            "cascade: confident",
+            cascade(),
+            Easy,
+            ok("local", "confident", true, (0, 0)),
+        ),
+        row(
+            "cascade: unsure, settled early",
+            unsure(),
+            Hard,
+            ok("remote", "early_exit", true, (1, 0)),
+        ),
+        row(
+            "cascade: local time cap",
+            with(cascade(), json!({"max_local_ms": 1})),
+            Hard,
+            ok("remote", "local_time_budget", true, (1, 0)),
+        ),
+        row(
+            "cascade: local token cap",
+            cascade(),
+            Long,
+            ok("remote", "local_token_cap", true, (1, 0)),
+        ),
+        row(
+            "cascade: queue full, escalate",
+            cascade(),
+            Easy,
+            ok("remote", "local_overloaded", false, (1, 0)),
+        )
+        .load(Load::Full),
+        row(
+            "cascade: queue full, reject",
+            with(cascade(), json!({"on_overload": "reject"})),
+            Easy,
+            refused(429, "local_overloaded", false, (0, 0)),
+        )
+        .load(Load::Full),
+        row(
+            "cascade: loading, escalate",
+            cascade(),
+            Easy,
+            ok("remote", "local_loading", false, (1, 0)),
+        )
+        .load(Load::Loading),
+        row(
+            "cascade: loading, reject",
+            with(cascade(), json!({"on_overload": "reject"})),
+            Easy,
+            refused(503, "local_loading", false, (0, 0)),
+        )
+        .load(Load::Loading),
+        row(
+            "cascade: tools",
+            cascade(),
+            Tools,
+            ok("remote", "tools", false, (1, 0)),
+        ),
+        row(
+            "cascade: image",
+            cascade(),
+            Image,
+            ok("remote", "image_content", false, (1, 0)),
+        ),
+        row(
+            "cascade: json_schema",
+            cascade(),
+            JsonSchema,
+            ok("remote", "json_schema", false, (1, 0)),
+        ),
+        row(
+            "cascade: n = 2",
+            cascade(),
+            TwoChoices,
+            ok("remote", "multiple_choices", false, (1, 0)),
+        ),
+        row(
+            "cascade: prompt over the context window",
+            cascade(),
+            TooLong,
+            ok("remote", "context_too_long", false, (1, 0)),
+        ),
+        row(
+            "cascade: route header remote",
+            with(cascade(), json!({"allow_route_header": true})),
+            Easy,
+            ok("remote", "route_header", false, (1, 0)),
+        )
+        .header("remote"),
+        row(
+            "cascade: route header local",
+            with(cascade(), json!({"allow_route_header": true})),
+            Hard,
+            ok("local", "route_header", true, (0, 0)),
+        )
+        .header("local"),
+        row(
+            "cascade: route header not allowed",
+            cascade(),
+            Easy,
+            refused(403, "", false, (0, 0)),
+        )
+        .header("remote"),
+        row(
+            "cascade: direct remote",
+            with(cascade(), json!({"allow_direct_models": true})),
+            Model("big"),
+            ok("remote", "model_requested", false, (1, 0)),
+        ),
+        row(
+            "cascade: direct local",
+            with(cascade(), json!({"allow_direct_models": true})),
+            Model(LOCAL),
+            ok("local", "model_requested", true, (0, 0)),
+        ),
+        row(
+            "cascade: direct model not allowed",
+            cascade(),
+            Model("big"),
+            refused(403, "", false, (0, 0)),
+        ),
+        row(
+            "cascade: direct remote outside the policy's remotes",
+            with(cascade(), json!({"allow_direct_models": true})),
+            Model(OTHER),
+            refused(403, "", false, (0, 0)),
+        ),
+        row(
+            "cascade: remote fails, serve_local",
+            unsure(),
+            Hard,
+            ok("local", "remote_unavailable", true, (3, 0)),
+        )
+        .remotes(Remotes::BigFails),
+        row(
+            "cascade: remote fails, error",
+            with(unsure(), json!({"on_remote_failure": "error"})),
+            Hard,
+            refused(502, "early_exit", true, (3, 0)),
+        )
+        .remotes(Remotes::BigFails),
+        row(
+            "cascade: remote fails, next remote answers",
+            with(unsure(), json!({"remotes": ["big", OTHER]})),
+            Hard,
+            ok("remote", "early_exit", true, (3, 1)),
+        )
+        .remotes(Remotes::BigFails),
+        row(
+            "cascade: budget exhausted, serve_local",
+            with(unsure(), tiny_budget.clone()),
+            Hard,
+            ok("local", "budget_exhausted", true, (0, 0)),
+        ),
+        row(
+            "cascade: budget exhausted, reject",
+            with(
+                unsure(),
+                with(
+                    tiny_budget.clone(),
+                    json!({"on_budget_exhausted": "reject"}),
+                ),
+            ),
+            Hard,
+            refused(429, "budget_exhausted", true, (0, 0)),
+        ),
+        row(
+            "cascade: budget exhausted, no local answer (tools)",
+            with(cascade(), tiny_budget.clone()),
+            Tools,
+            refused(429, "budget_exhausted", false, (0, 0)),
+        ),
+        row(
+            "cascade: budget exhausted, direct remote",
+            with(
+                cascade(),
+                with(tiny_budget.clone(), json!({"allow_direct_models": true})),
+            ),
+            Model("big"),
+            refused(429, "budget_exhausted", false, (0, 0)),
+        ),
+        row(
+            "cascade: budget fallback",
+            with(
+                unsure(),
+                json!({"remotes": ["big", OTHER], "max_cost_per_request_usd": 0.01,
+                                  "on_budget_exhausted": "fallback"}),
+            ),
+            Hard,
+            ok("remote", "budget_fallback", true, (0, 1)),
+        )
+        .prices(1000.0, 1.0),
+        row(
+            "cascade: over max_cost_per_request, reject",
+            with(
+                unsure(),
+                json!({"max_cost_per_request_usd": 0.01, "on_budget_exhausted": "reject"}),
+            ),
+            Hard,
+            refused(429, "budget_exhausted", true, (0, 0)),
+        )
+        .prices(1000.0, 1.0),
+        row(
+            "cascade: first remote fails, next is over max_cost_per_request",
+            with(
+                unsure(),
+                json!({"remotes": ["big", OTHER], "max_cost_per_request_usd": 0.01}),
+            ),
+            Hard,
+            ok("local", "budget_exhausted", true, (3, 0)),
+        )
+        .prices(1.0, 1000.0)
+        .remotes(Remotes::BigFails),
         // remote_only: the local model is never touched.
-        row("remote_only", remote_only(), Easy, ok("remote", "remote_only", false, (1, 0))),
-        row("remote_only: queue full", remote_only(), Easy, ok("remote", "remote_only", false, (1, 0)))
-            .load(Load::Full),
-        row("remote_only: loading", remote_only(), Easy, ok("remote", "remote_only", false, (1, 0)))
-            .load(Load::Loading),
-        row("remote_only: route header local", with(remote_only(), json!({"allow_route_header": true})), Easy,
-            ok("remote", "remote_only", false, (1, 0))).header("local"),
-        row("remote_only: direct local", with(remote_only(), json!({"allow_direct_models": true})), Model(LOCAL),
-            refused(403, "", false, (0, 0))),
-        row("remote_only: budget exhausted", with(remote_only(), tiny_budget.clone()), Easy,
-            refused(429, "budget_exhausted", false, (0, 0))),
-        row("remote_only: remote fails", remote_only(), Easy, refused(502, "remote_only", false, (3, 0)))
-            .remotes(Remotes::BigFails),
-        row("remote_only: with a threshold", with(remote_only(), json!({"threshold": -5.0})), Easy,
-            ok("remote", "remote_only", false, (1, 0))),
-        row("remote_only: key override", cascade(), Easy, ok("remote", "remote_only", false, (1, 0)))
-            .key(json!({"remote_only": true})),
-        row("remote_only: variant override", cascade(), Easy, ok("remote", "remote_only", false, (1, 0)))
-            .variant(json!({"remote_only": true})),
+        row(
+            "remote_only",
+            remote_only(),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        ),
+        row(
+            "remote_only: queue full",
+            remote_only(),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        )
+        .load(Load::Full),
+        row(
+            "remote_only: loading",
+            remote_only(),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        )
+        .load(Load::Loading),
+        row(
+            "remote_only: route header local",
+            with(remote_only(), json!({"allow_route_header": true})),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        )
+        .header("local"),
+        row(
+            "remote_only: direct local",
+            with(remote_only(), json!({"allow_direct_models": true})),
+            Model(LOCAL),
+            refused(403, "", false, (0, 0)),
+        ),
+        row(
+            "remote_only: budget exhausted",
+            with(remote_only(), tiny_budget.clone()),
+            Easy,
+            refused(429, "budget_exhausted", false, (0, 0)),
+        ),
+        row(
+            "remote_only: remote fails",
+            remote_only(),
+            Easy,
+            refused(502, "remote_only", false, (3, 0)),
+        )
+        .remotes(Remotes::BigFails),
+        row(
+            "remote_only: with a threshold",
+            with(remote_only(), json!({"threshold": -5.0})),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        ),
+        row(
+            "remote_only: key override",
+            cascade(),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        )
+        .key(json!({"remote_only": true})),
+        row(
+            "remote_only: variant override",
+            cascade(),
+            Easy,
+            ok("remote", "remote_only", false, (1, 0)),
+        )
+        .variant(json!({"remote_only": true})),
         // local_only: no remote is ever called.
-        row("local_only: confident", local_only(), Easy, ok("local", "local_only", true, (0, 0))),
-        row("local_only: unsure", local_only(), Hard, ok("local", "local_only", true, (0, 0))),
-        row("local_only: token cap", local_only(), Long, ok("local", "local_only", true, (0, 0))),
-        row("local_only: time cap", with(local_only(), json!({"max_local_ms": 1})), Hard,
-            ok("local", "local_only", true, (0, 0))),
-        row("local_only: queue full", local_only(), Easy, refused(429, "local_overloaded", false, (0, 0)))
-            .load(Load::Full),
-        row("local_only: loading", local_only(), Easy, refused(503, "local_loading", false, (0, 0)))
-            .load(Load::Loading),
-        row("local_only: tools", local_only(), Tools, refused(400, "tools", false, (0, 0))),
-        row("local_only: image", local_only(), Image, refused(400, "image_content", false, (0, 0))),
-        row("local_only: json_schema", local_only(), JsonSchema, refused(400, "json_schema", false, (0, 0))),
-        row("local_only: n = 2", local_only(), TwoChoices, refused(400, "multiple_choices", false, (0, 0))),
-        row("local_only: direct remote", local_only(), Model("big"), refused(403, "", false, (0, 0))),
-        row("local_only: prompt over the context window", local_only_listing_remotes(), TooLong,
-            refused(400, "local_only", false, (0, 0))),
-        row("local_only listing remotes: unsure", local_only_listing_remotes(), Hard,
-            ok("local", "local_only", true, (0, 0))),
-        row("local_only listing remotes: token cap", local_only_listing_remotes(), Long,
-            ok("local", "local_only", true, (0, 0))),
-        row("local_only listing remotes: queue full", local_only_listing_remotes(), Easy,
-            refused(429, "local_overloaded", false, (0, 0))).load(Load::Full),
-        row("local_only listing remotes: loading", local_only_listing_remotes(), Easy,
-            refused(503, "local_loading", false, (0, 0))).load(Load::Loading),
-        row("local_only listing remotes: route header remote",
-            with(local_only_listing_remotes(), json!({"allow_route_header": true})), Hard,
-            ok("local", "local_only", true, (0, 0))).header("remote"),
-        row("local_only listing remotes: tools", local_only_listing_remotes(), Tools,
-            refused(400, "tools", false, (0, 0))),
-        row("local_only listing remotes: n = 2", local_only_listing_remotes(), TwoChoices,
-            refused(400, "multiple_choices", false, (0, 0))),
-        row("local_only: key override on a cascading team", unsure(), Hard, ok("local", "local_only", true, (0, 0)))
-            .key(json!({"local_only": true})),
-        row("local_only: key override, token cap", cascade(), Long, ok("local", "local_only", true, (0, 0)))
-            .key(json!({"local_only": true})),
-        row("local_only: key override, queue full", cascade(), Easy,
-            refused(429, "local_overloaded", false, (0, 0))).key(json!({"local_only": true})).load(Load::Full),
-        row("local_only: variant adds remotes", local_only(), Hard, ok("local", "local_only", true, (0, 0)))
-            .variant(json!({"remotes": ["big"], "threshold": -5.0})),
+        row(
+            "local_only: confident",
+            local_only(),
+            Easy,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only: unsure",
+            local_only(),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only: token cap",
+            local_only(),
+            Long,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only: time cap",
+            with(local_only(), json!({"max_local_ms": 1})),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only: queue full",
+            local_only(),
+            Easy,
+            refused(429, "local_overloaded", false, (0, 0)),
+        )
+        .load(Load::Full),
+        row(
+            "local_only: loading",
+            local_only(),
+            Easy,
+            refused(503, "local_loading", false, (0, 0)),
+        )
+        .load(Load::Loading),
+        row(
+            "local_only: tools",
+            local_only(),
+            Tools,
+            refused(400, "tools", false, (0, 0)),
+        ),
+        row(
+            "local_only: image",
+            local_only(),
+            Image,
+            refused(400, "image_content", false, (0, 0)),
+        ),
+        row(
+            "local_only: json_schema",
+            local_only(),
+            JsonSchema,
+            refused(400, "json_schema", false, (0, 0)),
+        ),
+        row(
+            "local_only: n = 2",
+            local_only(),
+            TwoChoices,
+            refused(400, "multiple_choices", false, (0, 0)),
+        ),
+        row(
+            "local_only: direct remote",
+            local_only(),
+            Model("big"),
+            refused(403, "", false, (0, 0)),
+        ),
+        row(
+            "local_only: prompt over the context window",
+            local_only_listing_remotes(),
+            TooLong,
+            refused(400, "local_only", false, (0, 0)),
+        ),
+        row(
+            "local_only listing remotes: unsure",
+            local_only_listing_remotes(),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only listing remotes: token cap",
+            local_only_listing_remotes(),
+            Long,
+            ok("local", "local_only", true, (0, 0)),
+        ),
+        row(
+            "local_only listing remotes: queue full",
+            local_only_listing_remotes(),
+            Easy,
+            refused(429, "local_overloaded", false, (0, 0)),
+        )
+        .load(Load::Full),
+        row(
+            "local_only listing remotes: loading",
+            local_only_listing_remotes(),
+            Easy,
+            refused(503, "local_loading", false, (0, 0)),
+        )
+        .load(Load::Loading),
+        row(
+            "local_only listing remotes: route header remote",
+            with(
+                local_only_listing_remotes(),
+                json!({"allow_route_header": true}),
+            ),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        )
+        .header("remote"),
+        row(
+            "local_only listing remotes: tools",
+            local_only_listing_remotes(),
+            Tools,
+            refused(400, "tools", false, (0, 0)),
+        ),
+        row(
+            "local_only listing remotes: n = 2",
+            local_only_listing_remotes(),
+            TwoChoices,
+            refused(400, "multiple_choices", false, (0, 0)),
+        ),
+        row(
+            "local_only: key override on a cascading team",
+            unsure(),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        )
+        .key(json!({"local_only": true})),
+        row(
+            "local_only: key override, token cap",
+            cascade(),
+            Long,
+            ok("local", "local_only", true, (0, 0)),
+        )
+        .key(json!({"local_only": true})),
+        row(
+            "local_only: key override, queue full",
+            cascade(),
+            Easy,
+            refused(429, "local_overloaded", false, (0, 0)),
+        )
+        .key(json!({"local_only": true}))
+        .load(Load::Full),
+        row(
+            "local_only: variant adds remotes",
+            local_only(),
+            Hard,
+            ok("local", "local_only", true, (0, 0)),
+        )
+        .variant(json!({"remotes": ["big"], "threshold": -5.0})),
     ]
 }
 
@@ -350,7 +669,11 @@ impl Busy {
         while engine.load().in_flight == 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(engine.load().in_flight, 1, "the busy generation did not start");
+        assert_eq!(
+            engine.load().in_flight,
+            1,
+            "the busy generation did not start"
+        );
         Self {
             task,
             engine: engine.clone(),
@@ -381,7 +704,8 @@ async fn run(
     let mut team = team("t", KEY, row.policy.clone());
     if let Some(o) = &row.key {
         let id = policies::team::key_id(&policies::team::hash_api_key(KEY));
-        team.keys.insert(id, serde_json::from_value(o.clone()).unwrap());
+        team.keys
+            .insert(id, serde_json::from_value(o.clone()).unwrap());
     }
     raw.teams = vec![team];
     if let Some(o) = &row.variant {
@@ -418,13 +742,24 @@ async fn run(
     let e = &row.expect;
     let mut wrong = Vec::new();
     if r.status != e.status {
-        wrong.push(format!("status {} (want {}): {}", r.status, e.status, r.text));
+        wrong.push(format!(
+            "status {} (want {}): {}",
+            r.status, e.status, r.text
+        ));
     }
     if e.status == 200 && r.header("x-cascade-route") != e.route {
-        wrong.push(format!("route {} (want {})", r.header("x-cascade-route"), e.route));
+        wrong.push(format!(
+            "route {} (want {})",
+            r.header("x-cascade-route"),
+            e.route
+        ));
     }
     if !e.reason.is_empty() && r.header("x-cascade-reason") != e.reason {
-        wrong.push(format!("reason {} (want {})", r.header("x-cascade-reason"), e.reason));
+        wrong.push(format!(
+            "reason {} (want {})",
+            r.header("x-cascade-reason"),
+            e.reason
+        ));
     }
     let calls = (big.request_count(), other.request_count());
     if calls != e.calls {
@@ -433,10 +768,16 @@ async fn run(
     let id = r.header("x-request-id").to_string();
     let record = record(&server, &id).await;
     if record.status != r.status {
-        wrong.push(format!("ledger status {} (answered {})", record.status, r.status));
+        wrong.push(format!(
+            "ledger status {} (answered {})",
+            record.status, r.status
+        ));
     }
     if !e.reason.is_empty() && record.reason != e.reason {
-        wrong.push(format!("ledger reason {} (want {})", record.reason, e.reason));
+        wrong.push(format!(
+            "ledger reason {} (want {})",
+            record.reason, e.reason
+        ));
     }
     if e.status == 200 && record.route != e.route {
         wrong.push(format!("ledger route {} (want {})", record.route, e.route));

@@ -129,7 +129,9 @@ fn request(rng: &mut StdRng, i: usize) -> (&'static str, Value, Option<&'static 
     let completions = rng.random_bool(0.3);
     let mut body = if completions {
         let prompts = rng.random_range(1..=3);
-        let prompt: Vec<String> = (0..prompts).map(|p| format!("Prompt {i}.{p}: tell me a story")).collect();
+        let prompt: Vec<String> = (0..prompts)
+            .map(|p| format!("Prompt {i}.{p}: tell me a story"))
+            .collect();
         let mut b = json!({"model": "cascade", "prompt": prompt});
         if rng.random_bool(0.4) {
             b["best_of"] = json!(n.max(1) * rng.random_range(1..=3));
@@ -179,20 +181,30 @@ async fn run_seed(seed: u64, servers: &[&RunningServer], raw: &RawConfig, mocks:
     let mut ids = Vec::new();
     let mut statuses = Vec::new();
     for burst in 0..REQUESTS / BURST {
-        let requests: Vec<_> = (0..BURST).map(|j| request(&mut rng, burst * BURST + j)).collect();
-        let sent = requests.into_iter().enumerate().map(|(j, (path, body, header))| {
-            let server = servers[j % servers.len()];
-            let bearer = bearer.clone();
-            async move {
-                let mut headers = vec![("authorization", bearer.as_str())];
-                if let Some(h) = header {
-                    headers.push(("x-cascade-route", h));
+        let requests: Vec<_> = (0..BURST)
+            .map(|j| request(&mut rng, burst * BURST + j))
+            .collect();
+        let sent = requests
+            .into_iter()
+            .enumerate()
+            .map(|(j, (path, body, header))| {
+                let server = servers[j % servers.len()];
+                let bearer = bearer.clone();
+                async move {
+                    let mut headers = vec![("authorization", bearer.as_str())];
+                    if let Some(h) = header {
+                        headers.push(("x-cascade-route", h));
+                    }
+                    post(server, path, &body, &headers).await
                 }
-                post(server, path, &body, &headers).await
-            }
-        });
+            });
         for r in futures::future::join_all(sent).await {
-            assert!(r.status < 500 || r.status == 502 || r.status == 503, "seed {seed}: {} {}", r.status, r.text);
+            assert!(
+                r.status < 500 || r.status == 502 || r.status == 503,
+                "seed {seed}: {} {}",
+                r.status,
+                r.text
+            );
             statuses.push(r.status);
             ids.push(r.header("x-request-id").to_string());
         }
@@ -218,7 +230,10 @@ async fn run_seed(seed: u64, servers: &[&RunningServer], raw: &RawConfig, mocks:
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             state = store.scope_state(&scope.storage_key()).await.unwrap();
         }
-        assert_eq!(state.reserved_nanos, 0, "seed {seed}: {scope:?} still holds a reservation");
+        assert_eq!(
+            state.reserved_nanos, 0,
+            "seed {seed}: {scope:?} still holds a reservation"
+        );
         assert!(
             state.spent_nanos <= limit.0,
             "seed {seed}: {scope:?} spent {} past its limit {}",
@@ -242,18 +257,27 @@ async fn run_seed(seed: u64, servers: &[&RunningServer], raw: &RawConfig, mocks:
         let record = record(server, id).await;
         assert_eq!(record.overrun_nanos, 0, "seed {seed}: {record:?}");
         if capped {
-            assert!(record.cost_nanos <= cap.0, "seed {seed}: past the per-request cap: {record:?}");
+            assert!(
+                record.cost_nanos <= cap.0,
+                "seed {seed}: past the per-request cap: {record:?}"
+            );
         }
         ledger_cost += record.cost_nanos;
     }
     let billed = mocks.billed(raw);
-    assert_eq!(ledger_cost, billed, "seed {seed}: the ledger's costs against what the remotes billed");
+    assert_eq!(
+        ledger_cost, billed,
+        "seed {seed}: the ledger's costs against what the remotes billed"
+    );
     // Every scope saw every call of this seed (one key, so one key scope).
     for state in &states {
-        assert_eq!(state.spent_nanos, billed, "seed {seed}: scope spend against the bills");
+        assert_eq!(
+            state.spent_nanos, billed,
+            "seed {seed}: scope spend against the bills"
+        );
     }
     assert!(
-        statuses.iter().any(|s| *s == 200),
+        statuses.contains(&200),
         "seed {seed}: nothing was answered: {statuses:?}"
     );
 }

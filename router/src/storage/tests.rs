@@ -763,8 +763,8 @@ mod sqlite_only {
     use crate::storage::{LedgerRecord, ScopeLimit};
 
     #[tokio::test]
-    async fn a_database_of_the_first_schema_is_upgraded_and_its_rows_read_no_overrun(
-    ) -> TestResult {
+    async fn a_database_of_the_first_schema_is_upgraded_and_its_rows_read_no_overrun() -> TestResult
+    {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("old.db").display());
         // The schema and one row as a binary of migration 1 left them.
