@@ -1,148 +1,161 @@
-//! The routing decision, as pure functions of request facts, local signals, policy and budget.
+//! The routing verdict, as pure functions of what the request asks for, the local model's
+//! state and signals, the policy and the budget. The gateway asks, in request order:
+//! 1. [`pre_route`] before anything runs: the cascade, the local model alone, the remotes
+//!    alone, or a refusal;
+//! 2. [`local_unsuitable`] and [`overloaded`] before the local model runs;
+//! 3. [`post_local`] after it: serve the local answer or escalate, and why;
+//! 4. [`on_budget`] before each paid call (first try or fallback alike);
+//! 5. [`on_remote_failure`] when every remote failed.
 //!
-//! The gateway calls them in request order:
-//! 1. [`pre_route`] before running the local model;
-//! 2. [`post_local`] after it (only for [`PreRoute::Local`]);
-//! 3. [`on_budget`] before any paid call, first try or fallback alike;
-//! 4. [`on_remote_failure`] when every remote attempt failed.
-//!
-//! Every outcome carries a [`Reason`] whose `as_str()` goes into `x-cascade-reason`, metrics
-//! and the ledger.
+//! Every outcome carries a [`Reason`] whose [`Reason::as_str`] is the wire name of
+//! `x-cascade-reason`, metric labels and the ledger (docs/api.md; stored ledgers hold them,
+//! so they never change). docs/policies.md has the decision table these functions implement.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::confidence::TokenSignal;
 use crate::money::NanoUsd;
-use crate::policy::{ExhaustedAction, OverloadAction, Policy, RemoteFailureAction};
+use crate::policy::{ExhaustedAction, Policy, RemoteFailureAction};
 
-/// Why a request went where it went; stable snake_case names.
+/// Why a request went where it went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
-    /// Local score reached the threshold.
+    /// The local answer's confidence reached the threshold.
     Confident,
-    /// Local score stayed below the threshold (or was NaN).
+    /// The local answer's confidence stayed under the threshold (or was NaN).
     LowConfidence,
-    /// Generation stopped early because the threshold had become unreachable.
+    /// Generation stopped early: the threshold could no longer be reached.
     EarlyExit,
-    /// The local model ran past the policy's time cap.
-    LocalTimeout,
-    /// The request has image input, which the local model cannot read.
-    ImageInput,
-    /// The request offers tools, which the local model does not call.
-    Tools,
-    /// Prompt plus output does not fit the local context window.
-    ContextTooLong,
-    /// JSON mode was asked and the local output is not valid JSON.
+    /// The local model ran out of its per-request time budget.
+    LocalTimeBudget,
+    /// The local model hit the gateway's token cap before the client's `max_tokens`.
+    LocalTokenCap,
+    /// The local model produced no tokens, so there is nothing to score.
+    EmptyAnswer,
+    /// `response_format: json_object` and the local answer is not a JSON object.
     InvalidJson,
-    /// The client chose the route with `x-cascade-route`.
+    /// The request has image content parts; the local model reads text only.
+    ImageContent,
+    /// The request has audio or file content parts.
+    UnsupportedContent,
+    /// The request declares `tools` or `functions`, or carries tool messages.
+    Tools,
+    /// `response_format: json_schema`, which the local model cannot enforce.
+    JsonSchema,
+    /// More than one choice (`n > 1`, `best_of > 1`) or more than one prompt.
+    MultipleChoices,
+    /// The prompt does not fit the local context window.
+    ContextTooLong,
+    /// The local queue is full or its expected wait exceeds the bound.
+    LocalOverloaded,
+    /// The local model is still loading.
+    LocalLoading,
+    /// The local model failed to generate.
+    LocalError,
+    /// The client chose the route with the `x-cascade-route` header.
     RouteHeader,
-    /// The policy never calls remote models.
-    LocalOnly,
-    /// The policy never runs the local model.
-    RemoteOnly,
-    /// The local queue is full.
-    Overloaded,
-    /// The budget cannot cover the remote call.
-    BudgetExhausted,
-    /// The budget could not cover the preferred remote; a cheaper one is used.
-    BudgetFallback,
-    /// Every remote attempt failed.
+    /// The client addressed the local or a remote model by name.
+    ModelRequested,
+    /// Every remote failed and the policy serves the local answer instead.
     RemoteUnavailable,
-    /// The client named a remote model directly.
-    DirectModel,
-    /// The client named a remote model directly, which the policy does not allow.
-    DirectModelNotAllowed,
-    /// The local model produced no tokens.
-    NoTokens,
+    /// No budget could pay for the remote call: the local answer is served, or the request
+    /// is refused, as the policy says.
+    BudgetExhausted,
+    /// The preferred remote did not fit the budget; a cheaper one answered.
+    BudgetFallback,
+    /// The policy is `local_only`: the local model answers whatever its confidence, and no
+    /// remote is ever called.
+    LocalOnly,
+    /// The policy is `remote_only`: the local model never runs.
+    RemoteOnly,
 }
 
 impl Reason {
-    /// Every reason, for pre-registering metric labels.
-    pub const ALL: [Self; 18] = [
-        Self::Confident,
-        Self::LowConfidence,
-        Self::EarlyExit,
-        Self::LocalTimeout,
-        Self::ImageInput,
-        Self::Tools,
-        Self::ContextTooLong,
-        Self::InvalidJson,
-        Self::RouteHeader,
-        Self::LocalOnly,
-        Self::RemoteOnly,
-        Self::Overloaded,
-        Self::BudgetExhausted,
-        Self::BudgetFallback,
-        Self::RemoteUnavailable,
-        Self::DirectModel,
-        Self::DirectModelNotAllowed,
-        Self::NoTokens,
+    /// Every reason, in the order docs/api.md lists them (for metric labels and the
+    /// OpenAPI description).
+    pub const ALL: [Reason; 23] = [
+        Reason::Confident,
+        Reason::LowConfidence,
+        Reason::EarlyExit,
+        Reason::LocalTimeBudget,
+        Reason::LocalTokenCap,
+        Reason::EmptyAnswer,
+        Reason::InvalidJson,
+        Reason::ImageContent,
+        Reason::UnsupportedContent,
+        Reason::Tools,
+        Reason::JsonSchema,
+        Reason::MultipleChoices,
+        Reason::ContextTooLong,
+        Reason::LocalOverloaded,
+        Reason::LocalLoading,
+        Reason::LocalError,
+        Reason::RouteHeader,
+        Reason::ModelRequested,
+        Reason::RemoteUnavailable,
+        Reason::BudgetExhausted,
+        Reason::BudgetFallback,
+        Reason::LocalOnly,
+        Reason::RemoteOnly,
     ];
 
-    /// Stable snake_case name for headers, metrics and the ledger.
+    /// The wire name: `x-cascade-reason`, metric labels, the ledger.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Confident => "confident",
-            Self::LowConfidence => "low_confidence",
-            Self::EarlyExit => "early_exit",
-            Self::LocalTimeout => "local_timeout",
-            Self::ImageInput => "image_input",
-            Self::Tools => "tools",
-            Self::ContextTooLong => "context_too_long",
-            Self::InvalidJson => "invalid_json",
-            Self::RouteHeader => "route_header",
-            Self::LocalOnly => "local_only",
-            Self::RemoteOnly => "remote_only",
-            Self::Overloaded => "overloaded",
-            Self::BudgetExhausted => "budget_exhausted",
-            Self::BudgetFallback => "budget_fallback",
-            Self::RemoteUnavailable => "remote_unavailable",
-            Self::DirectModel => "direct_model",
-            Self::DirectModelNotAllowed => "direct_model_not_allowed",
-            Self::NoTokens => "no_tokens",
-        }
-    }
-
-    /// A sentence for error bodies when a request is refused for this reason.
-    pub fn message(self) -> &'static str {
-        match self {
-            Self::ImageInput => "the local model cannot read image input",
-            Self::Tools => "the local model does not support tool calls",
-            Self::ContextTooLong => {
-                "prompt plus max_tokens exceeds the local model's context window"
-            }
-            Self::Overloaded => "the local model is overloaded; try again shortly",
-            Self::BudgetExhausted => "the budget for this key or team is exhausted",
-            Self::DirectModelNotAllowed => "this key may not name a remote model directly",
-            Self::RemoteUnavailable => "the remote model is unavailable",
-            Self::LocalOnly => "this policy serves only the local model",
-            Self::RemoteOnly => "this policy serves only remote models",
-            Self::RouteHeader => "the route was chosen by x-cascade-route",
-            Self::Confident => "the local answer was confident",
-            Self::LowConfidence => "the local answer was not confident enough",
-            Self::EarlyExit => "the local answer could no longer become confident enough",
-            Self::LocalTimeout => "the local model ran past its time cap",
-            Self::InvalidJson => "the local answer was not valid JSON",
-            Self::BudgetFallback => "a cheaper remote model was used to stay within budget",
-            Self::DirectModel => "the client named a remote model",
-            Self::NoTokens => "the local model produced no output",
+            Reason::Confident => "confident",
+            Reason::LowConfidence => "low_confidence",
+            Reason::EarlyExit => "early_exit",
+            Reason::LocalTimeBudget => "local_time_budget",
+            Reason::LocalTokenCap => "local_token_cap",
+            Reason::EmptyAnswer => "empty_answer",
+            Reason::InvalidJson => "invalid_json",
+            Reason::ImageContent => "image_content",
+            Reason::UnsupportedContent => "unsupported_content",
+            Reason::Tools => "tools",
+            Reason::JsonSchema => "json_schema",
+            Reason::MultipleChoices => "multiple_choices",
+            Reason::ContextTooLong => "context_too_long",
+            Reason::LocalOverloaded => "local_overloaded",
+            Reason::LocalLoading => "local_loading",
+            Reason::LocalError => "local_error",
+            Reason::RouteHeader => "route_header",
+            Reason::ModelRequested => "model_requested",
+            Reason::RemoteUnavailable => "remote_unavailable",
+            Reason::BudgetExhausted => "budget_exhausted",
+            Reason::BudgetFallback => "budget_fallback",
+            Reason::LocalOnly => "local_only",
+            Reason::RemoteOnly => "remote_only",
         }
     }
 }
 
-/// A client's per-request route choice from `x-cascade-route`.
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a request is answered (also the value of `x-cascade-route`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum RouteOverride {
-    /// Serve from the local model, never escalate.
+pub enum Route {
     Local,
-    /// Skip the local model.
     Remote,
 }
 
-impl RouteOverride {
-    /// Parses a header value (`local` or `remote`, any case, surrounding spaces ignored).
+impl Route {
+    /// The wire name: `x-cascade-route` and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Remote => "remote",
+        }
+    }
+
+    /// Parses an `x-cascade-route` value (`local` or `remote`, any case, surrounding spaces
+    /// ignored).
     pub fn parse(value: &str) -> Option<Self> {
         let v = value.trim();
         if v.eq_ignore_ascii_case("local") {
@@ -155,204 +168,195 @@ impl RouteOverride {
     }
 }
 
-/// What the gateway knows about a request before running any model.
+/// What the request asks for, as far as the local model's abilities are concerned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RequestFacts {
-    /// Any message has image content.
+pub struct RequestFeatures {
     pub has_images: bool,
-    /// The request offers tools.
+    pub has_other_media: bool,
     pub has_tools: bool,
-    /// `response_format` asks for JSON.
-    pub json_mode: bool,
-    /// Prompt length in local-model tokens (after the chat template).
-    pub prompt_tokens: u64,
-    /// Most tokens the local model would generate (the request's `max_tokens`, or the
-    /// gateway's local default).
-    pub max_output_tokens: u64,
-    /// The local model's context window; prompt plus output must fit in it.
-    pub context_window: u64,
-    /// Parsed `x-cascade-route`, if sent.
-    pub route_header: Option<RouteOverride>,
-    /// The client named a remote model instead of the cascade.
-    pub direct_model: bool,
+    pub wants_json_schema: bool,
+    pub multiple_choices: bool,
 }
 
-/// Where a request goes before the local model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "route", rename_all = "snake_case")]
-pub enum PreRoute {
-    /// Run the local model (with early exit), then call [`post_local`].
-    Local,
-    /// Run the local model and serve its answer whatever its confidence: no early exit, no
-    /// escalation (local_only policy, or `x-cascade-route: local`).
-    LocalForced {
-        /// `local_only` or `route_header`.
-        reason: Reason,
-    },
-    /// Go to the remote model without running local (through [`on_budget`]).
-    Remote {
-        /// Why local was skipped.
-        reason: Reason,
-    },
-    /// Refuse the request.
-    Reject {
-        /// The cause; see [`Reason::message`]. `overloaded` maps to 503, the rest to 400.
-        reason: Reason,
-    },
-}
-
-/// Whether the local model can take the request at all, and if not, why.
-fn local_obstacle(facts: &RequestFacts) -> Option<Reason> {
-    if facts.has_images {
-        Some(Reason::ImageInput)
-    } else if facts.has_tools {
+/// A reason the local model cannot serve the request at all, if any.
+pub fn local_unsuitable(features: &RequestFeatures) -> Option<Reason> {
+    if features.has_images {
+        Some(Reason::ImageContent)
+    } else if features.has_other_media {
+        Some(Reason::UnsupportedContent)
+    } else if features.has_tools {
         Some(Reason::Tools)
-    } else if facts.prompt_tokens.saturating_add(facts.max_output_tokens) > facts.context_window {
-        Some(Reason::ContextTooLong)
+    } else if features.wants_json_schema {
+        Some(Reason::JsonSchema)
+    } else if features.multiple_choices {
+        Some(Reason::MultipleChoices)
     } else {
         None
     }
 }
 
-/// Local without escalation: refused when the local model cannot take the request or its
-/// queue is full, because the alternative would be a paid call nobody allowed.
-fn forced_local(facts: &RequestFacts, overloaded: bool, reason: Reason) -> PreRoute {
-    match (local_obstacle(facts), overloaded) {
-        (Some(obstacle), _) => PreRoute::Reject { reason: obstacle },
-        (None, true) => PreRoute::Reject {
-            reason: Reason::Overloaded,
-        },
-        (None, false) => PreRoute::LocalForced { reason },
+/// What a request's `model` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressed {
+    /// The cascade's own name.
+    Cascade,
+    /// The local model by its name.
+    LocalModel,
+    /// A configured remote by its name; `in_policy` when the policy's `remotes` list it.
+    Remote { in_policy: bool },
+}
+
+/// Where a request goes before any model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreRoute {
+    /// Run the local model, judge its answer with [`post_local`], escalate when unsure.
+    Cascade,
+    /// The local model answers in full, whatever its confidence; nothing is escalated.
+    Local(Reason),
+    /// Straight to the remotes (the named one, or the policy's chain).
+    Remote(Reason),
+    /// Refused with 403 `not_allowed_by_policy`.
+    Refuse(Refusal),
+}
+
+/// Why a request is not allowed by its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    RouteHeaderNotAllowed,
+    DirectModelNotAllowed,
+    RemoteNotInPolicy,
+    LocalModelUnderRemoteOnly,
+    RemoteUnderLocalOnly,
+}
+
+impl Refusal {
+    /// The error message the client gets.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::RouteHeaderNotAllowed => {
+                "The x-cascade-route header is not allowed by your policy."
+            }
+            Refusal::DirectModelNotAllowed => {
+                "Naming a model directly is not allowed by your policy; use the cascade's model name."
+            }
+            Refusal::RemoteNotInPolicy => "Your policy's `remotes` do not include this model.",
+            Refusal::LocalModelUnderRemoteOnly => {
+                "Your policy is remote_only: the local model does not answer its requests."
+            }
+            Refusal::RemoteUnderLocalOnly => {
+                "Your policy is local_only: no remote model answers its requests."
+            }
+        }
     }
 }
 
-/// Decides, before running the local model, whether to run it.
+/// Decides where a request goes before anything runs.
 ///
-/// Precedence: a directly named model; local_only (which neither header nor overload can
-/// turn into a paid call); remote_only; an allowed route header (ignored when not allowed);
-/// what the local model cannot take; overload; otherwise local.
-pub fn pre_route(facts: &RequestFacts, policy: &Policy, overloaded: bool) -> PreRoute {
-    if facts.direct_model {
-        return if policy.allow_direct_models() {
-            PreRoute::Remote {
-                reason: Reason::DirectModel,
-            }
-        } else {
-            PreRoute::Reject {
-                reason: Reason::DirectModelNotAllowed,
-            }
-        };
+/// Precedence: a directly named model (allowed by `allow_direct_models`, and by the mode);
+/// a route header that the policy does not allow is refused; then the mode: `local_only`
+/// serves the local model whatever the header says, `remote_only` goes to the remotes
+/// whatever the header says; a cascading policy follows an allowed header, else cascades.
+pub fn pre_route(policy: &Policy, addressed: Addressed, header: Option<Route>) -> PreRoute {
+    match addressed {
+        Addressed::LocalModel => {
+            return if !policy.allow_direct_models() {
+                PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+            } else if policy.remote_only() {
+                PreRoute::Refuse(Refusal::LocalModelUnderRemoteOnly)
+            } else {
+                PreRoute::Local(Reason::ModelRequested)
+            };
+        }
+        Addressed::Remote { in_policy } => {
+            return if !policy.allow_direct_models() {
+                PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+            } else if policy.local_only() {
+                PreRoute::Refuse(Refusal::RemoteUnderLocalOnly)
+            } else if !in_policy {
+                PreRoute::Refuse(Refusal::RemoteNotInPolicy)
+            } else {
+                PreRoute::Remote(Reason::ModelRequested)
+            };
+        }
+        Addressed::Cascade => {}
+    }
+    if header.is_some() && !policy.allow_route_header() {
+        return PreRoute::Refuse(Refusal::RouteHeaderNotAllowed);
     }
     if policy.local_only() {
-        return forced_local(facts, overloaded, Reason::LocalOnly);
+        return PreRoute::Local(Reason::LocalOnly);
     }
     if policy.remote_only() {
-        return PreRoute::Remote {
-            reason: Reason::RemoteOnly,
-        };
+        return PreRoute::Remote(Reason::RemoteOnly);
     }
-    let header = facts.route_header.filter(|_| policy.allow_route_header());
     match header {
-        Some(RouteOverride::Remote) => {
-            return PreRoute::Remote {
-                reason: Reason::RouteHeader,
-            }
-        }
-        Some(RouteOverride::Local) => {
-            return forced_local(facts, overloaded, Reason::RouteHeader);
-        }
-        None => {}
+        Some(Route::Local) => PreRoute::Local(Reason::RouteHeader),
+        Some(Route::Remote) => PreRoute::Remote(Reason::RouteHeader),
+        None => PreRoute::Cascade,
     }
-    if let Some(reason) = local_obstacle(facts) {
-        return PreRoute::Remote { reason };
-    }
-    if overloaded {
-        return match policy.on_overload() {
-            OverloadAction::Escalate => PreRoute::Remote {
-                reason: Reason::Overloaded,
-            },
-            OverloadAction::Reject => PreRoute::Reject {
-                reason: Reason::Overloaded,
-            },
-        };
-    }
-    PreRoute::Local
 }
 
-/// What the local model produced.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LocalOutcome<'a> {
-    /// Signals of every generated token.
-    pub tokens: &'a [TokenSignal],
-    /// Generation was stopped by early exit ([`Policy::should_stop_early`] returned true).
-    pub finished_early: bool,
-    /// Generation was stopped at the time cap.
+/// The local queue as seen just before a request is sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalLoad {
+    /// Requests waiting or running.
+    pub in_flight: usize,
+    /// How many may wait while one runs.
+    pub queue_capacity: usize,
+    /// Rough wait before a new request would start.
+    pub expected_wait: Duration,
+}
+
+/// Whether the local model should be considered overloaded: its queue is full, or the
+/// expected wait exceeds `max_queue_wait` (the gateway's `[policy].max_queue_wait_ms`).
+pub fn overloaded(load: &LocalLoad, max_queue_wait: Option<Duration>) -> bool {
+    // One runs and `queue_capacity` wait: any more would be refused anyway.
+    let full = load.in_flight > load.queue_capacity;
+    let too_slow = max_queue_wait.is_some_and(|bound| load.expected_wait > bound);
+    full || too_slow
+}
+
+/// How a local generation ended, as far as the verdict is concerned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalOutcome {
+    /// The aggregate score, `None` for an empty generation.
+    pub score: Option<f64>,
+    /// Stopped because the score was settled under the threshold.
+    pub early_exit: bool,
+    /// Stopped by the time budget.
     pub timed_out: bool,
-    /// Whether the output parses as JSON; `None` when JSON mode was not asked.
+    /// Stopped by the gateway's own token cap, not the client's `max_tokens`.
+    pub hit_token_cap: bool,
+    /// `Some(valid)` when the client asked for a JSON object.
     pub json_valid: Option<bool>,
-    /// Wall time the local generation took, in milliseconds.
-    pub elapsed_ms: u64,
 }
 
-/// Where a request goes after the local model ran.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "route", rename_all = "snake_case")]
-pub enum Route {
-    /// Serve the local answer.
-    ServeLocal {
-        /// `confident` or `local_only`.
-        reason: Reason,
-    },
-    /// Call a remote model (through [`on_budget`]).
-    Escalate {
-        /// Why the local answer was not good enough.
-        reason: Reason,
-    },
-}
-
-/// The local answer's confidence score as the policy computes it (for
-/// `x-cascade-confidence` and the ledger); `None` without tokens.
-pub fn confidence(outcome: &LocalOutcome<'_>, policy: &Policy) -> Option<f64> {
-    policy.aggregate().score(outcome.tokens)
-}
-
-/// Decides whether to serve the local answer or escalate.
+/// The verdict on a cascading policy's local generation: serve it, or escalate and why.
 ///
-/// Precedence of escalation reasons: time cap, early exit, no tokens, invalid JSON, low
-/// confidence. A local_only policy always serves; a NaN score escalates.
-pub fn post_local(outcome: &LocalOutcome<'_>, policy: &Policy) -> Route {
-    if policy.local_only() {
-        return Route::ServeLocal {
-            reason: Reason::LocalOnly,
-        };
+/// Precedence of escalation reasons: early exit, time budget, token cap, no tokens, invalid
+/// JSON, low confidence. The threshold is inclusive; a NaN score escalates. A policy without
+/// a threshold (local_only, remote_only) never gets here: [`pre_route`] sends it elsewhere.
+pub fn post_local(outcome: &LocalOutcome, policy: &Policy) -> (Route, Reason) {
+    let escalate = |reason| (Route::Remote, reason);
+    if outcome.early_exit {
+        return escalate(Reason::EarlyExit);
     }
-    if policy.remote_only() {
-        return Route::Escalate {
-            reason: Reason::RemoteOnly,
-        };
+    if outcome.timed_out {
+        return escalate(Reason::LocalTimeBudget);
     }
-    let over_cap = policy
-        .max_local_ms()
-        .is_some_and(|cap| outcome.elapsed_ms > cap);
-    let reason = if outcome.timed_out || over_cap {
-        Reason::LocalTimeout
-    } else if outcome.finished_early {
-        Reason::EarlyExit
-    } else if outcome.tokens.is_empty() {
-        Reason::NoTokens
-    } else if outcome.json_valid == Some(false) {
-        Reason::InvalidJson
-    } else {
-        match (confidence(outcome, policy), policy.threshold()) {
-            (Some(score), Some(threshold)) if score >= threshold => {
-                return Route::ServeLocal {
-                    reason: Reason::Confident,
-                };
-            }
-            _ => Reason::LowConfidence,
-        }
+    if outcome.hit_token_cap {
+        return escalate(Reason::LocalTokenCap);
+    }
+    let Some(score) = outcome.score else {
+        return escalate(Reason::EmptyAnswer);
     };
-    Route::Escalate { reason }
+    if outcome.json_valid == Some(false) {
+        return escalate(Reason::InvalidJson);
+    }
+    match policy.threshold() {
+        Some(threshold) if score >= threshold => (Route::Local, Reason::Confident),
+        _ => escalate(Reason::LowConfidence),
+    }
 }
 
 /// One remote model the gateway could call, with its estimate and whether it fits.
@@ -487,30 +491,19 @@ mod tests {
         Policy::try_from(serde_json::from_value::<PolicyConfig>(base).unwrap()).unwrap()
     }
 
-    fn facts() -> RequestFacts {
-        RequestFacts {
-            prompt_tokens: 100,
-            max_output_tokens: 200,
-            context_window: 2048,
-            ..Default::default()
+    fn mode(local_only: bool, remote_only: bool) -> Policy {
+        let mut v = json!({"allow_route_header": true, "allow_direct_models": !local_only});
+        if local_only {
+            v = json!({"local_only": true, "allow_route_header": true, "threshold": null, "remotes": []});
         }
+        if remote_only {
+            v = json!({"remote_only": true, "allow_route_header": true, "allow_direct_models": true, "threshold": null});
+        }
+        policy(v)
     }
-
-    fn tokens(lp: &[f32]) -> Vec<TokenSignal> {
-        lp.iter()
-            .map(|&logprob| TokenSignal {
-                logprob,
-                entropy: 0.0,
-                margin: 1.0,
-            })
-            .collect()
-    }
-
-    const REMOTE: fn(Reason) -> PreRoute = |reason| PreRoute::Remote { reason };
-    const REJECT: fn(Reason) -> PreRoute = |reason| PreRoute::Reject { reason };
 
     #[test]
-    fn reason_names_are_stable_unique_snake_case_and_match_serde() {
+    fn reason_names_are_the_wire_names_unique_snake_case_and_match_serde() {
         let names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         let mut sorted = names.clone();
         sorted.sort_unstable();
@@ -522,288 +515,172 @@ mod tests {
                 .as_str()
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b == b'_'));
-            assert!(!r.message().is_empty());
         }
-        assert_eq!(Reason::LowConfidence.as_str(), "low_confidence");
+        // Stored ledgers hold these: a rename would split every report in two.
+        assert_eq!(Reason::LocalTimeBudget.as_str(), "local_time_budget");
+        assert_eq!(Reason::ModelRequested.as_str(), "model_requested");
     }
 
     #[test]
     fn route_header_parses_local_and_remote_only() {
-        assert_eq!(RouteOverride::parse(" Local "), Some(RouteOverride::Local));
-        assert_eq!(RouteOverride::parse("REMOTE"), Some(RouteOverride::Remote));
-        assert_eq!(RouteOverride::parse("cheap"), None);
+        assert_eq!(Route::parse(" Local "), Some(Route::Local));
+        assert_eq!(Route::parse("REMOTE"), Some(Route::Remote));
+        assert_eq!(Route::parse("cheap"), None);
     }
 
     #[test]
-    fn plain_request_runs_local() {
+    fn local_only_never_reaches_a_remote_and_remote_only_never_the_local_model() {
+        let p = mode(true, false);
+        for header in [None, Some(Route::Local), Some(Route::Remote)] {
+            assert_eq!(
+                pre_route(&p, Addressed::Cascade, header),
+                PreRoute::Local(Reason::LocalOnly)
+            );
+        }
+        let p = mode(false, true);
+        for header in [None, Some(Route::Local), Some(Route::Remote)] {
+            assert_eq!(
+                pre_route(&p, Addressed::Cascade, header),
+                PreRoute::Remote(Reason::RemoteOnly)
+            );
+        }
         assert_eq!(
-            pre_route(&facts(), &policy(json!({})), false),
-            PreRoute::Local
+            pre_route(&p, Addressed::LocalModel, None),
+            PreRoute::Refuse(Refusal::LocalModelUnderRemoteOnly)
         );
-    }
-
-    #[test]
-    fn what_local_cannot_take_escalates_without_running_it() {
-        let p = policy(json!({}));
-        let images = RequestFacts {
-            has_images: true,
-            ..facts()
-        };
-        assert_eq!(pre_route(&images, &p, false), REMOTE(Reason::ImageInput));
-        let tools = RequestFacts {
-            has_tools: true,
-            ..facts()
-        };
-        assert_eq!(pre_route(&tools, &p, false), REMOTE(Reason::Tools));
-        let long = RequestFacts {
-            prompt_tokens: 1900,
-            ..facts()
-        };
-        assert_eq!(pre_route(&long, &p, false), REMOTE(Reason::ContextTooLong));
-        let exact_fit = RequestFacts {
-            prompt_tokens: 1848,
-            ..facts()
-        };
-        assert_eq!(pre_route(&exact_fit, &p, false), PreRoute::Local);
-    }
-
-    #[test]
-    fn overload_escalates_or_rejects_per_policy() {
-        assert_eq!(
-            pre_route(&facts(), &policy(json!({})), true),
-            REMOTE(Reason::Overloaded)
-        );
-        let strict = policy(json!({"on_overload": "reject"}));
-        assert_eq!(
-            pre_route(&facts(), &strict, true),
-            REJECT(Reason::Overloaded)
-        );
-    }
-
-    #[test]
-    fn local_only_serves_local_or_rejects_with_the_cause() {
-        let p = policy(json!({"local_only": true}));
-        assert_eq!(
-            pre_route(&facts(), &p, false),
-            PreRoute::LocalForced {
-                reason: Reason::LocalOnly
-            }
-        );
-        let images = RequestFacts {
-            has_images: true,
-            ..facts()
-        };
-        assert_eq!(pre_route(&images, &p, false), REJECT(Reason::ImageInput));
-        let long = RequestFacts {
-            prompt_tokens: 5000,
-            ..facts()
-        };
-        assert_eq!(pre_route(&long, &p, false), REJECT(Reason::ContextTooLong));
-        assert_eq!(pre_route(&facts(), &p, true), REJECT(Reason::Overloaded));
-        // Not even an allowed route header makes a local-only team pay.
-        let p = policy(json!({"local_only": true, "allow_route_header": true}));
-        let remote = RequestFacts {
-            route_header: Some(RouteOverride::Remote),
-            ..facts()
-        };
-        assert_eq!(
-            pre_route(&remote, &p, false),
-            PreRoute::LocalForced {
-                reason: Reason::LocalOnly
-            }
-        );
-        let direct = RequestFacts {
-            direct_model: true,
-            ..facts()
-        };
-        assert_eq!(
-            pre_route(&direct, &p, false),
-            REJECT(Reason::DirectModelNotAllowed)
-        );
-    }
-
-    #[test]
-    fn remote_only_skips_local_even_when_overloaded() {
+        // A threshold beside remote_only does not bring the cascade back.
         let p = policy(json!({"remote_only": true}));
-        assert_eq!(pre_route(&facts(), &p, true), REMOTE(Reason::RemoteOnly));
+        assert_eq!(
+            pre_route(&p, Addressed::Cascade, None),
+            PreRoute::Remote(Reason::RemoteOnly)
+        );
     }
 
     #[test]
-    fn route_header_is_honoured_only_when_allowed() {
-        let local = RequestFacts {
-            route_header: Some(RouteOverride::Local),
-            ..facts()
-        };
-        let remote = RequestFacts {
-            route_header: Some(RouteOverride::Remote),
-            ..facts()
-        };
-        let closed = policy(json!({}));
-        assert_eq!(pre_route(&local, &closed, false), PreRoute::Local);
-        assert_eq!(pre_route(&remote, &closed, false), PreRoute::Local);
-        let open = policy(json!({"allow_route_header": true}));
+    fn headers_and_direct_models_need_the_policy_s_permission() {
+        let p = policy(json!({"allow_route_header": true, "allow_direct_models": true}));
+        assert_eq!(pre_route(&p, Addressed::Cascade, None), PreRoute::Cascade);
         assert_eq!(
-            pre_route(&remote, &open, false),
-            REMOTE(Reason::RouteHeader)
+            pre_route(&p, Addressed::Cascade, Some(Route::Remote)),
+            PreRoute::Remote(Reason::RouteHeader)
         );
         assert_eq!(
-            pre_route(&local, &open, false),
-            PreRoute::LocalForced {
-                reason: Reason::RouteHeader
-            }
+            pre_route(&p, Addressed::Cascade, Some(Route::Local)),
+            PreRoute::Local(Reason::RouteHeader)
         );
-        // Asked for local but local cannot do it: refuse rather than pay.
-        let local_tools = RequestFacts {
-            has_tools: true,
-            ..local
-        };
-        assert_eq!(pre_route(&local_tools, &open, false), REJECT(Reason::Tools));
-        assert_eq!(pre_route(&local, &open, true), REJECT(Reason::Overloaded));
+        assert_eq!(
+            pre_route(&p, Addressed::Remote { in_policy: true }, None),
+            PreRoute::Remote(Reason::ModelRequested)
+        );
+        assert_eq!(
+            pre_route(&p, Addressed::Remote { in_policy: false }, None),
+            PreRoute::Refuse(Refusal::RemoteNotInPolicy)
+        );
+        let strict = policy(json!({}));
+        assert_eq!(
+            pre_route(&strict, Addressed::Cascade, Some(Route::Local)),
+            PreRoute::Refuse(Refusal::RouteHeaderNotAllowed)
+        );
+        assert_eq!(
+            pre_route(&strict, Addressed::LocalModel, None),
+            PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+        );
+        assert_eq!(
+            pre_route(&strict, Addressed::Remote { in_policy: true }, None),
+            PreRoute::Refuse(Refusal::DirectModelNotAllowed)
+        );
     }
 
     #[test]
-    fn direct_model_goes_remote_only_when_allowed() {
-        let direct = RequestFacts {
-            direct_model: true,
+    fn unsuitable_requests_name_their_reason_in_order() {
+        let f = RequestFeatures {
             has_images: true,
-            ..facts()
+            has_tools: true,
+            ..Default::default()
         };
-        assert_eq!(
-            pre_route(&direct, &policy(json!({})), false),
-            REJECT(Reason::DirectModelNotAllowed)
-        );
-        let open = policy(json!({"allow_direct_models": true}));
-        assert_eq!(pre_route(&direct, &open, true), REMOTE(Reason::DirectModel));
+        assert_eq!(local_unsuitable(&f), Some(Reason::ImageContent));
+        let f = RequestFeatures {
+            has_tools: true,
+            multiple_choices: true,
+            ..Default::default()
+        };
+        assert_eq!(local_unsuitable(&f), Some(Reason::Tools));
+        let f = RequestFeatures {
+            multiple_choices: true,
+            ..Default::default()
+        };
+        assert_eq!(local_unsuitable(&f), Some(Reason::MultipleChoices));
+        assert_eq!(local_unsuitable(&RequestFeatures::default()), None);
     }
 
     #[test]
-    fn confident_answer_is_served_and_threshold_is_inclusive() {
+    fn overload_is_a_full_queue_or_a_long_expected_wait() {
+        let load = |in_flight, wait_ms| LocalLoad {
+            in_flight,
+            queue_capacity: 2,
+            expected_wait: Duration::from_millis(wait_ms),
+        };
+        let bound = Some(Duration::from_secs(2));
+        assert!(!overloaded(&load(2, 100), bound));
+        assert!(overloaded(&load(3, 100), bound));
+        assert!(overloaded(&load(1, 2001), bound));
+        assert!(!overloaded(&load(1, 2001), None));
+    }
+
+    fn outcome(score: Option<f64>) -> LocalOutcome {
+        LocalOutcome {
+            score,
+            early_exit: false,
+            timed_out: false,
+            hit_token_cap: false,
+            json_valid: None,
+        }
+    }
+
+    #[test]
+    fn the_threshold_is_inclusive_and_nan_escalates() {
         let p = policy(json!({}));
-        let t = tokens(&[-0.5, -1.5]); // mean -1.0 == threshold
-        let outcome = LocalOutcome {
-            tokens: &t,
-            ..Default::default()
-        };
         assert_eq!(
-            post_local(&outcome, &p),
-            Route::ServeLocal {
-                reason: Reason::Confident
-            }
+            post_local(&outcome(Some(-1.0)), &p),
+            (Route::Local, Reason::Confident)
         );
-        assert_eq!(confidence(&outcome, &p), Some(-1.0));
-    }
-
-    #[test]
-    fn low_confidence_escalates() {
-        let t = tokens(&[-0.5, -1.6]);
-        let outcome = LocalOutcome {
-            tokens: &t,
-            ..Default::default()
-        };
         assert_eq!(
-            post_local(&outcome, &policy(json!({}))),
-            Route::Escalate {
-                reason: Reason::LowConfidence
-            }
+            post_local(&outcome(Some(-1.0001)), &p),
+            (Route::Remote, Reason::LowConfidence)
         );
-        let nan = tokens(&[f32::NAN]);
-        let outcome = LocalOutcome {
-            tokens: &nan,
-            ..Default::default()
-        };
         assert_eq!(
-            post_local(&outcome, &policy(json!({}))),
-            Route::Escalate {
-                reason: Reason::LowConfidence
-            }
+            post_local(&outcome(Some(f64::NAN)), &p),
+            (Route::Remote, Reason::LowConfidence)
         );
     }
 
     #[test]
-    fn escalation_reasons_in_precedence_order() {
-        let p = policy(json!({"max_local_ms": 1000}));
-        let good = tokens(&[-0.1]);
-        let base = LocalOutcome {
-            tokens: &good,
-            ..Default::default()
-        };
-        let esc = |reason| Route::Escalate { reason };
-        let timed_out = LocalOutcome {
+    fn cut_short_generations_escalate_with_their_own_reason_in_order() {
+        let p = policy(json!({}));
+        let all = LocalOutcome {
+            early_exit: true,
             timed_out: true,
-            finished_early: true,
-            ..base
-        };
-        assert_eq!(post_local(&timed_out, &p), esc(Reason::LocalTimeout));
-        let slow = LocalOutcome {
-            elapsed_ms: 1001,
-            ..base
-        };
-        assert_eq!(post_local(&slow, &p), esc(Reason::LocalTimeout));
-        let at_cap = LocalOutcome {
-            elapsed_ms: 1000,
-            ..base
-        };
-        assert_eq!(
-            post_local(&at_cap, &p),
-            Route::ServeLocal {
-                reason: Reason::Confident
-            }
-        );
-        let early = LocalOutcome {
-            finished_early: true,
-            ..base
-        };
-        assert_eq!(post_local(&early, &p), esc(Reason::EarlyExit));
-        let empty = LocalOutcome {
-            tokens: &[],
+            hit_token_cap: true,
             json_valid: Some(false),
-            ..base
+            ..outcome(Some(-0.1))
         };
-        assert_eq!(post_local(&empty, &p), esc(Reason::NoTokens));
-        let bad_json = LocalOutcome {
-            json_valid: Some(false),
-            ..base
+        assert_eq!(post_local(&all, &p).1, Reason::EarlyExit);
+        let timed = LocalOutcome {
+            early_exit: false,
+            ..all
         };
-        assert_eq!(post_local(&bad_json, &p), esc(Reason::InvalidJson));
-        let good_json = LocalOutcome {
-            json_valid: Some(true),
-            ..base
+        assert_eq!(post_local(&timed, &p).1, Reason::LocalTimeBudget);
+        let capped = LocalOutcome {
+            timed_out: false,
+            ..timed
         };
-        assert_eq!(
-            post_local(&good_json, &p),
-            Route::ServeLocal {
-                reason: Reason::Confident
-            }
-        );
-    }
-
-    #[test]
-    fn local_only_always_serves_and_remote_only_never_does() {
-        let t = tokens(&[-9.0]);
-        let outcome = LocalOutcome {
-            tokens: &t,
-            timed_out: true,
-            ..Default::default()
+        assert_eq!(post_local(&capped, &p).1, Reason::LocalTokenCap);
+        let json = LocalOutcome {
+            hit_token_cap: false,
+            ..capped
         };
-        let local = policy(json!({"local_only": true}));
-        assert_eq!(
-            post_local(&outcome, &local),
-            Route::ServeLocal {
-                reason: Reason::LocalOnly
-            }
-        );
-        let remote = policy(json!({"remote_only": true}));
-        let good = tokens(&[0.0]);
-        let outcome = LocalOutcome {
-            tokens: &good,
-            ..Default::default()
-        };
-        assert_eq!(
-            post_local(&outcome, &remote),
-            Route::Escalate {
-                reason: Reason::RemoteOnly
-            }
-        );
+        assert_eq!(post_local(&json, &p).1, Reason::InvalidJson);
+        assert_eq!(post_local(&outcome(None), &p).1, Reason::EmptyAnswer);
     }
 
     fn view(fits: &[(&str, u64, bool)], local_available: bool) -> BudgetView {

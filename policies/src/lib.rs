@@ -20,8 +20,8 @@ pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
 pub use confidence::{Aggregate, AggregateError, TokenSignal};
 pub use config::{GlobalBudgetConfig, Policies, PoliciesConfig};
 pub use decision::{
-    BudgetDecision, BudgetView, LocalOutcome, PreRoute, Reason, RemoteCandidate,
-    RemoteFailureDecision, RequestFacts, Route, RouteOverride,
+    Addressed, BudgetDecision, BudgetView, LocalLoad, LocalOutcome, PreRoute, Reason, Refusal,
+    RemoteCandidate, RemoteFailureDecision, RequestFeatures, Route,
 };
 pub use error::PolicyError;
 pub use experiment::{Experiment, ExperimentConfig, Subject, Variant, VariantConfig};

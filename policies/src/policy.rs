@@ -37,7 +37,7 @@ pub enum OverloadAction {
     /// Send the request to the remote model without running local.
     #[default]
     Escalate,
-    /// Refuse with 503.
+    /// Refuse: 429 `local_queue_full` (503 `local_model_loading` while the model loads).
     Reject,
 }
 
@@ -71,7 +71,8 @@ pub struct PolicyConfig {
     pub max_local_ms: Option<u64>,
     /// Whether clients may send `x-cascade-route: local|remote`.
     pub allow_route_header: bool,
-    /// Whether clients may name a remote model directly and skip the cascade.
+    /// Whether clients may name a model directly and skip the cascade (under local_only,
+    /// only the local model: a remote named is refused).
     pub allow_direct_models: bool,
     /// Whether prompt text may be stored in the ledger.
     pub log_prompts: bool,
@@ -305,12 +306,6 @@ impl Policy {
                 ));
             }
         }
-        if self.local_only && self.allow_direct_models {
-            return Err(PolicyError::invalid(
-                "allow_direct_models",
-                "cannot be true when local_only is true",
-            ));
-        }
         if self.max_local_ms == Some(0) {
             return Err(PolicyError::invalid("max_local_ms", "must be > 0 when set"));
         }
@@ -492,10 +487,6 @@ mod tests {
                 "max_cost_per_request_usd",
             ),
             (
-                json!({"local_only": true, "allow_direct_models": true}),
-                "allow_direct_models",
-            ),
-            (
                 json!({"threshold": -1.0, "remotes": ["m"], "max_local_ms": 0}),
                 "max_local_ms",
             ),
@@ -513,6 +504,13 @@ mod tests {
             let err = Policy::try_from(config.clone()).unwrap_err();
             assert_eq!(err.key(), key, "{config:?} -> {err}");
         }
+    }
+
+    #[test]
+    fn a_local_only_policy_may_let_clients_name_the_local_model() {
+        // pre_route refuses a remote named under local_only; the local model's name is fine.
+        let p = parse(json!({"local_only": true, "allow_direct_models": true})).unwrap();
+        assert!(p.local_only() && p.allow_direct_models());
     }
 
     #[test]

@@ -14,12 +14,12 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use policies::{
-    ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule, NanoUsd, Policies,
-    PoliciesConfig, PriceConfig, TeamConfig,
+    Aggregate, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule, OverloadAction,
+    Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig, RemoteFailureAction,
+    TeamConfig,
 };
 
 use crate::limits::{Limits, RawLimits};
-use crate::routing::{Aggregate, OnOverload, OnRemoteFailure, Policy};
 use crate::storage::StorageConfig;
 
 /// A configuration that cannot be used, naming the offending key.
@@ -190,13 +190,31 @@ impl Default for RawLocal {
     }
 }
 
-/// `[policy]`.
+/// `[policy]` aggregate: `{ kind = "quantile", q = 0.1 }` as in `[teams.policy]`, or the
+/// older name form (`"quantile"` with `quantile = 0.1`, `"learned"` with `learned_rule`), which
+/// existing files and `CASCADE_POLICY__AGGREGATE` keep using.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawAggregate {
+    Name(String),
+    Table(Aggregate),
+}
+
+impl From<&str> for RawAggregate {
+    fn from(name: &str) -> Self {
+        RawAggregate::Name(name.to_string())
+    }
+}
+
+/// `[policy]`: the gateway's policy when no `[[teams]]` are configured. The same keys as
+/// `[teams.policy]` (except budgets, which are `[global]`'s), with defaults of its own, plus
+/// `max_queue_wait_ms`, which is the gateway's whatever the teams say.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
-    /// `sum_logprob`, `mean_logprob`, `min_logprob`, `quantile`, `fraction_above`,
-    /// `mean_entropy`, `mean_margin` or `learned` (with `learned_rule`).
-    pub aggregate: String,
+    /// `{ kind = "sum_logprob" }` (`mean_logprob`, `min_logprob`, `quantile`,
+    /// `fraction_above`, `mean_entropy`, `mean_margin`, `learned`), or the name alone.
+    pub aggregate: RawAggregate,
     /// The rule file's name (`<rules_dir>/<name>.json`) for `aggregate = "learned"`.
     pub learned_rule: Option<String>,
     /// The quantile for `aggregate = "quantile"`.
@@ -206,6 +224,11 @@ pub struct RawPolicy {
     pub threshold: f64,
     /// Remote names in fallback order; empty means every remote, in file order.
     pub remotes: Vec<String>,
+    /// Never call a remote (as in `[teams.policy]`); also what a gateway without
+    /// `[[remotes]]` does.
+    pub local_only: bool,
+    /// Never run the local model.
+    pub remote_only: bool,
     /// `serve_local` or `error`.
     pub on_remote_failure: String,
     /// `escalate` or `reject`.
@@ -228,12 +251,14 @@ impl Default for RawPolicy {
     fn default() -> Self {
         Self {
             // The rule and threshold chosen by cross-validation (docs/confidence.md).
-            aggregate: "sum_logprob".into(),
+            aggregate: RawAggregate::Name("sum_logprob".into()),
             learned_rule: None,
             quantile: 0.1,
             bound: -2.0,
             threshold: policies::confidence::DEFAULT_THRESHOLD,
             remotes: Vec::new(),
+            local_only: false,
+            remote_only: false,
             on_remote_failure: "serve_local".into(),
             on_overload: "escalate".into(),
             max_local_ms: 0,
@@ -304,7 +329,11 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
 pub struct Config {
     pub server: ServerConfig,
     pub local: LocalConfig,
+    /// `[policy]`, validated like a team's.
     pub policy: Policy,
+    /// `[policy].max_queue_wait_ms`: a local queue whose expected wait exceeds it counts as
+    /// overloaded, for every request (the queue is the gateway's, not a team's).
+    pub max_queue_wait: Option<Duration>,
     /// Remotes in the policy's fallback order.
     pub policy_remotes: Vec<String>,
     pub remotes: Vec<RemoteConfig>,
@@ -467,7 +496,8 @@ impl Config {
         let rules = load_learned_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
         policies::learned::resolve_learned(&mut policies_config, &rules)
             .map_err(|e| invalid("policies", e.to_string()))?;
-        let (policy, policy_remotes) = validate_policy(&raw.policy, &remotes, &rules)?;
+        let (policy, max_queue_wait, policy_remotes) =
+            validate_policy(&raw.policy, &remotes, &rules)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
         let ledger = validate_ledger(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;
@@ -478,6 +508,7 @@ impl Config {
             server,
             local,
             policy,
+            max_queue_wait,
             policy_remotes,
             remotes,
             storage,
@@ -875,7 +906,7 @@ fn load_learned_rules(
     base_dir: Option<&Path>,
 ) -> Result<BTreeMap<String, Arc<LearnedRule>>, ConfigError> {
     let mut names = policies::learned::learned_rule_names(policies_config);
-    if policy.aggregate == "learned" {
+    if policy.aggregate == RawAggregate::Name("learned".into()) {
         let name = policy.learned_rule.clone().ok_or_else(|| {
             invalid(
                 "policy.learned_rule",
@@ -890,6 +921,9 @@ fn load_learned_rules(
         }
         _ => PathBuf::from(&confidence.rules_dir),
     };
+    if let RawAggregate::Table(Aggregate::Learned { name, .. }) = &policy.aggregate {
+        names.insert(name.clone());
+    }
     let mut rules = BTreeMap::new();
     for name in names {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
@@ -919,12 +953,102 @@ fn load_learned_rules(
     Ok(rules)
 }
 
+/// `[policy]` as a [`Policy`], validated as a team's is (errors name `policy.<key>`), its
+/// queue bound, and its remotes in fallback order.
 fn validate_policy(
     raw: &RawPolicy,
     remotes: &[RemoteConfig],
     rules: &BTreeMap<String, Arc<LearnedRule>>,
-) -> Result<(Policy, Vec<String>), ConfigError> {
-    let aggregate = match raw.aggregate.as_str() {
+) -> Result<(Policy, Option<Duration>, Vec<String>), ConfigError> {
+    let aggregate = match &raw.aggregate {
+        RawAggregate::Table(Aggregate::Learned { name, .. }) => Aggregate::Learned {
+            name: name.clone(),
+            rule: rules.get(name).cloned(),
+        },
+        RawAggregate::Table(aggregate) => aggregate.clone(),
+        RawAggregate::Name(name) => aggregate_by_name(name, raw, rules)?,
+    };
+    let on_budget_exhausted = match raw.on_budget_exhausted.as_str() {
+        "serve_local" => ExhaustedAction::ServeLocal,
+        "fallback" => ExhaustedAction::Fallback,
+        "reject" => ExhaustedAction::Reject,
+        other => {
+            return Err(invalid(
+                "policy.on_budget_exhausted",
+                format!("unknown action `{other}` (choose serve_local, fallback or reject)"),
+            ))
+        }
+    };
+    let on_remote_failure = match raw.on_remote_failure.as_str() {
+        "serve_local" => RemoteFailureAction::ServeLocal,
+        "error" => RemoteFailureAction::Error,
+        other => {
+            return Err(invalid(
+                "policy.on_remote_failure",
+                format!("unknown action `{other}` (choose serve_local or error)"),
+            ))
+        }
+    };
+    let on_overload = match raw.on_overload.as_str() {
+        "escalate" => OverloadAction::Escalate,
+        "reject" => OverloadAction::Reject,
+        other => {
+            return Err(invalid(
+                "policy.on_overload",
+                format!("unknown action `{other}` (choose escalate or reject)"),
+            ))
+        }
+    };
+    let policy_remotes = if raw.remotes.is_empty() {
+        remotes.iter().map(|r| r.name.clone()).collect()
+    } else {
+        for (i, name) in raw.remotes.iter().enumerate() {
+            if !remotes.iter().any(|r| &r.name == name) {
+                let known: Vec<&str> = remotes.iter().map(|r| r.name.as_str()).collect();
+                return Err(invalid(
+                    format!("policy.remotes[{i}]"),
+                    format!("unknown remote `{name}` (configured: {})", known.join(", ")),
+                ));
+            }
+        }
+        raw.remotes.clone()
+    };
+    // A gateway without remotes has nothing to escalate to: every answer is local.
+    let local_only = raw.local_only || policy_remotes.is_empty();
+    let config = PolicyConfig {
+        aggregate,
+        threshold: Some(raw.threshold),
+        remotes: policy_remotes.clone(),
+        local_only,
+        remote_only: raw.remote_only,
+        max_cost_per_request_usd: raw.max_cost_per_request_usd,
+        daily_budget_usd: None,
+        monthly_budget_usd: None,
+        on_budget_exhausted,
+        on_remote_failure,
+        on_overload,
+        // 0 means no cap here (a team policy refuses 0).
+        max_local_ms: (raw.max_local_ms > 0).then_some(raw.max_local_ms),
+        allow_route_header: raw.allow_route_header,
+        allow_direct_models: raw.allow_direct_models,
+        log_prompts: raw.log_prompts,
+    };
+    let policy = Policy::try_from(config).map_err(|e| match e {
+        PolicyError::Invalid { key, reason } => invalid(format!("policy.{key}"), reason),
+        other => invalid("policy", other.to_string()),
+    })?;
+    let max_queue_wait =
+        (raw.max_queue_wait_ms > 0).then(|| Duration::from_millis(raw.max_queue_wait_ms));
+    Ok((policy, max_queue_wait, policy_remotes))
+}
+
+/// The older `[policy] aggregate = "<name>"` form, with its parameters in sibling keys.
+fn aggregate_by_name(
+    name: &str,
+    raw: &RawPolicy,
+    rules: &BTreeMap<String, Arc<LearnedRule>>,
+) -> Result<Aggregate, ConfigError> {
+    Ok(match name {
         "mean_logprob" => Aggregate::MeanLogprob,
         "sum_logprob" => Aggregate::SumLogprob,
         "min_logprob" => Aggregate::MinLogprob,
@@ -954,87 +1078,7 @@ fn validate_policy(
                 format!("unknown aggregate `{other}` (choose sum_logprob, mean_logprob, min_logprob, quantile, fraction_above, mean_entropy, mean_margin, learned)"),
             ))
         }
-    };
-    if !raw.threshold.is_finite() {
-        return Err(invalid("policy.threshold", "must be a finite number"));
-    }
-    let (lo, hi) = aggregate.score_range();
-    if !(lo..=hi).contains(&raw.threshold) {
-        return Err(invalid(
-            "policy.threshold",
-            format!(
-                "{} is outside the range of {} scores [{lo}, {hi}]",
-                raw.threshold,
-                aggregate.name()
-            ),
-        ));
-    }
-    let on_budget_exhausted = match raw.on_budget_exhausted.as_str() {
-        "serve_local" => ExhaustedAction::ServeLocal,
-        "fallback" => ExhaustedAction::Fallback,
-        "reject" => ExhaustedAction::Reject,
-        other => {
-            return Err(invalid(
-                "policy.on_budget_exhausted",
-                format!("unknown action `{other}` (choose serve_local, fallback or reject)"),
-            ))
-        }
-    };
-    let max_cost_per_request = raw
-        .max_cost_per_request_usd
-        .map(NanoUsd::from_usd)
-        .transpose()
-        .map_err(|e| invalid("policy.max_cost_per_request_usd", e.to_string()))?;
-    let on_remote_failure = match raw.on_remote_failure.as_str() {
-        "serve_local" => OnRemoteFailure::ServeLocal,
-        "error" => OnRemoteFailure::Error,
-        other => {
-            return Err(invalid(
-                "policy.on_remote_failure",
-                format!("unknown action `{other}` (choose serve_local or error)"),
-            ))
-        }
-    };
-    let on_overload = match raw.on_overload.as_str() {
-        "escalate" => OnOverload::Escalate,
-        "reject" => OnOverload::Reject,
-        other => {
-            return Err(invalid(
-                "policy.on_overload",
-                format!("unknown action `{other}` (choose escalate or reject)"),
-            ))
-        }
-    };
-    let policy_remotes = if raw.remotes.is_empty() {
-        remotes.iter().map(|r| r.name.clone()).collect()
-    } else {
-        for (i, name) in raw.remotes.iter().enumerate() {
-            if !remotes.iter().any(|r| &r.name == name) {
-                let known: Vec<&str> = remotes.iter().map(|r| r.name.as_str()).collect();
-                return Err(invalid(
-                    format!("policy.remotes[{i}]"),
-                    format!("unknown remote `{name}` (configured: {})", known.join(", ")),
-                ));
-            }
-        }
-        raw.remotes.clone()
-    };
-    let optional_ms = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
-    let policy = Policy {
-        mode: crate::routing::Mode::Cascade,
-        aggregate,
-        threshold: raw.threshold,
-        on_remote_failure,
-        on_overload,
-        max_local_time: optional_ms(raw.max_local_ms),
-        max_queue_wait: optional_ms(raw.max_queue_wait_ms),
-        allow_route_header: raw.allow_route_header,
-        allow_direct_models: raw.allow_direct_models,
-        on_budget_exhausted,
-        max_cost_per_request,
-        log_prompts: raw.log_prompts,
-    };
-    Ok((policy, policy_remotes))
+    })
 }
 
 #[cfg(test)]
@@ -1072,8 +1116,11 @@ mod tests {
         assert_eq!(c.remotes[0].api_key.as_deref(), Some("sk-test"));
         assert_eq!(c.remotes[0].model, "big");
         assert_eq!(c.policy_remotes, vec!["big".to_string()]);
-        assert_eq!(c.policy.aggregate, Aggregate::SumLogprob);
-        assert_eq!(c.policy.threshold, policies::confidence::DEFAULT_THRESHOLD);
+        assert_eq!(*c.policy.aggregate(), Aggregate::SumLogprob);
+        assert_eq!(
+            c.policy.threshold(),
+            Some(policies::confidence::DEFAULT_THRESHOLD)
+        );
     }
 
     #[test]
@@ -1279,17 +1326,45 @@ subject = \"user\"
     }
 
     #[test]
+    fn the_policy_section_reads_the_team_syntax_and_the_older_one_alike() {
+        let table = parse(&format!(
+            "{MINIMAL}\n[policy]\naggregate = {{ kind = \"quantile\", q = 0.25 }}"
+        ))
+        .unwrap();
+        let name = parse(&format!(
+            "{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25"
+        ))
+        .unwrap();
+        assert_eq!(table.policy, name.policy);
+        // Validated by the team rules, errors naming `policy.<key>`.
+        let e = error_of(&format!(
+            "{MINIMAL}\n[policy]\naggregate = {{ kind = \"mean_logprob\" }}\nthreshold = 0.5"
+        ));
+        assert!(e.starts_with("policy.threshold:"), "{e}");
+        let e = error_of(&format!(
+            "{MINIMAL}\n[policy]\nlocal_only = true\nremote_only = true"
+        ));
+        assert!(e.starts_with("policy.remote_only:"), "{e}");
+        // A gateway without remotes answers everything locally.
+        let c = parse("[local]\nmodel = \"m.gguf\"").unwrap();
+        assert!(c.policy.local_only());
+    }
+
+    #[test]
     fn aggregate_parameters_are_read() {
         let c = parse(&format!(
             "{MINIMAL}\n[policy]\naggregate = \"quantile\"\nquantile = 0.25"
         ))
         .unwrap();
-        assert_eq!(c.policy.aggregate, Aggregate::Quantile { q: 0.25 });
+        assert_eq!(*c.policy.aggregate(), Aggregate::Quantile { q: 0.25 });
         let c = parse(&format!(
             "{MINIMAL}\n[policy]\naggregate = \"fraction_above\"\nbound = -1.5\nthreshold = 0.9"
         ))
         .unwrap();
-        assert_eq!(c.policy.aggregate, Aggregate::FractionAbove { bound: -1.5 });
+        assert_eq!(
+            *c.policy.aggregate(),
+            Aggregate::FractionAbove { bound: -1.5 }
+        );
     }
 
     #[test]
@@ -1339,7 +1414,7 @@ subject = \"user\"
         );
         let c = with_rules_dir(dir.path(), &team).unwrap();
         assert!(
-            matches!(&c.policy.aggregate, Aggregate::Learned { name, rule: Some(_) } if name == "dev")
+            matches!(c.policy.aggregate(), Aggregate::Learned { name, rule: Some(_) } if name == "dev")
         );
         let team_policy = &c.policies.team("a").unwrap().policy;
         assert!(matches!(

@@ -8,8 +8,8 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
-use crate::routing::{Reason, Route};
 use crate::upstream::RemoteUsage;
+use policies::decision::{Reason, Route};
 
 /// One request's facts. Its ledger record is committed with [`RequestContext::commit`]
 /// before the response completes (or, for a client that went away, when the context is

@@ -20,13 +20,15 @@ use crate::live::{self, SharedPolicies};
 use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
-use crate::routing::{
-    self, Addressed, Aggregate, LocalOutcome, Mode, OnOverload, Policy, PreRoute, Reason, Route,
-};
+use crate::routing::{self, Aggregate};
 use crate::upstream::{
     CallGate, GateRefusal, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
 };
-use policies::decision::{decide_budget, BudgetDecision, BudgetView, RemoteCandidate};
+use policies::decision::{
+    self as verdict, Addressed, LocalOutcome, PreRoute, Reason, RemoteFailureDecision, Route,
+};
+use policies::decision::{BudgetDecision, BudgetView, RemoteCandidate};
+use policies::{OverloadAction, Policy};
 
 /// What the gateway answers; the handler writes it out.
 pub enum Reply {
@@ -52,7 +54,10 @@ pub type BodyStream = BoxStream<'static, Result<Bytes, Infallible>>;
 /// The routing policy of one request and its fallback chain (indices into the upstreams).
 #[derive(Debug, Clone)]
 pub struct RequestPolicy {
+    /// The caller's policy (team ⊕ key ⊕ variant), or the gateway's `[policy]`.
     pub policy: Policy,
+    /// The gateway's bound on the local queue's expected wait (`[policy].max_queue_wait_ms`).
+    pub max_queue_wait: Option<Duration>,
     pub chain: Vec<usize>,
 }
 
@@ -89,6 +94,7 @@ impl Gateway {
             local_name: config.local.name.clone(),
             plan: live::Live::new(RequestPolicy {
                 policy: config.policy.clone(),
+                max_queue_wait: config.max_queue_wait,
                 chain,
             }),
             local: OnceLock::new(),
@@ -108,6 +114,7 @@ impl Gateway {
             .collect();
         self.plan.store(RequestPolicy {
             policy: config.policy.clone(),
+            max_queue_wait: config.max_queue_wait,
             chain,
         });
     }
@@ -119,49 +126,22 @@ impl Gateway {
 
     /// A team, key or variant policy in the terms the gateway routes by. Remotes it names that
     /// are not configured are skipped (start-up checks the team policies themselves).
-    pub fn request_policy(&self, p: &policies::Policy) -> RequestPolicy {
-        let plan = self.plan.load();
-        let base = &plan.policy;
-        let mode = if p.local_only() {
-            Mode::LocalOnly
-        } else if p.remote_only() {
-            Mode::RemoteOnly
-        } else {
-            Mode::Cascade
-        };
-        // Only a cascading policy judges confidence (validation makes it set a threshold).
-        let threshold = p.threshold().unwrap_or(f64::INFINITY);
-        let policy = Policy {
-            mode,
-            aggregate: p.aggregate().clone(),
-            threshold,
-            on_remote_failure: match p.on_remote_failure() {
-                policies::RemoteFailureAction::ServeLocal => routing::OnRemoteFailure::ServeLocal,
-                policies::RemoteFailureAction::Error => routing::OnRemoteFailure::Error,
-            },
-            on_overload: match p.on_overload() {
-                policies::OverloadAction::Escalate => OnOverload::Escalate,
-                policies::OverloadAction::Reject => OnOverload::Reject,
-            },
-            max_local_time: p.max_local_ms().map(Duration::from_millis),
-            // Not a team setting: the local queue is the gateway's.
-            max_queue_wait: base.max_queue_wait,
-            allow_route_header: p.allow_route_header(),
-            allow_direct_models: p.allow_direct_models(),
-            on_budget_exhausted: p.on_budget_exhausted(),
-            max_cost_per_request: p.max_cost_per_request(),
-            log_prompts: p.log_prompts(),
-        };
+    pub fn request_policy(&self, p: &Policy) -> RequestPolicy {
         // A local_only policy calls no remote, whatever `remotes` it lists (start-up warns).
-        let chain = match mode {
-            Mode::LocalOnly => Vec::new(),
-            Mode::Cascade | Mode::RemoteOnly => p
-                .remotes()
+        let chain = if p.local_only() {
+            Vec::new()
+        } else {
+            p.remotes()
                 .iter()
                 .filter_map(|name| self.upstreams.find(name))
-                .collect(),
+                .collect()
         };
-        RequestPolicy { policy, chain }
+        RequestPolicy {
+            policy: p.clone(),
+            // Not a team setting: the local queue is the gateway's.
+            max_queue_wait: self.plan.load().max_queue_wait,
+            chain,
+        }
     }
 
     /// Makes the local model available; only the first call has an effect.
@@ -178,7 +158,7 @@ impl Gateway {
     /// allows addressing them) the local model and each remote.
     pub fn model_names(&self) -> Vec<(String, &'static str)> {
         let mut names = vec![(self.model_name.clone(), "cascade")];
-        if self.plan.load().policy.allow_direct_models {
+        if self.plan.load().policy.allow_direct_models() {
             names.push((self.local_name.clone(), "local"));
             names.extend(
                 self.upstreams
@@ -192,7 +172,7 @@ impl Gateway {
 
     /// The policy's confidence aggregate.
     pub fn aggregate(&self) -> Aggregate {
-        self.plan.load().policy.aggregate.clone()
+        self.plan.load().policy.aggregate().clone()
     }
 
     /// The policy a request runs under: its caller's, else the gateway's `[policy]`.
@@ -219,7 +199,7 @@ impl Gateway {
         ctx.model = request.model.clone();
         let plan = self.plan(ctx);
         let (addressed, named_remote) = self.addressed(&request.model, &plan)?;
-        match routing::pre_route(&plan.policy, addressed, route_header) {
+        match verdict::pre_route(&plan.policy, addressed, route_header) {
             PreRoute::Cascade => self.cascade(ctx, &request).await,
             PreRoute::Local(reason) => self.serve_local_directly(ctx, &request, reason).await,
             PreRoute::Remote(reason) => {
@@ -260,13 +240,13 @@ impl Gateway {
         request: &CompletionRequest,
     ) -> Result<Reply, ApiError> {
         let plan = self.plan(ctx);
-        if let Some(reason) = routing::local_unsuitable(&request.features) {
+        if let Some(reason) = verdict::local_unsuitable(&request.features) {
             return self.escalate(ctx, request, reason, None).await;
         }
         let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
             return self.overloaded(ctx, request, Reason::LocalLoading).await;
         };
-        if routing::overloaded(&local.load(), &plan.policy) {
+        if verdict::overloaded(&local.load(), plan.max_queue_wait) {
             return self.overloaded(ctx, request, Reason::LocalOverloaded).await;
         }
         match local.prompt_tokens(prompt).await {
@@ -282,8 +262,12 @@ impl Gateway {
             }
         }
         let options = RunOptions {
-            early_exit: Some((plan.policy.aggregate.clone(), plan.policy.threshold)),
-            time_budget: plan.policy.max_local_time,
+            // Only a cascading policy reaches here, and validation gives it a threshold.
+            early_exit: Some((
+                plan.policy.aggregate().clone(),
+                plan.policy.threshold().unwrap_or(f64::INFINITY),
+            )),
+            time_budget: plan.policy.max_local_ms().map(Duration::from_millis),
             deltas: None,
         };
         let run = match local.run(request, prompt.clone(), options).await {
@@ -312,7 +296,7 @@ impl Gateway {
             hit_token_cap: run.hit_token_cap,
             json_valid,
         };
-        match routing::judge_local(&outcome, &plan.policy) {
+        match verdict::post_local(&outcome, &plan.policy) {
             (Route::Local, reason) => {
                 ctx.route = Some(Route::Local);
                 ctx.reason = Some(reason);
@@ -333,9 +317,9 @@ impl Gateway {
         reason: Reason,
     ) -> Result<Reply, ApiError> {
         let plan = self.plan(ctx);
-        match plan.policy.on_overload {
-            OnOverload::Escalate => self.escalate(ctx, request, reason, None).await,
-            OnOverload::Reject => {
+        match plan.policy.on_overload() {
+            OverloadAction::Escalate => self.escalate(ctx, request, reason, None).await,
+            OverloadAction::Reject => {
                 ctx.route = Some(Route::Local);
                 ctx.reason = Some(reason);
                 Err(self.busy_error(reason))
@@ -430,7 +414,7 @@ impl Gateway {
                     &ctx.id,
                     request,
                     input_tokens,
-                    plan.policy.max_cost_per_request,
+                    plan.policy.max_cost_per_request(),
                 )
                 .await;
             ctx.upstream_time += started.elapsed();
@@ -471,8 +455,8 @@ impl Gateway {
         // not or would not take (tools, overload, a client's choice, remote_only) gets the
         // error.
         let error = last_failure;
-        let serve_local = plan.policy.on_remote_failure == routing::OnRemoteFailure::ServeLocal
-            && local.is_some();
+        let serve_local = verdict::on_remote_failure(&plan.policy, local.is_some())
+            == RemoteFailureDecision::ServeLocal;
         if serve_local {
             tracing::warn!(request_id = %ctx.id, %error, "every remote failed; serving the local answer");
             ctx.route = Some(Route::Local);
@@ -554,18 +538,14 @@ impl Gateway {
             candidates,
             local_available: local_ran,
         };
-        decide_budget(
-            plan.policy.on_budget_exhausted,
-            plan.policy.max_cost_per_request,
-            &view,
-        )
+        verdict::on_budget(&plan.policy, &view)
     }
 
     /// Whether the local model could answer this request at all.
     fn can_serve_locally(&self, request: &CompletionRequest) -> bool {
         self.local.get().is_some()
             && request.prompt.is_some()
-            && routing::local_unsuitable(&request.features).is_none()
+            && verdict::local_unsuitable(&request.features).is_none()
     }
 
     /// No budget pays for a remote: serve the local answer, marked degraded, or refuse with
@@ -641,7 +621,7 @@ impl Gateway {
         let plan = self.plan(ctx);
         ctx.route = Some(Route::Local);
         ctx.reason = Some(reason);
-        if let Some(unsuitable) = routing::local_unsuitable(&request.features) {
+        if let Some(unsuitable) = verdict::local_unsuitable(&request.features) {
             ctx.reason = Some(unsuitable);
             return Err(ApiError::InvalidRequest {
                 message: format!("The local model cannot serve this request ({unsuitable})."),
@@ -652,7 +632,7 @@ impl Gateway {
             ctx.reason = Some(Reason::LocalLoading);
             return Err(self.busy_error(Reason::LocalLoading));
         };
-        if routing::overloaded(&local.load(), &plan.policy) {
+        if verdict::overloaded(&local.load(), plan.max_queue_wait) {
             ctx.reason = Some(Reason::LocalOverloaded);
             return Err(self.busy_error(Reason::LocalOverloaded));
         }
@@ -712,12 +692,12 @@ impl Gateway {
         let plan = self.plan(ctx);
         let generation = &run.output.generation;
         ctx.local_ran = true;
-        ctx.aggregate_name = Some(plan.policy.aggregate.name());
+        ctx.aggregate_name = Some(plan.policy.aggregate().name());
         ctx.local_time += run.elapsed;
         ctx.local_queue_wait =
             Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         ctx.local_completion_tokens = generation.usage.completion_tokens;
-        ctx.confidence = routing::score(&plan.policy.aggregate, &generation.tokens);
+        ctx.confidence = routing::score(plan.policy.aggregate(), &generation.tokens);
         observe_local(&self.metrics, run);
     }
 

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::config::LocalConfig;
 use crate::openai::CompletionRequest;
-use crate::routing::{self, Aggregate, LocalLoad};
+use crate::routing::{self, Aggregate};
+use policies::decision::LocalLoad;
 
 /// Why the local model could not be started.
 #[derive(Debug, thiserror::Error)]

@@ -201,7 +201,7 @@ impl Metrics {
         registry.register(Box::new(escalations.clone()))?;
         // Every reason is exported from the start (at 0), so a dashboard or alert on one
         // sees a series before its first request, and a new reason shows up as a new series.
-        for reason in crate::routing::Reason::ALL {
+        for reason in policies::decision::Reason::ALL {
             escalations.with_label_values(&[reason.as_str()]);
         }
         registry.register(Box::new(local_tokens.clone()))?;

@@ -10,7 +10,7 @@ use local_model::{ChatMessage, Prompt, Sampling};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::routing::RequestFeatures;
+use policies::decision::RequestFeatures;
 
 /// The two generation endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,10 +30,10 @@ use crate::limits::Limits;
 use crate::live::{Live, SharedPolicies};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint};
-use crate::routing::Route;
 use crate::spool::Spool;
 use crate::storage::Storage;
 use crate::upstream::{CallGate, OpenGate};
+use policies::decision::Route;
 
 /// Header names the gateway reads or writes.
 pub mod headers {
@@ -342,7 +342,7 @@ async fn generate(
                 ctx.variant = Some(variant);
             }
         }
-        if state.gateway.policy_of(&ctx).policy.log_prompts {
+        if state.gateway.policy_of(&ctx).policy.log_prompts() {
             ctx.prompt_text = prompt_text(&request);
         }
         let route = route_header(&headers)?;
@@ -442,10 +442,10 @@ fn reply_response(reply: Reply, ctx: RequestContext, state: &AppState) -> Respon
         }
         cascade_headers(h, &ctx);
     }
-    let aggregate = ctx
-        .policy
-        .as_ref()
-        .map_or_else(|| state.gateway.aggregate(), |p| p.policy.aggregate.clone());
+    let aggregate = ctx.policy.as_ref().map_or_else(
+        || state.gateway.aggregate(),
+        |p| p.policy.aggregate().clone(),
+    );
     let body = match reply {
         // A complete body goes out with a Content-Length, in one write.
         Reply::Json(bytes) => Body::from(bytes),
