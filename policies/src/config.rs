@@ -261,6 +261,19 @@ impl Policies {
         &self.local_price
     }
 
+    /// What a remote call cost: its tokens at `[prices.<remote>]`. The one place a call's
+    /// cost is computed (budget settlement and the ledger both ask here). Zero for an
+    /// unpriced remote, which start-up keeps out of reach of every budget.
+    pub fn remote_cost(&self, remote: &str, input_tokens: u64, output_tokens: u64) -> NanoUsd {
+        self.price(remote)
+            .map_or(NanoUsd::ZERO, |p| p.cost(input_tokens, output_tokens))
+    }
+
+    /// The notional cost of a local generation at `[local_price]`.
+    pub fn local_cost(&self, input_tokens: u64, output_tokens: u64) -> NanoUsd {
+        self.local_price.cost(input_tokens, output_tokens)
+    }
+
     /// Time zone of budget windows.
     pub fn timezone(&self) -> Tz {
         self.tz

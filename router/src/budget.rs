@@ -15,15 +15,12 @@ use crate::live::SharedPolicies;
 use crate::storage::{ScopeLimit, Storage, StorageError};
 use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
 
-/// Output tokens assumed when a request sets no `max_tokens`.
-pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+pub use crate::openai::DEFAULT_MAX_OUTPUT_TOKENS;
 
 /// Reserves and settles paid calls in [`Storage`].
 pub struct BudgetGate {
     storage: Storage,
     policies: SharedPolicies,
-    /// The caller of each request in flight (team, key id), registered once it is known.
-    accounts: Mutex<HashMap<String, (String, String)>>,
     /// Granted reservations: gate id → (storage reservation id, remote name).
     held: Mutex<HashMap<u64, (String, String)>>,
     next: AtomicU64,
@@ -34,7 +31,6 @@ impl BudgetGate {
         Self {
             storage,
             policies,
-            accounts: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             // 0 is `Reservation::default()`, the open gate's "nothing held".
             next: AtomicU64::new(1),
@@ -46,27 +42,10 @@ impl BudgetGate {
         &self.storage
     }
 
-    /// Charges the paid calls of `request_id` to this team and key from now on.
-    pub fn open(&self, request_id: &str, team: &str, key_id: &str) {
-        if let Ok(mut accounts) = self.accounts.lock() {
-            accounts.insert(
-                request_id.to_string(),
-                (team.to_string(), key_id.to_string()),
-            );
-        }
-    }
-
     /// Reservations granted and not yet settled (settling runs in its own task after a
     /// call); shutdown waits for this to reach zero.
     pub fn outstanding(&self) -> usize {
         self.held.lock().map_or(0, |h| h.len())
-    }
-
-    /// Forgets the caller of a finished request (its calls were reserved already).
-    pub fn close(&self, request_id: &str) {
-        if let Ok(mut accounts) = self.accounts.lock() {
-            accounts.remove(request_id);
-        }
     }
 
     /// Worst-case cost of a call: the estimated input tokens and `max_tokens` of output.
@@ -134,17 +113,11 @@ pub fn input_token_estimate(counted: Option<usize>, schema_bytes: usize, body_by
 impl CallGate for BudgetGate {
     async fn reserve(&self, call: &PaidCall<'_>) -> Result<Reservation, GateRefusal> {
         let now = now_ms();
-        let account = self
-            .accounts
-            .lock()
-            .ok()
-            .and_then(|a| a.get(call.request_id).cloned());
         // An anonymous request (no teams) is charged to the global scopes only.
-        let (team, key_id) = account.unwrap_or_default();
         let scopes: Vec<ScopeLimit> = self
             .policies
             .load()
-            .scopes_for(&team, &key_id, now / 1000)
+            .scopes_for(call.team, call.key_id, now / 1000)
             .into_iter()
             .map(|(scope, limit)| ScopeLimit {
                 scope: scope.storage_key(),
@@ -194,13 +167,11 @@ impl CallGate for BudgetGate {
         };
         let result = match settlement {
             Settlement::Used(u) => {
-                let cost = self
-                    .policies
-                    .load()
-                    .price(&upstream)
-                    .map_or(NanoUsd::ZERO, |p| {
-                        p.cost(u.prompt_tokens, u.completion_tokens)
-                    });
+                let cost = self.policies.load().remote_cost(
+                    &upstream,
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                );
                 self.storage.settle(&id, cost.0).await
             }
             // A failed attempt gives its hold back.
@@ -256,9 +227,10 @@ mod tests {
         let mut granted = Vec::new();
         for i in 0..10 {
             let id = format!("r{i}");
-            gate.open(&id, "alpha", &key_id);
             let call = PaidCall {
                 request_id: &id,
+                team: "alpha",
+                key_id: &key_id,
                 upstream: "big",
                 model: "m",
                 request: &request,
@@ -321,6 +293,8 @@ mod tests {
         .unwrap();
         let call = |attempt, cap: f64| PaidCall {
             request_id: "r",
+            team: "",
+            key_id: "",
             upstream: "big",
             model: "m",
             request: &request,

@@ -8,8 +8,20 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
+use crate::storage::LedgerRecord;
 use crate::upstream::RemoteUsage;
 use policies::decision::{Reason, Route};
+use policies::{NanoUsd, Policies, Policy};
+
+/// The routing policy of one request and its fallback chain (indices into the upstreams).
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    /// The caller's policy (team ⊕ key ⊕ variant), or the gateway's `[policy]`.
+    pub policy: Policy,
+    /// The gateway's bound on the local queue's expected wait (`[policy].max_queue_wait_ms`).
+    pub max_queue_wait: Option<std::time::Duration>,
+    pub chain: Vec<usize>,
+}
 
 /// One request's facts. Its ledger record is committed with [`RequestContext::commit`]
 /// before the response completes (or, for a client that went away, when the context is
@@ -28,7 +40,7 @@ pub struct RequestContext {
     pub experiment: Option<String>,
     pub variant: Option<String>,
     /// The caller's policy; `None` uses the gateway's `[policy]`.
-    pub policy: Option<Arc<crate::gateway::RequestPolicy>>,
+    pub policy: Option<Arc<RequestPolicy>>,
     pub route: Option<Route>,
     pub reason: Option<Reason>,
     /// The local generation's aggregate score, when one was computed.
@@ -132,7 +144,8 @@ impl RequestContext {
             return Ok(());
         };
         self.committed = true;
-        match ledger.commit(self).await {
+        let record = self.ledger_record(&ledger.policies());
+        match ledger.write(record).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(request_id = %self.id, error = %e, "ledger record not written");
@@ -142,6 +155,63 @@ impl RequestContext {
                     Ok(())
                 }
             }
+        }
+    }
+
+    /// The request's ledger record as it stands now, costed at `policies`' prices (the
+    /// one place a record is built: commit and the detached write of a departed client).
+    pub fn ledger_record(&self, policies: &Policies) -> LedgerRecord {
+        let ctx = self;
+        let local_cost = if ctx.local_ran {
+            policies.local_cost(
+                ctx.local_prompt_tokens as u64,
+                ctx.local_completion_tokens as u64,
+            )
+        } else {
+            NanoUsd::ZERO
+        };
+        let remote_cost = match (&ctx.upstream, ctx.remote_billed) {
+            (Some(upstream), Some(billed)) => {
+                policies.remote_cost(upstream, billed.prompt_tokens, billed.completion_tokens)
+            }
+            _ => NanoUsd::ZERO,
+        };
+        let status = if ctx.stream_failed { 502 } else { ctx.status };
+        let route = match ctx.route {
+            _ if status >= 400 && !ctx.stream_failed => "rejected",
+            Some(route) => route.as_str(),
+            None => "rejected",
+        };
+        let local_tokens = if ctx.local_ran {
+            (ctx.local_prompt_tokens + ctx.local_completion_tokens) as u64
+        } else {
+            0
+        };
+        LedgerRecord {
+            id: ctx.id.clone(),
+            created_unix_ms: crate::clock::unix_ms(ctx.received_at),
+            team: ctx.team.clone(),
+            key_id: ctx.key_id.clone(),
+            experiment: ctx.experiment.clone(),
+            variant: ctx.variant.clone(),
+            route: route.to_string(),
+            reason: ctx.reason.map_or_else(
+                || ctx.error_code.unwrap_or("none").to_string(),
+                |r| r.as_str().to_string(),
+            ),
+            confidence: ctx.confidence,
+            confidence_aggregate: ctx.confidence.and(ctx.aggregate_name.clone()),
+            local_tokens,
+            remote_model: ctx.upstream.clone(),
+            remote_input_tokens: ctx.remote_billed.map_or(0, |u| u.prompt_tokens),
+            remote_output_tokens: ctx.remote_billed.map_or(0, |u| u.completion_tokens),
+            cost_nanos: remote_cost.saturating_add(local_cost).0,
+            latency_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            status,
+            prompt_text: ctx.prompt_text.clone(),
+            overrun_nanos: ctx
+                .remote_reserved
+                .map_or(0, |reserved| remote_cost.0.saturating_sub(reserved.0)),
         }
     }
 
@@ -192,7 +262,7 @@ impl Drop for RequestContext {
         // Not committed: the client went away before the response completed. The record
         // is still written (what was spent stays accounted for), just not awaited.
         if let Some(ledger) = self.ledger.take().filter(|_| !self.committed) {
-            let record = ledger.record_of(self);
+            let record = self.ledger_record(&ledger.policies());
             ledger.write_detached(record);
         }
     }

@@ -54,6 +54,17 @@ pub enum ApiError {
     LedgerUnavailable,
 }
 
+impl From<crate::openai::RequestError> for ApiError {
+    fn from(e: crate::openai::RequestError) -> Self {
+        match e {
+            crate::openai::RequestError::MalformedJson(detail) => ApiError::MalformedJson(detail),
+            crate::openai::RequestError::InvalidRequest { message, param } => {
+                ApiError::InvalidRequest { message, param }
+            }
+        }
+    }
+}
+
 impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::budget::{estimate_cost, input_token_estimate};
 use crate::config::Config;
 use crate::context::RequestContext;
+pub use crate::context::RequestPolicy;
 use crate::error::ApiError;
 use crate::live::{self, SharedPolicies};
 use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
 use crate::routing::{self, Aggregate};
 use crate::upstream::{
-    CallGate, GateRefusal, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
+    CallGate, GateRefusal, Payer, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
 };
 use policies::decision::{
     self as verdict, Addressed, LocalOutcome, PreRoute, Reason, RemoteFailureDecision, Route,
@@ -50,16 +51,6 @@ pub enum Reply {
 
 /// The body of a response.
 pub type BodyStream = BoxStream<'static, Result<Bytes, Infallible>>;
-
-/// The routing policy of one request and its fallback chain (indices into the upstreams).
-#[derive(Debug, Clone)]
-pub struct RequestPolicy {
-    /// The caller's policy (team ⊕ key ⊕ variant), or the gateway's `[policy]`.
-    pub policy: Policy,
-    /// The gateway's bound on the local queue's expected wait (`[policy].max_queue_wait_ms`).
-    pub max_queue_wait: Option<Duration>,
-    pub chain: Vec<usize>,
-}
 
 /// The gateway's shared state.
 pub struct Gateway {
@@ -407,15 +398,15 @@ impl Gateway {
             };
             let input_tokens = self.call_input_tokens(request, counted, i);
             let started = Instant::now();
+            let payer = Payer {
+                request_id: &ctx.id,
+                team: ctx.team.as_deref().unwrap_or_default(),
+                key_id: ctx.key_id.as_deref().unwrap_or_default(),
+                max_cost: plan.policy.max_cost_per_request(),
+            };
             let result = self
                 .upstreams
-                .call(
-                    &[i],
-                    &ctx.id,
-                    request,
-                    input_tokens,
-                    plan.policy.max_cost_per_request(),
-                )
+                .call(&[i], payer, request, input_tokens)
                 .await;
             ctx.upstream_time += started.elapsed();
             match result {

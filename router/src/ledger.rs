@@ -19,7 +19,6 @@ use std::time::Duration;
 use policies::NanoUsd;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::context::RequestContext;
 use crate::live::SharedPolicies;
 use crate::metrics::Metrics;
 use crate::spool::Spool;
@@ -94,66 +93,9 @@ impl Ledger {
         self.spool.is_none()
     }
 
-    /// The record of a request, as it stands now.
-    pub fn record_of(&self, ctx: &RequestContext) -> LedgerRecord {
-        let policies = self.policies.load();
-        let local_price = policies.local_price();
-        let local_cost = if ctx.local_ran {
-            local_price.cost(
-                ctx.local_prompt_tokens as u64,
-                ctx.local_completion_tokens as u64,
-            )
-        } else {
-            NanoUsd::ZERO
-        };
-        let remote_cost = match (&ctx.upstream, ctx.remote_billed) {
-            (Some(upstream), Some(billed)) => policies.price(upstream).map_or(NanoUsd::ZERO, |p| {
-                p.cost(billed.prompt_tokens, billed.completion_tokens)
-            }),
-            _ => NanoUsd::ZERO,
-        };
-        let status = if ctx.stream_failed { 502 } else { ctx.status };
-        let route = match ctx.route {
-            _ if status >= 400 && !ctx.stream_failed => "rejected",
-            Some(route) => route.as_str(),
-            None => "rejected",
-        };
-        let local_tokens = if ctx.local_ran {
-            (ctx.local_prompt_tokens + ctx.local_completion_tokens) as u64
-        } else {
-            0
-        };
-        LedgerRecord {
-            id: ctx.id.clone(),
-            created_unix_ms: crate::clock::unix_ms(ctx.received_at),
-            team: ctx.team.clone(),
-            key_id: ctx.key_id.clone(),
-            experiment: ctx.experiment.clone(),
-            variant: ctx.variant.clone(),
-            route: route.to_string(),
-            reason: ctx.reason.map_or_else(
-                || ctx.error_code.unwrap_or("none").to_string(),
-                |r| r.as_str().to_string(),
-            ),
-            confidence: ctx.confidence,
-            confidence_aggregate: ctx.confidence.and(ctx.aggregate_name.clone()),
-            local_tokens,
-            remote_model: ctx.upstream.clone(),
-            remote_input_tokens: ctx.remote_billed.map_or(0, |u| u.prompt_tokens),
-            remote_output_tokens: ctx.remote_billed.map_or(0, |u| u.completion_tokens),
-            cost_nanos: remote_cost.saturating_add(local_cost).0,
-            latency_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            status,
-            prompt_text: ctx.prompt_text.clone(),
-            overrun_nanos: ctx
-                .remote_reserved
-                .map_or(0, |reserved| remote_cost.0.saturating_sub(reserved.0)),
-        }
-    }
-
-    /// Writes the request's record and returns once it is durable.
-    pub async fn commit(&self, ctx: &RequestContext) -> Result<(), LedgerError> {
-        self.write(self.record_of(ctx)).await
+    /// The price tables records are costed with (the live ones: a reload reaches them).
+    pub fn policies(&self) -> Arc<policies::Policies> {
+        self.policies.load()
     }
 
     /// Records not yet written.

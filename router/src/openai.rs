@@ -9,7 +9,6 @@ use bytes::Bytes;
 use local_model::{ChatMessage, Prompt, Sampling};
 use serde_json::{json, Map, Value};
 
-use crate::error::ApiError;
 use policies::decision::RequestFeatures;
 
 /// The two generation endpoints.
@@ -69,6 +68,10 @@ pub struct CompletionRequest {
     pub schema_bytes: usize,
 }
 
+/// Output tokens per sequence the gateway assumes, and sets on the upstream request, when a
+/// request sets no `max_tokens`: the cost estimate's bound (docs/api.md, budgets).
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
 /// The largest `n` and `best_of` accepted (OpenAI's own limit for `n`).
 pub const MAX_CHOICES: u64 = 128;
 
@@ -83,20 +86,33 @@ impl CompletionRequest {
     }
 }
 
-fn bad(message: impl Into<String>, param: &str) -> ApiError {
-    ApiError::InvalidRequest {
+/// Why a request body is refused (400): the API's error body is made from it by
+/// `RequestError`'s `From`, so the wire format has one place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+}
+
+fn bad(message: impl Into<String>, param: &str) -> RequestError {
+    RequestError::InvalidRequest {
         message: message.into(),
         param: Some(param.to_string()),
     }
 }
 
 /// Parses and validates a request body for `endpoint`.
-pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionRequest, ApiError> {
+pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionRequest, RequestError> {
     let body_bytes = body.len();
     let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
     let Value::Object(body) = value else {
-        return Err(ApiError::InvalidRequest {
+        return Err(RequestError::InvalidRequest {
             message: "the request body must be a JSON object".into(),
             param: None,
         });
@@ -259,7 +275,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<CompletionReques
     })
 }
 
-fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, RequestError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -267,7 +283,7 @@ fn optional_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, A
     }
 }
 
-fn optional_number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
+fn optional_number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, RequestError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -278,7 +294,7 @@ fn optional_number(body: &Map<String, Value>, key: &str) -> Result<Option<f64>, 
     }
 }
 
-fn optional_count(body: &Map<String, Value>, key: &str) -> Result<Option<usize>, ApiError> {
+fn optional_count(body: &Map<String, Value>, key: &str) -> Result<Option<usize>, RequestError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -293,7 +309,7 @@ fn optional_count(body: &Map<String, Value>, key: &str) -> Result<Option<usize>,
 fn parse_messages(
     body: &Map<String, Value>,
     features: &mut RequestFeatures,
-) -> Result<Option<Prompt>, ApiError> {
+) -> Result<Option<Prompt>, RequestError> {
     let messages = match body.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(bad("`messages` must not be empty", "messages")),
@@ -348,7 +364,7 @@ fn content_parts_text(
     parts: &[Value],
     features: &mut RequestFeatures,
     param: &str,
-) -> Result<String, ApiError> {
+) -> Result<String, RequestError> {
     let mut text = String::new();
     for part in parts {
         let kind = part.get("type").and_then(Value::as_str);
@@ -378,7 +394,7 @@ fn content_parts_text(
 fn parse_prompt(
     body: &Map<String, Value>,
     features: &mut RequestFeatures,
-) -> Result<Option<Prompt>, ApiError> {
+) -> Result<Option<Prompt>, RequestError> {
     match body.get("prompt") {
         Some(Value::String(s)) => Ok(Some(Prompt::Text(s.clone()))),
         Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
@@ -401,20 +417,16 @@ fn parse_prompt(
 /// The body of the request sent upstream: the client's, with `model` replaced by the
 /// remote's model name, and, when the client set no output limit, `max_tokens` set to
 /// [`DEFAULT_MAX_OUTPUT_TOKENS`], the bound the cost estimate reserved for.
-///
-/// [`DEFAULT_MAX_OUTPUT_TOKENS`]: crate::budget::DEFAULT_MAX_OUTPUT_TOKENS
-pub fn upstream_body(request: &CompletionRequest, remote_model: &str) -> Result<Bytes, ApiError> {
+pub fn upstream_body(
+    request: &CompletionRequest,
+    remote_model: &str,
+) -> Result<Bytes, serde_json::Error> {
     let mut body = request.body.clone();
     body.insert("model".into(), Value::String(remote_model.to_string()));
     if request.max_tokens.is_none() {
-        body.insert(
-            "max_tokens".into(),
-            Value::from(crate::budget::DEFAULT_MAX_OUTPUT_TOKENS),
-        );
+        body.insert("max_tokens".into(), Value::from(DEFAULT_MAX_OUTPUT_TOKENS));
     }
-    serde_json::to_vec(&body)
-        .map(Bytes::from)
-        .map_err(|e| ApiError::Internal(format!("cannot encode the upstream request: {e}")))
+    serde_json::to_vec(&body).map(Bytes::from)
 }
 
 /// A finished local answer, ready to be written in OpenAI's format.
@@ -584,13 +596,13 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
-    fn parse(endpoint: Endpoint, body: &str) -> Result<CompletionRequest, ApiError> {
+    fn parse(endpoint: Endpoint, body: &str) -> Result<CompletionRequest, RequestError> {
         parse_request(endpoint, body.as_bytes())
     }
 
-    fn param_of(r: Result<CompletionRequest, ApiError>) -> Option<String> {
+    fn param_of(r: Result<CompletionRequest, RequestError>) -> Option<String> {
         match r {
-            Err(ApiError::InvalidRequest { param, .. }) => param,
+            Err(RequestError::InvalidRequest { param, .. }) => param,
             other => panic!("expected an invalid request, got {other:?}"),
         }
     }
@@ -619,7 +631,7 @@ mod tests {
         // No output limit from the client: the upstream gets the one the estimate assumed.
         let sent: Value =
             serde_json::from_slice(&upstream_body(&r, "remote-model").unwrap()).unwrap();
-        assert_eq!(sent["max_tokens"], crate::budget::DEFAULT_MAX_OUTPUT_TOKENS);
+        assert_eq!(sent["max_tokens"], DEFAULT_MAX_OUTPUT_TOKENS);
         assert_eq!(sent["model"], "remote-model");
         for (body, param) in [
             (r#"{"model":"m","prompt":"x","n":129}"#, "n"),
@@ -628,7 +640,7 @@ mod tests {
         ] {
             let e = parse(Endpoint::Completions, body).unwrap_err();
             assert!(
-                matches!(&e, ApiError::InvalidRequest { param: Some(p), .. } if p == param),
+                matches!(&e, RequestError::InvalidRequest { param: Some(p), .. } if p == param),
                 "{body}: {e:?}"
             );
         }
@@ -683,7 +695,7 @@ mod tests {
     fn invalid_fields_name_their_param() {
         assert!(matches!(
             parse(Endpoint::Chat, "{not json"),
-            Err(ApiError::MalformedJson(_))
+            Err(RequestError::MalformedJson(_))
         ));
         assert_eq!(
             param_of(parse(Endpoint::Chat, r#"{"messages":[]}"#)).as_deref(),

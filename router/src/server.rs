@@ -244,19 +244,6 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// A request's caller in the budget gate, forgotten when the request ends however it ends
-/// (finished, timed out, or dropped when its client went away).
-struct OpenAccount {
-    budget: Arc<BudgetGate>,
-    request_id: String,
-}
-
-impl Drop for OpenAccount {
-    fn drop(&mut self) {
-        self.budget.close(&self.request_id);
-    }
-}
-
 fn admin_routes(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
     routes
         .route("/admin/spend", get(admin_spend))
@@ -320,20 +307,12 @@ async fn generate(
         let body = body.map_err(|rejection| body_error(&rejection, state.max_body_bytes))?;
         let request = openai::parse_request(endpoint, &body)?;
         state.limits.check(&request)?;
-        let mut account = None;
         if let Some(mut caller) = caller {
             let user = request.body.get("user").and_then(serde_json::Value::as_str);
             auth::assign_variant(&policies, &mut caller, user, &headers);
             let variant = caller.experiment.as_ref().map(|(_, v)| v.as_str());
             if let Some(policy) = policies.policy(&caller.team, &caller.key_id, variant) {
                 ctx.policy = Some(Arc::new(state.gateway.request_policy(policy)));
-            }
-            if let Some(budget) = &state.budget {
-                budget.open(&ctx.id, &caller.team, &caller.key_id);
-                account = Some(OpenAccount {
-                    budget: Arc::clone(budget),
-                    request_id: ctx.id.clone(),
-                });
             }
             ctx.team = Some(caller.team);
             ctx.key_id = Some(caller.key_id);
@@ -346,11 +325,7 @@ async fn generate(
             ctx.prompt_text = prompt_text(&request);
         }
         let route = route_header(&headers)?;
-        let reply = state.gateway.complete(&mut ctx, request, route).await;
-        // Every paid call of the request has reserved by now (a stream's only call
-        // happened before its headers).
-        drop(account);
-        reply
+        state.gateway.complete(&mut ctx, request, route).await
     }
     .await;
     match result {

@@ -34,10 +34,27 @@ pub struct RemoteUsage {
     pub completion_tokens: u64,
 }
 
+/// Who pays for a request's remote calls, and the most one call may cost: carried with every
+/// call to the budget gate (no lookup on the side).
+#[derive(Debug, Clone, Copy)]
+pub struct Payer<'a> {
+    pub request_id: &'a str,
+    /// The caller's team; empty for a gateway without teams (global scopes only).
+    pub team: &'a str,
+    /// The caller's key id; empty without teams.
+    pub key_id: &'a str,
+    /// The policy's `max_cost_per_request_usd`: a call whose worst-case cost exceeds it is
+    /// refused, whichever remote of the chain and whichever attempt it is.
+    pub max_cost: Option<NanoUsd>,
+}
+
 /// A paid call about to be made.
 #[derive(Debug)]
 pub struct PaidCall<'a> {
     pub request_id: &'a str,
+    /// The caller's team and key id (empty without teams), for its budget scopes.
+    pub team: &'a str,
+    pub key_id: &'a str,
     /// The configured remote's name.
     pub upstream: &'a str,
     /// The model name sent upstream.
@@ -91,7 +108,7 @@ pub trait CallGate: Send + Sync {
     async fn settle(&self, reservation: Reservation, settlement: Settlement);
 }
 
-/// The gate of this issue: every call is allowed and nothing is recorded.
+/// A gate that allows every call and records nothing (a gateway without storage, tests).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OpenGate;
 
@@ -340,11 +357,11 @@ impl Upstreams {
     pub async fn call(
         &self,
         chain: &[usize],
-        request_id: &str,
+        payer: Payer<'_>,
         request: &CompletionRequest,
         input_tokens: u64,
-        max_cost: Option<NanoUsd>,
     ) -> Result<UpstreamReply, UpstreamError> {
+        let request_id = payer.request_id;
         let started = Instant::now();
         let mut last = UpstreamError::NoRemote;
         let remotes = chain
@@ -378,12 +395,14 @@ impl Upstreams {
                 };
                 let call = PaidCall {
                     request_id,
+                    team: payer.team,
+                    key_id: payer.key_id,
                     upstream: &remote.name,
                     model: &remote.model,
                     request,
                     input_tokens,
                     attempt,
-                    max_cost,
+                    max_cost: payer.max_cost,
                 };
                 let reservation = match self.gate.reserve(&call).await {
                     Ok(r) => r,

@@ -303,15 +303,16 @@ async fn a_prompt_longer_than_the_context_window_escalates_without_generating() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_local_queue_escalates_or_answers_429_and_a_departed_client_frees_it() {
     // Its own model with no waiting room: one running request fills it.
-    let engine = load_engine(0);
+    let (engine, occupier) = load_engine_with_occupier(0);
     let mock = mock().await;
     let escalating = start(raw_config(&[&mock]), Some(engine.clone())).await;
     let mut raw = raw_config(&[&mock]);
     raw.policy.on_overload = "reject".into();
     let rejecting = start(raw, Some(engine.clone())).await;
+    let busy_server = start(raw_config(&[&mock]), Some(occupier)).await;
 
     // A long direct-local generation occupies the model.
-    let busy_url = url(&escalating, "/v1/completions");
+    let busy_url = url(&busy_server, "/v1/completions");
     let busy = tokio::spawn(async move {
         client()
             .post(busy_url)

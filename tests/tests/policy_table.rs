@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use cascade::local::LocalEngine;
 use cascade_e2e::Fault;
 use common::*;
-use local_model::{LoadOptions, LocalModel, ModelHandle};
 use serde_json::{json, Value};
 
 const KEY: &str = "sk-table-team";
@@ -803,11 +802,7 @@ async fn every_row_of_the_policy_decision_table_holds_end_to_end() {
     let idle = shared_engine();
     // A model with no waiting room: the gateway under test sees it with the usual 32-token
     // cap, the busy generation through its own engine without one.
-    let path = model_path();
-    let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let handle = ModelHandle::spawn(model, 0).unwrap();
-    let full = LocalEngine::new(handle.clone(), LOCAL.into(), 32);
-    let occupier = LocalEngine::new(handle, LOCAL.into(), 4000);
+    let (full, occupier) = load_engine_with_occupier(0);
     let mut failures = Vec::new();
     for row in rows() {
         if let Some(f) = run(&row, &idle, &full, &occupier).await {

@@ -225,6 +225,20 @@ pub fn load_engine(queue_depth: usize) -> LocalEngine {
     LocalEngine::new(handle, LOCAL.into(), 32)
 }
 
+/// The real model behind a queue of `queue_depth`, seen through two engines: one with the
+/// tests' usual 32-token cap, and one whose cap lets a long generation occupy the model for
+/// as long as a test needs it busy (32 tokens can finish between two polls on a loaded
+/// machine).
+pub fn load_engine_with_occupier(queue_depth: usize) -> (LocalEngine, LocalEngine) {
+    let path = model_path();
+    let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let handle = ModelHandle::spawn(model, queue_depth).unwrap();
+    (
+        LocalEngine::new(handle.clone(), LOCAL.into(), 32),
+        LocalEngine::new(handle, LOCAL.into(), 4000),
+    )
+}
+
 /// One real model shared by the tests of a binary (its thread serves them in turn).
 pub fn shared_engine() -> LocalEngine {
     static ENGINE: OnceLock<LocalEngine> = OnceLock::new();
