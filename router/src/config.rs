@@ -405,7 +405,11 @@ pub struct RemoteConfig {
     pub model: String,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
+    /// The key read from `api_key_env`; `None` without one, or while that variable is unset
+    /// (see [`Config::check_secrets`]).
     pub api_key: Option<String>,
+    /// The variable the key is read from, for the error that names it.
+    pub api_key_env: Option<String>,
     pub auth: RemoteAuth,
     pub timeout: Duration,
     pub max_retries: u32,
@@ -426,6 +430,7 @@ impl std::fmt::Debug for RemoteConfig {
             .field("model", &self.model)
             .field("base_url", &self.base_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_env", &self.api_key_env)
             .field("auth", &self.auth)
             .field("timeout", &self.timeout)
             .field("max_retries", &self.max_retries)
@@ -452,8 +457,26 @@ impl Config {
         Config::validate(raw, base.as_deref(), &|name| std::env::var(name).ok())
     }
 
+    /// Whether every remote's key is at hand: what a command that calls remotes (`serve`)
+    /// checks first. The error names the variable to set.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        for (i, remote) in self.remotes.iter().enumerate() {
+            if let (Some(var), None) = (&remote.api_key_env, &remote.api_key) {
+                return Err(invalid(
+                    format!("remotes[{i}].api_key_env"),
+                    format!(
+                        "the environment variable {var} is not set (remote `{}`)",
+                        remote.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every value; `env` reads the variables that hold secrets and
-    /// URLs; relative model paths are tried against `base_dir` first.
+    /// URLs; relative model paths are tried against `base_dir` first. Secrets may be
+    /// missing here (see [`Config::check_secrets`]).
     pub fn validate(
         raw: RawConfig,
         base_dir: Option<&Path>,
@@ -841,18 +864,13 @@ fn validate_remote(
             format!("`{base_url}` is not an http(s) URL"),
         ));
     }
-    let api_key = match &raw.api_key_env {
-        None => None,
-        Some(var) => match env(var) {
-            Some(v) if !v.is_empty() => Some(v),
-            _ => {
-                return Err(invalid(
-                    key("api_key_env"),
-                    format!("the environment variable {var} is not set"),
-                ))
-            }
-        },
-    };
+    // A missing key is not an error here: commands that only read the ledger (`report`)
+    // need no secret. `Config::check_secrets` refuses it where remotes are called.
+    let api_key = raw
+        .api_key_env
+        .as_ref()
+        .and_then(|var| env(var))
+        .filter(|v| !v.is_empty());
     let auth = match raw.auth.as_str() {
         "bearer" => RemoteAuth::Bearer,
         "api-key" => RemoteAuth::ApiKey,
@@ -887,6 +905,7 @@ fn validate_remote(
         model: raw.model.clone().unwrap_or_else(|| raw.name.clone()),
         base_url: base_url.trim_end_matches('/').to_string(),
         api_key,
+        api_key_env: raw.api_key_env.clone(),
         auth,
         timeout: Duration::from_millis(raw.timeout_ms),
         max_retries: raw.max_retries,
@@ -1160,11 +1179,14 @@ mod tests {
         assert!(e.starts_with("policy.remotes[1]:"), "{e}");
         let e = error_of(&format!("{MINIMAL}\n[server]\nlisten = \"localhost\""));
         assert!(e.starts_with("server.listen:"), "{e}");
-        let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"\nbase_url = \"http://h\"\napi_key_env = \"MISSING\"");
+        // A missing key is refused where remotes are called (serve), not by every command.
+        let c = parse("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"\nbase_url = \"http://h\"\napi_key_env = \"MISSING\"").unwrap();
+        let e = c.check_secrets().unwrap_err().to_string();
         assert!(
             e.starts_with("remotes[0].api_key_env:") && e.contains("MISSING"),
             "{e}"
         );
+        assert!(parse(MINIMAL).unwrap().check_secrets().is_ok());
         let e = error_of("[local]\nmodel = \"m.gguf\"\n[[remotes]]\nname = \"x\"");
         assert!(e.starts_with("remotes[0].base_url:"), "{e}");
         let e = error_of("[server]\nlisten = \"127.0.0.1:1\"");

@@ -71,6 +71,9 @@ pub struct AppState {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A remote's key is missing from the environment.
+    #[error(transparent)]
+    Secrets(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
@@ -731,6 +734,8 @@ impl RunningServer {
         gate: Arc<dyn CallGate>,
         store: Option<(Arc<BudgetGate>, Storage, Option<Arc<Spool>>)>,
     ) -> Result<Self, StartError> {
+        // Remotes are called from here on: their keys must be at hand.
+        config.check_secrets()?;
         let mut state = AppState::new(config, Arc::clone(&policies), gate)?;
         if let Some((budget, storage, spool)) = store {
             state.ledger = Some(Arc::new(Ledger::start(

@@ -984,6 +984,7 @@ mod tests {
             model: "m".into(),
             base_url: "http://x".into(),
             api_key: None,
+            api_key_env: None,
             auth: RemoteAuth::Bearer,
             timeout: Duration::from_secs(1),
             max_retries: 5,
