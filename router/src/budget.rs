@@ -198,6 +198,19 @@ mod tests {
     use crate::openai::{parse_request, Endpoint};
     use crate::storage::{connect, StorageConfig};
 
+    /// A gate over a private in-memory database, and that database.
+    async fn gate_over_memory(policies: &Policies) -> (BudgetGate, Storage) {
+        let storage = connect(&StorageConfig {
+            url: "sqlite::memory:".into(),
+            max_connections: 1,
+            reservation_ttl_secs: 60,
+        })
+        .await
+        .unwrap();
+        let live = std::sync::Arc::new(crate::live::Live::new(policies.clone()));
+        (BudgetGate::new(storage.clone(), live), storage)
+    }
+
     #[tokio::test]
     async fn calls_reserve_until_the_team_budget_is_full_and_settle_the_real_cost() {
         let config: PoliciesConfig = serde_json::from_value(json!({
@@ -207,17 +220,7 @@ mod tests {
         }))
         .unwrap();
         let policies = Policies::try_from(config).unwrap();
-        let storage = connect(&StorageConfig {
-            url: "sqlite::memory:".into(),
-            max_connections: 1,
-            reservation_ttl_secs: 60,
-        })
-        .await
-        .unwrap();
-        let gate = BudgetGate::new(
-            storage.clone(),
-            std::sync::Arc::new(crate::live::Live::new(policies.clone())),
-        );
+        let (gate, storage) = gate_over_memory(&policies).await;
         let key_id = policies.authenticate("k").unwrap().key_id.to_string();
         let request = parse_request(
             Endpoint::Chat,
@@ -274,17 +277,7 @@ mod tests {
         }))
         .unwrap();
         let policies = Policies::try_from(config).unwrap();
-        let storage = connect(&StorageConfig {
-            url: "sqlite::memory:".into(),
-            max_connections: 1,
-            reservation_ttl_secs: 60,
-        })
-        .await
-        .unwrap();
-        let gate = BudgetGate::new(
-            storage,
-            std::sync::Arc::new(crate::live::Live::new(policies)),
-        );
+        let (gate, _) = gate_over_memory(&policies).await;
         // 100 in + 8 × 100 out at $1000/M: $0.90 in the worst case, n counted.
         let request = parse_request(
             Endpoint::Chat,
