@@ -6,7 +6,7 @@ use policies::{NanoUsd, Policies, ScopeKind, Window};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::report::{variant_stats, VariantStats};
+use crate::reporting::{variant_stats, VariantStats};
 use crate::storage::{Storage, StorageError, UsageSummary};
 
 /// Usage of one team (or the whole gateway) over one budget window.

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use policies::{NanoUsd, Policies};
 
 use crate::clock::now_unix_ms as now_ms;
-use crate::live::SharedPolicies;
+use crate::reload::SharedPolicies;
 use crate::storage::{ScopeLimit, Storage, StorageError};
 use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
 
@@ -207,7 +207,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let live = std::sync::Arc::new(crate::live::Live::new(policies.clone()));
+        let live = std::sync::Arc::new(crate::reload::Live::new(policies.clone()));
         (BudgetGate::new(storage.clone(), live), storage)
     }
 

@@ -591,6 +591,30 @@ pub fn sse_error(message: &str, code: &str) -> Bytes {
     )
 }
 
+/// The OpenAI `finish_reason` of a local generation.
+pub fn finish_reason(reason: local_model::FinishReason) -> &'static str {
+    match reason {
+        local_model::FinishReason::Length => "length",
+        // An aborted generation that is still served ended for the client's
+        // purposes: it asked for no more.
+        local_model::FinishReason::Stop | local_model::FinishReason::Aborted => "stop",
+    }
+}
+
+/// A fresh response id in OpenAI's form (`chatcmpl-…`, `cmpl-…`).
+pub fn completion_id(endpoint: Endpoint) -> String {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Now, in the whole seconds of a response's `created` field.
+pub fn unix_seconds() -> u64 {
+    u64::try_from(crate::clock::now_unix_ms() / 1000).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]

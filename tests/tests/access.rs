@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cascade::config::RawConfig;
-use cascade::server::{RunningServer, ROUTES};
+use cascade::{app::RunningServer, http::ROUTES};
 use common::*;
 use policies::team::hash_api_key;
 use serde_json::{json, Value};

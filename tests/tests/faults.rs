@@ -8,8 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use cascade::app::RunningServer;
 use cascade::config::RawConfig;
-use cascade::server::RunningServer;
 use cascade::storage::LedgerRecord;
 use cascade_e2e::{Fault, MockOptions, ResetServer, TcpProxy};
 use common::*;

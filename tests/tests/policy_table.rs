@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cascade::local::LocalEngine;
+use cascade::cascade::local::LocalEngine;
 use cascade_e2e::Fault;
 use common::*;
 use serde_json::{json, Value};

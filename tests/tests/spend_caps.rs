@@ -16,8 +16,8 @@
 
 mod common;
 
+use cascade::app::RunningServer;
 use cascade::config::RawConfig;
-use cascade::server::RunningServer;
 use cascade_e2e::{max_billed_usage, Fault, MockOptions, MockUpstream};
 use common::*;
 use policies::NanoUsd;

@@ -4,8 +4,8 @@
 
 mod common;
 
+use cascade::app::RunningServer;
 use cascade::config::RawConfig;
-use cascade::server::RunningServer;
 use cascade_e2e::ANSWER_PREFIX;
 use common::*;
 use serde_json::json;

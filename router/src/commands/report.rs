@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use crate::accounts;
 use crate::cli::ReportArgs;
 use crate::config::Config;
-use crate::report::table;
+use crate::reporting::table;
 
 /// Reads the ledger named by the configuration and prints the report.
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {

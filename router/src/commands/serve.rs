@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use crate::app::RunningServer;
+use crate::cascade::local::LocalEngine;
 use crate::cli::ServeArgs;
 use crate::config::Config;
-use crate::local::LocalEngine;
-use crate::server::RunningServer;
 
 /// Loads the configuration, starts listening at once (`/readyz` says when
 /// the model is loaded), loads the model, and serves until Ctrl-C/SIGTERM (then drains
@@ -70,9 +70,9 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// Re-reads the configuration file and applies its policy and price sections; a file that
 /// does not validate is refused and the running configuration stays.
-fn reload(state: &crate::server::AppState, path: Option<&Path>) {
+fn reload(state: &crate::app::AppState, path: Option<&Path>) {
     let result = Config::load(path)
-        .map_err(crate::server::ReloadError::from)
+        .map_err(crate::app::ReloadError::from)
         .and_then(|config| state.reload(&config));
     match result {
         Ok(()) => {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use cascade::app::RunningServer;
+use cascade::cascade::local::LocalEngine;
 use cascade::config::{Config, RawConfig, RawRemote};
-use cascade::local::LocalEngine;
-use cascade::server::RunningServer;
 use cascade::storage::{LedgerRecord, ScopeState, Storage};
 use cascade_e2e::{MockOptions, MockUpstream};
 use local_model::{LoadOptions, LocalModel, ModelHandle};

@@ -11,9 +11,9 @@ use local_model::{
 };
 use tokio::sync::mpsc;
 
+use crate::cascade::signals::{self, Aggregate};
 use crate::config::LocalConfig;
 use crate::openai::CompletionRequest;
-use crate::routing::{self, Aggregate};
 use policies::decision::LocalLoad;
 
 /// Why the local model could not be started.
@@ -178,7 +178,7 @@ impl LocalEngine {
             }
             if let Some((aggregate, threshold)) = &early_exit {
                 if let Some(new) = event.tokens_so_far.get(signals.len()..) {
-                    signals.extend(routing::signals(new));
+                    signals.extend(signals::signals(new));
                 }
                 let more = cap.saturating_sub(event.tokens_so_far.len());
                 if aggregate.settled_below_within(&signals, *threshold, more) {

@@ -4,13 +4,15 @@
 //! a client saw finish.
 //!
 //! When the database refuses a batch for a transient reason (locked, read-only, unreachable),
-//! the writer appends it to the spool file instead (see [`crate::spool`]) and a replay task
+//! the writer appends it to the spool file instead (see [`crate::ledger::spool`]) and a replay task
 //! writes it into the database once it works again; with no spool (`fail_closed`) the write
 //! fails and the caller withholds the answer.
 //!
 //! Records go through one writer task that commits whatever has queued up meanwhile in a
 //! single transaction (group commit): under load many requests share one fsync instead of
 //! queueing for one each, and each request still waits until its own record is durable.
+
+pub mod spool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -19,9 +21,9 @@ use std::time::Duration;
 use policies::NanoUsd;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::live::SharedPolicies;
+use crate::ledger::spool::Spool;
 use crate::metrics::Metrics;
-use crate::spool::Spool;
+use crate::reload::SharedPolicies;
 use crate::storage::{LedgerRecord, Storage, StorageError};
 
 /// Most records committed in one transaction.

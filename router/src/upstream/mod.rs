@@ -5,218 +5,30 @@
 //! call, settle with the real usage after) be inserted once and cover every
 //! path; see [`CallGate`].
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
+pub mod breaker;
+pub mod error;
+pub mod gate;
+pub mod stream;
+
+pub use error::UpstreamError;
+pub use gate::{
+    CallGate, GateRefusal, OpenGate, PaidCall, Payer, RemoteUsage, Reservation, Settlement,
+};
+use stream::Settle;
+pub use stream::UpstreamStream;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use rand::Rng;
 use serde::Deserialize;
 
-use crate::breaker::Breaker;
 use crate::config::{RemoteAuth, RemoteConfig};
 use crate::metrics::Metrics;
 use crate::openai::{self, CompletionRequest};
-use policies::NanoUsd;
-
-/// Token counts a remote reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub struct RemoteUsage {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-}
-
-/// Who pays for a request's remote calls, and the most one call may cost: carried with every
-/// call to the budget gate (no lookup on the side).
-#[derive(Debug, Clone, Copy)]
-pub struct Payer<'a> {
-    pub request_id: &'a str,
-    /// The caller's team; empty for a gateway without teams (global scopes only).
-    pub team: &'a str,
-    /// The caller's key id; empty without teams.
-    pub key_id: &'a str,
-    /// The policy's `max_cost_per_request_usd`: a call whose worst-case cost exceeds it is
-    /// refused, whichever remote of the chain and whichever attempt it is.
-    pub max_cost: Option<NanoUsd>,
-}
-
-/// A paid call about to be made.
-#[derive(Debug)]
-pub struct PaidCall<'a> {
-    pub request_id: &'a str,
-    /// The caller's team and key id (empty without teams), for its budget scopes.
-    pub team: &'a str,
-    pub key_id: &'a str,
-    /// The configured remote's name.
-    pub upstream: &'a str,
-    /// The model name sent upstream.
-    pub model: &'a str,
-    /// The request as it goes upstream (for a conservative cost estimate).
-    pub request: &'a CompletionRequest,
-    /// Estimated input tokens: what is reserved for the prompt, and what is charged for it
-    /// when the remote reports no usage.
-    pub input_tokens: u64,
-    /// 0 for the first try at this upstream.
-    pub attempt: u32,
-    /// The policy's `max_cost_per_request_usd`: a call whose worst-case cost exceeds it is
-    /// refused, whichever remote of the chain and whichever attempt it is.
-    pub max_cost: Option<NanoUsd>,
-}
-
-/// A granted call, to be settled exactly once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Reservation(pub u64);
-
-/// Why the gate refused a call.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum GateRefusal {
-    /// A budget scope cannot hold the call's estimated cost.
-    #[error("budget exhausted: {0}")]
-    BudgetExhausted(String),
-    /// The call's worst-case cost exceeds the policy's `max_cost_per_request_usd`.
-    #[error("worst-case cost {estimate} exceeds max_cost_per_request {cap}")]
-    OverRequestCap { estimate: NanoUsd, cap: NanoUsd },
-    /// The budget store could not be asked; the gate fails closed.
-    #[error("budget store unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// What a granted call turned out to cost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    /// The remote produced nothing billable (the attempt failed before an answer).
-    Failed,
-    /// The tokens to charge: the remote's reported usage, or the gateway's count when it
-    /// reported none.
-    Used(RemoteUsage),
-}
-
-/// Hook around every paid call: the place for budget reservation and
-/// settlement. `reserve` runs before each attempt; `settle` runs exactly once
-/// per granted reservation with what the call used.
-#[async_trait]
-pub trait CallGate: Send + Sync {
-    async fn reserve(&self, call: &PaidCall<'_>) -> Result<Reservation, GateRefusal>;
-    async fn settle(&self, reservation: Reservation, settlement: Settlement);
-}
-
-/// A gate that allows every call and records nothing (a gateway without storage, tests).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct OpenGate;
-
-#[async_trait]
-impl CallGate for OpenGate {
-    async fn reserve(&self, _call: &PaidCall<'_>) -> Result<Reservation, GateRefusal> {
-        Ok(Reservation::default())
-    }
-    async fn settle(&self, _reservation: Reservation, _settlement: Settlement) {}
-}
-
-/// Why a remote call failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{upstream}: timed out")]
-    Timeout { upstream: String },
-    #[error("{upstream}: cannot connect: {detail}")]
-    Connect { upstream: String, detail: String },
-    #[error("{upstream}: connection failed: {detail}")]
-    Network { upstream: String, detail: String },
-    #[error("{upstream}: HTTP {status}: {detail}")]
-    Status {
-        upstream: String,
-        status: u16,
-        detail: String,
-    },
-    #[error("{upstream}: malformed response: {detail}")]
-    Malformed { upstream: String, detail: String },
-    #[error("{upstream}: the response is larger than the limit of {limit} bytes")]
-    TooLarge { upstream: String, limit: usize },
-    #[error("{upstream}: circuit open after repeated failures; not called")]
-    CircuitOpen {
-        upstream: String,
-        /// Until the breaker lets a probe through.
-        retry_in: Duration,
-    },
-    #[error("{upstream}: call refused: {refusal}")]
-    Refused {
-        upstream: String,
-        refusal: GateRefusal,
-    },
-    #[error("no remote model is configured")]
-    NoRemote,
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
-}
-
-impl UpstreamError {
-    /// The remote timed out (504 rather than 502).
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::Timeout { .. })
-    }
-
-    /// The budget gate refused the call because a budget is full.
-    pub fn is_budget_exhausted(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Refused {
-                refusal: GateRefusal::BudgetExhausted(_) | GateRefusal::OverRequestCap { .. },
-                ..
-            }
-        )
-    }
-
-    /// Worth another try at the same upstream: transient by nature.
-    fn is_retryable(&self) -> bool {
-        match self {
-            UpstreamError::Connect { .. } => true,
-            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            _ => false,
-        }
-    }
-
-    /// Says something about the upstream's health, for its circuit breaker: an answer that
-    /// is a client error (400, 401, …) came from a working upstream, and a refused or
-    /// skipped call never reached it.
-    fn is_upstream_failure(&self) -> bool {
-        match self {
-            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            UpstreamError::Timeout { .. }
-            | UpstreamError::Connect { .. }
-            | UpstreamError::Network { .. }
-            | UpstreamError::Malformed { .. }
-            | UpstreamError::TooLarge { .. } => true,
-            UpstreamError::Refused { .. }
-            | UpstreamError::CircuitOpen { .. }
-            | UpstreamError::NoRemote
-            | UpstreamError::Client(_) => false,
-        }
-    }
-
-    /// Metric label and, in stream error events, the error's code.
-    fn kind(&self) -> &'static str {
-        match self {
-            UpstreamError::Timeout { .. } => "timeout",
-            UpstreamError::Connect { .. } => "connect",
-            UpstreamError::Network { .. } => "network",
-            UpstreamError::Status { status: 429, .. } => "status_429",
-            UpstreamError::Status { status, .. } if *status >= 500 => "status_5xx",
-            UpstreamError::Status { .. } => "status_4xx",
-            UpstreamError::Malformed { .. } => "malformed",
-            UpstreamError::TooLarge { .. } => "too_large",
-            UpstreamError::CircuitOpen { .. } => "circuit_open",
-            UpstreamError::Refused { .. } => "refused",
-            UpstreamError::NoRemote | UpstreamError::Client(_) => "config",
-        }
-    }
-}
+use crate::upstream::breaker::Breaker;
 
 /// A successful remote answer.
 pub struct UpstreamReply {
@@ -265,7 +77,7 @@ struct ResponseProbe {
 /// The generated text of one choice, streamed (`delta.content`) or not (`message.content`,
 /// `text`), for counting tokens when a remote reports no usage.
 #[derive(Deserialize, Default)]
-struct ChoiceProbe {
+pub(crate) struct ChoiceProbe {
     #[serde(default)]
     delta: Option<ContentProbe>,
     #[serde(default)]
@@ -281,7 +93,7 @@ struct ContentProbe {
 }
 
 impl ChoiceProbe {
-    fn text_len(&self) -> usize {
+    pub(crate) fn text_len(&self) -> usize {
         let content = |c: &Option<ContentProbe>| {
             c.as_ref()
                 .and_then(|c| c.content.as_ref())
@@ -294,7 +106,7 @@ impl ChoiceProbe {
 /// Output tokens of a generation the remote did not count: at least one per streamed event
 /// that carried text (OpenAI sends one token per event), and at least one per four bytes of
 /// text (some servers batch tokens), so budgets err on the side of charging too much.
-fn counted_output_tokens(text_events: u64, text_bytes: u64) -> u64 {
+pub(crate) fn counted_output_tokens(text_events: u64, text_bytes: u64) -> u64 {
     text_events.max(text_bytes.div_ceil(4))
 }
 
@@ -609,7 +421,7 @@ async fn read_limited(
     Ok(body.freeze())
 }
 
-fn transport_error(upstream: &str, e: &reqwest::Error) -> UpstreamError {
+pub(crate) fn transport_error(upstream: &str, e: &reqwest::Error) -> UpstreamError {
     // reqwest's Display omits the cause (connection refused, reset, …).
     let mut detail = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -648,300 +460,9 @@ fn backoff(remote: &RemoteConfig, attempt: u32, retry_after: Option<Duration>) -
     retry_after.map_or(jittered, |r| jittered.max(r.min(remote.backoff_max)))
 }
 
-/// Settles a reservation exactly once: explicitly with what was used, or on drop as
-/// failed (an attempt that produced no answer).
-struct Settle {
-    gate: Arc<dyn CallGate>,
-    reservation: Option<Reservation>,
-    settlement: Settlement,
-}
-
-impl Settle {
-    fn new(gate: Arc<dyn CallGate>, reservation: Reservation) -> Self {
-        Self {
-            gate,
-            reservation: Some(reservation),
-            settlement: Settlement::Failed,
-        }
-    }
-
-    fn finish(mut self, settlement: Settlement) {
-        self.settlement = settlement;
-    }
-}
-
-impl Drop for Settle {
-    fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
-            return;
-        };
-        let gate = Arc::clone(&self.gate);
-        let settlement = self.settlement;
-        // Settling may do I/O; it must not be lost when a client goes away,
-        // so it runs as its own task.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move { gate.settle(reservation, settlement).await });
-        }
-    }
-}
-
-/// A remote's server-sent events, forwarded event by event as they arrive.
-///
-/// Each event's JSON is checked and its usage noted. A stream that breaks,
-/// stalls past the timeout, or sends malformed data ends with an OpenAI-style
-/// error event and no `[DONE]`, so clients see the failure instead of a
-/// silently truncated answer.
-pub struct UpstreamStream {
-    upstream: String,
-    inner: BoxStream<'static, reqwest::Result<Bytes>>,
-    buf: BytesMut,
-    ready: VecDeque<Bytes>,
-    idle_timeout: Duration,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    /// The largest event accepted; a longer one (or a buffer that grows past it without an
-    /// event ending) fails the stream.
-    max_event_bytes: usize,
-    finished: bool,
-    usage: Option<RemoteUsage>,
-    /// Input tokens charged when the remote reports no usage.
-    input_tokens: u64,
-    /// Events that carried generated text, and its bytes, for counting without usage.
-    text_events: u64,
-    text_bytes: u64,
-    failure: Option<UpstreamError>,
-    failed: bool,
-    settle: Option<Settle>,
-    metrics: Option<Arc<Metrics>>,
-}
-
-#[derive(Deserialize)]
-struct ChunkProbe {
-    #[serde(default)]
-    usage: Option<RemoteUsage>,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-    #[serde(default)]
-    choices: Vec<ChoiceProbe>,
-}
-
-impl UpstreamStream {
-    fn new(
-        upstream: String,
-        inner: BoxStream<'static, reqwest::Result<Bytes>>,
-        idle_timeout: Duration,
-        max_event_bytes: usize,
-        settle: Settle,
-        input_tokens: u64,
-        metrics: Option<Arc<Metrics>>,
-    ) -> Self {
-        Self {
-            upstream,
-            inner,
-            buf: BytesMut::new(),
-            ready: VecDeque::new(),
-            idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            max_event_bytes,
-            finished: false,
-            usage: None,
-            input_tokens,
-            text_events: 0,
-            text_bytes: 0,
-            failure: None,
-            failed: false,
-            settle: Some(settle),
-            metrics,
-        }
-    }
-
-    /// The usage the remote reported in the stream, if it did.
-    pub fn usage(&self) -> Option<RemoteUsage> {
-        self.usage
-    }
-
-    /// What the stream is charged so far: the reported usage, else the estimated input
-    /// and the output tokens counted from the text that arrived (a stream that breaks
-    /// or that the client leaves was still generated, and billed, up to there). Nothing,
-    /// when nothing billable arrived: the ledger and the budget settlement agree.
-    pub fn billed(&self) -> RemoteUsage {
-        match self.settlement() {
-            Settlement::Used(usage) => usage,
-            Settlement::Failed => RemoteUsage::default(),
-        }
-    }
-
-    /// Nothing billable arrived (no text, no usage) is a failed attempt; anything else
-    /// is charged as [`UpstreamStream::billed`].
-    fn settlement(&self) -> Settlement {
-        if self.usage.is_none() && self.text_events == 0 {
-            Settlement::Failed
-        } else {
-            Settlement::Used(self.usage.unwrap_or(RemoteUsage {
-                prompt_tokens: self.input_tokens,
-                completion_tokens: counted_output_tokens(self.text_events, self.text_bytes),
-            }))
-        }
-    }
-
-    /// Whether the last event has been handed out.
-    pub fn is_done(&self) -> bool {
-        self.finished && self.ready.is_empty()
-    }
-
-    /// The stream ended with an error event.
-    pub fn failed(&self) -> bool {
-        self.failed
-    }
-
-    fn fail(&mut self, error: UpstreamError) {
-        if let Some(m) = &self.metrics {
-            m.upstream_errors
-                .with_label_values(&[&self.upstream, error.kind()])
-                .inc();
-        }
-        tracing::warn!(upstream = %self.upstream, %error, "upstream stream failed");
-        self.ready
-            .push_back(openai::sse_error(&error.to_string(), error.kind()));
-        self.failure = Some(error);
-        self.failed = true;
-        self.end();
-    }
-
-    fn end(&mut self) {
-        self.finished = true;
-        if let Some(settle) = self.settle.take() {
-            settle.finish(self.settlement());
-        }
-    }
-
-    /// Checks one complete event and queues it for the client.
-    fn inspect(&mut self, event: Bytes) {
-        let mut data = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(rest) = line.strip_prefix(b"data:") {
-                if !data.is_empty() {
-                    data.push(b'\n');
-                }
-                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
-            }
-        }
-        if data.is_empty() {
-            // Comments and keep-alives carry no data; pass them on.
-            self.ready.push_back(event);
-            return;
-        }
-        if data.trim_ascii() == b"[DONE]" {
-            self.ready.push_back(event);
-            self.end();
-            return;
-        }
-        match serde_json::from_slice::<ChunkProbe>(&data) {
-            Ok(probe) => {
-                if probe.usage.is_some() {
-                    self.usage = probe.usage;
-                }
-                let text: usize = probe.choices.iter().map(ChoiceProbe::text_len).sum();
-                if text > 0 {
-                    self.text_events += 1;
-                    self.text_bytes += text as u64;
-                }
-                let is_error = probe.error.is_some();
-                self.ready.push_back(event);
-                if is_error {
-                    self.failed = true;
-                    self.end();
-                }
-            }
-            Err(e) => self.fail(UpstreamError::Malformed {
-                upstream: self.upstream.clone(),
-                detail: format!("bad stream event: {e}"),
-            }),
-        }
-    }
-}
-
-impl Drop for UpstreamStream {
-    fn drop(&mut self) {
-        // A stream the client abandoned was generated, and billed, up to here.
-        if let Some(settle) = self.settle.take() {
-            settle.finish(self.settlement());
-        }
-    }
-}
-
-/// The end of the first complete event in `buf` (after its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(pos) = buf[i..].iter().position(|&b| b == b'\n') {
-        let nl = i + pos;
-        let rest = &buf[nl + 1..];
-        if rest.first() == Some(&b'\n') {
-            return Some(nl + 2);
-        }
-        if rest.starts_with(b"\r\n") {
-            return Some(nl + 3);
-        }
-        i = nl + 1;
-    }
-    None
-}
-
-impl Stream for UpstreamStream {
-    type Item = Bytes;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        let this = &mut *self;
-        loop {
-            if let Some(event) = this.ready.pop_front() {
-                return Poll::Ready(Some(event));
-            }
-            if this.finished {
-                return Poll::Ready(None);
-            }
-            let end = event_end(&this.buf);
-            if end.map_or(this.buf.len(), |e| e) > this.max_event_bytes {
-                this.fail(UpstreamError::TooLarge {
-                    upstream: this.upstream.clone(),
-                    limit: this.max_event_bytes,
-                });
-                continue;
-            }
-            if let Some(end) = end {
-                let event = this.buf.split_to(end).freeze();
-                this.inspect(event);
-                continue;
-            }
-            match this.inner.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    this.buf.extend_from_slice(&chunk);
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    let error = transport_error(&this.upstream, &e);
-                    this.fail(error);
-                }
-                Poll::Ready(None) => this.fail(UpstreamError::Network {
-                    upstream: this.upstream.clone(),
-                    detail: "the stream ended before [DONE]".into(),
-                }),
-                Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        this.fail(UpstreamError::Timeout {
-                            upstream: this.upstream.clone(),
-                        });
-                        continue;
-                    }
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::stream::event_end;
     use super::*;
 
     #[test]

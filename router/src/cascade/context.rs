@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::cascade::local::LocalRun;
+use crate::cascade::signals::{self, Aggregate};
 use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -215,6 +217,22 @@ impl RequestContext {
         }
     }
 
+    /// Notes a finished local run: what it cost, how long it waited and ran, its confidence
+    /// under `aggregate`; and counts it in the metrics. The one place for a cascade run and a
+    /// live local stream alike.
+    pub fn note_local_run(&mut self, aggregate: &Aggregate, run: &LocalRun, metrics: &Metrics) {
+        let generation = &run.output.generation;
+        self.local_ran = true;
+        self.aggregate_name = Some(aggregate.name());
+        self.local_time += run.elapsed;
+        self.local_queue_wait =
+            Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
+        self.local_prompt_tokens = generation.usage.prompt_tokens;
+        self.local_completion_tokens = generation.usage.completion_tokens;
+        self.confidence = signals::score(aggregate, &generation.tokens);
+        observe_local(metrics, run);
+    }
+
     /// Marks the moment the response (or its headers, when streamed) is
     /// ready, and how much of the time so far was the gateway's own.
     pub fn response_ready(&mut self, status: u16) {
@@ -265,5 +283,20 @@ impl Drop for RequestContext {
             let record = self.ledger_record(&ledger.policies());
             ledger.write_detached(record);
         }
+    }
+}
+
+fn observe_local(metrics: &Metrics, run: &LocalRun) {
+    let generation = &run.output.generation;
+    let tokens = generation.usage.completion_tokens as u64;
+    metrics.local_tokens.inc_by(tokens);
+    metrics
+        .local_queue_wait
+        .observe(generation.timings.queue_ms.max(0.0) / 1000.0);
+    let decode_s = (generation.timings.prefill_ms + generation.timings.decode_ms) / 1000.0;
+    if tokens > 0 && decode_s > 0.0 {
+        metrics
+            .local_tokens_per_second
+            .observe(tokens as f64 / decode_s);
     }
 }

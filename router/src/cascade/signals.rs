@@ -59,7 +59,7 @@ mod tests {
 
     #[test]
     fn the_openapi_description_and_docs_list_every_reason() {
-        let spec: serde_json::Value = serde_json::from_str(crate::server::OPENAPI).unwrap();
+        let spec: serde_json::Value = serde_json::from_str(crate::http::OPENAPI).unwrap();
         let path = "/paths/~1v1~1chat~1completions/post/responses/200/headers/x-cascade-reason/schema/enum";
         let listed: Vec<&str> = spec
             .pointer(path)
@@ -71,7 +71,7 @@ mod tests {
         let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         names.push("none");
         assert_eq!(listed, names);
-        let api = include_str!("../../docs/api.md");
+        let api = include_str!("../../../docs/api.md");
         for reason in Reason::ALL {
             assert!(
                 api.contains(&format!("| `{}` |", reason.as_str())),

@@ -2,62 +2,43 @@
 //! judge its answer, escalate, and fall back as the policy says. HTTP-free:
 //! handlers call [`Gateway::complete`] and turn its [`Reply`] into a response.
 
-use std::convert::Infallible;
+pub mod context;
+pub mod local;
+pub mod reply;
+pub mod signals;
+
+pub use reply::{BodyStream, Reply};
+
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::stream::{self, BoxStream};
-use futures::StreamExt;
-use local_model::{FinishReason, GenerateError, Prompt, WorkerError};
+use local_model::{GenerateError, Prompt, WorkerError};
 use tokio::sync::mpsc;
 
 use crate::budget::{estimate_cost, input_token_estimate};
+use crate::cascade::context::RequestContext;
+pub use crate::cascade::context::RequestPolicy;
+use crate::cascade::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::config::Config;
-use crate::context::RequestContext;
-pub use crate::context::RequestPolicy;
 use crate::error::ApiError;
-use crate::live::{self, SharedPolicies};
-use crate::local::{LiveEvent, LocalEngine, LocalRun, RunOptions};
 use crate::metrics::Metrics;
 use crate::openai::{self, ChunkWriter, CompletionRequest, LocalAnswer};
-use crate::routing::{self, Aggregate};
-use crate::upstream::{
-    CallGate, GateRefusal, Payer, UpstreamBody, UpstreamError, UpstreamStream, Upstreams,
-};
+use crate::reload::{self, SharedPolicies};
+use crate::upstream::{CallGate, GateRefusal, Payer, UpstreamBody, UpstreamError, Upstreams};
 use policies::decision::{
     self as verdict, Addressed, LocalOutcome, PreRoute, Reason, RemoteFailureDecision, Route,
 };
 use policies::decision::{BudgetDecision, BudgetView, RemoteCandidate};
 use policies::{OverloadAction, Policy};
-
-/// What the gateway answers; the handler writes it out.
-pub enum Reply {
-    /// A complete JSON body (local answer or the remote's, byte for byte).
-    Json(Bytes),
-    /// A local answer known in full, written as a stream.
-    LocalStream {
-        writer: ChunkWriter,
-        answer: LocalAnswer,
-    },
-    /// A local answer streamed token by token as it is generated.
-    LiveLocal {
-        writer: ChunkWriter,
-        events: mpsc::UnboundedReceiver<LiveEvent>,
-    },
-    /// A remote's stream, passed through event by event.
-    Upstream(Box<UpstreamStream>),
-}
-
-/// The body of a response.
-pub type BodyStream = BoxStream<'static, Result<Bytes, Infallible>>;
+use signals::Aggregate;
 
 /// The gateway's shared state.
 pub struct Gateway {
     model_name: String,
     local_name: String,
     /// The gateway's `[policy]`: for every request when no teams are configured.
-    plan: live::Live<RequestPolicy>,
+    plan: reload::Live<RequestPolicy>,
     local: OnceLock<LocalEngine>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
@@ -83,7 +64,7 @@ impl Gateway {
         Ok(Self {
             model_name: config.server.model_name.clone(),
             local_name: config.local.name.clone(),
-            plan: live::Live::new(RequestPolicy {
+            plan: reload::Live::new(RequestPolicy {
                 policy: config.policy.clone(),
                 max_queue_wait: config.max_queue_wait,
                 chain,
@@ -681,22 +662,14 @@ impl Gateway {
     /// Notes a finished local run in the context and the metrics.
     fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
         let plan = self.plan(ctx);
-        let generation = &run.output.generation;
-        ctx.local_ran = true;
-        ctx.aggregate_name = Some(plan.policy.aggregate().name());
-        ctx.local_time += run.elapsed;
-        ctx.local_queue_wait =
-            Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
-        ctx.local_completion_tokens = generation.usage.completion_tokens;
-        ctx.confidence = routing::score(plan.policy.aggregate(), &generation.tokens);
-        observe_local(&self.metrics, run);
+        ctx.note_local_run(plan.policy.aggregate(), run, &self.metrics);
     }
 
     fn chunk_writer(&self, request: &CompletionRequest) -> ChunkWriter {
         ChunkWriter {
             endpoint: request.endpoint,
-            id: completion_id(request.endpoint),
-            created: unix_now(),
+            id: openai::completion_id(request.endpoint),
+            created: openai::unix_seconds(),
             model: self.local_name.clone(),
             include_usage: request.include_usage,
         }
@@ -705,11 +678,11 @@ impl Gateway {
     fn local_reply(&self, request: &CompletionRequest, run: &LocalRun) -> Reply {
         let generation = &run.output.generation;
         let answer = LocalAnswer {
-            id: completion_id(request.endpoint),
-            created: unix_now(),
+            id: openai::completion_id(request.endpoint),
+            created: openai::unix_seconds(),
             model: self.local_name.clone(),
             text: generation.text.clone(),
-            finish_reason: finish_reason(generation.finish_reason),
+            finish_reason: openai::finish_reason(generation.finish_reason),
             prompt_tokens: generation.usage.prompt_tokens,
             completion_tokens: generation.usage.completion_tokens,
         };
@@ -726,203 +699,8 @@ impl Gateway {
     }
 }
 
-impl Reply {
-    /// Whether the body is a stream of server-sent events.
-    pub fn is_stream(&self) -> bool {
-        !matches!(self, Reply::Json(_))
-    }
-
-    /// The response body. The context goes with it: a stream commits the request's ledger
-    /// record before its last event (so a client that saw the end has a durable record), and
-    /// its metrics are recorded when the body is finished or dropped (client gone). A JSON
-    /// body's record is committed by the caller before the response is sent.
-    pub fn into_body(
-        self,
-        ctx: RequestContext,
-        metrics: Arc<Metrics>,
-        aggregate: Aggregate,
-    ) -> BodyStream {
-        match self {
-            Reply::Json(bytes) => {
-                drop(ctx);
-                stream::once(async move { Ok(bytes) }).boxed()
-            }
-            Reply::LocalStream { writer, answer } => {
-                let mut chunks: Vec<Bytes> = writer.start().into_iter().collect();
-                if !answer.text.is_empty() {
-                    chunks.push(writer.delta(&answer.text));
-                }
-                let last = writer.finish(
-                    answer.finish_reason,
-                    answer.prompt_tokens,
-                    answer.completion_tokens,
-                );
-                stream::iter(chunks.into_iter().map(Ok))
-                    .chain(stream::once(async move {
-                        let mut ctx = ctx;
-                        Ok(last_or_ledger_error(ctx.commit().await, last))
-                    }))
-                    .boxed()
-            }
-            Reply::Upstream(upstream) => {
-                stream::unfold(Some((upstream, ctx)), |state| async move {
-                    let (mut upstream, mut ctx) = state?;
-                    let event = upstream.next().await;
-                    // Kept current so that a client leaving mid-stream is recorded with
-                    // what the stream was charged up to then.
-                    ctx.remote_billed = Some(upstream.billed());
-                    ctx.stream_failed = upstream.failed();
-                    match event {
-                        Some(event) if !upstream.is_done() => {
-                            Some((Ok(event), Some((upstream, ctx))))
-                        }
-                        Some(event) => {
-                            let last = last_or_ledger_error(ctx.commit().await, event);
-                            Some((Ok(last), None))
-                        }
-                        None => match ctx.commit().await {
-                            Ok(()) => None,
-                            Err(e) => Some((Ok(ledger_error_event(&e)), None)),
-                        },
-                    }
-                })
-                .boxed()
-            }
-            Reply::LiveLocal { writer, events } => live_local_body(Live {
-                writer,
-                events,
-                ctx,
-                metrics,
-                aggregate,
-                streamed: 0,
-                started: false,
-            }),
-        }
-    }
-}
-
-/// State of a live local stream.
-struct Live {
-    writer: ChunkWriter,
-    events: mpsc::UnboundedReceiver<LiveEvent>,
-    ctx: RequestContext,
-    metrics: Arc<Metrics>,
-    aggregate: Aggregate,
-    streamed: usize,
-    started: bool,
-}
-
-fn live_local_body(live: Live) -> BodyStream {
-    stream::unfold(Some(live), |state| async move {
-        let mut live = state?;
-        if !live.started {
-            live.started = true;
-            if let Some(start) = live.writer.start() {
-                return Some((Ok(start), Some(live)));
-            }
-        }
-        match live.events.recv().await {
-            Some(LiveEvent::Delta(text)) => {
-                live.streamed += text.len();
-                let chunk = live.writer.delta(&text);
-                Some((Ok(chunk), Some(live)))
-            }
-            Some(LiveEvent::Done(Ok(run))) => {
-                let generation = &run.output.generation;
-                live.ctx.local_ran = true;
-                live.ctx.aggregate_name = Some(live.aggregate.name());
-                live.ctx.local_time += run.elapsed;
-                live.ctx.local_prompt_tokens = generation.usage.prompt_tokens;
-                live.ctx.local_completion_tokens = generation.usage.completion_tokens;
-                live.ctx.confidence = routing::score(&live.aggregate, &generation.tokens);
-                observe_local(&live.metrics, &run);
-                // Deltas are a prefix of the final text: text held back while
-                // it might have begun a stop sequence is released now.
-                let mut out = Vec::new();
-                if let Some(rest) = generation
-                    .text
-                    .get(live.streamed..)
-                    .filter(|r| !r.is_empty())
-                {
-                    out.extend_from_slice(&live.writer.delta(rest));
-                }
-                out.extend_from_slice(&live.writer.finish(
-                    finish_reason(generation.finish_reason),
-                    generation.usage.prompt_tokens,
-                    generation.usage.completion_tokens,
-                ));
-                let last = last_or_ledger_error(live.ctx.commit().await, Bytes::from(out));
-                Some((Ok(last), None))
-            }
-            Some(LiveEvent::Done(Err(e))) => {
-                live.ctx.stream_failed = true;
-                // The stream ends with an error event either way.
-                let _ = live.ctx.commit().await;
-                Some((
-                    Ok(openai::sse_error(&e.to_string(), "local_model_error")),
-                    None,
-                ))
-            }
-            None => None,
-        }
-    })
-    .boxed()
-}
-
-/// A stream's last event, or, when its ledger record could not be written and the ledger
-/// fails closed, an error event in its place: the client never sees a stream end normally
-/// without a record (the text before it has gone out already; see docs/reliability.md).
-fn last_or_ledger_error(committed: Result<(), ApiError>, last: Bytes) -> Bytes {
-    match committed {
-        Ok(()) => last,
-        Err(e) => ledger_error_event(&e),
-    }
-}
-
-fn ledger_error_event(error: &ApiError) -> Bytes {
-    openai::sse_error(&error.to_string(), error.code())
-}
-
-fn observe_local(metrics: &Metrics, run: &LocalRun) {
-    let generation = &run.output.generation;
-    let tokens = generation.usage.completion_tokens as u64;
-    metrics.local_tokens.inc_by(tokens);
-    metrics
-        .local_queue_wait
-        .observe(generation.timings.queue_ms.max(0.0) / 1000.0);
-    let decode_s = (generation.timings.prefill_ms + generation.timings.decode_ms) / 1000.0;
-    if tokens > 0 && decode_s > 0.0 {
-        metrics
-            .local_tokens_per_second
-            .observe(tokens as f64 / decode_s);
-    }
-}
-
 fn is_json_object(text: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(text.trim()).is_ok_and(|v| v.is_object())
-}
-
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Length => "length",
-        // An aborted generation that is still served ended for the client's
-        // purposes: it asked for no more.
-        FinishReason::Stop | FinishReason::Aborted => "stop",
-    }
-}
-
-fn completion_id(endpoint: openai::Endpoint) -> String {
-    let prefix = match endpoint {
-        openai::Endpoint::Chat => "chatcmpl",
-        openai::Endpoint::Completions => "cmpl",
-    };
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
