@@ -1,5 +1,6 @@
-//! The server's state and lifecycle: what every handler shares ([`AppState`]), starting,
-//! reloading and draining the gateway ([`RunningServer`]).
+//! The server's lifecycle: starting the gateway over its storage, binding its listeners, and
+//! draining it on shutdown ([`RunningServer`]). What the handlers share is
+//! [`crate::http::AppState`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,50 +11,23 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::budget::BudgetGate;
-use crate::cascade::Gateway;
 use crate::clock::now_unix_ms as now_ms;
 use crate::config::{Config, OnLedgerFailure};
 use crate::ledger::spool::Spool;
 use crate::ledger::Ledger;
-use crate::limits::Limits;
-use crate::metrics::Metrics;
 use crate::reload::{Live, SharedPolicies};
 use crate::storage::Storage;
 use crate::upstream::{CallGate, OpenGate};
 
 use crate::http::{admin_router, router};
-
-/// State shared by every handler.
-pub struct AppState {
-    pub gateway: Gateway,
-    /// Teams, keys, prices, budgets and experiments; replaced on reload.
-    pub policies: SharedPolicies,
-    /// The budget gate every paid call goes through, when the server keeps budgets.
-    pub budget: Option<Arc<BudgetGate>>,
-    /// The ledger and budget store, when the server keeps one.
-    pub storage: Option<Storage>,
-    /// Writes one record per request, when the server keeps a ledger.
-    pub ledger: Option<Arc<Ledger>>,
-    /// Hex SHA-256 of the admin key; the admin API is off without one.
-    pub admin_key_hash: Option<String>,
-    pub metrics: Arc<Metrics>,
-    pub max_body_bytes: usize,
-    /// The remotes the gateway runs with; a reload may not change them.
-    remotes: Vec<crate::config::RemoteConfig>,
-    /// Hard limits on one request.
-    pub limits: Limits,
-}
+pub use crate::http::{AppState, ReloadError, StateError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A remote's key is missing from the environment.
+    /// The handlers' state could not be built (a missing key, a remote's client).
     #[error(transparent)]
-    Secrets(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
-    #[error(transparent)]
-    Upstream(#[from] crate::upstream::UpstreamError),
+    State(#[from] StateError),
     #[error("storage: {0}")]
     Storage(#[from] crate::storage::StorageError),
     #[error("cannot listen on {addr}: {source}")]
@@ -62,46 +36,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl AppState {
-    /// Builds the state from a validated configuration; `policies` is the handle the call
-    /// gate reads too, so that a reload reaches both.
-    pub fn new(
-        config: &Config,
-        policies: SharedPolicies,
-        gate: Arc<dyn CallGate>,
-    ) -> Result<Self, StartError> {
-        let metrics = Arc::new(Metrics::new()?);
-        let gateway = Gateway::new(config, Arc::clone(&policies), gate, Arc::clone(&metrics))?;
-        Ok(Self {
-            gateway,
-            policies,
-            budget: None,
-            storage: None,
-            ledger: None,
-            admin_key_hash: config.admin.api_key_hash.clone(),
-            metrics,
-            max_body_bytes: config.server.max_body_bytes,
-            remotes: config.remotes.clone(),
-            limits: config.limits.clone(),
-        })
-    }
-
-    /// Applies the policy and price sections of a new, already validated configuration:
-    /// `[policy]`, `timezone`, `[prices.*]`, `[local_price]`, `[global]`, `[[teams]]`,
-    /// `[[experiments]]` (and the learned rules they name). Requests in flight finish under
-    /// the policy they started with. Refused, with nothing changed, when `[[remotes]]`
-    /// differ from the running ones (those need a restart); other sections are not
-    /// reloaded.
-    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
-        if config.remotes != self.remotes {
-            return Err(ReloadError::RemotesChanged);
-        }
-        self.policies.store(config.policies.clone());
-        self.gateway.reload(config);
-        Ok(())
-    }
 }
 
 /// How a graceful shutdown went.
@@ -120,17 +54,6 @@ impl DrainReport {
     pub fn clean(&self) -> bool {
         self.finished_in_time && self.unsettled == 0 && self.unwritten == 0
     }
-}
-
-/// Why a reload was refused; the running configuration stays in force.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(
-        "[[remotes]] changed: restart the gateway to apply remote changes (nothing was reloaded)"
-    )]
-    RemotesChanged,
 }
 
 /// A server running on the current tokio runtime.
@@ -209,8 +132,6 @@ impl RunningServer {
         gate: Arc<dyn CallGate>,
         store: Option<(Arc<BudgetGate>, Storage, Option<Arc<Spool>>)>,
     ) -> Result<Self, StartError> {
-        // Remotes are called from here on: their keys must be at hand.
-        config.check_secrets()?;
         let mut state = AppState::new(config, Arc::clone(&policies), gate)?;
         if let Some((budget, storage, spool)) = store {
             state.ledger = Some(Arc::new(Ledger::start(

@@ -54,6 +54,19 @@ pub enum ApiError {
     LedgerUnavailable,
 }
 
+impl From<crate::limits::LimitError> for ApiError {
+    fn from(e: crate::limits::LimitError) -> Self {
+        use crate::limits::LimitError;
+        match e {
+            LimitError::InvalidRequest { message, param } => {
+                ApiError::InvalidRequest { message, param }
+            }
+            LimitError::PromptTooLong { limit, param } => ApiError::PromptTooLong { limit, param },
+            LimitError::HeadersTooLarge { limit } => ApiError::HeadersTooLarge { limit },
+        }
+    }
+}
+
 impl From<crate::openai::RequestError> for ApiError {
     fn from(e: crate::openai::RequestError) -> Self {
         match e {

@@ -5,48 +5,25 @@
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use serde::{Deserialize, Serialize};
+
 use serde_json::Value;
 
-use crate::config::ConfigError;
-use crate::error::ApiError;
 use crate::openai::{CompletionRequest, Endpoint};
 
-/// `[limits]` as written.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawLimits {
-    /// Most entries in a chat request's `messages`.
-    pub max_messages: usize,
-    /// Most characters of prompt text (every string in `messages` or `prompt` but `role`
-    /// and `type` fields; a token id counts as one).
-    pub max_prompt_chars: usize,
-    /// Largest `max_tokens` / `max_completion_tokens` a client may ask for.
-    pub max_output_tokens: usize,
-    /// Most bytes of request headers (names and values).
-    pub max_header_bytes: usize,
-    /// Longest time from a request's arrival to its response's headers.
-    pub request_timeout_ms: u64,
+/// Why a request breaks a limit; `LimitError` turns it into the API's error body (400, or
+/// 431 for headers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("The prompt is longer than the limit of {limit} characters.")]
+    PromptTooLong { limit: usize, param: String },
+    #[error("The request headers are larger than the limit of {limit} bytes.")]
+    HeadersTooLarge { limit: usize },
 }
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        Self {
-            max_messages: 1024,
-            // About 250k tokens of English: more than any current model's context, so no
-            // real prompt is refused, while a 4 MiB body of text is.
-            max_prompt_chars: 1_000_000,
-            max_output_tokens: 32_768,
-            max_header_bytes: 32 * 1024,
-            request_timeout_ms: 300_000,
-        }
-    }
-}
-
-/// The largest `max_header_bytes` accepted: hyper refuses headers beyond its own read
-/// buffer (about 400 KiB) with a bare 431 before the gateway sees them, so a larger limit
-/// would never apply.
-pub const HEADER_BYTES_CEILING: usize = 256 * 1024;
 
 /// Validated `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,63 +35,12 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        let raw = RawLimits::default();
-        Self {
-            max_messages: raw.max_messages,
-            max_prompt_chars: raw.max_prompt_chars,
-            max_output_tokens: raw.max_output_tokens,
-            max_header_bytes: raw.max_header_bytes,
-            request_timeout: Duration::from_millis(raw.request_timeout_ms),
-        }
-    }
-}
-
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: format!("limits.{key}"),
-        message: message.into(),
-    }
-}
-
 impl Limits {
-    /// Checks `[limits]`: every limit must be positive (a limit of zero would refuse
-    /// every request).
-    pub fn validate(raw: &RawLimits) -> Result<Self, ConfigError> {
-        for (key, value) in [
-            ("max_messages", raw.max_messages),
-            ("max_prompt_chars", raw.max_prompt_chars),
-            ("max_output_tokens", raw.max_output_tokens),
-            ("max_header_bytes", raw.max_header_bytes),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be positive"));
-            }
-        }
-        if raw.max_header_bytes > HEADER_BYTES_CEILING {
-            return Err(invalid(
-                "max_header_bytes",
-                format!("must be at most {HEADER_BYTES_CEILING} (hyper's own limit is near)"),
-            ));
-        }
-        if raw.request_timeout_ms == 0 {
-            return Err(invalid("request_timeout_ms", "must be positive"));
-        }
-        Ok(Self {
-            max_messages: raw.max_messages,
-            max_prompt_chars: raw.max_prompt_chars,
-            max_output_tokens: raw.max_output_tokens,
-            max_header_bytes: raw.max_header_bytes,
-            request_timeout: Duration::from_millis(raw.request_timeout_ms),
-        })
-    }
-
     /// Checks a parsed generation request against the limits.
-    pub fn check(&self, request: &CompletionRequest) -> Result<(), ApiError> {
+    pub fn check(&self, request: &CompletionRequest) -> Result<(), LimitError> {
         if let Some(Value::Array(messages)) = request.body.get("messages") {
             if messages.len() > self.max_messages {
-                return Err(ApiError::InvalidRequest {
+                return Err(LimitError::InvalidRequest {
                     message: format!(
                         "`messages` has {} entries; the limit is {}",
                         messages.len(),
@@ -135,7 +61,7 @@ impl Limits {
             } else {
                 "max_tokens"
             };
-            return Err(ApiError::InvalidRequest {
+            return Err(LimitError::InvalidRequest {
                 message: format!(
                     "`{param}` is {max_tokens}; the limit is {}",
                     self.max_output_tokens
@@ -150,7 +76,7 @@ impl Limits {
         if let Some(prompt) = request.body.get(param) {
             let chars = prompt_chars(prompt, self.max_prompt_chars);
             if chars > self.max_prompt_chars {
-                return Err(ApiError::PromptTooLong {
+                return Err(LimitError::PromptTooLong {
                     limit: self.max_prompt_chars,
                     param: param.into(),
                 });
@@ -160,13 +86,13 @@ impl Limits {
     }
 
     /// Checks the total size of the request's headers.
-    pub fn check_headers(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub fn check_headers(&self, headers: &HeaderMap) -> Result<(), LimitError> {
         let bytes = headers
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len())
             .fold(0usize, usize::saturating_add);
         if bytes > self.max_header_bytes {
-            return Err(ApiError::HeadersTooLarge {
+            return Err(LimitError::HeadersTooLarge {
                 limit: self.max_header_bytes,
             });
         }
@@ -208,6 +134,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::error::ApiError;
     use crate::openai::parse_request;
 
     fn small() -> Limits {
@@ -224,8 +151,8 @@ mod tests {
         parse_request(Endpoint::Chat, body.to_string().as_bytes()).unwrap()
     }
 
-    fn param(result: Result<(), ApiError>) -> String {
-        match result {
+    fn param(result: Result<(), LimitError>) -> String {
+        match result.map_err(ApiError::from) {
             Err(e) => e.body()["error"]["param"]
                 .as_str()
                 .unwrap_or("")
@@ -246,7 +173,7 @@ mod tests {
     fn too_many_messages_is_a_400_on_messages() {
         let m = json!({"role": "user", "content": "a"});
         let r = chat(json!({"model": "m", "messages": [m, m, m]}));
-        let e = small().check(&r).unwrap_err();
+        let e = ApiError::from(small().check(&r).unwrap_err());
         assert_eq!(e.status(), 400);
         assert_eq!(e.body()["error"]["param"], "messages");
     }
@@ -264,7 +191,7 @@ mod tests {
     fn prompt_text_over_the_cap_is_context_length_exceeded() {
         let parts = json!([{"type": "text", "text": "123456"}, {"type": "text", "text": "78901"}]);
         let r = chat(json!({"model": "m", "messages": [{"role": "user", "content": parts}]}));
-        let e = small().check(&r).unwrap_err();
+        let e = ApiError::from(small().check(&r).unwrap_err());
         assert_eq!(e.status(), 400);
         assert_eq!(e.body()["error"]["code"], "context_length_exceeded");
         // Characters, not bytes: ten two-byte characters fit.
@@ -288,33 +215,9 @@ mod tests {
         h.insert("x-small", HeaderValue::from_static("ok"));
         small().check_headers(&h).unwrap();
         h.insert("x-big", HeaderValue::from_str(&"a".repeat(64)).unwrap());
-        assert_eq!(small().check_headers(&h).unwrap_err().status(), 431);
-    }
-
-    #[test]
-    fn a_zero_limit_stops_start_up_naming_its_key() {
-        let raw = RawLimits {
-            max_messages: 0,
-            ..RawLimits::default()
-        };
-        let e = Limits::validate(&raw).unwrap_err().to_string();
-        assert!(e.starts_with("limits.max_messages"), "{e}");
-        let raw = RawLimits {
-            request_timeout_ms: 0,
-            ..RawLimits::default()
-        };
-        assert!(Limits::validate(&raw)
-            .unwrap_err()
-            .to_string()
-            .starts_with("limits.request_timeout_ms"));
-        let raw = RawLimits {
-            max_header_bytes: 1 << 20,
-            ..RawLimits::default()
-        };
-        assert!(Limits::validate(&raw).is_err());
         assert_eq!(
-            Limits::validate(&RawLimits::default()).unwrap(),
-            Limits::default()
+            ApiError::from(small().check_headers(&h).unwrap_err()).status(),
+            431
         );
     }
 }

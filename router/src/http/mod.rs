@@ -3,7 +3,10 @@
 
 mod completions;
 mod ops;
+mod state;
 mod usage;
+
+pub use state::{AppState, ReloadError, StateError};
 
 use std::sync::Arc;
 
@@ -18,7 +21,6 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::accounts;
-use crate::app::AppState;
 use crate::auth;
 use crate::cascade::context::RequestContext;
 use crate::cascade::Reply;
@@ -111,7 +113,7 @@ async fn enforce_limits(
     next: Next,
 ) -> Response {
     if let Err(error) = state.limits.check_headers(request.headers()) {
-        return error_response(&error);
+        return error_response(&ApiError::from(error));
     }
     let limit = state.limits.request_timeout;
     let id = request
