@@ -1,0 +1,75 @@
+//! `[confidence]`: where learned rules are read from, and reading them.
+
+use super::*;
+
+/// `[confidence]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfidence {
+    /// Where learned rules (`<name>.json`, written by `cascade calibrate`) are read from;
+    /// relative to the configuration file's folder.
+    pub rules_dir: String,
+}
+
+impl Default for RawConfidence {
+    fn default() -> Self {
+        Self {
+            rules_dir: "rules".into(),
+        }
+    }
+}
+
+/// Reads every learned rule the configuration names from `<rules_dir>/<name>.json`.
+pub(super) fn load_learned_rules(
+    confidence: &RawConfidence,
+    policy: &RawPolicy,
+    policies_config: &PoliciesConfig,
+    base_dir: Option<&Path>,
+) -> Result<BTreeMap<String, Arc<LearnedRule>>, ConfigError> {
+    let mut names = policies::learned::learned_rule_names(policies_config);
+    if policy.aggregate == RawAggregate::Name("learned".into()) {
+        let name = policy.learned_rule.clone().ok_or_else(|| {
+            invalid(
+                "policy.learned_rule",
+                "aggregate = \"learned\" needs the rule's name (its file is <confidence.rules_dir>/<name>.json)",
+            )
+        })?;
+        names.insert(name);
+    }
+    let dir = match base_dir {
+        Some(base) if Path::new(&confidence.rules_dir).is_relative() => {
+            base.join(&confidence.rules_dir)
+        }
+        _ => PathBuf::from(&confidence.rules_dir),
+    };
+    if let RawAggregate::Table(Aggregate::Learned { name, .. }) = &policy.aggregate {
+        names.insert(name.clone());
+    }
+    let mut rules = BTreeMap::new();
+    for name in names {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(invalid(
+                "confidence.rules_dir",
+                format!("`{name}` is not a rule name (a file name without folders)"),
+            ));
+        }
+        let path = dir.join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            invalid(
+                "confidence.rules_dir",
+                format!(
+                    "cannot read learned rule `{name}` from {}: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        let rule = LearnedRule::from_json(&text).map_err(|e| {
+            invalid(
+                "confidence.rules_dir",
+                format!("learned rule {}: {e}", path.display()),
+            )
+        })?;
+        rules.insert(name, Arc::new(rule));
+    }
+    Ok(rules)
+}
