@@ -15,27 +15,8 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_sharing_postgres_never_overspend_a_team_budget() {
-    let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "replicas_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    );
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&base)
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    let schema = cascade_e2e::fixtures::PgSchema::create("replicas").await;
+    let url = schema.url();
 
     let dir = tempfile::tempdir().unwrap();
     let upstream = upstream(Duration::from_millis(20)).await;
@@ -113,10 +94,7 @@ async fn two_processes_sharing_postgres_never_overspend_a_team_budget() {
         .unwrap();
     let usage = storage.team_usage("alpha", 0, i64::MAX).await.unwrap();
     storage.close().await;
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&admin)
-        .await
-        .unwrap();
+    schema.drop().await;
 
     assert_eq!(
         ok + refused,

@@ -16,6 +16,8 @@
 //! connection, and [`TcpProxy`] forwards to a real server (a database) until
 //! it is told to cut every connection and refuse new ones.
 
+pub mod fixtures;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::str::FromStr;

@@ -58,19 +58,7 @@ pub async fn upstream(delay: Duration) -> SocketAddr {
     addr
 }
 
-pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
-}
+pub use cascade_e2e::fixtures::model_path;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

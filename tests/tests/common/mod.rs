@@ -1,9 +1,16 @@
 //! Shared set-up of the end-to-end tests: configurations, a gateway started
 //! in-process on 127.0.0.1:0, the mock upstream, and the real model.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Each test binary uses its own subset of these helpers.
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -11,6 +18,7 @@ use cascade::app::RunningServer;
 use cascade::cascade::local::LocalEngine;
 use cascade::config::{Config, RawConfig, RawRemote};
 use cascade::storage::{LedgerRecord, ScopeState, Storage};
+pub use cascade_e2e::fixtures::{model_path, PgSchema};
 use cascade_e2e::{MockOptions, MockUpstream};
 use local_model::{LoadOptions, LocalModel, ModelHandle};
 use serde_json::{json, Value};
@@ -202,27 +210,9 @@ pub async fn get_at(url: &str, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
-/// Path of the real SmolLM2 model.
-pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
-}
-
 /// Loads the real model behind a queue of `queue_depth`.
 pub fn load_engine(queue_depth: usize) -> LocalEngine {
-    let path = model_path();
-    let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let handle = ModelHandle::spawn(model, queue_depth).unwrap();
-    LocalEngine::new(handle, LOCAL.into(), 32)
+    load_engine_with_occupier(queue_depth).0
 }
 
 /// The real model behind a queue of `queue_depth`, seen through two engines: one with the
@@ -326,62 +316,4 @@ pub async fn settled_team_scope(server: &RunningServer, team: &str) -> ScopeStat
         state = team_scope_state(server, team).await;
     }
     state
-}
-
-/// A PostgreSQL schema of its own on the test server (`CASCADE_TEST_POSTGRES_URL`), so that
-/// tests never see each other's tables; dropped with [`PgSchema::drop`].
-pub struct PgSchema {
-    /// The server's URL as configured.
-    pub base: String,
-    /// The schema's name.
-    pub name: String,
-    admin: sqlx::PgPool,
-}
-
-impl PgSchema {
-    /// Creates a schema named after `prefix`, this process and the time.
-    pub async fn create(prefix: &str) -> Self {
-        let base = std::env::var("CASCADE_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!(
-            "{prefix}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        let admin = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&base)
-            .await
-            .unwrap();
-        sqlx::raw_sql(&format!("CREATE SCHEMA {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        Self { base, name, admin }
-    }
-
-    /// `server_url` (the test server, or a way to it) with this schema as the search path.
-    pub fn url_via(&self, server_url: &str) -> String {
-        let separator = if server_url.contains('?') { '&' } else { '?' };
-        format!(
-            "{server_url}{separator}options=-c%20search_path%3D{}",
-            self.name
-        )
-    }
-
-    /// The test server's URL with this schema as the search path.
-    pub fn url(&self) -> String {
-        self.url_via(&self.base)
-    }
-
-    /// Drops the schema and everything in it.
-    pub async fn drop(self) {
-        sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
-    }
 }
