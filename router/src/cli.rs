@@ -74,6 +74,13 @@ pub struct ModelArgs {
     /// A .gguf file, a Hugging Face-layout directory, or a hub id (org/name[:file.gguf]).
     #[arg(long, env = "CASCADE_MODEL")]
     pub model: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How to load a model (shared by every command that loads one).
+#[derive(Debug, Args)]
+pub struct LoadArgs {
     /// Chat template: auto, model (the model's own), phi, plain.
     #[arg(long, default_value = "auto")]
     pub template: String,
@@ -90,6 +97,19 @@ pub struct ModelArgs {
     /// takes at most 512 MiB), dense or quantized.
     #[arg(long, default_value = "auto")]
     pub prefill_weights: String,
+}
+
+impl LoadArgs {
+    /// The load options these arguments name.
+    pub fn options(&self) -> anyhow::Result<local_model::LoadOptions> {
+        Ok(local_model::LoadOptions {
+            dtype: self.dtype.parse()?,
+            template: self.template.parse()?,
+            kernels: self.kernels.parse()?,
+            prefill_weights: self.prefill_weights.parse()?,
+            ..local_model::LoadOptions::default()
+        })
+    }
 }
 
 /// `cascade generate`.
@@ -167,18 +187,8 @@ pub struct EvalArgs {
     /// Local model (.gguf file, Hugging Face directory or hub id); not used with --rescore.
     #[arg(long, env = "CASCADE_MODEL")]
     pub model: Option<String>,
-    /// Chat template: auto, model (the model's own), phi, plain.
-    #[arg(long, default_value = "auto")]
-    pub template: String,
-    /// Precision of safetensors weights: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Forward-pass code for llama-family, Gemma 3 and phi2 GGUF: tuned, reference or exact.
-    #[arg(long, default_value = "tuned")]
-    pub kernels: String,
-    /// Dense prefill copy of the weights: auto, dense or quantized.
-    #[arg(long, default_value = "auto")]
-    pub prefill_weights: String,
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// capitals, arc, gsm8k, mmlu, or a labeled .jsonl file (see docs/confidence.md).
     #[arg(long)]
     pub dataset: Option<String>,

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use local_model::{LoadOptions, LocalModel};
+use local_model::LocalModel;
 
 use crate::cli::{EscalationArgs, EvalArgs};
 use crate::eval::datasets::{select, Dataset};
@@ -121,14 +121,7 @@ fn generate(args: &EvalArgs) -> anyhow::Result<(Vec<EvalRecord>, PathBuf)> {
             item.max_tokens = max_tokens;
         }
     }
-    let options = LoadOptions {
-        dtype: args.dtype.parse()?,
-        template: args.template.parse()?,
-        kernels: args.kernels.parse()?,
-        prefill_weights: args.prefill_weights.parse()?,
-        ..LoadOptions::default()
-    };
-    let mut model = LocalModel::load(model_spec, &options)?;
+    let mut model = LocalModel::load(model_spec, &args.load.options()?)?;
     let path = args.out.join("run.jsonl");
     let records = generate_run(&mut model, &items, &dataset.name(), &path, !args.quiet)?;
     Ok((records, path))
