@@ -25,16 +25,9 @@ fi
 bin="$target/release"
 [[ -e "$model" ]] || { echo "error: $model missing; run scripts/fetch-model.sh" >&2; exit 1; }
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+start_workdir
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mock_port="$(free_port)"
 port="$(free_port)"
 "$bin/cascade-mock-upstream" --port "$mock_port" --delay-ms 20 >"$work/mock.log" 2>&1 &
@@ -54,10 +47,7 @@ timeout_ms = 10000
 TOML
 env ${GATEWAY_THREADS:+CASCADE_SERVER__WORKER_THREADS=$GATEWAY_THREADS} RUST_LOG=warn "$bin/cascade" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 200); do
-  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://127.0.0.1:$port/readyz" 2>/dev/null && break
-  sleep 0.5
-done
+wait_ready "http://127.0.0.1:$port/readyz" "${pids[1]}" "$work/cascade.log" 200
 
 body_for() { printf '{"model":"%s","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":16}' "$1"; }
 direct_url="http://127.0.0.1:$mock_port/v1/chat/completions"

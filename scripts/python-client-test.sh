@@ -32,16 +32,10 @@ if ! "$venv/bin/python" -c "import openai, pytest" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check openai pytest
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PYTHON="$venv/bin/python"
+start_workdir
 
-free_port() { "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 mock_port="$(free_port)"
 "$mock_bin" --port "$mock_port" >"$work/mock.log" 2>&1 &
@@ -69,14 +63,8 @@ TOML
 CASCADE_PY_TEST_KEY=sk-mock "$cascade_bin" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
 pids+=($!)
 
-ready() { "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null; }
 # Ready once the model is loaded and warmed up.
-for _ in $(seq 1 300); do
-  if ready "http://127.0.0.1:$port/readyz"; then break; fi
-  if ! kill -0 "${pids[1]}" 2>/dev/null; then cat "$work/cascade.log" >&2; exit 1; fi
-  sleep 0.5
-done
-ready "http://127.0.0.1:$port/readyz" || { echo "cascade never became ready" >&2; cat "$work/cascade.log" >&2; exit 1; }
+wait_ready "http://127.0.0.1:$port/readyz" "${pids[1]}" "$work/cascade.log"
 
 CASCADE_URL="http://127.0.0.1:$port/v1" CASCADE_LOCAL_MODEL=smollm2 CASCADE_REMOTE_MODEL=mock \
   "$venv/bin/python" -m pytest -q "$root/tests/python/test_openai_client.py"

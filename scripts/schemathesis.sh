@@ -55,16 +55,10 @@ if [[ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version(
   "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version"
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+PYTHON="$venv/bin/python"
+start_workdir
 
-free_port() { "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sha256() { "$venv/bin/python" -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())' "$1"; }
 
 mock_port="$(free_port)"
@@ -118,13 +112,7 @@ TOML
 CASCADE_ST_KEY=sk-mock "$cascade_bin" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
 pids+=($!)
 
-ready() { "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null; }
-for _ in $(seq 1 300); do
-  if ready "http://127.0.0.1:$port/readyz"; then break; fi
-  if ! kill -0 "${pids[1]}" 2>/dev/null; then cat "$work/cascade.log" >&2; exit 1; fi
-  sleep 0.5
-done
-ready "http://127.0.0.1:$port/readyz" || { echo "cascade never became ready" >&2; cat "$work/cascade.log" >&2; exit 1; }
+wait_ready "http://127.0.0.1:$port/readyz" "${pids[1]}" "$work/cascade.log"
 
 # The served document, with `model` and the experiment id narrowed to names this gateway
 # knows: random names would all stop at 404 model_not_found and test nothing behind it.

@@ -27,16 +27,9 @@ bin="$target/$profile"
 [[ -e "$model" ]] || { echo "error: $model missing; run scripts/fetch-model.sh" >&2; exit 1; }
 [[ -d "$data/capitals" ]] || { echo "error: $data/capitals missing (set CASCADE_DATA)" >&2; exit 1; }
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+start_workdir
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mock_port="$(free_port)"
 port="$(free_port)"
 "$bin/cascade-mock-upstream" --port "$mock_port" --delay-ms 200 >"$work/mock.log" 2>&1 &
@@ -62,10 +55,7 @@ TOML
 RUST_LOG=warn "$bin/cascade" serve --config "$work/cascade.toml" >"$work/cascade.log" 2>&1 &
 gateway=$!
 pids+=($gateway)
-for _ in $(seq 1 200); do
-  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://127.0.0.1:$port/readyz" 2>/dev/null && break
-  sleep 0.5
-done
+wait_ready "http://127.0.0.1:$port/readyz" "$gateway" "$work/cascade.log" 200
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $profile build; $seconds s at $rate/s"
 report="$("$bin/cascade-soak" --url "http://127.0.0.1:$port" --pid "$gateway" --data "$data" --rate "$rate" --seconds "$seconds")"

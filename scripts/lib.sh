@@ -1,0 +1,41 @@
+# Shared by the scripts that run a gateway against the mock upstream: a work folder whose
+# processes are stopped and files removed on exit, free ports, and waiting for /readyz.
+# Source it (`source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"`); PYTHON names the Python
+# that runs the small helpers (python3 unless the script has a venv of its own).
+
+# Makes $work and the pids array; everything in pids is stopped, and $work removed, on exit.
+start_workdir() {
+  work="$(mktemp -d)"
+  pids=()
+  trap stop_workdir EXIT
+}
+
+stop_workdir() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+
+# Prints a TCP port on 127.0.0.1 that is free now.
+free_port() {
+  "${PYTHON:-python3}" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Whether URL answers 2xx within 2 s.
+ready() {
+  "${PYTHON:-python3}" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1" 2>/dev/null
+}
+
+# wait_ready URL PID LOG [TRIES]: waits (0.5 s a try, 300 tries by default) until URL is
+# ready; fails, printing LOG, if the process PID exits first or it never becomes ready.
+wait_ready() {
+  local url="$1" pid="$2" log="$3" tries="${4:-300}"
+  for _ in $(seq 1 "$tries"); do
+    if ready "$url"; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then cat "$log" >&2; return 1; fi
+    sleep 0.5
+  done
+  echo "$url never became ready" >&2
+  cat "$log" >&2
+  return 1
+}
