@@ -10,6 +10,12 @@ bash scripts/fetch-gemma.sh
 bash scripts/start-postgres.sh
 export CASCADE_TEST_POSTGRES_URL="${CASCADE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
+# The lints the workspace declares (no unwrap, no panic, ...) and one format, enforced.
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy (workspace, all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings 2>&1
+
 echo "== cargo test (workspace)"
 cargo test --workspace --all-targets 2>&1
 

@@ -344,8 +344,8 @@ impl LocalModel {
 
         let decode_started = Instant::now();
         let mut finish = FinishReason::Length;
-        let mut position = prompt_ids.len();
-        for step in 0..max_new {
+        // Each decoded token sits right after the prompt and the tokens before it.
+        for (step, position) in (0..max_new).zip(prompt_ids.len()..) {
             let next = sampler.pick(&logits);
             let next_id = next as u32;
             if !params.ignore_eos && self.eos_ids.contains(&next_id) {
@@ -374,7 +374,6 @@ impl LocalModel {
                 break;
             }
             logits = self.backend.forward(&[next_id], position, &self.device)?;
-            position += 1;
         }
         timings.decode_ms = Timings::ms(decode_started.elapsed());
         let text = run.finish()?;

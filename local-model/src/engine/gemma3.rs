@@ -102,7 +102,7 @@ impl Gemma3 {
         let local_base = meta("rope.local_freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
             candle_core::bail!("inconsistent head counts: {heads} heads, {kv_heads} kv heads")
         }
 

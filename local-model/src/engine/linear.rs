@@ -43,7 +43,7 @@ pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
         GgmlDType::Q6K => kernels::wide_covers(GgmlDType::Q8_0),
         _ => false,
     };
-    converts && row % GgmlDType::Q8_0.block_size() == 0
+    converts && row.is_multiple_of(GgmlDType::Q8_0.block_size())
 }
 
 /// The dense size of `weights` and the part of it whose products run on

@@ -105,13 +105,13 @@ impl Phi2 {
         let rope_base = meta("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || width % heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !width.is_multiple_of(heads) {
             candle_core::bail!(
                 "inconsistent head counts: {heads} heads, {kv_heads} kv heads, width {width}"
             )
         }
         let head_dim = width / heads;
-        if rope_dim == 0 || rope_dim > head_dim || rope_dim % 2 != 0 {
+        if rope_dim == 0 || rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
             candle_core::bail!("rotary dimension {rope_dim} does not fit heads of {head_dim}")
         }
 

@@ -110,7 +110,7 @@ pub fn write_tiny_phi_gguf(dir: &Path) -> PathBuf {
         .into_iter()
         .map(|name| {
             let t = data[name].as_tensor();
-            let quantizable = t.rank() == 2 && t.dims()[1] % 32 == 0;
+            let quantizable = t.rank() == 2 && t.dims()[1].is_multiple_of(32);
             let dtype = if quantizable {
                 GgmlDType::Q8_0
             } else {

@@ -143,7 +143,7 @@ fn check_layout(
 /// Checks that rows of `cols` values are whole blocks of `format`.
 fn check_blocks(format: GgmlDType, cols: usize) -> Result<(), KernelError> {
     let block = format.block_size();
-    if cols % block != 0 {
+    if !cols.is_multiple_of(block) {
         return Err(KernelError::PartialBlock {
             format,
             cols,
@@ -321,7 +321,7 @@ fn quantize_block(chunk: &[f32], out: &mut [i8]) -> f32 {
 
 /// Checks activations `x` against rows of `cols` values; the row count.
 fn activation_rows(x: &[f32], cols: usize) -> Result<usize, KernelError> {
-    if cols == 0 || x.len() % cols != 0 {
+    if cols == 0 || !x.len().is_multiple_of(cols) {
         return Err(KernelError::Activations {
             cols,
             actual: x.len(),
