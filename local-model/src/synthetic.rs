@@ -98,7 +98,10 @@ pub fn write_random_phi2(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    if dims.heads == 0 || !dims.width.is_multiple_of(dims.heads) || dims.rope_dim > dims.width / dims.heads {
+    if dims.heads == 0
+        || !dims.width.is_multiple_of(dims.heads)
+        || dims.rope_dim > dims.width / dims.heads
+    {
         return Err(LoadError::InvalidOption(format!(
             "inconsistent dimensions {dims:?}"
         )));

@@ -108,7 +108,11 @@ impl Llama {
         let rope_base = meta("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !width.is_multiple_of(heads) {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !width.is_multiple_of(heads)
+        {
             candle_core::bail!(
                 "inconsistent head counts: {heads} heads, {kv_heads} kv heads, width {width}"
             )
