@@ -27,7 +27,7 @@ pub enum LimitError {
 
 /// Validated `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
+pub struct RequestLimits {
     pub max_messages: usize,
     pub max_prompt_chars: usize,
     pub max_output_tokens: usize,
@@ -35,7 +35,7 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
-impl Limits {
+impl RequestLimits {
     /// Checks a parsed generation request against the limits.
     pub fn check(&self, request: &CompletionRequest) -> Result<(), LimitError> {
         if let Some(Value::Array(messages)) = request.body.get("messages") {
@@ -137,8 +137,8 @@ mod tests {
     use crate::error::ApiError;
     use crate::openai::parse_request;
 
-    fn small() -> Limits {
-        Limits {
+    fn small() -> RequestLimits {
+        RequestLimits {
             max_messages: 2,
             max_prompt_chars: 10,
             max_output_tokens: 100,

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use cascade::config::{Config, RawConfig};
-use cascade::limits::Limits;
+use cascade::limits::RequestLimits;
 use cascade::openai::{parse_request, Endpoint};
 
 /// The files saved for `target`, seeds and regressions.
@@ -32,7 +32,7 @@ fn request(endpoint: Endpoint, target: &str) {
     for (path, bytes) in inputs(target) {
         eprintln!("{}", path.display());
         if let Ok(request) = parse_request(endpoint, &bytes) {
-            let _ = Limits::default().check(&request);
+            let _ = RequestLimits::default().check(&request);
         }
     }
 }

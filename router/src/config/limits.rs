@@ -46,7 +46,7 @@ pub(super) fn invalid_limit(key: &str, message: impl Into<String>) -> ConfigErro
 }
 
 /// The limits of a configuration that sets none.
-impl Default for Limits {
+impl Default for RequestLimits {
     fn default() -> Self {
         let raw = RawLimits::default();
         Self {
@@ -61,7 +61,7 @@ impl Default for Limits {
 
 /// Checks `[limits]`: every limit must be positive (a limit of zero would refuse
 /// every request).
-pub(super) fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
+pub(super) fn validate_limits(raw: &RawLimits) -> Result<RequestLimits, ConfigError> {
     for (key, value) in [
         ("max_messages", raw.max_messages),
         ("max_prompt_chars", raw.max_prompt_chars),
@@ -81,7 +81,7 @@ pub(super) fn validate_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
     if raw.request_timeout_ms == 0 {
         return Err(invalid_limit("request_timeout_ms", "must be positive"));
     }
-    Ok(Limits {
+    Ok(RequestLimits {
         max_messages: raw.max_messages,
         max_prompt_chars: raw.max_prompt_chars,
         max_output_tokens: raw.max_output_tokens,

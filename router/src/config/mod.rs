@@ -37,7 +37,7 @@ use policies::{
     TeamConfig,
 };
 
-use crate::limits::Limits;
+use crate::limits::RequestLimits;
 use crate::storage::StorageConfig;
 
 /// A configuration that cannot be used, naming the offending key.
@@ -106,7 +106,7 @@ pub struct Config {
     /// Teams, keys, prices, budgets and experiments.
     pub policies: Policies,
     /// Hard limits on one request.
-    pub limits: Limits,
+    pub limits: RequestLimits,
 }
 
 impl Config {
@@ -705,7 +705,7 @@ subject = \"user\"
         assert!(validate_limits(&raw).is_err());
         assert_eq!(
             validate_limits(&RawLimits::default()).unwrap(),
-            Limits::default()
+            RequestLimits::default()
         );
     }
 }

@@ -7,7 +7,7 @@ use crate::budget::BudgetGate;
 use crate::cascade::Gateway;
 use crate::config::Config;
 use crate::ledger::Ledger;
-use crate::limits::Limits;
+use crate::limits::RequestLimits;
 use crate::metrics::Metrics;
 use crate::reload::SharedPolicies;
 use crate::storage::Storage;
@@ -31,7 +31,7 @@ pub struct AppState {
     /// The remotes the gateway runs with; a reload may not change them.
     remotes: Vec<crate::config::RemoteConfig>,
     /// Hard limits on one request.
-    pub limits: Limits,
+    pub limits: RequestLimits,
 }
 
 /// Why the handlers' state could not be built.
