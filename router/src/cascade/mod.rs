@@ -169,11 +169,12 @@ impl Gateway {
         route_header: Option<Route>,
     ) -> Result<Reply, ApiError> {
         ctx.model = request.model.clone();
-        let plan = self.plan(ctx);
-        let (addressed, named_remote) = self.addressed(&request.model, &plan)?;
+        let plan_of_request = self.plan(ctx);
+        let plan: &RequestPolicy = &plan_of_request;
+        let (addressed, named_remote) = self.addressed(&request.model, plan)?;
         match verdict::pre_route(&plan.policy, addressed, route_header) {
-            PreRoute::Cascade => self.cascade(ctx, &request).await,
-            PreRoute::Local(reason) => self.serve_local_directly(ctx, &request, reason).await,
+            PreRoute::Cascade => self.cascade(ctx, plan, &request).await,
+            PreRoute::Local(reason) => self.serve_local_directly(ctx, plan, &request, reason).await,
             PreRoute::Remote(reason) => {
                 ctx.route = Some(Route::Remote);
                 ctx.reason = Some(reason);
@@ -181,7 +182,7 @@ impl Gateway {
                     Some(i) => vec![i],
                     None => plan.chain.clone(),
                 };
-                self.remote(ctx, &request, &chain, None).await
+                self.remote(ctx, plan, &request, &chain, None).await
             }
             PreRoute::Refuse(refusal) => Err(ApiError::NotAllowed(refusal.message().into())),
         }
@@ -209,28 +210,34 @@ impl Gateway {
     async fn cascade(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
     ) -> Result<Reply, ApiError> {
-        let plan = self.plan(ctx);
         if let Some(reason) = verdict::local_unsuitable(&request.features) {
-            return self.escalate(ctx, request, reason, None).await;
+            return self.escalate(ctx, plan, request, reason, None).await;
         }
         let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
-            return self.overloaded(ctx, request, Reason::LocalLoading).await;
+            return self
+                .overloaded(ctx, plan, request, Reason::LocalLoading)
+                .await;
         };
         if verdict::overloaded(&local.load(), plan.max_queue_wait) {
-            return self.overloaded(ctx, request, Reason::LocalOverloaded).await;
+            return self
+                .overloaded(ctx, plan, request, Reason::LocalOverloaded)
+                .await;
         }
         match local.prompt_tokens(prompt).await {
             Ok(n) if n >= local.context_window() => {
                 return self
-                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .escalate(ctx, plan, request, Reason::ContextTooLong, None)
                     .await;
             }
             Ok(n) => ctx.local_prompt_tokens = n,
             Err(e) => {
                 tracing::warn!(request_id = %ctx.id, error = %e, "cannot encode the prompt for the local model");
-                return self.escalate(ctx, request, Reason::LocalError, None).await;
+                return self
+                    .escalate(ctx, plan, request, Reason::LocalError, None)
+                    .await;
             }
         }
         let options = RunOptions {
@@ -245,19 +252,23 @@ impl Gateway {
         let run = match local.run(request, prompt.clone(), options).await {
             Ok(run) => run,
             Err(WorkerError::Busy { .. }) => {
-                return self.overloaded(ctx, request, Reason::LocalOverloaded).await
+                return self
+                    .overloaded(ctx, plan, request, Reason::LocalOverloaded)
+                    .await
             }
             Err(WorkerError::Generate(GenerateError::PromptTooLong { .. })) => {
                 return self
-                    .escalate(ctx, request, Reason::ContextTooLong, None)
+                    .escalate(ctx, plan, request, Reason::ContextTooLong, None)
                     .await;
             }
             Err(e) => {
                 tracing::warn!(request_id = %ctx.id, error = %e, "local generation failed");
-                return self.escalate(ctx, request, Reason::LocalError, None).await;
+                return self
+                    .escalate(ctx, plan, request, Reason::LocalError, None)
+                    .await;
             }
         };
-        self.note_local_run(ctx, &run);
+        self.note_local_run(ctx, plan, &run);
         let json_valid = request
             .json_object
             .then(|| is_json_object(&run.output.generation.text));
@@ -275,7 +286,7 @@ impl Gateway {
                 Ok(self.local_reply(request, &run))
             }
             (Route::Remote, reason) => {
-                self.escalate(ctx, request, reason, Some((run, outcome)))
+                self.escalate(ctx, plan, request, reason, Some((run, outcome)))
                     .await
             }
         }
@@ -285,12 +296,12 @@ impl Gateway {
     async fn overloaded(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         reason: Reason,
     ) -> Result<Reply, ApiError> {
-        let plan = self.plan(ctx);
         match plan.policy.on_overload() {
-            OverloadAction::Escalate => self.escalate(ctx, request, reason, None).await,
+            OverloadAction::Escalate => self.escalate(ctx, plan, request, reason, None).await,
             OverloadAction::Reject => {
                 ctx.route = Some(Route::Local);
                 ctx.reason = Some(reason);
@@ -313,15 +324,15 @@ impl Gateway {
     async fn escalate(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         reason: Reason,
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
-        let plan = self.plan(ctx);
         ctx.route = Some(Route::Remote);
         ctx.reason = Some(reason);
         ctx.escalated = true;
-        self.remote(ctx, request, &plan.chain, local).await
+        self.remote(ctx, plan, request, &plan.chain, local).await
     }
 
     /// Pays for a remote answer, as far as the budgets allow. Each round asks the budget
@@ -334,11 +345,11 @@ impl Gateway {
     async fn remote(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         chain: &[usize],
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
-        let plan = self.plan(ctx);
         let counted = self.counted_prompt_tokens(ctx, request).await;
         let mut unaffordable: Vec<usize> = Vec::new();
         let mut failed: Vec<usize> = Vec::new();
@@ -353,7 +364,7 @@ impl Gateway {
                 break;
             }
             let decision = self.budget_decision(
-                &plan,
+                plan,
                 request,
                 &remaining,
                 &unaffordable,
@@ -367,7 +378,9 @@ impl Gateway {
                     remote
                 }
                 BudgetDecision::ServeLocal => {
-                    return self.serve_local_within_budget(ctx, request, local).await
+                    return self
+                        .serve_local_within_budget(ctx, plan, request, local)
+                        .await
                 }
                 BudgetDecision::Reject => {
                     ctx.reason = Some(Reason::BudgetExhausted);
@@ -436,7 +449,7 @@ impl Gateway {
             ctx.escalated = false;
             ctx.degraded = Some("remote-unavailable");
             return self
-                .full_local_answer(ctx, request, local)
+                .full_local_answer(ctx, plan, request, local)
                 .await
                 .map_err(|_| ApiError::Upstream(error));
         }
@@ -525,6 +538,7 @@ impl Gateway {
     async fn serve_local_within_budget(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
@@ -532,7 +546,7 @@ impl Gateway {
         ctx.reason = Some(Reason::BudgetExhausted);
         ctx.escalated = false;
         ctx.degraded = Some("budget-exhausted");
-        self.full_local_answer(ctx, request, local)
+        self.full_local_answer(ctx, plan, request, local)
             .await
             .map_err(|_| ApiError::BudgetExhausted)
     }
@@ -545,6 +559,7 @@ impl Gateway {
     async fn full_local_answer(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
@@ -560,13 +575,15 @@ impl Gateway {
         let (Some(engine), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) else {
             return Err(self.busy_error(Reason::LocalLoading));
         };
-        self.answer_locally(ctx, engine, request, prompt).await
+        self.answer_locally(ctx, plan, engine, request, prompt)
+            .await
     }
 
     /// A whole local answer: no early exit, no time budget.
     async fn answer_locally(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         engine: &LocalEngine,
         request: &CompletionRequest,
         prompt: &Prompt,
@@ -576,7 +593,7 @@ impl Gateway {
             .await
             .map_err(|e| self.local_error(e))?;
         ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
-        self.note_local_run(ctx, &run);
+        self.note_local_run(ctx, plan, &run);
         Ok(self.local_reply(request, &run))
     }
 
@@ -587,10 +604,10 @@ impl Gateway {
     async fn serve_local_directly(
         &self,
         ctx: &mut RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
         reason: Reason,
     ) -> Result<Reply, ApiError> {
-        let plan = self.plan(ctx);
         ctx.route = Some(Route::Local);
         ctx.reason = Some(reason);
         if let Some(unsuitable) = verdict::local_unsuitable(&request.features) {
@@ -611,7 +628,7 @@ impl Gateway {
         if request.stream {
             return Ok(self.live_local(local, request, prompt.clone()));
         }
-        let result = self.answer_locally(ctx, local, request, prompt).await;
+        let result = self.answer_locally(ctx, plan, local, request, prompt).await;
         if matches!(result, Err(ApiError::Overloaded { .. })) {
             ctx.reason = Some(Reason::LocalOverloaded);
         }
@@ -660,8 +677,7 @@ impl Gateway {
     }
 
     /// Notes a finished local run in the context and the metrics.
-    fn note_local_run(&self, ctx: &mut RequestContext, run: &LocalRun) {
-        let plan = self.plan(ctx);
+    fn note_local_run(&self, ctx: &mut RequestContext, plan: &RequestPolicy, run: &LocalRun) {
         ctx.note_local_run(plan.policy.aggregate(), run, &self.metrics);
     }
 
