@@ -100,13 +100,50 @@ pub(crate) fn decode_step(
     window: Option<usize>,
     prepare: impl Fn(&mut [f32], &mut [f32]),
 ) -> Result<Tensor> {
+    decode_rows(
+        qkv,
+        std::iter::once(cache),
+        heads,
+        kv_heads,
+        window,
+        |_, q, k| prepare(q, k),
+    )
+}
+
+/// [`decode_step`] for several sequences at once: row `i` of `qkv`
+/// (`[1, rows, ..]`, one batched product) is the new token of the sequence
+/// whose layer cache is the `i`-th of `caches`; `prepare` gets the row's
+/// index with its query and key. Each row attends over its own cache only,
+/// with the same arithmetic as a sequence decoded alone. Returns
+/// `[1, rows, heads * head_dim]`.
+pub(crate) fn decode_rows<'c>(
+    qkv: &Tensor,
+    caches: impl IntoIterator<Item = &'c mut LayerCache>,
+    heads: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+    prepare: impl Fn(usize, &mut [f32], &mut [f32]),
+) -> Result<Tensor> {
+    let rows = qkv.dim(1)?;
     let width = qkv.dim(D::Minus1)?;
     let head_dim = width / (heads + 2 * kv_heads).max(1);
     let mut values = qkv.flatten_all()?.to_vec1::<f32>()?;
-    let (q, rest) = values.split_at_mut(heads * head_dim);
-    let (k, v) = rest.split_at_mut(kv_heads * head_dim);
-    prepare(q, k);
-    cache.append_one(k, v, kv_heads, qkv.device())?;
-    let mixed = cache.attend_one(q, heads, kv_heads, window)?;
-    Tensor::from_vec(mixed, (1, 1, heads * head_dim), qkv.device())
+    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
+    let mut used = 0;
+    for ((i, row), cache) in values
+        .chunks_exact_mut(width.max(1))
+        .enumerate()
+        .zip(caches)
+    {
+        let (q, rest) = row.split_at_mut(heads * head_dim);
+        let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+        prepare(i, q, k);
+        cache.append_one(k, v, kv_heads, qkv.device())?;
+        mixed.extend(cache.attend_one(q, heads, kv_heads, window)?);
+        used += 1;
+    }
+    if used != rows {
+        candle_core::bail!("decode step of {rows} rows with {used} caches")
+    }
+    Tensor::from_vec(mixed, (1, rows, heads * head_dim), qkv.device())
 }

@@ -27,6 +27,14 @@ pub(crate) enum Pass {
     Decode,
 }
 
+/// One sequence's part of a batched decode step: its next token, placed
+/// at `position` (the length of its own `cache`).
+pub(crate) struct DecodeStep<'a> {
+    pub(crate) cache: &'a mut kv_cache::SeqCache,
+    pub(crate) token: u32,
+    pub(crate) position: usize,
+}
+
 /// A model on the tuned engine.
 #[derive(Debug, Clone)]
 pub(crate) enum TunedModel {
@@ -56,6 +64,56 @@ impl TunedModel {
             TunedModel::Llama(m) => m.truncate_cache(len),
             TunedModel::Gemma3(m) => m.truncate_cache(len),
             TunedModel::Phi2(m) => m.truncate_cache(len),
+        }
+    }
+
+    /// An empty KV cache for one more sequence, where this architecture
+    /// decodes several sequences in one step; `None` where it runs one
+    /// sequence at a time.
+    pub(crate) fn new_cache(&self) -> Option<kv_cache::SeqCache> {
+        match self {
+            TunedModel::Llama(m) => Some(m.new_cache()),
+            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => None,
+        }
+    }
+
+    /// Bytes of keys and values one position of a sequence takes, where
+    /// sequences can be batched (see [`TunedModel::new_cache`]).
+    pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
+        match self {
+            TunedModel::Llama(m) => Some(m.kv_bytes_per_position()),
+            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => None,
+        }
+    }
+
+    /// [`TunedModel::forward`] on the sequence whose keys and values
+    /// `cache` holds (from [`TunedModel::new_cache`]).
+    pub(crate) fn forward_in(
+        &self,
+        cache: &mut kv_cache::SeqCache,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            TunedModel::Llama(m) => m.forward_in(cache, tokens, position, pass),
+            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => {
+                candle_core::bail!("this architecture runs one sequence at a time")
+            }
+        }
+    }
+
+    /// One decode step of several sequences, each in its own cache; the
+    /// next-token logits `[steps, vocab]`.
+    pub(crate) fn decode_batch(
+        &self,
+        steps: &mut [DecodeStep<'_>],
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            TunedModel::Llama(m) => m.decode_batch(steps),
+            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => {
+                candle_core::bail!("this architecture runs one sequence at a time")
+            }
         }
     }
 
