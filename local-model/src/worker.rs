@@ -2,7 +2,7 @@
 //! handle for callers.
 //!
 //! Inference is CPU-bound, so one thread owns the model. Where the model
-//! can (the tuned engine's llama family), that thread runs every admitted
+//! can (GGUF models on the tuned engine), that thread runs every admitted
 //! request in the same decode step (continuous batching): decode is bound
 //! by reading the weights, and one pass over them serves the next token of
 //! every running request for little more than the cost of one. Requests

@@ -122,20 +122,17 @@ async fn wait_idle(handle: &ModelHandle) {
     panic!("the worker did not settle: {} in flight", handle.in_flight());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
+/// Runs `requests` alone on the model, alone through a batching worker,
+/// then all together, and holds every answer to the first.
+async fn alone_and_together_agree(load: impl Fn() -> LocalModel, requests: Vec<(Prompt, GenerationParams)>) {
     let mut model = load();
-    let requests: Vec<(Prompt, GenerationParams)> = questions()
-        .into_iter()
-        .map(|p| (p, GenerationParams { max_tokens: 24, ..GenerationParams::default() }))
-        .collect();
     let want = alone(&mut model, &requests);
     let limits = BatchLimits {
-        max_batch: 4,
+        max_batch: requests.len(),
         kv_cache_mib: 256,
     };
     let handle = ModelHandle::spawn_with(model, 8, limits).unwrap();
-    assert_eq!(handle.max_batch(), 4);
+    assert_eq!(handle.max_batch(), requests.len());
     // Through the worker one at a time: the batched path with one row.
     for ((prompt, params), want) in requests.iter().zip(&want) {
         let got = handle
@@ -146,7 +143,7 @@ async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
     }
     assert!((handle.mean_batch_size() - 1.0).abs() < 1e-9);
     wait_idle(&handle).await;
-    // All four together, on a fresh worker so the batch sizes are theirs.
+    // All together, on a fresh worker so the batch sizes are theirs.
     let handle = ModelHandle::spawn_with(load(), 8, limits).unwrap();
     let mut batch = Vec::new();
     let (first, release) = gate(requests[0].0.clone(), requests[0].1.clone());
@@ -169,6 +166,42 @@ async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
         handle.mean_batch_size()
     );
     wait_idle(&handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
+    let requests = questions()
+        .into_iter()
+        .map(|p| (p, GenerationParams { max_tokens: 24, ..GenerationParams::default() }))
+        .collect();
+    alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_gets_the_same_answers_alone_and_in_a_batch() {
+    let load = || {
+        let path = common::gemma3_path();
+        LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
+    };
+    let requests = questions().into_iter().map(|p| (p, params(20))).collect();
+    alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phi2_gets_the_same_answers_alone_and_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_phi(dir.path());
+    let path = common::write_tiny_phi2_gguf_from(
+        dir.path(),
+        candle_core::quantized::GgmlDType::Q8_0,
+        false,
+    );
+    let load = || LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let requests = ["abc", "hello there", "x", "a longer prompt of several words"]
+        .into_iter()
+        .map(|t| (Prompt::Text(t.into()), params(12)))
+        .collect();
+    alone_and_together_agree(load, requests).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Pieces shared by the tuned engine's architectures: the rotary rows of a
 //! forward call, splitting a stacked projection into heads, grouped-query
-//! attention over the cache (and its one-query decode step).
+//! attention over the cache (and the decode step's one query per sequence).
 
 use candle_core::{Result, Tensor, D};
 
@@ -87,35 +87,14 @@ pub(crate) fn split_heads(
     ))
 }
 
-/// The attention of a decode step (one token), outside candle's tensors:
-/// splits the token's `[q | k | v]` projection (`qkv`, `[1, 1, ..]`), lets
-/// `prepare` rotate (and normalise) the query and key in place, appends key
-/// and value to `cache` and attends over it, the last `window` positions
-/// only when given. Returns `[1, 1, heads * head_dim]`.
-pub(crate) fn decode_step(
-    qkv: &Tensor,
-    cache: &mut LayerCache,
-    heads: usize,
-    kv_heads: usize,
-    window: Option<usize>,
-    prepare: impl Fn(&mut [f32], &mut [f32]),
-) -> Result<Tensor> {
-    decode_rows(
-        qkv,
-        std::iter::once(cache),
-        heads,
-        kv_heads,
-        window,
-        |_, q, k| prepare(q, k),
-    )
-}
-
-/// [`decode_step`] for several sequences at once: row `i` of `qkv`
-/// (`[1, rows, ..]`, one batched product) is the new token of the sequence
-/// whose layer cache is the `i`-th of `caches`; `prepare` gets the row's
-/// index with its query and key. Each row attends over its own cache only,
-/// with the same arithmetic as a sequence decoded alone. Returns
-/// `[1, rows, heads * head_dim]`.
+/// The attention of a decode step, outside candle's tensors, for one or
+/// several sequences: row `i` of `qkv` (`[1, rows, ..]`, the `[q | k | v]`
+/// projection of every row in one batched product) is the new token of the
+/// sequence whose layer cache is the `i`-th of `caches`. `prepare` rotates
+/// (and normalises) row `i`'s query and key in place; the key and value
+/// are appended to the row's cache and the query attends over that cache
+/// only, the last `window` positions when given, with the same arithmetic
+/// whatever else is in the batch. Returns `[1, rows, heads * head_dim]`.
 pub(crate) fn decode_rows<'c>(
     qkv: &Tensor,
     caches: impl IntoIterator<Item = &'c mut LayerCache>,

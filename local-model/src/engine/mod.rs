@@ -68,12 +68,13 @@ impl TunedModel {
     }
 
     /// An empty KV cache for one more sequence, where this architecture
-    /// decodes several sequences in one step; `None` where it runs one
-    /// sequence at a time.
+    /// decodes several sequences in one step (all of the tuned engine's
+    /// do; `None` keeps room for one that does not).
     pub(crate) fn new_cache(&self) -> Option<kv_cache::SeqCache> {
         match self {
             TunedModel::Llama(m) => Some(m.new_cache()),
-            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => None,
+            TunedModel::Gemma3(m) => Some(m.new_cache()),
+            TunedModel::Phi2(m) => Some(m.new_cache()),
         }
     }
 
@@ -82,7 +83,8 @@ impl TunedModel {
     pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
         match self {
             TunedModel::Llama(m) => Some(m.kv_bytes_per_position()),
-            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => None,
+            TunedModel::Gemma3(m) => Some(m.kv_bytes_per_position()),
+            TunedModel::Phi2(m) => Some(m.kv_bytes_per_position()),
         }
     }
 
@@ -97,9 +99,8 @@ impl TunedModel {
     ) -> candle_core::Result<Tensor> {
         match self {
             TunedModel::Llama(m) => m.forward_in(cache, tokens, position, pass),
-            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => {
-                candle_core::bail!("this architecture runs one sequence at a time")
-            }
+            TunedModel::Gemma3(m) => m.forward_in(cache, tokens, position, pass),
+            TunedModel::Phi2(m) => m.forward_in(cache, tokens, position, pass),
         }
     }
 
@@ -111,9 +112,8 @@ impl TunedModel {
     ) -> candle_core::Result<Tensor> {
         match self {
             TunedModel::Llama(m) => m.decode_batch(steps),
-            TunedModel::Gemma3(_) | TunedModel::Phi2(_) => {
-                candle_core::bail!("this architecture runs one sequence at a time")
-            }
+            TunedModel::Gemma3(m) => m.decode_batch(steps),
+            TunedModel::Phi2(m) => m.decode_batch(steps),
         }
     }
 
