@@ -298,7 +298,8 @@ impl LocalModel {
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> Control,
     ) -> Result<Generation, GenerateError> {
         let (prompt_ids, max_new) = self.prepare(prompt, params)?;
-        let mut sequence = Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
+        let mut sequence =
+            Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
         let prefill_started = Instant::now();
         let (logits, cached) = if max_new > 0 {
             self.backend.prefill(&prompt_ids, &self.device)?
@@ -371,9 +372,10 @@ impl LocalModel {
         params: &GenerationParams,
     ) -> Result<Sequence<'t>, GenerateError> {
         let mut sequence = Sequence::new(tokenizer, prompt_ids.len(), max_new, params);
-        let mut cache = self.backend.new_sequence_cache().ok_or_else(|| {
-            GenerateError::Model("this model runs one request at a time".into())
-        })?;
+        let mut cache = self
+            .backend
+            .new_sequence_cache()
+            .ok_or_else(|| GenerateError::Model("this model runs one request at a time".into()))?;
         let prefill_started = Instant::now();
         let logits = if max_new > 0 {
             self.backend.prefill_in(&mut cache, prompt_ids)?

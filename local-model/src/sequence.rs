@@ -259,4 +259,3 @@ impl<'a> Run<'a> {
         Ok(text)
     }
 }
-

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::engine::kv_cache::allocated_positions;
 use crate::error::GenerateError;
 use crate::generate::{Control, Generation, GenerationParams, Prompt, TokenEvent};
-use crate::engine::kv_cache::allocated_positions;
 use crate::model::{LocalModel, ModelInfo, PromptEncoder};
 use crate::sequence::Sequence;
 
@@ -237,7 +237,9 @@ impl ModelHandle {
         let ahead = self.in_flight() as u64;
         let slots = self.max_batch.max(1) as u64;
         let batches = (ahead + 1).saturating_sub(slots).div_ceil(slots);
-        Duration::from_micros(batches.saturating_mul(self.shared.avg_run_us.load(Ordering::Relaxed)))
+        Duration::from_micros(
+            batches.saturating_mul(self.shared.avg_run_us.load(Ordering::Relaxed)),
+        )
     }
 
     /// Queues a generation and waits for it. Dropping the returned future

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use local_model::{
-    BatchLimits, ChatMessage, Control, FinishReason, GenerateRequest, Generation,
-    GenerationParams, LoadOptions, LocalModel, ModelHandle, Prompt,
+    BatchLimits, ChatMessage, Control, FinishReason, GenerateRequest, Generation, GenerationParams,
+    LoadOptions, LocalModel, ModelHandle, Prompt,
 };
 
 fn load() -> LocalModel {
@@ -112,19 +112,25 @@ fn questions() -> Vec<Prompt> {
     .collect()
 }
 
+/// Waits for the worker to have nothing waiting or running, and checks
+/// that it gets there.
 async fn wait_idle(handle: &ModelHandle) {
     for _ in 0..500 {
         if handle.in_flight() == 0 && handle.active() == 0 {
-            return;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the worker did not settle: {} in flight", handle.in_flight());
+    assert_eq!(handle.in_flight(), 0, "requests still in flight");
+    assert_eq!(handle.active(), 0, "requests still running");
 }
 
 /// Runs `requests` alone on the model, alone through a batching worker,
 /// then all together, and holds every answer to the first.
-async fn alone_and_together_agree(load: impl Fn() -> LocalModel, requests: Vec<(Prompt, GenerationParams)>) {
+async fn alone_and_together_agree(
+    load: impl Fn() -> LocalModel,
+    requests: Vec<(Prompt, GenerationParams)>,
+) {
     let mut model = load();
     let want = alone(&mut model, &requests);
     let limits = BatchLimits {
@@ -158,7 +164,11 @@ async fn alone_and_together_agree(load: impl Fn() -> LocalModel, requests: Vec<(
     let answers = together(&handle, batch).await;
     releaser.await.unwrap();
     for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
-        assert_same(&answer.unwrap().generation, want, &format!("request {i} in a batch"));
+        assert_same(
+            &answer.unwrap().generation,
+            want,
+            &format!("request {i} in a batch"),
+        );
     }
     assert!(
         handle.mean_batch_size() > 1.5,
@@ -172,7 +182,15 @@ async fn alone_and_together_agree(load: impl Fn() -> LocalModel, requests: Vec<(
 async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
     let requests = questions()
         .into_iter()
-        .map(|p| (p, GenerationParams { max_tokens: 24, ..GenerationParams::default() }))
+        .map(|p| {
+            (
+                p,
+                GenerationParams {
+                    max_tokens: 24,
+                    ..GenerationParams::default()
+                },
+            )
+        })
         .collect();
     alone_and_together_agree(load, requests).await;
 }
@@ -197,10 +215,15 @@ async fn phi2_gets_the_same_answers_alone_and_in_a_batch() {
         false,
     );
     let load = || LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let requests = ["abc", "hello there", "x", "a longer prompt of several words"]
-        .into_iter()
-        .map(|t| (Prompt::Text(t.into()), params(12)))
-        .collect();
+    let requests = [
+        "abc",
+        "hello there",
+        "x",
+        "a longer prompt of several words",
+    ]
+    .into_iter()
+    .map(|t| (Prompt::Text(t.into()), params(12)))
+    .collect();
     alone_and_together_agree(load, requests).await;
 }
 
@@ -220,8 +243,14 @@ async fn sequences_end_on_their_own_and_the_others_go_on_unchanged() {
     let handle = ModelHandle::spawn_with(model, 8, BatchLimits::default()).unwrap();
     let (first, release) = gate(requests[0].0.clone(), requests[0].1.clone());
     let mut batch = vec![first];
-    batch.push(GenerateRequest::new(requests[1].0.clone(), requests[1].1.clone()));
-    batch.push(GenerateRequest::new(requests[2].0.clone(), requests[2].1.clone()));
+    batch.push(GenerateRequest::new(
+        requests[1].0.clone(),
+        requests[1].1.clone(),
+    ));
+    batch.push(GenerateRequest::new(
+        requests[2].0.clone(),
+        requests[2].1.clone(),
+    ));
     let mut stopper = GenerateRequest::new(requests[3].0.clone(), requests[3].1.clone());
     stopper.on_token = Some(Box::new(|event| {
         if event.tokens_so_far.len() >= 5 {
@@ -343,7 +372,11 @@ async fn a_full_kv_budget_makes_requests_wait_instead_of_joining() {
         let answers = together(&handle, batch).await;
         releaser.await.unwrap();
         for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
-            assert_same(&answer.unwrap().generation, want, &format!("{mib} MiB: request {i}"));
+            assert_same(
+                &answer.unwrap().generation,
+                want,
+                &format!("{mib} MiB: request {i}"),
+            );
         }
         // At most `most` at a time, and more than one where two fit.
         let mean = handle.mean_batch_size();
@@ -367,7 +400,9 @@ async fn random_arrivals_with_mixed_prompts_are_all_answered() {
         state ^= state << 17;
         state % bound
     };
-    let words = ["alpha", "river", "seven", "cloud", "stone", "quick", "green"];
+    let words = [
+        "alpha", "river", "seven", "cloud", "stone", "quick", "green",
+    ];
     let mut requests = Vec::new();
     for i in 0..14 {
         let len = 1 + next(60) as usize;
@@ -384,8 +419,10 @@ async fn random_arrivals_with_mixed_prompts_are_all_answered() {
         };
         requests.push((prompt, p, next(150)));
     }
-    let plain: Vec<(Prompt, GenerationParams)> =
-        requests.iter().map(|(p, g, _)| (p.clone(), g.clone())).collect();
+    let plain: Vec<(Prompt, GenerationParams)> = requests
+        .iter()
+        .map(|(p, g, _)| (p.clone(), g.clone()))
+        .collect();
     let want = alone(&mut model, &plain);
     let handle = ModelHandle::spawn_with(
         model,
@@ -414,8 +451,8 @@ async fn random_arrivals_with_mixed_prompts_are_all_answered() {
     answers.sort_by_key(|(i, _)| *i);
     assert_eq!(answers.len(), want.len(), "every request is answered");
     for ((i, out), want) in answers.into_iter().zip(&want) {
-        let got = out.unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_same(&got.generation, want, &format!("request {i}"));
+        assert!(out.is_ok(), "request {i}: {:?}", out.err());
+        assert_same(&out.unwrap().generation, want, &format!("request {i}"));
     }
     wait_idle(&handle).await;
 }

@@ -168,7 +168,7 @@ pub struct RawLocal {
     /// Skip the part of a prompt that repeats the previous prompt's start.
     pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
-    /// Requests decoded together in one step at most (tuned llama-family models).
+    /// Requests decoded together in one step at most (GGUF models on the tuned engine).
     pub max_batch: usize,
     /// KV-cache memory the requests running together may take, in MiB.
     pub kv_cache_mib: usize,
@@ -761,7 +761,10 @@ fn validate_local(raw: &RawLocal, base_dir: Option<&Path>) -> Result<LocalConfig
         return Err(invalid("local.max_tokens", "must be positive"));
     }
     if raw.max_batch == 0 {
-        return Err(invalid("local.max_batch", "must be positive (1 runs one request at a time)"));
+        return Err(invalid(
+            "local.max_batch",
+            "must be positive (1 runs one request at a time)",
+        ));
     }
     if raw.kv_cache_mib == 0 {
         return Err(invalid("local.kv_cache_mib", "must be positive"));

@@ -341,8 +341,8 @@ impl Gemma3 {
         let shape = self.shape;
         let head_dim = shape.head_dim;
         let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
-        let mut x =
-            (self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)? * (shape.width as f64).sqrt())?;
+        let mut x = (self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?
+            * (shape.width as f64).sqrt())?;
         for (l, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;

@@ -106,10 +106,7 @@ impl TunedModel {
 
     /// One decode step of several sequences, each in its own cache; the
     /// next-token logits `[steps, vocab]`.
-    pub(crate) fn decode_batch(
-        &self,
-        steps: &mut [DecodeStep<'_>],
-    ) -> candle_core::Result<Tensor> {
+    pub(crate) fn decode_batch(&self, steps: &mut [DecodeStep<'_>]) -> candle_core::Result<Tensor> {
         match self {
             TunedModel::Llama(m) => m.decode_batch(steps),
             TunedModel::Gemma3(m) => m.decode_batch(steps),
