@@ -13,14 +13,16 @@
 //! requests over the wall time of the round, prefills included), decode
 //! tokens/s (the same over the time after the last prefill, the batch's
 //! steady state), per-request latency p50/p99 and time to first token
-//! p50, and the mean batch size of the decode steps.
+//! p50, and the mean batch size of the decode steps. First, as a
+//! reference, the same request alone through `LocalModel::generate`
+//! without the worker (`bench::run`: medians of prefill and decode tokens/s).
 
 #![allow(clippy::print_stdout)]
 
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use local_model::bench::{median, peak_rss_mib, synthetic_prompt};
+use local_model::bench::{self, median, peak_rss_mib, synthetic_prompt};
 use local_model::{
     BatchLimits, GenerateRequest, GenerationParams, LoadOptions, LocalModel, ModelHandle, Prompt,
 };
@@ -59,6 +61,11 @@ async fn main() -> anyhow::Result<()> {
         "model {} ({}), {threads} threads, prompt {prompt_tokens} tokens, {decode} decoded per request, {rounds} rounds",
         model.info().name,
         model.info().architecture.as_str()
+    );
+    let serial = bench::run(&mut model, &prompt, decode, rounds.max(3))?;
+    println!(
+        "alone, without the worker: prefill {:.1} tok/s, decode {:.1} tok/s",
+        serial.median_prefill_tokens_per_second, serial.median_decode_tokens_per_second
     );
     println!("| c | aggregate tok/s | decode tok/s | latency p50 s | latency p99 s | TTFT p50 s | mean batch |");
     println!("|---|---|---|---|---|---|---|");
