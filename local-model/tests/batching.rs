@@ -80,14 +80,21 @@ fn gate(prompt: Prompt, params: GenerationParams) -> (GenerateRequest, mpsc::Sen
     (request, release_tx)
 }
 
-/// Sends every request at once (the first holding the model until all are
-/// queued) and returns the answers in order.
+/// Sends `first` (held on its first token for 200 ms, see [`gate`]) and
+/// then each of `rest`, in order, and returns the answers in that order:
+/// every request of `rest` is queued before `first` lets the model go on.
 async fn together(
     handle: &ModelHandle,
-    requests: Vec<GenerateRequest>,
+    first: &(Prompt, GenerationParams),
+    rest: Vec<GenerateRequest>,
 ) -> Vec<Result<local_model::WorkerOutput, local_model::WorkerError>> {
+    let (first, release) = gate(first.0.clone(), first.1.clone());
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+    });
     let mut tasks = Vec::new();
-    for request in requests {
+    for request in std::iter::once(first).chain(rest) {
         let h = handle.clone();
         tasks.push(tokio::spawn(async move { h.generate(request).await }));
         // Keep the arrival order, so the batch order is known.
@@ -97,7 +104,16 @@ async fn together(
     for task in tasks {
         out.push(task.await.unwrap());
     }
+    releaser.await.unwrap();
     out
+}
+
+/// Plain requests of the given prompts and parameters.
+fn plain(requests: &[(Prompt, GenerationParams)]) -> Vec<GenerateRequest> {
+    requests
+        .iter()
+        .map(|(prompt, params)| GenerateRequest::new(prompt.clone(), params.clone()))
+        .collect()
 }
 
 fn questions() -> Vec<Prompt> {
@@ -151,18 +167,7 @@ async fn alone_and_together_agree(
     wait_idle(&handle).await;
     // All together, on a fresh worker so the batch sizes are theirs.
     let handle = ModelHandle::spawn_with(load(), 8, limits).unwrap();
-    let mut batch = Vec::new();
-    let (first, release) = gate(requests[0].0.clone(), requests[0].1.clone());
-    batch.push(first);
-    for (prompt, params) in &requests[1..] {
-        batch.push(GenerateRequest::new(prompt.clone(), params.clone()));
-    }
-    let releaser = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        release.send(()).unwrap();
-    });
-    let answers = together(&handle, batch).await;
-    releaser.await.unwrap();
+    let answers = together(&handle, &requests[0], plain(&requests[1..])).await;
     for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
         assert_same(
             &answer.unwrap().generation,
@@ -241,16 +246,7 @@ async fn sequences_end_on_their_own_and_the_others_go_on_unchanged() {
         .collect();
     let want = alone(&mut model, &requests);
     let handle = ModelHandle::spawn_with(model, 8, BatchLimits::default()).unwrap();
-    let (first, release) = gate(requests[0].0.clone(), requests[0].1.clone());
-    let mut batch = vec![first];
-    batch.push(GenerateRequest::new(
-        requests[1].0.clone(),
-        requests[1].1.clone(),
-    ));
-    batch.push(GenerateRequest::new(
-        requests[2].0.clone(),
-        requests[2].1.clone(),
-    ));
+    let mut batch = plain(&requests[1..3]);
     let mut stopper = GenerateRequest::new(requests[3].0.clone(), requests[3].1.clone());
     stopper.on_token = Some(Box::new(|event| {
         if event.tokens_so_far.len() >= 5 {
@@ -260,16 +256,11 @@ async fn sequences_end_on_their_own_and_the_others_go_on_unchanged() {
         }
     }));
     batch.push(stopper);
-    let releaser = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        release.send(()).unwrap();
-    });
-    let answers: Vec<Generation> = together(&handle, batch)
+    let answers: Vec<Generation> = together(&handle, &requests[0], batch)
         .await
         .into_iter()
         .map(|a| a.unwrap().generation)
         .collect();
-    releaser.await.unwrap();
     for i in 0..3 {
         assert_eq!(answers[i].finish_reason, FinishReason::Length);
         assert_eq!(answers[i].tokens.len(), lengths[i]);
@@ -360,17 +351,7 @@ async fn a_full_kv_budget_makes_requests_wait_instead_of_joining() {
             },
         )
         .unwrap();
-        let (first, release) = gate(requests[0].0.clone(), requests[0].1.clone());
-        let mut batch = vec![first];
-        for (prompt, params) in &requests[1..] {
-            batch.push(GenerateRequest::new(prompt.clone(), params.clone()));
-        }
-        let releaser = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            release.send(()).unwrap();
-        });
-        let answers = together(&handle, batch).await;
-        releaser.await.unwrap();
+        let answers = together(&handle, &requests[0], plain(&requests[1..])).await;
         for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
             assert_same(
                 &answer.unwrap().generation,

@@ -62,6 +62,18 @@ impl Rotary {
         };
         Ok(Self { cos, sin, row })
     }
+
+    /// The row of the tables at one `position`, as plain values.
+    pub(crate) fn row_at(
+        cos: &Tensor,
+        sin: &Tensor,
+        position: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        match Self::at(cos, sin, position, 1)?.row {
+            Some(row) => Ok(row),
+            None => candle_core::bail!("no rotary row for a one-token step"),
+        }
+    }
 }
 
 /// The query, key and value heads of a stacked projection `qkv`

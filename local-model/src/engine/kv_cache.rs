@@ -42,6 +42,17 @@ impl SeqCache {
             layer.truncate(len);
         }
     }
+
+    /// Checks that this cache belongs to a model of `layers` layers.
+    pub(crate) fn check(&self, layers: usize) -> Result<()> {
+        if self.layers.len() != layers {
+            candle_core::bail!(
+                "a cache of {} layers for a model of {layers}",
+                self.layers.len()
+            )
+        }
+        Ok(())
+    }
 }
 
 /// Positions a cache of `needed` positions actually allocates: it grows

@@ -16,7 +16,7 @@ use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, DecodeStep, Pass, PrefillWeights};
+use super::{check_step, check_steps, DecodeStep, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +41,7 @@ struct Block {
 }
 
 /// A llama-architecture model with the KV cache of its serial sequence
-/// (batched sequences bring their own, see [`Llama::decode_batch`]).
+/// (batched sequences bring their own, see [`Llama::decode_rows`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Llama {
     cache: SeqCache,
@@ -242,9 +242,9 @@ impl Llama {
                 token: tokens[0],
                 position,
             }];
-            return self.rows(&mut step, pass)?.squeeze(0);
+            return self.decode_rows(&mut step, pass)?.squeeze(0);
         }
-        self.check_cache(cache)?;
+        cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.max_positions()?)?;
         let device = self.norm.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
@@ -262,38 +262,18 @@ impl Llama {
         self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
 
-    /// One decode step of several sequences: each step's token at its
-    /// position in its own cache. Every matrix product runs once over all
-    /// of them (one pass over the weights for the whole batch); attention
-    /// runs per sequence. Returns the next-token logits, `[steps, vocab]`.
-    pub(crate) fn decode_batch(&self, steps: &mut [DecodeStep<'_>]) -> Result<Tensor> {
-        self.rows(steps, Pass::Decode)
-    }
-
-    fn check_cache(&self, cache: &SeqCache) -> Result<()> {
-        if cache.layers.len() != self.blocks.len() {
-            candle_core::bail!(
-                "a cache of {} layers for a model of {}",
-                cache.layers.len(),
-                self.blocks.len()
-            )
-        }
-        Ok(())
-    }
-
-    /// One token per step, each in its own sequence; `[steps, vocab]`.
-    fn rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
-        let max_positions = self.max_positions()?;
-        let mut rotary = Vec::with_capacity(steps.len());
-        for step in steps.iter() {
-            self.check_cache(step.cache)?;
-            check_step(1, step.position, step.cache.len(), max_positions)?;
-            let row = Rotary::at(&self.cos, &self.sin, step.position, 1)?.row;
-            let Some(row) = row else {
-                candle_core::bail!("no rotary row for a one-token step")
-            };
-            rotary.push(row);
-        }
+    /// One decode step of several sequences (or a one-token prefill):
+    /// each step's token at its position in its own cache. Every matrix
+    /// product runs once over all of them (one pass over the weights for
+    /// the whole batch); attention runs per sequence, the same for a
+    /// sequence alone as in a batch. Returns the next-token logits,
+    /// `[steps, vocab]`.
+    pub(crate) fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+        check_steps(steps, self.blocks.len(), self.max_positions()?)?;
+        let rotary = steps
+            .iter()
+            .map(|s| Rotary::row_at(&self.cos, &self.sin, s.position))
+            .collect::<Result<Vec<_>>>()?;
         let device = self.norm.device().clone();
         let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
         let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;

@@ -35,6 +35,20 @@ pub(crate) struct DecodeStep<'a> {
     pub(crate) position: usize,
 }
 
+/// Checks every step of a batched decode step against its cache (a model
+/// of `layers` layers, sequences of at most `max_positions`).
+pub(crate) fn check_steps(
+    steps: &[DecodeStep<'_>],
+    layers: usize,
+    max_positions: usize,
+) -> candle_core::Result<()> {
+    for step in steps {
+        step.cache.check(layers)?;
+        check_step(1, step.position, step.cache.len(), max_positions)?;
+    }
+    Ok(())
+}
+
 /// A model on the tuned engine.
 #[derive(Debug, Clone)]
 pub(crate) enum TunedModel {
@@ -108,9 +122,9 @@ impl TunedModel {
     /// next-token logits `[steps, vocab]`.
     pub(crate) fn decode_batch(&self, steps: &mut [DecodeStep<'_>]) -> candle_core::Result<Tensor> {
         match self {
-            TunedModel::Llama(m) => m.decode_batch(steps),
-            TunedModel::Gemma3(m) => m.decode_batch(steps),
-            TunedModel::Phi2(m) => m.decode_batch(steps),
+            TunedModel::Llama(m) => m.decode_rows(steps, Pass::Decode),
+            TunedModel::Gemma3(m) => m.decode_rows(steps, Pass::Decode),
+            TunedModel::Phi2(m) => m.decode_rows(steps, Pass::Decode),
         }
     }
 
