@@ -94,6 +94,9 @@ pub struct LoadOptions {
     /// of another size, and the log-probs can then differ in the third
     /// decimal (measured up to 0.002 nats), so the same request could get a
     /// slightly different confidence depending on what ran before it.
+    /// Applies to `LocalModel::generate`; the batching worker
+    /// (`ModelHandle`) gives every request a cache of its own and never
+    /// reuses a prefix.
     pub reuse_prompt_prefix: bool,
 }
 
