@@ -3,7 +3,8 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
 
-use crate::engine::{Pass, TunedModel};
+use crate::engine::kv_cache::SeqCache;
+use crate::engine::{DecodeStep, Pass, TunedModel};
 use crate::error::GenerateError;
 use crate::phi_mixed::MixedPhi;
 
@@ -131,6 +132,57 @@ impl Backend {
         }
         self.reset();
         Ok((self.forward(prompt, 0, device)?, 0))
+    }
+
+    /// Bytes of keys and values per position of a sequence, where this
+    /// backend decodes several sequences in one step.
+    pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
+        match self {
+            Backend::Tuned { model, .. } => model.kv_bytes_per_position(),
+            _ => None,
+        }
+    }
+
+    /// An empty cache for a sequence of its own, where this backend decodes
+    /// several sequences in one step.
+    pub(crate) fn new_sequence_cache(&self) -> Option<SeqCache> {
+        match self {
+            Backend::Tuned { model, .. } => model.new_cache(),
+            _ => None,
+        }
+    }
+
+    /// Runs a whole prompt into `cache` (a sequence of its own, empty) and
+    /// returns the logits for its next token. A fresh prefill, as
+    /// [`Backend::prefill`] does without prefix reuse.
+    pub(crate) fn prefill_in(
+        &self,
+        cache: &mut SeqCache,
+        prompt: &[u32],
+    ) -> Result<Vec<f32>, GenerateError> {
+        let Backend::Tuned { model, .. } = self else {
+            return Err(GenerateError::Model(
+                "only the tuned engine runs sequences with their own caches".into(),
+            ));
+        };
+        cache.truncate(0);
+        let logits = model.forward_in(cache, prompt, 0, Pass::Prefill)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    /// One decode step of several sequences with their own caches; the
+    /// next-token logits of each, in order.
+    pub(crate) fn decode_batch(
+        &self,
+        steps: &mut [DecodeStep<'_>],
+    ) -> Result<Vec<Vec<f32>>, GenerateError> {
+        let Backend::Tuned { model, .. } = self else {
+            return Err(GenerateError::Model(
+                "only the tuned engine runs sequences with their own caches".into(),
+            ));
+        };
+        let logits = model.decode_batch(steps)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
     /// Runs `tokens` (placed at `position` in the sequence) and returns the

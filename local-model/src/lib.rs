@@ -15,6 +15,7 @@ pub mod generate;
 pub mod model;
 pub mod phi_mixed;
 pub mod sampling;
+mod sequence;
 pub mod signals;
 pub mod spec;
 pub mod synthetic;
@@ -34,4 +35,6 @@ pub use sampling::Sampling;
 pub use signals::TokenRecord;
 pub use spec::ModelSpec;
 pub use template::{ChatMessage, ChatTemplate};
-pub use worker::{GenerateRequest, ModelHandle, TokenCallback, WorkerError, WorkerOutput};
+pub use worker::{
+    BatchLimits, GenerateRequest, ModelHandle, TokenCallback, WorkerError, WorkerOutput,
+};

@@ -15,18 +15,16 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::backend::{Architecture, Backend};
-use crate::detok::IncrementalDecoder;
 use crate::engine::gemma3::Gemma3;
 use crate::engine::llama::{self as tuned_llama, Llama};
 use crate::engine::phi2::Phi2;
-use crate::engine::{Kernels, PrefillWeights, TunedModel};
+use crate::engine::{DecodeStep, Kernels, PrefillWeights, TunedModel};
 use crate::error::{GenerateError, LoadError};
-use crate::generate::{
-    Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
-};
+use crate::generate::{Control, Generation, GenerationParams, Prompt, TokenEvent};
 use crate::phi_mixed::{MixedPhi, PhiConfig};
-use crate::sampling::{Sampler, Sampling};
-use crate::signals::{signals_from_logits, TokenRecord};
+use crate::sampling::Sampling;
+use crate::sequence::Sequence;
+use crate::signals::signals_from_logits;
 use crate::spec::{ModelSpec, ResolvedModel};
 use crate::template::ChatTemplate;
 use crate::tokenizer;
@@ -96,6 +94,9 @@ pub struct LoadOptions {
     /// of another size, and the log-probs can then differ in the third
     /// decimal (measured up to 0.002 nats), so the same request could get a
     /// slightly different confidence depending on what ran before it.
+    /// Applies to `LocalModel::generate`; the batching worker
+    /// (`ModelHandle`) gives every request a cache of its own and never
+    /// reuses a prefix.
     pub reuse_prompt_prefix: bool,
 }
 
@@ -299,6 +300,32 @@ impl LocalModel {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> Control,
     ) -> Result<Generation, GenerateError> {
+        let (prompt_ids, max_new) = self.prepare(prompt, params)?;
+        let mut sequence =
+            Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
+        let prefill_started = Instant::now();
+        let (logits, cached) = if max_new > 0 {
+            self.backend.prefill(&prompt_ids, &self.device)?
+        } else {
+            (Vec::new(), 0)
+        };
+        sequence.start(logits, cached, prefill_started.elapsed());
+        while sequence.step(&self.eos_ids, on_token)? {
+            let (token, position) = sequence.pending();
+            let logits = self.backend.forward(&[token], position, &self.device)?;
+            sequence.advance(logits);
+        }
+        sequence.finish()
+    }
+
+    /// Checks a request and encodes its prompt: the prompt's tokens and
+    /// how many tokens it may generate (`max_tokens` within the context
+    /// window).
+    pub(crate) fn prepare(
+        &self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+    ) -> Result<(Vec<u32>, usize), GenerateError> {
         let is_empty = match prompt {
             Prompt::Chat(messages) => messages.iter().all(|m| m.content.trim().is_empty()),
             Prompt::Text(text) => text.trim().is_empty(),
@@ -328,178 +355,69 @@ impl LocalModel {
             });
         }
         let max_new = params.max_tokens.min(context_window - prompt_ids.len());
-        let mut run = Run::new(&self.encoder.tokenizer, &params.stop);
-        let mut sampler = Sampler::new(params.sampling, params.seed);
-        let mut timings = Timings::default();
+        Ok((prompt_ids, max_new))
+    }
 
+    /// Bytes of keys and values one position of a sequence takes, where
+    /// this model decodes several sequences in one step; `None` where it
+    /// runs one request at a time.
+    pub(crate) fn batch_kv_bytes_per_position(&self) -> Option<usize> {
+        self.backend.kv_bytes_per_position()
+    }
+
+    /// Starts a request that will run in batched decode steps: prefills
+    /// `prompt_ids` (from [`LocalModel::prepare`]) into a cache of its own.
+    pub(crate) fn begin<'t>(
+        &mut self,
+        tokenizer: &'t Tokenizer,
+        prompt_ids: &[u32],
+        max_new: usize,
+        params: &GenerationParams,
+    ) -> Result<Sequence<'t>, GenerateError> {
+        let mut sequence = Sequence::new(tokenizer, prompt_ids.len(), max_new, params);
+        let mut cache = self
+            .backend
+            .new_sequence_cache()
+            .ok_or_else(|| GenerateError::Model("this model runs one request at a time".into()))?;
         let prefill_started = Instant::now();
-        let mut logits = if max_new > 0 {
-            let (logits, cached) = self.backend.prefill(&prompt_ids, &self.device)?;
-            timings.cached_prompt_tokens = cached;
-            logits
+        let logits = if max_new > 0 {
+            self.backend.prefill_in(&mut cache, prompt_ids)?
         } else {
             Vec::new()
         };
-        timings.prefill_ms = Timings::ms(prefill_started.elapsed());
+        sequence.cache = Some(cache);
+        sequence.start(logits, 0, prefill_started.elapsed());
+        Ok(sequence)
+    }
 
-        let decode_started = Instant::now();
-        let mut finish = FinishReason::Length;
-        // Each decoded token sits right after the prompt and the tokens before it.
-        for (step, position) in (0..max_new).zip(prompt_ids.len()..) {
-            let next = sampler.pick(&logits);
-            let next_id = next as u32;
-            if !params.ignore_eos && self.eos_ids.contains(&next_id) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let signals = signals_from_logits(&logits, next);
-            let outcome = run.push(next_id, signals)?;
-            let control = {
-                let event = TokenEvent {
-                    token: run.last_token(),
-                    text_delta: &outcome.delta,
-                    tokens_so_far: &run.tokens,
+    /// One decode step of every sequence in `batch` (each from
+    /// [`LocalModel::begin`], each with a pending token): one pass over the
+    /// weights for all of them.
+    pub(crate) fn decode_together(
+        &mut self,
+        batch: &mut [&mut Sequence<'_>],
+    ) -> Result<(), GenerateError> {
+        let logits = {
+            let mut steps = Vec::with_capacity(batch.len());
+            for sequence in batch.iter_mut() {
+                let (token, position) = sequence.pending();
+                let Some(cache) = sequence.cache.as_mut() else {
+                    return Err(GenerateError::Model(
+                        "a sequence without its own cache in a batched step".into(),
+                    ));
                 };
-                on_token(&event)
-            };
-            if outcome.hit_stop {
-                finish = FinishReason::Stop;
-                break;
+                steps.push(DecodeStep {
+                    cache,
+                    token,
+                    position,
+                });
             }
-            if control == Control::Stop {
-                finish = FinishReason::Aborted;
-                break;
-            }
-            if step + 1 == max_new {
-                break;
-            }
-            logits = self.backend.forward(&[next_id], position, &self.device)?;
-        }
-        timings.decode_ms = Timings::ms(decode_started.elapsed());
-        let text = run.finish()?;
-        Ok(Generation {
-            text,
-            usage: Usage {
-                prompt_tokens: prompt_ids.len(),
-                completion_tokens: run.tokens.len(),
-            },
-            tokens: run.tokens,
-            finish_reason: finish,
-            timings,
-        })
-    }
-}
-
-/// Per-request decoding state: tokens, text, and stop-sequence hold-back.
-struct Run<'a> {
-    decoder: IncrementalDecoder<'a>,
-    stop: &'a [String],
-    tokens: Vec<TokenRecord>,
-    text: String,
-    /// Bytes of `text` already handed to the callback.
-    released: usize,
-    stopped_at: Option<usize>,
-}
-
-struct PushOutcome {
-    delta: String,
-    hit_stop: bool,
-}
-
-impl<'a> Run<'a> {
-    fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
-        Self {
-            decoder: IncrementalDecoder::new(tokenizer),
-            stop,
-            tokens: Vec::new(),
-            text: String::new(),
-            released: 0,
-            stopped_at: None,
-        }
-    }
-
-    fn last_token(&self) -> &TokenRecord {
-        // push() always adds a token before this is called.
-        &self.tokens[self.tokens.len() - 1]
-    }
-
-    fn push(&mut self, id: u32, s: crate::signals::Signals) -> Result<PushOutcome, GenerateError> {
-        let piece = self.decoder.push(id).map_err(GenerateError::Tokenizer)?;
-        self.text.push_str(&piece);
-        self.tokens.push(TokenRecord {
-            id,
-            text: piece,
-            logprob: s.logprob,
-            entropy: s.entropy,
-            margin: s.margin,
-        });
-        if let Some(at) = self.find_stop() {
-            self.stopped_at = Some(at);
-            let delta = self.text[self.released.min(at)..at].to_string();
-            self.released = at;
-            return Ok(PushOutcome {
-                delta,
-                hit_stop: true,
-            });
-        }
-        // Hold back any tail that could still grow into a stop sequence.
-        let safe = self.text.len() - self.held_back();
-        let delta = if safe > self.released {
-            self.text[self.released..safe].to_string()
-        } else {
-            String::new()
+            self.backend.decode_batch(&mut steps)?
         };
-        self.released = self.released.max(safe);
-        Ok(PushOutcome {
-            delta,
-            hit_stop: false,
-        })
-    }
-
-    fn find_stop(&self) -> Option<usize> {
-        // Only the recent tail can contain a new match.
-        let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.released.saturating_sub(longest);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
+        for (sequence, logits) in batch.iter_mut().zip(logits) {
+            sequence.advance(logits);
         }
-        self.stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| i + from))
-            .min()
-    }
-
-    fn held_back(&self) -> usize {
-        let mut held = 0;
-        for stop in self.stop.iter().filter(|s| !s.is_empty()) {
-            for (len, _) in stop.char_indices().skip(1) {
-                if len > held && self.text.ends_with(&stop[..len]) {
-                    held = len;
-                }
-            }
-        }
-        held
-    }
-
-    fn finish(&mut self) -> Result<String, GenerateError> {
-        if self.stopped_at.is_none() {
-            let rest = self.decoder.finish().map_err(GenerateError::Tokenizer)?;
-            if !rest.is_empty() {
-                self.text.push_str(&rest);
-                if let Some(last) = self.tokens.last_mut() {
-                    last.text.push_str(&rest);
-                }
-            }
-            if let Some(at) = self.find_stop() {
-                self.stopped_at = Some(at);
-            }
-        }
-        let mut text = std::mem::take(&mut self.text);
-        if let Some(at) = self.stopped_at {
-            text.truncate(at);
-        }
-        Ok(text)
+        Ok(())
     }
 }
 

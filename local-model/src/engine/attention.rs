@@ -1,6 +1,6 @@
 //! Pieces shared by the tuned engine's architectures: the rotary rows of a
 //! forward call, splitting a stacked projection into heads, grouped-query
-//! attention over the cache (and its one-query decode step).
+//! attention over the cache (and the decode step's one query per sequence).
 
 use candle_core::{Result, Tensor, D};
 
@@ -62,6 +62,18 @@ impl Rotary {
         };
         Ok(Self { cos, sin, row })
     }
+
+    /// The row of the tables at one `position`, as plain values.
+    pub(crate) fn row_at(
+        cos: &Tensor,
+        sin: &Tensor,
+        position: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        match Self::at(cos, sin, position, 1)?.row {
+            Some(row) => Ok(row),
+            None => candle_core::bail!("no rotary row for a one-token step"),
+        }
+    }
 }
 
 /// The query, key and value heads of a stacked projection `qkv`
@@ -87,26 +99,42 @@ pub(crate) fn split_heads(
     ))
 }
 
-/// The attention of a decode step (one token), outside candle's tensors:
-/// splits the token's `[q | k | v]` projection (`qkv`, `[1, 1, ..]`), lets
-/// `prepare` rotate (and normalise) the query and key in place, appends key
-/// and value to `cache` and attends over it, the last `window` positions
-/// only when given. Returns `[1, 1, heads * head_dim]`.
-pub(crate) fn decode_step(
+/// The attention of a decode step, outside candle's tensors, for one or
+/// several sequences: row `i` of `qkv` (`[1, rows, ..]`, the `[q | k | v]`
+/// projection of every row in one batched product) is the new token of the
+/// sequence whose layer cache is the `i`-th of `caches`. `prepare` rotates
+/// (and normalises) row `i`'s query and key in place; the key and value
+/// are appended to the row's cache and the query attends over that cache
+/// only, the last `window` positions when given, with the same arithmetic
+/// whatever else is in the batch. Returns `[1, rows, heads * head_dim]`.
+pub(crate) fn decode_rows<'c>(
     qkv: &Tensor,
-    cache: &mut LayerCache,
+    caches: impl IntoIterator<Item = &'c mut LayerCache>,
     heads: usize,
     kv_heads: usize,
     window: Option<usize>,
-    prepare: impl Fn(&mut [f32], &mut [f32]),
+    prepare: impl Fn(usize, &mut [f32], &mut [f32]),
 ) -> Result<Tensor> {
+    let rows = qkv.dim(1)?;
     let width = qkv.dim(D::Minus1)?;
     let head_dim = width / (heads + 2 * kv_heads).max(1);
     let mut values = qkv.flatten_all()?.to_vec1::<f32>()?;
-    let (q, rest) = values.split_at_mut(heads * head_dim);
-    let (k, v) = rest.split_at_mut(kv_heads * head_dim);
-    prepare(q, k);
-    cache.append_one(k, v, kv_heads, qkv.device())?;
-    let mixed = cache.attend_one(q, heads, kv_heads, window)?;
-    Tensor::from_vec(mixed, (1, 1, heads * head_dim), qkv.device())
+    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
+    let mut used = 0;
+    for ((i, row), cache) in values
+        .chunks_exact_mut(width.max(1))
+        .enumerate()
+        .zip(caches)
+    {
+        let (q, rest) = row.split_at_mut(heads * head_dim);
+        let (k, v) = rest.split_at_mut(kv_heads * head_dim);
+        prepare(i, q, k);
+        cache.append_one(k, v, kv_heads, qkv.device())?;
+        mixed.extend(cache.attend_one(q, heads, kv_heads, window)?);
+        used += 1;
+    }
+    if used != rows {
+        candle_core::bail!("decode step of {rows} rows with {used} caches")
+    }
+    Tensor::from_vec(mixed, (1, rows, heads * head_dim), qkv.device())
 }

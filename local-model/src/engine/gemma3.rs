@@ -20,11 +20,11 @@ use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
-use super::kv_cache::{rms_norm_each, rope_one, LayerCache};
+use super::kv_cache::{rms_norm_each, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, Pass, PrefillWeights};
+use super::{check_step, check_steps, DecodeStep, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -56,12 +56,13 @@ struct Block {
     window: Option<usize>,
     /// Index into the rotary tables: 0 global, 1 local.
     rope: usize,
-    cache: LayerCache,
 }
 
-/// A Gemma 3 model with its KV cache.
+/// A Gemma 3 model with the KV cache of its serial sequence (batched
+/// sequences bring their own, see [`Gemma3::decode_rows`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Gemma3 {
+    cache: SeqCache,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -187,7 +188,6 @@ impl Gemma3 {
                 post_ffn_norm: post_ffn_norm.dequantize(device)?,
                 window: local.then_some(window),
                 rope: usize::from(local),
-                cache: LayerCache::default(),
             };
             dense_bytes += block.qkv.dense_bytes()
                 + block.attn_out.dense_bytes()
@@ -197,6 +197,7 @@ impl Gemma3 {
         }
 
         Ok(Self {
+            cache: SeqCache::new(built.len()),
             embeddings,
             blocks: built,
             norm,
@@ -221,14 +222,18 @@ impl Gemma3 {
         self.dense_bytes
     }
 
-    pub(crate) fn cached_len(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.cache.len())
+    pub(crate) fn truncate_cache(&mut self, len: usize) {
+        self.cache.truncate(len);
     }
 
-    pub(crate) fn truncate_cache(&mut self, len: usize) {
-        for block in &mut self.blocks {
-            block.cache.truncate(len);
-        }
+    /// An empty KV cache for one more sequence.
+    pub(crate) fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.blocks.len())
+    }
+
+    /// Bytes of keys and values one position takes over all layers.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.shape.kv_heads * self.shape.head_dim * 4
     }
 
     /// Runs `tokens` placed at `position` (the cached length) and returns
@@ -239,8 +244,33 @@ impl Gemma3 {
         position: usize,
         pass: Pass,
     ) -> Result<Tensor> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        self.cache = cache;
+        logits
+    }
+
+    /// [`Gemma3::forward`] on the sequence whose keys and values `cache` holds.
+    pub(crate) fn forward_in(
+        &self,
+        cache: &mut SeqCache,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
-        check_step(n, position, self.cached_len(), self.rope[0].0.dim(0)?)?;
+        if n == 1 {
+            // One token takes the same path alone as in a batch, so a
+            // request's log-probs do not depend on what runs beside it.
+            let mut step = [DecodeStep {
+                cache,
+                token: tokens[0],
+                position,
+            }];
+            return self.decode_rows(&mut step, pass)?.squeeze(0);
+        }
+        cache.check(self.blocks.len())?;
+        check_step(n, position, cache.len(), self.rope[0].0.dim(0)?)?;
         let device = self.norm.device().clone();
         let shape = self.shape;
         let mut x =
@@ -249,50 +279,105 @@ impl Gemma3 {
             Rotary::at(&self.rope[0].0, &self.rope[0].1, position, n)?,
             Rotary::at(&self.rope[1].0, &self.rope[1].1, position, n)?,
         ];
-        let (global_mask, local_mask) = if n > 1 {
-            let window = self.blocks.iter().find_map(|b| b.window);
-            (
-                Some(causal_mask(n, position, None, &device)?),
-                match window {
-                    Some(w) => Some(causal_mask(n, position, Some(w), &device)?),
-                    None => None,
-                },
-            )
-        } else {
-            (None, None)
+        let window = self.blocks.iter().find_map(|b| b.window);
+        let global_mask = causal_mask(n, position, None, &device)?;
+        let local_mask = match window {
+            Some(w) => Some(causal_mask(n, position, Some(w), &device)?),
+            None => None,
         };
-        for block in &mut self.blocks {
-            let mask = if block.window.is_some() {
-                local_mask.as_ref()
-            } else {
-                global_mask.as_ref()
+        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
+            let mask = match (block.window, &local_mask) {
+                (Some(_), Some(local)) => local,
+                _ => &global_mask,
             };
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, &rotary[block.rope], mask, shape, pass)?;
+            let attended = block.attention(layer, &h, &rotary[block.rope], mask, shape, pass)?;
             let attended =
                 candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
-            let gate_up = block.gate_up.forward(&h, pass)?;
-            let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
-            let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
-            let mixed = (gelu(&gate)? * up)?;
-            let out = block.down.forward(&mixed, pass)?;
-            let out = candle_nn::ops::rms_norm(&out, &block.post_ffn_norm, shape.rms_eps)?;
-            x = (x + out)?;
+            x = (&x + block.feed_forward(&x, shape, pass)?)?;
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
         self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
+
+    /// One decode step of several sequences (or a one-token prefill):
+    /// each step's token at its position in its own cache. Every matrix
+    /// product runs once over all of them (one pass over the weights for
+    /// the whole batch); attention runs per sequence, the same for a
+    /// sequence alone as in a batch. Returns the next-token logits,
+    /// `[steps, vocab]`.
+    pub(crate) fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+        check_steps(steps, self.blocks.len(), self.rope[0].0.dim(0)?)?;
+        // Per step, the rotary row of the global and of the local base.
+        let rotary = steps
+            .iter()
+            .map(|s| {
+                let [(gc, gs), (lc, ls)] = &self.rope;
+                Ok([
+                    Rotary::row_at(gc, gs, s.position)?,
+                    Rotary::row_at(lc, ls, s.position)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let device = self.norm.device().clone();
+        let shape = self.shape;
+        let head_dim = shape.head_dim;
+        let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        let mut x = (self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?
+            * (shape.width as f64).sqrt())?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let qkv = block.qkv.forward(&h, pass)?;
+            let (q_norm, k_norm) = (&block.q_norm_values, &block.k_norm_values);
+            let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
+            let mixed = attention::decode_rows(
+                &qkv,
+                caches,
+                shape.heads,
+                shape.kv_heads,
+                block.window,
+                |i, q, k| {
+                    let (cos, sin) = &rotary[i][block.rope];
+                    rms_norm_each(q, q_norm, shape.rms_eps);
+                    rms_norm_each(k, k_norm, shape.rms_eps);
+                    rope_one(q, head_dim, head_dim, cos, sin, false);
+                    rope_one(k, head_dim, head_dim, cos, sin, false);
+                },
+            )?;
+            let attended = block.attn_out.forward(&mixed, pass)?;
+            let attended =
+                candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
+            x = (x + attended)?;
+            x = (&x + block.feed_forward(&x, shape, pass)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
+        self.output.forward(&x, Pass::Decode)?.squeeze(0)
+    }
 }
 
 impl Block {
+    /// The feed-forward part of `x` (`[1, n, width]`, before its norm),
+    /// after its own closing norm.
+    fn feed_forward(&self, x: &Tensor, shape: Shape, pass: Pass) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, shape.rms_eps)?;
+        let gate_up = self.gate_up.forward(&h, pass)?;
+        let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
+        let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
+        let mixed = (gelu(&gate)? * up)?;
+        let out = self.down.forward(&mixed, pass)?;
+        candle_nn::ops::rms_norm(&out, &self.post_ffn_norm, shape.rms_eps)
+    }
+
+    /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
+    /// the cache and itself, with the additive `mask`.
     fn attention(
-        &mut self,
+        &self,
+        cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
+        mask: &Tensor,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
@@ -305,38 +390,13 @@ impl Block {
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (&rotary.cos, &rotary.sin);
-        if let Some((cos, sin)) = &rotary.row {
-            let (q_norm, k_norm) = (&self.q_norm_values, &self.k_norm_values);
-            let mixed = attention::decode_step(
-                &qkv,
-                &mut self.cache,
-                heads,
-                kv_heads,
-                self.window,
-                |q, k| {
-                    rms_norm_each(q, q_norm, rms_eps);
-                    rms_norm_each(k, k_norm, rms_eps);
-                    rope_one(q, head_dim, head_dim, cos, sin, false);
-                    rope_one(k, head_dim, head_dim, cos, sin, false);
-                },
-            )?;
-            return self.attn_out.forward(&mixed, pass);
-        }
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         let q = candle_nn::ops::rms_norm(&q, &self.q_norm, rms_eps)?;
         let k = candle_nn::ops::rms_norm(&k, &self.k_norm, rms_eps)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (mut keys, mut values) = self.cache.append(&k, &v)?;
-        let positions = keys.dim(2)?;
-        // Decoding a local layer: only the window's positions take part.
-        if let (Some(window), None) = (self.window, mask) {
-            if positions > window {
-                keys = keys.narrow(2, positions - window, window)?;
-                values = values.narrow(2, positions - window, window)?;
-            }
-        }
-        let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
+        let (keys, values) = cache.append(&k, &v)?;
+        let mixed = attention::grouped(&q, &keys, &values, Some(mask), kv_heads)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

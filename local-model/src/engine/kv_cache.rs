@@ -15,6 +15,52 @@ pub(crate) struct LayerCache {
     len: usize,
 }
 
+/// The KV caches of one sequence, one per layer: what lets several
+/// sequences share the model's weights and run in the same decode step
+/// (see `worker`), each at its own position.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SeqCache {
+    pub(crate) layers: Vec<LayerCache>,
+}
+
+impl SeqCache {
+    /// An empty cache for a model of `layers` layers.
+    pub(crate) fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); layers],
+        }
+    }
+
+    /// Positions held.
+    pub(crate) fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    /// Forgets every position from `len` on.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        for layer in &mut self.layers {
+            layer.truncate(len);
+        }
+    }
+
+    /// Checks that this cache belongs to a model of `layers` layers.
+    pub(crate) fn check(&self, layers: usize) -> Result<()> {
+        if self.layers.len() != layers {
+            candle_core::bail!(
+                "a cache of {} layers for a model of {layers}",
+                self.layers.len()
+            )
+        }
+        Ok(())
+    }
+}
+
+/// Positions a cache of `needed` positions actually allocates: it grows
+/// in steps, so a budget must count whole steps.
+pub(crate) fn allocated_positions(needed: usize) -> usize {
+    needed.div_ceil(GROW_BY) * GROW_BY
+}
+
 impl LayerCache {
     /// Positions held.
     pub(crate) fn len(&self) -> usize {
@@ -33,7 +79,7 @@ impl LayerCache {
         let needed = self.len + added;
         let capacity = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
         if needed > capacity {
-            let new_capacity = needed.div_ceil(GROW_BY) * GROW_BY;
+            let new_capacity = allocated_positions(needed);
             self.keys = Some(grow(self.keys.take(), keys, self.len, new_capacity)?);
             self.values = Some(grow(self.values.take(), values, self.len, new_capacity)?);
         }

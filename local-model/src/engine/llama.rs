@@ -13,10 +13,10 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
-use super::kv_cache::{rope_one, LayerCache};
+use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, Pass, PrefillWeights};
+use super::{check_step, check_steps, DecodeStep, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -38,12 +38,13 @@ struct Block {
     /// Gate and up projections stacked: `[gate | up]` rows.
     gate_up: Linear,
     down: Linear,
-    cache: LayerCache,
 }
 
-/// A llama-architecture model with its KV cache.
+/// A llama-architecture model with the KV cache of its serial sequence
+/// (batched sequences bring their own, see [`Llama::decode_rows`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Llama {
+    cache: SeqCache,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -161,7 +162,6 @@ impl Llama {
                 ffn_norm: ffn_norm.dequantize(device)?,
                 gate_up: linear(stack_rows(&[gate, up], device)?, keep_dense)?,
                 down: linear(down, keep_dense)?,
-                cache: LayerCache::default(),
             };
             dense_bytes += block.qkv.dense_bytes()
                 + block.attn_out.dense_bytes()
@@ -172,6 +172,7 @@ impl Llama {
 
         let (cos, sin) = rope_tables(head_dim, rope_base, max_positions, device)?;
         Ok(Self {
+            cache: SeqCache::new(built.len()),
             embeddings,
             blocks: built,
             norm,
@@ -194,16 +195,24 @@ impl Llama {
         self.dense_bytes
     }
 
-    /// Positions held in the KV cache.
-    pub(crate) fn cached_len(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.cache.len())
-    }
-
     /// Keeps the first `len` cached positions and forgets the rest.
     pub(crate) fn truncate_cache(&mut self, len: usize) {
-        for block in &mut self.blocks {
-            block.cache.truncate(len);
-        }
+        self.cache.truncate(len);
+    }
+
+    /// An empty KV cache for one more sequence.
+    pub(crate) fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.blocks.len())
+    }
+
+    /// Bytes of keys and values one position takes over all layers.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.shape.kv_heads * self.shape.head_dim * 4
+    }
+
+    /// Longest sequence served.
+    fn max_positions(&self) -> Result<usize> {
+        self.cos.dim(0)
     }
 
     /// Runs `tokens` placed at `position` (which must equal the cached
@@ -214,39 +223,106 @@ impl Llama {
         position: usize,
         pass: Pass,
     ) -> Result<Tensor> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        self.cache = cache;
+        logits
+    }
+
+    /// [`Llama::forward`] on the sequence whose keys and values `cache` holds.
+    pub(crate) fn forward_in(
+        &self,
+        cache: &mut SeqCache,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
-        check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
+        if n == 1 {
+            // One token takes the same path alone as in a batch, so a
+            // request's log-probs do not depend on what runs beside it.
+            let mut step = [DecodeStep {
+                cache,
+                token: tokens[0],
+                position,
+            }];
+            return self.decode_rows(&mut step, pass)?.squeeze(0);
+        }
+        cache.check(self.blocks.len())?;
+        check_step(n, position, cache.len(), self.max_positions()?)?;
         let device = self.norm.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
-        let mask = if n > 1 {
-            Some(causal_mask(n, position, None, &device)?)
-        } else {
-            None
-        };
+        let mask = Some(causal_mask(n, position, None, &device)?);
         let shape = self.shape;
-        for block in &mut self.blocks {
+        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(&h, &rotary, mask.as_ref(), shape, pass)?;
+            let attended = block.attention(layer, &h, &rotary, mask.as_ref(), shape, pass)?;
             x = (x + attended)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, shape.rms_eps)?;
-            let gate_up = block.gate_up.forward(&h, pass)?;
-            let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
-            let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
-            let mixed = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + block.down.forward(&mixed, pass)?)?;
+            x = (&x + block.feed_forward(&x, shape, pass)?)?;
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
         self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
+
+    /// One decode step of several sequences (or a one-token prefill):
+    /// each step's token at its position in its own cache. Every matrix
+    /// product runs once over all of them (one pass over the weights for
+    /// the whole batch); attention runs per sequence, the same for a
+    /// sequence alone as in a batch. Returns the next-token logits,
+    /// `[steps, vocab]`.
+    pub(crate) fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+        check_steps(steps, self.blocks.len(), self.max_positions()?)?;
+        let rotary = steps
+            .iter()
+            .map(|s| Rotary::row_at(&self.cos, &self.sin, s.position))
+            .collect::<Result<Vec<_>>>()?;
+        let device = self.norm.device().clone();
+        let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;
+        let shape = self.shape;
+        let head_dim = shape.head_dim;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let qkv = block.qkv.forward(&h, pass)?;
+            let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
+            let mixed = attention::decode_rows(
+                &qkv,
+                caches,
+                shape.heads,
+                shape.kv_heads,
+                None,
+                |i, q, k| {
+                    let (cos, sin) = &rotary[i];
+                    rope_one(q, head_dim, head_dim, cos, sin, true);
+                    rope_one(k, head_dim, head_dim, cos, sin, true);
+                },
+            )?;
+            x = (x + block.attn_out.forward(&mixed, pass)?)?;
+            x = (&x + block.feed_forward(&x, shape, pass)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
+        self.output.forward(&x, Pass::Decode)?.squeeze(0)
+    }
 }
 
 impl Block {
-    /// Self-attention of `x` (`[1, n, width]`, normalised) over the cache
-    /// and itself.
+    /// The feed-forward part of `x` (`[1, n, width]`, before its norm).
+    fn feed_forward(&self, x: &Tensor, shape: Shape, pass: Pass) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, shape.rms_eps)?;
+        let gate_up = self.gate_up.forward(&h, pass)?;
+        let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
+        let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
+        let mixed = (candle_nn::ops::silu(&gate)? * up)?;
+        self.down.forward(&mixed, pass)
+    }
+
+    /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
+    /// the cache and itself.
     fn attention(
-        &mut self,
+        &self,
+        cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
         mask: Option<&Tensor>,
@@ -261,19 +337,11 @@ impl Block {
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (&rotary.cos, &rotary.sin);
-        if let Some((cos, sin)) = &rotary.row {
-            let mixed =
-                attention::decode_step(&qkv, &mut self.cache, heads, kv_heads, None, |q, k| {
-                    rope_one(q, head_dim, head_dim, cos, sin, true);
-                    rope_one(k, head_dim, head_dim, cos, sin, true);
-                })?;
-            return self.attn_out.forward(&mixed, pass);
-        }
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         // GGUF llama weights are permuted for interleaved rotary pairs.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let (keys, values) = self.cache.append(&k, &v)?;
+        let (keys, values) = cache.append(&k, &v)?;
         let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
         self.attn_out.forward(&mixed, pass)
     }

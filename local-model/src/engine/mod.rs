@@ -27,6 +27,28 @@ pub(crate) enum Pass {
     Decode,
 }
 
+/// One sequence's part of a batched decode step: its next token, placed
+/// at `position` (the length of its own `cache`).
+pub(crate) struct DecodeStep<'a> {
+    pub(crate) cache: &'a mut kv_cache::SeqCache,
+    pub(crate) token: u32,
+    pub(crate) position: usize,
+}
+
+/// Checks every step of a batched decode step against its cache (a model
+/// of `layers` layers, sequences of at most `max_positions`).
+pub(crate) fn check_steps(
+    steps: &[DecodeStep<'_>],
+    layers: usize,
+    max_positions: usize,
+) -> candle_core::Result<()> {
+    for step in steps {
+        step.cache.check(layers)?;
+        check_step(1, step.position, step.cache.len(), max_positions)?;
+    }
+    Ok(())
+}
+
 /// A model on the tuned engine.
 #[derive(Debug, Clone)]
 pub(crate) enum TunedModel {
@@ -56,6 +78,53 @@ impl TunedModel {
             TunedModel::Llama(m) => m.truncate_cache(len),
             TunedModel::Gemma3(m) => m.truncate_cache(len),
             TunedModel::Phi2(m) => m.truncate_cache(len),
+        }
+    }
+
+    /// An empty KV cache for one more sequence, where this architecture
+    /// decodes several sequences in one step (all of the tuned engine's
+    /// do; `None` keeps room for one that does not).
+    pub(crate) fn new_cache(&self) -> Option<kv_cache::SeqCache> {
+        match self {
+            TunedModel::Llama(m) => Some(m.new_cache()),
+            TunedModel::Gemma3(m) => Some(m.new_cache()),
+            TunedModel::Phi2(m) => Some(m.new_cache()),
+        }
+    }
+
+    /// Bytes of keys and values one position of a sequence takes, where
+    /// sequences can be batched (see [`TunedModel::new_cache`]).
+    pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
+        match self {
+            TunedModel::Llama(m) => Some(m.kv_bytes_per_position()),
+            TunedModel::Gemma3(m) => Some(m.kv_bytes_per_position()),
+            TunedModel::Phi2(m) => Some(m.kv_bytes_per_position()),
+        }
+    }
+
+    /// [`TunedModel::forward`] on the sequence whose keys and values
+    /// `cache` holds (from [`TunedModel::new_cache`]).
+    pub(crate) fn forward_in(
+        &self,
+        cache: &mut kv_cache::SeqCache,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            TunedModel::Llama(m) => m.forward_in(cache, tokens, position, pass),
+            TunedModel::Gemma3(m) => m.forward_in(cache, tokens, position, pass),
+            TunedModel::Phi2(m) => m.forward_in(cache, tokens, position, pass),
+        }
+    }
+
+    /// One decode step of several sequences, each in its own cache; the
+    /// next-token logits `[steps, vocab]`.
+    pub(crate) fn decode_batch(&self, steps: &mut [DecodeStep<'_>]) -> candle_core::Result<Tensor> {
+        match self {
+            TunedModel::Llama(m) => m.decode_rows(steps, Pass::Decode),
+            TunedModel::Gemma3(m) => m.decode_rows(steps, Pass::Decode),
+            TunedModel::Phi2(m) => m.decode_rows(steps, Pass::Decode),
         }
     }
 

@@ -16,11 +16,11 @@ use candle_core::{Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
-use super::kv_cache::{rope_one, LayerCache};
+use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, Pass, PrefillWeights};
+use super::{check_step, check_steps, DecodeStep, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -54,12 +54,13 @@ struct Block {
     attn_out: Linear,
     up: Linear,
     down: Linear,
-    cache: LayerCache,
 }
 
-/// A `phi2`-architecture model with its KV cache.
+/// A `phi2`-architecture model with the KV cache of its serial sequence
+/// (batched sequences bring their own, see [`Phi2::decode_rows`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Phi2 {
+    cache: SeqCache,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: LayerNorm,
@@ -209,7 +210,6 @@ impl Phi2 {
                 attn_out: linear(b.attn_out.0, b.attn_out.1)?,
                 up: linear(b.up.0, b.up.1)?,
                 down: linear(b.down.0, b.down.1)?,
-                cache: LayerCache::default(),
             };
             dense_bytes += block.qkv.dense_bytes()
                 + block.attn_out.dense_bytes()
@@ -220,6 +220,7 @@ impl Phi2 {
 
         let (cos, sin) = rope_tables(rope_dim, rope_base, max_positions, device)?;
         Ok(Self {
+            cache: SeqCache::new(built.len()),
             embeddings,
             blocks: built,
             norm,
@@ -243,16 +244,19 @@ impl Phi2 {
         self.dense_bytes
     }
 
-    /// Positions held in the KV cache.
-    pub(crate) fn cached_len(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.cache.len())
-    }
-
     /// Keeps the first `len` cached positions and forgets the rest.
     pub(crate) fn truncate_cache(&mut self, len: usize) {
-        for block in &mut self.blocks {
-            block.cache.truncate(len);
-        }
+        self.cache.truncate(len);
+    }
+
+    /// An empty KV cache for one more sequence.
+    pub(crate) fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.blocks.len())
+    }
+
+    /// Bytes of keys and values one position takes over all layers.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.shape.kv_heads * self.shape.head_dim * 4
     }
 
     /// Runs `tokens` placed at `position` (which must equal the cached
@@ -263,23 +267,42 @@ impl Phi2 {
         position: usize,
         pass: Pass,
     ) -> Result<Tensor> {
+        let mut cache = std::mem::take(&mut self.cache);
+        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        self.cache = cache;
+        logits
+    }
+
+    /// [`Phi2::forward`] on the sequence whose keys and values `cache` holds.
+    pub(crate) fn forward_in(
+        &self,
+        cache: &mut SeqCache,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let n = tokens.len();
-        check_step(n, position, self.cached_len(), self.cos.dim(0)?)?;
+        if n == 1 {
+            // One token takes the same path alone as in a batch, so a
+            // request's log-probs do not depend on what runs beside it.
+            let mut step = [DecodeStep {
+                cache,
+                token: tokens[0],
+                position,
+            }];
+            return self.decode_rows(&mut step, pass)?.squeeze(0);
+        }
+        cache.check(self.blocks.len())?;
+        check_step(n, position, cache.len(), self.cos.dim(0)?)?;
         let device = self.norm.weight.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
-        let mask = if n > 1 {
-            Some(causal_mask(n, position, None, &device)?)
-        } else {
-            None
-        };
+        let mask = causal_mask(n, position, None, &device)?;
         let shape = self.shape;
-        for block in &mut self.blocks {
+        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
             let h = block.norm.forward(&x, shape.norm_eps)?;
-            let attended = block.attention(&h, &rotary, mask.as_ref(), shape, pass)?;
-            let mlp = block
-                .down
-                .forward(&gelu(&block.up.forward(&h, pass)?)?, pass)?;
+            let attended = block.attention(layer, &h, &rotary, &mask, shape, pass)?;
+            let mlp = block.mlp(&h, pass)?;
             x = ((x + attended)? + mlp)?;
         }
         let last = x.narrow(1, n - 1, 1)?;
@@ -290,16 +313,67 @@ impl Phi2 {
             None => Ok(logits),
         }
     }
+
+    /// One decode step of several sequences (or a one-token prefill):
+    /// each step's token at its position in its own cache. Every matrix
+    /// product runs once over all of them (one pass over the weights for
+    /// the whole batch); attention runs per sequence, the same for a
+    /// sequence alone as in a batch. Returns the next-token logits,
+    /// `[steps, vocab]`.
+    pub(crate) fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+        check_steps(steps, self.blocks.len(), self.cos.dim(0)?)?;
+        let rotary = steps
+            .iter()
+            .map(|s| Rotary::row_at(&self.cos, &self.sin, s.position))
+            .collect::<Result<Vec<_>>>()?;
+        let device = self.norm.weight.device().clone();
+        let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;
+        let shape = self.shape;
+        let (head_dim, rope_dim) = (shape.head_dim, shape.rope_dim);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let h = block.norm.forward(&x, shape.norm_eps)?;
+            let qkv = block.qkv.forward(&h, pass)?;
+            let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
+            let mixed = attention::decode_rows(
+                &qkv,
+                caches,
+                shape.heads,
+                shape.kv_heads,
+                None,
+                |i, q, k| {
+                    let (cos, sin) = &rotary[i];
+                    rope_one(q, head_dim, rope_dim, cos, sin, false);
+                    rope_one(k, head_dim, rope_dim, cos, sin, false);
+                },
+            )?;
+            let attended = block.attn_out.forward(&mixed, pass)?;
+            let mlp = block.mlp(&h, pass)?;
+            x = ((x + attended)? + mlp)?;
+        }
+        let x = self.norm.forward(&x, shape.norm_eps)?;
+        let logits = self.output.forward(&x, Pass::Decode)?.squeeze(0)?;
+        match &self.output_bias {
+            Some(bias) => logits.broadcast_add(bias),
+            None => Ok(logits),
+        }
+    }
 }
 
 impl Block {
-    /// Self-attention of `x` (`[1, n, width]`, normalised) over the cache
-    /// and itself.
+    /// The MLP of `h` (`[1, n, width]`, normalised).
+    fn mlp(&self, h: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.down.forward(&gelu(&self.up.forward(h, pass)?)?, pass)
+    }
+
+    /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
+    /// the cache and itself, with the additive `mask`.
     fn attention(
-        &mut self,
+        &self,
+        cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
+        mask: &Tensor,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
@@ -312,19 +386,11 @@ impl Block {
         } = shape;
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (&rotary.cos, &rotary.sin);
-        if let Some((cos, sin)) = &rotary.row {
-            let mixed =
-                attention::decode_step(&qkv, &mut self.cache, heads, kv_heads, None, |q, k| {
-                    rope_one(q, head_dim, rope_dim, cos, sin, false);
-                    rope_one(k, head_dim, rope_dim, cos, sin, false);
-                })?;
-            return self.attn_out.forward(&mixed, pass);
-        }
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         let q = partial_rope(&q, cos, sin, rope_dim)?;
         let k = partial_rope(&k, cos, sin, rope_dim)?;
-        let (keys, values) = self.cache.append(&k, &v)?;
-        let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
+        let (keys, values) = cache.append(&k, &v)?;
+        let mixed = attention::grouped(&q, &keys, &values, Some(mask), kv_heads)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

@@ -88,7 +88,7 @@ impl LocalEngine {
         if config.warm_up {
             model.warm_up()?;
         }
-        let handle = ModelHandle::spawn(model, config.queue_depth)?;
+        let handle = ModelHandle::spawn_with(model, config.queue_depth, config.batch)?;
         Ok(Self::new(handle, config.name.clone(), config.max_tokens))
     }
 

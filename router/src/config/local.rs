@@ -19,6 +19,10 @@ pub struct RawLocal {
     /// Skip the part of a prompt that repeats the previous prompt's start.
     pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
+    /// Requests decoded together in one step at most (GGUF models on the tuned engine).
+    pub max_batch: usize,
+    /// KV-cache memory the requests running together may take, in MiB.
+    pub kv_cache_mib: usize,
     /// Cap on tokens the local model generates per request.
     pub max_tokens: usize,
     pub warm_up: bool,
@@ -35,6 +39,8 @@ impl Default for RawLocal {
             prefill_weights: "auto".into(),
             reuse_prompt_prefix: false,
             queue_depth: 8,
+            max_batch: local_model::BatchLimits::default().max_batch,
+            kv_cache_mib: local_model::BatchLimits::default().kv_cache_mib,
             max_tokens: 256,
             warm_up: true,
         }
@@ -52,6 +58,7 @@ pub struct LocalConfig {
     pub prefill_weights: local_model::PrefillWeights,
     pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
+    pub batch: local_model::BatchLimits,
     pub max_tokens: usize,
     pub warm_up: bool,
 }
@@ -98,6 +105,15 @@ pub(super) fn validate_local(
     if raw.max_tokens == 0 {
         return Err(invalid("local.max_tokens", "must be positive"));
     }
+    if raw.max_batch == 0 {
+        return Err(invalid(
+            "local.max_batch",
+            "must be positive (1 runs one request at a time)",
+        ));
+    }
+    if raw.kv_cache_mib == 0 {
+        return Err(invalid("local.kv_cache_mib", "must be positive"));
+    }
     Ok(LocalConfig {
         model,
         name,
@@ -107,6 +123,10 @@ pub(super) fn validate_local(
         prefill_weights,
         reuse_prompt_prefix: raw.reuse_prompt_prefix,
         queue_depth: raw.queue_depth,
+        batch: local_model::BatchLimits {
+            max_batch: raw.max_batch,
+            kv_cache_mib: raw.kv_cache_mib,
+        },
         max_tokens: raw.max_tokens,
         warm_up: raw.warm_up,
     })

@@ -1,0 +1,439 @@
+//! Continuous batching in the model thread, on the real SmolLM2 model: a
+//! request gets the same answer alone and beside others, each request ends
+//! on its own, and the KV budget bounds the batch.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use local_model::{
+    BatchLimits, ChatMessage, Control, FinishReason, GenerateRequest, Generation, GenerationParams,
+    LoadOptions, LocalModel, ModelHandle, Prompt,
+};
+
+fn load() -> LocalModel {
+    let path = common::smollm2_path();
+    LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
+}
+
+fn chat(question: &str) -> Prompt {
+    Prompt::Chat(vec![ChatMessage::new("user", question)])
+}
+
+fn params(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        ignore_eos: true,
+        ..GenerationParams::default()
+    }
+}
+
+/// Each prompt generated alone, on the model before it goes to a worker.
+fn alone(model: &mut LocalModel, requests: &[(Prompt, GenerationParams)]) -> Vec<Generation> {
+    requests
+        .iter()
+        .map(|(prompt, params)| {
+            model
+                .generate(prompt, params, &mut |_| Control::Continue)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Greedy tokens identical; log-probs within 1e-4 nats.
+fn assert_same(got: &Generation, want: &Generation, what: &str) {
+    let ids = |g: &Generation| g.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(got), ids(want), "{what}: tokens differ");
+    for (i, (a, b)) in got.tokens.iter().zip(&want.tokens).enumerate() {
+        assert!(
+            (a.logprob - b.logprob).abs() <= 1e-4,
+            "{what}: token {i} log-prob {} against {} alone",
+            a.logprob,
+            b.logprob
+        );
+    }
+    assert_eq!(got.text, want.text, "{what}");
+    assert_eq!(got.finish_reason, want.finish_reason, "{what}");
+}
+
+/// A request whose first token holds the model thread until `release`
+/// fires: the requests sent meanwhile all join the batch at the next step.
+fn gate(prompt: Prompt, params: GenerationParams) -> (GenerateRequest, mpsc::Sender<()>) {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let mut request = GenerateRequest::new(prompt, params);
+    let mut held = false;
+    request.on_token = Some(Box::new(move |_| {
+        if !held {
+            held = true;
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60));
+        }
+        Control::Continue
+    }));
+    (request, release_tx)
+}
+
+/// Sends `first` (held on its first token for 200 ms, see [`gate`]) and
+/// then each of `rest`, in order, and returns the answers in that order:
+/// every request of `rest` is queued before `first` lets the model go on.
+async fn together(
+    handle: &ModelHandle,
+    first: &(Prompt, GenerationParams),
+    rest: Vec<GenerateRequest>,
+) -> Vec<Result<local_model::WorkerOutput, local_model::WorkerError>> {
+    let (first, release) = gate(first.0.clone(), first.1.clone());
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+    });
+    let mut tasks = Vec::new();
+    for request in std::iter::once(first).chain(rest) {
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move { h.generate(request).await }));
+        // Keep the arrival order, so the batch order is known.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    releaser.await.unwrap();
+    out
+}
+
+/// Plain requests of the given prompts and parameters.
+fn plain(requests: &[(Prompt, GenerationParams)]) -> Vec<GenerateRequest> {
+    requests
+        .iter()
+        .map(|(prompt, params)| GenerateRequest::new(prompt.clone(), params.clone()))
+        .collect()
+}
+
+fn questions() -> Vec<Prompt> {
+    [
+        "What is the capital of France? Answer with the city name only.",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+        "Explain in one sentence why the sky is blue, in simple words for a child of six.",
+    ]
+    .into_iter()
+    .map(chat)
+    .collect()
+}
+
+/// Waits for the worker to have nothing waiting or running, and checks
+/// that it gets there.
+async fn wait_idle(handle: &ModelHandle) {
+    for _ in 0..500 {
+        if handle.in_flight() == 0 && handle.active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.in_flight(), 0, "requests still in flight");
+    assert_eq!(handle.active(), 0, "requests still running");
+}
+
+/// Runs `requests` alone on the model, alone through a batching worker,
+/// then all together, and holds every answer to the first.
+async fn alone_and_together_agree(
+    load: impl Fn() -> LocalModel,
+    requests: Vec<(Prompt, GenerationParams)>,
+) {
+    let mut model = load();
+    let want = alone(&mut model, &requests);
+    let limits = BatchLimits {
+        max_batch: requests.len(),
+        kv_cache_mib: 256,
+    };
+    let handle = ModelHandle::spawn_with(model, 8, limits).unwrap();
+    assert_eq!(handle.max_batch(), requests.len());
+    // Through the worker one at a time: the batched path with one row.
+    for ((prompt, params), want) in requests.iter().zip(&want) {
+        let got = handle
+            .generate(GenerateRequest::new(prompt.clone(), params.clone()))
+            .await
+            .unwrap();
+        assert_same(&got.generation, want, "alone through the worker");
+    }
+    assert!((handle.mean_batch_size() - 1.0).abs() < 1e-9);
+    wait_idle(&handle).await;
+    // All together, on a fresh worker so the batch sizes are theirs.
+    let handle = ModelHandle::spawn_with(load(), 8, limits).unwrap();
+    let answers = together(&handle, &requests[0], plain(&requests[1..])).await;
+    for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
+        assert_same(
+            &answer.unwrap().generation,
+            want,
+            &format!("request {i} in a batch"),
+        );
+    }
+    assert!(
+        handle.mean_batch_size() > 1.5,
+        "the requests did not run together: mean batch {}",
+        handle.mean_batch_size()
+    );
+    wait_idle(&handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_gets_the_same_tokens_and_logprobs_alone_and_in_a_batch() {
+    let requests = questions()
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                GenerationParams {
+                    max_tokens: 24,
+                    ..GenerationParams::default()
+                },
+            )
+        })
+        .collect();
+    alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_gets_the_same_answers_alone_and_in_a_batch() {
+    let load = || {
+        let path = common::gemma3_path();
+        LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap()
+    };
+    let requests = questions().into_iter().map(|p| (p, params(20))).collect();
+    alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phi2_gets_the_same_answers_alone_and_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_tiny_phi(dir.path());
+    let path = common::write_tiny_phi2_gguf_from(
+        dir.path(),
+        candle_core::quantized::GgmlDType::Q8_0,
+        false,
+    );
+    let load = || LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let requests = [
+        "abc",
+        "hello there",
+        "x",
+        "a longer prompt of several words",
+    ]
+    .into_iter()
+    .map(|t| (Prompt::Text(t.into()), params(12)))
+    .collect();
+    alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_end_on_their_own_and_the_others_go_on_unchanged() {
+    let mut model = load();
+    let prompts = questions();
+    // Lengths 3, 30, 12; the fourth stops itself after 5 tokens (early
+    // exit) and must not disturb the others.
+    let lengths = [3, 30, 12, 30];
+    let requests: Vec<(Prompt, GenerationParams)> = prompts
+        .iter()
+        .zip(lengths)
+        .map(|(p, n)| (p.clone(), params(n)))
+        .collect();
+    let want = alone(&mut model, &requests);
+    let handle = ModelHandle::spawn_with(model, 8, BatchLimits::default()).unwrap();
+    let mut batch = plain(&requests[1..3]);
+    let mut stopper = GenerateRequest::new(requests[3].0.clone(), requests[3].1.clone());
+    stopper.on_token = Some(Box::new(|event| {
+        if event.tokens_so_far.len() >= 5 {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }));
+    batch.push(stopper);
+    let answers: Vec<Generation> = together(&handle, &requests[0], batch)
+        .await
+        .into_iter()
+        .map(|a| a.unwrap().generation)
+        .collect();
+    for i in 0..3 {
+        assert_eq!(answers[i].finish_reason, FinishReason::Length);
+        assert_eq!(answers[i].tokens.len(), lengths[i]);
+        assert_same(&answers[i], &want[i], &format!("request {i}"));
+    }
+    assert_eq!(answers[3].finish_reason, FinishReason::Aborted);
+    assert_eq!(answers[3].tokens.len(), 5);
+    assert_eq!(
+        answers[3].tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+        want[3].tokens[..5].iter().map(|t| t.id).collect::<Vec<_>>()
+    );
+    wait_idle(&handle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_batch_frees_its_slot_and_the_others_finish() {
+    let mut model = load();
+    let prompts = questions();
+    let requests: Vec<(Prompt, GenerationParams)> =
+        prompts.iter().map(|p| (p.clone(), params(40))).collect();
+    let want = alone(&mut model, &requests[..2]);
+    let handle = ModelHandle::spawn_with(model, 8, BatchLimits::default()).unwrap();
+    // The leaving request reports each token it sees.
+    let (seen_tx, seen_rx) = mpsc::channel::<usize>();
+    let mut leaving = GenerateRequest::new(requests[2].0.clone(), requests[2].1.clone());
+    leaving.on_token = Some(Box::new(move |event| {
+        let _ = seen_tx.send(event.tokens_so_far.len());
+        Control::Continue
+    }));
+    // The others are slowed down so that the leaving one is cancelled
+    // while they still run.
+    let slow = |(prompt, params): &(Prompt, GenerationParams)| {
+        let mut r = GenerateRequest::new(prompt.clone(), params.clone());
+        r.on_token = Some(Box::new(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            Control::Continue
+        }));
+        r
+    };
+    let mut tasks = Vec::new();
+    for request in [slow(&requests[0]), slow(&requests[1])] {
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move { h.generate(request).await }));
+    }
+    let h = handle.clone();
+    let gone = tokio::spawn(async move { h.generate(leaving).await });
+    // Leave after a few tokens.
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut last = 0;
+        while last < 3 {
+            last = seen_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        }
+        seen_rx
+    })
+    .await
+    .unwrap();
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    for (task, want) in tasks.into_iter().zip(&want) {
+        let got = task.await.unwrap().unwrap();
+        assert_same(&got.generation, want, "a request beside the cancelled one");
+    }
+    wait_idle(&handle).await;
+    let produced = seen.try_iter().last().unwrap_or(0);
+    assert!(
+        produced < 40,
+        "the cancelled request ran to its end ({produced} tokens)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_budget_makes_requests_wait_instead_of_joining() {
+    let mut model = load();
+    let prompts = questions();
+    let requests: Vec<(Prompt, GenerationParams)> =
+        prompts.iter().map(|p| (p.clone(), params(16))).collect();
+    let want = alone(&mut model, &requests);
+    // SmolLM2: 30 layers x 2 x 3 kv heads x 64 x 4 bytes = 45 KiB per
+    // position; each of these requests takes one 256-position step of
+    // cache (11.25 MiB), so 12 MiB holds one of them and 23 MiB two.
+    for (mib, most) in [(12, 1.0), (23, 2.0)] {
+        let handle = ModelHandle::spawn_with(
+            load(),
+            8,
+            BatchLimits {
+                max_batch: 8,
+                kv_cache_mib: mib,
+            },
+        )
+        .unwrap();
+        let answers = together(&handle, &requests[0], plain(&requests[1..])).await;
+        for (i, (answer, want)) in answers.into_iter().zip(&want).enumerate() {
+            assert_same(
+                &answer.unwrap().generation,
+                want,
+                &format!("{mib} MiB: request {i}"),
+            );
+        }
+        // At most `most` at a time, and more than one where two fit.
+        let mean = handle.mean_batch_size();
+        assert!(
+            mean <= most && (most == 1.0 || mean > 1.0),
+            "{mib} MiB: mean batch {mean}, expected at most {most}"
+        );
+        wait_idle(&handle).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_arrivals_with_mixed_prompts_are_all_answered() {
+    let mut model = load();
+    // A small deterministic generator: the test must not depend on a
+    // seed that a crate version bump could change.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let words = [
+        "alpha", "river", "seven", "cloud", "stone", "quick", "green",
+    ];
+    let mut requests = Vec::new();
+    for i in 0..14 {
+        let len = 1 + next(60) as usize;
+        let text: Vec<&str> = (0..len).map(|_| words[next(7) as usize]).collect();
+        let mut p = params(1 + next(24) as usize);
+        p.ignore_eos = i % 3 == 0;
+        if i % 4 == 1 {
+            p.stop = vec!["e".into()];
+        }
+        let prompt = if i % 2 == 0 {
+            chat(&text.join(" "))
+        } else {
+            Prompt::Text(text.join(" "))
+        };
+        requests.push((prompt, p, next(150)));
+    }
+    let plain: Vec<(Prompt, GenerationParams)> = requests
+        .iter()
+        .map(|(p, g, _)| (p.clone(), g.clone()))
+        .collect();
+    let want = alone(&mut model, &plain);
+    let handle = ModelHandle::spawn_with(
+        model,
+        16,
+        BatchLimits {
+            max_batch: 5,
+            kv_cache_mib: 256,
+        },
+    )
+    .unwrap();
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, (prompt, p, delay)) in requests.into_iter().enumerate() {
+        let h = handle.clone();
+        let answers = Arc::clone(&answers);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let out = h.generate(GenerateRequest::new(prompt, p)).await;
+            answers.lock().unwrap().push((i, out));
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut answers = std::mem::take(&mut *answers.lock().unwrap());
+    answers.sort_by_key(|(i, _)| *i);
+    assert_eq!(answers.len(), want.len(), "every request is answered");
+    for ((i, out), want) in answers.into_iter().zip(&want) {
+        assert!(out.is_ok(), "request {i}: {:?}", out.err());
+        assert_same(&out.unwrap().generation, want, &format!("request {i}"));
+    }
+    wait_idle(&handle).await;
+}
