@@ -141,16 +141,20 @@ impl ModelHandle {
         queue_depth: usize,
         limits: BatchLimits,
     ) -> std::io::Result<Self> {
-        let (sender, receiver) = sync_channel::<Job>(queue_depth);
-        let shared = Arc::new(Shared::default());
-        let info = model.info().clone();
-        let encoder = model.encoder().clone();
-        let thread_shared = Arc::clone(&shared);
         let batching = model.batch_kv_bytes_per_position();
         let max_batch = match batching {
             Some(_) => limits.max_batch.max(1),
             None => 1,
         };
+        // The worker admits new requests only at step boundaries: a burst that arrives
+        // during a step waits in the channel, so it holds a batch's worth beyond
+        // `queue_depth` (the gateway's own overload check still counts `max_batch` running
+        // plus `queue_depth` waiting). A one-at-a-time model keeps `queue_depth`.
+        let (sender, receiver) = sync_channel::<Job>(queue_depth + max_batch - 1);
+        let shared = Arc::new(Shared::default());
+        let info = model.info().clone();
+        let encoder = model.encoder().clone();
+        let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("local-model".into())
             .spawn(move || match batching {

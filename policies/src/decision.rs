@@ -301,7 +301,9 @@ pub fn pre_route(policy: &Policy, addressed: Addressed, header: Option<Route>) -
 pub struct LocalLoad {
     /// Requests waiting or running.
     pub in_flight: usize,
-    /// How many may wait while one runs.
+    /// How many may run together (the engine's batch; 1 for a one-at-a-time model).
+    pub batch_capacity: usize,
+    /// How many may wait while the batch runs.
     pub queue_capacity: usize,
     /// Rough wait before a new request would start.
     pub expected_wait: Duration,
@@ -310,8 +312,8 @@ pub struct LocalLoad {
 /// Whether the local model should be considered overloaded: its queue is full, or the
 /// expected wait exceeds `max_queue_wait` (the gateway's `[policy].max_queue_wait_ms`).
 pub fn overloaded(load: &LocalLoad, max_queue_wait: Option<Duration>) -> bool {
-    // One runs and `queue_capacity` wait: any more would be refused anyway.
-    let full = load.in_flight > load.queue_capacity;
+    // `batch_capacity` run and `queue_capacity` wait: any more would be refused anyway.
+    let full = load.in_flight >= load.batch_capacity.max(1) + load.queue_capacity;
     let too_slow = max_queue_wait.is_some_and(|bound| load.expected_wait > bound);
     full || too_slow
 }
@@ -617,6 +619,7 @@ mod tests {
     fn overload_is_a_full_queue_or_a_long_expected_wait() {
         let load = |in_flight, wait_ms| LocalLoad {
             in_flight,
+            batch_capacity: 1,
             queue_capacity: 2,
             expected_wait: Duration::from_millis(wait_ms),
         };
@@ -625,6 +628,14 @@ mod tests {
         assert!(overloaded(&load(3, 100), bound));
         assert!(overloaded(&load(1, 2001), bound));
         assert!(!overloaded(&load(1, 2001), None));
+        // A batching engine runs eight together: eight running and two waiting is full, not
+        // nine (the cascade must not escalate what the batch can still take).
+        let batched = |in_flight| LocalLoad {
+            batch_capacity: 8,
+            ..load(in_flight, 100)
+        };
+        assert!(!overloaded(&batched(9), bound));
+        assert!(overloaded(&batched(10), bound));
     }
 
     fn outcome(score: Option<f64>) -> LocalOutcome {

@@ -23,6 +23,12 @@ pub struct Metrics {
     pub local_queue_depth: IntGauge,
     /// Time requests waited in the local queue.
     pub local_queue_wait: Histogram,
+    /// Time from arrival at the local model to its first token (queue and prefill).
+    pub local_time_to_first_token: Histogram,
+    /// Requests the local model decodes together now (set at scrape time).
+    pub local_active_sequences: IntGauge,
+    /// Mean sequences per decode step since start (set at scrape time).
+    pub local_batch_size: prometheus::Gauge,
     /// Upstream call latency by upstream and outcome (one sample per attempt).
     pub upstream_latency: HistogramVec,
     /// Failed upstream attempts by upstream and kind.
@@ -107,6 +113,21 @@ impl Metrics {
                 "Time requests waited for the local model",
             )
             .buckets(prometheus::exponential_buckets(0.001, 2.5, 12)?),
+        )?;
+        let local_time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "cascade_local_time_to_first_token_seconds",
+                "Time from a request reaching the local model to its first token (queue and prefill)",
+            )
+            .buckets(prometheus::exponential_buckets(0.005, 2.0, 14)?),
+        )?;
+        let local_active_sequences = IntGauge::new(
+            "cascade_local_active_sequences",
+            "Requests the local model decodes together now",
+        )?;
+        let local_batch_size = prometheus::Gauge::new(
+            "cascade_local_batch_size_mean",
+            "Mean number of sequences per local decode step since start",
         )?;
         let upstream_latency = HistogramVec::new(
             HistogramOpts::new(
@@ -208,6 +229,9 @@ impl Metrics {
         registry.register(Box::new(local_tokens_per_second.clone()))?;
         registry.register(Box::new(local_queue_depth.clone()))?;
         registry.register(Box::new(local_queue_wait.clone()))?;
+        registry.register(Box::new(local_time_to_first_token.clone()))?;
+        registry.register(Box::new(local_active_sequences.clone()))?;
+        registry.register(Box::new(local_batch_size.clone()))?;
         registry.register(Box::new(upstream_latency.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(gateway_overhead.clone()))?;
@@ -220,6 +244,9 @@ impl Metrics {
             local_tokens_per_second,
             local_queue_depth,
             local_queue_wait,
+            local_time_to_first_token,
+            local_active_sequences,
+            local_batch_size,
             upstream_latency,
             upstream_errors,
             gateway_overhead,

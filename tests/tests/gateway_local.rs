@@ -86,6 +86,22 @@ async fn an_easy_question_is_answered_locally_and_a_hard_one_escalates() {
         ),
         1.0
     );
+    // Both local runs reached a first token; the batch gauges are exported (nothing runs
+    // at scrape time; each of the two runs decoded alone).
+    assert_eq!(
+        metric(
+            &metrics,
+            "cascade_local_time_to_first_token_seconds_count",
+            &[]
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "cascade_local_active_sequences", &[]), 0.0);
+    assert!(
+        metrics.contains("cascade_local_batch_size_mean"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,5 +447,46 @@ async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
     assert!(
         (confidence(&r) - p).abs() < 1e-3,
         "same answer, same probability"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_questions_stay_local_when_the_engine_batches_them() {
+    // Eight decode together and eight may wait: sixteen at once all fit, so none is
+    // escalated for overload (a one-at-a-time queue of eight would send half of them out).
+    let path = model_path();
+    let model =
+        local_model::LocalModel::load(path.to_str().unwrap(), &local_model::LoadOptions::default())
+            .unwrap();
+    let limits = local_model::BatchLimits {
+        max_batch: 8,
+        ..local_model::BatchLimits::default()
+    };
+    let handle = local_model::ModelHandle::spawn_with(model, 8, limits).unwrap();
+    let engine = cascade::cascade::local::LocalEngine::new(handle, LOCAL.into(), 32);
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    raw.policy.aggregate = "mean_logprob".into();
+    raw.policy.threshold = -5.0;
+    let server = start(raw, Some(engine)).await;
+    let body = chat("cascade", EASY, 12);
+    let replies = futures::future::join_all(
+        (0..16).map(|_| post(&server, "/v1/chat/completions", &body, &[])),
+    )
+    .await;
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            (r.header("x-cascade-route"), r.header("x-cascade-reason")),
+            ("local", "confident"),
+            "{:?}",
+            r.headers
+        );
+    }
+    assert_eq!(mock.request_count(), 0);
+    let metrics = get(&server, "/metrics").await.text;
+    assert!(
+        metric(&metrics, "cascade_local_batch_size_mean", &[]) > 1.0,
+        "the requests ran one at a time: {metrics}"
     );
 }

@@ -293,6 +293,9 @@ fn observe_local(metrics: &Metrics, run: &LocalRun) {
     metrics
         .local_queue_wait
         .observe(generation.timings.queue_ms.max(0.0) / 1000.0);
+    metrics.local_time_to_first_token.observe(
+        (generation.timings.queue_ms.max(0.0) + generation.timings.prefill_ms.max(0.0)) / 1000.0,
+    );
     let decode_s = (generation.timings.prefill_ms + generation.timings.decode_ms) / 1000.0;
     if tokens > 0 && decode_s > 0.0 {
         metrics

@@ -111,10 +111,16 @@ impl LocalEngine {
         self.handle.info().context_window
     }
 
+    /// Requests decoding now, and the mean number of sequences per decode step so far.
+    pub fn batch_stats(&self) -> (usize, f64) {
+        (self.handle.active(), self.handle.mean_batch_size())
+    }
+
     /// The queue as it stands.
     pub fn load(&self) -> LocalLoad {
         LocalLoad {
             in_flight: self.handle.in_flight(),
+            batch_capacity: self.handle.max_batch(),
             queue_capacity: self.handle.queue_capacity(),
             expected_wait: self.handle.expected_wait(),
         }

@@ -158,6 +158,11 @@ impl Gateway {
         if let Some(local) = self.local.get() {
             let depth = i64::try_from(local.load().in_flight).unwrap_or(i64::MAX);
             self.metrics.local_queue_depth.set(depth);
+            let (active, mean_batch) = local.batch_stats();
+            self.metrics
+                .local_active_sequences
+                .set(i64::try_from(active).unwrap_or(i64::MAX));
+            self.metrics.local_batch_size.set(mean_batch);
         }
     }
 

@@ -212,17 +212,25 @@ pub async fn get_at(url: &str, headers: &[(&str, &str)]) -> Reply {
 
 /// Loads the real model behind a queue of `queue_depth`.
 pub fn load_engine(queue_depth: usize) -> LocalEngine {
-    load_engine_with_occupier(queue_depth).0
-}
-
-/// The real model behind a queue of `queue_depth`, seen through two engines: one with the
-/// tests' usual 32-token cap, and one whose cap lets a long generation occupy the model for
-/// as long as a test needs it busy (32 tokens can finish between two polls on a loaded
-/// machine).
-pub fn load_engine_with_occupier(queue_depth: usize) -> (LocalEngine, LocalEngine) {
     let path = model_path();
     let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let handle = ModelHandle::spawn(model, queue_depth).unwrap();
+    LocalEngine::new(handle, LOCAL.into(), 32)
+}
+
+/// The real model running one request at a time behind a queue of `queue_depth`, seen
+/// through two engines: one with the tests' usual 32-token cap, and one whose cap lets a
+/// long generation occupy the model for as long as a test needs it busy (32 tokens can
+/// finish between two polls on a loaded machine). One at a time, so that one running
+/// request and `queue_depth` waiting ones fill it.
+pub fn load_engine_with_occupier(queue_depth: usize) -> (LocalEngine, LocalEngine) {
+    let path = model_path();
+    let model = LocalModel::load(path.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let one_at_a_time = local_model::BatchLimits {
+        max_batch: 1,
+        ..local_model::BatchLimits::default()
+    };
+    let handle = ModelHandle::spawn_with(model, queue_depth, one_at_a_time).unwrap();
     (
         LocalEngine::new(handle.clone(), LOCAL.into(), 32),
         LocalEngine::new(handle, LOCAL.into(), 4000),
