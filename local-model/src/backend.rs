@@ -59,7 +59,7 @@ pub(crate) enum Backend {
     /// tokens its cache holds so that a prompt sharing a prefix with the
     /// previous sequence (a repeated system prompt) skips that prefix.
     Tuned {
-        model: Box<TunedModel>,
+        model: TunedModel,
         /// The prompt tokens whose keys and values the cache holds, as
         /// computed by a prefill. Generated tokens are not reused: their
         /// keys and values came from the decode path, and a prompt that
@@ -75,7 +75,7 @@ impl Backend {
     /// A model on the tuned engine with an empty cache.
     pub(crate) fn tuned(model: TunedModel, reuse_prompt_prefix: bool) -> Self {
         Backend::Tuned {
-            model: Box::new(model),
+            model,
             prefilled: Vec::new(),
             reuse: reuse_prompt_prefix,
         }
@@ -138,7 +138,7 @@ impl Backend {
     /// backend decodes several sequences in one step.
     pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
         match self {
-            Backend::Tuned { model, .. } => model.kv_bytes_per_position(),
+            Backend::Tuned { model, .. } => Some(model.kv_bytes_per_position()),
             _ => None,
         }
     }
@@ -147,7 +147,7 @@ impl Backend {
     /// several sequences in one step.
     pub(crate) fn new_sequence_cache(&self) -> Option<SeqCache> {
         match self {
-            Backend::Tuned { model, .. } => model.new_cache(),
+            Backend::Tuned { model, .. } => Some(model.new_cache()),
             _ => None,
         }
     }
@@ -181,7 +181,7 @@ impl Backend {
                 "only the tuned engine runs sequences with their own caches".into(),
             ));
         };
-        let logits = model.decode_batch(steps)?;
+        let logits = model.decode_rows(steps, Pass::Decode)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 

@@ -18,7 +18,7 @@ use crate::backend::{Architecture, Backend};
 use crate::engine::gemma3::Gemma3;
 use crate::engine::llama::{self as tuned_llama, Llama};
 use crate::engine::phi2::Phi2;
-use crate::engine::{DecodeStep, Kernels, PrefillWeights, TunedModel};
+use crate::engine::{DecodeStep, Kernels, PrefillWeights};
 use crate::error::{GenerateError, LoadError};
 use crate::generate::{Control, Generation, GenerationParams, Prompt, TokenEvent};
 use crate::phi_mixed::{MixedPhi, PhiConfig};
@@ -466,6 +466,70 @@ fn read_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), LoadE
     Ok((content, reader))
 }
 
+/// The tuned engine's architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TunedArch {
+    Phi2,
+    Llama,
+    Gemma3,
+}
+
+impl TunedArch {
+    /// Positions served when the file declares no context length.
+    fn default_context(self) -> usize {
+        match self {
+            TunedArch::Phi2 => 2048,
+            TunedArch::Llama => quantized_llama::MAX_SEQ_LEN,
+            // The window applies while decoding too, so sequences may run past it (unlike
+            // candle's Gemma 3).
+            TunedArch::Gemma3 => 8192,
+        }
+    }
+}
+
+/// Which code runs a GGUF file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GgufEngine {
+    Tuned(TunedArch),
+    ReferenceLlama,
+    ReferenceGemma3,
+}
+
+impl GgufEngine {
+    /// The engine for a file of this architecture under `kernels`: the tuned engine where it
+    /// covers the file (phi2 always; the llama family when its tensors are supported; Gemma
+    /// 3), candle's reference code where asked for or needed; exact kernels run only
+    /// llama-family and phi2 files, and candle has no phi2 in the stored layout.
+    fn choose(
+        is_phi2: bool,
+        is_llama: bool,
+        tuned_llama_supported: bool,
+        kernels: Kernels,
+    ) -> Result<Self, LoadError> {
+        if is_phi2 {
+            return match kernels {
+                Kernels::Reference => Err(LoadError::InvalidOption(
+                    "reference kernels do not run phi2 GGUF files (candle's quantized_phi \
+                     reads only the fused layout); use tuned or exact kernels"
+                        .into(),
+                )),
+                Kernels::Tuned | Kernels::Exact => Ok(Self::Tuned(TunedArch::Phi2)),
+            };
+        }
+        match (is_llama, kernels) {
+            (true, Kernels::Tuned | Kernels::Exact) if tuned_llama_supported => {
+                Ok(Self::Tuned(TunedArch::Llama))
+            }
+            (_, Kernels::Exact) => Err(LoadError::InvalidOption(
+                "exact kernels run llama-family and phi2 GGUF only".into(),
+            )),
+            (false, Kernels::Tuned) => Ok(Self::Tuned(TunedArch::Gemma3)),
+            (true, _) => Ok(Self::ReferenceLlama),
+            (false, _) => Ok(Self::ReferenceGemma3),
+        }
+    }
+}
+
 fn load_gguf(
     path: &Path,
     files: &ResolvedModel,
@@ -544,96 +608,72 @@ fn load_gguf(
             let sliding_window =
                 tokenizer::gguf_u32(&content, &format!("{arch_prefix}.attention.sliding_window"))
                     .map(|v| v as usize);
-            let (backend, max_ctx) = if is_phi2 {
-                if options.kernels == Kernels::Reference {
-                    return Err(LoadError::InvalidOption(
-                        "reference kernels do not run phi2 GGUF files (candle's quantized_phi \
-                         reads only the fused layout); use tuned or exact kernels"
-                            .into(),
-                    ));
+            let engine = GgufEngine::choose(
+                is_phi2,
+                is_llama,
+                is_llama && tuned_llama::supports(&content),
+                options.kernels,
+            )?;
+            let (backend, max_ctx) = match engine {
+                GgufEngine::Tuned(arch) => {
+                    let max_ctx = declared_ctx
+                        .unwrap_or(arch.default_context())
+                        .min(TUNED_MAX_POSITIONS);
+                    let exact = options.kernels == Kernels::Exact;
+                    let weights = options.prefill_weights;
+                    let model: crate::engine::TunedModel = match arch {
+                        TunedArch::Phi2 => Box::new(
+                            Phi2::from_gguf(&content, &mut reader, max_ctx, weights, exact, device)
+                                .map_err(weights_err)?,
+                        ),
+                        TunedArch::Llama => Box::new(
+                            Llama::from_gguf(
+                                &content,
+                                &mut reader,
+                                max_ctx,
+                                weights,
+                                exact,
+                                device,
+                            )
+                            .map_err(weights_err)?,
+                        ),
+                        TunedArch::Gemma3 => Box::new(
+                            Gemma3::from_gguf(&content, &mut reader, max_ctx, weights, device)
+                                .map_err(weights_err)?,
+                        ),
+                    };
+                    (Backend::tuned(model, options.reuse_prompt_prefix), max_ctx)
                 }
-                let max_ctx = declared_ctx.unwrap_or(2048).min(TUNED_MAX_POSITIONS);
-                let model = Phi2::from_gguf(
-                    &content,
-                    &mut reader,
-                    max_ctx,
-                    options.prefill_weights,
-                    options.kernels == Kernels::Exact,
-                    device,
-                )
-                .map_err(weights_err)?;
-                (
-                    Backend::tuned(TunedModel::Phi2(model), options.reuse_prompt_prefix),
-                    max_ctx,
-                )
-            } else if is_llama
-                && matches!(options.kernels, Kernels::Tuned | Kernels::Exact)
-                && tuned_llama::supports(&content)
-            {
-                let max_ctx = declared_ctx
-                    .unwrap_or(quantized_llama::MAX_SEQ_LEN)
-                    .min(TUNED_MAX_POSITIONS);
-                let model = Llama::from_gguf(
-                    &content,
-                    &mut reader,
-                    max_ctx,
-                    options.prefill_weights,
-                    options.kernels == Kernels::Exact,
-                    device,
-                )
-                .map_err(weights_err)?;
-                (
-                    Backend::tuned(TunedModel::Llama(model), options.reuse_prompt_prefix),
-                    max_ctx,
-                )
-            } else if options.kernels == Kernels::Exact {
-                return Err(LoadError::InvalidOption(
-                    "exact kernels run llama-family and phi2 GGUF only".into(),
-                ));
-            } else if !is_llama && options.kernels == Kernels::Tuned {
-                // The window applies while decoding too, so sequences may
-                // run past it (unlike candle's Gemma 3 below).
-                let max_ctx = declared_ctx.unwrap_or(8192).min(TUNED_MAX_POSITIONS);
-                let model = Gemma3::from_gguf(
-                    &content,
-                    &mut reader,
-                    max_ctx,
-                    options.prefill_weights,
-                    device,
-                )
-                .map_err(weights_err)?;
-                (
-                    Backend::tuned(TunedModel::Gemma3(model), options.reuse_prompt_prefix),
-                    max_ctx,
-                )
-            } else if is_llama {
-                let weights =
-                    quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
-                        .map_err(weights_err)?;
-                (
-                    Backend::Llama {
-                        pristine: Box::new(weights.clone()),
-                        live: Box::new(weights),
-                    },
-                    quantized_llama::MAX_SEQ_LEN,
-                )
-            } else {
-                let weights =
-                    quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device)
-                        .map_err(weights_err)?;
-                (
-                    Backend::Gemma3 {
-                        pristine: Box::new(weights.clone()),
-                        live: Box::new(weights),
-                    },
-                    // candle 0.11's Gemma 3 applies the local layers'
-                    // sliding window only within a prefill, not while
-                    // decoding, so past the window those layers would attend
-                    // to tokens the model was never trained to see. Keeping
-                    // every sequence within the window keeps attention as
-                    // trained; 8192 bounds the KV cache otherwise.
-                    sliding_window.unwrap_or(8192).min(8192),
-                )
+                GgufEngine::ReferenceLlama => {
+                    let weights =
+                        quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
+                            .map_err(weights_err)?;
+                    (
+                        Backend::Llama {
+                            pristine: Box::new(weights.clone()),
+                            live: Box::new(weights),
+                        },
+                        quantized_llama::MAX_SEQ_LEN,
+                    )
+                }
+                GgufEngine::ReferenceGemma3 => {
+                    let weights =
+                        quantized_gemma3::ModelWeights::from_gguf(content, &mut reader, device)
+                            .map_err(weights_err)?;
+                    (
+                        Backend::Gemma3 {
+                            pristine: Box::new(weights.clone()),
+                            live: Box::new(weights),
+                        },
+                        // candle 0.11's Gemma 3 applies the local layers'
+                        // sliding window only within a prefill, not while
+                        // decoding, so past the window those layers would attend
+                        // to tokens the model was never trained to see. Keeping
+                        // every sequence within the window keeps attention as
+                        // trained; 8192 bounds the KV cache otherwise.
+                        sliding_window.unwrap_or(8192).min(8192),
+                    )
+                }
             };
             let context_window = declared_ctx.unwrap_or(max_ctx).min(max_ctx);
             let eos_ids = eos_from_vocab(&tokenizer, &declared_eos);
@@ -876,4 +916,40 @@ fn file_stem(path: &Path) -> String {
         .or_else(|| path.file_name())
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "local".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_gguf_file_gets_the_engine_its_kernels_allow() {
+        use Kernels::{Exact, Reference, Tuned};
+        // `LoadError` has no `PartialEq`: compare the chosen engine, `None` for a refusal.
+        let choose = |phi2, llama, supported, kernels| {
+            GgufEngine::choose(phi2, llama, supported, kernels).ok()
+        };
+        let tuned = |arch| Some(GgufEngine::Tuned(arch));
+        assert_eq!(choose(true, false, false, Tuned), tuned(TunedArch::Phi2));
+        assert_eq!(choose(true, false, false, Exact), tuned(TunedArch::Phi2));
+        assert!(choose(true, false, false, Reference).is_none());
+        assert_eq!(choose(false, true, true, Tuned), tuned(TunedArch::Llama));
+        assert_eq!(choose(false, true, true, Exact), tuned(TunedArch::Llama));
+        assert_eq!(
+            choose(false, true, true, Reference),
+            Some(GgufEngine::ReferenceLlama)
+        );
+        // Llama-family tensors the tuned engine does not cover run on candle's code.
+        assert_eq!(
+            choose(false, true, false, Tuned),
+            Some(GgufEngine::ReferenceLlama)
+        );
+        assert!(choose(false, true, false, Exact).is_none());
+        assert_eq!(choose(false, false, false, Tuned), tuned(TunedArch::Gemma3));
+        assert_eq!(
+            choose(false, false, false, Reference),
+            Some(GgufEngine::ReferenceGemma3)
+        );
+        assert!(choose(false, false, false, Exact).is_none());
+    }
 }

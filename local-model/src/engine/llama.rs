@@ -16,7 +16,7 @@ use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, check_steps, DecodeStep, Pass, PrefillWeights};
+use super::{check_step, check_steps, CausalLm, DecodeStep, Pass, PrefillWeights};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -190,47 +190,30 @@ impl Llama {
         })
     }
 
-    /// Bytes held by the dense prefill copy.
-    pub(crate) fn dense_bytes(&self) -> usize {
-        self.dense_bytes
-    }
-
-    /// Keeps the first `len` cached positions and forgets the rest.
-    pub(crate) fn truncate_cache(&mut self, len: usize) {
-        self.cache.truncate(len);
-    }
-
-    /// An empty KV cache for one more sequence.
-    pub(crate) fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.blocks.len())
-    }
-
-    /// Bytes of keys and values one position takes over all layers.
-    pub(crate) fn kv_bytes_per_position(&self) -> usize {
-        2 * self.blocks.len() * self.shape.kv_heads * self.shape.head_dim * 4
-    }
-
     /// Longest sequence served.
     fn max_positions(&self) -> Result<usize> {
         self.cos.dim(0)
     }
+}
 
-    /// Runs `tokens` placed at `position` (which must equal the cached
-    /// length) and returns the next-token logits of the last one, `[vocab]`.
-    pub(crate) fn forward(
-        &mut self,
-        tokens: &[u32],
-        position: usize,
-        pass: Pass,
-    ) -> Result<Tensor> {
-        let mut cache = std::mem::take(&mut self.cache);
-        let logits = self.forward_in(&mut cache, tokens, position, pass);
-        self.cache = cache;
-        logits
+impl CausalLm for Llama {
+    fn own_cache(&mut self) -> &mut SeqCache {
+        &mut self.cache
     }
 
-    /// [`Llama::forward`] on the sequence whose keys and values `cache` holds.
-    pub(crate) fn forward_in(
+    fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn kv_width(&self) -> usize {
+        self.shape.kv_heads * self.shape.head_dim
+    }
+
+    fn dense_bytes(&self) -> usize {
+        self.dense_bytes
+    }
+
+    fn prompt_in(
         &self,
         cache: &mut SeqCache,
         tokens: &[u32],
@@ -238,16 +221,6 @@ impl Llama {
         pass: Pass,
     ) -> Result<Tensor> {
         let n = tokens.len();
-        if n == 1 {
-            // One token takes the same path alone as in a batch, so a
-            // request's log-probs do not depend on what runs beside it.
-            let mut step = [DecodeStep {
-                cache,
-                token: tokens[0],
-                position,
-            }];
-            return self.decode_rows(&mut step, pass)?.squeeze(0);
-        }
         cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.max_positions()?)?;
         let device = self.norm.device().clone();
@@ -266,13 +239,7 @@ impl Llama {
         self.output.forward(&last, Pass::Decode)?.flatten_all()
     }
 
-    /// One decode step of several sequences (or a one-token prefill):
-    /// each step's token at its position in its own cache. Every matrix
-    /// product runs once over all of them (one pass over the weights for
-    /// the whole batch); attention runs per sequence, the same for a
-    /// sequence alone as in a batch. Returns the next-token logits,
-    /// `[steps, vocab]`.
-    pub(crate) fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
         check_steps(steps, self.blocks.len(), self.max_positions()?)?;
         let rotary = steps
             .iter()

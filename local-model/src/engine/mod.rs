@@ -49,94 +49,86 @@ pub(crate) fn check_steps(
     Ok(())
 }
 
-/// A model on the tuned engine.
-#[derive(Debug, Clone)]
-pub(crate) enum TunedModel {
-    Llama(llama::Llama),
-    Gemma3(gemma3::Gemma3),
-    Phi2(phi2::Phi2),
-}
-
-impl TunedModel {
-    /// Runs `tokens` at `position` (the cached length); next-token logits.
-    pub(crate) fn forward(
-        &mut self,
+/// One architecture on the tuned engine: what differs between the llama family, Gemma 3 and
+/// phi2 (its layers, its prompt pass, its batched decode step). What they share (serving one
+/// sequence from a cache of their own, a single token through the batched step, truncating,
+/// new caches, the cache's size) is written once here.
+pub(crate) trait CausalLm: Send {
+    /// The cache of the sequence the model serves one at a time.
+    fn own_cache(&mut self) -> &mut kv_cache::SeqCache;
+    /// Transformer blocks, each with a layer of the KV cache.
+    fn layers(&self) -> usize;
+    /// Key (or value) width of one layer's cache per position: KV heads × head dimension.
+    fn kv_width(&self) -> usize;
+    /// Bytes of the dense prefill copy.
+    fn dense_bytes(&self) -> usize;
+    /// Runs a prompt of several tokens placed at `position` (the cached length) into
+    /// `cache` and returns the next-token logits of the last one, `[vocab]`.
+    fn prompt_in(
+        &self,
+        cache: &mut kv_cache::SeqCache,
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> candle_core::Result<Tensor> {
-        match self {
-            TunedModel::Llama(m) => m.forward(tokens, position, pass),
-            TunedModel::Gemma3(m) => m.forward(tokens, position, pass),
-            TunedModel::Phi2(m) => m.forward(tokens, position, pass),
-        }
-    }
+    ) -> candle_core::Result<Tensor>;
+    /// One decode step of several sequences (or a one-token prefill): each step's token at
+    /// its position in its own cache; every matrix product runs once over all of them.
+    /// Returns the next-token logits, `[steps, vocab]`.
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> candle_core::Result<Tensor>;
 
-    /// Keeps the first `len` cached positions.
-    pub(crate) fn truncate_cache(&mut self, len: usize) {
-        match self {
-            TunedModel::Llama(m) => m.truncate_cache(len),
-            TunedModel::Gemma3(m) => m.truncate_cache(len),
-            TunedModel::Phi2(m) => m.truncate_cache(len),
-        }
-    }
-
-    /// An empty KV cache for one more sequence, where this architecture
-    /// decodes several sequences in one step (all of the tuned engine's
-    /// do; `None` keeps room for one that does not).
-    pub(crate) fn new_cache(&self) -> Option<kv_cache::SeqCache> {
-        match self {
-            TunedModel::Llama(m) => Some(m.new_cache()),
-            TunedModel::Gemma3(m) => Some(m.new_cache()),
-            TunedModel::Phi2(m) => Some(m.new_cache()),
-        }
-    }
-
-    /// Bytes of keys and values one position of a sequence takes, where
-    /// sequences can be batched (see [`TunedModel::new_cache`]).
-    pub(crate) fn kv_bytes_per_position(&self) -> Option<usize> {
-        match self {
-            TunedModel::Llama(m) => Some(m.kv_bytes_per_position()),
-            TunedModel::Gemma3(m) => Some(m.kv_bytes_per_position()),
-            TunedModel::Phi2(m) => Some(m.kv_bytes_per_position()),
-        }
-    }
-
-    /// [`TunedModel::forward`] on the sequence whose keys and values
-    /// `cache` holds (from [`TunedModel::new_cache`]).
-    pub(crate) fn forward_in(
+    /// Runs `tokens` placed at `position` on the sequence whose keys and values `cache`
+    /// holds and returns the next-token logits of the last one, `[vocab]`.
+    fn forward_in(
         &self,
         cache: &mut kv_cache::SeqCache,
         tokens: &[u32],
         position: usize,
         pass: Pass,
     ) -> candle_core::Result<Tensor> {
-        match self {
-            TunedModel::Llama(m) => m.forward_in(cache, tokens, position, pass),
-            TunedModel::Gemma3(m) => m.forward_in(cache, tokens, position, pass),
-            TunedModel::Phi2(m) => m.forward_in(cache, tokens, position, pass),
+        if let [token] = tokens {
+            // One token takes the same path alone as in a batch, so a request's log-probs
+            // do not depend on what runs beside it.
+            let mut step = [DecodeStep {
+                cache,
+                token: *token,
+                position,
+            }];
+            return self.decode_rows(&mut step, pass)?.squeeze(0);
         }
+        self.prompt_in(cache, tokens, position, pass)
     }
 
-    /// One decode step of several sequences, each in its own cache; the
-    /// next-token logits `[steps, vocab]`.
-    pub(crate) fn decode_batch(&self, steps: &mut [DecodeStep<'_>]) -> candle_core::Result<Tensor> {
-        match self {
-            TunedModel::Llama(m) => m.decode_rows(steps, Pass::Decode),
-            TunedModel::Gemma3(m) => m.decode_rows(steps, Pass::Decode),
-            TunedModel::Phi2(m) => m.decode_rows(steps, Pass::Decode),
-        }
+    /// [`CausalLm::forward_in`] on the model's own cache.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        pass: Pass,
+    ) -> candle_core::Result<Tensor> {
+        let mut cache = std::mem::take(self.own_cache());
+        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        *self.own_cache() = cache;
+        logits
     }
 
-    /// Bytes of the dense prefill copy.
-    pub(crate) fn dense_bytes(&self) -> usize {
-        match self {
-            TunedModel::Llama(m) => m.dense_bytes(),
-            TunedModel::Gemma3(m) => m.dense_bytes(),
-            TunedModel::Phi2(m) => m.dense_bytes(),
-        }
+    /// Keeps the first `len` cached positions of the own sequence and forgets the rest.
+    fn truncate_cache(&mut self, len: usize) {
+        self.own_cache().truncate(len);
+    }
+
+    /// An empty KV cache for one more sequence.
+    fn new_cache(&self) -> kv_cache::SeqCache {
+        kv_cache::SeqCache::new(self.layers())
+    }
+
+    /// Bytes of keys and values one position takes over all layers (f32 keys and values).
+    fn kv_bytes_per_position(&self) -> usize {
+        2 * self.layers() * self.kv_width() * 4
     }
 }
+
+/// A model on the tuned engine, whichever its architecture.
+pub(crate) type TunedModel = Box<dyn CausalLm>;
 
 /// Which forward-pass code runs a quantized GGUF model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -241,20 +241,10 @@ pub fn write_tiny_phi2_gguf_from(dir: &Path, matrices: GgmlDType, fused: bool) -
     path
 }
 
-/// Path of the real SmolLM2 model fetched by `scripts/fetch-model.sh`.
-pub fn smollm2_path() -> PathBuf {
-    if let Ok(p) = std::env::var("CASCADE_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
-}
+/// Path of the real SmolLM2 model fetched by `scripts/fetch-model.sh` (the one definition
+/// every test tree uses).
+#[allow(unused_imports)] // some test binaries load only synthetic models
+pub use cascade_e2e::fixtures::model_path as smollm2_path;
 
 /// Path of the real Gemma 3 270M model fetched by `scripts/fetch-gemma.sh`
 /// (or `CASCADE_GEMMA_MODEL`). Fails, never skips, when it is missing.
