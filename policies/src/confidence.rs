@@ -137,6 +137,32 @@ impl Aggregate {
         }
     }
 
+    /// The aggregate whose [`Aggregate::name`] is `name` (`mean_logprob`, `quantile_0.1`,
+    /// `fraction_above_-2`, ...): the one parser of rule names, for reports, `cascade
+    /// calibrate --rule` and the configuration. `None` for an unknown name, an invalid
+    /// parameter, or a learned rule (which needs its file).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let aggregate = match name {
+            "mean_logprob" => Self::MeanLogprob,
+            "sum_logprob" => Self::SumLogprob,
+            "min_logprob" => Self::MinLogprob,
+            "mean_entropy" => Self::MeanEntropy,
+            "mean_margin" => Self::MeanMargin,
+            other => {
+                if let Some(q) = other.strip_prefix("quantile_") {
+                    Self::Quantile { q: q.parse().ok()? }
+                } else if let Some(bound) = other.strip_prefix("fraction_above_") {
+                    Self::FractionAbove {
+                        bound: bound.parse().ok()?,
+                    }
+                } else {
+                    return None;
+                }
+            }
+        };
+        aggregate.validate().ok().map(|()| aggregate)
+    }
+
     /// The confidence score of a complete answer; `None` when there are no tokens.
     ///
     /// - `Quantile { q }` uses the nearest rank: the `max(1, ceil(q * n))`-th smallest
@@ -357,6 +383,35 @@ mod tests {
         Aggregate::MeanEntropy,
         Aggregate::MeanMargin,
     ];
+
+    #[test]
+    fn rule_names_parse_back_to_their_aggregate() {
+        for a in [
+            Aggregate::MeanLogprob,
+            Aggregate::SumLogprob,
+            Aggregate::MinLogprob,
+            Aggregate::Quantile { q: 0.1 },
+            Aggregate::FractionAbove { bound: -2.0 },
+            Aggregate::MeanEntropy,
+            Aggregate::MeanMargin,
+        ] {
+            assert_eq!(
+                Aggregate::from_name(&a.name()),
+                Some(a.clone()),
+                "{}",
+                a.name()
+            );
+        }
+        for bad in [
+            "quantile_1.5",
+            "quantile_NaN",
+            "fraction_above_inf",
+            "learned_x",
+            "median",
+        ] {
+            assert_eq!(Aggregate::from_name(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn every_aggregate_scores_none_without_tokens() {

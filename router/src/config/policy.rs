@@ -180,11 +180,6 @@ pub(super) fn aggregate_by_name(
     rules: &BTreeMap<String, Arc<LearnedRule>>,
 ) -> Result<Aggregate, ConfigError> {
     Ok(match name {
-        "mean_logprob" => Aggregate::MeanLogprob,
-        "sum_logprob" => Aggregate::SumLogprob,
-        "min_logprob" => Aggregate::MinLogprob,
-        "mean_entropy" => Aggregate::MeanEntropy,
-        "mean_margin" => Aggregate::MeanMargin,
         "quantile" => {
             if !(0.0..=1.0).contains(&raw.quantile) {
                 return Err(invalid("policy.quantile", "must be within [0, 1]"));
@@ -203,11 +198,12 @@ pub(super) fn aggregate_by_name(
             let rule = rules.get(&name).cloned();
             Aggregate::Learned { name, rule }
         }
-        other => {
-            return Err(invalid(
+        other => match Aggregate::from_name(other) {
+            Some(aggregate) => aggregate,
+            None => return Err(invalid(
                 "policy.aggregate",
                 format!("unknown aggregate `{other}` (choose sum_logprob, mean_logprob, min_logprob, quantile, fraction_above, mean_entropy, mean_margin, learned)"),
-            ))
-        }
+            )),
+        },
     })
 }

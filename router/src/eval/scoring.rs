@@ -42,19 +42,7 @@ pub fn default_features() -> Vec<Feature> {
 
 /// A fixed rule by its stable name (`mean_logprob`, `quantile_0.1`, `fraction_above_-1`, ...).
 pub fn parse_rule(name: &str) -> Option<Aggregate> {
-    if let Some(a) = standard_aggregates().into_iter().find(|a| a.name() == name) {
-        return Some(a);
-    }
-    if name == "sum_logprob" {
-        return Some(Aggregate::SumLogprob);
-    }
-    // Other quantiles and bounds parse like the learned rule's features.
-    let aggregate = match Feature::try_from(name.to_owned()).ok()? {
-        Feature::Quantile(q) => Aggregate::Quantile { q },
-        Feature::FractionAbove(bound) => Aggregate::FractionAbove { bound },
-        _ => return None,
-    };
-    aggregate.validate().ok().map(|()| aggregate)
+    Aggregate::from_name(name)
 }
 
 /// The name reports use for the out-of-fold learned rule.
