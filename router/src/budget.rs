@@ -15,7 +15,7 @@ use crate::reload::SharedPolicies;
 use crate::storage::{ScopeLimit, Storage, StorageError};
 use crate::upstream::{CallGate, GateRefusal, PaidCall, Reservation, Settlement};
 
-pub use crate::openai::DEFAULT_MAX_OUTPUT_TOKENS;
+use crate::openai::DEFAULT_MAX_OUTPUT_TOKENS;
 
 /// Reserves and settles paid calls in [`Storage`].
 pub struct BudgetGate {
@@ -74,10 +74,7 @@ pub fn estimate_cost(
     input_tokens: u64,
     request: &crate::openai::CompletionRequest,
 ) -> NanoUsd {
-    let Some(price) = policies.price(upstream) else {
-        return NanoUsd::ZERO;
-    };
-    price.cost(input_tokens, max_output_tokens(request))
+    policies.remote_cost(upstream, input_tokens, max_output_tokens(request))
 }
 
 /// The most output tokens an upstream may bill for `request`: `max_tokens` (or
@@ -196,17 +193,10 @@ mod tests {
 
     use super::*;
     use crate::openai::{parse_request, Endpoint};
-    use crate::storage::{connect, StorageConfig};
 
     /// A gate over a private in-memory database, and that database.
     async fn gate_over_memory(policies: &Policies) -> (BudgetGate, Storage) {
-        let storage = connect(&StorageConfig {
-            url: "sqlite::memory:".into(),
-            max_connections: 1,
-            reservation_ttl_secs: 60,
-        })
-        .await
-        .unwrap();
+        let storage = crate::storage::in_memory().await;
         let live = std::sync::Arc::new(crate::reload::Live::new(policies.clone()));
         (BudgetGate::new(storage.clone(), live), storage)
     }

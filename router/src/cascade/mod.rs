@@ -356,6 +356,18 @@ impl Gateway {
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
         let counted = self.counted_prompt_tokens(ctx, request).await;
+        // Each remote's input bound once per request (it serialises the body that remote
+        // would receive), not again in every decision round.
+        let input_tokens_of: Vec<(usize, u64)> = chain
+            .iter()
+            .map(|&i| (i, self.call_input_tokens(request, counted, i)))
+            .collect();
+        let input_tokens_for = |i: usize| {
+            input_tokens_of
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map_or(0, |(_, n)| *n)
+        };
         let mut unaffordable: Vec<usize> = Vec::new();
         let mut failed: Vec<usize> = Vec::new();
         let mut last_failure = UpstreamError::NoRemote;
@@ -373,7 +385,7 @@ impl Gateway {
                 request,
                 &remaining,
                 &unaffordable,
-                counted,
+                &input_tokens_for,
                 local.is_some(),
             );
             let remote = match decision {
@@ -395,7 +407,7 @@ impl Gateway {
             let Some(i) = self.upstreams.find(&remote) else {
                 break;
             };
-            let input_tokens = self.call_input_tokens(request, counted, i);
+            let input_tokens = input_tokens_for(i);
             let started = Instant::now();
             let payer = Payer {
                 request_id: &ctx.id,
@@ -403,10 +415,7 @@ impl Gateway {
                 key_id: ctx.key_id.as_deref().unwrap_or_default(),
                 max_cost: plan.policy.max_cost_per_request(),
             };
-            let result = self
-                .upstreams
-                .call(&[i], payer, request, input_tokens)
-                .await;
+            let result = self.upstreams.call(i, payer, request, input_tokens).await;
             ctx.upstream_time += started.elapsed();
             match result {
                 Ok(reply) => {
@@ -504,7 +513,7 @@ impl Gateway {
         request: &CompletionRequest,
         chain: &[usize],
         unaffordable: &[usize],
-        counted: Option<usize>,
+        input_tokens_for: &dyn Fn(usize) -> u64,
         local_ran: bool,
     ) -> BudgetDecision {
         let policies = self.policies.load();
@@ -514,12 +523,7 @@ impl Gateway {
                 let name = self.upstreams.name(i)?;
                 Some(RemoteCandidate {
                     remote: name.to_string(),
-                    estimated_cost: estimate_cost(
-                        &policies,
-                        name,
-                        self.call_input_tokens(request, counted, i),
-                        request,
-                    ),
+                    estimated_cost: estimate_cost(&policies, name, input_tokens_for(i), request),
                     fits: !unaffordable.contains(&i),
                 })
             })
@@ -597,7 +601,6 @@ impl Gateway {
             .run(request, prompt.clone(), RunOptions::default())
             .await
             .map_err(|e| self.local_error(e))?;
-        ctx.local_prompt_tokens = run.output.generation.usage.prompt_tokens;
         self.note_local_run(ctx, plan, &run);
         Ok(self.local_reply(request, &run))
     }

@@ -225,7 +225,6 @@ fn cut_prefix(path: &Path, consumed: u64) -> Result<u64, SpoolError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::storage::{connect, StorageConfig};
 
     fn record(id: &str) -> LedgerRecord {
         LedgerRecord {
@@ -260,13 +259,7 @@ mod tests {
         spool.append(&[record("a"), record("b")]).await.unwrap();
         // A torn last line, as a crash mid-append would leave.
         append_lines(&path, b"{\"id\": \"c\", \"creat").unwrap();
-        let storage = connect(&StorageConfig {
-            url: "sqlite::memory:".into(),
-            max_connections: 1,
-            reservation_ttl_secs: 60,
-        })
-        .await
-        .unwrap();
+        let storage = crate::storage::in_memory().await;
         // Already written before the fault: the replay must not trip over it.
         storage.record(&record("a")).await.unwrap();
         let reopened = Spool::new(path.clone());

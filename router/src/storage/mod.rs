@@ -54,6 +54,19 @@ macro_rules! on_backend {
     };
 }
 
+/// A private in-memory database, for unit tests of the modules that write to storage.
+#[cfg(test)]
+pub(crate) async fn in_memory() -> Storage {
+    #[allow(clippy::expect_used)]
+    connect(&StorageConfig {
+        url: "sqlite::memory:".into(),
+        max_connections: 1,
+        reservation_ttl_secs: 60,
+    })
+    .await
+    .expect("an in-memory SQLite database opens")
+}
+
 /// Opens the database named by `cfg.url` and brings its schema up to date.
 ///
 /// A SQLite file is created if missing and opened in WAL mode with `synchronous=FULL`, so a

@@ -1,5 +1,6 @@
-//! The one client through which every paid call to a remote model passes:
-//! first tries, retries and fallbacks, streamed or not.
+//! The one client through which every paid call to a remote model passes: first tries and
+//! retries, streamed or not. The cascade calls it once per remote of its chain, asking the
+//! budget before each (so a fallback is a new call here, through the same gate).
 //!
 //! Keeping them in one place is what lets a budget gate (reserve before the
 //! call, settle with the real usage after) be inserted once and cover every
@@ -162,106 +163,105 @@ impl Upstreams {
         self.remotes.iter().position(|r| r.name == name)
     }
 
-    /// Sends `request` to the remotes of `chain` in order, retrying each on
-    /// transient failures, until one answers. Returns the last failure when
-    /// none does. A remote whose circuit breaker is open is skipped without a call and
-    /// without a reservation.
+    /// Sends `request` to the remote at index `remote`, retrying on transient failures;
+    /// returns its answer or its last failure. A remote whose circuit breaker is open is
+    /// not called and nothing is reserved. Falling back to another remote is the caller's
+    /// decision (the cascade asks the budget before each one).
     pub async fn call(
         &self,
-        chain: &[usize],
+        remote: usize,
         payer: Payer<'_>,
         request: &CompletionRequest,
         input_tokens: u64,
     ) -> Result<UpstreamReply, UpstreamError> {
         let request_id = payer.request_id;
         let started = Instant::now();
+        let (Some(remote), Some(breaker)) = (self.remotes.get(remote), self.breakers.get(remote))
+        else {
+            return Err(UpstreamError::NoRemote);
+        };
         let mut last = UpstreamError::NoRemote;
-        let remotes = chain
-            .iter()
-            .filter_map(|&i| Some((self.remotes.get(i)?, self.breakers.get(i)?)));
-        for (remote, breaker) in remotes {
-            let body = openai::upstream_body(request, &remote.model)
-                .map_err(|e| UpstreamError::Client(e.to_string()))?;
-            let mut attempt = 0u32;
-            loop {
-                let permit = match breaker.admit(Instant::now()) {
-                    Ok(permit) => permit,
-                    Err(retry_in) => {
-                        let error = UpstreamError::CircuitOpen {
-                            upstream: remote.name.clone(),
-                            retry_in,
-                        };
-                        if let Some(m) = &self.metrics {
-                            m.upstream_errors
-                                .with_label_values(&[&remote.name, error.kind()])
-                                .inc();
-                        }
-                        tracing::debug!(request_id, upstream = %remote.name, "circuit open; skipping the upstream");
-                        // A breaker that opened during this request's own retries: its real
-                        // failure says more than "circuit open".
-                        if attempt == 0 {
-                            last = error;
-                        }
+        let body = openai::upstream_body(request, &remote.model)
+            .map_err(|e| UpstreamError::Client(e.to_string()))?;
+        let mut attempt = 0u32;
+        loop {
+            let permit = match breaker.admit(Instant::now()) {
+                Ok(permit) => permit,
+                Err(retry_in) => {
+                    let error = UpstreamError::CircuitOpen {
+                        upstream: remote.name.clone(),
+                        retry_in,
+                    };
+                    if let Some(m) = &self.metrics {
+                        m.upstream_errors
+                            .with_label_values(&[&remote.name, error.kind()])
+                            .inc();
+                    }
+                    tracing::debug!(request_id, upstream = %remote.name, "circuit open; skipping the upstream");
+                    // A breaker that opened during this request's own retries: its real
+                    // failure says more than "circuit open".
+                    if attempt == 0 {
+                        last = error;
+                    }
+                    break;
+                }
+            };
+            let call = PaidCall {
+                request_id,
+                team: payer.team,
+                key_id: payer.key_id,
+                upstream: &remote.name,
+                model: &remote.model,
+                request,
+                input_tokens,
+                attempt,
+                max_cost: payer.max_cost,
+            };
+            let reservation = match self.gate.reserve(&call).await {
+                Ok(r) => r,
+                // What to do about money is the caller's policy, not the next remote.
+                Err(refusal) => {
+                    return Err(UpstreamError::Refused {
+                        upstream: remote.name.clone(),
+                        refusal,
+                    })
+                }
+            };
+            let attempt_started = Instant::now();
+            let result = self
+                .attempt(remote, &body, request, input_tokens, reservation)
+                .await;
+            let latency = attempt_started.elapsed().as_secs_f64();
+            match result {
+                Ok(body) => {
+                    permit.success();
+                    self.observe(&remote.name, "ok", latency);
+                    return Ok(UpstreamReply {
+                        upstream: remote.name.clone(),
+                        elapsed: started.elapsed(),
+                        body,
+                    });
+                }
+                Err((error, retry_after)) => {
+                    if error.is_upstream_failure() {
+                        permit.failure(Instant::now());
+                    } else {
+                        permit.success();
+                    }
+                    self.observe(&remote.name, error.kind(), latency);
+                    if let Some(m) = &self.metrics {
+                        m.upstream_errors
+                            .with_label_values(&[&remote.name, error.kind()])
+                            .inc();
+                    }
+                    tracing::warn!(request_id, upstream = %remote.name, attempt, %error, "upstream attempt failed");
+                    let retry = error.is_retryable() && attempt < remote.max_retries;
+                    last = error;
+                    if !retry {
                         break;
                     }
-                };
-                let call = PaidCall {
-                    request_id,
-                    team: payer.team,
-                    key_id: payer.key_id,
-                    upstream: &remote.name,
-                    model: &remote.model,
-                    request,
-                    input_tokens,
-                    attempt,
-                    max_cost: payer.max_cost,
-                };
-                let reservation = match self.gate.reserve(&call).await {
-                    Ok(r) => r,
-                    // What to do about money is the caller's policy, not the next remote.
-                    Err(refusal) => {
-                        return Err(UpstreamError::Refused {
-                            upstream: remote.name.clone(),
-                            refusal,
-                        })
-                    }
-                };
-                let attempt_started = Instant::now();
-                let result = self
-                    .attempt(remote, &body, request, input_tokens, reservation)
-                    .await;
-                let latency = attempt_started.elapsed().as_secs_f64();
-                match result {
-                    Ok(body) => {
-                        permit.success();
-                        self.observe(&remote.name, "ok", latency);
-                        return Ok(UpstreamReply {
-                            upstream: remote.name.clone(),
-                            elapsed: started.elapsed(),
-                            body,
-                        });
-                    }
-                    Err((error, retry_after)) => {
-                        if error.is_upstream_failure() {
-                            permit.failure(Instant::now());
-                        } else {
-                            permit.success();
-                        }
-                        self.observe(&remote.name, error.kind(), latency);
-                        if let Some(m) = &self.metrics {
-                            m.upstream_errors
-                                .with_label_values(&[&remote.name, error.kind()])
-                                .inc();
-                        }
-                        tracing::warn!(request_id, upstream = %remote.name, attempt, %error, "upstream attempt failed");
-                        let retry = error.is_retryable() && attempt < remote.max_retries;
-                        last = error;
-                        if !retry {
-                            break;
-                        }
-                        tokio::time::sleep(backoff(remote, attempt, retry_after)).await;
-                        attempt += 1;
-                    }
+                    tokio::time::sleep(backoff(remote, attempt, retry_after)).await;
+                    attempt += 1;
                 }
             }
         }
