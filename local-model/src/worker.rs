@@ -146,11 +146,12 @@ impl ModelHandle {
             Some(_) => limits.max_batch.max(1),
             None => 1,
         };
-        // The worker admits new requests only at step boundaries: a burst that arrives
-        // during a step waits in the channel, so it holds a batch's worth beyond
-        // `queue_depth` (the gateway's own overload check still counts `max_batch` running
-        // plus `queue_depth` waiting). A one-at-a-time model keeps `queue_depth`.
-        let (sender, receiver) = sync_channel::<Job>(queue_depth + max_batch - 1);
+        // The limit is on requests in flight (`max_batch` running plus `queue_depth`
+        // waiting), counted in `generate`, not on the channel: how many jobs sit in the
+        // channel depends on when the worker thread last took them (it admits only at step
+        // boundaries, and may not have run at all yet), so a channel-sized limit refused
+        // requests that fit. The channel holds the whole limit, so it is never what refuses.
+        let (sender, receiver) = sync_channel::<Job>(queue_depth + max_batch);
         let shared = Arc::new(Shared::default());
         let info = model.info().clone();
         let encoder = model.encoder().clone();
@@ -255,7 +256,18 @@ impl ModelHandle {
             enqueued: Instant::now(),
             reply,
         };
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let limit = self.queue_depth + self.max_batch;
+        let admitted =
+            self.shared
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+        if admitted.is_err() {
+            return Err(WorkerError::Busy {
+                queued: self.queue_depth,
+            });
+        }
         match self.sender.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

@@ -437,3 +437,50 @@ async fn random_arrivals_with_mixed_prompts_are_all_answered() {
     }
     wait_idle(&handle).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_up_to_the_limit_is_accepted_whatever_the_worker_has_taken_and_one_more_is_not() {
+    // `max_batch` running plus `queue_depth` waiting: 4 + 3. The burst is sent in one poll,
+    // before the model thread can take many (or any) of them off its channel; the limit is
+    // the same either way. The first request holds the model thread on its first token, so
+    // nothing finishes before the eighth arrives.
+    let handle = ModelHandle::spawn_with(
+        load(),
+        3,
+        BatchLimits {
+            max_batch: 4,
+            ..BatchLimits::default()
+        },
+    )
+    .unwrap();
+    let limit = 7;
+    let (first, release) = gate(chat("Name a colour."), params(4));
+    let requests = std::iter::once(first)
+        .chain((1..limit).map(|_| GenerateRequest::new(chat("Name a colour."), params(4))));
+    let burst: Vec<_> = requests
+        .map(|request| {
+            let handle = handle.clone();
+            async move { handle.generate(request).await }
+        })
+        .collect();
+    let answers = tokio::spawn(futures::future::join_all(burst));
+    for _ in 0..500 {
+        if handle.in_flight() == limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(handle.in_flight(), limit, "the burst was not all accepted");
+    let one_more = handle
+        .generate(GenerateRequest::new(chat("Name a colour."), params(4)))
+        .await;
+    assert!(
+        matches!(one_more, Err(local_model::WorkerError::Busy { .. })),
+        "{one_more:?}"
+    );
+    release.send(()).unwrap();
+    for answer in answers.await.unwrap() {
+        assert_eq!(answer.unwrap().generation.tokens.len(), 4);
+    }
+    wait_idle(&handle).await;
+}
