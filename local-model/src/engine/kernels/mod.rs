@@ -26,7 +26,15 @@
 mod q4_1;
 mod q4_k;
 mod q8_0;
+#[cfg(target_arch = "x86_64")]
+#[expect(
+    unsafe_code,
+    reason = "VNNI instructions pulp does not wrap: safe methods of CPU-proof tokens, the workspace's only unsafe (docs/benchmarks.md, STYLE.md)"
+)]
+mod unsafe_simd;
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m256i, __m512i};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::quantized::GgmlDType;
@@ -79,21 +87,211 @@ fn detect_wide_simd() -> Option<WideSimd> {
     None
 }
 
+/// Proof that the CPU runs the AVX-512 kernels with VNNI's byte products.
+#[cfg(target_arch = "x86_64")]
+type WideVnni = unsafe_simd::Vnni512;
+#[cfg(not(target_arch = "x86_64"))]
+type WideVnni = std::convert::Infallible;
+
+/// Proof that the CPU runs the AVX2 kernels with AVX-VNNI's byte products.
+#[cfg(target_arch = "x86_64")]
+type SimdVnni = unsafe_simd::VnniAvx;
+#[cfg(not(target_arch = "x86_64"))]
+type SimdVnni = std::convert::Infallible;
+
+/// Set (to anything) to keep to the byte products without VNNI on a CPU
+/// that has it: to compare the two.
+pub const NO_VNNI_VARIABLE: &str = "CASCADE_NO_VNNI";
+
+#[cfg(target_arch = "x86_64")]
+fn detect_vnni(simd: Simd, wide: Option<WideSimd>) -> (Option<SimdVnni>, Option<WideVnni>) {
+    if std::env::var_os(NO_VNNI_VARIABLE).is_some() {
+        return (None, None);
+    }
+    (
+        unsafe_simd::VnniAvx::try_new(simd),
+        wide.and_then(unsafe_simd::Vnni512::try_new),
+    )
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_vnni(simd: Simd, _wide: Option<WideSimd>) -> (Option<SimdVnni>, Option<WideVnni>) {
+    match simd {}
+}
+
 /// The instruction sets one matrix's products run on: AVX2/FMA always,
-/// AVX-512 where the CPU has it and `CASCADE_NO_AVX512` is not set.
+/// AVX-512 where the CPU has it and `CASCADE_NO_AVX512` is not set, and on
+/// either VNNI's byte products where the CPU has them and `CASCADE_NO_VNNI`
+/// is not set.
 #[derive(Debug, Clone, Copy)]
 struct Isa {
     simd: Simd,
     wide: Option<WideSimd>,
+    simd_vnni: Option<SimdVnni>,
+    wide_vnni: Option<WideVnni>,
 }
 
 impl Isa {
     /// `None` when the CPU lacks AVX2/FMA.
     fn detect() -> Option<Self> {
+        let simd = detect_simd()?;
+        let wide = detect_wide_simd();
+        let (simd_vnni, wide_vnni) = detect_vnni(simd, wide);
         Some(Self {
-            simd: detect_simd()?,
-            wide: detect_wide_simd(),
+            simd,
+            wide,
+            simd_vnni,
+            wide_vnni,
         })
+    }
+
+    /// The path the products take.
+    fn path(&self) -> KernelPath {
+        match (self.wide, self.wide_vnni, self.simd_vnni) {
+            (Some(_), Some(_), _) => KernelPath::Avx512Vnni,
+            (Some(_), None, _) => KernelPath::Avx512,
+            (None, _, Some(_)) => KernelPath::AvxVnni,
+            (None, _, None) => KernelPath::Avx2,
+        }
+    }
+}
+
+/// Which instructions the quantized products run on, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// AVX-512 with VNNI's `vpdpbusd` (Intel since Cascade Lake, AMD since Zen 4).
+    Avx512Vnni,
+    /// AVX-512 F/BW/CD/DQ/VL.
+    Avx512,
+    /// AVX2 with AVX-VNNI's `vpdpbusd` (Intel since Alder Lake, AMD since Zen 5).
+    AvxVnni,
+    /// AVX2 and FMA.
+    Avx2,
+}
+
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512Vnni => "AVX-512 VNNI",
+            Self::Avx512 => "AVX-512",
+            Self::AvxVnni => "AVX-VNNI",
+            Self::Avx2 => "AVX2",
+        }
+    }
+}
+
+/// The path this CPU's products take (under `CASCADE_NO_AVX512` and
+/// `CASCADE_NO_VNNI`); `None` where Cascade's kernels do not run (no
+/// AVX2/FMA, or another architecture: candle's kernels do the products).
+pub fn detected_path() -> Option<KernelPath> {
+    Isa::detect().map(|isa| isa.path())
+}
+
+/// The byte products of the AVX-512 kernels: each 32-bit lane of the
+/// result sums the four products of unsigned by signed bytes in it.
+/// Implemented by `V4` (`maddubs`, then `madd` by ones) and by the VNNI
+/// token (`vpdpbusd`): the same integers either way.
+#[cfg(target_arch = "x86_64")]
+trait WideBytes: Copy {
+    fn v4(self) -> WideSimd;
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
+    /// `Σ unsigned·signed` per four bytes.
+    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i;
+    /// `Σ a·b + Σ c·d` per four bytes; each pair of products of `a·b` plus
+    /// that of `c·d` must fit 16 bits (the AVX-512 path adds them there).
+    fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WideBytes for WideSimd {
+    #[inline(always)]
+    fn v4(self) -> WideSimd {
+        self
+    }
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        pulp::x86::V4::vectorize(self, f)
+    }
+    #[inline(always)]
+    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i {
+        let pairs = self.avx512bw._mm512_maddubs_epi16(unsigned, signed);
+        self.avx512bw
+            ._mm512_madd_epi16(pairs, self.avx512f._mm512_set1_epi16(1))
+    }
+    #[inline(always)]
+    fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
+        let pairs = self.avx512bw._mm512_add_epi16(
+            self.avx512bw._mm512_maddubs_epi16(a, b),
+            self.avx512bw._mm512_maddubs_epi16(c, d),
+        );
+        self.avx512bw
+            ._mm512_madd_epi16(pairs, self.avx512f._mm512_set1_epi16(1))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WideBytes for WideVnni {
+    #[inline(always)]
+    fn v4(self) -> WideSimd {
+        unsafe_simd::Vnni512::v4(self)
+    }
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        unsafe_simd::Vnni512::vectorize(self, f)
+    }
+    #[inline(always)]
+    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i {
+        let zero = self.v4().avx512f._mm512_setzero_si512();
+        self.dot_u8_i8(zero, unsigned, signed)
+    }
+    #[inline(always)]
+    fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
+        let zero = self.v4().avx512f._mm512_setzero_si512();
+        self.dot_u8_i8(self.dot_u8_i8(zero, a, b), c, d)
+    }
+}
+
+/// [`WideBytes`] for the AVX2 kernels: `V3`, or the AVX-VNNI token.
+#[cfg(target_arch = "x86_64")]
+trait NarrowBytes: Copy {
+    fn v3(self) -> Simd;
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
+    /// `Σ unsigned·signed` per four bytes.
+    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NarrowBytes for Simd {
+    #[inline(always)]
+    fn v3(self) -> Simd {
+        self
+    }
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        pulp::x86::V3::vectorize(self, f)
+    }
+    #[inline(always)]
+    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i {
+        let pairs = self.avx2._mm256_maddubs_epi16(unsigned, signed);
+        self.avx2
+            ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NarrowBytes for SimdVnni {
+    #[inline(always)]
+    fn v3(self) -> Simd {
+        unsafe_simd::VnniAvx::v3(self)
+    }
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        unsafe_simd::VnniAvx::vectorize(self, f)
+    }
+    #[inline(always)]
+    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i {
+        let zero = self.v3().avx._mm256_setzero_si256();
+        self.dot_u8_i8(zero, unsigned, signed)
     }
 }
 
@@ -398,16 +596,41 @@ impl GroupedWeights {
     /// The same weights on the AVX2 kernels only, even where the CPU has
     /// AVX-512: for tests and benchmarks that compare the two.
     pub fn without_avx512(mut self) -> Self {
-        self.isa_mut().wide = None;
+        let isa = self.isa_mut();
+        isa.wide = None;
+        isa.wide_vnni = None;
         self
+    }
+
+    /// The same weights without VNNI's byte products, even where the CPU
+    /// has them: for tests and benchmarks that compare the two.
+    pub fn without_vnni(mut self) -> Self {
+        let isa = self.isa_mut();
+        isa.simd_vnni = None;
+        isa.wide_vnni = None;
+        self
+    }
+
+    fn isa(&self) -> &Isa {
+        match self {
+            Self::Q8_0(m) => &m.isa,
+            Self::Q4_1(m) => &m.isa,
+            Self::Q4K(m) => &m.isa,
+        }
     }
 
     /// Whether products run on the AVX-512 kernels.
     pub fn uses_avx512(&self) -> bool {
-        match self {
-            Self::Q8_0(m) => m.isa.wide.is_some(),
-            Self::Q4_1(m) => m.isa.wide.is_some(),
-            Self::Q4K(m) => m.isa.wide.is_some(),
+        self.isa().wide.is_some()
+    }
+
+    /// The instructions the products run on. (Q4_K's products take no VNNI
+    /// path: see `q4_k`.)
+    pub fn path(&self) -> KernelPath {
+        match (self, self.isa().path()) {
+            (Self::Q4K(_), KernelPath::Avx512Vnni) => KernelPath::Avx512,
+            (Self::Q4K(_), KernelPath::AvxVnni) => KernelPath::Avx2,
+            (_, path) => path,
         }
     }
 }

@@ -11,11 +11,13 @@ use half::f16;
 
 use super::q8_0::{ActivationRow, Activations};
 use super::{
-    check_layout, for_each_group, keep_block, regroup, GroupKernel, Isa, KernelError, Simd,
-    WideSimd, ROWS_PER_GROUP,
+    check_layout, for_each_group, keep_block, regroup, GroupKernel, Isa, KernelError,
+    ROWS_PER_GROUP,
 };
 #[cfg(target_arch = "x86_64")]
-use super::{lane_sum, widen_halves};
+use super::{lane_sum, widen_halves, NarrowBytes, WideBytes};
+#[cfg(not(target_arch = "x86_64"))]
+use super::{Simd, WideSimd};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
@@ -115,8 +117,14 @@ struct Kernel<'a> {
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
-        match self.isa.wide {
-            Some(wide) => dot_group_wide(wide, weights, rows),
+        if let Some(vnni) = self.isa.wide_vnni {
+            return dot_group_wide(vnni, weights, rows);
+        }
+        if let Some(wide) = self.isa.wide {
+            return dot_group_wide(wide, weights, rows);
+        }
+        match self.isa.simd_vnni {
+            Some(vnni) => dot_group(vnni, weights, rows),
             None => dot_group(self.isa.simd, weights, rows),
         }
     }
@@ -153,18 +161,18 @@ fn dot_group<const N: usize>(
 /// term comes with the activations.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<const N: usize>(
-    simd: Simd,
+fn dot_group<B: NarrowBytes, const N: usize>(
+    bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
+    let simd = bytes.v3();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::{__m128i, __m256i};
             let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
-            let ones = simd.avx._mm256_set1_epi16(1);
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
             let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
@@ -183,8 +191,7 @@ fn dot_group<const N: usize>(
                     );
                     let q = simd.avx2._mm256_and_si256(both, low_nibbles);
                     for n in 0..N {
-                        let pairs = simd.avx2._mm256_maddubs_epi16(q, ys[n]);
-                        let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
+                        let quads = bytes.quads(q, ys[n]);
                         acc[n][lane] = simd.fma._mm256_fmadd_ps(
                             simd.avx._mm256_cvtepi32_ps(quads),
                             simd.avx._mm256_set1_ps(d * y_scales[n]),
@@ -207,18 +214,18 @@ fn dot_group<const N: usize>(
 /// to row `e / 4`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group_wide<const N: usize>(
-    simd: WideSimd,
+fn dot_group_wide<B: WideBytes, const N: usize>(
+    bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
+    let simd = bytes.v4();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::{__m128i, __m512, __m512i};
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
-            let ones = simd.avx512f._mm512_set1_epi16(1);
             // From the converted scales [d0..d3, m0..m3, ...]: each row's
             // scale, and its minimum, over its four elements.
             let row_scales: __m512i =
@@ -243,11 +250,7 @@ fn dot_group_wide<const N: usize>(
                     let second = simd.avx512f._mm512_broadcast_i32x4(second);
                     // Nibbles are unsigned: no sign trick, and two pair
                     // sums (at most 2 x 15 x 127 each) fit 16 bits.
-                    let pairs = simd.avx512bw._mm512_add_epi16(
-                        simd.avx512bw._mm512_maddubs_epi16(low, first),
-                        simd.avx512bw._mm512_maddubs_epi16(high, second),
-                    );
-                    let quads = simd.avx512bw._mm512_madd_epi16(pairs, ones);
+                    let quads = bytes.quads2(low, first, high, second);
                     acc[n] = simd.avx512f._mm512_fmadd_ps(
                         simd.avx512f._mm512_cvtepi32_ps(quads),
                         simd.avx512f

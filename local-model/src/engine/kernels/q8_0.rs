@@ -6,10 +6,12 @@ use half::f16;
 
 use super::{
     activation_rows, check_blocks, check_layout, for_each_group, keep_block, quantize_block,
-    regroup, regroup_one, GroupKernel, Isa, KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    regroup, regroup_one, GroupKernel, Isa, KernelError, ROWS_PER_GROUP,
 };
 #[cfg(target_arch = "x86_64")]
-use super::{lane_sum, widen_halves};
+use super::{lane_sum, widen_halves, NarrowBytes, WideBytes};
+#[cfg(not(target_arch = "x86_64"))]
+use super::{Simd, WideSimd};
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
@@ -233,8 +235,14 @@ struct Kernel<'a> {
 impl GroupKernel for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
-        match self.isa.wide {
-            Some(wide) => dot_group_wide(wide, weights, rows),
+        if let Some(vnni) = self.isa.wide_vnni {
+            return dot_group_wide(vnni, weights, rows);
+        }
+        if let Some(wide) = self.isa.wide {
+            return dot_group_wide(wide, weights, rows);
+        }
+        match self.isa.simd_vnni {
+            Some(vnni) => dot_group(vnni, weights, rows),
             None => dot_group(self.isa.simd, weights, rows),
         }
     }
@@ -271,17 +279,17 @@ fn dot_group<const N: usize>(
 /// weight block is loaded and its sign taken once for all `N`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<const N: usize>(
-    simd: Simd,
+fn dot_group<B: NarrowBytes, const N: usize>(
+    bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
+    let simd = bytes.v3();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::__m256i;
-            let ones = simd.avx._mm256_set1_epi16(1);
             let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
@@ -296,8 +304,7 @@ fn dot_group<const N: usize>(
                     let x_abs = simd.avx2._mm256_sign_epi8(x, x);
                     for n in 0..N {
                         let y_signed = simd.avx2._mm256_sign_epi8(ys[n], x);
-                        let pairs = simd.avx2._mm256_maddubs_epi16(x_abs, y_signed);
-                        let quads = simd.avx2._mm256_madd_epi16(pairs, ones);
+                        let quads = bytes.quads(x_abs, y_signed);
                         acc[n][lane] = simd.fma._mm256_fmadd_ps(
                             simd.avx._mm256_cvtepi32_ps(quads),
                             simd.avx._mm256_set1_ps(x_scale * y_scales[n]),
@@ -317,18 +324,18 @@ fn dot_group<const N: usize>(
 /// weights' signs instead.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group_wide<const N: usize>(
-    simd: WideSimd,
+fn dot_group_wide<B: WideBytes, const N: usize>(
+    bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
+    let simd = bytes.v4();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::{__m512, __m512i};
             const PAIRS: usize = ROWS_PER_GROUP / 2;
-            let ones = simd.avx512f._mm512_set1_epi16(1);
             let zero = simd.avx512f._mm512_setzero_si512();
             // Spreads rows `2h` and `2h + 1`'s scales over the two halves.
             let spread = |h: i32| -> __m512i {
@@ -357,8 +364,7 @@ fn dot_group_wide<const N: usize>(
                         let y_signed = simd
                             .avx512bw
                             ._mm512_mask_sub_epi8(ys[n], negative, zero, ys[n]);
-                        let pairs = simd.avx512bw._mm512_maddubs_epi16(x_abs, y_signed);
-                        let quads = simd.avx512bw._mm512_madd_epi16(pairs, ones);
+                        let quads = bytes.quads(x_abs, y_signed);
                         acc[n][h] = simd.avx512f._mm512_fmadd_ps(
                             simd.avx512f._mm512_cvtepi32_ps(quads),
                             simd.avx512f._mm512_mul_ps(pair_scales, y_scales[n]),

@@ -51,10 +51,13 @@ fn candle_product(
     out
 }
 
-/// Our product (on the AVX2 kernel, and on the AVX-512 one where the CPU
-/// has it) against the exact one on the dequantised weights (bounded by
-/// rounding the activations: half a step of a block's 8-bit grid per
-/// value, values within ±0.5) and against candle's kernel.
+/// Our product on every path this CPU has (AVX2, AVX-VNNI, AVX-512,
+/// AVX-512 VNNI) against the exact one on the dequantised weights (bounded
+/// by rounding the activations: half a step of a block's 8-bit grid per
+/// value, values within ±0.5) and against candle's kernel. VNNI only
+/// replaces how the same integer sums are formed, so each VNNI path must
+/// equal its path without VNNI bit for bit. Paths the CPU lacks are
+/// reported as skipped on stderr (not captured by the test harness).
 fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_tolerance: f32) {
     let (bytes, weights) = quantized(format, rows, cols, 1);
     let grouped = GroupedWeights::new(format, &bytes, rows, cols)
@@ -65,12 +68,47 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
     let check = |grouped: &GroupedWeights| {
         check_product(format, grouped, &weights, &x, &candle, candle_tolerance)
     };
-    if grouped.uses_avx512() {
-        check(&grouped);
-    }
-    let narrow = grouped.without_avx512();
+    let narrow = grouped.clone().without_avx512();
     assert!(!narrow.uses_avx512());
-    check(&narrow);
+    let mut ran = Vec::new();
+    for (weights, wide) in [(grouped, true), (narrow, false)] {
+        let plain = weights.clone().without_vnni();
+        if wide && !plain.uses_avx512() {
+            skipped(format, "AVX-512 and AVX-512 VNNI", "AVX-512 F/BW/CD/DQ/VL");
+            continue;
+        }
+        check(&plain);
+        ran.push(plain.path());
+        if weights.path() == plain.path() {
+            let vnni = if wide { "AVX-512 VNNI" } else { "AVX-VNNI" };
+            skipped(format, vnni, "its VNNI instructions, or the format has no VNNI path");
+            continue;
+        }
+        check(&weights);
+        ran.push(weights.path());
+        assert_eq!(
+            weights.matmul(&x).unwrap(),
+            plain.matmul(&x).unwrap(),
+            "{format:?}: {} differs from {}",
+            weights.path().name(),
+            plain.path().name()
+        );
+    }
+    let names: Vec<_> = ran.iter().map(|p| p.name()).collect();
+    report(&format!("{format:?}: checked {}", names.join(", ")));
+}
+
+/// Writes to the process's stderr directly, past the harness's capture, so
+/// that every run shows which paths were not tested on this host.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "kernels: {line}");
+}
+
+fn skipped(format: GgmlDType, path: &str, lacks: &str) {
+    report(&format!(
+        "{format:?}: SKIPPED the {path} path: this CPU lacks {lacks} (or CASCADE_NO_AVX512 / CASCADE_NO_VNNI is set)"
+    ));
 }
 
 fn check_product(
