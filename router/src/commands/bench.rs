@@ -21,6 +21,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "model": info.name,
             "architecture": info.architecture,
             "threads": candle_threads(),
+            "kernel_path": kernel_path(args),
             "load_seconds": load_seconds,
             "prefill_copy_mib": model.prefill_copy_bytes() as f64 / (1024.0 * 1024.0),
             "report": report,
@@ -34,6 +35,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         info.architecture.as_str()
     );
     println!("threads          {}", candle_threads());
+    println!("kernels          {}", kernel_path(args));
     println!("load time        {load_seconds:.2} s");
     println!(
         "prefill          {:.1} tok/s (median of {}, {} prompt tokens)",
@@ -64,6 +66,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The instructions the quantized products run on (`--kernels tuned`: the
+/// CPU's best path per format, after `CASCADE_NO_AVX512` / `CASCADE_NO_VNNI`).
+fn kernel_path(args: &BenchArgs) -> String {
+    match args.model.load.kernels.as_str() {
+        "tuned" => format!("tuned: {}", local_model::engine::kernels::describe_paths()),
+        other => format!("{other}: candle's"),
+    }
 }
 
 fn candle_threads() -> usize {

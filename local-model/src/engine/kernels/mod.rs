@@ -187,6 +187,32 @@ pub fn detected_path() -> Option<KernelPath> {
     Isa::detect().map(|isa| isa.path())
 }
 
+/// What `cascade bench` prints of the tuned engine's quantized products on
+/// this CPU: each format's path, e.g. "AVX-512 VNNI (Q8_0, Q4_1), AVX-512
+/// (Q4_K); other formats on candle's kernels".
+pub fn describe_paths() -> String {
+    let Some(path) = detected_path() else {
+        return "candle's (this CPU lacks AVX2/FMA)".into();
+    };
+    let q4_k = match path {
+        KernelPath::Avx512Vnni => KernelPath::Avx512,
+        KernelPath::AvxVnni => KernelPath::Avx2,
+        other => other,
+    };
+    if q4_k == path {
+        format!(
+            "{} (Q8_0, Q4_1, Q4_K); other formats on candle's",
+            path.name()
+        )
+    } else {
+        format!(
+            "{} (Q8_0, Q4_1), {} (Q4_K); other formats on candle's",
+            path.name(),
+            q4_k.name()
+        )
+    }
+}
+
 /// The byte products of the AVX-512 kernels: each 32-bit lane of the
 /// result sums the four products of unsigned by signed bytes in it.
 /// Implemented by `V4` (`maddubs`, then `madd` by ones) and by the VNNI

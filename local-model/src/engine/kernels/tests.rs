@@ -81,7 +81,11 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
         ran.push(plain.path());
         if weights.path() == plain.path() {
             let vnni = if wide { "AVX-512 VNNI" } else { "AVX-VNNI" };
-            skipped(format, vnni, "its VNNI instructions, or the format has no VNNI path");
+            skipped(
+                format,
+                vnni,
+                "its VNNI instructions, or the format has no VNNI path",
+            );
             continue;
         }
         check(&weights);
