@@ -5,11 +5,13 @@
 //! `expm1f`) once per value: 12% of Phi-1.5's prefill samples under perf,
 //! more than any other operation outside the matrix products. Here
 //! `0.5·x·(1 + tanh(u))` is written as the identical `x·sigmoid(2u)`, with
-//! `exp` from a degree-6 polynomial on a range-reduced argument (Cephes'
-//! `expf`, within 2 ulp), on AVX2/FMA through `pulp`'s safe intrinsics.
+//! `exp` from `simd_exp` (Cephes' `expf`, within 2 ulp), on AVX2/FMA through `pulp`'s safe intrinsics.
 //! Other CPUs and tensors that are not contiguous F32 keep candle's.
 
 use candle_core::{Result, Tensor};
+
+#[cfg(target_arch = "x86_64")]
+use super::simd_exp::exp;
 
 /// √(2/π), as in the tanh approximation.
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
@@ -83,47 +85,6 @@ fn gelu_in_place(simd: pulp::x86::V3, values: &mut [f32]) {
             }
         },
     );
-}
-
-/// `e^t` per lane (Cephes' `expf`): `t = k·ln 2 + r` with `|r| <= ln 2 / 2`,
-/// a degree-6 polynomial for `e^r`, and `2^k` built in the exponent bits.
-/// `t` is clamped to where `2^k` is a normal number; beyond it GELU is
-/// `x` or 0 to the last bit anyway.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn exp(simd: pulp::x86::V3, t: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    let splat = |v: f32| simd.avx._mm256_set1_ps(v);
-    let t = simd
-        .avx
-        ._mm256_min_ps(simd.avx._mm256_max_ps(t, splat(-87.0)), splat(88.0));
-    let k = simd
-        .avx
-        ._mm256_round_ps::<0x08>(simd.avx._mm256_mul_ps(t, splat(std::f32::consts::LOG2_E)));
-    // ln 2 in two parts, so that k·ln 2 is exact to float precision.
-    let r = simd.fma._mm256_fnmadd_ps(k, splat(0.693_359_4), t);
-    let r = simd.fma._mm256_fnmadd_ps(k, splat(-2.121_944_4e-4), r);
-    let mut p = splat(1.987_569_1e-4);
-    for coefficient in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = simd.fma._mm256_fmadd_ps(p, r, splat(coefficient));
-    }
-    let r2 = simd.avx._mm256_mul_ps(r, r);
-    let p = simd
-        .fma
-        ._mm256_fmadd_ps(p, r2, simd.avx._mm256_add_ps(r, splat(1.0)));
-    let exponent = simd
-        .avx2
-        ._mm256_slli_epi32::<23>(simd.avx2._mm256_add_epi32(
-            simd.avx._mm256_cvtps_epi32(k),
-            simd.avx._mm256_set1_epi32(127),
-        ));
-    simd.avx
-        ._mm256_mul_ps(p, simd.avx._mm256_castsi256_ps(exponent))
 }
 
 #[cfg(test)]
