@@ -119,6 +119,41 @@ fn detect_vnni(simd: Simd, _wide: Option<WideSimd>) -> (Option<SimdVnni>, Option
     match simd {}
 }
 
+/// Proof that the CPU has AMX-INT8 and the kernel granted the tile state.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+type Amx = unsafe_simd::Amx;
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+type Amx = std::convert::Infallible;
+
+/// Set (to anything) to run Q8_0 products of 16 activation rows or more
+/// (prefill, batches of 16) on AMX tiles where the CPU and kernel allow.
+/// Opt-in for now: those products add the same integer sums in another F32
+/// order than the AVX kernels, so a request's decode in a batch of 16 is no
+/// longer equal to the bit to the same request alone (Gemma 3's log-probs
+/// moved by up to 0.01), which the batching guarantee promises.
+pub const AMX_VARIABLE: &str = "CASCADE_AMX";
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect_amx() -> Option<Amx> {
+    std::env::var_os(AMX_VARIABLE)?;
+    unsafe_simd::Amx::try_new()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect_amx() -> Option<Amx> {
+    None
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn available_amx() -> Option<Amx> {
+    unsafe_simd::Amx::try_new()
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn available_amx() -> Option<Amx> {
+    None
+}
+
 /// The instruction sets one matrix's products run on: AVX2/FMA always,
 /// AVX-512 where the CPU has it and `CASCADE_NO_AVX512` is not set, and on
 /// either VNNI's byte products where the CPU has them and `CASCADE_NO_VNNI`
@@ -129,6 +164,8 @@ struct Isa {
     wide: Option<WideSimd>,
     simd_vnni: Option<SimdVnni>,
     wide_vnni: Option<WideVnni>,
+    /// AMX tiles, for products over several activation rows (Q8_0).
+    amx: Option<Amx>,
 }
 
 impl Isa {
@@ -142,6 +179,7 @@ impl Isa {
             wide,
             simd_vnni,
             wide_vnni,
+            amx: detect_amx(),
         })
     }
 
@@ -199,14 +237,19 @@ pub fn describe_paths() -> String {
         KernelPath::AvxVnni => KernelPath::Avx2,
         other => other,
     };
+    let amx = if detect_amx().is_some() {
+        "; AMX tiles (Q8_0, 16 rows or more)"
+    } else {
+        ""
+    };
     if q4_k == path {
         format!(
-            "{} (Q8_0, Q4_1, Q4_K); other formats on candle's",
+            "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
             path.name()
         )
     } else {
         format!(
-            "{} (Q8_0, Q4_1), {} (Q4_K); other formats on candle's",
+            "{} (Q8_0, Q4_1), {} (Q4_K){amx}; other formats on candle's",
             path.name(),
             q4_k.name()
         )
@@ -626,6 +669,24 @@ impl GroupedWeights {
         isa.wide = None;
         isa.wide_vnni = None;
         self
+    }
+
+    /// The same weights without AMX: for tests and benchmarks that compare.
+    pub fn without_amx(mut self) -> Self {
+        self.isa_mut().amx = None;
+        self
+    }
+
+    /// The same weights on AMX where the CPU and kernel allow it, whether or
+    /// not `CASCADE_AMX` is set: for tests and benchmarks.
+    pub fn with_available_amx(mut self) -> Self {
+        self.isa_mut().amx = available_amx();
+        self
+    }
+
+    /// Whether products over several activation rows run on AMX tiles.
+    pub fn uses_amx(&self) -> bool {
+        matches!(self, Self::Q8_0(_)) && self.isa().amx.is_some()
     }
 
     /// The same weights without VNNI's byte products, even where the CPU

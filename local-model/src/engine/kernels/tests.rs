@@ -68,6 +68,18 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
     let check = |grouped: &GroupedWeights| {
         check_product(format, grouped, &weights, &x, &candle, candle_tolerance)
     };
+    // 19 rows for the tiles: a whole tile of 16 and a partial one.
+    let x_tiles = random(19, cols, 3);
+    let candle_tiles = candle_product(format, &bytes, &x_tiles, rows, cols);
+    check_amx(
+        format,
+        &grouped,
+        &weights,
+        &x_tiles,
+        &candle_tiles,
+        candle_tolerance,
+    );
+    let grouped = grouped.without_amx();
     let narrow = grouped.clone().without_avx512();
     assert!(!narrow.uses_avx512());
     let mut ran = Vec::new();
@@ -100,6 +112,48 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
     }
     let names: Vec<_> = ran.iter().map(|p| p.name()).collect();
     report(&format!("{format:?}: checked {}", names.join(", ")));
+}
+
+/// The AMX path (Q8_0, 16 activation rows or more; opt-in, so enabled here
+/// wherever the CPU and kernel allow) against the same bounds, and against
+/// the AVX path: the same integer sums, added in F32 in another order, so
+/// equal to within F32 rounding. Run for 16 to 40 rows (whole and partial
+/// tiles).
+fn check_amx(
+    format: GgmlDType,
+    grouped: &GroupedWeights,
+    weights: &[f32],
+    x: &[f32],
+    candle: &[f32],
+    candle_tolerance: f32,
+) {
+    if format != GgmlDType::Q8_0 {
+        report(&format!("{format:?}: no AMX path (Q8_0 only)"));
+        return;
+    }
+    let grouped = &grouped.clone().with_available_amx();
+    if !grouped.uses_amx() {
+        skipped(
+            format,
+            "AMX",
+            "AMX-INT8 or the kernel's grant of the tile state",
+        );
+        return;
+    }
+    check_product(format, grouped, weights, x, candle, candle_tolerance);
+    let cols = weights.len() / grouped.rows();
+    for m in [16, 17, 33, 40] {
+        let x = random(m, cols, 11 + m as u64);
+        let tiles = grouped.matmul(&x).unwrap();
+        let avx = grouped.clone().without_amx().matmul(&x).unwrap();
+        for (i, (a, b)) in tiles.iter().zip(&avx).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{format:?} AMX, {m} rows: output {i} is {a}, {b} on AVX"
+            );
+        }
+    }
+    report(&format!("{format:?}: checked AMX"));
 }
 
 /// Writes to the process's stderr directly, past the harness's capture, so

@@ -120,3 +120,151 @@ impl VnniAvx {
         unsafe { std::arch::x86_64::_mm256_dpbusd_avx_epi32(acc, unsigned, signed) }
     }
 }
+
+/// Bytes of one activation tile: 8 rows of 64 bytes, VNNI-interleaved (row
+/// `k4` holds, for each of 16 activation rows `n`, its values `4·k4..4·k4+4`).
+pub const AMX_ACTIVATION_TILE: usize = 512;
+/// Weight rows, activation rows and values per AMX product (one block).
+pub const AMX_WEIGHT_ROWS: usize = 4;
+pub const AMX_ACTIVATION_ROWS: usize = 16;
+pub const AMX_BLOCK: usize = 32;
+
+/// Proof that the CPU has AMX-TILE and AMX-INT8 and that the kernel granted
+/// this process the tile state (Linux asks for it: `arch_prctl`).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[derive(Debug, Clone, Copy)]
+pub struct Amx {
+    _granted: (),
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Amx {
+    /// `None` without AMX-TILE and AMX-INT8, or when the kernel refuses the
+    /// tile state (an older kernel, or a seccomp policy). Asked once.
+    pub fn try_new() -> Option<Self> {
+        static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        GRANTED
+            .get_or_init(|| cpu_has_amx_int8() && request_tile_state())
+            .then_some(Self { _granted: () })
+    }
+
+    /// Runs `f` with this thread's tiles configured for [`Tiles::block`]'s
+    /// shapes, and releases them after.
+    pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
+        let config = TileConfig::for_q8_blocks();
+        // SAFETY: `self` proves AMX-TILE and the granted tile state; `config`
+        // is a valid 64-byte palette-1 configuration (64-byte aligned, read
+        // only by `ldtilecfg`).
+        unsafe {
+            std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) config.0.as_ptr(), options(nostack, readonly));
+        }
+        let tiles = Tiles {
+            _not_send: std::marker::PhantomData,
+        };
+        let result = f(&tiles);
+        // SAFETY: as above; releasing returns the tiles to their initial state.
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+        result
+    }
+}
+
+/// This thread's tiles, configured by [`Amx::with_tiles`]: neither `Send`
+/// nor `Sync`, and only lent inside it, so the configuration is in place
+/// whenever a method runs.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub struct Tiles {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Tiles {
+    /// The 4 × 16 products of one 32-value block: `weights`, 4 rows of 32
+    /// signed bytes one after another, times `activations`, 16 rows of 32
+    /// signed bytes in the VNNI layout of [`AMX_ACTIVATION_TILE`]; row `r`
+    /// of `out` holds weight row `r` against each activation row.
+    #[inline(always)]
+    pub fn block(
+        &self,
+        weights: &[u8; AMX_WEIGHT_ROWS * AMX_BLOCK],
+        activations: &[u8; AMX_ACTIVATION_TILE],
+        out: &mut [[i32; AMX_ACTIVATION_ROWS]; AMX_WEIGHT_ROWS],
+    ) {
+        // SAFETY: `self` exists only inside `with_tiles`, on this thread,
+        // after `ldtilecfg` set tmm0 to 4 rows × 64 bytes, tmm1 to 4 × 32 and
+        // tmm2 to 8 × 64. The loads read 4 rows of 32 bytes at a 32-byte
+        // stride (128 bytes: `weights`' length) and 8 rows of 64 at a 64-byte
+        // stride (512: `activations`'); the store writes 4 rows of 64 bytes at
+        // a 64-byte stride (256: `out`'s size). The lengths are in the types.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tileloadd tmm1, [{w} + {ws} * 1]",
+                "tileloadd tmm2, [{a} + {as_} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tilestored [{o} + {os} * 1], tmm0",
+                w = in(reg) weights.as_ptr(),
+                ws = in(reg) AMX_BLOCK,
+                a = in(reg) activations.as_ptr(),
+                as_ = in(reg) 4 * AMX_ACTIVATION_ROWS,
+                o = in(reg) out.as_mut_ptr(),
+                os = in(reg) 4 * AMX_ACTIVATION_ROWS,
+                options(nostack)
+            );
+        }
+    }
+}
+
+/// A palette-1 tile configuration: 64 bytes, 64-byte aligned.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl TileConfig {
+    /// tmm0: the 4 × 16 i32 products; tmm1: 4 weight rows of 32 bytes;
+    /// tmm2: the activations, 8 rows of 64 bytes.
+    fn for_q8_blocks() -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1; // palette 1
+        for (tile, rows, row_bytes) in [
+            (0, AMX_WEIGHT_ROWS, 4 * AMX_ACTIVATION_ROWS),
+            (1, AMX_WEIGHT_ROWS, AMX_BLOCK),
+            (2, AMX_BLOCK / 4, 4 * AMX_ACTIVATION_ROWS),
+        ] {
+            bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
+            bytes[48 + tile] = rows as u8;
+        }
+        Self(bytes)
+    }
+}
+
+/// CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn cpu_has_amx_int8() -> bool {
+    // Leaf 7 is valid only where the maximum leaf (leaf 0's EAX) reaches it.
+    if std::arch::x86_64::__cpuid(0).eax < 7 {
+        return false;
+    }
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    leaf7.edx & (1 << 24) != 0 && leaf7.edx & (1 << 25) != 0
+}
+
+/// Asks Linux for the AMX tile data state (`ARCH_REQ_XCOMP_PERM`,
+/// `XFEATURE_XTILEDATA`); without it the first tile instruction faults.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with this code only changes the process's permitted
+    // XSAVE features; it reads and writes no memory of ours.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    result == 0
+}
