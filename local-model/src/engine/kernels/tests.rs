@@ -303,3 +303,24 @@ fn q8_0_weights_read_from_a_stream_equal_those_regrouped_in_memory() {
         Err(ReadError::Layout(KernelError::PartialBlock { .. }))
     ));
 }
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[test]
+fn amx_tiles_stay_configured_after_a_nested_call_returns() {
+    use super::unsafe_simd::{Amx, AMX_ACTIVATION_TILE};
+    let Some(amx) = Amx::try_new() else {
+        report("SKIPPED the AMX nesting test: this CPU lacks AMX-INT8 or the tile state");
+        return;
+    };
+    let weights = [1u8; 128];
+    let activations = [2u8; AMX_ACTIVATION_TILE];
+    let mut out = [[0i32; 16]; 4];
+    amx.with_tiles(|outer| {
+        amx.with_tiles(|inner| inner.block(&weights, &activations, &mut out));
+        assert_eq!(out, [[64; 16]; 4]);
+        // The inner call left the configuration in place for the outer one.
+        out = [[0; 16]; 4];
+        outer.block(&weights, &activations, &mut out);
+    });
+    assert_eq!(out, [[64; 16]; 4], "32 products of 1 x 2 per output");
+}

@@ -149,8 +149,31 @@ impl Amx {
     }
 
     /// Runs `f` with this thread's tiles configured for [`Tiles::block`]'s
-    /// shapes, and releases them after.
+    /// shapes, and releases them after. A call inside `f` (on the same
+    /// thread) finds them configured and leaves them to the outer call, so
+    /// no `Tiles` ever outlives its configuration.
     pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
+        thread_local! {
+            static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        let tiles = Tiles {
+            _not_send: std::marker::PhantomData,
+        };
+        if CONFIGURED.with(|c| c.replace(true)) {
+            return f(&tiles);
+        }
+        /// Clears the flag when the outermost call ends, even by a panic.
+        struct Configured;
+        impl Drop for Configured {
+            fn drop(&mut self) {
+                // SAFETY: this thread's tiles were configured by the call that
+                // made this guard; releasing returns them to their initial state.
+                unsafe {
+                    std::arch::asm!("tilerelease", options(nostack, nomem));
+                }
+                CONFIGURED.with(|c| c.set(false));
+            }
+        }
         let config = TileConfig::for_q8_blocks();
         // SAFETY: `self` proves AMX-TILE and the granted tile state; `config`
         // is a valid 64-byte palette-1 configuration (64-byte aligned, read
@@ -158,15 +181,8 @@ impl Amx {
         unsafe {
             std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) config.0.as_ptr(), options(nostack, readonly));
         }
-        let tiles = Tiles {
-            _not_send: std::marker::PhantomData,
-        };
-        let result = f(&tiles);
-        // SAFETY: as above; releasing returns the tiles to their initial state.
-        unsafe {
-            std::arch::asm!("tilerelease", options(nostack, nomem));
-        }
-        result
+        let _release = Configured;
+        f(&tiles)
     }
 }
 
