@@ -28,10 +28,8 @@ bin="$target/release"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 start_workdir
 
-mock_port="$(free_port)"
+start_mock_upstream "$bin" 20
 port="$(free_port)"
-"$bin/cascade-mock-upstream" --port "$mock_port" --delay-ms 20 >"$work/mock.log" 2>&1 &
-pids+=($!)
 cat >"$work/cascade.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"

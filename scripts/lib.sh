@@ -1,5 +1,6 @@
 # Shared by the scripts that run a gateway against the mock upstream: a work folder whose
-# processes are stopped and files removed on exit, free ports, and waiting for /readyz.
+# processes are stopped and files removed on exit, free ports, the mock upstream, and
+# waiting for /readyz.
 # Source it (`source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"`); PYTHON names the Python
 # that runs the small helpers (python3 unless the script has a venv of its own).
 
@@ -38,4 +39,12 @@ wait_ready() {
   echo "$url never became ready" >&2
   cat "$log" >&2
   return 1
+}
+
+# start_mock_upstream BIN_DIR DELAY_MS: starts BIN_DIR/cascade-mock-upstream on a free port,
+# answering after DELAY_MS, logging to $work/mock.log; sets mock_port and adds it to pids.
+start_mock_upstream() {
+  mock_port="$(free_port)"
+  "$1/cascade-mock-upstream" --port "$mock_port" --delay-ms "$2" >"$work/mock.log" 2>&1 &
+  pids+=($!)
 }

@@ -62,7 +62,7 @@ fn signals_scalar(logits: &[f32], token: usize) -> Signals {
     }
     let mut sum = 0f64;
     let mut weighted = 0f64;
-    let (mut top1, mut top2) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    let mut top = TopTwo::default();
     for &l in logits {
         let l = l as f64;
         if !l.is_finite() {
@@ -71,51 +71,51 @@ fn signals_scalar(logits: &[f32], token: usize) -> Signals {
         let e = (l - max).exp();
         sum += e;
         weighted += e * (l - max);
-        if l > top1 {
-            top2 = top1;
-            top1 = l;
-        } else if l > top2 {
-            top2 = l;
-        }
+        top.push(l);
     }
-    finish(logits, token, max, sum, weighted, (top1, top2))
+    finish(logits, token, max, sum, weighted, top)
 }
 
-/// The two largest values of `values`, counting repeats (the top two of
-/// `[3, 3, 1]` are 3 and 3).
-fn top_two(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
-    let (mut top1, mut top2) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-    for v in values {
-        if v > top1 {
-            top2 = top1;
-            top1 = v;
-        } else if v > top2 {
-            top2 = v;
+/// The two largest values seen, counting repeats (the top two of `[3, 3,
+/// 1]` are 3 and 3).
+#[derive(Debug, Clone, Copy)]
+struct TopTwo {
+    first: f64,
+    second: f64,
+}
+
+impl Default for TopTwo {
+    fn default() -> Self {
+        Self {
+            first: f64::NEG_INFINITY,
+            second: f64::NEG_INFINITY,
         }
     }
-    (top1, top2)
+}
+
+impl TopTwo {
+    fn push(&mut self, v: f64) {
+        if v > self.first {
+            self.second = self.first;
+            self.first = v;
+        } else if v > self.second {
+            self.second = v;
+        }
+    }
 }
 
 /// The signals from the softmax's sums: `max` the largest logit, `sum` =
 /// Σ e^(l - max), `weighted` = Σ e^(l - max)·(l - max).
-fn finish(
-    logits: &[f32],
-    token: usize,
-    max: f64,
-    sum: f64,
-    weighted: f64,
-    top: (f64, f64),
-) -> Signals {
+fn finish(logits: &[f32], token: usize, max: f64, sum: f64, weighted: f64, top: TopTwo) -> Signals {
     let log_sum = sum.ln();
     let lse = max + log_sum;
     let token_logit = logits.get(token).copied().unwrap_or(f32::NEG_INFINITY) as f64;
     let logprob = (token_logit - lse).min(0.0);
     // H = -Σ p (l - lse) = lse - Σ p l = log_sum - Σ p (l - max)
     let entropy = (log_sum - weighted / sum).max(0.0);
-    let (top1, top2) = top;
-    let p1 = (top1 - lse).exp();
-    let p2 = if top2.is_finite() {
-        (top2 - lse).exp()
+    let p1 = (top.first - lse).exp();
+    let p2 = if top.second.is_finite() {
+        (top.second - lse).exp()
     } else {
         0.0
     };
@@ -136,7 +136,7 @@ mod vectorized {
     use pulp::x86::V3;
     use std::arch::x86_64::{__m256, __m256d};
 
-    use super::{finish, top_two, Signals};
+    use super::{finish, Signals, TopTwo};
     use crate::engine::simd_exp::exp;
 
     const LANES: usize = 8;
@@ -169,8 +169,11 @@ mod vectorized {
                     return None;
                 }
                 let lanes: [f32; 2 * LANES] = bytemuck::cast([top1, top2]);
-                let top = top_two(lanes.iter().chain(tail).map(|&v| f64::from(v)));
-                let max = top.0;
+                let mut top = TopTwo::default();
+                for &v in lanes.iter().chain(tail) {
+                    top.push(f64::from(v));
+                }
+                let max = top.first;
                 if !max.is_finite() {
                     return None;
                 }

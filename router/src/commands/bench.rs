@@ -2,12 +2,13 @@
 
 use std::time::Instant;
 
-use local_model::bench;
+use local_model::{bench, Kernels};
 
 use crate::cli::BenchArgs;
 
 /// Runs the benchmark and prints the report, medians first.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let kernels: Kernels = args.model.load.kernels.parse()?;
     let started = Instant::now();
     let mut model = super::load_model(&args.model)?;
     let load_seconds = started.elapsed().as_secs_f64();
@@ -21,7 +22,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "model": info.name,
             "architecture": info.architecture,
             "threads": candle_threads(),
-            "kernel_path": kernel_path(args),
+            "kernel_path": kernel_path(kernels),
             "load_seconds": load_seconds,
             "prefill_copy_mib": model.prefill_copy_bytes() as f64 / (1024.0 * 1024.0),
             "report": report,
@@ -35,7 +36,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         info.architecture.as_str()
     );
     println!("threads          {}", candle_threads());
-    println!("kernels          {}", kernel_path(args));
+    println!("kernels          {}", kernel_path(kernels));
     println!("load time        {load_seconds:.2} s");
     println!(
         "prefill          {:.1} tok/s (median of {}, {} prompt tokens)",
@@ -68,12 +69,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The instructions the quantized products run on (`--kernels tuned`: the
-/// CPU's best path per format, after `CASCADE_NO_AVX512` / `CASCADE_NO_VNNI`).
-fn kernel_path(args: &BenchArgs) -> String {
-    match args.model.load.kernels.as_str() {
-        "tuned" => format!("tuned: {}", local_model::engine::kernels::describe_paths()),
-        other => format!("{other}: candle's"),
+/// The code the products run on: for `--kernels tuned`, the CPU's path per
+/// format (after `CASCADE_NO_AVX512`, `CASCADE_NO_VNNI`, `CASCADE_AMX`).
+fn kernel_path(kernels: Kernels) -> String {
+    match kernels {
+        Kernels::Tuned => format!("tuned: {}", local_model::engine::kernels::describe_paths()),
+        Kernels::Reference => "reference: candle's model code and kernels".into(),
+        Kernels::Exact => "exact: F32 products on the dequantised weights".into(),
     }
 }
 

@@ -133,15 +133,10 @@ type Amx = std::convert::Infallible;
 /// moved by up to 0.01), which the batching guarantee promises.
 pub const AMX_VARIABLE: &str = "CASCADE_AMX";
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+/// AMX where `CASCADE_AMX` asks for it and the CPU and kernel allow it.
 fn detect_amx() -> Option<Amx> {
     std::env::var_os(AMX_VARIABLE)?;
-    unsafe_simd::Amx::try_new()
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect_amx() -> Option<Amx> {
-    None
+    available_amx()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -208,6 +203,16 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
+    /// The same path without VNNI's byte products: the one formats without
+    /// a VNNI kernel (Q4_K) take.
+    pub fn without_vnni(self) -> Self {
+        match self {
+            Self::Avx512Vnni => Self::Avx512,
+            Self::AvxVnni => Self::Avx2,
+            other => other,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Avx512Vnni => "AVX-512 VNNI",
@@ -232,11 +237,7 @@ pub fn describe_paths() -> String {
     let Some(path) = detected_path() else {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
-    let q4_k = match path {
-        KernelPath::Avx512Vnni => KernelPath::Avx512,
-        KernelPath::AvxVnni => KernelPath::Avx2,
-        other => other,
-    };
+    let q4_k = path.without_vnni();
     let amx = if detect_amx().is_some() {
         "; AMX tiles (Q8_0, 16 rows or more)"
     } else {
@@ -714,10 +715,9 @@ impl GroupedWeights {
     /// The instructions the products run on. (Q4_K's products take no VNNI
     /// path: see `q4_k`.)
     pub fn path(&self) -> KernelPath {
-        match (self, self.isa().path()) {
-            (Self::Q4K(_), KernelPath::Avx512Vnni) => KernelPath::Avx512,
-            (Self::Q4K(_), KernelPath::AvxVnni) => KernelPath::Avx2,
-            (_, path) => path,
+        match self {
+            Self::Q4K(_) => self.isa().path().without_vnni(),
+            _ => self.isa().path(),
         }
     }
 }
