@@ -51,6 +51,7 @@ fn calibrate_from_the_ledger_targets_an_escalation_rate_of_recorded_traffic() {
             url: url.clone(),
             max_connections: 1,
             reservation_ttl_secs: 60,
+            sqlite_sync: Default::default(),
         })
         .await
         .unwrap();

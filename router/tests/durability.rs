@@ -120,6 +120,7 @@ async fn every_request_a_client_saw_complete_survives_kill_9() {
         url: format!("sqlite://{}", dir.path().join("ledger.db").display()),
         max_connections: 1,
         reservation_ttl_secs: 60,
+        sqlite_sync: Default::default(),
     })
     .await
     .unwrap();

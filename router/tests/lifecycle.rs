@@ -91,6 +91,7 @@ async fn sigterm_finishes_the_requests_in_flight_records_them_and_exits_0() {
         url: format!("sqlite://{}", dir.path().join("ledger.db").display()),
         max_connections: 1,
         reservation_ttl_secs: 3600,
+        sqlite_sync: Default::default(),
     })
     .await
     .unwrap();

@@ -80,6 +80,7 @@ async fn two_processes_sharing_postgres_never_overspend_a_team_budget() {
         url: url.clone(),
         max_connections: 1,
         reservation_ttl_secs: 3600,
+        sqlite_sync: Default::default(),
     })
     .await
     .unwrap();

@@ -323,6 +323,7 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
             url: url.to_owned(),
             max_connections: 1,
             reservation_ttl_secs: 300,
+            sqlite_sync: crate::storage::SqliteSync::default(),
         })
         .await?;
         let records = storage

@@ -17,6 +17,10 @@ pub struct RawStorage {
     pub on_ledger_failure: String,
     /// The JSONL file of records waiting for the database; relative to the config's folder.
     pub spool_path: String,
+    /// What a SQLite commit waits for: `process_crash` (no fsync per commit; records survive
+    /// the process being killed) or `power_loss` (fsync per commit; they also survive the
+    /// machine losing power).
+    pub sqlite_sync: String,
 }
 
 impl Default for RawStorage {
@@ -27,6 +31,7 @@ impl Default for RawStorage {
             reservation_ttl_secs: 300,
             on_ledger_failure: "spool".into(),
             spool_path: "cascade-ledger-spool.jsonl".into(),
+            sqlite_sync: "process_crash".into(),
         }
     }
 }
@@ -68,10 +73,21 @@ pub(super) fn validate_storage(
     if raw.reservation_ttl_secs == 0 {
         return Err(invalid("storage.reservation_ttl_secs", "must be positive"));
     }
+    let sqlite_sync = match raw.sqlite_sync.as_str() {
+        "process_crash" => SqliteSync::ProcessCrash,
+        "power_loss" => SqliteSync::PowerLoss,
+        other => {
+            return Err(invalid(
+                "storage.sqlite_sync",
+                format!("unknown level `{other}` (choose process_crash or power_loss)"),
+            ))
+        }
+    };
     Ok(StorageConfig {
         url: resolve_sqlite_path(url, base_dir),
         max_connections: raw.max_connections,
         reservation_ttl_secs: raw.reservation_ttl_secs,
+        sqlite_sync,
     })
 }
 

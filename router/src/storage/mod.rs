@@ -1,7 +1,7 @@
 //! Durable storage: the per-request ledger and atomic budget reservations.
 //!
-//! One schema and one behaviour on two backends: an embedded SQLite file (WAL, fsync on every
-//! commit) for a single process, and PostgreSQL for several replicas sharing budgets. The query
+//! One schema and one behaviour on two backends: an embedded SQLite file (WAL; see
+//! [`SqliteSync`] for when it fsyncs) for a single process, and PostgreSQL for several replicas sharing budgets. The query
 //! code is written once in `common/` and compiled once per backend (see `sqlite.rs` and
 //! `postgres.rs`), so the two cannot drift apart. See `docs/storage.md`.
 
@@ -28,6 +28,24 @@ pub struct StorageConfig {
     pub max_connections: u32,
     /// After this long an unsettled reservation is presumed orphaned and its budget released.
     pub reservation_ttl_secs: u64,
+    /// How a SQLite file commits; PostgreSQL ignores it (its own `synchronous_commit` applies).
+    pub sqlite_sync: SqliteSync,
+}
+
+/// What a SQLite commit waits for before it returns (`storage.sqlite_sync`).
+///
+/// Both keep the promise a client relies on: a request whose response completed has its record
+/// after the gateway process dies, even by `kill -9`, because in WAL mode a commit has reached
+/// the operating system before it returns. They differ only when the whole machine stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SqliteSync {
+    /// `synchronous=NORMAL`: no fsync per commit (the WAL is fsynced at checkpoints). A power
+    /// cut or kernel crash can lose the last commits; a process crash loses nothing.
+    #[default]
+    ProcessCrash,
+    /// `synchronous=FULL`: the WAL is fsynced on every commit, so records also survive a power
+    /// cut, at the price of one fsync per group commit on the request path.
+    PowerLoss,
 }
 
 /// Handle to the ledger and budget store; cheap to clone, all clones share one pool.
@@ -62,6 +80,7 @@ pub(crate) async fn in_memory() -> Storage {
         url: "sqlite::memory:".into(),
         max_connections: 1,
         reservation_ttl_secs: 60,
+        sqlite_sync: SqliteSync::default(),
     })
     .await
     .expect("an in-memory SQLite database opens")
@@ -69,8 +88,9 @@ pub(crate) async fn in_memory() -> Storage {
 
 /// Opens the database named by `cfg.url` and brings its schema up to date.
 ///
-/// A SQLite file is created if missing and opened in WAL mode with `synchronous=FULL`, so a
-/// record whose write returned survives the process being killed (and a power cut).
+/// A SQLite file is created if missing and opened in WAL mode with the `synchronous` level
+/// `cfg.sqlite_sync` names, so a record whose write returned survives the process being killed
+/// (and, with [`SqliteSync::PowerLoss`], a power cut).
 pub async fn connect(cfg: &StorageConfig) -> Result<Storage, StorageError> {
     if cfg.max_connections == 0 {
         return Err(StorageError::Config(
@@ -90,7 +110,7 @@ pub async fn connect(cfg: &StorageConfig) -> Result<Storage, StorageError> {
         })?;
     let url = cfg.url.trim();
     let backend = if url.starts_with("sqlite:") {
-        Backend::Sqlite(sqlite::open(url, cfg.max_connections).await?)
+        Backend::Sqlite(sqlite::open(url, cfg.max_connections, cfg.sqlite_sync).await?)
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Backend::Postgres(postgres::open(url, cfg.max_connections).await?)
     } else {

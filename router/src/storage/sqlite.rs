@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::schema::{self, Migration};
-use super::StorageError;
+use super::{SqliteSync, StorageError};
 
 #[path = "common/budget.rs"]
 #[expect(clippy::duplicate_mod, reason = "compiled once per backend on purpose")]
@@ -37,7 +37,11 @@ const SELECT_RESERVATION_FOR_UPDATE: &str =
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens (creating if missing) the database file, or a private in-memory database.
-pub(super) async fn open(url: &str, max_connections: u32) -> Result<SqlitePool, StorageError> {
+pub(super) async fn open(
+    url: &str,
+    max_connections: u32,
+    sync: SqliteSync,
+) -> Result<SqlitePool, StorageError> {
     let options = SqliteConnectOptions::from_str(url)
         .map_err(|e| StorageError::Config(format!("bad sqlite url: {e}")))?
         .create_if_missing(true)
@@ -64,13 +68,21 @@ pub(super) async fn open(url: &str, max_connections: u32) -> Result<SqlitePool, 
     }
     let options = options
         .journal_mode(SqliteJournalMode::Wal)
-        // FULL fsyncs the WAL on every commit: a record whose write returned survives kill -9
-        // and power loss (NORMAL would only survive the former).
-        .synchronous(SqliteSynchronous::Full);
+        .synchronous(synchronous_level(sync));
     Ok(SqlitePoolOptions::new()
         .max_connections(max_connections)
         .connect_with(options)
         .await?)
+}
+
+/// In WAL mode a commit has written its frames to the WAL file before it returns whatever the
+/// level, so the record is in the operating system's hands and survives the process. FULL adds
+/// an fsync per commit so that it also survives the machine; NORMAL leaves that to checkpoints.
+fn synchronous_level(sync: SqliteSync) -> SqliteSynchronous {
+    match sync {
+        SqliteSync::ProcessCrash => SqliteSynchronous::Normal,
+        SqliteSync::PowerLoss => SqliteSynchronous::Full,
+    }
 }
 
 /// Whether the URL names an in-memory database rather than a file.

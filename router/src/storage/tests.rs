@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use super::{connect, Backend, Storage, StorageConfig, StorageError};
+use super::{connect, Backend, SqliteSync, Storage, StorageConfig, StorageError};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -37,6 +37,7 @@ impl TestDb {
             url: self.url.clone(),
             max_connections: 8,
             reservation_ttl_secs: TTL_SECS,
+            sqlite_sync: SqliteSync::default(),
         })
         .await
     }
@@ -794,6 +795,7 @@ mod sqlite_only {
             url,
             max_connections: 1,
             reservation_ttl_secs: TTL_SECS,
+            sqlite_sync: SqliteSync::default(),
         })
         .await?;
         let old = s.get_record("old-1").await?.ok_or("the old row is gone")?;
@@ -802,27 +804,37 @@ mod sqlite_only {
     }
 
     #[tokio::test]
-    async fn a_missing_database_file_and_directory_are_created_in_wal_mode_with_full_sync(
+    async fn a_missing_database_file_and_directory_are_created_in_wal_mode_at_the_chosen_sync(
     ) -> TestResult {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("data").join("new.db");
-        let s = connect(&StorageConfig {
-            url: format!("sqlite://{}", path.display()),
-            max_connections: 2,
-            reservation_ttl_secs: TTL_SECS,
-        })
-        .await?;
-        assert!(path.exists());
-        let Backend::Sqlite(pool) = &s.backend else {
-            return Err("a sqlite url opened another backend".into());
-        };
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(pool)
+        // PRAGMA synchronous reads 1 for NORMAL and 2 for FULL.
+        for (sync, expected) in [(SqliteSync::ProcessCrash, 1), (SqliteSync::PowerLoss, 2)] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("data").join("new.db");
+            let s = connect(&StorageConfig {
+                url: format!("sqlite://{}", path.display()),
+                max_connections: 2,
+                reservation_ttl_secs: TTL_SECS,
+                sqlite_sync: sync,
+            })
             .await?;
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(pool)
-            .await?;
-        assert_eq!((mode.as_str(), sync), ("wal", 2), "synchronous=2 is FULL");
+            assert!(path.exists());
+            let Backend::Sqlite(pool) = &s.backend else {
+                return Err("a sqlite url opened another backend".into());
+            };
+            // Every pooled connection must carry the level, not just the first one.
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let mut conn = pool.acquire().await?;
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                assert_eq!((mode.as_str(), level), ("wal", expected), "{sync:?}");
+                held.push(conn);
+            }
+        }
         Ok(())
     }
 
@@ -868,6 +880,7 @@ mod sqlite_only {
             url,
             max_connections: 1,
             reservation_ttl_secs: TTL_SECS,
+            sqlite_sync: SqliteSync::default(),
         })
         .await?;
         for id in &acknowledged {
@@ -892,6 +905,7 @@ mod sqlite_only {
             url,
             max_connections: 2,
             reservation_ttl_secs: TTL_SECS,
+            sqlite_sync: SqliteSync::default(),
         })
         .await?;
         let mut stdout = std::io::stdout();
@@ -931,6 +945,7 @@ mod sqlite_only {
             url: "sqlite::memory:".to_owned(),
             max_connections: 8,
             reservation_ttl_secs: TTL_SECS,
+            sqlite_sync: SqliteSync::default(),
         })
         .await?;
         let scopes = [ScopeLimit {
@@ -957,6 +972,7 @@ mod sqlite_only {
             url: url.to_owned(),
             max_connections,
             reservation_ttl_secs,
+            sqlite_sync: SqliteSync::default(),
         };
         for bad in [
             config("mysql://localhost/db", 4, 60),
