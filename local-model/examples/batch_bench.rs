@@ -54,7 +54,15 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = args.get(4).map_or(Ok(3), |a| a.parse())?;
     let max_c = concurrencies.iter().copied().max().unwrap_or(1);
 
-    let mut model = LocalModel::load(path, &LoadOptions::default())?;
+    // CASCADE_PREFILL_CHUNK sets the prompt tokens per prefill part.
+    let mut options = LoadOptions::default();
+    if let Some(chunk) = std::env::var("CASCADE_PREFILL_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        options.prefill_chunk_tokens = chunk;
+    }
+    let mut model = LocalModel::load(path, &options)?;
     model.warm_up()?;
     let prompt = synthetic_prompt(&model, prompt_tokens)?;
     println!(

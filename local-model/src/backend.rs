@@ -68,16 +68,37 @@ pub(crate) enum Backend {
         /// Whether a new prompt may reuse the cached prefix at all (see
         /// `LoadOptions::reuse_prompt_prefix`).
         reuse: bool,
+        /// Prompt tokens per prefill part (`LoadOptions::prefill_chunk_tokens`).
+        chunk: usize,
     },
 }
 
 impl Backend {
     /// A model on the tuned engine with an empty cache.
-    pub(crate) fn tuned(model: TunedModel, reuse_prompt_prefix: bool) -> Self {
+    pub(crate) fn tuned(model: TunedModel, reuse_prompt_prefix: bool, chunk: usize) -> Self {
         Backend::Tuned {
             model,
             prefilled: Vec::new(),
             reuse: reuse_prompt_prefix,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// Prompt tokens per prefill part; prompts run in one piece elsewhere.
+    pub(crate) fn prefill_chunk(&self) -> usize {
+        match self {
+            Backend::Tuned { chunk, .. } => *chunk,
+            _ => usize::MAX,
+        }
+    }
+
+    /// Where the prefill part that starts at `position` ends, for a prompt
+    /// of `len` tokens (see [`part_end`]); the whole prompt where the
+    /// backend runs prompts in one piece.
+    pub(crate) fn part_end(&self, position: usize, len: usize) -> usize {
+        match self {
+            Backend::Tuned { chunk, .. } => part_end(position, len, *chunk),
+            _ => len,
         }
     }
 
@@ -111,6 +132,7 @@ impl Backend {
             model,
             prefilled,
             reuse,
+            chunk,
         } = self
         {
             if !*reuse {
@@ -125,8 +147,14 @@ impl Backend {
                 .min(prompt.len().saturating_sub(1));
             model.truncate_cache(shared);
             prefilled.truncate(shared);
-            let logits = run_tuned(model, &prompt[shared..], shared, Pass::Prefill)
-                .inspect_err(|_| prefilled.clear())?;
+            let mut from = shared;
+            let mut logits = Vec::new();
+            while from < prompt.len() {
+                let to = part_end(from, prompt.len(), *chunk);
+                logits = run_tuned(model, &prompt[from..to], from, Pass::Prefill)
+                    .inspect_err(|_| prefilled.clear())?;
+                from = to;
+            }
             prefilled.extend_from_slice(&prompt[shared..]);
             return Ok((logits, shared));
         }
@@ -152,21 +180,22 @@ impl Backend {
         }
     }
 
-    /// Runs a whole prompt into `cache` (a sequence of its own, empty) and
-    /// returns the logits for its next token. A fresh prefill, as
-    /// [`Backend::prefill`] does without prefix reuse.
-    pub(crate) fn prefill_in(
+    /// Runs `tokens`, the prompt's part that starts at `position`, into `cache` (which holds
+    /// exactly the positions before it) and returns the logits for the token after them.
+    /// A prompt run in parts gets the same cache and the same last logits as in one piece: each
+    /// row's products and attention do not depend on which rows run beside it.
+    pub(crate) fn prefill_part(
         &self,
         cache: &mut SeqCache,
-        prompt: &[u32],
+        tokens: &[u32],
+        position: usize,
     ) -> Result<Vec<f32>, GenerateError> {
         let Backend::Tuned { model, .. } = self else {
             return Err(GenerateError::Model(
                 "only the tuned engine runs sequences with their own caches".into(),
             ));
         };
-        cache.truncate(0);
-        let logits = model.forward_in(cache, prompt, 0, Pass::Prefill)?;
+        let logits = model.forward_in(cache, tokens, position, Pass::Prefill)?;
         Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
@@ -223,6 +252,14 @@ impl Backend {
 
 /// One forward call on the tuned engine; on failure the cache may hold part
 /// of the step, so it is emptied and the next prompt starts afresh.
+/// The end of the prefill part that starts at `position` of a `len`-token
+/// prompt: the next multiple of `chunk`, so a prompt is cut at the same
+/// places however its parts are scheduled (alone, or between the decode
+/// steps of a batch) and gets the same log-probs either way.
+fn part_end(position: usize, len: usize, chunk: usize) -> usize {
+    ((position / chunk.max(1) + 1) * chunk.max(1)).min(len)
+}
+
 fn run_tuned(
     model: &mut TunedModel,
     tokens: &[u32],

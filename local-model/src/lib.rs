@@ -30,7 +30,10 @@ pub use error::{GenerateError, LoadError};
 pub use generate::{
     Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
 };
-pub use model::{LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype};
+pub use model::{
+    LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+};
 pub use sampling::Sampling;
 pub use signals::TokenRecord;
 pub use spec::ModelSpec;

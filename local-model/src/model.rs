@@ -80,7 +80,7 @@ impl std::str::FromStr for TemplateChoice {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub dtype: WeightDtype,
     pub template: TemplateChoice,
@@ -98,6 +98,32 @@ pub struct LoadOptions {
     /// (`ModelHandle`) gives every request a cache of its own and never
     /// reuses a prefix.
     pub reuse_prompt_prefix: bool,
+    /// The tuned engine runs every prompt in parts of this many tokens, at
+    /// the same positions (0, n, 2n, ...) whether the request runs alone or
+    /// joins a batch. The batching worker runs one part between two decode
+    /// steps, so a long prompt delays the running requests by one part at
+    /// a time (chunked prefill). The boundaries must not depend on load:
+    /// a row's attention sums over its part's keys in an order that depends
+    /// on the part's size, and with 8-bit activations a last-bit difference
+    /// can move a token's log-prob by a tenth of a nat.
+    pub prefill_chunk_tokens: usize,
+}
+
+/// Prompt tokens per prefill part unless set (see
+/// [`LoadOptions::prefill_chunk_tokens`]).
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 64;
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: WeightDtype::default(),
+            template: TemplateChoice::default(),
+            kernels: Kernels::default(),
+            prefill_weights: PrefillWeights::default(),
+            reuse_prompt_prefix: false,
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+        }
+    }
 }
 
 /// Facts about a loaded model.
@@ -366,7 +392,8 @@ impl LocalModel {
     }
 
     /// Starts a request that will run in batched decode steps: prefills
-    /// `prompt_ids` (from [`LocalModel::prepare`]) into a cache of its own.
+    /// `prompt_ids` (from [`LocalModel::prepare`]) into a cache of its own,
+    /// part after part.
     pub(crate) fn begin<'t>(
         &mut self,
         tokenizer: &'t Tokenizer,
@@ -374,20 +401,87 @@ impl LocalModel {
         max_new: usize,
         params: &GenerationParams,
     ) -> Result<Sequence<'t>, GenerateError> {
-        let mut sequence = Sequence::new(tokenizer, prompt_ids.len(), max_new, params);
-        let mut cache = self
+        let mut sequence = self.open(tokenizer, prompt_ids.len(), max_new, params)?;
+        while !self.prefill_next_part(&mut sequence, prompt_ids)? {}
+        Ok(sequence)
+    }
+
+    /// A sequence for a request that will run in batched decode steps,
+    /// with an empty cache of its own; its prompt goes in through
+    /// [`LocalModel::prefill_next_part`].
+    pub(crate) fn open<'t>(
+        &self,
+        tokenizer: &'t Tokenizer,
+        prompt_tokens: usize,
+        max_new: usize,
+        params: &GenerationParams,
+    ) -> Result<Sequence<'t>, GenerateError> {
+        let mut sequence = Sequence::new(tokenizer, prompt_tokens, max_new, params);
+        let cache = self
             .backend
             .new_sequence_cache()
             .ok_or_else(|| GenerateError::Model("this model runs one request at a time".into()))?;
-        let prefill_started = Instant::now();
-        let logits = if max_new > 0 {
-            self.backend.prefill_in(&mut cache, prompt_ids)?
-        } else {
-            Vec::new()
-        };
         sequence.cache = Some(cache);
-        sequence.start(logits, 0, prefill_started.elapsed());
         Ok(sequence)
+    }
+
+    /// Prompt tokens per prefill part ([`LoadOptions::prefill_chunk_tokens`]).
+    pub fn prefill_chunk_tokens(&self) -> usize {
+        self.backend.prefill_chunk()
+    }
+
+    /// Prompt tokens the next [`LocalModel::prefill_next_part`] of
+    /// `sequence` runs (0 when none is left, or none is needed).
+    pub(crate) fn next_part_tokens(&self, sequence: &Sequence<'_>, prompt_ids: &[u32]) -> usize {
+        if sequence.max_new() == 0 {
+            return 0;
+        }
+        let from = sequence.prefilled();
+        self.backend
+            .part_end(from, prompt_ids.len())
+            .saturating_sub(from)
+    }
+
+    /// Runs the next part of the prompt into `sequence`'s cache (parts end
+    /// at multiples of [`LoadOptions::prefill_chunk_tokens`], as in
+    /// [`LocalModel::generate`], so the log-probs do not depend on how the
+    /// parts were scheduled). Once the whole prompt is in, decoding starts:
+    /// the sequence takes the next-token logits (none when it may generate
+    /// nothing) and the prefill time summed over the parts. Returns whether
+    /// the whole prompt is in.
+    pub(crate) fn prefill_next_part(
+        &self,
+        sequence: &mut Sequence<'_>,
+        prompt_ids: &[u32],
+    ) -> Result<bool, GenerateError> {
+        let started = Instant::now();
+        if sequence.max_new() == 0 {
+            // Nothing will be generated: the prompt need not run at all.
+            sequence.start(Vec::new(), 0, started.elapsed());
+            return Ok(true);
+        }
+        let from = sequence.prefilled();
+        let to = self.backend.part_end(from, prompt_ids.len());
+        let Some(cache) = sequence.cache.as_mut() else {
+            return Err(GenerateError::Model(
+                "a sequence without its own cache in a batched prefill".into(),
+            ));
+        };
+        if from >= to {
+            return Err(GenerateError::Model(format!(
+                "no prompt left to prefill at position {from} of {}",
+                prompt_ids.len()
+            )));
+        }
+        let logits = self
+            .backend
+            .prefill_part(cache, &prompt_ids[from..to], from)?;
+        sequence.add_prefill_time(started.elapsed());
+        if to < prompt_ids.len() {
+            return Ok(false);
+        }
+        sequence.start(logits, 0, std::time::Duration::ZERO);
+        Ok(true)
     }
 
     /// One decode step of every sequence in `batch` (each from
@@ -642,7 +736,14 @@ fn load_gguf(
                                 .map_err(weights_err)?,
                         ),
                     };
-                    (Backend::tuned(model, options.reuse_prompt_prefix), max_ctx)
+                    (
+                        Backend::tuned(
+                            model,
+                            options.reuse_prompt_prefix,
+                            options.prefill_chunk_tokens,
+                        ),
+                        max_ctx,
+                    )
                 }
                 GgufEngine::ReferenceLlama => {
                     let weights =

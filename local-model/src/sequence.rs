@@ -69,11 +69,27 @@ impl<'t> Sequence<'t> {
 
     /// Takes the logits after the prompt (empty when nothing is to be
     /// generated) and how the prefill went; decoding starts now.
+    /// `took` adds to the time of parts booked with [`Sequence::add_prefill_time`].
     pub(crate) fn start(&mut self, logits: Vec<f32>, cached_prompt_tokens: usize, took: Duration) {
         self.logits = logits;
         self.timings.cached_prompt_tokens = cached_prompt_tokens;
-        self.timings.prefill_ms = Timings::ms(took);
+        self.add_prefill_time(took);
         self.decode_started = Instant::now();
+    }
+
+    /// Books the time of one part of a prompt run in several.
+    pub(crate) fn add_prefill_time(&mut self, took: Duration) {
+        self.timings.prefill_ms += Timings::ms(took);
+    }
+
+    /// Tokens it may generate at most, from the start.
+    pub(crate) fn max_new(&self) -> usize {
+        self.max_new
+    }
+
+    /// Prompt positions its own cache holds so far.
+    pub(crate) fn prefilled(&self) -> usize {
+        self.cache.as_ref().map_or(0, SeqCache::len)
     }
 
     /// Picks the next token from the current logits, records it and calls

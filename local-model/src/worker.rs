@@ -7,8 +7,11 @@
 //! by reading the weights, and one pass over them serves the next token of
 //! every running request for little more than the cost of one. Requests
 //! join at step boundaries and each leaves as soon as it ends, freeing its
-//! slot and its KV cache. [`BatchLimits`] bound the batch; requests beyond
-//! them wait in the queue. Other models run one request at a time. A full
+//! slot and its KV cache. A prompt that arrives while others are decoding
+//! runs in parts (`LoadOptions::prefill_chunk_tokens`), one part between
+//! two decode steps, so a long prompt delays the running streams by one
+//! part's time per step instead of stalling them for its whole prefill.
+//! [`BatchLimits`] bound the batch; requests beyond them wait in the queue. Other models run one request at a time. A full
 //! queue answers "busy" at once rather than letting latency grow without
 //! bound.
 
@@ -392,9 +395,32 @@ struct Running<'t> {
     queue_wait: Duration,
     timed_out: bool,
     kv_bytes: usize,
+    /// The prompt while parts of it are still to run; `None` once the
+    /// sequence decodes.
+    prefilling: Option<Vec<u32>>,
 }
 
 impl Running<'_> {
+    /// Runs the next part of the prompt; `true` while it goes on, `false`
+    /// when it should leave the batch now (its client is gone, or its time
+    /// budget ran out before its first token).
+    fn prefill_next(&mut self, model: &LocalModel) -> Result<bool, GenerateError> {
+        if self.reply.is_closed() {
+            return Ok(false);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.timed_out = true;
+            return Ok(false);
+        }
+        let Some(prompt_ids) = self.prefilling.as_deref() else {
+            return Ok(true);
+        };
+        if model.prefill_next_part(&mut self.sequence, prompt_ids)? {
+            self.prefilling = None;
+        }
+        Ok(true)
+    }
+
     /// Picks this request's next token; `true` while it goes on.
     fn step(&mut self, eos_ids: &[u32]) -> Result<bool, GenerateError> {
         let Self {
@@ -454,13 +480,16 @@ fn admit(model: &LocalModel, job: Job, shared: &Shared, budget: Budget) -> Optio
     }
 }
 
-/// Prefills an admitted request into a cache of its own; `None` when it
-/// has already been answered (client gone, or the prefill failed).
+/// Starts an admitted request in a cache of its own: prefilled in one piece
+/// when `in_parts` is false, else left for [`Running::prefill_next`] to run
+/// between decode steps. `None` when it has already been answered (client
+/// gone, or the prefill failed).
 fn start<'t>(
     model: &mut LocalModel,
     tokenizer: &'t tokenizers::Tokenizer,
     admission: Admission,
     shared: &Shared,
+    in_parts: bool,
 ) -> Option<Running<'t>> {
     let Admission {
         job,
@@ -480,7 +509,12 @@ fn start<'t>(
     }
     let started = Instant::now();
     let queue_wait = started.duration_since(enqueued);
-    match model.begin(tokenizer, &prompt_ids, max_new, &request.params) {
+    let opened = if in_parts {
+        model.open(tokenizer, prompt_ids.len(), max_new, &request.params)
+    } else {
+        model.begin(tokenizer, &prompt_ids, max_new, &request.params)
+    };
+    match opened {
         Ok(sequence) => {
             shared.active.fetch_add(1, Ordering::Relaxed);
             Some(Running {
@@ -492,11 +526,41 @@ fn start<'t>(
                 queue_wait,
                 timed_out: false,
                 kv_bytes,
+                prefilling: in_parts.then_some(prompt_ids),
             })
         }
         Err(error) => {
             complete(shared, started, queue_wait, false, Err(error), reply);
             None
+        }
+    }
+}
+
+/// Runs prompt parts of the requests still prefilling, oldest first,
+/// before the next decode step: one part, and more while they fit in one
+/// part's worth of tokens together (the short last parts of several
+/// prompts). Each whose last part is in decodes from that step on.
+fn prefill_parts(model: &LocalModel, running: &mut Vec<Running<'_>>, shared: &Shared) {
+    let mut left = model.prefill_chunk_tokens();
+    let mut ran_one = false;
+    let mut i = 0;
+    while i < running.len() {
+        let Some(prompt) = running[i].prefilling.as_deref() else {
+            i += 1;
+            continue;
+        };
+        let part = model.next_part_tokens(&running[i].sequence, prompt);
+        if ran_one && part > left {
+            break;
+        }
+        match running[i].prefill_next(model) {
+            Ok(true) => {
+                ran_one = true;
+                left = left.saturating_sub(part);
+                i += 1;
+            }
+            Ok(false) => running.remove(i).end(shared, None),
+            Err(error) => running.remove(i).end(shared, Some(error)),
         }
     }
 }
@@ -551,7 +615,10 @@ fn serve_batched(
                 held = Some(admission);
                 break;
             }
-            if let Some(started) = start(model, tokenizer, admission, shared) {
+            // Alone, a prompt runs in one piece: nobody waits on it, and a
+            // single request keeps its speed.
+            let in_parts = running.iter().any(|r| r.prefilling.is_none());
+            if let Some(started) = start(model, tokenizer, admission, shared, in_parts) {
                 running.push(started);
             }
         }
@@ -561,28 +628,39 @@ fn serve_batched(
             }
             continue;
         }
+        prefill_parts(model, &mut running, shared);
         let mut i = 0;
         while i < running.len() {
+            if running[i].prefilling.is_some() {
+                i += 1;
+                continue;
+            }
             match running[i].step(&eos_ids) {
                 Ok(true) => i += 1,
                 Ok(false) => running.remove(i).end(shared, None),
                 Err(error) => running.remove(i).end(shared, Some(error)),
             }
         }
-        if running.is_empty() {
+        let mut batch: Vec<&mut Sequence<'_>> = running
+            .iter_mut()
+            .filter(|r| r.prefilling.is_none())
+            .map(|r| &mut r.sequence)
+            .collect();
+        if batch.is_empty() {
             continue;
         }
-        let mut batch: Vec<&mut Sequence<'_>> =
-            running.iter_mut().map(|r| &mut r.sequence).collect();
         shared.decode_steps.fetch_add(1, Ordering::Relaxed);
         shared
             .decode_rows
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let Err(error) = model.decode_together(&mut batch) {
             // The step may have written part of the caches: no sequence in
-            // it can go on.
+            // it can go on. Prompts still running in were not part of it.
             let message = error.to_string();
-            for r in running.drain(..) {
+            let (failed, prefilling): (Vec<_>, Vec<_>) =
+                running.drain(..).partition(|r| r.prefilling.is_none());
+            running = prefilling;
+            for r in failed {
                 r.end(shared, Some(GenerateError::Model(message.clone())));
             }
         }

@@ -142,7 +142,9 @@ async fn wait_idle(handle: &ModelHandle) {
 }
 
 /// Runs `requests` alone on the model, alone through a batching worker,
-/// then all together, and holds every answer to the first.
+/// then all together, and holds every answer to the first. The requests
+/// that join a running one have their prompts run part by part between
+/// decode steps.
 async fn alone_and_together_agree(
     load: impl Fn() -> LocalModel,
     requests: Vec<(Prompt, GenerationParams)>,
@@ -230,6 +232,90 @@ async fn phi2_gets_the_same_answers_alone_and_in_a_batch() {
     .map(|t| (Prompt::Text(t.into()), params(12)))
     .collect();
     alone_and_together_agree(load, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_run_in_small_parts_between_decode_steps_get_the_same_answers() {
+    // Parts of 3 and 7 tokens: every prompt that joins the batch runs in several parts, the
+    // last of one to seven tokens, interleaved with the others' decode steps and with other
+    // prompts' parts; alone, the same prompt runs in the same parts one after another.
+    let in_parts = |path: std::path::PathBuf, chunk: usize| {
+        move || {
+            let options = LoadOptions {
+                prefill_chunk_tokens: chunk,
+                ..LoadOptions::default()
+            };
+            LocalModel::load(path.to_str().unwrap(), &options).unwrap()
+        }
+    };
+    // Long enough answers that the first request still decodes while the last prompt runs in.
+    let requests: Vec<_> = questions().into_iter().map(|p| (p, params(48))).collect();
+    alone_and_together_agree(in_parts(common::smollm2_path(), 3), requests).await;
+    let requests: Vec<_> = questions().into_iter().map(|p| (p, params(16))).collect();
+    alone_and_together_agree(in_parts(common::gemma3_path(), 7), requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
+    let chunk = 64;
+    let path = common::smollm2_path();
+    let options = LoadOptions {
+        prefill_chunk_tokens: chunk,
+        ..LoadOptions::default()
+    };
+    let mut model = LocalModel::load(path.to_str().unwrap(), &options).unwrap();
+    let long_text = ["the river runs past seven green stones"; 80].join(" and ");
+    let long = (Prompt::Text(long_text), params(2));
+    let prompt_tokens = model.encoder().encode(&long.0).unwrap().len();
+    assert!(prompt_tokens > 500, "{prompt_tokens} tokens");
+    let want = alone(&mut model, std::slice::from_ref(&long));
+    let handle = ModelHandle::spawn_with(
+        model,
+        8,
+        BatchLimits {
+            max_batch: 4,
+            ..BatchLimits::default()
+        },
+    )
+    .unwrap();
+    // The running stream reports each token as it is picked.
+    let (token_tx, token_rx) = mpsc::channel::<std::time::Instant>();
+    let mut stream = GenerateRequest::new(questions()[3].clone(), params(400));
+    stream.on_token = Some(Box::new(move |_| {
+        let _ = token_tx.send(std::time::Instant::now());
+        Control::Continue
+    }));
+    let h = handle.clone();
+    let streaming = tokio::spawn(async move { h.generate(stream).await });
+    let token_rx = tokio::task::spawn_blocking(move || {
+        for _ in 0..5 {
+            token_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        }
+        token_rx
+    })
+    .await
+    .unwrap();
+    let sent = std::time::Instant::now();
+    let answer = handle
+        .generate(GenerateRequest::new(long.0.clone(), long.1.clone()))
+        .await
+        .unwrap();
+    let answered = std::time::Instant::now();
+    assert_same(&answer.generation, &want[0], "the long prompt run in parts");
+    let meanwhile = token_rx
+        .try_iter()
+        .filter(|t| *t > sent && *t < answered)
+        .count();
+    // One part per decode step: the stream picks a token between every two parts. Run in one
+    // piece, the prompt would let it pick one or two.
+    let parts = prompt_tokens.div_ceil(chunk);
+    assert!(
+        meanwhile + 2 >= parts,
+        "the stream picked {meanwhile} tokens while a prompt of {parts} parts ran in"
+    );
+    let streamed = streaming.await.unwrap().unwrap();
+    assert_eq!(streamed.generation.tokens.len(), 400);
+    wait_idle(&handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,7 @@ impl LocalEngine {
             kernels: config.kernels,
             prefill_weights: config.prefill_weights,
             reuse_prompt_prefix: config.reuse_prompt_prefix,
+            prefill_chunk_tokens: config.prefill_chunk_tokens,
         };
         let mut model =
             LocalModel::load(&config.model, &options).map_err(|source| LocalStartError::Load {

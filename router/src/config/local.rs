@@ -23,6 +23,8 @@ pub struct RawLocal {
     pub max_batch: usize,
     /// KV-cache memory the requests running together may take, in MiB.
     pub kv_cache_mib: usize,
+    /// Prompt tokens run between two decode steps while other requests decode.
+    pub prefill_chunk_tokens: usize,
     /// Cap on tokens the local model generates per request.
     pub max_tokens: usize,
     pub warm_up: bool,
@@ -41,6 +43,7 @@ impl Default for RawLocal {
             queue_depth: 8,
             max_batch: local_model::BatchLimits::default().max_batch,
             kv_cache_mib: local_model::BatchLimits::default().kv_cache_mib,
+            prefill_chunk_tokens: local_model::DEFAULT_PREFILL_CHUNK_TOKENS,
             max_tokens: 256,
             warm_up: true,
         }
@@ -59,6 +62,8 @@ pub struct LocalConfig {
     pub reuse_prompt_prefix: bool,
     pub queue_depth: usize,
     pub batch: local_model::BatchLimits,
+    /// Prompt tokens per prefill part (`local_model::LoadOptions::prefill_chunk_tokens`).
+    pub prefill_chunk_tokens: usize,
     pub max_tokens: usize,
     pub warm_up: bool,
 }
@@ -114,6 +119,9 @@ pub(super) fn validate_local(
     if raw.kv_cache_mib == 0 {
         return Err(invalid("local.kv_cache_mib", "must be positive"));
     }
+    if raw.prefill_chunk_tokens == 0 {
+        return Err(invalid("local.prefill_chunk_tokens", "must be positive"));
+    }
     Ok(LocalConfig {
         model,
         name,
@@ -127,6 +135,7 @@ pub(super) fn validate_local(
             max_batch: raw.max_batch,
             kv_cache_mib: raw.kv_cache_mib,
         },
+        prefill_chunk_tokens: raw.prefill_chunk_tokens,
         max_tokens: raw.max_tokens,
         warm_up: raw.warm_up,
     })

@@ -38,7 +38,7 @@ use policies::{
 };
 
 use crate::limits::RequestLimits;
-use crate::storage::StorageConfig;
+use crate::storage::{SqliteSync, StorageConfig};
 
 /// A configuration that cannot be used, naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -514,6 +514,7 @@ subject = \"user\"
         assert_eq!(c.remotes[0].breaker_failures, 5);
         assert_eq!(c.remotes[0].breaker_cooldown, Duration::from_secs(10));
         assert_eq!(c.ledger.on_failure, OnLedgerFailure::Spool);
+        assert_eq!(c.storage.sqlite_sync, SqliteSync::ProcessCrash);
         assert_eq!(
             c.ledger.spool_path,
             PathBuf::from("cascade-ledger-spool.jsonl")
@@ -525,6 +526,8 @@ subject = \"user\"
         assert_eq!(c.remotes[0].max_response_bytes, 4096);
         assert_eq!(c.remotes[0].breaker_failures, 2);
         assert_eq!(c.ledger.on_failure, OnLedgerFailure::FailClosed);
+        let c = parse(&format!("{MINIMAL}[storage]\nsqlite_sync = \"power_loss\"")).unwrap();
+        assert_eq!(c.storage.sqlite_sync, SqliteSync::PowerLoss);
         for (extra, key) in [
             ("max_response_bytes = 10", "remotes[0].max_response_bytes:"),
             ("breaker_failures = 0", "remotes[0].breaker_failures:"),
@@ -534,6 +537,7 @@ subject = \"user\"
                 "storage.on_ledger_failure:",
             ),
             ("[storage]\nspool_path = \" \"", "storage.spool_path:"),
+            ("[storage]\nsqlite_sync = \"full\"", "storage.sqlite_sync:"),
         ] {
             let e = error_of(&format!("{MINIMAL}{extra}"));
             assert!(e.starts_with(key), "{extra}: {e}");

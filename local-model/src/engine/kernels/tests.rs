@@ -324,3 +324,33 @@ fn amx_tiles_stay_configured_after_a_nested_call_returns() {
     });
     assert_eq!(out, [[64; 16]; 4], "32 products of 1 x 2 per output");
 }
+
+/// A row's product does not depend on the rows beside it: `m` rows at once equal each row
+/// alone, bit for bit, on every format and every count of rows (the grouping of 4, 2 and 1
+/// rows per pass changes with `m`).
+#[test]
+fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
+    for (format, cols) in [
+        (GgmlDType::Q8_0, 576),
+        (GgmlDType::Q4_1, 576),
+        (GgmlDType::Q4K, 512),
+    ] {
+        let rows = 12;
+        let (bytes, _) = quantized(format, rows, cols, 7);
+        let grouped = GroupedWeights::new(format, &bytes, rows, cols)
+            .unwrap()
+            .unwrap();
+        for m in 1..=40 {
+            let x = random(m, cols, 11 + m as u64);
+            let together = grouped.matmul(&x).unwrap();
+            for r in 0..m {
+                let alone = grouped.matmul(&x[r * cols..(r + 1) * cols]).unwrap();
+                assert_eq!(
+                    &together[r * rows..(r + 1) * rows],
+                    &alone[..],
+                    "{format:?}: row {r} of {m}"
+                );
+            }
+        }
+    }
+}
