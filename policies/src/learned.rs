@@ -278,7 +278,7 @@ pub fn resolve_learned(
 }
 
 /// Every aggregate written in the configuration, with its dotted key.
-fn aggregates_mut(config: &mut PoliciesConfig) -> Vec<(String, &mut Aggregate)> {
+pub(crate) fn aggregates_mut(config: &mut PoliciesConfig) -> Vec<(String, &mut Aggregate)> {
     let mut found = Vec::new();
     for team in &mut config.teams {
         let prefix = format!("teams.{}", team.name);
