@@ -369,14 +369,16 @@ fn write_transfer(out: &mut impl Write, t: &TransferReport) -> std::io::Result<(
     for h in &t.held_out {
         writeln!(
             out,
-            "\n{} ({} items, local {:.1}%, oracle APGR {}): chosen without it: {} -> {}",
+            "\n{} ({} items, local {:.1}%, oracle APGR {}): chosen without it: {} -> {}; its isotonic map from the other sets: ECE {}",
             h.dataset,
             h.items,
             100.0 * h.local_accuracy,
             h.oracle_apgr
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}")),
             h.chosen,
-            cell(&h.chosen_figures)
+            cell(&h.chosen_figures),
+            h.chosen_cross_set_ece
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
         )?;
         for (name, f) in t.rules.iter().zip(&h.fixed) {
             writeln!(out, "  {name:<22} {}", cell(f))?;

@@ -9,7 +9,9 @@
 use policies::{Aggregate, TokenSignal};
 use serde::Serialize;
 
-use super::metrics::{apgr, auroc, DeferralCurve};
+use policies::isotonic::IsotonicMap;
+
+use super::metrics::{apgr, auroc, calibration, DeferralCurve};
 use super::record::EvalRecord;
 use super::scoring::{aggregate_scores, default_features, fit_learned, LEARNED};
 
@@ -39,6 +41,10 @@ pub struct HeldOut {
     pub chosen: String,
     /// The chosen rule's figures on the held-out dataset.
     pub chosen_figures: Figures,
+    /// Expected calibration error (10 bins) on the held-out dataset of the chosen rule's
+    /// isotonic map fitted on the other datasets: does `min_p_correct` mean the same on
+    /// traffic the map never saw?
+    pub chosen_cross_set_ece: Option<f64>,
     /// Every fixed rule's figures on it (in the report's `rules` order), for comparison.
     pub fixed: Vec<Figures>,
     /// The learned rule fitted on the other datasets only, scored on this one (cross-set).
@@ -146,6 +152,14 @@ pub fn leave_one_dataset_out(
                 .collect();
             figures(&s, &test_correct, remote_accuracy)
         });
+        let train_pairs: Vec<(f64, bool)> = train
+            .iter()
+            .map(|&i| (scores[chosen][i], correct[i]))
+            .collect();
+        let chosen_cross_set_ece = IsotonicMap::fit(&train_pairs).ok().map(|map| {
+            let p: Vec<f64> = idx.iter().map(|&i| map.probability(scores[chosen][i])).collect();
+            calibration(&p, &test_correct, 10).0
+        });
         let n = idx.len().max(1) as f64;
         let local = test_correct.iter().filter(|c| **c).count() as f64 / n;
         let zero = vec![0.0; idx.len()];
@@ -157,6 +171,7 @@ pub fn leave_one_dataset_out(
             oracle_apgr: apgr(oracle, local, remote_accuracy),
             chosen: rules.get(chosen).map(Aggregate::name).unwrap_or_default(),
             chosen_figures: figures_by[chosen][d],
+            chosen_cross_set_ece,
             fixed: figures_by.iter().map(|f| f[d]).collect(),
             learned_cross_set,
         });
@@ -209,13 +224,13 @@ mod tests {
             records.push(record(set, &[-0.9, -2.5], false));
         }
         records.push(record("long", &[-0.3; 12], true));
-        records.push(record("long", &[-0.2; 10], true));
+        records.push(record("long", &[-0.15; 10], true));
         records.push(record("long", &[-0.8], false));
         records.push(record("long", &[-1.0], false));
         let rules = [Aggregate::SumLogprob, Aggregate::MeanLogprob];
         let report = leave_one_dataset_out(&records, &rules, 2, 1, 1.0).unwrap();
         let long = report.held_out.iter().find(|h| h.dataset == "long").unwrap();
-        // The sum: sums -3.6 and -2 for the right answers, -0.8 and -1 for the wrong: AUROC 0.
+        // The sum: sums -3.6 and -1.5 for the right answers, -0.8 and -1 for the wrong: AUROC 0.
         assert_eq!(long.fixed[0].auroc, Some(0.0));
         assert_eq!(long.fixed[1].auroc, Some(1.0));
         // Both rank "a" and "b" perfectly, so the tie goes to the later rule in `rules`
@@ -224,6 +239,10 @@ mod tests {
         assert!((long.chosen_figures.headroom.unwrap() - 1.0).abs() < 1e-12);
         assert_eq!(long.local_accuracy, 0.5);
         assert!(long.learned_cross_set.is_some());
+        // The mean's map fitted on "a" and "b" (right at -0.2 and above, wrong at -1.5 and
+        // below) reads "long"'s right answers (means -0.3, -0.15) as p 0 and 1 and its wrong
+        // ones as 0: the bin at p 0 holds three items, one right, so ECE 3/4 * 1/3 = 0.25.
+        assert!((long.chosen_cross_set_ece.unwrap() - 0.25).abs() < 1e-12);
         // Fewer than two sets: nothing to leave out.
         assert!(leave_one_dataset_out(&records[..4], &rules, 2, 1, 1.0).is_none());
     }
