@@ -131,14 +131,10 @@ impl CalibratedRule {
 /// Names of every calibrated rule the configuration refers to, so the gateway knows which
 /// files to read.
 pub fn calibrated_rule_names(config: &PoliciesConfig) -> BTreeSet<String> {
-    let mut config = config.clone();
-    crate::learned::aggregates_mut(&mut config)
-        .into_iter()
-        .filter_map(|(_, a)| match a {
-            Aggregate::Calibrated { name, .. } => Some(name.clone()),
-            _ => None,
-        })
-        .collect()
+    crate::learned::rule_names(config, |a| match a {
+        Aggregate::Calibrated { name, .. } => Some(name),
+        _ => None,
+    })
 }
 
 /// Attaches the loaded rules to every `calibrated` aggregate of the configuration; an unknown
@@ -147,19 +143,10 @@ pub fn resolve_calibrated(
     config: &mut PoliciesConfig,
     rules: &BTreeMap<String, Arc<CalibratedRule>>,
 ) -> Result<(), PolicyError> {
-    for (key, aggregate) in crate::learned::aggregates_mut(config) {
-        if let Aggregate::Calibrated { name, rule } = aggregate {
-            let found = rules
-                .get(name.as_str())
-                .ok_or_else(|| PolicyError::Unknown {
-                    key: format!("{key}.name"),
-                    what: "calibrated rule",
-                    name: name.clone(),
-                })?;
-            *rule = Some(Arc::clone(found));
-        }
-    }
-    Ok(())
+    crate::learned::attach_rules(config, rules, "calibrated rule", |a| match a {
+        Aggregate::Calibrated { name, rule } => Some((&*name, rule)),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -219,6 +206,18 @@ mod tests {
         assert!(r.settled_below_within(&[], 1.01, 10));
         // Every score reaches p = 0: never settled.
         assert!(!r.settled_below_within(&tokens(&[-100.0]), 0.0, 10));
+    }
+
+    #[test]
+    fn the_documented_example_file_loads_and_is_monotone() {
+        let text = include_str!("../../docs/confidence/smollm2-135m-dev6-sum_logprob.json");
+        let r = CalibratedRule::from_json(text).unwrap();
+        assert_eq!(r.base().unwrap(), Aggregate::SumLogprob);
+        let p: Vec<f64> = [-80.0, -20.0, -5.0, -3.4, -1.0]
+            .iter()
+            .map(|&s| r.map.probability(s))
+            .collect();
+        assert!(p.windows(2).all(|w| w[0] <= w[1]), "{p:?}");
     }
 
     #[test]
