@@ -86,10 +86,12 @@ impl CalibratedRule {
             return Err(CalibratedRuleError::Format(self.format.clone()));
         }
         self.base()?;
-        self.map.validate().map_err(|source| CalibratedRuleError::Map {
-            name: self.name.clone(),
-            source,
-        })
+        self.map
+            .validate()
+            .map_err(|source| CalibratedRuleError::Map {
+                name: self.name.clone(),
+                source,
+            })
     }
 
     /// The aggregate whose score the map calibrates.
@@ -258,7 +260,9 @@ mod tests {
         });
         let mut config: PoliciesConfig = serde_json::from_value(config_json).unwrap();
         assert_eq!(
-            calibrated_rule_names(&config).into_iter().collect::<Vec<_>>(),
+            calibrated_rule_names(&config)
+                .into_iter()
+                .collect::<Vec<_>>(),
             ["demo"]
         );
         // Not resolved: validation refuses the policy.

@@ -215,7 +215,10 @@ mod tests {
         assert_eq!(m.p[1], 1.0);
         // Two blocks with the same share are one step, not two.
         let m = fit(&[(1.0, true), (2.0, false), (3.0, true), (4.0, false)]);
-        assert_eq!((m.lower.as_slice(), m.p.as_slice()), (&[1.0][..], &[0.5][..]));
+        assert_eq!(
+            (m.lower.as_slice(), m.p.as_slice()),
+            (&[1.0][..], &[0.5][..])
+        );
         // -0.0 and 0.0 are one score.
         let m = fit(&[(-0.0, true), (0.0, false)]);
         assert_eq!(m.count, [2]);
@@ -251,12 +254,19 @@ mod tests {
             for i in -80..=10 {
                 let score = f64::from(i) / 10.0;
                 let served = threshold.is_some_and(|t| score >= t);
-                assert_eq!(served, m.probability(score) >= min_p, "p {min_p} score {score}");
+                assert_eq!(
+                    served,
+                    m.probability(score) >= min_p,
+                    "p {min_p} score {score}"
+                );
             }
         }
         assert_eq!(m.lowest_score_reaching(0.0), Some(f64::NEG_INFINITY));
         let all_right = fit(&[(-1.0, true), (-2.0, true)]);
-        assert_eq!(all_right.lowest_score_reaching(1.0), Some(f64::NEG_INFINITY));
+        assert_eq!(
+            all_right.lowest_score_reaching(1.0),
+            Some(f64::NEG_INFINITY)
+        );
         let all_wrong = fit(&[(-1.0, false)]);
         assert_eq!(all_wrong.lowest_score_reaching(0.01), None);
     }

@@ -287,11 +287,13 @@ pub(crate) fn attach_rules<T>(
 ) -> Result<(), PolicyError> {
     for (key, aggregate) in aggregates_mut(config) {
         if let Some((name, rule)) = slot(aggregate) {
-            let found = rules.get(name.as_str()).ok_or_else(|| PolicyError::Unknown {
-                key: format!("{key}.name"),
-                what,
-                name: name.clone(),
-            })?;
+            let found = rules
+                .get(name.as_str())
+                .ok_or_else(|| PolicyError::Unknown {
+                    key: format!("{key}.name"),
+                    what,
+                    name: name.clone(),
+                })?;
             *rule = Some(Arc::clone(found));
         }
     }

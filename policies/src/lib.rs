@@ -19,6 +19,7 @@ pub mod policy;
 pub mod team;
 
 pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
+pub use calibrated::{CalibratedRule, CalibratedRuleError};
 pub use confidence::{Aggregate, AggregateError, TokenSignal};
 pub use config::{GlobalBudgetConfig, Policies, PoliciesConfig};
 pub use decision::{
@@ -27,7 +28,6 @@ pub use decision::{
 };
 pub use error::PolicyError;
 pub use experiment::{Experiment, ExperimentConfig, Subject, Variant, VariantConfig};
-pub use calibrated::{CalibratedRule, CalibratedRuleError};
 pub use isotonic::{IsotonicError, IsotonicMap};
 pub use learned::{Feature, LearnedRule, LearnedRuleError};
 pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};

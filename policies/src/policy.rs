@@ -642,9 +642,15 @@ mod tests {
         let p = Policy::try_from(config(None, Some(0.8), calibrated())).unwrap();
         assert_eq!(p.threshold(), Some(0.8));
         let key = |c: PolicyConfig| Policy::try_from(c).unwrap_err().key().to_owned();
-        assert_eq!(key(config(Some(0.8), Some(0.8), calibrated())), "min_p_correct");
+        assert_eq!(
+            key(config(Some(0.8), Some(0.8), calibrated())),
+            "min_p_correct"
+        );
         assert_eq!(key(config(None, Some(1.5), calibrated())), "min_p_correct");
-        assert_eq!(key(config(None, Some(f64::NAN), calibrated())), "min_p_correct");
+        assert_eq!(
+            key(config(None, Some(f64::NAN), calibrated())),
+            "min_p_correct"
+        );
         // A log-prob is not a probability: min_p_correct on it is refused, not reinterpreted.
         assert_eq!(
             key(config(None, Some(0.8), Aggregate::SumLogprob)),
@@ -662,13 +668,19 @@ mod tests {
             min_p_correct: Some(0.95),
             ..Default::default()
         };
-        assert_eq!(base.with_override(&stricter).unwrap().threshold(), Some(0.95));
+        assert_eq!(
+            base.with_override(&stricter).unwrap().threshold(),
+            Some(0.95)
+        );
         let both = PolicyOverride {
             threshold: Some(0.5),
             min_p_correct: Some(0.5),
             ..Default::default()
         };
-        assert_eq!(base.with_override(&both).unwrap_err().key(), "min_p_correct");
+        assert_eq!(
+            base.with_override(&both).unwrap_err().key(),
+            "min_p_correct"
+        );
         let on_log_prob = PolicyOverride {
             aggregate: Some(Aggregate::SumLogprob),
             min_p_correct: Some(0.5),

@@ -10,13 +10,13 @@ use policies::{Aggregate, TokenSignal};
 use crate::cli::CalibrateArgs;
 use crate::eval::calibrate::{at_threshold, choose, cross_validate, CvReport, Target};
 use crate::eval::isotonic::fit_isotonic;
-use crate::eval::transfer::{leave_one_dataset_out, Figures, TransferReport};
 use crate::eval::metrics::calibration;
 use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
 use crate::eval::record::{read_records, EvalRecord};
 use crate::eval::scoring::{
     aggregate_scores, default_features, fit_learned, parse_rule, standard_aggregates, LEARNED,
 };
+use crate::eval::transfer::{leave_one_dataset_out, Figures, TransferReport};
 
 /// Runs the command, printing the report and the snippet to stdout.
 pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
@@ -72,7 +72,10 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
         )
         .context("--leave-one-dataset-out needs labeled runs of at least two datasets")?;
         write_transfer(out, &transfer)?;
-        report.insert("leave_one_dataset_out".into(), serde_json::to_value(&transfer)?);
+        report.insert(
+            "leave_one_dataset_out".into(),
+            serde_json::to_value(&transfer)?,
+        );
     }
 
     // The learned rule, fitted on every labeled item.
@@ -257,8 +260,7 @@ fn calibrate_isotonic(
         }),
     };
     let path = args.out.join(format!("{name}.json"));
-    std::fs::write(&path, rule.to_json())
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, rule.to_json()).with_context(|| format!("writing {}", path.display()))?;
     writeln!(
         out,
         "calibrated rule `{name}`: {} through isotonic regression, {} steps, cross-validated ECE {:.3}{}\n  saved {}",
@@ -273,7 +275,10 @@ fn calibrate_isotonic(
     let threshold = match args.min_p_correct {
         None => None,
         Some(p) => {
-            anyhow::ensure!((0.0..=1.0).contains(&p), "--min-p-correct must be within [0, 1]");
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&p),
+                "--min-p-correct must be within [0, 1]"
+            );
             let t = fit.map.lowest_score_reaching(p);
             match t {
                 Some(t) => writeln!(

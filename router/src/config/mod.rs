@@ -32,9 +32,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use policies::{
-    Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule, OverloadAction,
-    Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig, RemoteFailureAction,
-    TeamConfig,
+    Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule,
+    OverloadAction, Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig,
+    RemoteFailureAction, TeamConfig,
 };
 
 use crate::limits::RequestLimits;
@@ -668,8 +668,8 @@ subject = \"user\"
     fn calibrated_rules_are_loaded_by_name_and_min_p_correct_excludes_threshold() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rules")).unwrap();
-        let map = policies::IsotonicMap::fit(&[(-5.0, false), (-3.0, false), (-1.0, true)])
-            .unwrap();
+        let map =
+            policies::IsotonicMap::fit(&[(-5.0, false), (-3.0, false), (-1.0, true)]).unwrap();
         let rule = CalibratedRule {
             format: policies::calibrated::FORMAT.to_owned(),
             name: "cal".to_owned(),
@@ -695,7 +695,10 @@ subject = \"user\"
         // Both criteria in one policy: refused at the key.
         let e = with_rules_dir(
             dir.path(),
-            &team.replace("min_p_correct = 0.8", "min_p_correct = 0.8\nthreshold = 0.5"),
+            &team.replace(
+                "min_p_correct = 0.8",
+                "min_p_correct = 0.8\nthreshold = 0.5",
+            ),
         )
         .unwrap_err()
         .to_string();
@@ -704,7 +707,10 @@ subject = \"user\"
         let e = with_rules_dir(dir.path(), &team.replace("\"cal\"", "\"absent\""))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("absent.json") && e.contains("calibrated rule"), "{e}");
+        assert!(
+            e.contains("absent.json") && e.contains("calibrated rule"),
+            "{e}"
+        );
         // min_p_correct on a log-prob rule is refused rather than read as a log-prob.
         let e = with_rules_dir(
             dir.path(),

@@ -31,7 +31,11 @@ pub fn fit_isotonic(
     seed: u64,
     raw_probability: Option<fn(f64) -> f64>,
 ) -> Result<IsotonicFit, IsotonicError> {
-    let pairs: Vec<(f64, bool)> = scores.iter().copied().zip(correct.iter().copied()).collect();
+    let pairs: Vec<(f64, bool)> = scores
+        .iter()
+        .copied()
+        .zip(correct.iter().copied())
+        .collect();
     let map = IsotonicMap::fit(&pairs)?;
     let fold_of = stratified_folds(correct, folds, seed);
     let mut out_of_fold = vec![f64::NAN; scores.len()];

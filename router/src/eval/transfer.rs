@@ -98,7 +98,11 @@ pub fn leave_one_dataset_out(
     let correct: Vec<bool> = labeled.iter().map(|r| r.correct == Some(true)).collect();
     let members: Vec<Vec<usize>> = datasets
         .iter()
-        .map(|d| (0..labeled.len()).filter(|&i| labeled[i].dataset == *d).collect())
+        .map(|d| {
+            (0..labeled.len())
+                .filter(|&i| labeled[i].dataset == *d)
+                .collect()
+        })
         .collect();
     let scores: Vec<Vec<f64>> = rules
         .iter()
@@ -121,7 +125,10 @@ pub fn leave_one_dataset_out(
         let others: Vec<usize> = (0..datasets.len()).filter(|&o| o != d).collect();
         // Mean APGR over the other sets; sets without a gap (all right) do not vote.
         let mean_other_apgr = |r: usize| {
-            let v: Vec<f64> = others.iter().filter_map(|&o| figures_by[r][o].apgr).collect();
+            let v: Vec<f64> = others
+                .iter()
+                .filter_map(|&o| figures_by[r][o].apgr)
+                .collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         };
         let chosen = (0..rules.len())
@@ -157,7 +164,10 @@ pub fn leave_one_dataset_out(
             .map(|&i| (scores[chosen][i], correct[i]))
             .collect();
         let chosen_cross_set_ece = IsotonicMap::fit(&train_pairs).ok().map(|map| {
-            let p: Vec<f64> = idx.iter().map(|&i| map.probability(scores[chosen][i])).collect();
+            let p: Vec<f64> = idx
+                .iter()
+                .map(|&i| map.probability(scores[chosen][i]))
+                .collect();
             calibration(&p, &test_correct, 10).0
         });
         let n = idx.len().max(1) as f64;
@@ -229,7 +239,11 @@ mod tests {
         records.push(record("long", &[-1.0], false));
         let rules = [Aggregate::SumLogprob, Aggregate::MeanLogprob];
         let report = leave_one_dataset_out(&records, &rules, 2, 1, 1.0).unwrap();
-        let long = report.held_out.iter().find(|h| h.dataset == "long").unwrap();
+        let long = report
+            .held_out
+            .iter()
+            .find(|h| h.dataset == "long")
+            .unwrap();
         // The sum: sums -3.6 and -1.5 for the right answers, -0.8 and -1 for the wrong: AUROC 0.
         assert_eq!(long.fixed[0].auroc, Some(0.0));
         assert_eq!(long.fixed[1].auroc, Some(1.0));
