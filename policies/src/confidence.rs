@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::calibrated::CalibratedRule;
 use crate::learned::LearnedRule;
 
 /// Confidence signals of one generated token, computed from the raw logits before temperature
@@ -47,6 +48,14 @@ pub enum Aggregate {
     SumLogprob,
     /// Lowest token log-probability: one unsure token is enough to escalate.
     MinLogprob,
+    /// Sum of token log-probabilities divided by `n^alpha` (`n` tokens); range `(-inf, 0]`.
+    /// `alpha = 0` is the sum, `alpha = 1` the mean: in between, a long answer pays for its
+    /// length less than under the sum, so a right answer with a worked line is not ranked
+    /// below a short guess, while a short sure answer still beats a long hesitant one.
+    NormalizedLogprob {
+        /// Length exponent in `[0, 1]`.
+        alpha: f64,
+    },
     /// The `q`-quantile of token log-probabilities, by nearest rank (see [`Aggregate::score`]).
     Quantile {
         /// Quantile in `[0, 1]`; 0 is the minimum, 1 the maximum.
@@ -72,6 +81,18 @@ pub enum Aggregate {
         #[serde(skip)]
         rule: Option<Arc<LearnedRule>>,
     },
+    /// A fixed aggregate calibrated by `cascade calibrate` (see [`crate::calibrated`]): its
+    /// score mapped by isotonic regression to the probability that the answer is correct;
+    /// range `[0, 1]`. Written as `{ kind = "calibrated", name = "..." }`, usually with
+    /// `min_p_correct`; attached like a learned rule, with
+    /// [`crate::calibrated::resolve_calibrated`].
+    Calibrated {
+        /// The rule's name (its file is `<name>.json`).
+        name: String,
+        /// The fitted rule, attached at configuration load.
+        #[serde(skip)]
+        rule: Option<Arc<CalibratedRule>>,
+    },
 }
 
 /// The threshold measured to go with the default aggregate (`sum_logprob`): serve locally when
@@ -87,12 +108,18 @@ pub enum AggregateError {
     /// `q` outside `[0, 1]` or NaN.
     #[error("quantile q must be within [0, 1], got {0}")]
     QuantileOutOfRange(f64),
+    /// `alpha` outside `[0, 1]` or NaN.
+    #[error("normalized_logprob alpha must be within [0, 1], got {0}")]
+    AlphaOutOfRange(f64),
     /// `bound` NaN or infinite.
     #[error("fraction_above bound must be finite, got {0}")]
     BoundNotFinite(f64),
     /// A `learned` aggregate whose rule file was not loaded and attached.
     #[error("learned rule is not loaded (the gateway attaches it from its file at start-up)")]
     LearnedNotLoaded,
+    /// A `calibrated` aggregate whose rule file was not loaded and attached.
+    #[error("calibrated rule is not loaded (the gateway attaches it from its file at start-up)")]
+    CalibratedNotLoaded,
 }
 
 /// Largest count that converts to f64 exactly; above it the fraction bound is not tracked.
@@ -108,7 +135,11 @@ impl Aggregate {
             Self::FractionAbove { bound } if !bound.is_finite() => {
                 Err(AggregateError::BoundNotFinite(bound))
             }
+            Self::NormalizedLogprob { alpha } if !(0.0..=1.0).contains(&alpha) => {
+                Err(AggregateError::AlphaOutOfRange(alpha))
+            }
             Self::Learned { rule: None, .. } => Err(AggregateError::LearnedNotLoaded),
+            Self::Calibrated { rule: None, .. } => Err(AggregateError::CalibratedNotLoaded),
             _ => Ok(()),
         }
     }
@@ -117,7 +148,10 @@ impl Aggregate {
     /// (a positive threshold on a log-probability aggregate would escalate everything).
     pub fn score_range(&self) -> (f64, f64) {
         match self {
-            Self::FractionAbove { .. } | Self::MeanMargin | Self::Learned { .. } => (0.0, 1.0),
+            Self::FractionAbove { .. }
+            | Self::MeanMargin
+            | Self::Learned { .. }
+            | Self::Calibrated { .. } => (0.0, 1.0),
             _ => (f64::NEG_INFINITY, 0.0),
         }
     }
@@ -130,11 +164,19 @@ impl Aggregate {
             Self::SumLogprob => "sum_logprob".to_owned(),
             Self::MinLogprob => "min_logprob".to_owned(),
             Self::Quantile { q } => format!("quantile_{q}"),
+            Self::NormalizedLogprob { alpha } => format!("normalized_logprob_{alpha}"),
             Self::FractionAbove { bound } => format!("fraction_above_{bound}"),
             Self::MeanEntropy => "mean_entropy".to_owned(),
             Self::MeanMargin => "mean_margin".to_owned(),
             Self::Learned { name, .. } => format!("learned_{name}"),
+            Self::Calibrated { name, .. } => format!("calibrated_{name}"),
         }
+    }
+
+    /// Whether the score is a probability that the answer is correct (`learned`,
+    /// `calibrated`): the aggregates a `min_p_correct` applies to.
+    pub fn is_probability(&self) -> bool {
+        matches!(self, Self::Learned { .. } | Self::Calibrated { .. })
     }
 
     /// The aggregate whose [`Aggregate::name`] is `name` (`mean_logprob`, `quantile_0.1`,
@@ -151,6 +193,10 @@ impl Aggregate {
             other => {
                 if let Some(q) = other.strip_prefix("quantile_") {
                     Self::Quantile { q: q.parse().ok()? }
+                } else if let Some(alpha) = other.strip_prefix("normalized_logprob_") {
+                    Self::NormalizedLogprob {
+                        alpha: alpha.parse().ok()?,
+                    }
                 } else if let Some(bound) = other.strip_prefix("fraction_above_") {
                     Self::FractionAbove {
                         bound: bound.parse().ok()?,
@@ -171,7 +217,8 @@ impl Aggregate {
     /// - `MeanEntropy` is `-(sum of entropies) / n`.
     /// - `MeanMargin` is computed as `1 - mean(1 - margin)`, equal to the mean margin up to
     ///   rounding; this form lets early exit be exact in floating point.
-    /// - `Learned` is the rule's probability; NaN when the rule is not attached.
+    /// - `Learned` and `Calibrated` are the rule's probability; NaN when the rule is not
+    ///   attached.
     pub fn score(&self, tokens: &[TokenSignal]) -> Option<f64> {
         if tokens.is_empty() {
             return None;
@@ -183,17 +230,24 @@ impl Aggregate {
                     .unwrap_or(f64::NAN),
             );
         }
+        if let Self::Calibrated { rule, .. } = self {
+            return match rule {
+                Some(r) => r.probability(tokens),
+                None => Some(f64::NAN),
+            };
+        }
         if tokens.iter().any(|t| self.signal(t).is_nan()) {
             return Some(f64::NAN);
         }
         let n = tokens.len();
         Some(match *self {
             // Returned above.
-            Self::Learned { .. } => f64::NAN,
+            Self::Learned { .. } | Self::Calibrated { .. } => f64::NAN,
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {
                 self.offset() - self.penalty_sum(tokens) / n as f64
             }
             Self::SumLogprob => tokens.iter().map(|t| f64::from(t.logprob)).sum(),
+            Self::NormalizedLogprob { alpha } => normalized_sum(tokens, alpha, n),
             Self::MinLogprob => min_logprob(tokens),
             Self::Quantile { q } => kth_smallest_logprob(tokens, nearest_rank(q, n) - 1),
             Self::FractionAbove { bound } => count_at_least(tokens, bound) as f64 / n as f64,
@@ -220,12 +274,19 @@ impl Aggregate {
     /// that answer a conservative `false`: tokens so far outside the signal domain,
     /// `fraction_above` past 2^53 tokens, and `learned` (its features move in opposite
     /// directions, so no cheap bound is exact). A NaN so far answers true (the score stays NaN).
+    /// `calibrated` is exact through its base aggregate (its map is monotone); not attached,
+    /// it answers false.
     pub fn settled_below_within(
         &self,
         tokens_so_far: &[TokenSignal],
         threshold: f64,
         max_more_tokens: usize,
     ) -> bool {
+        if let Self::Calibrated { rule, .. } = self {
+            return rule.as_ref().is_some_and(|r| {
+                r.settled_below_within(tokens_so_far, threshold, max_more_tokens)
+            });
+        }
         if tokens_so_far.iter().any(|t| self.signal(t).is_nan()) {
             return true;
         }
@@ -241,7 +302,7 @@ impl Aggregate {
         }
         let best = match *self {
             // Returned above.
-            Self::Learned { .. } => return false,
+            Self::Learned { .. } | Self::Calibrated { .. } => return false,
             // Each future token adds a penalty >= 0 and the divisor grows: the best final
             // score has the longest run of zero-penalty tokens.
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {
@@ -249,6 +310,11 @@ impl Aggregate {
             }
             // Future log-probs are <= 0: sum and min can only fall, so stop now.
             Self::SumLogprob => tokens_so_far.iter().map(|t| f64::from(t.logprob)).sum(),
+            // The sum so far can only fall, and a longer answer divides it by more: the best
+            // continuation is the longest run of logprob-0 tokens. The sum of those is
+            // bit-identical to the sum so far, and correctly rounded division by a larger
+            // divisor never moves a non-positive number down, so this is exact.
+            Self::NormalizedLogprob { alpha } => normalized_sum(tokens_so_far, alpha, max_len),
             Self::MinLogprob if n == 0 => 0.0,
             Self::MinLogprob => min_logprob(tokens_so_far),
             // The rank grows with the length, and the best future tokens (logprob 0) sort
@@ -325,6 +391,12 @@ fn nearest_rank(q: f64, len: usize) -> usize {
     // Float-to-int `as` saturates, and NaN becomes 0, which the max turns into rank 1.
     let rank = (q * len as f64).ceil() as usize;
     rank.clamp(1, len.max(1))
+}
+
+/// The sum of the log-probabilities over `len^alpha`, summed in token order as the sum is.
+fn normalized_sum(tokens: &[TokenSignal], alpha: f64, len: usize) -> f64 {
+    let sum: f64 = tokens.iter().map(|t| f64::from(t.logprob)).sum();
+    sum / (len.max(1) as f64).powf(alpha)
 }
 
 /// Smallest log-probability (callers ensure at least one token and no NaN).
@@ -482,6 +554,38 @@ mod tests {
             assert!(agg.score(&t).is_some_and(f64::is_nan), "{}", agg.name());
             assert!(agg.settled_below(&t, -100.0), "{}", agg.name());
         }
+    }
+
+    #[test]
+    fn normalized_logprob_lies_between_sum_and_mean_by_hand() {
+        let t = lp(&[-1.0, -2.0, -1.0, -0.5]);
+        let sum = -4.5;
+        let at = |alpha| Aggregate::NormalizedLogprob { alpha }.score(&t);
+        assert!(close(at(0.0), sum));
+        assert!(close(at(1.0), sum / 4.0));
+        assert!(close(at(0.5), sum / 2.0));
+        // A right answer of 8 sure tokens against a wrong 2-token guess: the sum prefers the
+        // guess, alpha 0.5 does not.
+        let long = lp(&[-0.3; 8]);
+        let guess = lp(&[-1.0, -0.5]);
+        let sum_of = |t: &[TokenSignal]| Aggregate::SumLogprob.score(t);
+        assert!(sum_of(&long) < sum_of(&guess));
+        let half = Aggregate::NormalizedLogprob { alpha: 0.5 };
+        assert!(half.score(&long) > half.score(&guess));
+        assert_eq!(
+            Aggregate::from_name("normalized_logprob_0.5"),
+            Some(half.clone())
+        );
+        assert_eq!(half.name(), "normalized_logprob_0.5");
+        assert_eq!(
+            Aggregate::NormalizedLogprob { alpha: 1.5 }.validate(),
+            Err(AggregateError::AlphaOutOfRange(1.5))
+        );
+        assert!(Aggregate::from_name("normalized_logprob_-1").is_none());
+        // Unbounded, it never settles at a realistic threshold: length can lift it to 0.
+        assert!(!half.settled_below(&lp(&[-9.0]), -0.1));
+        assert!(half.settled_below_within(&lp(&[-9.0]), -3.0, 3));
+        assert!(!half.settled_below_within(&lp(&[-9.0]), -3.0, 8));
     }
 
     #[test]
@@ -660,6 +764,9 @@ mod tests {
             Aggregate::Quantile { q: 0.5 },
             Aggregate::Quantile { q: 0.9 },
             Aggregate::FractionAbove { bound: -0.5 },
+            Aggregate::NormalizedLogprob { alpha: 0.25 },
+            Aggregate::NormalizedLogprob { alpha: 0.5 },
+            Aggregate::NormalizedLogprob { alpha: 1.0 },
         ];
         let aggregates: Vec<Aggregate> = ALL.into_iter().chain(extra).collect();
         for _ in 0..3000 {

@@ -246,14 +246,10 @@ pub fn sigmoid(x: f64) -> f64 {
 /// Names of every learned rule the configuration refers to, so the gateway knows which
 /// files to read.
 pub fn learned_rule_names(config: &PoliciesConfig) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut config = config.clone();
-    for (_, aggregate) in aggregates_mut(&mut config) {
-        if let Aggregate::Learned { name, .. } = aggregate {
-            names.insert(name.clone());
-        }
-    }
-    names
+    rule_names(config, |a| match a {
+        Aggregate::Learned { name, .. } => Some(name),
+        _ => None,
+    })
 }
 
 /// Attaches the loaded rules to every `learned` aggregate of the configuration (team
@@ -262,13 +258,40 @@ pub fn resolve_learned(
     config: &mut PoliciesConfig,
     rules: &BTreeMap<String, Arc<LearnedRule>>,
 ) -> Result<(), PolicyError> {
+    attach_rules(config, rules, "learned rule", |a| match a {
+        Aggregate::Learned { name, rule } => Some((&*name, rule)),
+        _ => None,
+    })
+}
+
+/// The names `pick` finds in the configuration's aggregates (shared by every kind of rule
+/// file: learned and calibrated).
+pub(crate) fn rule_names(
+    config: &PoliciesConfig,
+    pick: impl Fn(&Aggregate) -> Option<&String>,
+) -> BTreeSet<String> {
+    let mut config = config.clone();
+    aggregates_mut(&mut config)
+        .into_iter()
+        .filter_map(|(_, a)| pick(a).cloned())
+        .collect()
+}
+
+/// Attaches `rules` by name to the slot `slot` finds in each aggregate; an unknown name is an
+/// error at `<key>.name`, naming `what` it was looking for.
+pub(crate) fn attach_rules<T>(
+    config: &mut PoliciesConfig,
+    rules: &BTreeMap<String, Arc<T>>,
+    what: &'static str,
+    slot: impl Fn(&mut Aggregate) -> Option<(&String, &mut Option<Arc<T>>)>,
+) -> Result<(), PolicyError> {
     for (key, aggregate) in aggregates_mut(config) {
-        if let Aggregate::Learned { name, rule } = aggregate {
+        if let Some((name, rule)) = slot(aggregate) {
             let found = rules
                 .get(name.as_str())
                 .ok_or_else(|| PolicyError::Unknown {
                     key: format!("{key}.name"),
-                    what: "learned rule",
+                    what,
                     name: name.clone(),
                 })?;
             *rule = Some(Arc::clone(found));

@@ -6,17 +6,20 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod budget;
+pub mod calibrated;
 pub mod confidence;
 pub mod config;
 pub mod decision;
 pub mod error;
 pub mod experiment;
+pub mod isotonic;
 pub mod learned;
 pub mod money;
 pub mod policy;
 pub mod team;
 
 pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
+pub use calibrated::{CalibratedRule, CalibratedRuleError};
 pub use confidence::{Aggregate, AggregateError, TokenSignal};
 pub use config::{GlobalBudgetConfig, Policies, PoliciesConfig};
 pub use decision::{
@@ -25,6 +28,7 @@ pub use decision::{
 };
 pub use error::PolicyError;
 pub use experiment::{Experiment, ExperimentConfig, Subject, Variant, VariantConfig};
+pub use isotonic::{IsotonicError, IsotonicMap};
 pub use learned::{Feature, LearnedRule, LearnedRuleError};
 pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
 pub use policy::{

@@ -47,8 +47,14 @@ pub enum OverloadAction {
 pub struct PolicyConfig {
     /// How token signals become one score; `{ kind = "sum_logprob" }` by default.
     pub aggregate: Aggregate,
-    /// Serve locally when the score is `>= threshold`; required unless local_only/remote_only.
+    /// Serve locally when the score is `>= threshold`; required unless local_only/remote_only
+    /// or `min_p_correct` is set.
     pub threshold: Option<f64>,
+    /// Serve locally when the probability that the local answer is right is at least this,
+    /// in `[0, 1]`: the threshold of an aggregate whose score is that probability
+    /// (`calibrated` or `learned`), written so that it reads the same for every rule and
+    /// model. Mutually exclusive with `threshold`.
+    pub min_p_correct: Option<f64>,
     /// Remote model names in order of preference; the first is used when budget allows.
     pub remotes: Vec<String>,
     /// Never call a remote model.
@@ -86,8 +92,10 @@ pub struct PolicyConfig {
 pub struct PolicyOverride {
     /// See [`PolicyConfig::aggregate`].
     pub aggregate: Option<Aggregate>,
-    /// See [`PolicyConfig::threshold`].
+    /// See [`PolicyConfig::threshold`]; replaces a base `min_p_correct`.
     pub threshold: Option<f64>,
+    /// See [`PolicyConfig::min_p_correct`]; replaces a base `threshold`.
+    pub min_p_correct: Option<f64>,
     /// See [`PolicyConfig::remotes`].
     pub remotes: Option<Vec<String>>,
     /// See [`PolicyConfig::local_only`].
@@ -165,9 +173,10 @@ impl TryFrom<PolicyConfig> for Policy {
     type Error = PolicyError;
 
     fn try_from(c: PolicyConfig) -> Result<Self, PolicyError> {
+        let threshold = serve_threshold(c.threshold, c.min_p_correct, &c.aggregate)?;
         let policy = Self {
             aggregate: c.aggregate,
-            threshold: c.threshold,
+            threshold,
             remotes: c.remotes,
             local_only: c.local_only,
             remote_only: c.remote_only,
@@ -190,6 +199,36 @@ impl TryFrom<PolicyConfig> for Policy {
     }
 }
 
+/// The serve-local threshold from `threshold` or `min_p_correct` (at most one of them): a
+/// `min_p_correct` is the threshold of a probability-valued aggregate, checked here so that
+/// its errors name the key the user wrote.
+fn serve_threshold(
+    threshold: Option<f64>,
+    min_p_correct: Option<f64>,
+    aggregate: &Aggregate,
+) -> Result<Option<f64>, PolicyError> {
+    match (threshold, min_p_correct) {
+        (Some(_), Some(_)) => Err(PolicyError::invalid(
+            "min_p_correct",
+            "set either threshold or min_p_correct, not both",
+        )),
+        (threshold, None) => Ok(threshold),
+        (None, Some(p)) if !(0.0..=1.0).contains(&p) => Err(PolicyError::invalid(
+            "min_p_correct",
+            format!("must be within [0, 1], got {p}"),
+        )),
+        (None, Some(_)) if !aggregate.is_probability() => Err(PolicyError::invalid(
+            "min_p_correct",
+            format!(
+                "needs an aggregate whose score is a probability (`calibrated` or `learned`), \
+                 not {}; fit one with `cascade calibrate`",
+                aggregate.name()
+            ),
+        )),
+        (None, Some(p)) => Ok(Some(p)),
+    }
+}
+
 impl Policy {
     /// This policy with `o` applied on top, validated as a whole (errors name the key as
     /// written in the override).
@@ -198,8 +237,8 @@ impl Policy {
         if let Some(v) = &o.aggregate {
             p.aggregate = v.clone();
         }
-        if let Some(v) = o.threshold {
-            p.threshold = Some(v);
+        if o.threshold.is_some() || o.min_p_correct.is_some() {
+            p.threshold = serve_threshold(o.threshold, o.min_p_correct, &p.aggregate)?;
         }
         if let Some(v) = &o.remotes {
             p.remotes.clone_from(v);
@@ -262,7 +301,7 @@ impl Policy {
             None if self.cascades() => {
                 return Err(PolicyError::invalid(
                     "threshold",
-                    "required unless local_only or remote_only is true",
+                    "required (or min_p_correct) unless local_only or remote_only is true",
                 ));
             }
             None => {}
@@ -574,6 +613,83 @@ mod tests {
             ..Default::default()
         };
         assert!(local.with_override(&o).unwrap().cascades());
+    }
+
+    /// A `calibrated` aggregate with its rule attached: `sum_logprob` >= -2 has p = 1.
+    fn calibrated() -> Aggregate {
+        let map = crate::IsotonicMap::fit(&[(-5.0, false), (-2.0, true)]).unwrap();
+        Aggregate::Calibrated {
+            name: "c".to_owned(),
+            rule: Some(std::sync::Arc::new(crate::CalibratedRule {
+                format: crate::calibrated::FORMAT.to_owned(),
+                name: "c".to_owned(),
+                rule: "sum_logprob".to_owned(),
+                map,
+                fitted_on: serde_json::Value::Null,
+            })),
+        }
+    }
+
+    #[test]
+    fn min_p_correct_is_a_probability_threshold_and_excludes_threshold() {
+        let config = |threshold, min_p_correct, aggregate| PolicyConfig {
+            aggregate,
+            threshold,
+            min_p_correct,
+            remotes: vec!["m".into()],
+            ..Default::default()
+        };
+        let p = Policy::try_from(config(None, Some(0.8), calibrated())).unwrap();
+        assert_eq!(p.threshold(), Some(0.8));
+        let key = |c: PolicyConfig| Policy::try_from(c).unwrap_err().key().to_owned();
+        assert_eq!(
+            key(config(Some(0.8), Some(0.8), calibrated())),
+            "min_p_correct"
+        );
+        assert_eq!(key(config(None, Some(1.5), calibrated())), "min_p_correct");
+        assert_eq!(
+            key(config(None, Some(f64::NAN), calibrated())),
+            "min_p_correct"
+        );
+        // A log-prob is not a probability: min_p_correct on it is refused, not reinterpreted.
+        assert_eq!(
+            key(config(None, Some(0.8), Aggregate::SumLogprob)),
+            "min_p_correct"
+        );
+        // An override replaces whichever criterion the base had.
+        let base = Policy::try_from(config(None, Some(0.8), calibrated())).unwrap();
+        let raw = PolicyOverride {
+            aggregate: Some(Aggregate::MeanLogprob),
+            threshold: Some(-1.0),
+            ..Default::default()
+        };
+        assert_eq!(base.with_override(&raw).unwrap().threshold(), Some(-1.0));
+        let stricter = PolicyOverride {
+            min_p_correct: Some(0.95),
+            ..Default::default()
+        };
+        assert_eq!(
+            base.with_override(&stricter).unwrap().threshold(),
+            Some(0.95)
+        );
+        let both = PolicyOverride {
+            threshold: Some(0.5),
+            min_p_correct: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            base.with_override(&both).unwrap_err().key(),
+            "min_p_correct"
+        );
+        let on_log_prob = PolicyOverride {
+            aggregate: Some(Aggregate::SumLogprob),
+            min_p_correct: Some(0.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            base.with_override(&on_log_prob).unwrap_err().key(),
+            "min_p_correct"
+        );
     }
 
     #[test]

@@ -189,7 +189,7 @@ pub struct EvalArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub load: LoadArgs,
-    /// capitals, arc, gsm8k, mmlu, or a labeled .jsonl file (see docs/confidence.md).
+    /// capitals, arc, gsm8k, mmlu, nq_open, webquestions, mawps, or a labeled .jsonl file (see docs/confidence.md).
     #[arg(long)]
     pub dataset: Option<String>,
     /// Folder of the public development sets.
@@ -248,7 +248,16 @@ pub struct CalibrateArgs {
     /// same rate, early-exit savings).
     #[arg(long, allow_hyphen_values = true, conflicts_with_all = ["target_rate", "target_quality", "ledger"])]
     pub threshold: Option<f64>,
-    /// Name of the learned rule (its file is <name>.json in --out).
+    /// Also judge rule choice across kinds of traffic: for each dataset in the runs, the rule
+    /// chosen on the others (and the learned rule fitted on the others) scored on it.
+    #[arg(long)]
+    pub leave_one_dataset_out: bool,
+    /// Serve-local probability for the calibrated rule (--rule through isotonic regression,
+    /// saved as <name>-<rule>.json): prints the raw threshold it amounts to on this data.
+    #[arg(long)]
+    pub min_p_correct: Option<f64>,
+    /// Name of the learned rule (its file is <name>.json in --out; the calibrated rule's is
+    /// <name>-<rule>.json).
     #[arg(long, default_value = "default")]
     pub name: String,
     /// Output folder: <name>.json, calibration.json, reliability.svg/png.

@@ -17,7 +17,7 @@ use serde_json::json;
 /// A policy that separates `EASY` (mean log-prob ≈ -0.26) from `HARD` (≈ -0.79).
 fn mean_policy(raw: &mut cascade::config::RawConfig) {
     raw.policy.aggregate = "mean_logprob".into();
-    raw.policy.threshold = -0.5;
+    raw.policy.threshold = Some(-0.5);
 }
 
 fn confidence(r: &Reply) -> f64 {
@@ -113,7 +113,7 @@ async fn the_minimum_aggregate_stops_generating_at_the_first_unsure_token() {
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
     raw.policy.aggregate = "min_logprob".into();
-    raw.policy.threshold = -2.0;
+    raw.policy.threshold = Some(-2.0);
     let server = start(raw, Some(shared_engine())).await;
     let r = post(
         &server,
@@ -261,7 +261,7 @@ async fn when_every_remote_fails_the_policy_decides_between_the_local_answer_and
 async fn local_answers_that_are_not_json_escalate_when_json_was_asked_for() {
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
-    raw.policy.threshold = -5.0;
+    raw.policy.threshold = Some(-5.0);
     let server = start(raw, Some(shared_engine())).await;
     let mut body = chat("cascade", EASY, 8);
     body["response_format"] = json!({"type": "json_object"});
@@ -279,7 +279,7 @@ async fn local_answers_that_are_not_json_escalate_when_json_was_asked_for() {
 async fn the_local_time_budget_escalates_with_its_own_reason() {
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
-    raw.policy.threshold = -5.0;
+    raw.policy.threshold = Some(-5.0);
     raw.policy.max_local_ms = 1;
     let server = start(raw, Some(shared_engine())).await;
     let r = post(
@@ -424,7 +424,7 @@ async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
     raw.policy.aggregate = "learned".into();
     raw.policy.learned_rule = Some("smollm2-135m-dev".into());
     // Probability >= 0 always holds: served locally, with the rule's probability.
-    raw.policy.threshold = 0.0;
+    raw.policy.threshold = Some(0.0);
     let server = start(raw.clone(), Some(shared_engine())).await;
     let r = post(
         &server,
@@ -437,7 +437,7 @@ async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
     let p = confidence(&r);
     assert!((0.0..=1.0).contains(&p), "{p}");
     // No probability reaches 1: everything escalates.
-    raw.policy.threshold = 1.0;
+    raw.policy.threshold = Some(1.0);
     let server = start(raw, Some(shared_engine())).await;
     let r = post(
         &server,
@@ -452,6 +452,45 @@ async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
         (confidence(&r) - p).abs() < 1e-3,
         "same answer, same probability"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibrated_rule_routes_by_min_p_correct() {
+    let mock = mock().await;
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/confidence");
+    let mut raw = raw_config(&[&mock]);
+    raw.confidence.rules_dir = rules.display().to_string();
+    raw.policy.aggregate = cascade::config::RawAggregate::Table(policies::Aggregate::Calibrated {
+        name: "smollm2-135m-dev6-sum_logprob".into(),
+        rule: None,
+    });
+    // P >= 0 always holds: served locally, scored with the calibrated probability.
+    raw.policy.threshold = None;
+    raw.policy.min_p_correct = Some(0.0);
+    let server = start(raw.clone(), Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.header("x-cascade-route"), "local", "{:?}", r.headers);
+    let p = confidence(&r);
+    assert!((0.0..=1.0).contains(&p), "{p}");
+    // The documented map never reaches 0.99 (its top step is below 0.4): everything escalates,
+    // and early exit knows it before generating (no score can reach the map's step).
+    raw.policy.min_p_correct = Some(0.99);
+    let server = start(raw, Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 12),
+        &[],
+    )
+    .await;
+    assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
+    assert_eq!(r.header("x-cascade-reason"), "early_exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,7 +510,7 @@ async fn sixteen_concurrent_questions_stay_local_when_the_engine_batches_them() 
     let mock = mock().await;
     let mut raw = raw_config(&[&mock]);
     raw.policy.aggregate = "mean_logprob".into();
-    raw.policy.threshold = -5.0;
+    raw.policy.threshold = Some(-5.0);
     let server = start(raw, Some(engine)).await;
     let body = chat("cascade", EASY, 12);
     let replies = futures::future::join_all(

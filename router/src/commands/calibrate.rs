@@ -9,12 +9,14 @@ use policies::{Aggregate, TokenSignal};
 
 use crate::cli::CalibrateArgs;
 use crate::eval::calibrate::{at_threshold, choose, cross_validate, CvReport, Target};
+use crate::eval::isotonic::fit_isotonic;
 use crate::eval::metrics::calibration;
 use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
 use crate::eval::record::{read_records, EvalRecord};
 use crate::eval::scoring::{
     aggregate_scores, default_features, fit_learned, parse_rule, standard_aggregates, LEARNED,
 };
+use crate::eval::transfer::{leave_one_dataset_out, Figures, TransferReport};
 
 /// Runs the command, printing the report and the snippet to stdout.
 pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
@@ -58,6 +60,22 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     if let Some(cv) = &cv {
         write_cv(out, cv)?;
         report.insert("cross_validation".into(), serde_json::to_value(cv)?);
+    }
+
+    if args.leave_one_dataset_out {
+        let transfer = leave_one_dataset_out(
+            &records,
+            &standard_aggregates(),
+            e.folds,
+            e.seed,
+            e.remote_accuracy,
+        )
+        .context("--leave-one-dataset-out needs labeled runs of at least two datasets")?;
+        write_transfer(out, &transfer)?;
+        report.insert(
+            "leave_one_dataset_out".into(),
+            serde_json::to_value(&transfer)?,
+        );
     }
 
     // The learned rule, fitted on every labeled item.
@@ -119,6 +137,14 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     } else {
         parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
     };
+    let calibrated_threshold = calibrate_isotonic(args, &aggregate, &signals, &correct, out)?;
+    if let Some((calibrated, threshold)) = calibrated_threshold {
+        report.insert("calibrated".into(), calibrated);
+        if let Some(threshold) = threshold {
+            let r = at_threshold(&aggregate, &signals, &correct, threshold, e.remote_accuracy);
+            report.insert("at_min_p_correct".into(), serde_json::to_value(r)?);
+        }
+    }
     if let Some(threshold) = args.threshold {
         anyhow::ensure!(!labeled.is_empty(), "--threshold needs labeled items");
         let r = at_threshold(&aggregate, &signals, &correct, threshold, e.remote_accuracy);
@@ -184,6 +210,106 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The calibrated rule: `aggregate`'s score through isotonic regression, fitted on every
+/// labeled item and saved as `<name>-<rule>.json`, with its out-of-fold calibration error and
+/// a snippet. With `--min-p-correct`, also the raw threshold it amounts to on this data.
+/// Returns the report entry and that threshold; `None` for a learned rule (already a
+/// probability) or data without both right and wrong answers.
+fn calibrate_isotonic(
+    args: &CalibrateArgs,
+    aggregate: &Aggregate,
+    signals: &[Vec<TokenSignal>],
+    correct: &[bool],
+    out: &mut impl Write,
+) -> anyhow::Result<Option<(serde_json::Value, Option<f64>)>> {
+    let both = correct.iter().any(|c| *c) && correct.iter().any(|c| !*c);
+    if matches!(aggregate, Aggregate::Learned { .. }) || !both {
+        anyhow::ensure!(
+            args.min_p_correct.is_none(),
+            "--min-p-correct needs a fixed rule and labeled data with both right and wrong answers"
+        );
+        return Ok(None);
+    }
+    let e = &args.escalation;
+    let scores = aggregate_scores(aggregate, signals);
+    // exp of a log-prob score is a probability already (the whole answer's for the sum, a
+    // typical token's for the mean): the calibration error it would have read raw.
+    let raw: Option<fn(f64) -> f64> = match aggregate {
+        Aggregate::MeanLogprob
+        | Aggregate::SumLogprob
+        | Aggregate::MinLogprob
+        | Aggregate::Quantile { .. }
+        | Aggregate::NormalizedLogprob { .. } => Some(f64::exp),
+        Aggregate::MeanMargin | Aggregate::FractionAbove { .. } => Some(|s| s),
+        _ => None,
+    };
+    let fit = fit_isotonic(&scores, correct, e.folds, e.seed, raw)?;
+    let name = format!("{}-{}", args.name, aggregate.name());
+    let rule = policies::CalibratedRule {
+        format: policies::calibrated::FORMAT.to_owned(),
+        name: name.clone(),
+        rule: aggregate.name(),
+        map: fit.map.clone(),
+        fitted_on: serde_json::json!({
+            "runs": args.run.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "items": correct.len(),
+            "folds": e.folds,
+            "seed": e.seed,
+            "cv_ece": fit.ece,
+            "raw_ece": fit.raw_ece,
+        }),
+    };
+    let path = args.out.join(format!("{name}.json"));
+    std::fs::write(&path, rule.to_json()).with_context(|| format!("writing {}", path.display()))?;
+    writeln!(
+        out,
+        "calibrated rule `{name}`: {} through isotonic regression, {} steps, cross-validated ECE {:.3}{}\n  saved {}",
+        aggregate.name(),
+        fit.map.p.len(),
+        fit.ece,
+        fit.raw_ece
+            .map(|r| format!(" (the raw score read as a probability: {r:.3})"))
+            .unwrap_or_default(),
+        path.display()
+    )?;
+    let threshold = match args.min_p_correct {
+        None => None,
+        Some(p) => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&p),
+                "--min-p-correct must be within [0, 1]"
+            );
+            let t = fit.map.lowest_score_reaching(p);
+            match t {
+                Some(t) => writeln!(
+                    out,
+                    "min_p_correct = {p}: {} >= {t:.4} on this data",
+                    aggregate.name()
+                )?,
+                None => writeln!(
+                    out,
+                    "min_p_correct = {p}: no score reaches it on this data (every answer escalates)"
+                )?,
+            }
+            t.filter(|t| t.is_finite())
+        }
+    };
+    writeln!(
+        out,
+        "# paste into a policy, and install {name}.json where the gateway loads rules:\n\
+         aggregate = {{ kind = \"calibrated\", name = \"{name}\" }}\nmin_p_correct = {}\n",
+        args.min_p_correct.unwrap_or(0.5)
+    )?;
+    let entry = serde_json::json!({
+        "rule": rule,
+        "ece": fit.ece,
+        "raw_ece": fit.raw_ece,
+        "min_p_correct": args.min_p_correct,
+        "threshold": threshold,
+    });
+    Ok(Some((entry, threshold)))
+}
+
 fn write_cv(out: &mut impl Write, cv: &CvReport) -> std::io::Result<()> {
     writeln!(
         out,
@@ -233,6 +359,42 @@ fn write_cv(out: &mut impl Write, cv: &CvReport) -> std::io::Result<()> {
     )
 }
 
+/// Per held-out dataset: the rule picked on the others and its figures there, then every
+/// fixed rule's (AUROC / APGR / headroom share) and the learned rule fitted on the others.
+fn write_transfer(out: &mut impl Write, t: &TransferReport) -> std::io::Result<()> {
+    let cell = |f: &Figures| {
+        let g = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        format!("{} / {} / {}", g(f.auroc), g(f.apgr), g(f.headroom))
+    };
+    writeln!(
+        out,
+        "leave-one-dataset-out: the rule with the best mean APGR on the other sets, judged on the held-out set\n\
+         (cells: AUROC / APGR / share of the random-to-oracle APGR headroom)"
+    )?;
+    for h in &t.held_out {
+        writeln!(
+            out,
+            "\n{} ({} items, local {:.1}%, oracle APGR {}): chosen without it: {} -> {}; its isotonic map from the other sets: ECE {}",
+            h.dataset,
+            h.items,
+            100.0 * h.local_accuracy,
+            h.oracle_apgr
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}")),
+            h.chosen,
+            cell(&h.chosen_figures),
+            h.chosen_cross_set_ece
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+        )?;
+        for (name, f) in t.rules.iter().zip(&h.fixed) {
+            writeln!(out, "  {name:<22} {}", cell(f))?;
+        }
+        if let Some(f) = &h.learned_cross_set {
+            writeln!(out, "  {:<22} {}", "learned (cross-set)", cell(f))?;
+        }
+    }
+    writeln!(out)
+}
+
 fn truncate(s: &str, n: usize) -> &str {
     s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
 }
@@ -280,6 +442,12 @@ fn write_snippet(
             format!("{{ kind = \"fraction_above\", bound = {bound} }}")
         }
         Aggregate::Learned { name, .. } => format!("{{ kind = \"learned\", name = \"{name}\" }}"),
+        Aggregate::NormalizedLogprob { alpha } => {
+            format!("{{ kind = \"normalized_logprob\", alpha = {alpha} }}")
+        }
+        Aggregate::Calibrated { name, .. } => {
+            format!("{{ kind = \"calibrated\", name = \"{name}\" }}")
+        }
         other => format!("{{ kind = \"{}\" }}", other.name()),
     };
     writeln!(

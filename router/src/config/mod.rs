@@ -21,7 +21,7 @@ pub use rules::*;
 pub use server::*;
 pub use storage::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,9 +32,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use policies::{
-    Aggregate, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule, OverloadAction,
-    Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig, RemoteFailureAction,
-    TeamConfig,
+    Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule,
+    OverloadAction, Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig,
+    RemoteFailureAction, TeamConfig,
 };
 
 use crate::limits::RequestLimits;
@@ -179,8 +179,12 @@ impl Config {
         let rules = load_learned_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
         policies::learned::resolve_learned(&mut policies_config, &rules)
             .map_err(|e| invalid("policies", e.to_string()))?;
+        let calibrated =
+            load_calibrated_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
+        policies::calibrated::resolve_calibrated(&mut policies_config, &calibrated)
+            .map_err(|e| invalid("policies", e.to_string()))?;
         let (policy, max_queue_wait, policy_remotes) =
-            validate_policy(&raw.policy, &remotes, &rules)?;
+            validate_policy(&raw.policy, &remotes, &rules, &calibrated)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
         let ledger = validate_ledger(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;
@@ -606,7 +610,7 @@ subject = \"user\"
             jail.set_env("CASCADE_POLICY__THRESHOLD", "-0.25");
             jail.set_env("CASCADE_MODEL", "ignored: not a section key");
             let raw = RawConfig::load(Some(Path::new("cascade.toml"))).unwrap();
-            assert_eq!(raw.policy.threshold, -0.25);
+            assert_eq!(raw.policy.threshold, Some(-0.25));
             assert_eq!(raw.local.model, "a.gguf");
             Ok(())
         });
@@ -662,6 +666,63 @@ subject = \"user\"
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("policy.threshold:"), "{e}");
+    }
+
+    #[test]
+    fn calibrated_rules_are_loaded_by_name_and_min_p_correct_excludes_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        let map =
+            policies::IsotonicMap::fit(&[(-5.0, false), (-3.0, false), (-1.0, true)]).unwrap();
+        let rule = CalibratedRule {
+            format: policies::calibrated::FORMAT.to_owned(),
+            name: "cal".to_owned(),
+            rule: "mean_logprob".to_owned(),
+            map,
+            fitted_on: serde_json::Value::Null,
+        };
+        std::fs::write(dir.path().join("rules/cal.json"), rule.to_json()).unwrap();
+        let team = format!(
+            "{MINIMAL}\n[policy]\naggregate = {{ kind = \"calibrated\", name = \"cal\" }}\nmin_p_correct = 0.8\n\
+             [prices.big]\ninput_usd_per_million = 1.0\noutput_usd_per_million = 1.0\n\
+             [[teams]]\nname = \"a\"\napi_key_hashes = []\n\
+             [teams.policy]\naggregate = {{ kind = \"calibrated\", name = \"cal\" }}\nmin_p_correct = 0.9\nremotes = [\"big\"]\n"
+        );
+        let c = with_rules_dir(dir.path(), &team).unwrap();
+        assert!(matches!(
+            c.policy.aggregate(),
+            Aggregate::Calibrated { name, rule: Some(_) } if name == "cal"
+        ));
+        assert_eq!(c.policy.threshold(), Some(0.8));
+        let team_policy = &c.policies.team("a").unwrap().policy;
+        assert_eq!(team_policy.threshold(), Some(0.9));
+        // Both criteria in one policy: refused at the key.
+        let e = with_rules_dir(
+            dir.path(),
+            &team.replace(
+                "min_p_correct = 0.8",
+                "min_p_correct = 0.8\nthreshold = 0.5",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("policy.min_p_correct:"), "{e}");
+        // A missing file is named.
+        let e = with_rules_dir(dir.path(), &team.replace("\"cal\"", "\"absent\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("absent.json") && e.contains("calibrated rule"),
+            "{e}"
+        );
+        // min_p_correct on a log-prob rule is refused rather than read as a log-prob.
+        let e = with_rules_dir(
+            dir.path(),
+            &format!("{MINIMAL}\n[policy]\nmin_p_correct = 0.8\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("policy.min_p_correct:"), "{e}");
     }
 
     #[test]

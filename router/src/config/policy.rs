@@ -25,7 +25,8 @@ impl From<&str> for RawAggregate {
 #[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
     /// `{ kind = "sum_logprob" }` (`mean_logprob`, `min_logprob`, `quantile`,
-    /// `fraction_above`, `mean_entropy`, `mean_margin`, `learned`), or the name alone.
+    /// `fraction_above`, `mean_entropy`, `mean_margin`, `learned`, `calibrated`), or the name
+    /// alone.
     pub aggregate: RawAggregate,
     /// The rule file's name (`<rules_dir>/<name>.json`) for `aggregate = "learned"`.
     pub learned_rule: Option<String>,
@@ -33,7 +34,12 @@ pub struct RawPolicy {
     pub quantile: f64,
     /// The log-prob bound for `aggregate = "fraction_above"`.
     pub bound: f64,
-    pub threshold: f64,
+    /// Serve locally when the score is at least this; the measured default
+    /// (`policies::confidence::DEFAULT_THRESHOLD`) when neither it nor `min_p_correct` is set.
+    pub threshold: Option<f64>,
+    /// Serve locally when the calibrated probability of a right answer is at least this
+    /// (a `calibrated` or `learned` aggregate); excludes `threshold`.
+    pub min_p_correct: Option<f64>,
     /// Remote names in fallback order; empty means every remote, in file order.
     pub remotes: Vec<String>,
     /// Never call a remote (as in `[teams.policy]`); also what a gateway without
@@ -67,7 +73,8 @@ impl Default for RawPolicy {
             learned_rule: None,
             quantile: 0.1,
             bound: -2.0,
-            threshold: policies::confidence::DEFAULT_THRESHOLD,
+            threshold: None,
+            min_p_correct: None,
             remotes: Vec::new(),
             local_only: false,
             remote_only: false,
@@ -90,11 +97,16 @@ pub(super) fn validate_policy(
     raw: &RawPolicy,
     remotes: &[RemoteConfig],
     rules: &BTreeMap<String, Arc<LearnedRule>>,
+    calibrated: &BTreeMap<String, Arc<CalibratedRule>>,
 ) -> Result<(Policy, Option<Duration>, Vec<String>), ConfigError> {
     let aggregate = match &raw.aggregate {
         RawAggregate::Table(Aggregate::Learned { name, .. }) => Aggregate::Learned {
             name: name.clone(),
             rule: rules.get(name).cloned(),
+        },
+        RawAggregate::Table(Aggregate::Calibrated { name, .. }) => Aggregate::Calibrated {
+            name: name.clone(),
+            rule: calibrated.get(name).cloned(),
         },
         RawAggregate::Table(aggregate) => aggregate.clone(),
         RawAggregate::Name(name) => aggregate_by_name(name, raw, rules)?,
@@ -148,7 +160,16 @@ pub(super) fn validate_policy(
     let local_only = raw.local_only || policy_remotes.is_empty();
     let config = PolicyConfig {
         aggregate,
-        threshold: Some(raw.threshold),
+        // The measured default applies only when the policy names no criterion at all, so
+        // that `min_p_correct` with an explicit `threshold` is refused, not silently merged.
+        threshold: match raw.min_p_correct {
+            Some(_) => raw.threshold,
+            None => Some(
+                raw.threshold
+                    .unwrap_or(policies::confidence::DEFAULT_THRESHOLD),
+            ),
+        },
+        min_p_correct: raw.min_p_correct,
         remotes: policy_remotes.clone(),
         local_only,
         remote_only: raw.remote_only,

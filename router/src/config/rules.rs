@@ -1,4 +1,4 @@
-//! `[confidence]`: where learned rules are read from, and reading them.
+//! `[confidence]`: where learned and calibrated rules are read from, and reading them.
 
 use super::*;
 
@@ -6,8 +6,8 @@ use super::*;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfidence {
-    /// Where learned rules (`<name>.json`, written by `cascade calibrate`) are read from;
-    /// relative to the configuration file's folder.
+    /// Where learned and calibrated rules (`<name>.json`, written by `cascade calibrate`) are
+    /// read from; relative to the configuration file's folder.
     pub rules_dir: String,
 }
 
@@ -36,15 +36,44 @@ pub(super) fn load_learned_rules(
         })?;
         names.insert(name);
     }
+    if let RawAggregate::Table(Aggregate::Learned { name, .. }) = &policy.aggregate {
+        names.insert(name.clone());
+    }
+    read_rules(confidence, base_dir, names, "learned", |text| {
+        LearnedRule::from_json(text).map_err(|e| e.to_string())
+    })
+}
+
+/// Reads every calibrated rule the configuration names from `<rules_dir>/<name>.json`.
+pub(super) fn load_calibrated_rules(
+    confidence: &RawConfidence,
+    policy: &RawPolicy,
+    policies_config: &PoliciesConfig,
+    base_dir: Option<&Path>,
+) -> Result<BTreeMap<String, Arc<CalibratedRule>>, ConfigError> {
+    let mut names = policies::calibrated::calibrated_rule_names(policies_config);
+    if let RawAggregate::Table(Aggregate::Calibrated { name, .. }) = &policy.aggregate {
+        names.insert(name.clone());
+    }
+    read_rules(confidence, base_dir, names, "calibrated", |text| {
+        CalibratedRule::from_json(text).map_err(|e| e.to_string())
+    })
+}
+
+/// Reads and parses `<rules_dir>/<name>.json` for every name; errors name the file.
+fn read_rules<T>(
+    confidence: &RawConfidence,
+    base_dir: Option<&Path>,
+    names: BTreeSet<String>,
+    kind: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<BTreeMap<String, Arc<T>>, ConfigError> {
     let dir = match base_dir {
         Some(base) if Path::new(&confidence.rules_dir).is_relative() => {
             base.join(&confidence.rules_dir)
         }
         _ => PathBuf::from(&confidence.rules_dir),
     };
-    if let RawAggregate::Table(Aggregate::Learned { name, .. }) = &policy.aggregate {
-        names.insert(name.clone());
-    }
     let mut rules = BTreeMap::new();
     for name in names {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
@@ -58,15 +87,15 @@ pub(super) fn load_learned_rules(
             invalid(
                 "confidence.rules_dir",
                 format!(
-                    "cannot read learned rule `{name}` from {}: {e}",
+                    "cannot read {kind} rule `{name}` from {}: {e}",
                     path.display()
                 ),
             )
         })?;
-        let rule = LearnedRule::from_json(&text).map_err(|e| {
+        let rule = parse(&text).map_err(|e| {
             invalid(
                 "confidence.rules_dir",
-                format!("learned rule {}: {e}", path.display()),
+                format!("{kind} rule {}: {e}", path.display()),
             )
         })?;
         rules.insert(name, Arc::new(rule));

@@ -1,5 +1,6 @@
 //! Labeled evaluation items: a generic JSONL format and readers for the public development
-//! sets in `../shared/data` (capitals, ARC-Easy, GSM8K, MMLU; see its `SOURCES.md`).
+//! sets in `../shared/data` (capitals, ARC-Easy, GSM8K, MMLU, NQ-open, WebQuestions, MAWPS; see
+//! its `SOURCES.md`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,12 @@ pub enum Dataset {
     Gsm8k,
     /// `mmlu/test/*.csv`: 57 subjects, multiple choice.
     Mmlu,
+    /// `nq_open/NQ-open.efficientqa.dev.1.1.jsonl`: open factoid questions (EfficientQA dev).
+    NqOpen,
+    /// `webquestions/val.json`: open factoid questions from search queries.
+    WebQuestions,
+    /// `mawps/{AddSub,SingleEq}.json`: one-step arithmetic word problems.
+    Mawps,
     /// A labeled JSONL file in the generic format (see [`read_jsonl`]).
     File(PathBuf),
 }
@@ -45,6 +52,9 @@ impl std::str::FromStr for Dataset {
             "arc" => Self::Arc,
             "gsm8k" => Self::Gsm8k,
             "mmlu" => Self::Mmlu,
+            "nq_open" => Self::NqOpen,
+            "webquestions" => Self::WebQuestions,
+            "mawps" => Self::Mawps,
             path if path.ends_with(".jsonl") || Path::new(path).is_file() => {
                 Self::File(PathBuf::from(path))
             }
@@ -61,6 +71,9 @@ impl Dataset {
             Self::Arc => "arc".to_owned(),
             Self::Gsm8k => "gsm8k".to_owned(),
             Self::Mmlu => "mmlu".to_owned(),
+            Self::NqOpen => "nq_open".to_owned(),
+            Self::WebQuestions => "webquestions".to_owned(),
+            Self::Mawps => "mawps".to_owned(),
             Self::File(path) => path
                 .file_stem()
                 .map_or_else(|| "custom".to_owned(), |s| s.to_string_lossy().into_owned()),
@@ -74,6 +87,18 @@ impl Dataset {
             Self::Arc => read_arc(&data_dir.join("arc/ARC-Easy-dev.jsonl")),
             Self::Gsm8k => read_gsm8k(&data_dir.join("gsm8k/test.jsonl")),
             Self::Mmlu => read_mmlu(&data_dir.join("mmlu/test")),
+            Self::NqOpen => {
+                read_nq_open(&data_dir.join("nq_open/NQ-open.efficientqa.dev.1.1.jsonl"))
+            }
+            Self::WebQuestions => read_webquestions(&data_dir.join("webquestions/val.json")),
+            Self::Mawps => {
+                let mut items = read_mawps(&data_dir.join("mawps/AddSub.json"), "addsub")?;
+                items.extend(read_mawps(
+                    &data_dir.join("mawps/SingleEq.json"),
+                    "singleeq",
+                )?);
+                Ok(items)
+            }
             Self::File(path) => read_jsonl(path),
         }
     }
@@ -83,6 +108,13 @@ impl Dataset {
 const SHORT_ANSWER_TOKENS: usize = 24;
 const CHOICE_TOKENS: usize = 8;
 const ARITHMETIC_TOKENS: usize = 256;
+/// One-step problems need one line of working, not a multi-step derivation: 128 tokens hold
+/// it with room to spare and halve the worst-case generation time against 256.
+const ONE_STEP_TOKENS: usize = 128;
+
+/// The instruction after an open factoid question: without it SmolLM2 writes a paragraph,
+/// and a long answer contains the gold string by luck more often than a short one.
+const FACTOID_INSTRUCTION: &str = "Answer with a short phrase only.";
 
 /// Spelling variants and official alternatives the model may use; the data lists one form.
 const CAPITAL_ALIASES: &[(&str, &[&str])] = &[
@@ -352,6 +384,158 @@ fn parse_csv(text: &str) -> Vec<Vec<String>> {
     rows
 }
 
+/// A whole-file JSON array, with the element index in errors (there are no useful lines).
+fn read_json_array<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, EvalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|source| EvalError::Parse {
+            path: path.to_owned(),
+            line: source.line(),
+            message: format!("expected a JSON array: {source}"),
+        })?;
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            serde_json::from_value(value).map_err(|source| EvalError::Parse {
+                path: path.to_owned(),
+                line: i + 1,
+                message: format!("array element {}: {source}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// An open factoid question as the model sees it: the source's question with a question mark
+/// (NQ-open has none) and the short-answer instruction.
+fn factoid_prompt(question: &str) -> String {
+    let question = question.trim();
+    let mark = if question.ends_with('?') { "" } else { "?" };
+    format!("{question}{mark} {FACTOID_INSTRUCTION}")
+}
+
+/// A factoid item graded by alias-list containment. The question itself is ignored in the
+/// output, so that echoing it back ("who sings X: X is ...") never counts as an answer.
+fn factoid_item(id: String, question: &str, answers: Vec<String>) -> Item {
+    Item {
+        id,
+        prompt: factoid_prompt(question),
+        grader: Grader::Contains {
+            answers,
+            ignore: vec![question.trim().trim_end_matches('?').to_owned()],
+        },
+        max_tokens: SHORT_ANSWER_TOKENS,
+    }
+}
+
+#[derive(Deserialize)]
+struct NqOpenRow {
+    question: String,
+    answer: Vec<String>,
+}
+
+/// NQ-open (EfficientQA dev): any of the `answer` list, contained after normalization.
+fn read_nq_open(path: &Path) -> Result<Vec<Item>, EvalError> {
+    read_lines(path)?
+        .into_iter()
+        .map(|(line, text)| {
+            let row: NqOpenRow = parse_line(path, line, &text)?;
+            if row.answer.iter().all(|a| normalize(a).is_empty()) {
+                return Err(EvalError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    message: "no answer".to_owned(),
+                });
+            }
+            Ok(factoid_item(
+                format!("nq_open/{line}"),
+                &row.question,
+                row.answer,
+            ))
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct WebQuestionsRow {
+    #[serde(rename = "qId")]
+    id: String,
+    #[serde(rename = "qText")]
+    question: String,
+    answers: Vec<String>,
+}
+
+/// WebQuestions: any of `answers`, contained after normalization. A few gold answers are web
+/// addresses left over from the source's scraping ("how old is X?" answered by a link): no
+/// model output can match them, so those answers are dropped and an item left without any is
+/// skipped rather than counted as a certain error.
+fn read_webquestions(path: &Path) -> Result<Vec<Item>, EvalError> {
+    let rows: Vec<WebQuestionsRow> = read_json_array(path)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let answers: Vec<String> = row
+                .answers
+                .into_iter()
+                .filter(|a| !is_web_address(a) && !normalize(a).is_empty())
+                .collect();
+            (!answers.is_empty())
+                .then(|| factoid_item(format!("webquestions/{}", row.id), &row.question, answers))
+        })
+        .collect())
+}
+
+fn is_web_address(answer: &str) -> bool {
+    let a = answer.trim_start();
+    a.starts_with("http://") || a.starts_with("https://") || a.starts_with("www.")
+}
+
+#[derive(Deserialize)]
+struct MawpsRow {
+    #[serde(rename = "iIndex")]
+    index: i64,
+    #[serde(rename = "sQuestion")]
+    question: String,
+    /// Numbers in SingleEq, strings in AddSub.
+    #[serde(rename = "lSolutions")]
+    solutions: Vec<serde_json::Value>,
+}
+
+/// MAWPS (AddSub, SingleEq): gold is `lSolutions[0]`, compared with the last number in the
+/// answer. The prompt asks for the calculation on one line before the number: a correct
+/// answer is then a little longer than a bare guess, the length pattern the sum of log-probs
+/// gets wrong.
+fn read_mawps(path: &Path, part: &str) -> Result<Vec<Item>, EvalError> {
+    let rows: Vec<MawpsRow> = read_json_array(path)?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let gold = match row.solutions.first() {
+                Some(serde_json::Value::Number(n)) => n.as_f64(),
+                Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| EvalError::Parse {
+                path: path.to_owned(),
+                line: i + 1,
+                message: format!("array element {}: lSolutions[0] is not a number", i + 1),
+            })?;
+            Ok(Item {
+                id: format!("mawps/{part}/{}", row.index),
+                prompt: format!(
+                    "{}\nWrite the calculation on one line, then the final answer as a number.",
+                    row.question.trim()
+                ),
+                grader: Grader::Numeric { answer: gold },
+                max_tokens: ONE_STEP_TOKENS,
+            })
+        })
+        .collect()
+}
+
 /// One line of the generic labeled format.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -537,6 +721,84 @@ mod tests {
     }
 
     #[test]
+    fn webquestions_drops_web_address_answers_and_skips_items_left_without_any() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("val.json");
+        std::fs::write(
+            &path,
+            r#"[{"qId": "a", "answers": ["Bahamian dollar"], "qText": "what money in bahamas?"},
+                {"qId": "b", "answers": ["http://example.org/x"], "qText": "how old is x?"},
+                {"qId": "c", "answers": ["www.x.org", "Rome"], "qText": "where is rome?"}]"#,
+        )
+        .unwrap();
+        let items = read_webquestions(&path).unwrap();
+        let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["webquestions/a", "webquestions/c"]);
+        assert!(items[0].grader.grade("The Bahamian dollar."));
+        assert!(!items[0].grader.grade("US dollar"));
+        // The echoed question does not count: "rome" is in it.
+        assert!(!items[1].grader.grade("where is rome: in Europe"));
+        assert!(items[1].grader.grade("Rome is in Italy"));
+        assert!(items[1]
+            .prompt
+            .ends_with("where is rome? Answer with a short phrase only."));
+    }
+
+    #[test]
+    fn nq_open_adds_the_question_mark_and_accepts_any_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nq.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"question": "where does the sound of music take place", "answer": ["Salzburg, Austria", "Austria"]}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let items = read_nq_open(&path).unwrap();
+        assert_eq!(items[0].id, "nq_open/1");
+        assert_eq!(
+            items[0].prompt,
+            "where does the sound of music take place? Answer with a short phrase only."
+        );
+        assert!(items[0].grader.grade("In Austria."));
+        assert!(items[0].grader.grade("Salzburg, Austria"));
+        assert!(!items[0].grader.grade("Vienna"));
+        std::fs::write(&path, r#"{"question": "q", "answer": [""]}"#).unwrap();
+        assert!(matches!(
+            read_nq_open(&path),
+            Err(EvalError::Parse { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn mawps_reads_string_and_number_solutions_and_rejects_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(
+            &path,
+            r#"[{"iIndex": 1, "lSolutions": ["43"], "sQuestion": "70 - 27?", "lEquations": []},
+                {"iIndex": 2, "lSolutions": [4.5], "sQuestion": "9 / 2?"}]"#,
+        )
+        .unwrap();
+        let items = read_mawps(&path, "addsub").unwrap();
+        assert_eq!(items[0].id, "mawps/addsub/1");
+        assert!(items[0].grader.grade("70 - 27 = 43\nThe answer is 43."));
+        assert!(!items[0].grader.grade("70 - 27 = 43. So 44"));
+        assert!(items[1].grader.grade("9 / 2 = 4.5"));
+        std::fs::write(
+            &path,
+            r#"[{"iIndex": 1, "lSolutions": [], "sQuestion": "q"}]"#,
+        )
+        .unwrap();
+        let err = read_mawps(&path, "addsub").unwrap_err().to_string();
+        assert!(err.contains("lSolutions[0]"), "{err}");
+        std::fs::write(&path, r#"{"not": "an array"}"#).unwrap();
+        assert!(read_mawps(&path, "addsub").is_err());
+    }
+
+    #[test]
     fn public_sets_parse_when_present() {
         let dir = data_dir();
         if !dir.join("SOURCES.md").exists() {
@@ -554,5 +816,13 @@ mod tests {
         assert!(gsm8k[0].grader.grade("so she makes 18 dollars"));
         let mmlu = Dataset::Mmlu.load(&dir).unwrap();
         assert_eq!(mmlu.len(), 14042);
+        let nq = Dataset::NqOpen.load(&dir).unwrap();
+        assert_eq!(nq.len(), 1800);
+        let webquestions = Dataset::WebQuestions.load(&dir).unwrap();
+        assert!(webquestions.len() > 700 && webquestions.len() <= 755);
+        assert!(webquestions[0].grader.grade("the Bahamian dollar"));
+        let mawps = Dataset::Mawps.load(&dir).unwrap();
+        assert_eq!(mawps.len(), 903);
+        assert!(mawps[0].grader.grade("70 - 27 = 43"));
     }
 }

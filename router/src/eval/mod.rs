@@ -14,12 +14,14 @@ pub mod calibrate;
 pub mod datasets;
 pub mod generate;
 pub mod grading;
+pub mod isotonic;
 pub mod logistic;
 pub mod metrics;
 pub mod plot;
 pub mod record;
 pub mod report;
 pub mod scoring;
+pub mod transfer;
 
 use std::path::PathBuf;
 
@@ -45,7 +47,7 @@ pub enum EvalError {
         message: String,
     },
     /// Neither a built-in set nor a `.jsonl` file.
-    #[error("unknown dataset `{0}`: use capitals, arc, gsm8k, mmlu or a .jsonl file")]
+    #[error("unknown dataset `{0}`: use capitals, arc, gsm8k, mmlu, nq_open, webquestions, mawps or a .jsonl file")]
     UnknownDataset(String),
     /// JSON serialisation failed.
     #[error("JSON: {0}")]

@@ -14,6 +14,10 @@ pub fn standard_aggregates() -> Vec<Aggregate> {
     vec![
         Aggregate::MeanLogprob,
         Aggregate::SumLogprob,
+        // Between the sum (alpha 0) and the mean (alpha 1): the length-robust candidates.
+        Aggregate::NormalizedLogprob { alpha: 0.25 },
+        Aggregate::NormalizedLogprob { alpha: 0.5 },
+        Aggregate::NormalizedLogprob { alpha: 0.75 },
         Aggregate::MinLogprob,
         Aggregate::Quantile { q: 0.05 },
         Aggregate::Quantile { q: 0.1 },
