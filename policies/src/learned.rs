@@ -30,6 +30,11 @@ const Z_CLIP: f64 = 8.0;
 pub enum Feature {
     /// Mean token log-probability.
     MeanLogprob,
+    /// Sum of token log-probabilities (the default rule's score: what a ledger records when a
+    /// learned rule is fitted from the gateway's own traffic).
+    SumLogprob,
+    /// Sum of token log-probabilities divided by `n^alpha`.
+    NormalizedLogprob(f64),
     /// Lowest token log-probability.
     MinLogprob,
     /// Nearest-rank `q`-quantile of the token log-probabilities.
@@ -49,6 +54,8 @@ impl Feature {
     fn aggregate(self) -> Option<Aggregate> {
         Some(match self {
             Self::MeanLogprob => Aggregate::MeanLogprob,
+            Self::SumLogprob => Aggregate::SumLogprob,
+            Self::NormalizedLogprob(alpha) => Aggregate::NormalizedLogprob { alpha },
             Self::MinLogprob => Aggregate::MinLogprob,
             Self::Quantile(q) => Aggregate::Quantile { q },
             Self::FractionAbove(bound) => Aggregate::FractionAbove { bound },
@@ -92,6 +99,7 @@ impl TryFrom<String> for Feature {
         };
         Ok(match name.as_str() {
             "mean_logprob" => Self::MeanLogprob,
+            "sum_logprob" => Self::SumLogprob,
             "min_logprob" => Self::MinLogprob,
             "mean_entropy" => Self::MeanEntropy,
             "mean_margin" => Self::MeanMargin,
@@ -103,6 +111,12 @@ impl TryFrom<String> for Feature {
                         return Err(format!("quantile out of [0, 1] in feature `{name}`"));
                     }
                     Self::Quantile(q)
+                } else if let Some(alpha) = other.strip_prefix("normalized_logprob_") {
+                    let alpha = number(alpha)?;
+                    if !(0.0..=1.0).contains(&alpha) {
+                        return Err(format!("alpha out of [0, 1] in feature `{name}`"));
+                    }
+                    Self::NormalizedLogprob(alpha)
                 } else if let Some(bound) = other.strip_prefix("fraction_above_") {
                     Self::FractionAbove(number(bound)?)
                 } else {
@@ -211,13 +225,18 @@ impl LearnedRule {
     /// The standardized, clipped feature vector of an answer; `None` without tokens. A NaN
     /// feature stays NaN, so that a broken signal escalates.
     pub fn standardized(&self, tokens: &[TokenSignal]) -> Option<Vec<f64>> {
-        self.features
+        let values: Option<Vec<f64>> = self.features.iter().map(|f| f.value(tokens)).collect();
+        Some(self.standardize(&values?))
+    }
+
+    /// Standardizes and clips raw feature values, in the rule's feature order: the same
+    /// transformation `standardized` applies to tokens, for callers that hold the feature
+    /// values already (a fit from a ledger, which records scores, not tokens).
+    pub fn standardize(&self, values: &[f64]) -> Vec<f64> {
+        values
             .iter()
             .zip(self.center.iter().zip(&self.scale))
-            .map(|(f, (c, s))| {
-                f.value(tokens)
-                    .map(|v| ((v - c) / s).clamp(-Z_CLIP, Z_CLIP))
-            })
+            .map(|(v, (c, s))| ((v - c) / s).clamp(-Z_CLIP, Z_CLIP))
             .collect()
     }
 
@@ -389,11 +408,34 @@ mod tests {
             "min_logprob",
             "fraction_above_-1",
             "mean_margin",
+            "sum_logprob",
+            "normalized_logprob_0.5",
         ] {
             assert_eq!(Feature::try_from(name.to_owned()).unwrap().name(), name);
         }
         assert!(Feature::try_from("quantile_2".to_owned()).is_err());
         assert!(Feature::try_from("median".to_owned()).is_err());
+        assert!(Feature::try_from("normalized_logprob_1.5".to_owned()).is_err());
+    }
+
+    #[test]
+    fn standardizing_feature_values_matches_standardizing_the_tokens_they_come_from() {
+        let r = rule();
+        let t = tokens(&[-0.5, -2.0, f32::NEG_INFINITY]);
+        let values: Vec<f64> = r.features.iter().map(|f| f.value(&t).unwrap()).collect();
+        assert_eq!(r.standardize(&values), r.standardized(&t).unwrap());
+        // The infinite minimum is clipped, not passed on.
+        assert!(r.standardize(&values).iter().all(|z| z.is_finite()));
+    }
+
+    #[test]
+    fn the_sum_feature_scores_what_the_sum_rule_scores() {
+        let t = tokens(&[-0.5, -2.0]);
+        assert_eq!(Feature::SumLogprob.value(&t), Some(-2.5));
+        assert_eq!(
+            Feature::NormalizedLogprob(1.0).value(&t),
+            Aggregate::MeanLogprob.score(&t)
+        );
     }
 
     #[test]

@@ -227,13 +227,22 @@ pub struct CalibrateArgs {
     /// (unlabeled traffic) support --target-rate only.
     #[arg(long, required_unless_present = "ledger")]
     pub run: Vec<PathBuf>,
-    /// Unlabeled traffic instead: the ledger's recorded confidence values (`sqlite://...` or
-    /// `postgres://...`) for --rule, over the last --since-days; supports --target-rate only.
-    #[arg(long, conflicts_with = "run", requires = "target_rate")]
+    /// The gateway's own traffic instead: the ledger (`sqlite://...` or `postgres://...`)
+    /// over the last --since-days. Requests served locally with /v1/feedback scores are the
+    /// labels of a calibrated rule, a learned rule and --min-p-correct (when there are enough);
+    /// --target-rate fits a threshold on every recorded --rule value, labeled or not.
+    #[arg(long, conflicts_with_all = ["run", "target_quality"])]
     pub ledger: Option<String>,
     /// With --ledger: how many days of traffic to read.
     #[arg(long, default_value_t = 30)]
     pub since_days: u32,
+    /// With --ledger: only this team's requests (its own traffic and feedback).
+    #[arg(long, requires = "ledger")]
+    pub team: Option<String>,
+    /// With --ledger: a feedback score (0..1; thumbs up is 1, down 0) at or above this counts
+    /// as a right local answer, below it as a wrong one.
+    #[arg(long, requires = "ledger", default_value_t = crate::eval::feedback::DEFAULT_CUTOFF)]
+    pub feedback_cutoff: f64,
     /// The rule to threshold: sum_logprob (the default rule), mean_logprob, min_logprob,
     /// quantile_0.1, ..., or learned.
     #[arg(long, default_value = "sum_logprob")]

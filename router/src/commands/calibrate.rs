@@ -9,12 +9,14 @@ use policies::{Aggregate, TokenSignal};
 
 use crate::cli::CalibrateArgs;
 use crate::eval::calibrate::{at_threshold, choose, cross_validate, CvReport, Target};
+use crate::eval::feedback;
 use crate::eval::isotonic::fit_isotonic;
 use crate::eval::metrics::calibration;
 use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
 use crate::eval::record::{read_records, EvalRecord};
 use crate::eval::scoring::{
-    aggregate_scores, default_features, fit_learned, parse_rule, standard_aggregates, LEARNED,
+    aggregate_scores, default_features, fit_learned, fit_learned_on_values, parse_rule,
+    standard_aggregates, LearnedFit, LEARNED,
 };
 use crate::eval::transfer::{leave_one_dataset_out, Figures, TransferReport};
 
@@ -89,40 +91,8 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
         e.seed,
     );
     if let Some(fit) = &learned {
-        let mut rule = fit.rule.clone();
-        let (ece, reliability) = calibration(&fit.out_of_fold, &correct, 10);
-        rule.fitted_on = serde_json::json!({
-            "runs": args.run.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "items": labeled.len(),
-            "folds": e.folds,
-            "seed": e.seed,
-            "l2": fit.l2,
-            "cv_log_loss": fit.log_loss,
-            "cv_ece": ece,
-        });
-        let path = args.out.join(format!("{}.json", args.name));
-        std::fs::write(&path, rule.to_json())
-            .with_context(|| format!("writing {}", path.display()))?;
-        let (svg, png) = write_chart(
-            &reliability_chart(&reliability, ece, &args.name),
-            &args.out.join("reliability"),
-        )?;
-        writeln!(
-            out,
-            "learned rule `{}`: {} features, L2 {}, cross-validated log-loss {:.3}, ECE {:.3}\n  saved {}\n  reliability plot {}, {}",
-            args.name,
-            rule.features.len(),
-            fit.l2,
-            fit.log_loss,
-            ece,
-            path.display(),
-            svg.display(),
-            png.display()
-        )?;
-        report.insert(
-            "learned".into(),
-            serde_json::json!({"rule": rule, "ece": ece, "reliability": reliability}),
-        );
+        let entry = save_learned(args, fit, &correct, &runs_source(args), out)?;
+        report.insert("learned".into(), entry);
     }
 
     // The threshold of the chosen rule on all the data.
@@ -137,10 +107,18 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     } else {
         parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
     };
-    let calibrated_threshold = calibrate_isotonic(args, &aggregate, &signals, &correct, out)?;
-    if let Some((calibrated, threshold)) = calibrated_threshold {
-        report.insert("calibrated".into(), calibrated);
-        if let Some(threshold) = threshold {
+    let labeled_scores = aggregate_scores(&aggregate, &signals);
+    let calibrated = calibrate_isotonic(
+        args,
+        &aggregate,
+        &labeled_scores,
+        &correct,
+        &runs_source(args),
+        out,
+    )?;
+    if let Some(calibrated) = calibrated {
+        report.insert("calibrated".into(), calibrated.entry);
+        if let Some(threshold) = calibrated.threshold {
             let r = at_threshold(&aggregate, &signals, &correct, threshold, e.remote_accuracy);
             report.insert("at_min_p_correct".into(), serde_json::to_value(r)?);
         }
@@ -213,15 +191,17 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
 /// The calibrated rule: `aggregate`'s score through isotonic regression, fitted on every
 /// labeled item and saved as `<name>-<rule>.json`, with its out-of-fold calibration error and
 /// a snippet. With `--min-p-correct`, also the raw threshold it amounts to on this data.
-/// Returns the report entry and that threshold; `None` for a learned rule (already a
-/// probability) or data without both right and wrong answers.
+/// `scores` are the rule's per labeled item, `source` says where the labels came from (saved
+/// in the file's `fitted_on`). `None` for a learned rule (already a probability) or data
+/// without both right and wrong answers.
 fn calibrate_isotonic(
     args: &CalibrateArgs,
     aggregate: &Aggregate,
-    signals: &[Vec<TokenSignal>],
+    scores: &[f64],
     correct: &[bool],
+    source: &serde_json::Value,
     out: &mut impl Write,
-) -> anyhow::Result<Option<(serde_json::Value, Option<f64>)>> {
+) -> anyhow::Result<Option<Calibrated>> {
     let both = correct.iter().any(|c| *c) && correct.iter().any(|c| !*c);
     if matches!(aggregate, Aggregate::Learned { .. }) || !both {
         anyhow::ensure!(
@@ -231,7 +211,6 @@ fn calibrate_isotonic(
         return Ok(None);
     }
     let e = &args.escalation;
-    let scores = aggregate_scores(aggregate, signals);
     // exp of a log-prob score is a probability already (the whole answer's for the sum, a
     // typical token's for the mean): the calibration error it would have read raw.
     let raw: Option<fn(f64) -> f64> = match aggregate {
@@ -243,21 +222,23 @@ fn calibrate_isotonic(
         Aggregate::MeanMargin | Aggregate::FractionAbove { .. } => Some(|s| s),
         _ => None,
     };
-    let fit = fit_isotonic(&scores, correct, e.folds, e.seed, raw)?;
+    let fit = fit_isotonic(scores, correct, e.folds, e.seed, raw)?;
     let name = format!("{}-{}", args.name, aggregate.name());
     let rule = policies::CalibratedRule {
         format: policies::calibrated::FORMAT.to_owned(),
         name: name.clone(),
         rule: aggregate.name(),
         map: fit.map.clone(),
-        fitted_on: serde_json::json!({
-            "runs": args.run.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "items": correct.len(),
-            "folds": e.folds,
-            "seed": e.seed,
-            "cv_ece": fit.ece,
-            "raw_ece": fit.raw_ece,
-        }),
+        fitted_on: with_source(
+            source,
+            serde_json::json!({
+                "items": correct.len(),
+                "folds": e.folds,
+                "seed": e.seed,
+                "cv_ece": fit.ece,
+                "raw_ece": fit.raw_ece,
+            }),
+        ),
     };
     let path = args.out.join(format!("{name}.json"));
     std::fs::write(&path, rule.to_json()).with_context(|| format!("writing {}", path.display()))?;
@@ -307,7 +288,81 @@ fn calibrate_isotonic(
         "min_p_correct": args.min_p_correct,
         "threshold": threshold,
     });
-    Ok(Some((entry, threshold)))
+    Ok(Some(Calibrated {
+        entry,
+        threshold,
+        map: fit.map,
+    }))
+}
+
+/// A calibrated rule `calibrate_isotonic` saved.
+struct Calibrated {
+    /// Its entry in calibration.json.
+    entry: serde_json::Value,
+    /// The raw threshold `--min-p-correct` amounts to, when given and reached.
+    threshold: Option<f64>,
+    /// Its map from score to probability.
+    map: policies::isotonic::IsotonicMap,
+}
+
+/// The learned rule fitted on `correct`: saved as `<name>.json` with its reliability plot,
+/// reported to `out`; returns its entry in calibration.json.
+fn save_learned(
+    args: &CalibrateArgs,
+    fit: &LearnedFit,
+    correct: &[bool],
+    source: &serde_json::Value,
+    out: &mut impl Write,
+) -> anyhow::Result<serde_json::Value> {
+    let e = &args.escalation;
+    let mut rule = fit.rule.clone();
+    let (ece, reliability) = calibration(&fit.out_of_fold, correct, 10);
+    rule.fitted_on = with_source(
+        source,
+        serde_json::json!({
+            "items": correct.len(),
+            "folds": e.folds,
+            "seed": e.seed,
+            "l2": fit.l2,
+            "cv_log_loss": fit.log_loss,
+            "cv_ece": ece,
+        }),
+    );
+    let path = args.out.join(format!("{}.json", args.name));
+    std::fs::write(&path, rule.to_json()).with_context(|| format!("writing {}", path.display()))?;
+    let (svg, png) = write_chart(
+        &reliability_chart(&reliability, ece, &args.name),
+        &args.out.join("reliability"),
+    )?;
+    writeln!(
+        out,
+        "learned rule `{}`: {} features, L2 {}, cross-validated log-loss {:.3}, ECE {:.3}\n  saved {}\n  reliability plot {}, {}",
+        args.name,
+        rule.features.len(),
+        fit.l2,
+        fit.log_loss,
+        ece,
+        path.display(),
+        svg.display(),
+        png.display()
+    )?;
+    Ok(serde_json::json!({"rule": rule, "ece": ece, "reliability": reliability}))
+}
+
+/// Where labeled eval runs came from, for a rule file's `fitted_on`.
+fn runs_source(args: &CalibrateArgs) -> serde_json::Value {
+    serde_json::json!({
+        "runs": args.run.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    })
+}
+
+/// `source`'s fields followed by `figures`' (both JSON objects).
+fn with_source(source: &serde_json::Value, figures: serde_json::Value) -> serde_json::Value {
+    let mut merged = source.as_object().cloned().unwrap_or_default();
+    if let serde_json::Value::Object(figures) = figures {
+        merged.extend(figures);
+    }
+    serde_json::Value::Object(merged)
 }
 
 fn write_cv(out: &mut impl Write, cv: &CvReport) -> std::io::Result<()> {
@@ -467,12 +522,11 @@ fn write_snippet(
     Ok(())
 }
 
-/// Unlabeled traffic: the threshold that would have escalated the target share of the
-/// requests the ledger recorded under the same rule.
+/// The gateway's own traffic, of one team when `--team` is given. Requests served locally
+/// with feedback are labels: with enough of them, a calibrated rule, a learned rule and the
+/// `min_p_correct` threshold are fitted as from a labeled run. `--target-rate` then fits the
+/// threshold that would have escalated that share of every recorded request of the rule.
 fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let target = args
-        .target_rate
-        .context("--ledger supports --target-rate only")?;
     let aggregate: Aggregate = if args.rule == LEARNED {
         Aggregate::Learned {
             name: args.name.clone(),
@@ -483,10 +537,12 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     };
     let now_ms = crate::clock::now_unix_ms();
     let since_ms = now_ms.saturating_sub(i64::from(args.since_days) * 86_400_000);
+    let until_ms = now_ms.saturating_add(1);
+    let team = args.team.as_deref();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let records = runtime.block_on(async {
+    let (records, labeled) = runtime.block_on(async {
         let storage = crate::storage::connect(&crate::storage::StorageConfig {
             url: url.to_owned(),
             max_connections: 1,
@@ -494,45 +550,197 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
             sqlite_sync: crate::storage::SqliteSync::default(),
         })
         .await?;
-        let records = storage
-            .records_with_signals(since_ms, now_ms.saturating_add(1), 10_000_000)
-            .await;
+        let read = async {
+            let records = storage
+                .records_with_signals(since_ms, until_ms, LEDGER_LIMIT)
+                .await?;
+            let labeled = storage
+                .labeled_signals(team, since_ms, until_ms, LEDGER_LIMIT)
+                .await?;
+            Ok::<_, crate::storage::StorageError>((records, labeled))
+        }
+        .await;
         storage.close().await;
-        records
+        read
     })?;
     let name = aggregate.name();
-    let scores: Vec<f64> = records
-        .iter()
-        .filter(|r| r.confidence_aggregate.as_deref() == Some(name.as_str()))
-        .map(|r| {
-            if r.confidence.is_nan() {
-                f64::NEG_INFINITY
-            } else {
-                r.confidence
-            }
-        })
-        .collect();
-    anyhow::ensure!(
-        !scores.is_empty(),
-        "the ledger has no requests scored with {name} in the last {} days ({} with other rules)",
-        args.since_days,
-        records.len()
-    );
-    let point = choose(
-        &scores,
-        None,
-        args.escalation.remote_accuracy,
-        Target::Rate(target),
-    )
-    .context("no threshold splits these requests")?;
+    let scope = team.map_or_else(|| "every team".to_owned(), |t| format!("team `{t}`"));
+    let labels = feedback::labels(&labeled, &name, args.feedback_cutoff)?;
+    let mut report = serde_json::Map::new();
+    let fitted = match feedback::check_enough(&labels) {
+        Ok(()) => {
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            from_feedback(args, url, &aggregate, &labels, &scope, out, &mut report)?;
+            true
+        }
+        Err(too_few @ feedback::LabelError::TooFew { .. }) => {
+            // Said out loud: a calibration silently skipped would look like one that ran.
+            writeln!(
+                out,
+                "not enough feedback to calibrate `{name}` on the traffic of {scope}: {too_few}.\n\
+                 No calibrated or learned rule was fitted{}; {}",
+                if args.min_p_correct.is_some() {
+                    " and --min-p-correct is not applied"
+                } else {
+                    ""
+                },
+                if args.target_rate.is_some() {
+                    "falling back to the unlabeled threshold for --target-rate.\n"
+                } else {
+                    "pass --target-rate for a threshold from the unlabeled traffic."
+                }
+            )?;
+            anyhow::ensure!(
+                args.target_rate.is_some(),
+                "too little feedback to calibrate on, and no --target-rate to fall back to"
+            );
+            false
+        }
+        Err(other) => return Err(other.into()),
+    };
+    if let Some(target) = args.target_rate {
+        let scores: Vec<f64> = records
+            .iter()
+            .filter(|r| team.is_none() || r.team.as_deref() == team)
+            .filter(|r| r.confidence_aggregate.as_deref() == Some(name.as_str()))
+            .map(|r| {
+                if r.confidence.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    r.confidence
+                }
+            })
+            .collect();
+        anyhow::ensure!(
+            !scores.is_empty(),
+            "the ledger has no requests of {scope} scored with {name} in the last {} days ({} with other rules or teams)",
+            args.since_days,
+            records.len()
+        );
+        let point = choose(
+            &scores,
+            None,
+            args.escalation.remote_accuracy,
+            Target::Rate(target),
+        )
+        .context("no threshold splits these requests")?;
+        writeln!(
+            out,
+            "{name} on {} ledger requests of {scope}: threshold {:.4} escalates {:.1}% (target {:.1}%)",
+            scores.len(),
+            point.threshold,
+            100.0 * point.rate,
+            100.0 * target
+        )?;
+        write_snippet(out, &aggregate, point.threshold)?;
+        report.insert("target".into(), serde_json::to_value(Target::Rate(target))?);
+        report.insert("operating_point".into(), serde_json::to_value(point)?);
+    }
+    if fitted {
+        report.insert("rule".into(), serde_json::Value::String(name));
+        let path = args.out.join("calibration.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        writeln!(out, "report: {}", path.display())?;
+    }
+    Ok(())
+}
+
+/// Most ledger rows one calibration reads.
+const LEDGER_LIMIT: u32 = 10_000_000;
+
+/// The fits from feedback labels: the isotonic map of `aggregate` (saved as a calibrated rule
+/// with its out-of-fold ECE and the `min_p_correct` threshold), and the learned rule on the
+/// same score where the learned rule has that score as a feature.
+fn from_feedback(
+    args: &CalibrateArgs,
+    url: &str,
+    aggregate: &Aggregate,
+    labels: &feedback::FeedbackLabels,
+    scope: &str,
+    out: &mut impl Write,
+    report: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let name = aggregate.name();
+    let e = &args.escalation;
+    let finite = labels.scores.iter().copied().filter(|s| s.is_finite());
+    let lowest = finite.clone().fold(f64::INFINITY, f64::min);
+    let highest = finite.fold(f64::NEG_INFINITY, f64::max);
     writeln!(
         out,
-        "{name} on {} ledger requests: threshold {:.4} escalates {:.1}% (target {:.1}%)",
-        scores.len(),
-        point.threshold,
-        100.0 * point.rate,
-        100.0 * target
+        "`{name}` from the feedback of {scope}: {} requests served locally ({} right, {} wrong: a score >= {} counts as right), {name} from {lowest:.4} to {highest:.4}\n\
+         (only answers the policy served are labeled: below {lowest:.4} the map repeats its lowest step)",
+        labels.correct.len(),
+        labels.right(),
+        labels.wrong(),
+        args.feedback_cutoff,
     )?;
-    write_snippet(out, &aggregate, point.threshold)?;
+    // The URL is left out: it may carry a password.
+    let source = serde_json::json!({
+        "ledger": url.split(':').next().unwrap_or_default(),
+        "team": args.team,
+        "since_days": args.since_days,
+        "feedback_cutoff": args.feedback_cutoff,
+    });
+    if let Some(calibrated) = calibrate_isotonic(
+        args,
+        aggregate,
+        &labels.scores,
+        &labels.correct,
+        &source,
+        out,
+    )? {
+        if args.min_p_correct.is_none() {
+            // The snippet's default, as a raw threshold, so the suggestion is complete.
+            let p = 0.5;
+            match calibrated.map.lowest_score_reaching(p) {
+                Some(t) if t.is_finite() => writeln!(
+                    out,
+                    "min_p_correct = {p} amounts to {name} >= {t:.4} on this traffic"
+                )?,
+                Some(_) => writeln!(
+                    out,
+                    "min_p_correct = {p}: every score reaches it on this traffic"
+                )?,
+                None => writeln!(
+                    out,
+                    "min_p_correct = {p}: no score reaches it on this traffic"
+                )?,
+            }
+        }
+        report.insert("calibrated".into(), calibrated.entry);
+    }
+    // The ledger keeps each request's score under its routing rule, not its tokens: the
+    // learned rule can only be the logistic curve of that one score.
+    match policies::learned::Feature::try_from(name.clone()) {
+        Ok(feature) => {
+            let values: Vec<Option<Vec<f64>>> =
+                labels.scores.iter().map(|s| Some(vec![*s])).collect();
+            match fit_learned_on_values(
+                &args.name,
+                &[feature],
+                &values,
+                &labels.correct,
+                e.folds,
+                e.seed,
+            ) {
+                Some(fit) => {
+                    let entry = save_learned(args, &fit, &labels.correct, &source, out)?;
+                    writeln!(
+                        out,
+                        "# or: aggregate = {{ kind = \"learned\", name = \"{}\" }}, with min_p_correct as above\n",
+                        args.name
+                    )?;
+                    report.insert("learned".into(), entry);
+                }
+                None => writeln!(out, "learned rule: not fitted (too few items per fold)\n")?,
+            }
+        }
+        Err(_) => writeln!(
+            out,
+            "learned rule: not fitted: the ledger records only the routing rule's score, and `{name}` is not an input of the learned rule\n"
+        )?,
+    }
     Ok(())
 }

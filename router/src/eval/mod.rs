@@ -12,6 +12,7 @@
 
 pub mod calibrate;
 pub mod datasets;
+pub mod feedback;
 pub mod generate;
 pub mod grading;
 pub mod isotonic;

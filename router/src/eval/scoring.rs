@@ -98,15 +98,35 @@ pub fn fit_learned(
     folds: usize,
     seed: u64,
 ) -> Option<LearnedFit> {
-    let usable: Vec<usize> = (0..signals.len())
-        .filter(|&i| !signals[i].is_empty())
+    let values: Vec<Option<Vec<f64>>> = signals
+        .iter()
+        .map(|t| features.iter().map(|f| f.value(t)).collect())
         .collect();
+    fit_learned_on_values(name, features, &values, correct, folds, seed)
+}
+
+/// `fit_learned` on feature values computed already: `values[i]` holds item `i`'s value of
+/// each feature, in order, or `None` for an item without a score (it gets no probability).
+/// A ledger records one score per request, not its tokens, so a fit from traffic starts here.
+pub fn fit_learned_on_values(
+    name: &str,
+    features: &[Feature],
+    values: &[Option<Vec<f64>>],
+    correct: &[bool],
+    folds: usize,
+    seed: u64,
+) -> Option<LearnedFit> {
+    let usable: Vec<usize> = (0..values.len()).filter(|&i| values[i].is_some()).collect();
     let y: Vec<bool> = usable.iter().map(|&i| correct[i]).collect();
     let positives = y.iter().filter(|c| **c).count();
     if usable.len() < folds.max(2) || positives == 0 || positives == y.len() {
         return None;
     }
-    let (center, scale) = standardization(features, usable.iter().map(|&i| signals[i].as_slice()));
+    let rows_raw: Vec<&[f64]> = usable
+        .iter()
+        .filter_map(|&i| values[i].as_deref())
+        .collect();
+    let (center, scale) = standardization(features.len(), &rows_raw);
     let mut rule = LearnedRule {
         format: FORMAT.to_owned(),
         name: name.to_owned(),
@@ -118,12 +138,12 @@ pub fn fit_learned(
         fitted_on: serde_json::Value::Null,
     };
     // Standardized through the rule itself, so training sees exactly what the policy sees.
-    let rows: Vec<Vec<f64>> = usable
+    let rows: Vec<Vec<f64>> = rows_raw
         .iter()
-        .map(|&i| rule.standardized(&signals[i]).unwrap_or_default())
-        .map(|z| {
-            z.into_iter()
-                .map(|v| if v.is_nan() { 0.0 } else { v })
+        .map(|v| {
+            rule.standardize(v)
+                .into_iter()
+                .map(|z| if z.is_nan() { 0.0 } else { z })
                 .collect()
         })
         .collect();
@@ -133,7 +153,7 @@ pub fn fit_learned(
     let fit = logistic::fit(&rows, &y, l2);
     rule.weights = fit.weights;
     rule.intercept = fit.intercept;
-    let mut out_of_fold = vec![f64::NEG_INFINITY; signals.len()];
+    let mut out_of_fold = vec![f64::NEG_INFINITY; values.len()];
     for (&i, p) in usable.iter().zip(oof) {
         out_of_fold[i] = p;
     }
@@ -145,18 +165,14 @@ pub fn fit_learned(
     })
 }
 
-/// Mean and standard deviation of each feature over the finite values (an infinite
+/// Mean and standard deviation of each of `n` features over the finite values (an infinite
 /// log-probability would make both infinite); a constant feature gets scale 1.
-fn standardization<'a>(
-    features: &[Feature],
-    answers: impl Iterator<Item = &'a [TokenSignal]> + Clone,
-) -> (Vec<f64>, Vec<f64>) {
-    features
-        .iter()
-        .map(|f| {
-            let values: Vec<f64> = answers
-                .clone()
-                .filter_map(|t| f.value(t))
+fn standardization(n: usize, rows: &[&[f64]]) -> (Vec<f64>, Vec<f64>) {
+    (0..n)
+        .map(|j| {
+            let values: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| r.get(j).copied())
                 .filter(|v| v.is_finite())
                 .collect();
             let n = values.len().max(1) as f64;

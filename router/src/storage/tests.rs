@@ -154,6 +154,7 @@ suite!(
     team_usage_counts_only_that_team_within_the_window,
     spend_by_team_totals_every_team_sorted_by_name,
     records_with_signals_returns_confident_records_in_the_window_up_to_the_limit,
+    labeled_signals_are_local_requests_with_feedback_of_the_team_asked_for,
     a_recorded_request_is_read_back_by_a_fresh_pool,
     connecting_again_applies_no_migration_twice,
 );
@@ -717,6 +718,53 @@ mod cases {
             s.records_with_signals(T0, T0 + HOUR_MS, 100).await?.len(),
             5
         );
+        Ok(())
+    }
+
+    pub(super) async fn labeled_signals_are_local_requests_with_feedback_of_the_team_asked_for(
+        db: TestDb,
+    ) -> TestResult {
+        let s = db.open().await?;
+        for (id, team) in [("a-1", "alpha"), ("a-2", "alpha"), ("b-1", "beta")] {
+            s.record(&local_request(id, team, T0)).await?;
+            s.record_feedback(id, 0.0, None, T0).await?;
+        }
+        // Not labels: no feedback; escalated (the feedback judges the remote's answer); no
+        // confidence value; outside the window.
+        s.record(&local_request("a-unrated", "alpha", T0)).await?;
+        s.record(&remote_request("a-remote", "alpha", T0, 5))
+            .await?;
+        s.record_feedback("a-remote", 1.0, None, T0).await?;
+        s.record(&LedgerRecord {
+            confidence: None,
+            ..local_request("a-no-signal", "alpha", T0)
+        })
+        .await?;
+        s.record_feedback("a-no-signal", 1.0, None, T0).await?;
+        s.record(&local_request("a-late", "alpha", T0 + HOUR_MS))
+            .await?;
+        s.record_feedback("a-late", 1.0, None, T0).await?;
+        s.record_feedback("a-2", 0.75, None, T0).await?;
+
+        let ids = |records: &[crate::storage::SignalRecord]| {
+            let mut ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        let alpha = s
+            .labeled_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
+            .await?;
+        assert_eq!(ids(&alpha), ["a-1", "a-2"]);
+        let a2 = alpha.iter().find(|r| r.id == "a-2").ok_or("a-2 missing")?;
+        assert_eq!(a2.feedback, Some(0.75));
+        assert_eq!(a2.confidence, -0.25);
+        let all = s.labeled_signals(None, T0, T0 + HOUR_MS, 100).await?;
+        assert_eq!(ids(&all), ["a-1", "a-2", "b-1"]);
+        assert_eq!(s.labeled_signals(None, T0, T0 + HOUR_MS, 2).await?.len(), 2);
+        assert!(s
+            .labeled_signals(Some("gamma"), T0, T0 + HOUR_MS, 100)
+            .await?
+            .is_empty());
         Ok(())
     }
 
