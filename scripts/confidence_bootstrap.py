@@ -7,21 +7,16 @@ recomputed from the saved runs as cascade computes them; ties count one half.
 
 usage: scripts/confidence_bootstrap.py [RUNS_DIR]   (default out/smollm2)
 """
-import json, math, random, sys
+import os, random, sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import confidence_runs as runs
+
 R = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2"
 sets = ["capitals", "webquestions", "nq_open", "mawps"]
 def load(s):
-    out = []
-    for k in (0, 1):
-        for l in open(f"{R}/{s}/shard{k}/run.jsonl"):
-            r = json.loads(l)
-            lps = [(-math.inf if t["logprob"] is None else t["logprob"]) for t in r["tokens"]]
-            out.append((lps, bool(r["correct"])))
-    return out
-def score(rule, lps):
-    if not lps: return -math.inf
-    s = sum(lps); n = len(lps)
-    return {"sum": s, "mean": s / n, "norm0.5": s / n ** 0.5}[rule]
+    return runs.load(R, s)
+score = runs.score
 def auroc(xs, ys):
     pos = [x for x, y in zip(xs, ys) if y]; neg = [x for x, y in zip(xs, ys) if not y]
     if not pos or not neg: return None

@@ -9,22 +9,17 @@ the sum of token log-probs, and the sum over sqrt(length) for normalized_logprob
 
 usage: scripts/confidence_threshold_gain.py [RUNS_DIR]   (default out/smollm2)
 """
-import json, math, sys
+import os, sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import confidence_runs as runs
+
 R = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2"
 sets = ["capitals", "webquestions", "nq_open", "mawps", "arc", "mmlu"]
 def load(s):
-    out = []
-    for k in (0, 1):
-        for l in open(f"{R}/{s}/shard{k}/run.jsonl"):
-            r = json.loads(l)
-            lps = [(-math.inf if t["logprob"] is None else t["logprob"]) for t in r["tokens"]]
-            out.append((lps, bool(r["correct"])))
-    return out
+    return runs.load(R, s)
 data = {s: load(s) for s in sets}
-def score(rule, lps):
-    if not lps: return -math.inf
-    s = sum(lps); n = len(lps)
-    return s if rule == "sum" else s / n ** 0.5
+score = runs.score
 def gain(rule, t, items):
     n = len(items); acc = sum(c for _, c in items) / n
     esc = [score(rule, l) < t for l, _ in items]

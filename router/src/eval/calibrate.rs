@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::logistic::stratified_folds;
 use super::metrics::{apgr, apply_threshold, realizable_thresholds, DeferralCurve, OperatingPoint};
 use super::record::EvalRecord;
-use super::scoring::{aggregate_scores, default_features, fit_learned, LEARNED};
+use super::scoring::{aggregate_scores, fit_default_learned_on, LEARNED};
 
 /// What the threshold should achieve.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -266,16 +266,7 @@ pub fn cross_validate(
         }
         let pick = |v: &[f64], idx: &[usize]| idx.iter().map(|&i| v[i]).collect::<Vec<f64>>();
         let pick_b = |idx: &[usize]| idx.iter().map(|&i| correct[i]).collect::<Vec<bool>>();
-        let train_signals: Vec<Vec<TokenSignal>> =
-            train.iter().map(|&i| signals[i].clone()).collect();
-        let learned = fit_learned(
-            LEARNED,
-            &default_features(),
-            &train_signals,
-            &pick_b(&train),
-            folds,
-            seed,
-        );
+        let learned = fit_default_learned_on(&signals, &correct, &train, folds, seed);
         // (train scores, test scores) per rule.
         let mut per_rule: Vec<(Vec<f64>, Vec<f64>)> = fixed_scores
             .iter()

@@ -105,6 +105,27 @@ pub fn fit_learned(
     fit_learned_on_values(name, features, &values, correct, folds, seed)
 }
 
+/// The default learned rule (`LEARNED`, [`default_features`]) fitted on the items `train` of
+/// `signals` and `correct` only: the training side of a fold or of a held-out dataset.
+pub fn fit_default_learned_on(
+    signals: &[Vec<TokenSignal>],
+    correct: &[bool],
+    train: &[usize],
+    folds: usize,
+    seed: u64,
+) -> Option<LearnedFit> {
+    let train_signals: Vec<Vec<TokenSignal>> = train.iter().map(|&i| signals[i].clone()).collect();
+    let train_correct: Vec<bool> = train.iter().map(|&i| correct[i]).collect();
+    fit_learned(
+        LEARNED,
+        &default_features(),
+        &train_signals,
+        &train_correct,
+        folds,
+        seed,
+    )
+}
+
 /// `fit_learned` on feature values computed already: `values[i]` holds item `i`'s value of
 /// each feature, in order, or `None` for an item without a score (it gets no probability).
 /// A ledger records one score per request, not its tokens, so a fit from traffic starts here.

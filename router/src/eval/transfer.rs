@@ -13,7 +13,7 @@ use policies::isotonic::IsotonicMap;
 
 use super::metrics::{apgr, auroc, calibration, DeferralCurve};
 use super::record::EvalRecord;
-use super::scoring::{aggregate_scores, default_features, fit_learned, LEARNED};
+use super::scoring::{aggregate_scores, fit_default_learned_on};
 
 /// One rule's figures on one dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -135,16 +135,7 @@ pub fn leave_one_dataset_out(
             .max_by(|&a, &b| mean_other_apgr(a).total_cmp(&mean_other_apgr(b)))
             .unwrap_or(0);
         let train: Vec<usize> = others.iter().flat_map(|&o| members[o].clone()).collect();
-        let train_signals: Vec<Vec<TokenSignal>> =
-            train.iter().map(|&i| signals[i].clone()).collect();
-        let learned = fit_learned(
-            LEARNED,
-            &default_features(),
-            &train_signals,
-            &pick_b(&train),
-            folds,
-            seed,
-        );
+        let learned = fit_default_learned_on(&signals, &correct, &train, folds, seed);
         let idx = &members[d];
         let test_correct = pick_b(idx);
         let learned_cross_set = learned.map(|fit| {
