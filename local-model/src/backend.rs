@@ -93,13 +93,9 @@ impl Backend {
     }
 
     /// Where the prefill part that starts at `position` ends, for a prompt
-    /// of `len` tokens (see [`part_end`]); the whole prompt where the
-    /// backend runs prompts in one piece.
+    /// of `len` tokens (see [`part_end`]).
     pub(crate) fn part_end(&self, position: usize, len: usize) -> usize {
-        match self {
-            Backend::Tuned { chunk, .. } => part_end(position, len, *chunk),
-            _ => len,
-        }
+        part_end(position, len, self.prefill_chunk())
     }
 
     /// Forgets the previous sequence so a new prompt starts at position 0.
@@ -182,8 +178,8 @@ impl Backend {
 
     /// Runs `tokens`, the prompt's part that starts at `position`, into `cache` (which holds
     /// exactly the positions before it) and returns the logits for the token after them.
-    /// A prompt run in parts gets the same cache and the same last logits as in one piece: each
-    /// row's products and attention do not depend on which rows run beside it.
+    /// The parts must end where [`Backend::part_end`] says: attention over a part sums in an
+    /// order that depends on its size, so other cuts give (slightly) other log-probs.
     pub(crate) fn prefill_part(
         &self,
         cache: &mut SeqCache,
@@ -250,16 +246,17 @@ impl Backend {
     }
 }
 
-/// One forward call on the tuned engine; on failure the cache may hold part
-/// of the step, so it is emptied and the next prompt starts afresh.
 /// The end of the prefill part that starts at `position` of a `len`-token
 /// prompt: the next multiple of `chunk`, so a prompt is cut at the same
 /// places however its parts are scheduled (alone, or between the decode
 /// steps of a batch) and gets the same log-probs either way.
 fn part_end(position: usize, len: usize, chunk: usize) -> usize {
-    ((position / chunk.max(1) + 1) * chunk.max(1)).min(len)
+    let chunk = chunk.max(1);
+    (position / chunk + 1).saturating_mul(chunk).min(len)
 }
 
+/// One forward call on the tuned engine; on failure the cache may hold part
+/// of the step, so it is emptied and the next prompt starts afresh.
 fn run_tuned(
     model: &mut TunedModel,
     tokens: &[u32],

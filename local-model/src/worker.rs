@@ -11,9 +11,9 @@
 //! runs in parts (`LoadOptions::prefill_chunk_tokens`), one part between
 //! two decode steps, so a long prompt delays the running streams by one
 //! part's time per step instead of stalling them for its whole prefill.
-//! [`BatchLimits`] bound the batch; requests beyond them wait in the queue. Other models run one request at a time. A full
-//! queue answers "busy" at once rather than letting latency grow without
-//! bound.
+//! [`BatchLimits`] bound the batch; requests beyond them wait in the queue.
+//! Other models run one request at a time. A full queue answers "busy" at
+//! once rather than letting latency grow without bound.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -480,7 +480,7 @@ fn admit(model: &LocalModel, job: Job, shared: &Shared, budget: Budget) -> Optio
     }
 }
 
-/// Starts an admitted request in a cache of its own: prefilled in one piece
+/// Starts an admitted request in a cache of its own: prefilled at once
 /// when `in_parts` is false, else left for [`Running::prefill_next`] to run
 /// between decode steps. `None` when it has already been answered (client
 /// gone, or the prefill failed).
@@ -615,8 +615,8 @@ fn serve_batched(
                 held = Some(admission);
                 break;
             }
-            // Alone, a prompt runs in one piece: nobody waits on it, and a
-            // single request keeps its speed.
+            // Alone, a prompt runs all its parts at once: nobody waits on
+            // it, and a single request keeps its speed.
             let in_parts = running.iter().any(|r| r.prefilling.is_none());
             if let Some(started) = start(model, tokenizer, admission, shared, in_parts) {
                 running.push(started);
