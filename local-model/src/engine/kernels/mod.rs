@@ -203,16 +203,6 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    /// The same path without VNNI's byte products: the one formats without
-    /// a VNNI kernel (Q4_K) take.
-    pub fn without_vnni(self) -> Self {
-        match self {
-            Self::Avx512Vnni => Self::Avx512,
-            Self::AvxVnni => Self::Avx2,
-            other => other,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Self::Avx512Vnni => "AVX-512 VNNI",
@@ -231,30 +221,21 @@ pub fn detected_path() -> Option<KernelPath> {
 }
 
 /// What `cascade bench` prints of the tuned engine's quantized products on
-/// this CPU: each format's path, e.g. "AVX-512 VNNI (Q8_0, Q4_1), AVX-512
-/// (Q4_K); other formats on candle's kernels".
+/// this CPU, e.g. "AVX-512 VNNI (Q8_0, Q4_1, Q4_K); other formats on
+/// candle's".
 pub fn describe_paths() -> String {
     let Some(path) = detected_path() else {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
-    let q4_k = path.without_vnni();
     let amx = if detect_amx().is_some() {
         "; AMX tiles (Q8_0, 16 rows or more)"
     } else {
         ""
     };
-    if q4_k == path {
-        format!(
-            "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
-            path.name()
-        )
-    } else {
-        format!(
-            "{} (Q8_0, Q4_1), {} (Q4_K){amx}; other formats on candle's",
-            path.name(),
-            q4_k.name()
-        )
-    }
+    format!(
+        "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
+        path.name()
+    )
 }
 
 /// The byte products of the AVX-512 kernels: each 32-bit lane of the
@@ -270,6 +251,9 @@ trait WideBytes: Copy {
     /// `Σ a·b + Σ c·d` per four bytes; each pair of products of `a·b` plus
     /// that of `c·d` must fit 16 bits (the AVX-512 path adds them there).
     fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i;
+    /// `acc` plus [`quads2`](Self::quads2)`(a, b, c, d)`, under the same
+    /// condition: on VNNI two `vpdpbusd` into `acc` itself.
+    fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -297,6 +281,10 @@ impl WideBytes for WideSimd {
         self.avx512bw
             ._mm512_madd_epi16(pairs, self.avx512f._mm512_set1_epi16(1))
     }
+    #[inline(always)]
+    fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
+        self.avx512f._mm512_add_epi32(acc, self.quads2(a, b, c, d))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -319,6 +307,10 @@ impl WideBytes for WideVnni {
         let zero = self.v4().avx512f._mm512_setzero_si512();
         self.dot_u8_i8(self.dot_u8_i8(zero, a, b), c, d)
     }
+    #[inline(always)]
+    fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
+        self.dot_u8_i8(self.dot_u8_i8(acc, a, b), c, d)
+    }
 }
 
 /// [`WideBytes`] for the AVX2 kernels: `V3`, or the AVX-VNNI token.
@@ -328,6 +320,9 @@ trait NarrowBytes: Copy {
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
     /// `Σ unsigned·signed` per four bytes.
     fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i;
+    /// `acc` plus `Σ a·b + Σ c·d` per four bytes; each pair of products of
+    /// `a·b` plus that of `c·d` must fit 16 bits (as [`WideBytes::quads2`]).
+    fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -346,6 +341,18 @@ impl NarrowBytes for Simd {
         self.avx2
             ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1))
     }
+    #[inline(always)]
+    fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+        let pairs = self.avx2._mm256_add_epi16(
+            self.avx2._mm256_maddubs_epi16(a, b),
+            self.avx2._mm256_maddubs_epi16(c, d),
+        );
+        self.avx2._mm256_add_epi32(
+            acc,
+            self.avx2
+                ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1)),
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -362,6 +369,10 @@ impl NarrowBytes for SimdVnni {
     fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i {
         let zero = self.v3().avx._mm256_setzero_si256();
         self.dot_u8_i8(zero, unsigned, signed)
+    }
+    #[inline(always)]
+    fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+        self.dot_u8_i8(self.dot_u8_i8(acc, a, b), c, d)
     }
 }
 
@@ -474,11 +485,11 @@ fn regroup_one(
     }
 }
 
-/// A format's dot products of one four-row weight group with activation
-/// rows.
-trait GroupKernel: Sync {
+/// A format's dot products of one weight group (`LANES` rows: four for
+/// Q8_0 and Q4_1, sixteen for Q4_K) with activation rows.
+trait GroupKernel<const LANES: usize = ROWS_PER_GROUP>: Sync {
     /// With the `N` activation rows from `first` on.
-    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N];
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N];
 
     /// The instruction sets it runs on.
     fn isa(&self) -> Isa;
@@ -499,38 +510,38 @@ trait GroupKernel: Sync {
 /// Runs `kernel` on `N` activation rows from `first` on and stores the
 /// products in `store`.
 #[inline(always)]
-fn dot_rows<const N: usize>(
-    kernel: &impl GroupKernel,
+fn dot_rows<const LANES: usize, const N: usize>(
+    kernel: &impl GroupKernel<LANES>,
     weights: &[u8],
     first: usize,
-    store: &impl Fn(usize, &[f32; ROWS_PER_GROUP]),
+    store: &impl Fn(usize, &[f32; LANES]),
 ) {
     for (offset, sums) in kernel.dot::<N>(weights, first).iter().enumerate() {
         store(first + offset, sums);
     }
 }
 
-/// Runs `kernel` over every four-row group of a `rows`-row matrix
+/// Runs `kernel` over every `LANES`-row group of a `rows`-row matrix
 /// (`group_bytes` each in `groups`) and each of `m` activation rows;
 /// returns `m x rows` values, row-major. Groups are split over candle's
 /// thread pool.
-fn for_each_group(
+fn for_each_group<const LANES: usize>(
     groups: &[u8],
     group_bytes: usize,
     rows: usize,
     m: usize,
-    kernel: &impl GroupKernel,
+    kernel: &impl GroupKernel<LANES>,
 ) -> Vec<f32> {
     // Each output is written once, by whichever worker owns its group;
     // relaxed atomic stores compile to plain stores and let the workers
     // share the buffer without `unsafe`.
     let out: Vec<AtomicU32> = (0..m * rows).map(|_| AtomicU32::new(0)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_GROUP), |range| {
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(LANES), |range| {
         for group in range {
             let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
-            let first = group * ROWS_PER_GROUP;
-            let lanes = ROWS_PER_GROUP.min(rows - first);
-            let store = |i: usize, sums: &[f32; ROWS_PER_GROUP]| {
+            let first = group * LANES;
+            let lanes = LANES.min(rows - first);
+            let store = |i: usize, sums: &[f32; LANES]| {
                 for (lane, sum) in sums.iter().take(lanes).enumerate() {
                     out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
                 }
@@ -538,16 +549,16 @@ fn for_each_group(
             let mut i = 0;
             if kernel.rows_per_step() >= 4 {
                 while i + 4 <= m {
-                    dot_rows::<4>(kernel, weights, i, &store);
+                    dot_rows::<LANES, 4>(kernel, weights, i, &store);
                     i += 4;
                 }
             }
             while i + 2 <= m {
-                dot_rows::<2>(kernel, weights, i, &store);
+                dot_rows::<LANES, 2>(kernel, weights, i, &store);
                 i += 2;
             }
             if i < m {
-                dot_rows::<1>(kernel, weights, i, &store);
+                dot_rows::<LANES, 1>(kernel, weights, i, &store);
             }
         }
     });
@@ -712,13 +723,9 @@ impl GroupedWeights {
         self.isa().wide.is_some()
     }
 
-    /// The instructions the products run on. (Q4_K's products take no VNNI
-    /// path: see `q4_k`.)
+    /// The instructions the products run on.
     pub fn path(&self) -> KernelPath {
-        match self {
-            Self::Q4K(_) => self.isa().path().without_vnni(),
-            _ => self.isa().path(),
-        }
+        self.isa().path()
     }
 }
 

@@ -1,49 +1,71 @@
 //! Q4_K weights (super-blocks of 256 four-bit values in eight sub-blocks of
 //! 32, each with a 6-bit scale and a 6-bit minimum) times activations
 //! quantized to 8 bits per 256 values.
+//!
+//! Sixteen weight rows are held side by side: lane `r` of every vector is
+//! row `r` of the group, the way llama.cpp's repacked Q4_K kernels hold
+//! eight. A Q4_K super-block has to be scaled per sub-block and then per
+//! block in F32; with one row per vector (the layout Q8_0 and Q4_1 use
+//! here) that tail, the horizontal sums and the sub-block scales' spread
+//! over the lanes cost as much as the byte products themselves. Side by
+//! side, one instruction scales sixteen rows, four activation bytes are
+//! broadcast to every lane, and no lane is ever summed across. Each 32-bit
+//! lane of a step holds four of a row's values in its low nibbles and the
+//! next four in its high ones, so a step is two byte products per
+//! activation row: one `vpdpbusd` each on VNNI.
 
 use candle_core::quantized::GgmlDType;
+#[cfg(target_arch = "x86_64")]
 use half::f16;
 
-#[cfg(target_arch = "x86_64")]
-use super::lane_sum;
 use super::{
-    activation_rows, check_layout, for_each_group, quantize_block, regroup, GroupKernel, Isa,
-    KernelError, Simd, WideSimd, ROWS_PER_GROUP,
+    activation_rows, check_layout, for_each_group, quantize_block, GroupKernel, Isa, KernelError,
 };
+#[cfg(target_arch = "x86_64")]
+use super::{NarrowBytes, WideBytes};
+#[cfg(not(target_arch = "x86_64"))]
+use super::{Simd, WideSimd};
 
 /// Values per Q4_K super-block.
 const BLOCK: usize = 256;
 /// Values per sub-block (one scale, one minimum).
 const SUB: usize = 32;
+/// Sub-blocks per super-block.
+const SUBS: usize = BLOCK / SUB;
 /// Bytes per Q4_K block in GGUF: F16 scale and minimum scale, 12 bytes of
 /// packed 6-bit sub-block scales and minimums, 128 bytes of nibbles.
 const BLOCK_BYTES: usize = 144;
-/// Bytes per block as held here: the same, with the sub-block scales and
-/// minimums unpacked to a byte each (8 + 8 instead of 12), so the kernel
-/// does not unpick 6-bit fields for every block of every row.
+/// Weight rows held side by side.
+const LANES: usize = 16;
+/// Bytes per row and block as held: the same as GGUF's, with the 6-bit
+/// scales and minimums unpacked to a byte each (8 + 8 instead of 12).
 const PACKED_BYTES: usize = 148;
-/// Where the nibbles start in a held block.
-const VALUES_AT: usize = 20;
+/// Bytes of one super-block of the group's sixteen rows: F16 scales, F16
+/// minimum scales, sub-block scales (sub-block by sub-block, a byte per
+/// row), sub-block minimums (in pairs of sub-blocks, two bytes per row),
+/// then the nibbles, step by step.
+const STEP_BYTES: usize = LANES * PACKED_BYTES;
+const D_AT: usize = 0;
+const DMIN_AT: usize = 2 * LANES;
+const SCALES_AT: usize = 4 * LANES;
+const MINS_AT: usize = SCALES_AT + SUBS * LANES;
+const VALUES_AT: usize = MINS_AT + SUBS * LANES;
+/// Eight values per row and step: four in the low nibbles, four in the high.
+const STEP_VALUES: usize = 8;
+/// Steps per sub-block.
+const STEPS: usize = SUB / STEP_VALUES;
+/// Bytes per step: four bytes a row.
+const QUAD_BYTES: usize = 4 * LANES;
 
-/// Activation rows quantized per 256 values (one F32 scale), with the sum
-/// of each 32-value run for the minimums' term.
+/// One super-block of one activation row, quantized to 8 bits.
 #[derive(Debug, Clone)]
 struct ActivationBlock {
     scale: f32,
-    /// The eight 32-value runs, in the order `position` gives.
-    values: [[i8; SUB]; BLOCK / SUB],
-    /// Sums of the runs, in their own order.
-    sums: [i32; BLOCK / SUB],
-}
-
-/// Where sub-block `j`'s activations are held in `ActivationBlock::values`:
-/// the order `0 2 1 3 4 6 5 7`. A 64-byte load of the nibbles of sub-blocks
-/// `4p..4p + 4` (two 32-byte runs, each with sub-block `2k` in its low and
-/// `2k + 1` in its high nibbles) then meets, in one 64-byte load each, the
-/// activations of its low nibbles (`4p`, `4p + 2`) and of its high ones.
-const fn position(j: usize) -> usize {
-    (j & 4) | ((j & 1) << 1) | ((j >> 1) & 1)
+    /// The 256 values, four to a little-endian word: what a step broadcasts.
+    quads: [i32; BLOCK / 4],
+    /// Sums of sub-blocks `2p` (low 16 bits) and `2p + 1` (high 16 bits),
+    /// each within ±32·127: the minimums' term takes both in one `madd`.
+    sum_pairs: [i32; SUBS / 2],
 }
 
 fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError> {
@@ -52,28 +74,37 @@ fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError>
         .map(|chunk| {
             let mut flat = [0i8; BLOCK];
             let scale = quantize_block(chunk, &mut flat);
-            let mut values = [[0i8; SUB]; BLOCK / SUB];
-            let mut sums = [0i32; BLOCK / SUB];
-            for (j, (sum, source)) in sums.iter_mut().zip(flat.chunks_exact(SUB)).enumerate() {
-                values[position(j)].copy_from_slice(source);
-                *sum = source.iter().map(|&v| i32::from(v)).sum();
-            }
+            let quads = std::array::from_fn(|k| {
+                i32::from_le_bytes(std::array::from_fn(|t| flat[4 * k + t].to_le_bytes()[0]))
+            });
+            let sub_sum = |j: usize| -> i32 {
+                flat[j * SUB..(j + 1) * SUB]
+                    .iter()
+                    .map(|&v| i32::from(v))
+                    .sum()
+            };
+            let sum_pairs = std::array::from_fn(|p| {
+                // Each sum fits 16 bits (|sum| ≤ 4064): keep its low half.
+                let low = sub_sum(2 * p) & 0xFFFF;
+                let high = sub_sum(2 * p + 1) & 0xFFFF;
+                low | (high << 16)
+            });
             ActivationBlock {
                 scale,
-                values,
-                sums,
+                quads,
+                sum_pairs,
             }
         })
         .collect())
 }
 
-/// Rewrites a GGUF Q4_K block with its sub-block scales and minimums
-/// unpacked (llama.cpp's `get_scale_min_k4`).
-fn unpack_block(block: &[u8], out: &mut [u8]) {
-    out[..4].copy_from_slice(&block[..4]);
-    let packed = &block[4..16];
-    for j in 0..BLOCK / SUB {
-        let (scale, min) = if j < 4 {
+/// A GGUF Q4_K block's sub-block scales and minimums, unpacked from their
+/// 6-bit fields (llama.cpp's `get_scale_min_k4`).
+fn scales_and_mins(packed: &[u8]) -> ([u8; SUBS], [u8; SUBS]) {
+    let mut scales = [0u8; SUBS];
+    let mut mins = [0u8; SUBS];
+    for j in 0..SUBS {
+        (scales[j], mins[j]) = if j < 4 {
             (packed[j] & 63, packed[j + 4] & 63)
         } else {
             (
@@ -81,14 +112,38 @@ fn unpack_block(block: &[u8], out: &mut [u8]) {
                 (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
             )
         };
-        out[4 + j] = scale;
-        out[12 + j] = min;
     }
-    out[VALUES_AT..].copy_from_slice(&block[16..]);
+    (scales, mins)
 }
 
-/// Q4_K weights, `rows x cols`, regrouped four rows at a time with unpacked
-/// sub-block scales.
+/// Writes one GGUF block of weight row `lane` into `step`, the held
+/// super-block of its group (layout at [`STEP_BYTES`]).
+fn pack_block(block: &[u8], lane: usize, step: &mut [u8]) {
+    step[D_AT + 2 * lane..D_AT + 2 * lane + 2].copy_from_slice(&block[..2]);
+    step[DMIN_AT + 2 * lane..DMIN_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
+    let (scales, mins) = scales_and_mins(&block[4..16]);
+    for j in 0..SUBS {
+        step[SCALES_AT + LANES * j + lane] = scales[j];
+        step[MINS_AT + 2 * LANES * (j / 2) + 2 * lane + j % 2] = mins[j];
+    }
+    // GGUF: bytes 32c..32c + 32 hold values 64c.. in their low nibbles and
+    // 64c + 32.. in their high ones.
+    let mut values = [0u8; BLOCK];
+    for (c, bytes) in block[16..].chunks_exact(32).enumerate() {
+        for (l, &byte) in bytes.iter().enumerate() {
+            values[64 * c + l] = byte & 0xF;
+            values[64 * c + 32 + l] = byte >> 4;
+        }
+    }
+    for (k, eight) in values.chunks_exact(STEP_VALUES).enumerate() {
+        let at = VALUES_AT + k * QUAD_BYTES + 4 * lane;
+        for t in 0..4 {
+            step[at + t] = eight[t] | (eight[t + 4] << 4);
+        }
+    }
+}
+
+/// Q4_K weights, `rows x cols`, held sixteen rows side by side.
 #[derive(Debug, Clone)]
 pub struct Q4KMatrix {
     groups: Vec<u8>,
@@ -104,14 +159,25 @@ impl Q4KMatrix {
         let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
-        let groups = regroup(
-            bytes,
-            rows,
-            cols / BLOCK,
-            BLOCK_BYTES,
-            PACKED_BYTES,
-            unpack_block,
-        );
+        let row_blocks = cols / BLOCK;
+        let row_bytes = row_blocks * BLOCK_BYTES;
+        let group_bytes = row_blocks * STEP_BYTES;
+        // The last group's missing rows stay zero (scales 0): their
+        // products are computed and dropped.
+        let mut groups = vec![0u8; rows.div_ceil(LANES) * group_bytes];
+        for (source, group) in bytes
+            .chunks(LANES * row_bytes)
+            .zip(groups.chunks_exact_mut(group_bytes))
+        {
+            for (lane, row) in source.chunks_exact(row_bytes).enumerate() {
+                for (block, step) in row
+                    .chunks_exact(BLOCK_BYTES)
+                    .zip(group.chunks_exact_mut(STEP_BYTES))
+                {
+                    pack_block(block, lane, step);
+                }
+            }
+        }
         Ok(Some(Self {
             groups,
             rows,
@@ -142,7 +208,7 @@ impl Q4KMatrix {
         };
         Ok(for_each_group(
             &self.groups,
-            row_blocks * ROWS_PER_GROUP * PACKED_BYTES,
+            row_blocks * STEP_BYTES,
             self.rows,
             m,
             &kernel,
@@ -163,11 +229,17 @@ impl Kernel<'_> {
     }
 }
 
-impl GroupKernel for Kernel<'_> {
-    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
+impl GroupKernel<LANES> for Kernel<'_> {
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N] {
         let rows = std::array::from_fn(|n| self.row(first + n));
-        match self.isa.wide {
-            Some(wide) => dot_group_wide(wide, weights, rows),
+        if let Some(vnni) = self.isa.wide_vnni {
+            return dot_group_wide(vnni, weights, rows);
+        }
+        if let Some(wide) = self.isa.wide {
+            return dot_group_wide(wide, weights, rows);
+        }
+        match self.isa.simd_vnni {
+            Some(vnni) => dot_group(vnni, weights, rows),
             None => dot_group(self.isa.simd, weights, rows),
         }
     }
@@ -177,215 +249,221 @@ impl GroupKernel for Kernel<'_> {
     }
 }
 
-/// Dot products of one four-row group with `N` activation rows.
+/// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
 fn dot_group_wide<const N: usize>(
     simd: WideSimd,
     _weights: &[u8],
     _rows: [&[ActivationBlock]; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
+) -> [[f32; LANES]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with `N` activation rows.
+/// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
 fn dot_group<const N: usize>(
     simd: Simd,
     _weights: &[u8],
     _rows: [&[ActivationBlock]; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
+) -> [[f32; LANES]; N] {
     match simd {}
 }
 
-/// A held block's scale and minimum scale, and its eight sub-block
-/// minimums widened to 32 bits: what `accumulate` needs of it.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn block_header(simd: Simd, block: &[u8]) -> (f32, f32, std::arch::x86_64::__m256i) {
-    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-    let dmin = f16::from_le_bytes([block[2], block[3]]).to_f32();
-    let mut mins = [0u8; 16];
-    mins[..8].copy_from_slice(&block[12..20]);
-    let mins = simd.avx2._mm256_cvtepu8_epi32(pulp::bytemuck::cast(mins));
-    (d, dmin, mins)
-}
-
-/// Adds one super-block of one row to its accumulator: `sums` are the
-/// eight lanes of `Σ scale_j·q·y`; the minimums' term multiplies the eight
-/// minimums by the eight activation sums in one vector.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn accumulate(
-    simd: Simd,
-    acc: std::arch::x86_64::__m256,
-    sums: std::arch::x86_64::__m256i,
-    (d, dmin, mins): (f32, f32, std::arch::x86_64::__m256i),
-    y: &ActivationBlock,
-) -> std::arch::x86_64::__m256 {
-    let min_products = simd
-        .avx2
-        ._mm256_mullo_epi32(mins, pulp::bytemuck::cast(y.sums));
-    let acc = simd.fma._mm256_fmadd_ps(
-        simd.avx._mm256_set1_ps(d * y.scale),
-        simd.avx._mm256_cvtepi32_ps(sums),
-        acc,
-    );
-    simd.fma._mm256_fnmadd_ps(
-        simd.avx._mm256_set1_ps(dmin * y.scale),
-        simd.avx._mm256_cvtepi32_ps(min_products),
-        acc,
-    )
-}
-
-/// Dot products of one four-row group with `N` activation rows; each
-/// weight block is unpacked once for all `N`.
+/// Dot products of one sixteen-row group with `N` activation rows; each
+/// step of weights is loaded and unpacked once for all `N`.
 ///
-/// Per sub-block `j` of a row: `d·scale_j·Σ q·y − dmin·min_j·Σ y`, times
-/// the activation scale. The first term accumulates in integers across
-/// the super-block (the sub-block scale multiplies in `madd`), the second
-/// multiplies the eight minimums by the eight activation sums in one
-/// vector and joins the same accumulator.
+/// Per row and super-block: `d·y_scale·Σ_j scale_j·Σ q·y` minus
+/// `dmin·y_scale·Σ_j min_j·Σ y`. Both sums over `j` are exact integers,
+/// formed the same way on every path (VNNI or not only changes how the
+/// four-byte products are added), and the F32 tail is the same lane-wise
+/// sequence of operations on every path, so all paths give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<const N: usize>(
-    simd: Simd,
+fn dot_group_wide<B: WideBytes, const N: usize>(
+    bytes: B,
     weights: &[u8],
     rows: [&[ActivationBlock]; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
+) -> [[f32; LANES]; N] {
+    let simd = bytes.v4();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::__m256i;
-            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
-            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
-            for (b, blocks) in weights
-                .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
-                .enumerate()
-            {
-                let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
-                for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
-                    let header = block_header(simd, block);
-                    let scales = &block[4..12];
-                    let mut sums = [simd.avx._mm256_setzero_si256(); N];
-                    for (k, values) in block[VALUES_AT..].chunks_exact(32).enumerate() {
-                        let q: __m256i = bytemuck::pod_read_unaligned(values);
-                        let low = simd.avx2._mm256_and_si256(q, low_nibbles);
-                        let high = simd
-                            .avx2
-                            ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
-                        let low_scale = simd.avx._mm256_set1_epi16(i16::from(scales[2 * k]));
-                        let high_scale = simd.avx._mm256_set1_epi16(i16::from(scales[2 * k + 1]));
-                        for n in 0..N {
-                            // Nibbles are unsigned (0..=15), activations
-                            // signed: maddubs needs no sign trick and
-                            // cannot saturate.
-                            let y_low: __m256i = bytemuck::cast(ys[n].values[position(2 * k)]);
-                            let y_high: __m256i = bytemuck::cast(ys[n].values[position(2 * k + 1)]);
-                            let low = simd.avx2._mm256_madd_epi16(
-                                simd.avx2._mm256_maddubs_epi16(low, y_low),
-                                low_scale,
-                            );
-                            let high = simd.avx2._mm256_madd_epi16(
-                                simd.avx2._mm256_maddubs_epi16(high, y_high),
-                                high_scale,
-                            );
-                            sums[n] = simd
-                                .avx2
-                                ._mm256_add_epi32(sums[n], simd.avx2._mm256_add_epi32(low, high));
-                        }
-                    }
-                    for n in 0..N {
-                        acc[n][lane] = accumulate(simd, acc[n][lane], sums[n], header, ys[n]);
-                    }
-                }
-            }
-            std::array::from_fn(|n| std::array::from_fn(|lane| lane_sum(acc[n][lane])))
-        },
-    )
-}
-
-/// `dot_group` on AVX-512: each 64-byte load takes four sub-blocks' nibbles
-/// (two 32-byte runs), and the sub-block scales are spread over the
-/// 16-bit lanes by one permutation per half.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn dot_group_wide<const N: usize>(
-    simd: WideSimd,
-    weights: &[u8],
-    rows: [&[ActivationBlock]; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
-    simd.vectorize(
-        #[inline(always)]
-        || {
-            use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m512i};
+            use std::arch::x86_64::{__m128i, __m256i, __m512i};
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
-            // For the runs `2p` and `2p + 1`: the low nibbles' scales are
-            // those of sub-blocks `4p` (first 32 bytes) and `4p + 2`, the
-            // high nibbles' those of `4p + 1` and `4p + 3`.
-            let spread = |first: i16, second: i16| -> __m512i {
-                let mut lanes = [first; 32];
-                lanes[16..].fill(second);
-                bytemuck::cast(lanes)
-            };
-            let scale_spreads = [[spread(0, 2), spread(1, 3)], [spread(4, 6), spread(5, 7)]];
-            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
-            for (b, blocks) in weights
-                .chunks_exact(ROWS_PER_GROUP * PACKED_BYTES)
-                .enumerate()
-            {
+            let zero = simd.avx512f._mm512_setzero_si512();
+            let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
-                for (lane, block) in blocks.chunks_exact(PACKED_BYTES).enumerate() {
-                    let header = block_header(*simd, block);
-                    let mut scale_bytes = [0u8; 16];
-                    scale_bytes[..8].copy_from_slice(&block[4..12]);
-                    let scales: __m128i =
-                        simd.sse4_1._mm_cvtepu8_epi16(bytemuck::cast(scale_bytes));
-                    let scales = simd.avx512f._mm512_broadcast_i32x4(scales);
-                    let mut sums = [simd.avx512f._mm512_setzero_si512(); N];
-                    for (p, values) in block[VALUES_AT..].chunks_exact(64).enumerate() {
-                        let q: __m512i = bytemuck::pod_read_unaligned(values);
+                let mut scaled = [zero; N];
+                for j in 0..SUBS {
+                    let at = SCALES_AT + LANES * j;
+                    let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
+                    let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
+                    // Two chains per row, so that the adds of one step need
+                    // not wait for the previous step's.
+                    let mut sums = [[zero; 2]; N];
+                    for s in 0..STEPS {
+                        let at = VALUES_AT + (j * STEPS + s) * QUAD_BYTES;
+                        let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
                         let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
                         let high = simd
                             .avx512f
                             ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
-                        let low_scale = simd
-                            .avx512bw
-                            ._mm512_permutexvar_epi16(scale_spreads[p][0], scales);
-                        let high_scale = simd
-                            .avx512bw
-                            ._mm512_permutexvar_epi16(scale_spreads[p][1], scales);
+                        let k = (j * STEPS + s) * 2;
                         for n in 0..N {
-                            let runs = &ys[n].values[4 * p..4 * p + 4];
-                            let y_low: __m512i =
-                                bytemuck::pod_read_unaligned(bytemuck::cast_slice(&runs[..2]));
-                            let y_high: __m512i =
-                                bytemuck::pod_read_unaligned(bytemuck::cast_slice(&runs[2..]));
-                            let low = simd.avx512bw._mm512_madd_epi16(
-                                simd.avx512bw._mm512_maddubs_epi16(low, y_low),
-                                low_scale,
-                            );
-                            let high = simd.avx512bw._mm512_madd_epi16(
-                                simd.avx512bw._mm512_maddubs_epi16(high, y_high),
-                                high_scale,
-                            );
-                            sums[n] = simd.avx512f._mm512_add_epi32(
-                                sums[n],
-                                simd.avx512f._mm512_add_epi32(low, high),
-                            );
+                            // Nibbles are unsigned (0..=15) and the
+                            // activations within ±127: a pair of products
+                            // of each half stays within ±3810, their sum
+                            // within 16 bits.
+                            let y_low = simd.avx512f._mm512_set1_epi32(ys[n].quads[k]);
+                            let y_high = simd.avx512f._mm512_set1_epi32(ys[n].quads[k + 1]);
+                            sums[n][s % 2] =
+                                bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
                         }
                     }
                     for n in 0..N {
-                        let sum = simd.avx2._mm256_add_epi32(
-                            simd.avx512f._mm512_castsi512_si256(sums[n]),
-                            simd.avx512f._mm512_extracti64x4_epi64::<1>(sums[n]),
+                        let sum = simd.avx512f._mm512_add_epi32(sums[n][0], sums[n][1]);
+                        scaled[n] = simd.avx512f._mm512_add_epi32(
+                            scaled[n],
+                            simd.avx512f._mm512_mullo_epi32(sum, scales),
                         );
-                        acc[n][lane] = accumulate(*simd, acc[n][lane], sum, header, ys[n]);
                     }
                 }
+                let halves = |at: usize| {
+                    let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+                    simd.avx512f._mm512_cvtph_ps(h)
+                };
+                let (d, dmin) = (halves(D_AT), halves(DMIN_AT));
+                let mins: [__m512i; SUBS / 2] = std::array::from_fn(|p| {
+                    let at = MINS_AT + 2 * LANES * p;
+                    let pair: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+                    simd.avx512bw._mm512_cvtepu8_epi16(pair)
+                });
+                for n in 0..N {
+                    let mut min_sum = zero;
+                    for (p, mins) in mins.iter().enumerate() {
+                        let sums = simd.avx512f._mm512_set1_epi32(ys[n].sum_pairs[p]);
+                        min_sum = simd.avx512f._mm512_add_epi32(
+                            min_sum,
+                            simd.avx512bw._mm512_madd_epi16(*mins, sums),
+                        );
+                    }
+                    let y_scale = simd.avx512f._mm512_set1_ps(ys[n].scale);
+                    acc[n] = simd.avx512f._mm512_fmadd_ps(
+                        simd.avx512f._mm512_mul_ps(d, y_scale),
+                        simd.avx512f._mm512_cvtepi32_ps(scaled[n]),
+                        acc[n],
+                    );
+                    acc[n] = simd.avx512f._mm512_fnmadd_ps(
+                        simd.avx512f._mm512_mul_ps(dmin, y_scale),
+                        simd.avx512f._mm512_cvtepi32_ps(min_sum),
+                        acc[n],
+                    );
+                }
             }
-            std::array::from_fn(|n| std::array::from_fn(|lane| lane_sum(acc[n][lane])))
+            acc.map(bytemuck::cast)
+        },
+    )
+}
+
+/// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
+/// step's 32 bytes of that half; the same integers and the same F32
+/// operations per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_group<B: NarrowBytes, const N: usize>(
+    bytes: B,
+    weights: &[u8],
+    rows: [&[ActivationBlock]; N],
+) -> [[f32; LANES]; N] {
+    const HALF: usize = LANES / 2;
+    let simd = bytes.v3();
+    bytes.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m128i, __m256i};
+            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
+            let zero = simd.avx._mm256_setzero_si256();
+            let mut out = [[0f32; LANES]; N];
+            for half in 0..2 {
+                let mut acc = [simd.avx._mm256_setzero_ps(); N];
+                for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                    let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
+                    let mut scaled = [zero; N];
+                    for j in 0..SUBS {
+                        let at = SCALES_AT + LANES * j + HALF * half;
+                        let mut scales = [0u8; 16];
+                        scales[..HALF].copy_from_slice(&step[at..at + HALF]);
+                        let scales = simd
+                            .avx2
+                            ._mm256_cvtepu8_epi32(bytemuck::cast::<_, __m128i>(scales));
+                        let mut sums = [[zero; 2]; N];
+                        for s in 0..STEPS {
+                            let at = VALUES_AT + (j * STEPS + s) * QUAD_BYTES + 32 * half;
+                            let q: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 32]);
+                            let low = simd.avx2._mm256_and_si256(q, low_nibbles);
+                            let high = simd
+                                .avx2
+                                ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
+                            let k = (j * STEPS + s) * 2;
+                            for n in 0..N {
+                                let y_low = simd.avx._mm256_set1_epi32(ys[n].quads[k]);
+                                let y_high = simd.avx._mm256_set1_epi32(ys[n].quads[k + 1]);
+                                sums[n][s % 2] =
+                                    bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
+                            }
+                        }
+                        for n in 0..N {
+                            let sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
+                            scaled[n] = simd.avx2._mm256_add_epi32(
+                                scaled[n],
+                                simd.avx2._mm256_mullo_epi32(sum, scales),
+                            );
+                        }
+                    }
+                    let halves = |at: usize| {
+                        let at = at + 2 * HALF * half;
+                        let values: [f32; HALF] = std::array::from_fn(|r| {
+                            f16::from_le_bytes([step[at + 2 * r], step[at + 2 * r + 1]]).to_f32()
+                        });
+                        bytemuck::cast::<_, std::arch::x86_64::__m256>(values)
+                    };
+                    let (d, dmin) = (halves(D_AT), halves(DMIN_AT));
+                    let mins: [__m256i; SUBS / 2] = std::array::from_fn(|p| {
+                        let at = MINS_AT + 2 * LANES * p + 2 * HALF * half;
+                        let pair: __m128i = bytemuck::pod_read_unaligned(&step[at..at + 2 * HALF]);
+                        simd.avx2._mm256_cvtepu8_epi16(pair)
+                    });
+                    for n in 0..N {
+                        let mut min_sum = zero;
+                        for (p, mins) in mins.iter().enumerate() {
+                            let sums = simd.avx._mm256_set1_epi32(ys[n].sum_pairs[p]);
+                            min_sum = simd.avx2._mm256_add_epi32(
+                                min_sum,
+                                simd.avx2._mm256_madd_epi16(*mins, sums),
+                            );
+                        }
+                        let y_scale = simd.avx._mm256_set1_ps(ys[n].scale);
+                        acc[n] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_mul_ps(d, y_scale),
+                            simd.avx._mm256_cvtepi32_ps(scaled[n]),
+                            acc[n],
+                        );
+                        acc[n] = simd.fma._mm256_fnmadd_ps(
+                            simd.avx._mm256_mul_ps(dmin, y_scale),
+                            simd.avx._mm256_cvtepi32_ps(min_sum),
+                            acc[n],
+                        );
+                    }
+                }
+                for n in 0..N {
+                    let lanes: [f32; HALF] = bytemuck::cast(acc[n]);
+                    out[n][HALF * half..HALF * (half + 1)].copy_from_slice(&lanes);
+                }
+            }
+            out
         },
     )
 }
