@@ -547,6 +547,12 @@ fn for_each_group<const LANES: usize>(
                 }
             };
             let mut i = 0;
+            if kernel.rows_per_step() >= 8 {
+                while i + 8 <= m {
+                    dot_rows::<LANES, 8>(kernel, weights, i, &store);
+                    i += 8;
+                }
+            }
             if kernel.rows_per_step() >= 4 {
                 while i + 4 <= m {
                     dot_rows::<LANES, 4>(kernel, weights, i, &store);

@@ -56,6 +56,11 @@ const STEP_VALUES: usize = 8;
 const STEPS: usize = SUB / STEP_VALUES;
 /// Bytes per step: four bytes a row.
 const QUAD_BYTES: usize = 4 * LANES;
+/// How far ahead the AVX-512 kernel asks for weights, in super-blocks, and
+/// how many cache lines it asks for per sub-block (all of a super-block's
+/// 37 lines over its eight sub-blocks).
+const PREFETCH_STEPS: usize = 2;
+const PREFETCH_LINES: usize = STEP_BYTES.div_ceil(64).div_ceil(SUBS);
 
 /// One super-block of one activation row, quantized to 8 bits.
 #[derive(Debug, Clone)]
@@ -247,6 +252,16 @@ impl GroupKernel<LANES> for Kernel<'_> {
     fn isa(&self) -> Isa {
         self.isa
     }
+
+    /// Eight on AVX-512: the unpacked nibbles then serve eight activation
+    /// rows, with one accumulator each (24 of the 32 registers).
+    fn rows_per_step(&self) -> usize {
+        if self.isa.wide.is_some() {
+            8
+        } else {
+            2
+        }
+    }
 }
 
 /// Dot products of one sixteen-row group with `N` activation rows.
@@ -297,11 +312,23 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
                 let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
                 let mut scaled = [zero; N];
                 for j in 0..SUBS {
+                    // The hardware's prefetcher alone leaves the loads and
+                    // the products in turn when products are many per byte
+                    // (prefill, batches): ask for the step after next. (Alone, one
+                    // row per pass, the loads are the bottleneck and the
+                    // prefetcher's pace is best left to the hardware.)
+                    for line in 0..if N >= 4 { PREFETCH_LINES } else { 0 } {
+                        let ahead = step.as_ptr().wrapping_add(
+                            PREFETCH_STEPS * STEP_BYTES + (j * PREFETCH_LINES + line) * 64,
+                        );
+                        simd.sse
+                            ._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.cast());
+                    }
                     let at = SCALES_AT + LANES * j;
                     let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
                     let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
-                    // Two chains per row, so that the adds of one step need
-                    // not wait for the previous step's.
+                    // Two chains per row when the rows are few, so that the
+                    // adds of one step need not wait for the previous step's.
                     let mut sums = [[zero; 2]; N];
                     for s in 0..STEPS {
                         let at = VALUES_AT + (j * STEPS + s) * QUAD_BYTES;
@@ -318,8 +345,9 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
                             // within 16 bits.
                             let y_low = simd.avx512f._mm512_set1_epi32(ys[n].quads[k]);
                             let y_high = simd.avx512f._mm512_set1_epi32(ys[n].quads[k + 1]);
-                            sums[n][s % 2] =
-                                bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
+                            let chain = if N >= 4 { 0 } else { s % 2 };
+                            sums[n][chain] =
+                                bytes.add_quads2(sums[n][chain], low, y_low, high, y_high);
                         }
                     }
                     for n in 0..N {
