@@ -83,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
         max_c,
         BatchLimits {
             max_batch: max_c,
-            kv_cache_mib: 1024,
+            // Room for sixteen Phi-1.5 caches (F32, about 100 MiB each at
+            // its allocation steps), so that the batch is not capped by memory.
+            kv_cache_mib: 4096,
         },
     )?;
     let params = GenerationParams {

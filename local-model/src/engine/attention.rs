@@ -2,6 +2,8 @@
 //! forward call, splitting a stacked projection into heads, grouped-query
 //! attention over the cache (and the decode step's one query per sequence).
 
+use std::sync::OnceLock;
+
 use candle_core::{Result, Tensor, D};
 
 use super::kv_cache::LayerCache;
@@ -116,25 +118,40 @@ pub(crate) fn decode_rows<'c>(
     prepare: impl Fn(usize, &mut [f32], &mut [f32]),
 ) -> Result<Tensor> {
     let rows = qkv.dim(1)?;
-    let width = qkv.dim(D::Minus1)?;
+    let width = qkv.dim(D::Minus1)?.max(1);
     let head_dim = width / (heads + 2 * kv_heads).max(1);
     let mut values = qkv.flatten_all()?.to_vec1::<f32>()?;
-    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
-    let mut used = 0;
-    for ((i, row), cache) in values
-        .chunks_exact_mut(width.max(1))
-        .enumerate()
-        .zip(caches)
-    {
+    let mut appended: Vec<&LayerCache> = Vec::with_capacity(rows);
+    for ((i, row), cache) in values.chunks_exact_mut(width).enumerate().zip(caches) {
         let (q, rest) = row.split_at_mut(heads * head_dim);
         let (k, v) = rest.split_at_mut(kv_heads * head_dim);
         prepare(i, q, k);
         cache.append_one(k, v, kv_heads, qkv.device())?;
-        mixed.extend(cache.attend_one(q, heads, kv_heads, window)?);
-        used += 1;
+        appended.push(cache);
     }
-    if used != rows {
-        candle_core::bail!("decode step of {rows} rows with {used} caches")
+    if appended.len() != rows {
+        candle_core::bail!("decode step of {rows} rows with {} caches", appended.len())
+    }
+    let query = |i: usize| &values[i * width..i * width + heads * head_dim];
+    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
+    if rows == 1 {
+        mixed.extend(appended[0].attend_one(query(0), heads, kv_heads, window)?);
+    } else {
+        // Rows are independent, and each row's arithmetic is the same on
+        // whichever thread runs it: spread them over the pool, which would
+        // otherwise wait through this serial part of every batched step.
+        let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..rows).map(|_| OnceLock::new()).collect();
+        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+            for i in range {
+                let _ = outputs[i].set(appended[i].attend_one(query(i), heads, kv_heads, window));
+            }
+        });
+        for output in outputs {
+            match output.into_inner() {
+                Some(row) => mixed.extend(row?),
+                None => candle_core::bail!("decode step: a row's attention did not run"),
+            }
+        }
     }
     Tensor::from_vec(mixed, (1, rows, heads * head_dim), qkv.device())
 }
