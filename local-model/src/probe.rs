@@ -72,18 +72,22 @@ impl ProbeAccumulator {
 
 #[cfg(test)]
 mod tests {
-    use super::ProbeAccumulator;
+    use super::{ProbeAccumulator, ProbeFeatures};
 
     #[test]
     fn the_mean_and_last_split_into_final_and_middle_halves() {
         let mut acc = ProbeAccumulator::default();
         acc.push(&[1.0, 2.0, 10.0, 20.0]);
         acc.push(&[3.0, 6.0, 30.0, 60.0]);
-        let f = acc.finish().unwrap_or_else(|| unreachable!());
-        assert_eq!(f.final_mean, vec![2.0, 4.0]);
-        assert_eq!(f.final_last, vec![3.0, 6.0]);
-        assert_eq!(f.middle_mean, vec![20.0, 40.0]);
-        assert_eq!(f.middle_last, vec![30.0, 60.0]);
+        assert_eq!(
+            acc.finish(),
+            Some(ProbeFeatures {
+                final_mean: vec![2.0, 4.0],
+                final_last: vec![3.0, 6.0],
+                middle_mean: vec![20.0, 40.0],
+                middle_last: vec![30.0, 60.0],
+            })
+        );
     }
 
     #[test]

@@ -349,6 +349,26 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_probe_file_loads_and_scores_a_probability() {
+        let text = include_str!("../../docs/confidence/smollm2-135m-dev5-probe.json");
+        let rule = ProbeRule::from_json(text).unwrap();
+        assert_eq!(
+            rule.hidden,
+            [HiddenInput::MiddleMean, HiddenInput::MiddleLast]
+        );
+        assert_eq!(rule.width, 576);
+        let zeros = [0.0f32; 576];
+        let state = HiddenState {
+            final_mean: &zeros,
+            final_last: &zeros,
+            middle_mean: &zeros,
+            middle_last: &zeros,
+        };
+        let p = rule.probability(&tokens(&[-0.1, -0.2]), &state).unwrap();
+        assert!((0.0..=1.0).contains(&p), "{p}");
+    }
+
+    #[test]
     fn inconsistent_files_are_rejected() {
         let mut r = rule();
         r.hidden_weights.pop();

@@ -273,12 +273,15 @@ pub struct CalibrateArgs {
     pub probe: bool,
     /// The probe's hidden inputs, comma-separated: final_mean, final_last, middle_mean,
     /// middle_last.
-    #[arg(long, default_value = "final_mean,final_last", requires = "probe")]
+    #[arg(long, default_value = "middle_mean,middle_last", requires = "probe")]
     pub probe_inputs: String,
     /// Dimensions of the probe's fixed random projection of the standardised hidden values
     /// (0: none).
     #[arg(long, default_value_t = 64, requires = "probe")]
     pub probe_dims: usize,
+    /// The probe on hidden states alone, without the log-prob features.
+    #[arg(long, requires = "probe")]
+    pub probe_hidden_only: bool,
     /// Name of the learned rule (its file is <name>.json in --out; the calibrated rule's is
     /// <name>-<rule>.json).
     #[arg(long, default_value = "default")]

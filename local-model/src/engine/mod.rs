@@ -136,9 +136,9 @@ pub(crate) trait CausalLm: Send {
         pass: Pass,
     ) -> candle_core::Result<Outputs> {
         let mut cache = std::mem::take(self.own_cache());
-        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        let out = self.forward_in(&mut cache, tokens, position, pass);
         *self.own_cache() = cache;
-        logits
+        out
     }
 
     /// Keeps the first `len` cached positions of the own sequence and forgets the rest.

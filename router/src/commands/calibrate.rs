@@ -477,7 +477,11 @@ fn probe_section(
     let settings = ProbeSettings {
         hidden,
         dims: args.probe_dims,
-        features: default_features(),
+        features: if args.probe_hidden_only {
+            Vec::new()
+        } else {
+            default_features()
+        },
         folds: e.folds,
         seed: e.seed,
     };

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use policies::{
     Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule,
     OverloadAction, Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig,
-    RemoteFailureAction, TeamConfig,
+    ProbeRule, RemoteFailureAction, TeamConfig,
 };
 
 use crate::limits::RequestLimits;
@@ -183,8 +183,11 @@ impl Config {
             load_calibrated_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
         policies::calibrated::resolve_calibrated(&mut policies_config, &calibrated)
             .map_err(|e| invalid("policies", e.to_string()))?;
+        let probes = load_probe_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
+        policies::probe::resolve_probe(&mut policies_config, &probes)
+            .map_err(|e| invalid("policies", e.to_string()))?;
         let (policy, max_queue_wait, policy_remotes) =
-            validate_policy(&raw.policy, &remotes, &rules, &calibrated)?;
+            validate_policy(&raw.policy, &remotes, &rules, &calibrated, &probes)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
         let ledger = validate_ledger(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;

@@ -30,10 +30,11 @@ pub fn generate_run(
     };
     let mut writer = BufWriter::new(File::create(out).map_err(io)?);
     let probe_out = probe_path(out);
-    let mut probes = BufWriter::new(File::create(&probe_out).map_err(|source| EvalError::Io {
+    let probe_io = |source| EvalError::Io {
         path: probe_out.clone(),
         source,
-    })?);
+    };
+    let mut probes = BufWriter::new(File::create(&probe_out).map_err(probe_io)?);
     let bar = if progress {
         ProgressBar::new(items.len() as u64)
     } else {
@@ -67,7 +68,7 @@ pub fn generate_run(
                     probe,
                 },
             )?;
-            probes.flush().map_err(io)?;
+            probes.flush().map_err(probe_io)?;
         }
         correct += usize::from(is_correct);
         let record = EvalRecord {
