@@ -324,8 +324,9 @@ impl Aggregate {
     /// continuation (the limit of tokens with `logprob = 0`, `entropy = 0`, `margin = 1`, or
     /// none for `sum`/`min`) scores `>= threshold` through [`Aggregate::score`]. Exceptions
     /// that answer a conservative `false`: tokens so far outside the signal domain,
-    /// `fraction_above` past 2^53 tokens, and `learned` (its features move in opposite
-    /// directions, so no cheap bound is exact). A NaN so far answers true (the score stays NaN).
+    /// `fraction_above` past 2^53 tokens, `learned` (its features move in opposite
+    /// directions, so no cheap bound is exact) and `probe` (its hidden states are known only at
+    /// the end). A NaN so far answers true (the score stays NaN).
     /// `calibrated` is exact through its base aggregate (its map is monotone); not attached,
     /// it answers false.
     pub fn settled_below_within(

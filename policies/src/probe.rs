@@ -327,6 +327,35 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_aggregate_scores_with_hidden_states_and_escalates_without() {
+        let t = tokens(&[-0.25, -0.75]);
+        let attached = Aggregate::Probe {
+            name: "demo".into(),
+            rule: Some(Arc::new(rule())),
+        };
+        assert!(attached.validate().is_ok() && attached.is_probability());
+        assert_eq!(
+            attached.score_with(&t, Some(&STATE)),
+            rule().probability(&t, &STATE)
+        );
+        assert!(attached.score_with(&t, None).unwrap().is_nan());
+        assert!(attached.score(&t).unwrap().is_nan());
+        assert_eq!(attached.score_with(&[], Some(&STATE)), None);
+        assert!(!attached.settled_below(&t, 0.99));
+        let unattached = Aggregate::Probe {
+            name: "demo".into(),
+            rule: None,
+        };
+        assert!(unattached.validate().is_err());
+        assert!(unattached.score_with(&t, Some(&STATE)).unwrap().is_nan());
+        // Other aggregates ignore hidden states.
+        assert_eq!(
+            Aggregate::SumLogprob.score_with(&t, Some(&STATE)),
+            Aggregate::SumLogprob.score(&t)
+        );
+    }
+
+    #[test]
     fn hidden_vectors_of_another_width_give_nan() {
         let other = HiddenState {
             final_mean: &[1.0, 2.0, 3.0],

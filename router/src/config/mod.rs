@@ -672,6 +672,45 @@ subject = \"user\"
     }
 
     #[test]
+    fn probe_rules_are_loaded_by_name_for_the_policy_and_teams() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        let rule = ProbeRule {
+            format: policies::probe::FORMAT.to_owned(),
+            name: "hid".to_owned(),
+            hidden: vec![policies::HiddenInput::MiddleMean],
+            width: 2,
+            hidden_weights: vec![0.5, -0.5],
+            features: Vec::new(),
+            center: Vec::new(),
+            scale: Vec::new(),
+            weights: Vec::new(),
+            intercept: 0.0,
+            fitted_on: serde_json::Value::Null,
+        };
+        std::fs::write(dir.path().join("rules/hid.json"), rule.to_json()).unwrap();
+        let team = format!(
+            "{MINIMAL}\n[policy]\naggregate = {{ kind = \"probe\", name = \"hid\" }}\nmin_p_correct = 0.8\n\
+             [prices.big]\ninput_usd_per_million = 1.0\noutput_usd_per_million = 1.0\n\
+             [[teams]]\nname = \"a\"\napi_key_hashes = []\n\
+             [teams.policy]\naggregate = {{ kind = \"probe\", name = \"hid\" }}\nmin_p_correct = 0.9\nremotes = [\"big\"]\n"
+        );
+        let c = with_rules_dir(dir.path(), &team).unwrap();
+        assert!(matches!(
+            c.policy.aggregate(),
+            Aggregate::Probe { name, rule: Some(r) } if name == "hid" && **r == rule
+        ));
+        assert!(matches!(
+            c.policies.team("a").unwrap().policy.aggregate(),
+            Aggregate::Probe { rule: Some(_), .. }
+        ));
+        let e = with_rules_dir(dir.path(), &team.replace("\"hid\"", "\"absent\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absent.json") && e.contains("probe rule"), "{e}");
+    }
+
+    #[test]
     fn calibrated_rules_are_loaded_by_name_and_min_p_correct_excludes_threshold() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("rules")).unwrap();

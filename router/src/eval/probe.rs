@@ -540,8 +540,8 @@ mod tests {
         assert_eq!(read[&("d".to_owned(), "b".to_owned())], features(2.5, 3));
     }
 
-    /// Two answers per side of a hidden direction: the hand-checkable case. Items 0..n have
-    /// hidden value x_i in one dimension and label x_i > 0.
+    /// A one-dimensional hidden state, right exactly where it is positive: the hand-checkable
+    /// case.
     fn one_dimensional(xs: &[f32]) -> ProbeData {
         ProbeData {
             hidden: xs.iter().map(|&x| vec![x]).collect(),
@@ -582,8 +582,8 @@ mod tests {
             direct.weights[0] / sd
         );
         assert!((fitted.rule.intercept - direct.intercept).abs() < 1e-9);
-        for i in 0..xs.len() {
-            let want = direct.log_odds(&z[i]);
+        for (i, zi) in z.iter().enumerate() {
+            let want = direct.log_odds(zi);
             assert!((score_item(&fitted.rule, &data, i) - want).abs() < 1e-9);
         }
         // Symmetric data: no bias, and the positive side scores higher.
@@ -638,8 +638,8 @@ mod tests {
         let fitted = fit_probe("p", &data, &all, &s).unwrap();
         let back = ProbeRule::from_json(&fitted.rule.to_json()).unwrap();
         assert_eq!(back, fitted.rule);
-        for i in 0..40 {
-            let gateway = back.log_odds(&tokens[i], &hidden_state(&saved[i])).unwrap();
+        for (i, (t, f)) in tokens.iter().zip(&saved).enumerate() {
+            let gateway = back.log_odds(t, &hidden_state(f)).unwrap();
             let fit = score_item(&fitted.rule, &data, i);
             assert!(
                 (gateway - fit).abs() < 1e-9,
