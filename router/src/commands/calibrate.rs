@@ -494,24 +494,7 @@ fn probe_section(
         !data.is_empty(),
         "--probe: no labeled item has hidden-state features (run `cascade eval` on the tuned engine; it saves them in run.probe.jsonl)"
     );
-    let signals_of = |a: &Aggregate| -> Vec<f64> {
-        records
-            .iter()
-            .filter(|r| r.correct.is_some())
-            .filter(|r| probes.contains_key(&(r.dataset.clone(), r.id.clone())))
-            .filter(|r| !r.tokens.is_empty())
-            .map(|r| a.score(&r.signals()).unwrap_or(f64::NAN))
-            .collect()
-    };
-    let sum = signals_of(&Aggregate::SumLogprob);
-    let mean = signals_of(&Aggregate::MeanLogprob);
-    anyhow::ensure!(
-        sum.len() == data.len(),
-        "--probe: {} items with features but {} scores",
-        data.len(),
-        sum.len()
-    );
-    let report = probe_report(&data, &sum, &mean, &settings, e.remote_accuracy);
+    let report = probe_report(&data, &settings, e.remote_accuracy);
     write_probe_report(out, &report, missing)?;
     let all: Vec<usize> = (0..data.len()).collect();
     let name = format!("{}-probe", args.name);
@@ -529,8 +512,7 @@ fn probe_section(
             .with_context(|| format!("writing {}", path.display()))?;
         writeln!(
             out,
-            "probe rule (every item, L2 {}): {}
-  aggregate = {{ kind = \"probe\", name = \"{name}\" }} with min_p_correct; install {name}.json where the gateway loads rules",
+            "probe rule (every item, L2 {}): {}\n  aggregate = {{ kind = \"probe\", name = \"{name}\" }} with min_p_correct; install {name}.json where the gateway loads rules",
             fit.l2,
             path.display()
         )?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use local_model::ProbeFeatures;
 use policies::probe::{HiddenInput, HiddenState, ProbeRule};
-use policies::Feature;
+use policies::{Aggregate, Feature};
 use serde::{Deserialize, Serialize};
 
 use super::datasets::SplitMix64;
@@ -111,6 +111,8 @@ pub struct ProbeData {
     pub correct: Vec<bool>,
     /// Per item, its dataset.
     pub dataset: Vec<String>,
+    /// Per item, its `sum_logprob` and `mean_logprob` scores (the baselines).
+    pub baselines: Vec<[f64; 2]>,
     /// The width of one hidden vector.
     pub width: usize,
 }
@@ -128,6 +130,12 @@ impl ProbeData {
         for r in records {
             let Some(correct) = r.correct else { continue };
             let signals = r.signals();
+            let (Some(sum), Some(mean)) = (
+                Aggregate::SumLogprob.score(&signals),
+                Aggregate::MeanLogprob.score(&signals),
+            ) else {
+                continue;
+            };
             let Some(features) = settings
                 .features
                 .iter()
@@ -155,6 +163,7 @@ impl ProbeData {
             data.features.push(features);
             data.correct.push(correct);
             data.dataset.push(r.dataset.clone());
+            data.baselines.push([sum, mean]);
         }
         (data, missing)
     }
@@ -445,8 +454,6 @@ pub struct ProbeReport {
 /// others), and pooled, next to `sum_logprob` and `mean_logprob` on the same items.
 pub fn probe_report(
     data: &ProbeData,
-    sum_logprob: &[f64],
-    mean_logprob: &[f64],
     settings: &ProbeSettings,
     remote_accuracy: f64,
 ) -> ProbeReport {
@@ -454,7 +461,12 @@ pub fn probe_report(
     datasets.sort();
     datasets.dedup();
     let set_report = |name: &str, members: &[usize], cross: Option<Figures>| {
-        let pick = |v: &[f64]| members.iter().map(|&i| v[i]).collect::<Vec<f64>>();
+        let pick = |k: usize| {
+            members
+                .iter()
+                .map(|&i| data.baselines[i][k])
+                .collect::<Vec<f64>>()
+        };
         let correct: Vec<bool> = members.iter().map(|&i| data.correct[i]).collect();
         let in_set = cross_validated(data, members, settings);
         ProbeSetReport {
@@ -462,8 +474,8 @@ pub fn probe_report(
             items: members.len(),
             local_accuracy: correct.iter().filter(|c| **c).count() as f64
                 / members.len().max(1) as f64,
-            sum_logprob: figures(&pick(sum_logprob), &correct, remote_accuracy),
-            mean_logprob: figures(&pick(mean_logprob), &correct, remote_accuracy),
+            sum_logprob: figures(&pick(0), &correct, remote_accuracy),
+            mean_logprob: figures(&pick(1), &correct, remote_accuracy),
             probe_in_set: figures(&in_set, &correct, remote_accuracy),
             probe_cross_set: cross,
         }
@@ -548,6 +560,7 @@ mod tests {
             features: xs.iter().map(|_| Vec::new()).collect(),
             correct: xs.iter().map(|&x| x > 0.0).collect(),
             dataset: xs.iter().map(|_| "d".to_owned()).collect(),
+            baselines: xs.iter().map(|_| [0.0, 0.0]).collect(),
             width: 1,
         }
     }
