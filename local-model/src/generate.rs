@@ -106,9 +106,10 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub timings: Timings,
     /// Hidden-state features for a confidence probe (tuned engine only; see
-    /// [`crate::probe`]).
+    /// [`crate::probe`]). Boxed: most of a generation's life is spent in channels and
+    /// enums, where four vectors inline would make every variant large.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub probe: Option<ProbeFeatures>,
+    pub probe: Option<Box<ProbeFeatures>>,
 }
 
 /// Whether generation should go on after a token.

@@ -55,7 +55,7 @@ impl ProbeAccumulator {
     /// The features, or `None` when no position was read (no hidden state on this backend,
     /// or nothing was generated).
     pub(crate) fn finish(self) -> Option<ProbeFeatures> {
-        if self.count == 0 || self.sum.len() % 2 != 0 {
+        if self.count == 0 || !self.sum.len().is_multiple_of(2) {
             return None;
         }
         let width = self.sum.len() / 2;

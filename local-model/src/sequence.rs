@@ -173,7 +173,7 @@ impl<'t> Sequence<'t> {
             tokens: self.run.tokens,
             finish_reason: self.finish,
             timings: self.timings,
-            probe: self.probe.finish(),
+            probe: self.probe.finish().map(Box::new),
         })
     }
 }

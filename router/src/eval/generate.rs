@@ -59,7 +59,7 @@ pub fn generate_run(
             .generate(&prompt, &params, &mut |_| Control::Continue)
             .map_err(|e| EvalError::Model(format!("item {}: {e}", item.id)))?;
         let is_correct = item.grader.grade(&generation.text);
-        if let Some(probe) = generation.probe.clone() {
+        if let Some(probe) = generation.probe.as_deref().cloned() {
             write_probe(
                 &mut probes,
                 &SavedProbe {
