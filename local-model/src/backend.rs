@@ -212,12 +212,8 @@ impl Backend {
                 "only the tuned engine runs sequences with their own caches".into(),
             ));
         };
-        Ok(one_row(model.forward_in(
-            cache,
-            tokens,
-            position,
-            Pass::Prefill,
-        )?)?)
+        let out = model.forward_in(cache, tokens, position, Pass::Prefill)?;
+        Ok(one_row(out)?)
     }
 
     /// One decode step of several sequences with their own caches; the
