@@ -4,9 +4,28 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{phi, quantized_gemma3, quantized_llama, quantized_mixformer};
 
 use crate::engine::kv_cache::SeqCache;
-use crate::engine::{DecodeStep, Pass, TunedModel};
+use crate::engine::{DecodeStep, Outputs, Pass, TunedModel};
 use crate::error::GenerateError;
 use crate::phi_mixed::MixedPhi;
+
+/// What one sequence gets from a forward call: the logits of its next token and, on the tuned
+/// engine, the hidden features of the same position (`[final, middle]`, see
+/// [`crate::engine::hidden_features`]) that the confidence probe reads.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Next {
+    pub(crate) logits: Vec<f32>,
+    pub(crate) hidden: Option<Vec<f32>>,
+}
+
+impl Next {
+    /// Logits alone: the backends that expose no hidden state.
+    fn logits(logits: Vec<f32>) -> Self {
+        Self {
+            logits,
+            hidden: None,
+        }
+    }
+}
 
 /// Which architecture a loaded model is, for logs and `/v1/models`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -116,14 +135,15 @@ impl Backend {
     }
 
     /// Runs a prompt from the start of a new sequence and returns the logits
-    /// for its next token and how many prompt tokens came from the cache.
+    /// for its next token (with its hidden features where the backend has them)
+    /// and how many prompt tokens came from the cache.
     /// Where the backend keeps its cache, the positions shared with the
     /// previous sequence are reused, not recomputed.
     pub(crate) fn prefill(
         &mut self,
         prompt: &[u32],
         device: &Device,
-    ) -> Result<(Vec<f32>, usize), GenerateError> {
+    ) -> Result<(Next, usize), GenerateError> {
         if let Backend::Tuned {
             model,
             prefilled,
@@ -144,15 +164,15 @@ impl Backend {
             model.truncate_cache(shared);
             prefilled.truncate(shared);
             let mut from = shared;
-            let mut logits = Vec::new();
+            let mut next = Next::default();
             while from < prompt.len() {
                 let to = part_end(from, prompt.len(), *chunk);
-                logits = run_tuned(model, &prompt[from..to], from, Pass::Prefill)
+                next = run_tuned(model, &prompt[from..to], from, Pass::Prefill)
                     .inspect_err(|_| prefilled.clear())?;
                 from = to;
             }
             prefilled.extend_from_slice(&prompt[shared..]);
-            return Ok((logits, shared));
+            return Ok((next, shared));
         }
         self.reset();
         Ok((self.forward(prompt, 0, device)?, 0))
@@ -177,7 +197,8 @@ impl Backend {
     }
 
     /// Runs `tokens`, the prompt's part that starts at `position`, into `cache` (which holds
-    /// exactly the positions before it) and returns the logits for the token after them.
+    /// exactly the positions before it) and returns the logits for the token after them, with
+    /// the hidden features of the part's last position.
     /// The parts must end where [`Backend::part_end`] says: attention over a part sums in an
     /// order that depends on its size, so other cuts give (slightly) other log-probs.
     pub(crate) fn prefill_part(
@@ -185,39 +206,49 @@ impl Backend {
         cache: &mut SeqCache,
         tokens: &[u32],
         position: usize,
-    ) -> Result<Vec<f32>, GenerateError> {
+    ) -> Result<Next, GenerateError> {
         let Backend::Tuned { model, .. } = self else {
             return Err(GenerateError::Model(
                 "only the tuned engine runs sequences with their own caches".into(),
             ));
         };
-        let logits = model.forward_in(cache, tokens, position, Pass::Prefill)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        let out = model.forward_in(cache, tokens, position, Pass::Prefill)?;
+        Ok(one_row(out)?)
     }
 
     /// One decode step of several sequences with their own caches; the
-    /// next-token logits of each, in order.
+    /// next-token logits and hidden features of each, in order.
     pub(crate) fn decode_batch(
         &self,
         steps: &mut [DecodeStep<'_>],
-    ) -> Result<Vec<Vec<f32>>, GenerateError> {
+    ) -> Result<Vec<Next>, GenerateError> {
         let Backend::Tuned { model, .. } = self else {
             return Err(GenerateError::Model(
                 "only the tuned engine runs sequences with their own caches".into(),
             ));
         };
-        let logits = model.decode_rows(steps, Pass::Decode)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        let out = model.decode_rows(steps, Pass::Decode)?;
+        let logits = out.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let hidden = out.hidden.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(logits
+            .into_iter()
+            .zip(hidden)
+            .map(|(logits, hidden)| Next {
+                logits,
+                hidden: Some(hidden),
+            })
+            .collect())
     }
 
     /// Runs `tokens` (placed at `position` in the sequence) and returns the
-    /// logits for the next token, as f32.
+    /// logits for the next token, as f32, with its hidden features where the
+    /// backend has them.
     pub(crate) fn forward(
         &mut self,
         tokens: &[u32],
         position: usize,
         device: &Device,
-    ) -> Result<Vec<f32>, GenerateError> {
+    ) -> Result<Next, GenerateError> {
         if let Backend::Tuned {
             model, prefilled, ..
         } = self
@@ -242,7 +273,7 @@ impl Backend {
         };
         // Shapes differ by architecture ([1, vocab] or [vocab]); flatten.
         let logits = logits.flatten_all()?.to_dtype(DType::F32)?;
-        Ok(logits.to_vec1::<f32>()?)
+        Ok(Next::logits(logits.to_vec1::<f32>()?))
     }
 }
 
@@ -262,12 +293,23 @@ fn run_tuned(
     tokens: &[u32],
     position: usize,
     pass: Pass,
-) -> Result<Vec<f32>, GenerateError> {
-    let logits = model
-        .forward(tokens, position, pass)
-        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1::<f32>());
-    if logits.is_err() {
+) -> Result<Next, GenerateError> {
+    let next = model.forward(tokens, position, pass).and_then(one_row);
+    if next.is_err() {
         model.truncate_cache(0);
     }
-    Ok(logits?)
+    Ok(next?)
+}
+
+/// One sequence's logits (`[vocab]`) and hidden features (`[1, features]`) as f32 vectors.
+fn one_row(out: Outputs) -> candle_core::Result<Next> {
+    Ok(Next {
+        logits: out.logits.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        hidden: Some(
+            out.hidden
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
+    })
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::probe::ProbeFeatures;
 use crate::sampling::Sampling;
 use crate::signals::TokenRecord;
 use crate::template::ChatMessage;
@@ -104,6 +105,11 @@ pub struct Generation {
     pub usage: Usage,
     pub finish_reason: FinishReason,
     pub timings: Timings,
+    /// Hidden-state features for a confidence probe (tuned engine only; see
+    /// [`crate::probe`]). Boxed: most of a generation's life is spent in channels and
+    /// enums, where four vectors inline would make every variant large.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Box<ProbeFeatures>>,
 }
 
 /// Whether generation should go on after a token.

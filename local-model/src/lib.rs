@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod phi_mixed;
+pub mod probe;
 pub mod sampling;
 mod sequence;
 pub mod signals;
@@ -34,6 +35,7 @@ pub use model::{
     LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype,
     DEFAULT_PREFILL_CHUNK_TOKENS,
 };
+pub use probe::ProbeFeatures;
 pub use sampling::Sampling;
 pub use signals::TokenRecord;
 pub use spec::ModelSpec;

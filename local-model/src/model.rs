@@ -14,7 +14,7 @@ use candle_transformers::models::{
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use crate::backend::{Architecture, Backend};
+use crate::backend::{Architecture, Backend, Next};
 use crate::engine::gemma3::Gemma3;
 use crate::engine::llama::{self as tuned_llama, Llama};
 use crate::engine::phi2::Phi2;
@@ -286,7 +286,7 @@ impl LocalModel {
             });
         }
         self.backend.reset();
-        let (mut logits, _) = self.backend.prefill(&prompt_ids, &self.device)?;
+        let mut logits = self.backend.prefill(&prompt_ids, &self.device)?.0.logits;
         let mut logprobs = Vec::with_capacity(continuation.len());
         for (i, &token) in continuation.iter().enumerate() {
             if token as usize >= logits.len() {
@@ -299,7 +299,8 @@ impl LocalModel {
             if i + 1 < continuation.len() {
                 logits = self
                     .backend
-                    .forward(&[token], prompt_ids.len() + i, &self.device)?;
+                    .forward(&[token], prompt_ids.len() + i, &self.device)?
+                    .logits;
             }
         }
         Ok(logprobs)
@@ -330,16 +331,16 @@ impl LocalModel {
         let mut sequence =
             Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
         let prefill_started = Instant::now();
-        let (logits, cached) = if max_new > 0 {
+        let (next, cached) = if max_new > 0 {
             self.backend.prefill(&prompt_ids, &self.device)?
         } else {
-            (Vec::new(), 0)
+            (Next::default(), 0)
         };
-        sequence.start(logits, cached, prefill_started.elapsed());
+        sequence.start(next, cached, prefill_started.elapsed());
         while sequence.step(&self.eos_ids, on_token)? {
             let (token, position) = sequence.pending();
-            let logits = self.backend.forward(&[token], position, &self.device)?;
-            sequence.advance(logits);
+            let next = self.backend.forward(&[token], position, &self.device)?;
+            sequence.advance(next);
         }
         sequence.finish()
     }
@@ -457,7 +458,7 @@ impl LocalModel {
         let started = Instant::now();
         if sequence.max_new() == 0 {
             // Nothing will be generated: the prompt need not run at all.
-            sequence.start(Vec::new(), 0, started.elapsed());
+            sequence.start(Next::default(), 0, started.elapsed());
             return Ok(true);
         }
         let from = sequence.prefilled();
@@ -473,14 +474,14 @@ impl LocalModel {
                 prompt_ids.len()
             )));
         }
-        let logits = self
+        let next = self
             .backend
             .prefill_part(cache, &prompt_ids[from..to], from)?;
         sequence.add_prefill_time(started.elapsed());
         if to < prompt_ids.len() {
             return Ok(false);
         }
-        sequence.start(logits, 0, std::time::Duration::ZERO);
+        sequence.start(next, 0, std::time::Duration::ZERO);
         Ok(true)
     }
 
@@ -508,8 +509,8 @@ impl LocalModel {
             }
             self.backend.decode_batch(&mut steps)?
         };
-        for (sequence, logits) in batch.iter_mut().zip(logits) {
-            sequence.advance(logits);
+        for (sequence, next) in batch.iter_mut().zip(logits) {
+            sequence.advance(next);
         }
         Ok(())
     }

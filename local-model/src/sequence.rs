@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
+use crate::backend::Next;
 use crate::detok::IncrementalDecoder;
 use crate::engine::kv_cache::SeqCache;
 use crate::error::GenerateError;
 use crate::generate::{
     Control, FinishReason, Generation, GenerationParams, Timings, TokenEvent, Usage,
 };
+use crate::probe::ProbeAccumulator;
 use crate::sampling::Sampler;
 use crate::signals::{signals_from_logits, TokenRecord};
 
@@ -33,6 +35,10 @@ pub(crate) struct Sequence<'t> {
     /// Where the next forward step places `next`.
     position: usize,
     logits: Vec<f32>,
+    /// The hidden features of the position `logits` came from, where the backend has them.
+    hidden: Option<Vec<f32>>,
+    /// The hidden features of every position whose logits picked a token.
+    probe: ProbeAccumulator,
     /// The token the next forward step runs.
     next: u32,
     finish: FinishReason,
@@ -59,6 +65,8 @@ impl<'t> Sequence<'t> {
             emitted: 0,
             position: prompt_tokens,
             logits: Vec::new(),
+            hidden: None,
+            probe: ProbeAccumulator::default(),
             next: 0,
             finish: FinishReason::Length,
             timings: Timings::default(),
@@ -70,8 +78,9 @@ impl<'t> Sequence<'t> {
     /// Takes the logits after the prompt (empty when nothing is to be
     /// generated) and how the prefill went; decoding starts now.
     /// `took` adds to the time of parts booked with [`Sequence::add_prefill_time`].
-    pub(crate) fn start(&mut self, logits: Vec<f32>, cached_prompt_tokens: usize, took: Duration) {
-        self.logits = logits;
+    pub(crate) fn start(&mut self, next: Next, cached_prompt_tokens: usize, took: Duration) {
+        self.logits = next.logits;
+        self.hidden = next.hidden;
         self.timings.cached_prompt_tokens = cached_prompt_tokens;
         self.add_prefill_time(took);
         self.decode_started = Instant::now();
@@ -106,6 +115,9 @@ impl<'t> Sequence<'t> {
             return Ok(false);
         }
         let next = self.sampler.pick(&self.logits);
+        if let Some(hidden) = self.hidden.take() {
+            self.probe.push(&hidden);
+        }
         let next_id = next as u32;
         if !self.ignore_eos && eos_ids.contains(&next_id) {
             self.finish = FinishReason::Stop;
@@ -140,9 +152,11 @@ impl<'t> Sequence<'t> {
         (self.next, self.position)
     }
 
-    /// Takes the logits of the forward step that ran [`Sequence::pending`].
-    pub(crate) fn advance(&mut self, logits: Vec<f32>) {
-        self.logits = logits;
+    /// Takes the logits (and hidden features) of the forward step that ran
+    /// [`Sequence::pending`].
+    pub(crate) fn advance(&mut self, next: Next) {
+        self.logits = next.logits;
+        self.hidden = next.hidden;
         self.position += 1;
     }
 
@@ -159,6 +173,7 @@ impl<'t> Sequence<'t> {
             tokens: self.run.tokens,
             finish_reason: self.finish,
             timings: self.timings,
+            probe: self.probe.finish().map(Box::new),
         })
     }
 }

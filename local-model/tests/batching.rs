@@ -58,6 +58,35 @@ fn assert_same(got: &Generation, want: &Generation, what: &str) {
     }
     assert_eq!(got.text, want.text, "{what}");
     assert_eq!(got.finish_reason, want.finish_reason, "{what}");
+    assert_same_probe(got, want, what);
+}
+
+/// The hidden-state probe's features: present on the tuned engine, and the same alone and
+/// batched up to the summation order of the batched products (1e-3 of the vector's largest
+/// value; the values reach tens to hundreds in the middle of the residual stream).
+fn assert_same_probe(got: &Generation, want: &Generation, what: &str) {
+    assert!(
+        got.probe.is_some() && want.probe.is_some(),
+        "{what}: no probe features ({} against {})",
+        got.probe.is_some(),
+        want.probe.is_some()
+    );
+    let (got, want) = (got.probe.as_ref().unwrap(), want.probe.as_ref().unwrap());
+    for (name, a, b) in [
+        ("final_mean", &got.final_mean, &want.final_mean),
+        ("final_last", &got.final_last, &want.final_last),
+        ("middle_mean", &got.middle_mean, &want.middle_mean),
+        ("middle_last", &got.middle_last, &want.middle_last),
+    ] {
+        assert_eq!(a.len(), b.len(), "{what}: {name} width");
+        assert!(!a.is_empty(), "{what}: {name} empty");
+        let largest = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-3 * largest.max(1.0),
+            "{what}: {name} differs by {worst} (largest value {largest})"
+        );
+    }
 }
 
 /// A request whose first token holds the model thread until `release`

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibrated::CalibratedRule;
 use crate::learned::LearnedRule;
+use crate::probe::{HiddenState, ProbeRule};
 
 /// Confidence signals of one generated token, computed from the raw logits before temperature
 /// or top-p.
@@ -93,6 +94,19 @@ pub enum Aggregate {
         #[serde(skip)]
         rule: Option<Arc<CalibratedRule>>,
     },
+    /// A hidden-state probe fitted by `cascade calibrate --probe` (see [`crate::probe`]): the
+    /// probability that the answer is correct from the local model's own hidden states and
+    /// log-probs; range `[0, 1]`. Written as `{ kind = "probe", name = "..." }`, usually with
+    /// `min_p_correct`; attached like a learned rule, with [`crate::probe::resolve_probe`].
+    /// Scored only where the engine returns hidden states ([`Aggregate::score_with`]);
+    /// elsewhere the score is NaN and the request escalates.
+    Probe {
+        /// The rule's name (its file is `<name>.json`).
+        name: String,
+        /// The fitted rule, attached at configuration load.
+        #[serde(skip)]
+        rule: Option<Arc<ProbeRule>>,
+    },
 }
 
 /// The threshold measured to go with the default aggregate (`sum_logprob`): serve locally when
@@ -120,6 +134,9 @@ pub enum AggregateError {
     /// A `calibrated` aggregate whose rule file was not loaded and attached.
     #[error("calibrated rule is not loaded (the gateway attaches it from its file at start-up)")]
     CalibratedNotLoaded,
+    /// A `probe` aggregate whose rule file was not loaded and attached.
+    #[error("probe rule is not loaded (the gateway attaches it from its file at start-up)")]
+    ProbeNotLoaded,
 }
 
 /// Largest count that converts to f64 exactly; above it the fraction bound is not tracked.
@@ -140,6 +157,7 @@ impl Aggregate {
             }
             Self::Learned { rule: None, .. } => Err(AggregateError::LearnedNotLoaded),
             Self::Calibrated { rule: None, .. } => Err(AggregateError::CalibratedNotLoaded),
+            Self::Probe { rule: None, .. } => Err(AggregateError::ProbeNotLoaded),
             _ => Ok(()),
         }
     }
@@ -151,7 +169,8 @@ impl Aggregate {
             Self::FractionAbove { .. }
             | Self::MeanMargin
             | Self::Learned { .. }
-            | Self::Calibrated { .. } => (0.0, 1.0),
+            | Self::Calibrated { .. }
+            | Self::Probe { .. } => (0.0, 1.0),
             _ => (f64::NEG_INFINITY, 0.0),
         }
     }
@@ -170,13 +189,45 @@ impl Aggregate {
             Self::MeanMargin => "mean_margin".to_owned(),
             Self::Learned { name, .. } => format!("learned_{name}"),
             Self::Calibrated { name, .. } => format!("calibrated_{name}"),
+            Self::Probe { name, .. } => format!("probe_{name}"),
         }
     }
 
     /// Whether the score is a probability that the answer is correct (`learned`,
-    /// `calibrated`): the aggregates a `min_p_correct` applies to.
+    /// `calibrated`, `probe`): the aggregates a `min_p_correct` applies to.
     pub fn is_probability(&self) -> bool {
-        matches!(self, Self::Learned { .. } | Self::Calibrated { .. })
+        matches!(
+            self,
+            Self::Learned { .. } | Self::Calibrated { .. } | Self::Probe { .. }
+        )
+    }
+
+    /// Whether the score reads the local model's hidden states (a `probe`): the gateway then
+    /// passes them to [`Aggregate::score_with`].
+    pub fn needs_hidden_state(&self) -> bool {
+        matches!(self, Self::Probe { .. })
+    }
+
+    /// [`Aggregate::score`] with the answer's hidden states, where the engine returned them:
+    /// a `probe` scores from them (NaN without them, so the request escalates); every other
+    /// aggregate ignores them.
+    pub fn score_with(
+        &self,
+        tokens: &[TokenSignal],
+        hidden: Option<&HiddenState<'_>>,
+    ) -> Option<f64> {
+        match self {
+            Self::Probe { rule, .. } => {
+                if tokens.is_empty() {
+                    return None;
+                }
+                match (rule, hidden) {
+                    (Some(rule), Some(hidden)) => rule.probability(tokens, hidden),
+                    _ => Some(f64::NAN),
+                }
+            }
+            _ => self.score(tokens),
+        }
     }
 
     /// The aggregate whose [`Aggregate::name`] is `name` (`mean_logprob`, `quantile_0.1`,
@@ -219,6 +270,7 @@ impl Aggregate {
     ///   rounding; this form lets early exit be exact in floating point.
     /// - `Learned` and `Calibrated` are the rule's probability; NaN when the rule is not
     ///   attached.
+    /// - `Probe` is NaN here: it needs the hidden states ([`Aggregate::score_with`]).
     pub fn score(&self, tokens: &[TokenSignal]) -> Option<f64> {
         if tokens.is_empty() {
             return None;
@@ -242,7 +294,7 @@ impl Aggregate {
         let n = tokens.len();
         Some(match *self {
             // Returned above.
-            Self::Learned { .. } | Self::Calibrated { .. } => f64::NAN,
+            Self::Learned { .. } | Self::Calibrated { .. } | Self::Probe { .. } => f64::NAN,
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {
                 self.offset() - self.penalty_sum(tokens) / n as f64
             }
@@ -272,8 +324,9 @@ impl Aggregate {
     /// continuation (the limit of tokens with `logprob = 0`, `entropy = 0`, `margin = 1`, or
     /// none for `sum`/`min`) scores `>= threshold` through [`Aggregate::score`]. Exceptions
     /// that answer a conservative `false`: tokens so far outside the signal domain,
-    /// `fraction_above` past 2^53 tokens, and `learned` (its features move in opposite
-    /// directions, so no cheap bound is exact). A NaN so far answers true (the score stays NaN).
+    /// `fraction_above` past 2^53 tokens, `learned` (its features move in opposite
+    /// directions, so no cheap bound is exact) and `probe` (its hidden states are known only at
+    /// the end). A NaN so far answers true (the score stays NaN).
     /// `calibrated` is exact through its base aggregate (its map is monotone); not attached,
     /// it answers false.
     pub fn settled_below_within(
@@ -290,7 +343,8 @@ impl Aggregate {
         if tokens_so_far.iter().any(|t| self.signal(t).is_nan()) {
             return true;
         }
-        if matches!(self, Self::Learned { .. }) || !tokens_so_far.iter().all(|t| self.in_domain(t))
+        if matches!(self, Self::Learned { .. } | Self::Probe { .. })
+            || !tokens_so_far.iter().all(|t| self.in_domain(t))
         {
             return false;
         }
@@ -302,7 +356,7 @@ impl Aggregate {
         }
         let best = match *self {
             // Returned above.
-            Self::Learned { .. } | Self::Calibrated { .. } => return false,
+            Self::Learned { .. } | Self::Calibrated { .. } | Self::Probe { .. } => return false,
             // Each future token adds a penalty >= 0 and the divisor grows: the best final
             // score has the longest run of zero-penalty tokens.
             Self::MeanLogprob | Self::MeanEntropy | Self::MeanMargin => {

@@ -16,6 +16,7 @@ pub mod isotonic;
 pub mod learned;
 pub mod money;
 pub mod policy;
+pub mod probe;
 pub mod team;
 
 pub use budget::{BudgetState, Limits, Scope, ScopeKind, Tz, Window};
@@ -34,4 +35,5 @@ pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
 pub use policy::{
     ExhaustedAction, OverloadAction, Policy, PolicyConfig, PolicyOverride, RemoteFailureAction,
 };
+pub use probe::{HiddenInput, HiddenState, ProbeRule, ProbeRuleError};
 pub use team::{KeyDirectory, KeyMatch, KeySettings, Team, TeamConfig};

@@ -265,6 +265,23 @@ pub struct CalibrateArgs {
     /// saved as <name>-<rule>.json): prints the raw threshold it amounts to on this data.
     #[arg(long)]
     pub min_p_correct: Option<f64>,
+    /// Also fit and judge the hidden-state probe (logistic regression on the features
+    /// `cascade eval` saved beside each run, in run.probe.jsonl, with the learned rule's
+    /// log-prob features): in-set k-fold and cross-set figures per dataset against sum_logprob
+    /// and mean_logprob, and the probe fitted on every item saved as <name>-probe.json.
+    #[arg(long)]
+    pub probe: bool,
+    /// The probe's hidden inputs, comma-separated: final_mean, final_last, middle_mean,
+    /// middle_last.
+    #[arg(long, default_value = "middle_mean,middle_last", requires = "probe")]
+    pub probe_inputs: String,
+    /// Dimensions of the probe's fixed random projection of the standardised hidden values
+    /// (0: none).
+    #[arg(long, default_value_t = 64, requires = "probe")]
+    pub probe_dims: usize,
+    /// The probe on hidden states alone, without the log-prob features.
+    #[arg(long, requires = "probe")]
+    pub probe_hidden_only: bool,
     /// Name of the learned rule (its file is <name>.json in --out; the calibrated rule's is
     /// <name>-<rule>.json).
     #[arg(long, default_value = "default")]

@@ -69,6 +69,17 @@ fn eval_limit_20_on_the_real_model_writes_run_summary_and_plots() {
     let right = records.iter().filter(|r| r.correct == Some(true)).count();
     assert!((1..20).contains(&right), "{right} of 20 right");
 
+    // run.probe.jsonl beside it: every item's hidden-state features, SmolLM2's width.
+    let probes = cascade::eval::probe::read_probes(&run).unwrap();
+    assert_eq!(probes.len(), 20);
+    for r in &records {
+        let p = &probes[&(r.dataset.clone(), r.id.clone())];
+        for v in [&p.final_mean, &p.final_last, &p.middle_mean, &p.middle_last] {
+            assert_eq!(v.len(), 576);
+            assert!(v.iter().all(|x| x.is_finite()));
+        }
+    }
+
     // summary.json: every rule, both baselines.
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&outputs.summary).unwrap()).unwrap();

@@ -493,6 +493,81 @@ async fn a_calibrated_rule_routes_by_min_p_correct() {
     assert_eq!(r.header("x-cascade-reason"), "early_exit");
 }
 
+/// A probe rule over SmollM2's final mean hidden state (width 576) whose weights are all zero:
+/// its probability is exactly sigmoid(intercept) when the engine's hidden state reaches the
+/// gateway with the rule's width, and NaN (escalate) when it does not.
+fn flat_probe(width: usize, intercept: f64) -> policies::ProbeRule {
+    policies::ProbeRule {
+        format: policies::probe::FORMAT.to_owned(),
+        name: "flat".to_owned(),
+        hidden: vec![policies::HiddenInput::FinalMean],
+        width,
+        hidden_weights: vec![0.0; width],
+        features: Vec::new(),
+        center: Vec::new(),
+        scale: Vec::new(),
+        weights: Vec::new(),
+        intercept,
+        fitted_on: serde_json::Value::Null,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_rule_scores_the_hidden_state_the_engine_returns() {
+    let mock = mock().await;
+    let rules = tempfile::tempdir().unwrap();
+    let write = |rule: &policies::ProbeRule, name: &str| {
+        std::fs::write(rules.path().join(format!("{name}.json")), rule.to_json()).unwrap();
+    };
+    // sigmoid(ln 3) = 0.75.
+    write(&flat_probe(576, 3f64.ln()), "flat");
+    write(&flat_probe(575, 3f64.ln()), "other-width");
+    let mut raw = raw_config(&[&mock]);
+    raw.confidence.rules_dir = rules.path().display().to_string();
+    let probe = |name: &str| {
+        cascade::config::RawAggregate::Table(policies::Aggregate::Probe {
+            name: name.into(),
+            rule: None,
+        })
+    };
+    raw.policy.aggregate = probe("flat");
+    raw.policy.threshold = None;
+    raw.policy.min_p_correct = Some(0.7);
+    let server = start(raw.clone(), Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(r.header("x-cascade-route"), "local", "{:?}", r.headers);
+    assert!((confidence(&r) - 0.75).abs() < 1e-9, "{:?}", r.headers);
+    raw.policy.min_p_correct = Some(0.8);
+    let server = start(raw.clone(), Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
+    assert_eq!(r.header("x-cascade-reason"), "low_confidence");
+    // A rule for another model's width never serves locally, however low the bar.
+    raw.policy.aggregate = probe("other-width");
+    raw.policy.min_p_correct = Some(0.0);
+    let server = start(raw, Some(shared_engine())).await;
+    let r = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("cascade", EASY, 8),
+        &[],
+    )
+    .await;
+    assert_eq!(r.header("x-cascade-route"), "remote", "{:?}", r.headers);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_questions_stay_local_when_the_engine_batches_them() {
     // Eight decode together and eight may wait: sixteen at once all fit, so none is

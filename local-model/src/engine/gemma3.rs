@@ -24,7 +24,10 @@ use super::kv_cache::{rms_norm_each, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, check_steps, CausalLm, DecodeStep, Pass, PrefillWeights};
+use super::{
+    check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
+    PrefillWeights,
+};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -242,7 +245,7 @@ impl CausalLm for Gemma3 {
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> Result<Tensor> {
+    ) -> Result<Outputs> {
         let n = tokens.len();
         cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.rope[0].0.dim(0)?)?;
@@ -260,7 +263,9 @@ impl CausalLm for Gemma3 {
             Some(w) => Some(causal_mask(n, position, Some(w), &device)?),
             None => None,
         };
-        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
+        for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
             let mask = match (block.window, &local_mask) {
                 (Some(_), Some(local)) => local,
                 _ => &global_mask,
@@ -271,13 +276,19 @@ impl CausalLm for Gemma3 {
                 candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
-        self.output.forward(&last, Pass::Decode)?.flatten_all()
+        Ok(Outputs {
+            logits: self.output.forward(&last, Pass::Decode)?.flatten_all()?,
+            hidden: hidden_features(&last, &at_middle.narrow(1, n - 1, 1)?)?,
+        })
     }
 
-    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Outputs> {
         check_steps(steps, self.blocks.len(), self.rope[0].0.dim(0)?)?;
         // Per step, the rotary row of the global and of the local base.
         let rotary = steps
@@ -296,6 +307,8 @@ impl CausalLm for Gemma3 {
         let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
         let mut x = (self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?
             * (shape.width as f64).sqrt())?;
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
@@ -320,9 +333,15 @@ impl CausalLm for Gemma3 {
                 candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
-        self.output.forward(&x, Pass::Decode)?.squeeze(0)
+        Ok(Outputs {
+            logits: self.output.forward(&x, Pass::Decode)?.squeeze(0)?,
+            hidden: hidden_features(&x, &at_middle)?,
+        })
     }
 }
 

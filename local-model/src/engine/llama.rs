@@ -16,7 +16,10 @@ use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, check_steps, CausalLm, DecodeStep, Pass, PrefillWeights};
+use super::{
+    check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
+    PrefillWeights,
+};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -219,7 +222,7 @@ impl CausalLm for Llama {
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> Result<Tensor> {
+    ) -> Result<Outputs> {
         let n = tokens.len();
         cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.max_positions()?)?;
@@ -228,18 +231,26 @@ impl CausalLm for Llama {
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = Some(causal_mask(n, position, None, &device)?);
         let shape = self.shape;
-        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
+        for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
             let attended = block.attention(layer, &h, &rotary, mask.as_ref(), shape, pass)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
-        self.output.forward(&last, Pass::Decode)?.flatten_all()
+        Ok(Outputs {
+            logits: self.output.forward(&last, Pass::Decode)?.flatten_all()?,
+            hidden: hidden_features(&last, &at_middle.narrow(1, n - 1, 1)?)?,
+        })
     }
 
-    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Outputs> {
         check_steps(steps, self.blocks.len(), self.max_positions()?)?;
         let rotary = steps
             .iter()
@@ -250,6 +261,8 @@ impl CausalLm for Llama {
         let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;
         let shape = self.shape;
         let head_dim = shape.head_dim;
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
@@ -268,9 +281,15 @@ impl CausalLm for Llama {
             )?;
             x = (x + block.attn_out.forward(&mixed, pass)?)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
-        self.output.forward(&x, Pass::Decode)?.squeeze(0)
+        Ok(Outputs {
+            logits: self.output.forward(&x, Pass::Decode)?.squeeze(0)?,
+            hidden: hidden_features(&x, &at_middle)?,
+        })
     }
 }
 

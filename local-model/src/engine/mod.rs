@@ -28,6 +28,28 @@ pub(crate) enum Pass {
     Decode,
 }
 
+/// What a forward call gives back: the next-token logits and, for the same rows, the hidden
+/// features a confidence probe reads (see [`hidden_features`]).
+pub(crate) struct Outputs {
+    /// `[vocab]` for one sequence, `[rows, vocab]` for a batched decode step.
+    pub(crate) logits: Tensor,
+    /// `[rows, 2 * width]`, one row per row of logits (one for a prompt).
+    pub(crate) hidden: Tensor,
+}
+
+/// How many blocks run before the probe reads the middle of the residual stream.
+pub(crate) fn middle_layer(layers: usize) -> usize {
+    layers / 2
+}
+
+/// The probe's features of `rows` positions: the final hidden state after the final norm (what
+/// the output projection reads) and the residual stream after [`middle_layer`] blocks, side by
+/// side, `[rows, 2 * width]`. Both are `[1, rows, width]`; they are by-products of the forward
+/// pass, so a probe costs no extra pass.
+pub(crate) fn hidden_features(normed: &Tensor, middle: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::cat(&[normed, middle], 2)?.squeeze(0)
+}
+
 /// One sequence's part of a batched decode step: its next token, placed
 /// at `position` (the length of its own `cache`).
 pub(crate) struct DecodeStep<'a> {
@@ -64,28 +86,31 @@ pub(crate) trait CausalLm: Send {
     /// Bytes of the dense prefill copy.
     fn dense_bytes(&self) -> usize;
     /// Runs a prompt of several tokens placed at `position` (the cached length) into
-    /// `cache` and returns the next-token logits of the last one, `[vocab]`.
+    /// `cache` and returns the next-token logits of the last one, `[vocab]`, with its hidden
+    /// features.
     fn prompt_in(
         &self,
         cache: &mut kv_cache::SeqCache,
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Outputs>;
     /// One decode step of several sequences (or a one-token prefill): each step's token at
     /// its position in its own cache; every matrix product runs once over all of them.
-    /// Returns the next-token logits, `[steps, vocab]`.
-    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> candle_core::Result<Tensor>;
+    /// Returns the next-token logits, `[steps, vocab]`, and the hidden features of each step.
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass)
+        -> candle_core::Result<Outputs>;
 
     /// Runs `tokens` placed at `position` on the sequence whose keys and values `cache`
-    /// holds and returns the next-token logits of the last one, `[vocab]`.
+    /// holds and returns the next-token logits of the last one, `[vocab]`, with its hidden
+    /// features.
     fn forward_in(
         &self,
         cache: &mut kv_cache::SeqCache,
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<Outputs> {
         if let [token] = tokens {
             // One token takes the same path alone as in a batch, so a request's log-probs
             // do not depend on what runs beside it.
@@ -94,7 +119,11 @@ pub(crate) trait CausalLm: Send {
                 token: *token,
                 position,
             }];
-            return self.decode_rows(&mut step, pass)?.squeeze(0);
+            let out = self.decode_rows(&mut step, pass)?;
+            return Ok(Outputs {
+                logits: out.logits.squeeze(0)?,
+                hidden: out.hidden,
+            });
         }
         self.prompt_in(cache, tokens, position, pass)
     }
@@ -105,11 +134,11 @@ pub(crate) trait CausalLm: Send {
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<Outputs> {
         let mut cache = std::mem::take(self.own_cache());
-        let logits = self.forward_in(&mut cache, tokens, position, pass);
+        let out = self.forward_in(&mut cache, tokens, position, pass);
         *self.own_cache() = cache;
-        logits
+        out
     }
 
     /// Keeps the first `len` cached positions of the own sequence and forgets the rest.

@@ -20,7 +20,10 @@ use super::kv_cache::{rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
-use super::{check_step, check_steps, CausalLm, DecodeStep, Pass, PrefillWeights};
+use super::{
+    check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
+    PrefillWeights,
+};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, Copy)]
@@ -263,7 +266,7 @@ impl CausalLm for Phi2 {
         tokens: &[u32],
         position: usize,
         pass: Pass,
-    ) -> Result<Tensor> {
+    ) -> Result<Outputs> {
         let n = tokens.len();
         cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.cos.dim(0)?)?;
@@ -272,22 +275,31 @@ impl CausalLm for Phi2 {
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let mask = causal_mask(n, position, None, &device)?;
         let shape = self.shape;
-        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
+        for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
             let h = block.norm.forward(&x, shape.norm_eps)?;
             let attended = block.attention(layer, &h, &rotary, &mask, shape, pass)?;
             let mlp = block.mlp(&h, pass)?;
             x = ((x + attended)? + mlp)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let last = x.narrow(1, n - 1, 1)?;
         let last = self.norm.forward(&last, shape.norm_eps)?;
         let logits = self.output.forward(&last, Pass::Decode)?.flatten_all()?;
-        match &self.output_bias {
-            Some(bias) => logits + bias,
-            None => Ok(logits),
-        }
+        let logits = match &self.output_bias {
+            Some(bias) => (logits + bias)?,
+            None => logits,
+        };
+        Ok(Outputs {
+            logits,
+            hidden: hidden_features(&last, &at_middle.narrow(1, n - 1, 1)?)?,
+        })
     }
 
-    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Tensor> {
+    fn decode_rows(&self, steps: &mut [DecodeStep<'_>], pass: Pass) -> Result<Outputs> {
         check_steps(steps, self.blocks.len(), self.cos.dim(0)?)?;
         let rotary = steps
             .iter()
@@ -298,6 +310,8 @@ impl CausalLm for Phi2 {
         let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;
         let shape = self.shape;
         let (head_dim, rope_dim) = (shape.head_dim, shape.rope_dim);
+        let middle = middle_layer(self.blocks.len());
+        let mut at_middle = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
             let h = block.norm.forward(&x, shape.norm_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
@@ -317,13 +331,20 @@ impl CausalLm for Phi2 {
             let attended = block.attn_out.forward(&mixed, pass)?;
             let mlp = block.mlp(&h, pass)?;
             x = ((x + attended)? + mlp)?;
+            if l + 1 == middle {
+                at_middle = x.clone();
+            }
         }
         let x = self.norm.forward(&x, shape.norm_eps)?;
         let logits = self.output.forward(&x, Pass::Decode)?.squeeze(0)?;
-        match &self.output_bias {
-            Some(bias) => logits.broadcast_add(bias),
-            None => Ok(logits),
-        }
+        let logits = match &self.output_bias {
+            Some(bias) => logits.broadcast_add(bias)?,
+            None => logits,
+        };
+        Ok(Outputs {
+            logits,
+            hidden: hidden_features(&x, &at_middle)?,
+        })
     }
 }
 

@@ -229,7 +229,7 @@ impl RequestContext {
             Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         self.local_prompt_tokens = generation.usage.prompt_tokens;
         self.local_completion_tokens = generation.usage.completion_tokens;
-        self.confidence = signals::score(aggregate, &generation.tokens);
+        self.confidence = signals::score_generation(aggregate, generation);
         observe_local(metrics, run);
     }
 

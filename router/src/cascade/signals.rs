@@ -2,10 +2,10 @@
 //! routing verdict (`policies::decision`): generated tokens as the confidence signals the
 //! policies score.
 
-use local_model::TokenRecord;
+use local_model::{Generation, TokenRecord};
 
 pub use policies::Aggregate;
-use policies::TokenSignal;
+use policies::{HiddenState, TokenSignal};
 
 /// The confidence signals of generated tokens, as the `policies` crate scores them.
 pub fn signals(tokens: &[TokenRecord]) -> Vec<TokenSignal> {
@@ -19,9 +19,22 @@ pub fn signals(tokens: &[TokenRecord]) -> Vec<TokenSignal> {
         .collect()
 }
 
-/// The score of a generation under `aggregate`, or `None` when it has no tokens.
+/// The score of a generation's tokens under `aggregate`, or `None` when it has no tokens.
 pub fn score(aggregate: &Aggregate, tokens: &[TokenRecord]) -> Option<f64> {
     aggregate.score(&signals(tokens))
+}
+
+/// The score of a whole generation under `aggregate`: its tokens, and for a `probe` the
+/// hidden states the engine returned with it (a dot product over them; NaN without them, so
+/// the request escalates).
+pub fn score_generation(aggregate: &Aggregate, generation: &Generation) -> Option<f64> {
+    let hidden = generation.probe.as_ref().map(|p| HiddenState {
+        final_mean: &p.final_mean,
+        final_last: &p.final_last,
+        middle_mean: &p.middle_mean,
+        middle_last: &p.middle_last,
+    });
+    aggregate.score_with(&signals(&generation.tokens), hidden.as_ref())
 }
 
 #[cfg(test)]

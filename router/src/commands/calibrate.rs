@@ -13,6 +13,9 @@ use crate::eval::feedback;
 use crate::eval::isotonic::fit_isotonic;
 use crate::eval::metrics::calibration;
 use crate::eval::plot::{write_chart, Chart, Line, LineKind, PALETTE};
+use crate::eval::probe::{
+    fit_probe, probe_report, read_probes, ProbeData, ProbeReport, ProbeSettings,
+};
 use crate::eval::record::{read_records, EvalRecord};
 use crate::eval::scoring::{
     aggregate_scores, default_features, fit_learned, fit_learned_on_values, parse_rule,
@@ -78,6 +81,11 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
             "leave_one_dataset_out".into(),
             serde_json::to_value(&transfer)?,
         );
+    }
+
+    if args.probe {
+        let entry = probe_section(args, &records, out)?;
+        report.insert("probe".into(), entry);
     }
 
     // The learned rule, fitted on every labeled item.
@@ -446,6 +454,117 @@ fn write_transfer(out: &mut impl Write, t: &TransferReport) -> std::io::Result<(
         if let Some(f) = &h.learned_cross_set {
             writeln!(out, "  {:<22} {}", "learned (cross-set)", cell(f))?;
         }
+    }
+    writeln!(out)
+}
+
+/// `--probe`: the probe judged in-set and cross-set, and fitted on every item
+/// (`<name>-probe.json`).
+fn probe_section(
+    args: &CalibrateArgs,
+    records: &[EvalRecord],
+    out: &mut impl Write,
+) -> anyhow::Result<serde_json::Value> {
+    let e = &args.escalation;
+    let hidden = args
+        .probe_inputs
+        .split(',')
+        .map(|name| {
+            policies::HiddenInput::from_name(name.trim())
+                .with_context(|| format!("unknown probe input `{name}`"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let settings = ProbeSettings {
+        hidden,
+        dims: args.probe_dims,
+        features: if args.probe_hidden_only {
+            Vec::new()
+        } else {
+            default_features()
+        },
+        folds: e.folds,
+        seed: e.seed,
+    };
+    let mut probes = std::collections::HashMap::new();
+    for path in &args.run {
+        probes.extend(read_probes(path)?);
+    }
+    let (data, missing) = ProbeData::collect(records, &probes, &settings);
+    anyhow::ensure!(
+        !data.is_empty(),
+        "--probe: no labeled item has hidden-state features (run `cascade eval` on the tuned engine; it saves them in run.probe.jsonl)"
+    );
+    let report = probe_report(&data, &settings, e.remote_accuracy);
+    write_probe_report(out, &report, missing)?;
+    let all: Vec<usize> = (0..data.len()).collect();
+    let name = format!("{}-probe", args.name);
+    let mut entry = serde_json::to_value(&report)?;
+    if let Some(mut fit) = fit_probe(&name, &data, &all, &settings) {
+        if let serde_json::Value::Object(m) = &mut fit.rule.fitted_on {
+            m.insert("source".into(), runs_source(args));
+            m.insert(
+                "hidden_inputs".into(),
+                serde_json::Value::String(args.probe_inputs.clone()),
+            );
+        }
+        let path = args.out.join(format!("{name}.json"));
+        std::fs::write(&path, fit.rule.to_json())
+            .with_context(|| format!("writing {}", path.display()))?;
+        writeln!(
+            out,
+            "probe rule (every item, L2 {}): {}\n  aggregate = {{ kind = \"probe\", name = \"{name}\" }} with min_p_correct; install {name}.json where the gateway loads rules",
+            fit.l2,
+            path.display()
+        )?;
+        if let serde_json::Value::Object(m) = &mut entry {
+            m.insert("file".into(), path.display().to_string().into());
+        }
+    }
+    Ok(entry)
+}
+
+fn write_probe_report(
+    out: &mut impl Write,
+    r: &ProbeReport,
+    missing: usize,
+) -> std::io::Result<()> {
+    let cell = |f: &Figures| {
+        let g = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        format!("{} / {}", g(f.auroc), g(f.headroom))
+    };
+    writeln!(
+        out,
+        "\nhidden-state probe on {} ({} dims{}), with {}; cells: AUROC / share of the APGR headroom",
+        r.hidden.join(" + "),
+        r.dims,
+        if missing > 0 { format!(", {missing} items without features left out") } else { String::new() },
+        r.features.join(", ")
+    )?;
+    writeln!(
+        out,
+        "{:<14} {:>6} {:>7}  {:<15} {:<15} {:<15} {:<15}",
+        "dataset",
+        "items",
+        "local",
+        "sum_logprob",
+        "mean_logprob",
+        "probe in-set",
+        "probe cross-set"
+    )?;
+    for s in r.sets.iter().chain([&r.pooled]) {
+        writeln!(
+            out,
+            "{:<14} {:>6} {:>6.1}%  {:<15} {:<15} {:<15} {:<15}",
+            truncate(&s.dataset, 14),
+            s.items,
+            100.0 * s.local_accuracy,
+            cell(&s.sum_logprob),
+            cell(&s.mean_logprob),
+            cell(&s.probe_in_set),
+            s.probe_cross_set
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), cell)
+        )?;
     }
     writeln!(out)
 }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use policies::{
     Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule,
     OverloadAction, Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig,
-    RemoteFailureAction, TeamConfig,
+    ProbeRule, RemoteFailureAction, TeamConfig,
 };
 
 use crate::limits::RequestLimits;
@@ -183,8 +183,11 @@ impl Config {
             load_calibrated_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
         policies::calibrated::resolve_calibrated(&mut policies_config, &calibrated)
             .map_err(|e| invalid("policies", e.to_string()))?;
+        let probes = load_probe_rules(&raw.confidence, &raw.policy, &policies_config, base_dir)?;
+        policies::probe::resolve_probe(&mut policies_config, &probes)
+            .map_err(|e| invalid("policies", e.to_string()))?;
         let (policy, max_queue_wait, policy_remotes) =
-            validate_policy(&raw.policy, &remotes, &rules, &calibrated)?;
+            validate_policy(&raw.policy, &remotes, &rules, &calibrated, &probes)?;
         let storage = validate_storage(&raw.storage, base_dir)?;
         let ledger = validate_ledger(&raw.storage, base_dir)?;
         let admin = validate_admin(&raw.admin)?;
@@ -666,6 +669,45 @@ subject = \"user\"
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("policy.threshold:"), "{e}");
+    }
+
+    #[test]
+    fn probe_rules_are_loaded_by_name_for_the_policy_and_teams() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        let rule = ProbeRule {
+            format: policies::probe::FORMAT.to_owned(),
+            name: "hid".to_owned(),
+            hidden: vec![policies::HiddenInput::MiddleMean],
+            width: 2,
+            hidden_weights: vec![0.5, -0.5],
+            features: Vec::new(),
+            center: Vec::new(),
+            scale: Vec::new(),
+            weights: Vec::new(),
+            intercept: 0.0,
+            fitted_on: serde_json::Value::Null,
+        };
+        std::fs::write(dir.path().join("rules/hid.json"), rule.to_json()).unwrap();
+        let team = format!(
+            "{MINIMAL}\n[policy]\naggregate = {{ kind = \"probe\", name = \"hid\" }}\nmin_p_correct = 0.8\n\
+             [prices.big]\ninput_usd_per_million = 1.0\noutput_usd_per_million = 1.0\n\
+             [[teams]]\nname = \"a\"\napi_key_hashes = []\n\
+             [teams.policy]\naggregate = {{ kind = \"probe\", name = \"hid\" }}\nmin_p_correct = 0.9\nremotes = [\"big\"]\n"
+        );
+        let c = with_rules_dir(dir.path(), &team).unwrap();
+        assert!(matches!(
+            c.policy.aggregate(),
+            Aggregate::Probe { name, rule: Some(r) } if name == "hid" && **r == rule
+        ));
+        assert!(matches!(
+            c.policies.team("a").unwrap().policy.aggregate(),
+            Aggregate::Probe { rule: Some(_), .. }
+        ));
+        let e = with_rules_dir(dir.path(), &team.replace("\"hid\"", "\"absent\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absent.json") && e.contains("probe rule"), "{e}");
     }
 
     #[test]

@@ -98,6 +98,7 @@ pub(super) fn validate_policy(
     remotes: &[RemoteConfig],
     rules: &BTreeMap<String, Arc<LearnedRule>>,
     calibrated: &BTreeMap<String, Arc<CalibratedRule>>,
+    probes: &BTreeMap<String, Arc<ProbeRule>>,
 ) -> Result<(Policy, Option<Duration>, Vec<String>), ConfigError> {
     let aggregate = match &raw.aggregate {
         RawAggregate::Table(Aggregate::Learned { name, .. }) => Aggregate::Learned {
@@ -107,6 +108,10 @@ pub(super) fn validate_policy(
         RawAggregate::Table(Aggregate::Calibrated { name, .. }) => Aggregate::Calibrated {
             name: name.clone(),
             rule: calibrated.get(name).cloned(),
+        },
+        RawAggregate::Table(Aggregate::Probe { name, .. }) => Aggregate::Probe {
+            name: name.clone(),
+            rule: probes.get(name).cloned(),
         },
         RawAggregate::Table(aggregate) => aggregate.clone(),
         RawAggregate::Name(name) => aggregate_by_name(name, raw, rules)?,

@@ -1,4 +1,4 @@
-//! `[confidence]`: where learned and calibrated rules are read from, and reading them.
+//! `[confidence]`: where learned, calibrated and probe rules are read from, and reading them.
 
 use super::*;
 
@@ -57,6 +57,22 @@ pub(super) fn load_calibrated_rules(
     }
     read_rules(confidence, base_dir, names, "calibrated", |text| {
         CalibratedRule::from_json(text).map_err(|e| e.to_string())
+    })
+}
+
+/// Reads every probe rule the configuration names from `<rules_dir>/<name>.json`.
+pub(super) fn load_probe_rules(
+    confidence: &RawConfidence,
+    policy: &RawPolicy,
+    policies_config: &PoliciesConfig,
+    base_dir: Option<&Path>,
+) -> Result<BTreeMap<String, Arc<ProbeRule>>, ConfigError> {
+    let mut names = policies::probe::probe_rule_names(policies_config);
+    if let RawAggregate::Table(Aggregate::Probe { name, .. }) = &policy.aggregate {
+        names.insert(name.clone());
+    }
+    read_rules(confidence, base_dir, names, "probe", |text| {
+        ProbeRule::from_json(text).map_err(|e| e.to_string())
     })
 }
 

@@ -9,12 +9,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use local_model::{ChatMessage, Control, GenerationParams, LocalModel, Prompt};
 
 use super::datasets::Item;
+use super::probe::{probe_path, write_probe, SavedProbe};
 use super::record::{write_record, EvalRecord, SavedToken};
 use super::EvalError;
 
 /// Generates an answer for every item with greedy decoding and no early exit (every rule must
 /// see the whole answer), appending each record to `out` as soon as it is graded, so that an
-/// interrupted run keeps what it did.
+/// interrupted run keeps what it did. The hidden-state features of each answer, where the
+/// engine returns them, go beside it ([`probe_path`]).
 pub fn generate_run(
     model: &mut LocalModel,
     items: &[Item],
@@ -27,6 +29,12 @@ pub fn generate_run(
         source,
     };
     let mut writer = BufWriter::new(File::create(out).map_err(io)?);
+    let probe_out = probe_path(out);
+    let probe_io = |source| EvalError::Io {
+        path: probe_out.clone(),
+        source,
+    };
+    let mut probes = BufWriter::new(File::create(&probe_out).map_err(probe_io)?);
     let bar = if progress {
         ProgressBar::new(items.len() as u64)
     } else {
@@ -51,6 +59,17 @@ pub fn generate_run(
             .generate(&prompt, &params, &mut |_| Control::Continue)
             .map_err(|e| EvalError::Model(format!("item {}: {e}", item.id)))?;
         let is_correct = item.grader.grade(&generation.text);
+        if let Some(probe) = generation.probe.as_deref().cloned() {
+            write_probe(
+                &mut probes,
+                &SavedProbe {
+                    id: item.id.clone(),
+                    dataset: dataset.to_owned(),
+                    probe,
+                },
+            )?;
+            probes.flush().map_err(probe_io)?;
+        }
         correct += usize::from(is_correct);
         let record = EvalRecord {
             id: item.id.clone(),

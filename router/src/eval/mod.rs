@@ -19,6 +19,7 @@ pub mod isotonic;
 pub mod logistic;
 pub mod metrics;
 pub mod plot;
+pub mod probe;
 pub mod record;
 pub mod report;
 pub mod scoring;
