@@ -36,43 +36,15 @@ fn request(i: usize, confidence: f64, aggregate: &str, now_ms: i64) -> LedgerRec
 fn calibrate_from_the_ledger_targets_an_escalation_rate_of_recorded_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let storage = connect(&StorageConfig {
-            url: url.clone(),
-            max_connections: 1,
-            reservation_ttl_secs: 60,
-            sqlite_sync: Default::default(),
-        })
-        .await
-        .unwrap();
-        // Ten requests scored by sum_logprob (-1, -2, ..., -10), and noise from another rule.
-        for i in 0..10 {
-            storage
-                .record(&request(i, -(i as f64 + 1.0), "sum_logprob", now_ms))
-                .await
-                .unwrap();
-        }
-        storage
-            .record(&request(99, -50.0, "mean_logprob", now_ms))
-            .await
-            .unwrap();
-        storage.close().await;
-    });
+    let now_ms = now_ms();
+    // Ten requests scored by sum_logprob (-1, -2, ..., -10), and noise from another rule.
+    let mut records: Vec<LedgerRecord> = (0..10)
+        .map(|i| request(i, -(i as f64 + 1.0), "sum_logprob", now_ms))
+        .collect();
+    records.push(request(99, -50.0, "mean_logprob", now_ms));
+    write_ledger(&url, &records, &[]);
     let out = dir.path().join("calibrate");
-    let Command::Calibrate(args) = Cli::try_parse_from([
-        "cascade",
-        "calibrate",
+    let report = calibrate(&[
         "--ledger",
         &url,
         "--rule",
@@ -82,14 +54,7 @@ fn calibrate_from_the_ledger_targets_an_escalation_rate_of_recorded_traffic() {
         "--out",
         out.to_str().unwrap(),
     ])
-    .unwrap()
-    .command
-    else {
-        panic!("not a calibrate command")
-    };
-    let mut report = Vec::new();
-    cascade::commands::calibrate::execute(&args, &mut report).unwrap();
-    let report = String::from_utf8(report).unwrap();
+    .unwrap();
     // Escalating the three lowest (-10, -9, -8): the threshold lies between -8 and -7.
     assert!(report.contains("on 10 ledger requests"), "{report}");
     assert!(
