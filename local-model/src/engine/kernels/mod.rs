@@ -26,6 +26,7 @@
 mod q4_1;
 mod q4_k;
 mod q8_0;
+mod side_tiles;
 #[cfg(target_arch = "x86_64")]
 #[expect(
     unsafe_code,
@@ -125,18 +126,30 @@ type Amx = unsafe_simd::Amx;
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 type Amx = std::convert::Infallible;
 
-/// Set (to anything) to run Q8_0 products of 16 activation rows or more
-/// (prefill, batches of 16) on AMX tiles where the CPU and kernel allow.
-/// Opt-in for now: those products add the same integer sums in another F32
-/// order than the AVX kernels, so a request's decode in a batch of 16 is no
-/// longer equal to the bit to the same request alone (Gemma 3's log-probs
-/// moved by up to 0.01), which the batching guarantee promises.
+/// Set (to anything) to keep products off AMX tiles on a CPU that has
+/// them: to compare the two.
+pub const NO_AMX_VARIABLE: &str = "CASCADE_NO_AMX";
+
+/// Set (to anything) to also run Q8_0 products of 16 activation rows or
+/// more on AMX tiles. Opt-in, unlike Q4_K's tiles: Q8_0's tile products add
+/// the same integer sums in another F32 order than its AVX kernels, so a
+/// request's decode in a batch of 16 is no longer equal to the bit to the
+/// same request alone (Gemma 3's log-probs moved by up to 0.01), which the
+/// batching guarantee promises. Q4_K's tiles give the AVX kernels' bits.
 pub const AMX_VARIABLE: &str = "CASCADE_AMX";
 
-/// AMX where `CASCADE_AMX` asks for it and the CPU and kernel allow it.
+/// AMX where the CPU and kernel allow it and `CASCADE_NO_AMX` is not set.
 fn detect_amx() -> Option<Amx> {
-    std::env::var_os(AMX_VARIABLE)?;
+    if std::env::var_os(NO_AMX_VARIABLE).is_some() {
+        return None;
+    }
     available_amx()
+}
+
+/// AMX for Q8_0 too, where `CASCADE_AMX` asks for it.
+fn detect_q8_0_amx() -> Option<Amx> {
+    std::env::var_os(AMX_VARIABLE)?;
+    detect_amx()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -159,8 +172,11 @@ struct Isa {
     wide: Option<WideSimd>,
     simd_vnni: Option<SimdVnni>,
     wide_vnni: Option<WideVnni>,
-    /// AMX tiles, for products over several activation rows (Q8_0).
+    /// AMX tiles, for products over 16 activation rows or more (Q4_1,
+    /// Q4_K).
     amx: Option<Amx>,
+    /// AMX tiles for Q8_0 (opt-in: see [`AMX_VARIABLE`]).
+    q8_0_amx: Option<Amx>,
 }
 
 impl Isa {
@@ -175,6 +191,7 @@ impl Isa {
             simd_vnni,
             wide_vnni,
             amx: detect_amx(),
+            q8_0_amx: detect_q8_0_amx(),
         })
     }
 
@@ -227,10 +244,10 @@ pub fn describe_paths() -> String {
     let Some(path) = detected_path() else {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
-    let amx = if detect_amx().is_some() {
-        "; AMX tiles (Q8_0, 16 rows or more)"
-    } else {
-        ""
+    let amx = match (detect_amx(), detect_q8_0_amx()) {
+        (_, Some(_)) => "; AMX tiles (Q8_0, Q4_1, Q4_K; 16 rows or more)",
+        (Some(_), None) => "; AMX tiles (Q4_1, Q4_K; 16 rows or more)",
+        (None, _) => "",
     };
     format!(
         "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
@@ -505,6 +522,13 @@ trait GroupKernel<const LANES: usize = ROWS_PER_GROUP>: Sync {
             2
         }
     }
+
+    /// Runs one worker's share of the groups: inside the thread's AMX
+    /// tile configuration where the kernel uses tiles, so that it is
+    /// loaded once per share rather than once per group.
+    fn on_worker(&self, work: impl FnOnce()) {
+        work()
+    }
 }
 
 /// Runs `kernel` on `N` activation rows from `first` on and stores the
@@ -537,40 +561,59 @@ fn for_each_group<const LANES: usize>(
     // share the buffer without `unsafe`.
     let out: Vec<AtomicU32> = (0..m * rows).map(|_| AtomicU32::new(0)).collect();
     candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(LANES), |range| {
-        for group in range {
-            let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
-            let first = group * LANES;
-            let lanes = LANES.min(rows - first);
-            let store = |i: usize, sums: &[f32; LANES]| {
-                for (lane, sum) in sums.iter().take(lanes).enumerate() {
-                    out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
-                }
-            };
-            let mut i = 0;
-            if kernel.rows_per_step() >= 8 {
-                while i + 8 <= m {
-                    dot_rows::<LANES, 8>(kernel, weights, i, &store);
-                    i += 8;
-                }
-            }
-            if kernel.rows_per_step() >= 4 {
-                while i + 4 <= m {
-                    dot_rows::<LANES, 4>(kernel, weights, i, &store);
-                    i += 4;
-                }
-            }
-            while i + 2 <= m {
-                dot_rows::<LANES, 2>(kernel, weights, i, &store);
-                i += 2;
-            }
-            if i < m {
-                dot_rows::<LANES, 1>(kernel, weights, i, &store);
-            }
-        }
+        kernel.on_worker(|| for_groups(range, groups, group_bytes, rows, m, kernel, &out));
     });
     out.into_iter()
         .map(|v| f32::from_bits(v.into_inner()))
         .collect()
+}
+
+/// One worker's share of [`for_each_group`]: the groups in `range`.
+fn for_groups<const LANES: usize>(
+    range: std::ops::Range<usize>,
+    groups: &[u8],
+    group_bytes: usize,
+    rows: usize,
+    m: usize,
+    kernel: &impl GroupKernel<LANES>,
+    out: &[AtomicU32],
+) {
+    for group in range {
+        let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
+        let first = group * LANES;
+        let lanes = LANES.min(rows - first);
+        let store = |i: usize, sums: &[f32; LANES]| {
+            for (lane, sum) in sums.iter().take(lanes).enumerate() {
+                out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
+            }
+        };
+        let mut i = 0;
+        if kernel.rows_per_step() >= 16 {
+            while i + 16 <= m {
+                dot_rows::<LANES, 16>(kernel, weights, i, &store);
+                i += 16;
+            }
+        }
+        if kernel.rows_per_step() >= 8 {
+            while i + 8 <= m {
+                dot_rows::<LANES, 8>(kernel, weights, i, &store);
+                i += 8;
+            }
+        }
+        if kernel.rows_per_step() >= 4 {
+            while i + 4 <= m {
+                dot_rows::<LANES, 4>(kernel, weights, i, &store);
+                i += 4;
+            }
+        }
+        while i + 2 <= m {
+            dot_rows::<LANES, 2>(kernel, weights, i, &store);
+            i += 2;
+        }
+        if i < m {
+            dot_rows::<LANES, 1>(kernel, weights, i, &store);
+        }
+    }
 }
 
 /// Horizontal sum of eight lanes.
@@ -691,20 +734,29 @@ impl GroupedWeights {
 
     /// The same weights without AMX: for tests and benchmarks that compare.
     pub fn without_amx(mut self) -> Self {
-        self.isa_mut().amx = None;
+        let isa = self.isa_mut();
+        isa.amx = None;
+        isa.q8_0_amx = None;
         self
     }
 
-    /// The same weights on AMX where the CPU and kernel allow it, whether or
-    /// not `CASCADE_AMX` is set: for tests and benchmarks.
+    /// The same weights on AMX where the CPU and kernel allow it (Q8_0's
+    /// opt-in included), whatever the environment says: for tests and
+    /// benchmarks.
     pub fn with_available_amx(mut self) -> Self {
-        self.isa_mut().amx = available_amx();
+        let isa = self.isa_mut();
+        isa.amx = available_amx();
+        isa.q8_0_amx = isa.amx;
         self
     }
 
-    /// Whether products over several activation rows run on AMX tiles.
+    /// Whether products over 16 activation rows or more run on AMX tiles.
     pub fn uses_amx(&self) -> bool {
-        matches!(self, Self::Q8_0(_)) && self.isa().amx.is_some()
+        match self {
+            Self::Q8_0(m) => m.isa.q8_0_amx.is_some(),
+            Self::Q4_1(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
+            Self::Q4K(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
+        }
     }
 
     /// The same weights without VNNI's byte products, even where the CPU

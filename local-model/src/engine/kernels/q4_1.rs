@@ -5,49 +5,65 @@
 //! converted Q4_1 to Q8_0 at load, which reads 34 bytes per block instead
 //! of 20. Decoding reads every weight once per token, so the file's own
 //! format is the smaller read.
+//!
+//! Sixteen weight rows are held side by side, as Q4_K's are (see
+//! `q4_k.rs`): lane `r` of every vector is row `r` of the group, and each
+//! 32-bit lane of a step holds four of its values in the low nibbles and
+//! the next four in the high ones. A block's integer sums then take one
+//! conversion and two fused multiply-adds for sixteen rows, with no sum
+//! across lanes, and the layout is the one AMX tiles read (`side_tiles`).
 
 use candle_core::quantized::GgmlDType;
+#[cfg(target_arch = "x86_64")]
 use half::f16;
 
 use super::q8_0::{ActivationRow, Activations};
-use super::{
-    check_layout, for_each_group, keep_block, regroup, GroupKernel, Isa, KernelError,
-    ROWS_PER_GROUP,
-};
+use super::{check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError};
 #[cfg(target_arch = "x86_64")]
-use super::{lane_sum, widen_halves, NarrowBytes, WideBytes};
+use super::{NarrowBytes, WideBytes};
 #[cfg(not(target_arch = "x86_64"))]
 use super::{Simd, WideSimd};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
-/// Bytes per Q4_1 block: F16 scale, F16 minimum, 16 bytes of nibbles
-/// (value `i` in the low nibble of byte `i`, value `16 + i` in the high).
+/// Bytes per Q4_1 block in GGUF: F16 scale, F16 minimum, 16 bytes of
+/// nibbles (value `i` in the low nibble of byte `i`, value `16 + i` in the
+/// high).
 const BLOCK_BYTES: usize = 20;
-/// Bytes of one block index across a four-row group: the four scales,
-/// the four minimums, then the four rows' nibbles (see `fields_first`).
-const STEP_BYTES: usize = ROWS_PER_GROUP * BLOCK_BYTES;
-const MINS_AT: usize = 2 * ROWS_PER_GROUP;
-const VALUES_AT: usize = 4 * ROWS_PER_GROUP;
-/// Bytes of nibbles per block.
-const PACKED: usize = BLOCK / 2;
+/// Weight rows held side by side.
+const LANES: usize = 16;
+/// Bytes of one block of the group's sixteen rows, as many as in GGUF:
+/// the F16 scales, the F16 minimums, then the nibbles, step by step.
+const STEP_BYTES: usize = LANES * BLOCK_BYTES;
+const D_AT: usize = 0;
+const MINS_AT: usize = 2 * LANES;
+const VALUES_AT: usize = 4 * LANES;
+/// Eight values per row and step: four in the low nibbles, four in the high.
+const STEP_VALUES: usize = 8;
+/// Steps per block.
+const STEPS: usize = BLOCK / STEP_VALUES;
+/// Bytes per step: four bytes a row.
+const QUAD_BYTES: usize = 4 * LANES;
 
-/// Rewrites one group step (four GGUF blocks side by side) field by field,
-/// so that the AVX-512 kernel loads the four rows' nibbles in one 64-byte
-/// load and their scales and minimums in one conversion.
-fn fields_first(step: &mut [u8]) {
-    let mut blocks = [0u8; STEP_BYTES];
-    blocks.copy_from_slice(step);
-    for (lane, block) in blocks.chunks_exact(BLOCK_BYTES).enumerate() {
-        step[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);
-        step[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
-        let at = VALUES_AT + PACKED * lane;
-        step[at..at + PACKED].copy_from_slice(&block[4..]);
+/// Writes one GGUF block of weight row `lane` into `step`, the held block
+/// of its group (layout at [`STEP_BYTES`]).
+fn pack_block(block: &[u8], lane: usize, step: &mut [u8]) {
+    step[D_AT + 2 * lane..D_AT + 2 * lane + 2].copy_from_slice(&block[..2]);
+    step[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
+    let mut values = [0u8; BLOCK];
+    for (i, &byte) in block[4..].iter().enumerate() {
+        values[i] = byte & 0xF;
+        values[BLOCK / 2 + i] = byte >> 4;
+    }
+    for (k, eight) in values.chunks_exact(STEP_VALUES).enumerate() {
+        let at = VALUES_AT + k * QUAD_BYTES + 4 * lane;
+        for t in 0..4 {
+            step[at + t] = eight[t] | (eight[t + 4] << 4);
+        }
     }
 }
 
-/// Q4_1 weights, `rows x cols`, regrouped four rows at a time, each block
-/// index of a group held field by field.
+/// Q4_1 weights, `rows x cols`, held sixteen rows side by side.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     groups: Vec<u8>,
@@ -63,15 +79,24 @@ impl Q4_1Matrix {
         let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
-        let mut groups = regroup(
-            bytes,
-            rows,
-            cols / BLOCK,
-            BLOCK_BYTES,
-            BLOCK_BYTES,
-            keep_block,
-        );
-        groups.chunks_exact_mut(STEP_BYTES).for_each(fields_first);
+        let row_bytes = cols / BLOCK * BLOCK_BYTES;
+        let group_bytes = cols / BLOCK * STEP_BYTES;
+        // The last group's missing rows stay zero (scales 0): their
+        // products are computed and dropped.
+        let mut groups = vec![0u8; rows.div_ceil(LANES) * group_bytes];
+        for (source, group) in bytes
+            .chunks(LANES * row_bytes)
+            .zip(groups.chunks_exact_mut(group_bytes))
+        {
+            for (lane, row) in source.chunks_exact(row_bytes).enumerate() {
+                for (block, step) in row
+                    .chunks_exact(BLOCK_BYTES)
+                    .zip(group.chunks_exact_mut(STEP_BYTES))
+                {
+                    pack_block(block, lane, step);
+                }
+            }
+        }
         Ok(Some(Self {
             groups,
             rows,
@@ -94,13 +119,17 @@ impl Q4_1Matrix {
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
+        let blocks_per_row = self.cols / BLOCK;
         let kernel = Kernel {
             isa: self.isa,
             activations: &activations,
+            tiles: side_tiles::ActivationTiles::new(&self.isa, m, blocks_per_row, |i, k| {
+                activations.row(i).1[k].map(|v| v.to_le_bytes()[0])
+            }),
         };
         Ok(for_each_group(
             &self.groups,
-            self.cols / BLOCK * STEP_BYTES,
+            blocks_per_row * STEP_BYTES,
             self.rows,
             m,
             &kernel,
@@ -112,11 +141,22 @@ impl Q4_1Matrix {
 struct Kernel<'a> {
     isa: Isa,
     activations: &'a Activations,
+    /// The activations of each whole run of 16 rows as AMX tiles, where
+    /// the products run on tiles.
+    tiles: Option<side_tiles::ActivationTiles>,
 }
 
-impl GroupKernel for Kernel<'_> {
-    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; ROWS_PER_GROUP]; N] {
+impl GroupKernel<LANES> for Kernel<'_> {
+    fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
+            tiles.with_run::<N, _>(first, |t, simd, run| {
+                dot_group_tiles(t, simd, weights, run, rows)
+            })
+        }) {
+            return out;
+        }
         if let Some(vnni) = self.isa.wide_vnni {
             return dot_group_wide(vnni, weights, rows);
         }
@@ -132,144 +172,236 @@ impl GroupKernel for Kernel<'_> {
     fn isa(&self) -> Isa {
         self.isa
     }
+
+    /// Sixteen on AMX tiles (a tile's rows); eight on AVX-512, as Q4_K.
+    fn rows_per_step(&self) -> usize {
+        if self.tiles.is_some() {
+            side_tiles::ROWS
+        } else if self.isa.wide.is_some() {
+            8
+        } else {
+            2
+        }
+    }
+
+    fn on_worker(&self, work: impl FnOnce()) {
+        match &self.tiles {
+            Some(tiles) => tiles.on_worker(work),
+            None => work(),
+        }
+    }
 }
 
-/// Dot products of one four-row group with `N` activation rows.
+/// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
 fn dot_group_wide<const N: usize>(
     simd: WideSimd,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
+) -> [[f32; LANES]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with `N` activation rows.
+/// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
 fn dot_group<const N: usize>(
     simd: Simd,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
+) -> [[f32; LANES]; N] {
     match simd {}
 }
 
-/// Dot products of one four-row group with `N` activation rows; each
-/// weight block is unpacked once for all `N`.
+/// Dot products of one sixteen-row group with `N` activation rows; each
+/// step of weights is loaded and unpacked once for all `N`.
 ///
-/// Per block: `d·dy·Σ q·y + m·dy·Σ y`; the second factor of the minimum's
-/// term comes with the activations.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn dot_group<B: NarrowBytes, const N: usize>(
-    bytes: B,
-    weights: &[u8],
-    rows: [ActivationRow<'_>; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
-    let simd = bytes.v3();
-    bytes.vectorize(
-        #[inline(always)]
-        || {
-            use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m256i};
-            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
-            let mut acc = [[simd.avx._mm256_setzero_ps(); ROWS_PER_GROUP]; N];
-            let mut min_terms = [[0f32; ROWS_PER_GROUP]; N];
-            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
-                let ys: [__m256i; N] = std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
-                let y_scales: [f32; N] = std::array::from_fn(|n| rows[n].0[b]);
-                let y_sums: [f32; N] = std::array::from_fn(|n| rows[n].2[b]);
-                for (lane, packed) in step[VALUES_AT..].chunks_exact(PACKED).enumerate() {
-                    let half = |at: usize| f16::from_le_bytes([step[at], step[at + 1]]).to_f32();
-                    let d = half(2 * lane);
-                    let m = half(MINS_AT + 2 * lane);
-                    let packed: __m128i = bytemuck::pod_read_unaligned(packed);
-                    // Low nibbles are values 0..16, high nibbles 16..32.
-                    let both = simd.avx2._mm256_inserti128_si256::<1>(
-                        simd.avx._mm256_castsi128_si256(packed),
-                        simd.sse2._mm_srli_epi16::<4>(packed),
-                    );
-                    let q = simd.avx2._mm256_and_si256(both, low_nibbles);
-                    for n in 0..N {
-                        let quads = bytes.quads(q, ys[n]);
-                        acc[n][lane] = simd.fma._mm256_fmadd_ps(
-                            simd.avx._mm256_cvtepi32_ps(quads),
-                            simd.avx._mm256_set1_ps(d * y_scales[n]),
-                            acc[n][lane],
-                        );
-                        min_terms[n][lane] += m * y_sums[n];
-                    }
-                }
-            }
-            std::array::from_fn(|n| {
-                std::array::from_fn(|lane| lane_sum(acc[n][lane]) + min_terms[n][lane])
-            })
-        },
-    )
-}
-
-/// `dot_group` on AVX-512: one 64-byte load takes the four rows' nibbles,
-/// 128 bits a row, which meet the activation block's first and second
-/// halves repeated in every 128-bit lane; element `e` of the sums belongs
-/// to row `e / 4`.
+/// Per row and block: `d·dy·Σ q·y + m·(dy·Σ y)`, the second factor of the
+/// minimum's term coming with the activations. `Σ q·y` is an exact
+/// integer on every path (VNNI or not only changes how the four-byte
+/// products are added), and the F32 operations per lane are the same on
+/// every path, so all paths give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn dot_group_wide<B: WideBytes, const N: usize>(
     bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
-) -> [[f32; ROWS_PER_GROUP]; N] {
+) -> [[f32; LANES]; N] {
     let simd = bytes.v4();
     bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m512, __m512i};
+            use std::arch::x86_64::__m512i;
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
-            // From the converted scales [d0..d3, m0..m3, ...]: each row's
-            // scale, and its minimum, over its four elements.
-            let row_scales: __m512i =
-                bytemuck::cast(std::array::from_fn::<i32, 16, _>(|e| e as i32 / 4));
-            let row_mins: __m512i =
-                bytemuck::cast(std::array::from_fn::<i32, 16, _>(|e| 4 + e as i32 / 4));
+            let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
-            let mut min_terms = [simd.avx512f._mm512_setzero_ps(); N];
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
-                let halves = widen_halves(simd, &step[..VALUES_AT]);
-                let ds = simd.avx512f._mm512_permutexvar_ps(row_scales, halves);
-                let ms = simd.avx512f._mm512_permutexvar_ps(row_mins, halves);
-                let q: __m512i = bytemuck::pod_read_unaligned(&step[VALUES_AT..]);
-                // Low nibbles are values 0..16 of each row, high 16..32.
-                let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
-                let high = simd
-                    .avx512f
-                    ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+                // The block's 32 bytes as the eight words a step broadcasts.
+                let ys: [[i32; BLOCK / 4]; N] =
+                    std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                // Two chains per row when the rows are few, so that the
+                // adds of one step need not wait for the previous step's.
+                let mut sums = [[zero; 2]; N];
+                for s in 0..STEPS {
+                    let at = VALUES_AT + s * QUAD_BYTES;
+                    let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
+                    let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
+                    let high = simd
+                        .avx512f
+                        ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+                    for n in 0..N {
+                        // Nibbles are unsigned (0..=15) and the activations
+                        // within ±127: a pair of products of each half stays
+                        // within ±3810, their sum within 16 bits.
+                        let y_low = simd.avx512f._mm512_set1_epi32(ys[n][2 * s]);
+                        let y_high = simd.avx512f._mm512_set1_epi32(ys[n][2 * s + 1]);
+                        let chain = if N >= 4 { 0 } else { s % 2 };
+                        sums[n][chain] = bytes.add_quads2(sums[n][chain], low, y_low, high, y_high);
+                    }
+                }
+                let sums =
+                    std::array::from_fn(|n| simd.avx512f._mm512_add_epi32(sums[n][0], sums[n][1]));
+                finish_block(simd, step, b, &rows, sums, &mut acc);
+            }
+            acc.map(bytemuck::cast)
+        },
+    )
+}
+
+/// Adds one block to `acc`, given each row's `Σ q·y` (`sums`): lane by
+/// lane `d·dy·Σ q·y`, then `m·(dy·Σ y)`. Shared by the AVX-512 and the AMX
+/// kernels, so that the same integers give the same bits on both.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_block<const N: usize>(
+    simd: pulp::x86::V4,
+    step: &[u8],
+    b: usize,
+    rows: &[ActivationRow<'_>; N],
+    sums: [std::arch::x86_64::__m512i; N],
+    acc: &mut [std::arch::x86_64::__m512; N],
+) {
+    use pulp::bytemuck;
+    use std::arch::x86_64::__m256i;
+    let halves = |at: usize| {
+        let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+        simd.avx512f._mm512_cvtph_ps(h)
+    };
+    let (d, m) = (halves(D_AT), halves(MINS_AT));
+    for n in 0..N {
+        let y_scale = simd.avx512f._mm512_set1_ps(rows[n].0[b]);
+        acc[n] = simd.avx512f._mm512_fmadd_ps(
+            simd.avx512f._mm512_mul_ps(d, y_scale),
+            simd.avx512f._mm512_cvtepi32_ps(sums[n]),
+            acc[n],
+        );
+        acc[n] = simd
+            .avx512f
+            ._mm512_fmadd_ps(m, simd.avx512f._mm512_set1_ps(rows[n].2[b]), acc[n]);
+    }
+}
+
+/// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
+/// step's 32 bytes of that half; the same integers and the same F32
+/// operations per lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_group<B: NarrowBytes, const N: usize>(
+    bytes: B,
+    weights: &[u8],
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; LANES]; N] {
+    const HALF: usize = LANES / 2;
+    let simd = bytes.v3();
+    bytes.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m256, __m256i};
+            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
+            let zero = simd.avx._mm256_setzero_si256();
+            let mut out = [[0f32; LANES]; N];
+            for half in 0..2 {
+                let mut acc = [simd.avx._mm256_setzero_ps(); N];
+                for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                    let ys: [[i32; BLOCK / 4]; N] =
+                        std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                    let mut sums = [[zero; 2]; N];
+                    for s in 0..STEPS {
+                        let at = VALUES_AT + s * QUAD_BYTES + 32 * half;
+                        let q: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 32]);
+                        let low = simd.avx2._mm256_and_si256(q, low_nibbles);
+                        let high = simd
+                            .avx2
+                            ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
+                        for n in 0..N {
+                            let y_low = simd.avx._mm256_set1_epi32(ys[n][2 * s]);
+                            let y_high = simd.avx._mm256_set1_epi32(ys[n][2 * s + 1]);
+                            sums[n][s % 2] =
+                                bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
+                        }
+                    }
+                    let halves = |at: usize| {
+                        let at = at + 2 * HALF * half;
+                        let values: [f32; HALF] = std::array::from_fn(|r| {
+                            f16::from_le_bytes([step[at + 2 * r], step[at + 2 * r + 1]]).to_f32()
+                        });
+                        bytemuck::cast::<_, __m256>(values)
+                    };
+                    let (d, m) = (halves(D_AT), halves(MINS_AT));
+                    for n in 0..N {
+                        let sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
+                        let y_scale = simd.avx._mm256_set1_ps(rows[n].0[b]);
+                        acc[n] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_mul_ps(d, y_scale),
+                            simd.avx._mm256_cvtepi32_ps(sum),
+                            acc[n],
+                        );
+                        acc[n] = simd.fma._mm256_fmadd_ps(
+                            m,
+                            simd.avx._mm256_set1_ps(rows[n].2[b]),
+                            acc[n],
+                        );
+                    }
+                }
                 for n in 0..N {
-                    let [first, second]: [__m128i; 2] = bytemuck::cast(rows[n].1[b]);
-                    let first = simd.avx512f._mm512_broadcast_i32x4(first);
-                    let second = simd.avx512f._mm512_broadcast_i32x4(second);
-                    // Nibbles are unsigned: no sign trick, and two pair
-                    // sums (at most 2 x 15 x 127 each) fit 16 bits.
-                    let quads = bytes.quads2(low, first, high, second);
-                    acc[n] = simd.avx512f._mm512_fmadd_ps(
-                        simd.avx512f._mm512_cvtepi32_ps(quads),
-                        simd.avx512f
-                            ._mm512_mul_ps(ds, simd.avx512f._mm512_set1_ps(rows[n].0[b])),
-                        acc[n],
-                    );
-                    min_terms[n] = simd.avx512f._mm512_fmadd_ps(
-                        ms,
-                        simd.avx512f._mm512_set1_ps(rows[n].2[b]),
-                        min_terms[n],
-                    );
+                    let lanes: [f32; HALF] = bytemuck::cast(acc[n]);
+                    out[n][HALF * half..HALF * (half + 1)].copy_from_slice(&lanes);
                 }
             }
-            std::array::from_fn(|n| {
-                let sums: [[f32; 4]; ROWS_PER_GROUP] = bytemuck::cast::<__m512, _>(acc[n]);
-                let mins: [[f32; 4]; ROWS_PER_GROUP] = bytemuck::cast::<__m512, _>(min_terms[n]);
-                // Every element of a row holds its whole minimum term.
-                std::array::from_fn(|lane| sums[lane].iter().sum::<f32>() + mins[lane][0])
-            })
+            out
+        },
+    )
+}
+
+/// `dot_group_wide` with the byte products on AMX tiles (see
+/// `side_tiles`): each block's nibbles are split into a weight tile, one
+/// tile product gives the 16 rows' integer sums, and [`finish_block`]
+/// scales and adds them as on AVX-512.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn dot_group_tiles<const N: usize>(
+    t: &side_tiles::ConfiguredTiles,
+    simd: pulp::x86::V4,
+    weights: &[u8],
+    tiles: &[side_tiles::ActivationTile],
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; LANES]; N] {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
+            let mut split = [0u8; STEPS * 2 * QUAD_BYTES];
+            let mut products = [[0i32; LANES]; side_tiles::ROWS];
+            for ((b, step), tile) in weights.chunks_exact(STEP_BYTES).enumerate().zip(tiles) {
+                side_tiles::split_nibbles(simd, &step[VALUES_AT..], &mut split);
+                t.side_block(tile, &split, &mut products);
+                let sums = std::array::from_fn(|n| bytemuck::cast(products[n]));
+                finish_block(simd, step, b, &rows, sums, &mut acc);
+            }
+            acc.map(bytemuck::cast)
         },
     )
 }

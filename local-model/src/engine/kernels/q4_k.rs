@@ -19,7 +19,8 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::{
-    activation_rows, check_layout, for_each_group, quantize_block, GroupKernel, Isa, KernelError,
+    activation_rows, check_layout, for_each_group, quantize_block, side_tiles, GroupKernel, Isa,
+    KernelError,
 };
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
@@ -210,6 +211,11 @@ impl Q4KMatrix {
             isa: self.isa,
             activations: &activations,
             row_blocks,
+            tiles: side_tiles::ActivationTiles::new(&self.isa, m, row_blocks * SUBS, |i, k| {
+                let block = &activations[i * row_blocks + k / SUBS];
+                let quads = &block.quads[(k % SUBS) * SUB / 4..][..SUB / 4];
+                std::array::from_fn(|v| quads[v / 4].to_le_bytes()[v % 4])
+            }),
         };
         Ok(for_each_group(
             &self.groups,
@@ -226,6 +232,9 @@ struct Kernel<'a> {
     isa: Isa,
     activations: &'a [ActivationBlock],
     row_blocks: usize,
+    /// The activations of each whole run of 16 rows as AMX tiles, where
+    /// the products run on tiles.
+    tiles: Option<side_tiles::ActivationTiles>,
 }
 
 impl Kernel<'_> {
@@ -237,6 +246,14 @@ impl Kernel<'_> {
 impl GroupKernel<LANES> for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N] {
         let rows = std::array::from_fn(|n| self.row(first + n));
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
+            tiles.with_run::<N, _>(first, |t, simd, run| {
+                dot_group_tiles(t, simd, weights, run, rows)
+            })
+        }) {
+            return out;
+        }
         if let Some(vnni) = self.isa.wide_vnni {
             return dot_group_wide(vnni, weights, rows);
         }
@@ -253,13 +270,23 @@ impl GroupKernel<LANES> for Kernel<'_> {
         self.isa
     }
 
-    /// Eight on AVX-512: the unpacked nibbles then serve eight activation
-    /// rows, with one accumulator each (24 of the 32 registers).
+    /// Sixteen on AMX tiles (a tile's rows); eight on AVX-512: the
+    /// unpacked nibbles then serve eight activation rows, with one
+    /// accumulator each (24 of the 32 registers).
     fn rows_per_step(&self) -> usize {
-        if self.isa.wide.is_some() {
+        if self.tiles.is_some() {
+            side_tiles::ROWS
+        } else if self.isa.wide.is_some() {
             8
         } else {
             2
+        }
+    }
+
+    fn on_worker(&self, work: impl FnOnce()) {
+        match &self.tiles {
+            Some(tiles) => tiles.on_worker(work),
+            None => work(),
         }
     }
 }
@@ -304,7 +331,7 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m256i, __m512i};
+            use std::arch::x86_64::{__m128i, __m512i};
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
             let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
@@ -358,41 +385,59 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
                         );
                     }
                 }
-                let halves = |at: usize| {
-                    let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
-                    simd.avx512f._mm512_cvtph_ps(h)
-                };
-                let (d, dmin) = (halves(D_AT), halves(DMIN_AT));
-                let mins: [__m512i; SUBS / 2] = std::array::from_fn(|p| {
-                    let at = MINS_AT + 2 * LANES * p;
-                    let pair: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
-                    simd.avx512bw._mm512_cvtepu8_epi16(pair)
-                });
-                for n in 0..N {
-                    let mut min_sum = zero;
-                    for (p, mins) in mins.iter().enumerate() {
-                        let sums = simd.avx512f._mm512_set1_epi32(ys[n].sum_pairs[p]);
-                        min_sum = simd.avx512f._mm512_add_epi32(
-                            min_sum,
-                            simd.avx512bw._mm512_madd_epi16(*mins, sums),
-                        );
-                    }
-                    let y_scale = simd.avx512f._mm512_set1_ps(ys[n].scale);
-                    acc[n] = simd.avx512f._mm512_fmadd_ps(
-                        simd.avx512f._mm512_mul_ps(d, y_scale),
-                        simd.avx512f._mm512_cvtepi32_ps(scaled[n]),
-                        acc[n],
-                    );
-                    acc[n] = simd.avx512f._mm512_fnmadd_ps(
-                        simd.avx512f._mm512_mul_ps(dmin, y_scale),
-                        simd.avx512f._mm512_cvtepi32_ps(min_sum),
-                        acc[n],
-                    );
-                }
+                finish_block(simd, step, ys, scaled, &mut acc);
             }
             acc.map(bytemuck::cast)
         },
     )
+}
+
+/// Adds one super-block to `acc`, given each row's `Σ_j scale_j·Σ q·y`
+/// (`scaled`): `d·y_scale·scaled` minus `dmin·y_scale·Σ_j min_j·Σ y`, lane
+/// by lane. Shared by the AVX-512 and the AMX kernels, so that the same
+/// integers give the same bits on both.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_block<const N: usize>(
+    simd: pulp::x86::V4,
+    step: &[u8],
+    ys: [&ActivationBlock; N],
+    scaled: [std::arch::x86_64::__m512i; N],
+    acc: &mut [std::arch::x86_64::__m512; N],
+) {
+    use pulp::bytemuck;
+    use std::arch::x86_64::{__m256i, __m512i};
+    let zero = simd.avx512f._mm512_setzero_si512();
+    let halves = |at: usize| {
+        let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+        simd.avx512f._mm512_cvtph_ps(h)
+    };
+    let (d, dmin) = (halves(D_AT), halves(DMIN_AT));
+    let mins: [__m512i; SUBS / 2] = std::array::from_fn(|p| {
+        let at = MINS_AT + 2 * LANES * p;
+        let pair: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+        simd.avx512bw._mm512_cvtepu8_epi16(pair)
+    });
+    for n in 0..N {
+        let mut min_sum = zero;
+        for (p, mins) in mins.iter().enumerate() {
+            let sums = simd.avx512f._mm512_set1_epi32(ys[n].sum_pairs[p]);
+            min_sum = simd
+                .avx512f
+                ._mm512_add_epi32(min_sum, simd.avx512bw._mm512_madd_epi16(*mins, sums));
+        }
+        let y_scale = simd.avx512f._mm512_set1_ps(ys[n].scale);
+        acc[n] = simd.avx512f._mm512_fmadd_ps(
+            simd.avx512f._mm512_mul_ps(d, y_scale),
+            simd.avx512f._mm512_cvtepi32_ps(scaled[n]),
+            acc[n],
+        );
+        acc[n] = simd.avx512f._mm512_fnmadd_ps(
+            simd.avx512f._mm512_mul_ps(dmin, y_scale),
+            simd.avx512f._mm512_cvtepi32_ps(min_sum),
+            acc[n],
+        );
+    }
 }
 
 /// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
@@ -492,6 +537,60 @@ fn dot_group<B: NarrowBytes, const N: usize>(
                 }
             }
             out
+        },
+    )
+}
+
+/// `dot_group_wide` with the byte products on AMX tiles (see
+/// `side_tiles`): each super-block's nibbles are split into eight weight
+/// tiles, one per sub-block, and each sub-block is one tile product for
+/// the 16 rows; its sums are scaled by the sub-block scales in integers
+/// and finished by [`finish_block`], as on AVX-512.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn dot_group_tiles<const N: usize>(
+    t: &side_tiles::ConfiguredTiles,
+    simd: pulp::x86::V4,
+    weights: &[u8],
+    tiles: &[side_tiles::ActivationTile],
+    rows: [&[ActivationBlock]; N],
+) -> [[f32; LANES]; N] {
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            use std::arch::x86_64::{__m128i, __m512i};
+            let zero = simd.avx512f._mm512_setzero_si512();
+            let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
+            let mut split = [[0u8; 8 * QUAD_BYTES]; SUBS];
+            let mut products = [[0i32; LANES]; side_tiles::ROWS];
+            for ((b, step), tiles) in weights
+                .chunks_exact(STEP_BYTES)
+                .enumerate()
+                .zip(tiles.chunks_exact(SUBS))
+            {
+                let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
+                for (j, sub) in split.iter_mut().enumerate() {
+                    let at = VALUES_AT + j * STEPS * QUAD_BYTES;
+                    side_tiles::split_nibbles(simd, &step[at..at + STEPS * QUAD_BYTES], sub);
+                }
+                let mut scaled = [zero; N];
+                for (j, (sub, tile)) in split.iter().zip(tiles).enumerate() {
+                    t.side_block(tile, sub, &mut products);
+                    let at = SCALES_AT + LANES * j;
+                    let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
+                    let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
+                    for (scaled, sums) in scaled.iter_mut().zip(&products) {
+                        let sums: __m512i = bytemuck::cast(*sums);
+                        *scaled = simd.avx512f._mm512_add_epi32(
+                            *scaled,
+                            simd.avx512f._mm512_mullo_epi32(sums, scales),
+                        );
+                    }
+                }
+                finish_block(simd, step, ys, scaled, &mut acc);
+            }
+            acc.map(bytemuck::cast)
         },
     )
 }

@@ -5,7 +5,7 @@
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::{GroupedWeights, KernelError, Q4KMatrix, Q8_0Matrix, ReadError};
+use super::{GroupedWeights, KernelError, Q4KMatrix, Q4_1Matrix, Q8_0Matrix, ReadError};
 
 fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut state = seed;
@@ -114,11 +114,12 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
     report(&format!("{format:?}: checked {}", names.join(", ")));
 }
 
-/// The AMX path (Q8_0, 16 activation rows or more; opt-in, so enabled here
-/// wherever the CPU and kernel allow) against the same bounds, and against
-/// the AVX path: the same integer sums, added in F32 in another order, so
-/// equal to within F32 rounding. Run for 16 to 40 rows (whole and partial
-/// tiles).
+/// The AMX paths (16 activation rows or more; Q8_0's is opt-in, so
+/// enabled here wherever the CPU and kernel allow) against the same bounds,
+/// and against the AVX path. Q4_1's and Q4_K's tiles must give the AVX-512 kernel's
+/// bits; Q8_0's add the same integer sums in F32 in another order, so equal
+/// to within F32 rounding. Run for 16 to 40 rows (whole runs of 16 and the
+/// rows after them).
 fn check_amx(
     format: GgmlDType,
     grouped: &GroupedWeights,
@@ -127,25 +128,28 @@ fn check_amx(
     candle: &[f32],
     candle_tolerance: f32,
 ) {
-    if format != GgmlDType::Q8_0 {
-        report(&format!("{format:?}: no AMX path (Q8_0 only)"));
-        return;
-    }
     let grouped = &grouped.clone().with_available_amx();
     if !grouped.uses_amx() {
         skipped(
             format,
             "AMX",
-            "AMX-INT8 or the kernel's grant of the tile state",
+            "AMX-INT8, the kernel's grant of the tile state, or AVX-512",
         );
         return;
     }
     check_product(format, grouped, weights, x, candle, candle_tolerance);
     let cols = weights.len() / grouped.rows();
-    for m in [16, 17, 33, 40] {
+    for m in [16, 17, 32, 33, 40] {
         let x = random(m, cols, 11 + m as u64);
         let tiles = grouped.matmul(&x).unwrap();
         let avx = grouped.clone().without_amx().matmul(&x).unwrap();
+        if format != GgmlDType::Q8_0 {
+            assert_eq!(
+                tiles, avx,
+                "{format:?} AMX, {m} rows: not the AVX-512 kernel's bits"
+            );
+            continue;
+        }
         for (i, (a, b)) in tiles.iter().zip(&avx).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
@@ -210,7 +214,9 @@ fn q8_0_products_match_the_weights_values_and_candles_kernel() {
 #[test]
 fn q4_1_products_match_the_weights_values_and_candles_kernel() {
     // candle's Q4_1 product rounds activations the same way (Q8_1).
-    check_format(GgmlDType::Q4_1, 7, 128, 7, 2e-3);
+    // 21 rows: a full group of sixteen and a padded one; 15 inputs: the
+    // eight-, four-, two- and one-row passes.
+    check_format(GgmlDType::Q4_1, 21, 160, 15, 2e-3);
 }
 
 #[test]
@@ -244,6 +250,17 @@ fn q4_k_keeps_its_size_but_for_unpacked_scales() {
     let (bytes, _) = quantized(GgmlDType::Q4K, 8, 512, 4);
     let m = Q4KMatrix::new(&bytes, 8, 512).unwrap().unwrap();
     assert_eq!(m.size_in_bytes(), 16 * 2 * 148);
+}
+
+#[test]
+fn q4_1_keeps_its_size() {
+    let (bytes, _) = quantized(GgmlDType::Q4_1, 32, 160, 4);
+    let m = Q4_1Matrix::new(&bytes, 32, 160).unwrap().unwrap();
+    assert_eq!(m.size_in_bytes(), bytes.len());
+    // Padding to whole groups of sixteen rows is all the memory it adds.
+    let (bytes, _) = quantized(GgmlDType::Q4_1, 8, 160, 4);
+    let m = Q4_1Matrix::new(&bytes, 8, 160).unwrap().unwrap();
+    assert_eq!(m.size_in_bytes(), 16 * 5 * 20);
 }
 
 #[test]

@@ -129,6 +129,13 @@ pub const AMX_WEIGHT_ROWS: usize = 4;
 pub const AMX_ACTIVATION_ROWS: usize = 16;
 pub const AMX_BLOCK: usize = 32;
 
+/// Products of 16 activation rows with 16 weight rows held side by side
+/// (Q4_1, Q4_K): rows per tile, and bytes of one block of the weights in
+/// the VNNI layout (8 rows of 64 bytes: row `k4` holds values `4·k4..4·k4+4`
+/// of each of the 16 weight rows, as unsigned bytes).
+pub const AMX_SIDE_ROWS: usize = 16;
+pub const AMX_SIDE_WEIGHT_TILE: usize = 512;
+
 /// Proof that the CPU has AMX-TILE and AMX-INT8 and that the kernel granted
 /// this process the tile state (Linux asks for it: `arch_prctl`).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -149,7 +156,7 @@ impl Amx {
     }
 
     /// Runs `f` with this thread's tiles configured for [`Tiles::block`]'s
-    /// shapes, and releases them after. A call inside `f` (on the same
+    /// and [`Tiles::side_block`]'s shapes, and releases them after. A call inside `f` (on the same
     /// thread) finds them configured and leaves them to the outer call, so
     /// no `Tiles` ever outlives its configuration.
     pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
@@ -174,7 +181,7 @@ impl Amx {
                 CONFIGURED.with(|c| c.set(false));
             }
         }
-        let config = TileConfig::for_q8_blocks();
+        let config = TileConfig::for_blocks();
         // SAFETY: `self` proves AMX-TILE and the granted tile state; `config`
         // is a valid 64-byte palette-1 configuration (64-byte aligned, read
         // only by `ldtilecfg`).
@@ -232,6 +239,45 @@ impl Tiles {
     }
 }
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl Tiles {
+    /// The 16 × 16 integer products of one 32-value block: row `n` of
+    /// `out` holds activation row `n` (signed bytes) against each of the
+    /// 16 weight rows in `weights` (the VNNI layout of
+    /// [`AMX_SIDE_WEIGHT_TILE`], values 0..=15 as unsigned bytes).
+    #[inline(always)]
+    pub fn side_block(
+        &self,
+        activations: &[[u8; AMX_BLOCK]; AMX_SIDE_ROWS],
+        weights: &[u8; AMX_SIDE_WEIGHT_TILE],
+        out: &mut [[i32; AMX_SIDE_ROWS]; AMX_SIDE_ROWS],
+    ) {
+        // SAFETY: `self` exists only inside `with_tiles`, on this thread,
+        // after `ldtilecfg` set tmm3 to 16 rows × 64 bytes, tmm4 to 16 × 32
+        // and tmm5 to 8 × 64. tmm4 reads 16 rows of 32 bytes at a 32-byte
+        // stride (512 bytes: `activations`'); tmm5 reads 8 rows of 64 at a
+        // 64-byte stride (512: `weights`'); the store writes 16 rows of 64
+        // bytes at a 64-byte stride (1024: `out`'s). The lengths are in the
+        // types. `tdpbsud` multiplies signed (tmm4) by unsigned (tmm5) bytes.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm3",
+                "tileloadd tmm4, [{a} + {as_} * 1]",
+                "tileloadd tmm5, [{w} + {ws} * 1]",
+                "tdpbsud tmm3, tmm4, tmm5",
+                "tilestored [{o} + {os} * 1], tmm3",
+                a = in(reg) activations.as_ptr(),
+                as_ = in(reg) AMX_BLOCK,
+                w = in(reg) weights.as_ptr(),
+                ws = in(reg) 4 * AMX_SIDE_ROWS,
+                o = in(reg) out.as_mut_ptr(),
+                os = in(reg) 4 * AMX_SIDE_ROWS,
+                options(nostack)
+            );
+        }
+    }
+}
+
 /// A palette-1 tile configuration: 64 bytes, 64-byte aligned.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[repr(C, align(64))]
@@ -239,15 +285,21 @@ struct TileConfig([u8; 64]);
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl TileConfig {
-    /// tmm0: the 4 × 16 i32 products; tmm1: 4 weight rows of 32 bytes;
-    /// tmm2: the activations, 8 rows of 64 bytes.
-    fn for_q8_blocks() -> Self {
+    /// Q8_0: tmm0, the 4 × 16 i32 products; tmm1, 4 weight rows of 32
+    /// bytes; tmm2, the activations, 8 rows of 64 bytes. Side by side
+    /// (Q4_1, Q4_K): tmm3, the 16 × 16 i32 products; tmm4, 16 activation
+    /// rows of 32 bytes; tmm5, the weights, 8 rows of 64 bytes. One
+    /// configuration serves all, so a thread never reconfigures.
+    fn for_blocks() -> Self {
         let mut bytes = [0u8; 64];
         bytes[0] = 1; // palette 1
         for (tile, rows, row_bytes) in [
             (0, AMX_WEIGHT_ROWS, 4 * AMX_ACTIVATION_ROWS),
             (1, AMX_WEIGHT_ROWS, AMX_BLOCK),
             (2, AMX_BLOCK / 4, 4 * AMX_ACTIVATION_ROWS),
+            (3, AMX_SIDE_ROWS, 4 * AMX_SIDE_ROWS),
+            (4, AMX_SIDE_ROWS, AMX_BLOCK),
+            (5, AMX_BLOCK / 4, 4 * AMX_SIDE_ROWS),
         ] {
             bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
             bytes[48 + tile] = rows as u8;

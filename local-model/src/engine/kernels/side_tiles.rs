@@ -1,0 +1,149 @@
+//! AMX tile products for the formats held sixteen weight rows side by side
+//! (Q4_1, Q4_K): the activations of each run of 16 rows laid out as tiles
+//! once per product, the weights' nibbles split into tile rows, and each
+//! worker thread's tile configuration held for its whole share.
+//!
+//! In those layouts a step of 64 bytes holds four values of each of the 16
+//! rows in its low nibbles and the next four in its high ones: split, the
+//! two are two rows of a weight tile in the VNNI order `tdpbsud` reads. One
+//! tile product then gives, for a 32-value block, the exact integer sums
+//! of 16 activation rows against 16 weight rows: the sums the AVX kernels
+//! form with `vpdpbusd`, row by row. The formats scale and add them with
+//! the same F32 operations as their AVX-512 kernels, so tiles change no bit
+//! of any result, whatever rows run beside a request.
+
+use super::Isa;
+
+/// Activation rows per tile product.
+pub(super) const ROWS: usize = 16;
+/// Values per tile product.
+pub(super) const BLOCK: usize = 32;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(super) use with_amx::*;
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+pub(super) use without_amx::*;
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod with_amx {
+    use super::super::unsafe_simd::{Amx, Tiles, AMX_BLOCK, AMX_SIDE_ROWS, AMX_SIDE_WEIGHT_TILE};
+    use super::{Isa, BLOCK, ROWS};
+
+    const _: () = assert!(AMX_SIDE_ROWS == ROWS && AMX_BLOCK == BLOCK);
+
+    /// One block of 16 activation rows: 32 signed bytes each.
+    pub(in super::super) type ActivationTile = [[u8; BLOCK]; ROWS];
+    /// One block of 16 weight rows, in the VNNI layout.
+    pub(in super::super) type WeightTile = [u8; AMX_SIDE_WEIGHT_TILE];
+    /// This thread's configured tiles.
+    pub(in super::super) type ConfiguredTiles = Tiles;
+
+    /// The activations of each whole run of 16 rows, block by block.
+    pub(in super::super) struct ActivationTiles {
+        amx: Amx,
+        simd: pulp::x86::V4,
+        tiles: Vec<ActivationTile>,
+        blocks_per_row: usize,
+    }
+
+    impl ActivationTiles {
+        /// From `m` rows of `blocks_per_row` blocks; `block(i, k)` gives
+        /// block `k` of row `i`. `None` without AMX or AVX-512 (which
+        /// finishes the tiles' sums), or with fewer than 16 rows.
+        pub(in super::super) fn new(
+            isa: &Isa,
+            m: usize,
+            blocks_per_row: usize,
+            block: impl Fn(usize, usize) -> [u8; BLOCK],
+        ) -> Option<Self> {
+            let (amx, simd) = (isa.amx?, isa.wide?);
+            let runs = m / ROWS;
+            if runs == 0 {
+                return None;
+            }
+            let mut tiles = vec![[[0u8; BLOCK]; ROWS]; runs * blocks_per_row];
+            for (run, run_tiles) in tiles.chunks_exact_mut(blocks_per_row).enumerate() {
+                for (k, tile) in run_tiles.iter_mut().enumerate() {
+                    for (n, row) in tile.iter_mut().enumerate() {
+                        *row = block(run * ROWS + n, k);
+                    }
+                }
+            }
+            Some(Self {
+                amx,
+                simd,
+                tiles,
+                blocks_per_row,
+            })
+        }
+
+        /// Runs one worker's share inside the thread's tile configuration.
+        pub(in super::super) fn on_worker(&self, work: impl FnOnce()) {
+            self.amx.with_tiles(|_| work())
+        }
+
+        /// `f` with the configured tiles, AVX-512 and the blocks of the
+        /// run of 16 rows from `first` on; `None` unless `N` is 16 and
+        /// `first` starts a run.
+        pub(in super::super) fn with_run<const N: usize, R>(
+            &self,
+            first: usize,
+            f: impl FnOnce(&Tiles, pulp::x86::V4, &[ActivationTile]) -> R,
+        ) -> Option<R> {
+            if N != ROWS || !first.is_multiple_of(ROWS) {
+                return None;
+            }
+            let run = first / ROWS;
+            let tiles = self
+                .tiles
+                .get(run * self.blocks_per_row..(run + 1) * self.blocks_per_row)?;
+            Some(self.amx.with_tiles(|t| f(t, self.simd, tiles)))
+        }
+    }
+
+    /// Splits four 64-byte steps of nibbles (`steps`, 256 bytes) into a
+    /// weight tile: each step's low nibbles, then its high ones.
+    #[inline(always)]
+    pub(in super::super) fn split_nibbles(
+        simd: pulp::x86::V4,
+        steps: &[u8],
+        tile: &mut WeightTile,
+    ) {
+        use pulp::bytemuck;
+        use std::arch::x86_64::__m512i;
+        let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+        for (step, rows) in steps.chunks_exact(64).zip(tile.chunks_exact_mut(128)) {
+            let q: __m512i = bytemuck::pod_read_unaligned(step);
+            let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
+            let high = simd
+                .avx512f
+                ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+            let (low_row, high_row) = rows.split_at_mut(64);
+            low_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(low));
+            high_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(high));
+        }
+    }
+}
+
+/// Where there are no AMX tiles: no values, so never used.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod without_amx {
+    use super::{Isa, BLOCK};
+
+    pub(in super::super) enum ActivationTiles {}
+
+    impl ActivationTiles {
+        pub(in super::super) fn new(
+            _isa: &Isa,
+            _m: usize,
+            _blocks_per_row: usize,
+            _block: impl Fn(usize, usize) -> [u8; BLOCK],
+        ) -> Option<Self> {
+            None
+        }
+
+        pub(in super::super) fn on_worker(&self, _work: impl FnOnce()) {
+            match *self {}
+        }
+    }
+}
