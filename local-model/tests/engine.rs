@@ -185,12 +185,15 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     );
     assert_eq!(again.text, fresh.text);
     // The cached part came from two prefill chunks of other sizes (see
-    // below); 0.014 nats measured at most since the decode kernels became
-    // Cascade's own, whose 8-bit rounding of activations turns last-bit
-    // differences into steps of that size now and then.
+    // below); the kernels' 8-bit rounding of activations turns last-bit
+    // differences into steps now and then: 0.014 nats measured at most
+    // with Q4_1 one row per vector, 0.035 since it is held side by side
+    // (session 10). Single tokens of any quantized path move by up to
+    // 0.2 nats this way (docs/benchmarks.md, "Accuracy"); 0.05 is the bound
+    // that file holds a sequence's mean to.
     for (a, b) in fresh.tokens.iter().zip(&again.tokens) {
         assert!(
-            (a.logprob - b.logprob).abs() < 2e-2,
+            (a.logprob - b.logprob).abs() < 5e-2,
             "{} vs {}",
             a.logprob,
             b.logprob

@@ -126,30 +126,22 @@ type Amx = unsafe_simd::Amx;
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 type Amx = std::convert::Infallible;
 
-/// Set (to anything) to keep products off AMX tiles on a CPU that has
-/// them: to compare the two.
-pub const NO_AMX_VARIABLE: &str = "CASCADE_NO_AMX";
-
-/// Set (to anything) to also run Q8_0 products of 16 activation rows or
-/// more on AMX tiles. Opt-in, unlike Q4_K's tiles: Q8_0's tile products add
-/// the same integer sums in another F32 order than its AVX kernels, so a
-/// request's decode in a batch of 16 is no longer equal to the bit to the
-/// same request alone (Gemma 3's log-probs moved by up to 0.01), which the
-/// batching guarantee promises. Q4_K's tiles give the AVX kernels' bits.
+/// Set (to anything) to run products of 16 activation rows or more
+/// (prefill, decode batches of 16) on AMX tiles where the CPU and kernel
+/// allow. Opt-in: on the Sapphire Rapids host measured (docs/benchmarks.md)
+/// the tiles were no faster than the AVX-512 VNNI kernels, because every
+/// 32-value block has its own scale, so each tile product of 16 × 16 × 32
+/// values is stored (1 KiB) and read back to be scaled, which costs as much
+/// as the byte products it replaces. Q4_1's and Q4_K's tiles give the AVX
+/// kernels' bits; Q8_0's add the same integer sums in another F32 order, so
+/// a request's log-probs in a batch of 16 differ from alone in the last
+/// bits (Gemma 3's by up to 0.01).
 pub const AMX_VARIABLE: &str = "CASCADE_AMX";
 
-/// AMX where the CPU and kernel allow it and `CASCADE_NO_AMX` is not set.
+/// AMX where `CASCADE_AMX` asks for it and the CPU and kernel allow it.
 fn detect_amx() -> Option<Amx> {
-    if std::env::var_os(NO_AMX_VARIABLE).is_some() {
-        return None;
-    }
-    available_amx()
-}
-
-/// AMX for Q8_0 too, where `CASCADE_AMX` asks for it.
-fn detect_q8_0_amx() -> Option<Amx> {
     std::env::var_os(AMX_VARIABLE)?;
-    detect_amx()
+    available_amx()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -172,11 +164,8 @@ struct Isa {
     wide: Option<WideSimd>,
     simd_vnni: Option<SimdVnni>,
     wide_vnni: Option<WideVnni>,
-    /// AMX tiles, for products over 16 activation rows or more (Q4_1,
-    /// Q4_K).
+    /// AMX tiles, for products over 16 activation rows or more.
     amx: Option<Amx>,
-    /// AMX tiles for Q8_0 (opt-in: see [`AMX_VARIABLE`]).
-    q8_0_amx: Option<Amx>,
 }
 
 impl Isa {
@@ -191,7 +180,6 @@ impl Isa {
             simd_vnni,
             wide_vnni,
             amx: detect_amx(),
-            q8_0_amx: detect_q8_0_amx(),
         })
     }
 
@@ -244,10 +232,10 @@ pub fn describe_paths() -> String {
     let Some(path) = detected_path() else {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
-    let amx = match (detect_amx(), detect_q8_0_amx()) {
-        (_, Some(_)) => "; AMX tiles (Q8_0, Q4_1, Q4_K; 16 rows or more)",
-        (Some(_), None) => "; AMX tiles (Q4_1, Q4_K; 16 rows or more)",
-        (None, _) => "",
+    let amx = if detect_amx().is_some() {
+        "; AMX tiles for 16 rows or more"
+    } else {
+        ""
     };
     format!(
         "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
@@ -734,26 +722,21 @@ impl GroupedWeights {
 
     /// The same weights without AMX: for tests and benchmarks that compare.
     pub fn without_amx(mut self) -> Self {
-        let isa = self.isa_mut();
-        isa.amx = None;
-        isa.q8_0_amx = None;
+        self.isa_mut().amx = None;
         self
     }
 
-    /// The same weights on AMX where the CPU and kernel allow it (Q8_0's
-    /// opt-in included), whatever the environment says: for tests and
-    /// benchmarks.
+    /// The same weights on AMX where the CPU and kernel allow it, whether
+    /// or not `CASCADE_AMX` is set: for tests and benchmarks.
     pub fn with_available_amx(mut self) -> Self {
-        let isa = self.isa_mut();
-        isa.amx = available_amx();
-        isa.q8_0_amx = isa.amx;
+        self.isa_mut().amx = available_amx();
         self
     }
 
     /// Whether products over 16 activation rows or more run on AMX tiles.
     pub fn uses_amx(&self) -> bool {
         match self {
-            Self::Q8_0(m) => m.isa.q8_0_amx.is_some(),
+            Self::Q8_0(m) => m.isa.amx.is_some(),
             Self::Q4_1(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q4K(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
         }

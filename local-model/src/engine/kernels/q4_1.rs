@@ -151,8 +151,9 @@ impl GroupKernel<LANES> for Kernel<'_> {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
-            tiles.with_run::<N, _>(first, |t, simd, run| {
-                dot_group_tiles(t, simd, weights, run, rows)
+            tiles.with_run::<N, _>(first, |t, wide, run| match wide {
+                side_tiles::Wide::Vnni(vnni) => dot_group_tiles(vnni, t, weights, run, rows),
+                side_tiles::Wide::Plain(v4) => dot_group_tiles(v4, t, weights, run, rows),
             })
         }) {
             return out;
@@ -375,31 +376,62 @@ fn dot_group<B: NarrowBytes, const N: usize>(
     )
 }
 
+/// Blocks whose tile products are formed together before they are
+/// finished.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const TILE_RUN: usize = 8;
+
 /// `dot_group_wide` with the byte products on AMX tiles (see
 /// `side_tiles`): each block's nibbles are split into a weight tile, one
 /// tile product gives the 16 rows' integer sums, and [`finish_block`]
 /// scales and adds them as on AVX-512.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn dot_group_tiles<const N: usize>(
+fn dot_group_tiles<B: WideBytes, const N: usize>(
+    bytes: B,
     t: &side_tiles::ConfiguredTiles,
-    simd: pulp::x86::V4,
     weights: &[u8],
     tiles: &[side_tiles::ActivationTile],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
-    simd.vectorize(
+    let simd = bytes.v4();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
-            let mut split = [0u8; STEPS * 2 * QUAD_BYTES];
-            let mut products = [[0i32; LANES]; side_tiles::ROWS];
-            for ((b, step), tile) in weights.chunks_exact(STEP_BYTES).enumerate().zip(tiles) {
-                side_tiles::split_nibbles(simd, &step[VALUES_AT..], &mut split);
-                t.side_block(tile, &split, &mut products);
-                let sums = std::array::from_fn(|n| bytemuck::cast(products[n]));
-                finish_block(simd, step, b, &rows, sums, &mut acc);
+            let mut split = [[0u8; STEPS * 2 * QUAD_BYTES]; TILE_RUN];
+            let mut products = [[[0i32; LANES]; side_tiles::ROWS]; TILE_RUN];
+            for (c, (steps, tiles)) in weights
+                .chunks(TILE_RUN * STEP_BYTES)
+                .zip(tiles.chunks(TILE_RUN))
+                .enumerate()
+            {
+                for (step, split) in steps.chunks_exact(STEP_BYTES).zip(&mut split) {
+                    side_tiles::split_nibbles(simd, &step[VALUES_AT..], split);
+                }
+                // The blocks' products first, two at a time, so that the
+                // tiles' latency overlaps the F32 work below; an odd last
+                // block is paired with itself.
+                for (pair, products) in products.chunks_exact_mut(2).enumerate() {
+                    let (first, second) = (2 * pair, (2 * pair + 1).min(tiles.len() - 1));
+                    if first >= tiles.len() {
+                        break;
+                    }
+                    if let Ok(products) = products.try_into() {
+                        t.side_block_pair(
+                            [&tiles[first], &tiles[second]],
+                            [&split[first], &split[second]],
+                            products,
+                        );
+                    }
+                }
+                for (k, (step, products)) in
+                    steps.chunks_exact(STEP_BYTES).zip(&products).enumerate()
+                {
+                    let sums = std::array::from_fn(|n| bytemuck::cast(products[n]));
+                    finish_block(simd, step, c * TILE_RUN + k, &rows, sums, &mut acc);
+                }
             }
             acc.map(bytemuck::cast)
         },

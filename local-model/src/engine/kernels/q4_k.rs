@@ -248,8 +248,9 @@ impl GroupKernel<LANES> for Kernel<'_> {
         let rows = std::array::from_fn(|n| self.row(first + n));
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
-            tiles.with_run::<N, _>(first, |t, simd, run| {
-                dot_group_tiles(t, simd, weights, run, rows)
+            tiles.with_run::<N, _>(first, |t, wide, run| match wide {
+                side_tiles::Wide::Vnni(vnni) => dot_group_tiles(vnni, t, weights, run, rows),
+                side_tiles::Wide::Plain(v4) => dot_group_tiles(v4, t, weights, run, rows),
             })
         }) {
             return out;
@@ -548,39 +549,39 @@ fn dot_group<B: NarrowBytes, const N: usize>(
 /// and finished by [`finish_block`], as on AVX-512.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn dot_group_tiles<const N: usize>(
+fn dot_group_tiles<B: WideBytes, const N: usize>(
+    bytes: B,
     t: &side_tiles::ConfiguredTiles,
-    simd: pulp::x86::V4,
     weights: &[u8],
     tiles: &[side_tiles::ActivationTile],
     rows: [&[ActivationBlock]; N],
 ) -> [[f32; LANES]; N] {
-    simd.vectorize(
+    let simd = bytes.v4();
+    bytes.vectorize(
         #[inline(always)]
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::{__m128i, __m512i};
             let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
-            let mut split = [[0u8; 8 * QUAD_BYTES]; SUBS];
-            let mut products = [[0i32; LANES]; side_tiles::ROWS];
+            let mut split: Split = [[0u8; 8 * QUAD_BYTES]; SUBS];
+            let mut products: Products = [[[0i32; LANES]; side_tiles::ROWS]; SUBS];
             for ((b, step), tiles) in weights
                 .chunks_exact(STEP_BYTES)
                 .enumerate()
                 .zip(tiles.chunks_exact(SUBS))
             {
+                // All eight sub-blocks' products first, two at a time, so
+                // that the tiles' latency overlaps the scaling below.
+                split_super_block(simd, step, &mut split);
+                multiply_super_block(t, tiles, &split, &mut products);
                 let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
-                for (j, sub) in split.iter_mut().enumerate() {
-                    let at = VALUES_AT + j * STEPS * QUAD_BYTES;
-                    side_tiles::split_nibbles(simd, &step[at..at + STEPS * QUAD_BYTES], sub);
-                }
                 let mut scaled = [zero; N];
-                for (j, (sub, tile)) in split.iter().zip(tiles).enumerate() {
-                    t.side_block(tile, sub, &mut products);
+                for (j, products) in products.iter().enumerate() {
                     let at = SCALES_AT + LANES * j;
                     let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
                     let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
-                    for (scaled, sums) in scaled.iter_mut().zip(&products) {
+                    for (scaled, sums) in scaled.iter_mut().zip(products) {
                         let sums: __m512i = bytemuck::cast(*sums);
                         *scaled = simd.avx512f._mm512_add_epi32(
                             *scaled,
@@ -593,4 +594,39 @@ fn dot_group_tiles<const N: usize>(
             acc.map(bytemuck::cast)
         },
     )
+}
+
+/// A super-block's nibbles as eight weight tiles, one per sub-block.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+type Split = [side_tiles::WeightTile; SUBS];
+/// A super-block's tile products, one per sub-block.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+type Products = [[[i32; LANES]; side_tiles::ROWS]; SUBS];
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn split_super_block(simd: pulp::x86::V4, step: &[u8], split: &mut Split) {
+    for (j, sub) in split.iter_mut().enumerate() {
+        let at = VALUES_AT + j * STEPS * QUAD_BYTES;
+        side_tiles::split_nibbles(simd, &step[at..at + STEPS * QUAD_BYTES], sub);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn multiply_super_block(
+    t: &side_tiles::ConfiguredTiles,
+    tiles: &[side_tiles::ActivationTile],
+    split: &Split,
+    products: &mut Products,
+) {
+    for ((tiles, split), products) in tiles
+        .chunks_exact(2)
+        .zip(split.chunks_exact(2))
+        .zip(products.chunks_exact_mut(2))
+    {
+        if let (Ok(products), [a0, a1], [w0, w1]) = (products.try_into(), tiles, split) {
+            t.side_block_pair([a0, a1], [w0, w1], products);
+        }
+    }
 }

@@ -213,7 +213,7 @@ impl Q8_0Matrix {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if let Some(amx) = self.isa.q8_0_amx {
+        if let Some(amx) = self.isa.amx {
             if m >= amx_tiles::MIN_ROWS {
                 return Ok(amx_tiles::matmul(amx, self, &activations, m));
             }

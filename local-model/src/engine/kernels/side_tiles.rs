@@ -1,5 +1,5 @@
 //! AMX tile products for the formats held sixteen weight rows side by side
-//! (Q4_1, Q4_K): the activations of each run of 16 rows laid out as tiles
+//! (Q4_1, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
 //! once per product, the weights' nibbles split into tile rows, and each
 //! worker thread's tile configuration held for its whole share.
 //!
@@ -41,7 +41,7 @@ mod with_amx {
     /// The activations of each whole run of 16 rows, block by block.
     pub(in super::super) struct ActivationTiles {
         amx: Amx,
-        simd: pulp::x86::V4,
+        wide: Wide,
         tiles: Vec<ActivationTile>,
         blocks_per_row: usize,
     }
@@ -56,7 +56,12 @@ mod with_amx {
             blocks_per_row: usize,
             block: impl Fn(usize, usize) -> [u8; BLOCK],
         ) -> Option<Self> {
-            let (amx, simd) = (isa.amx?, isa.wide?);
+            let amx = isa.amx?;
+            let wide = match (isa.wide_vnni, isa.wide) {
+                (Some(vnni), _) => Wide::Vnni(vnni),
+                (None, Some(v4)) => Wide::Plain(v4),
+                (None, None) => return None,
+            };
             let runs = m / ROWS;
             if runs == 0 {
                 return None;
@@ -71,7 +76,7 @@ mod with_amx {
             }
             Some(Self {
                 amx,
-                simd,
+                wide,
                 tiles,
                 blocks_per_row,
             })
@@ -82,13 +87,13 @@ mod with_amx {
             self.amx.with_tiles(|_| work())
         }
 
-        /// `f` with the configured tiles, AVX-512 and the blocks of the
-        /// run of 16 rows from `first` on; `None` unless `N` is 16 and
-        /// `first` starts a run.
+        /// `f` with the configured tiles, the AVX-512 token to finish
+        /// their sums with and the blocks of the run of 16 rows from
+        /// `first` on; `None` unless `N` is 16 and `first` starts a run.
         pub(in super::super) fn with_run<const N: usize, R>(
             &self,
             first: usize,
-            f: impl FnOnce(&Tiles, pulp::x86::V4, &[ActivationTile]) -> R,
+            f: impl FnOnce(&Tiles, Wide, &[ActivationTile]) -> R,
         ) -> Option<R> {
             if N != ROWS || !first.is_multiple_of(ROWS) {
                 return None;
@@ -97,8 +102,18 @@ mod with_amx {
             let tiles = self
                 .tiles
                 .get(run * self.blocks_per_row..(run + 1) * self.blocks_per_row)?;
-            Some(self.amx.with_tiles(|t| f(t, self.simd, tiles)))
+            Some(self.amx.with_tiles(|t| f(t, self.wide, tiles)))
         }
+    }
+
+    /// The AVX-512 token the formats finish the tiles' sums under: with
+    /// VNNI where the CPU has it, since its `vectorize` compiles the
+    /// kernel with every feature it inlines (under `pulp`'s own `V4` the
+    /// tile kernels' intrinsics were left as calls: 13 times slower).
+    #[derive(Clone, Copy)]
+    pub(in super::super) enum Wide {
+        Vnni(super::super::WideVnni),
+        Plain(pulp::x86::V4),
     }
 
     /// Splits four 64-byte steps of nibbles (`steps`, 256 bytes) into a

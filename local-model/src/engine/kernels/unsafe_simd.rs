@@ -156,7 +156,7 @@ impl Amx {
     }
 
     /// Runs `f` with this thread's tiles configured for [`Tiles::block`]'s
-    /// and [`Tiles::side_block`]'s shapes, and releases them after. A call inside `f` (on the same
+    /// and [`Tiles::side_block_pair`]'s shapes, and releases them after. A call inside `f` (on the same
     /// thread) finds them configured and leaves them to the outer call, so
     /// no `Tiles` ever outlives its configuration.
     pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
@@ -241,36 +241,50 @@ impl Tiles {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl Tiles {
-    /// The 16 × 16 integer products of one 32-value block: row `n` of
-    /// `out` holds activation row `n` (signed bytes) against each of the
-    /// 16 weight rows in `weights` (the VNNI layout of
-    /// [`AMX_SIDE_WEIGHT_TILE`], values 0..=15 as unsigned bytes).
+    /// The 16 × 16 integer products of two 32-value blocks: row `n` of
+    /// `out[i]` holds activation row `n` of `activations[i]` (signed
+    /// bytes) against each of the 16 weight rows in `weights[i]` (the VNNI
+    /// layout of [`AMX_SIDE_WEIGHT_TILE`], values 0..=15 as unsigned
+    /// bytes). Two blocks per call on separate tiles, so that one block's
+    /// loads and product overlap the other's: tile registers are not
+    /// renamed, and one block at a time ran at the tiles' latency.
     #[inline(always)]
-    pub fn side_block(
+    pub fn side_block_pair(
         &self,
-        activations: &[[u8; AMX_BLOCK]; AMX_SIDE_ROWS],
-        weights: &[u8; AMX_SIDE_WEIGHT_TILE],
-        out: &mut [[i32; AMX_SIDE_ROWS]; AMX_SIDE_ROWS],
+        activations: [&[[u8; AMX_BLOCK]; AMX_SIDE_ROWS]; 2],
+        weights: [&[u8; AMX_SIDE_WEIGHT_TILE]; 2],
+        out: &mut [[[i32; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2],
     ) {
+        let [first, second] = out;
         // SAFETY: `self` exists only inside `with_tiles`, on this thread,
-        // after `ldtilecfg` set tmm3 to 16 rows × 64 bytes, tmm4 to 16 × 32
-        // and tmm5 to 8 × 64. tmm4 reads 16 rows of 32 bytes at a 32-byte
-        // stride (512 bytes: `activations`'); tmm5 reads 8 rows of 64 at a
-        // 64-byte stride (512: `weights`'); the store writes 16 rows of 64
-        // bytes at a 64-byte stride (1024: `out`'s). The lengths are in the
-        // types. `tdpbsud` multiplies signed (tmm4) by unsigned (tmm5) bytes.
+        // after `ldtilecfg` set tmm3 and tmm6 to 16 rows × 64 bytes, tmm4
+        // and tmm7 to 16 × 32, and tmm2 and tmm5 to 8 × 64. tmm4 and tmm7
+        // read 16 rows of 32 bytes at a 32-byte stride (512 bytes: each of
+        // `activations`'); tmm2 and tmm5 read 8 rows of 64 at a 64-byte
+        // stride (512: each of `weights`'); the stores write 16 rows of 64
+        // bytes at a 64-byte stride (1024: each of `out`'s). The lengths are
+        // in the types. `tdpbsud` multiplies signed (tmm4, tmm7) by unsigned
+        // (tmm2, tmm5) bytes.
         unsafe {
             std::arch::asm!(
                 "tilezero tmm3",
-                "tileloadd tmm4, [{a} + {as_} * 1]",
-                "tileloadd tmm5, [{w} + {ws} * 1]",
-                "tdpbsud tmm3, tmm4, tmm5",
-                "tilestored [{o} + {os} * 1], tmm3",
-                a = in(reg) activations.as_ptr(),
+                "tilezero tmm6",
+                "tileloadd tmm4, [{a0} + {as_} * 1]",
+                "tileloadd tmm2, [{w0} + {ws} * 1]",
+                "tileloadd tmm7, [{a1} + {as_} * 1]",
+                "tileloadd tmm5, [{w1} + {ws} * 1]",
+                "tdpbsud tmm3, tmm4, tmm2",
+                "tdpbsud tmm6, tmm7, tmm5",
+                "tilestored [{o0} + {os} * 1], tmm3",
+                "tilestored [{o1} + {os} * 1], tmm6",
+                a0 = in(reg) activations[0].as_ptr(),
+                a1 = in(reg) activations[1].as_ptr(),
                 as_ = in(reg) AMX_BLOCK,
-                w = in(reg) weights.as_ptr(),
+                w0 = in(reg) weights[0].as_ptr(),
+                w1 = in(reg) weights[1].as_ptr(),
                 ws = in(reg) 4 * AMX_SIDE_ROWS,
-                o = in(reg) out.as_mut_ptr(),
+                o0 = in(reg) first.as_mut_ptr(),
+                o1 = in(reg) second.as_mut_ptr(),
                 os = in(reg) 4 * AMX_SIDE_ROWS,
                 options(nostack)
             );
@@ -287,9 +301,10 @@ struct TileConfig([u8; 64]);
 impl TileConfig {
     /// Q8_0: tmm0, the 4 × 16 i32 products; tmm1, 4 weight rows of 32
     /// bytes; tmm2, the activations, 8 rows of 64 bytes. Side by side
-    /// (Q4_1, Q4_K): tmm3, the 16 × 16 i32 products; tmm4, 16 activation
-    /// rows of 32 bytes; tmm5, the weights, 8 rows of 64 bytes. One
-    /// configuration serves all, so a thread never reconfigures.
+    /// (Q4_1, Q4_K), two blocks at a time: tmm3 and tmm6, the 16 × 16 i32
+    /// products; tmm4 and tmm7, 16 activation rows of 32 bytes; tmm2 and
+    /// tmm5, the weights, 8 rows of 64 bytes (tmm2's shape serves both).
+    /// One configuration serves all, so a thread never reconfigures.
     fn for_blocks() -> Self {
         let mut bytes = [0u8; 64];
         bytes[0] = 1; // palette 1
@@ -300,6 +315,8 @@ impl TileConfig {
             (3, AMX_SIDE_ROWS, 4 * AMX_SIDE_ROWS),
             (4, AMX_SIDE_ROWS, AMX_BLOCK),
             (5, AMX_BLOCK / 4, 4 * AMX_SIDE_ROWS),
+            (6, AMX_SIDE_ROWS, 4 * AMX_SIDE_ROWS),
+            (7, AMX_SIDE_ROWS, AMX_BLOCK),
         ] {
             bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
             bytes[48 + tile] = rows as u8;
