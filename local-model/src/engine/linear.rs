@@ -11,11 +11,11 @@ use super::kernels::{self, GroupedWeights};
 use super::Pass;
 
 /// Brings weights into a format with a SIMD kernel, Cascade's own
-/// (`kernels`: Q8_0, Q4_1, Q4_K on AVX2) or candle's.
+/// (`kernels`: Q8_0, Q4_1, Q5_0, Q4_K on AVX2) or candle's.
 ///
 /// candle 0.11 has hand-written AVX2 dot products for Q4_0, Q8_0 and the
 /// K-quants, but runs Q4_1, Q5_0 and Q5_1 through a generic scalar loop.
-/// Those become Q8_0, except Q4_1 where Cascade's kernel runs it as it is.
+/// Those become Q8_0, except Q4_1 and Q5_0, which Cascade's kernels run as they are.
 /// Q8_0 holds every value of those formats to within half a step of an
 /// 8-bit grid per 32 values, far finer than their own 4- or 5-bit grid, so
 /// the conversion costs no measurable accuracy (the log-prob test in

@@ -1,5 +1,5 @@
 //! Cascade's own products of F32 activations with block-quantized weights
-//! (Q8_0, Q4_1 and Q4_K), on AVX2 through `pulp`'s safe intrinsics.
+//! (Q8_0, Q4_1, Q5_0 and Q4_K), on AVX2 through `pulp`'s safe intrinsics.
 //!
 //! candle 0.11's x86 kernels take one weight row at a time through a single
 //! accumulator and re-read the activation block for every row. Here the
@@ -25,6 +25,7 @@
 
 mod q4_1;
 mod q4_k;
+mod q5_0;
 mod q8_0;
 mod side_tiles;
 #[cfg(target_arch = "x86_64")]
@@ -42,6 +43,7 @@ use candle_core::quantized::GgmlDType;
 
 pub use q4_1::Q4_1Matrix;
 pub use q4_k::Q4KMatrix;
+pub use q5_0::Q5_0Matrix;
 pub use q8_0::{Q8_0Matrix, ReadError};
 
 /// Weight rows that share one pass over an activation block.
@@ -226,7 +228,7 @@ pub fn detected_path() -> Option<KernelPath> {
 }
 
 /// What `cascade bench` prints of the tuned engine's quantized products on
-/// this CPU, e.g. "AVX-512 VNNI (Q8_0, Q4_1, Q4_K); other formats on
+/// this CPU, e.g. "AVX-512 VNNI (Q8_0, Q4_1, Q5_0, Q4_K); other formats on
 /// candle's".
 pub fn describe_paths() -> String {
     let Some(path) = detected_path() else {
@@ -238,7 +240,7 @@ pub fn describe_paths() -> String {
         ""
     };
     format!(
-        "{} (Q8_0, Q4_1, Q4_K){amx}; other formats on candle's",
+        "{} (Q8_0, Q4_1, Q5_0, Q4_K){amx}; other formats on candle's",
         path.name()
     )
 }
@@ -651,12 +653,16 @@ fn activation_rows(x: &[f32], cols: usize) -> Result<usize, KernelError> {
 pub enum GroupedWeights {
     Q8_0(Q8_0Matrix),
     Q4_1(Q4_1Matrix),
+    Q5_0(Q5_0Matrix),
     Q4K(Q4KMatrix),
 }
 
 /// The formats with kernels here (AVX2 and AVX-512 alike).
 fn has_kernel(format: GgmlDType) -> bool {
-    matches!(format, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+    matches!(
+        format,
+        GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q4K
+    )
 }
 
 /// Whether weights of `format` get Cascade's kernel on this CPU.
@@ -681,6 +687,7 @@ impl GroupedWeights {
         Ok(match format {
             GgmlDType::Q8_0 => Q8_0Matrix::new(bytes, rows, cols)?.map(Self::Q8_0),
             GgmlDType::Q4_1 => Q4_1Matrix::new(bytes, rows, cols)?.map(Self::Q4_1),
+            GgmlDType::Q5_0 => Q5_0Matrix::new(bytes, rows, cols)?.map(Self::Q5_0),
             GgmlDType::Q4K => Q4KMatrix::new(bytes, rows, cols)?.map(Self::Q4K),
             _ => None,
         })
@@ -690,6 +697,7 @@ impl GroupedWeights {
         match self {
             Self::Q8_0(m) => m.rows(),
             Self::Q4_1(m) => m.rows(),
+            Self::Q5_0(m) => m.rows(),
             Self::Q4K(m) => m.rows(),
         }
     }
@@ -699,6 +707,7 @@ impl GroupedWeights {
         match self {
             Self::Q8_0(m) => m.matmul(x),
             Self::Q4_1(m) => m.matmul(x),
+            Self::Q5_0(m) => m.matmul(x),
             Self::Q4K(m) => m.matmul(x),
         }
     }
@@ -707,6 +716,7 @@ impl GroupedWeights {
         match self {
             Self::Q8_0(m) => &mut m.isa,
             Self::Q4_1(m) => &mut m.isa,
+            Self::Q5_0(m) => &mut m.isa,
             Self::Q4K(m) => &mut m.isa,
         }
     }
@@ -738,6 +748,7 @@ impl GroupedWeights {
         match self {
             Self::Q8_0(m) => m.isa.amx.is_some(),
             Self::Q4_1(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
+            Self::Q5_0(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q4K(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
         }
     }
@@ -755,6 +766,7 @@ impl GroupedWeights {
         match self {
             Self::Q8_0(m) => &m.isa,
             Self::Q4_1(m) => &m.isa,
+            Self::Q5_0(m) => &m.isa,
             Self::Q4K(m) => &m.isa,
         }
     }

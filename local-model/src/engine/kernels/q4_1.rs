@@ -12,6 +12,9 @@
 //! the next four in the high ones. A block's integer sums then take one
 //! conversion and two fused multiply-adds for sixteen rows, with no sum
 //! across lanes, and the layout is the one AMX tiles read (`side_tiles`).
+//!
+//! Q5_0 (`q5_0.rs`) is held the same way, its fifth bits beside the
+//! nibbles: the kernels here are generic over the [`SideLayout`].
 
 use candle_core::quantized::GgmlDType;
 #[cfg(target_arch = "x86_64")]
@@ -26,18 +29,10 @@ use super::{Simd, WideSimd};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
-/// Bytes per Q4_1 block in GGUF: F16 scale, F16 minimum, 16 bytes of
-/// nibbles (value `i` in the low nibble of byte `i`, value `16 + i` in the
-/// high).
-const BLOCK_BYTES: usize = 20;
 /// Weight rows held side by side.
-const LANES: usize = 16;
-/// Bytes of one block of the group's sixteen rows, as many as in GGUF:
-/// the F16 scales, the F16 minimums, then the nibbles, step by step.
-const STEP_BYTES: usize = LANES * BLOCK_BYTES;
+pub(super) const LANES: usize = 16;
+/// Where a held block's F16 scales lie (sixteen, one per row).
 const D_AT: usize = 0;
-const MINS_AT: usize = 2 * LANES;
-const VALUES_AT: usize = 4 * LANES;
 /// Eight values per row and step: four in the low nibbles, four in the high.
 const STEP_VALUES: usize = 8;
 /// Steps per block.
@@ -45,42 +40,165 @@ const STEPS: usize = BLOCK / STEP_VALUES;
 /// Bytes per step: four bytes a row.
 const QUAD_BYTES: usize = 4 * LANES;
 
-/// Writes one GGUF block of weight row `lane` into `step`, the held block
-/// of its group (layout at [`STEP_BYTES`]).
-fn pack_block(block: &[u8], lane: usize, step: &mut [u8]) {
-    step[D_AT + 2 * lane..D_AT + 2 * lane + 2].copy_from_slice(&block[..2]);
-    step[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
-    let mut values = [0u8; BLOCK];
-    for (i, &byte) in block[4..].iter().enumerate() {
-        values[i] = byte & 0xF;
-        values[BLOCK / 2 + i] = byte >> 4;
+/// A format of 32-value blocks with an F16 scale each, held sixteen rows
+/// side by side: where a held block's fields lie, and what its values and
+/// minimums need beyond the nibbles and the scale.
+pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
+    const FORMAT: GgmlDType;
+    /// Bytes per block in GGUF, and per row in a held block.
+    const BLOCK_BYTES: usize;
+    /// Where the nibbles start in a held block: four steps of 64 bytes.
+    const VALUES_AT: usize;
+
+    /// Writes one GGUF block of weight row `lane` into `step`, the held
+    /// block of its group.
+    fn pack_block(block: &[u8], lane: usize, step: &mut [u8]);
+
+    /// Each row's minimum (`m` of `d·Σ q·y + m·Σ y`), given its scale.
+    #[cfg(target_arch = "x86_64")]
+    fn mins_wide(
+        simd: pulp::x86::V4,
+        step: &[u8],
+        d: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__m512;
+
+    /// [`mins_wide`](Self::mins_wide) for half `half` of the rows.
+    #[cfg(target_arch = "x86_64")]
+    fn mins_narrow(
+        simd: pulp::x86::V3,
+        step: &[u8],
+        half: usize,
+        d: std::arch::x86_64::__m256,
+    ) -> std::arch::x86_64::__m256;
+
+    /// Step `s`'s values from its low and high nibbles: the nibbles
+    /// themselves unless the format has more bits.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn values_wide(
+        _simd: pulp::x86::V4,
+        _step: &[u8],
+        _s: usize,
+        low: std::arch::x86_64::__m512i,
+        high: std::arch::x86_64::__m512i,
+    ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+        (low, high)
     }
+
+    /// [`values_wide`](Self::values_wide) for half `half` of the rows.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn values_narrow(
+        _simd: pulp::x86::V3,
+        _step: &[u8],
+        _s: usize,
+        _half: usize,
+        low: std::arch::x86_64::__m256i,
+        high: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        (low, high)
+    }
+}
+
+/// Bytes of one block of a group's sixteen rows.
+const fn step_bytes<L: SideLayout>() -> usize {
+    LANES * L::BLOCK_BYTES
+}
+
+/// Writes 32 values (0..=15 in their low nibbles) of weight row `lane` as
+/// the four steps of nibbles at `at` in a held block.
+pub(super) fn pack_nibbles(values: &[u8; BLOCK], lane: usize, step: &mut [u8], at: usize) {
     for (k, eight) in values.chunks_exact(STEP_VALUES).enumerate() {
-        let at = VALUES_AT + k * QUAD_BYTES + 4 * lane;
+        let at = at + k * QUAD_BYTES + 4 * lane;
         for t in 0..4 {
-            step[at + t] = eight[t] | (eight[t + 4] << 4);
+            step[at + t] = (eight[t] & 0xF) | (eight[t + 4] << 4);
         }
     }
 }
 
-/// Q4_1 weights, `rows x cols`, held sixteen rows side by side.
+/// Q4_1: an F16 scale and an F16 minimum per block, held as the sixteen
+/// scales, the sixteen minimums, then the nibbles.
 #[derive(Debug, Clone)]
-pub struct Q4_1Matrix {
+pub struct Q4_1Layout;
+
+/// Where a held Q4_1 block's minimums lie.
+const MINS_AT: usize = 2 * LANES;
+
+impl SideLayout for Q4_1Layout {
+    const FORMAT: GgmlDType = GgmlDType::Q4_1;
+    const BLOCK_BYTES: usize = 20;
+    const VALUES_AT: usize = 4 * LANES;
+
+    fn pack_block(block: &[u8], lane: usize, step: &mut [u8]) {
+        step[D_AT + 2 * lane..D_AT + 2 * lane + 2].copy_from_slice(&block[..2]);
+        step[MINS_AT + 2 * lane..MINS_AT + 2 * lane + 2].copy_from_slice(&block[2..4]);
+        // GGUF: value `i` in the low nibble of byte `i`, `16 + i` in the high.
+        let mut values = [0u8; BLOCK];
+        for (i, &byte) in block[4..].iter().enumerate() {
+            values[i] = byte & 0xF;
+            values[BLOCK / 2 + i] = byte >> 4;
+        }
+        pack_nibbles(&values, lane, step, Self::VALUES_AT);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn mins_wide(
+        simd: pulp::x86::V4,
+        step: &[u8],
+        _d: std::arch::x86_64::__m512,
+    ) -> std::arch::x86_64::__m512 {
+        let h: std::arch::x86_64::__m256i =
+            pulp::bytemuck::pod_read_unaligned(&step[MINS_AT..MINS_AT + 2 * LANES]);
+        simd.avx512f._mm512_cvtph_ps(h)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn mins_narrow(
+        _simd: pulp::x86::V3,
+        step: &[u8],
+        half: usize,
+        _d: std::arch::x86_64::__m256,
+    ) -> std::arch::x86_64::__m256 {
+        halves_narrow(step, MINS_AT, half)
+    }
+}
+
+/// The F16 values at `at` of half `half` of the rows, as F32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn halves_narrow(step: &[u8], at: usize, half: usize) -> std::arch::x86_64::__m256 {
+    let at = at + LANES * half;
+    let values: [f32; LANES / 2] = std::array::from_fn(|r| {
+        f16::from_le_bytes([step[at + 2 * r], step[at + 2 * r + 1]]).to_f32()
+    });
+    pulp::bytemuck::cast(values)
+}
+
+/// Weights of a [`SideLayout`] format, `rows x cols`, held sixteen rows
+/// side by side.
+#[derive(Debug, Clone)]
+pub struct SideMatrix<L> {
     groups: Vec<u8>,
     rows: usize,
     cols: usize,
     pub(super) isa: Isa,
+    layout: std::marker::PhantomData<L>,
 }
 
-impl Q4_1Matrix {
+/// Q4_1 weights, `rows x cols`, held sixteen rows side by side.
+pub type Q4_1Matrix = SideMatrix<Q4_1Layout>;
+
+impl<L: SideLayout> SideMatrix<L> {
     /// From GGUF's layout. `None` when this CPU lacks AVX2/FMA.
     pub fn new(bytes: &[u8], rows: usize, cols: usize) -> Result<Option<Self>, KernelError> {
-        check_layout(GgmlDType::Q4_1, bytes, rows, cols)?;
+        check_layout(L::FORMAT, bytes, rows, cols)?;
         let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
-        let row_bytes = cols / BLOCK * BLOCK_BYTES;
-        let group_bytes = cols / BLOCK * STEP_BYTES;
+        let row_bytes = cols / BLOCK * L::BLOCK_BYTES;
+        let group_bytes = cols / BLOCK * step_bytes::<L>();
         // The last group's missing rows stay zero (scales 0): their
         // products are computed and dropped.
         let mut groups = vec![0u8; rows.div_ceil(LANES) * group_bytes];
@@ -90,10 +208,10 @@ impl Q4_1Matrix {
         {
             for (lane, row) in source.chunks_exact(row_bytes).enumerate() {
                 for (block, step) in row
-                    .chunks_exact(BLOCK_BYTES)
-                    .zip(group.chunks_exact_mut(STEP_BYTES))
+                    .chunks_exact(L::BLOCK_BYTES)
+                    .zip(group.chunks_exact_mut(step_bytes::<L>()))
                 {
-                    pack_block(block, lane, step);
+                    L::pack_block(block, lane, step);
                 }
             }
         }
@@ -102,6 +220,7 @@ impl Q4_1Matrix {
             rows,
             cols,
             isa,
+            layout: std::marker::PhantomData,
         }))
     }
 
@@ -120,16 +239,17 @@ impl Q4_1Matrix {
         let activations = Activations::quantize(x, self.cols)?;
         let m = x.len() / self.cols;
         let blocks_per_row = self.cols / BLOCK;
-        let kernel = Kernel {
+        let kernel = Kernel::<L> {
             isa: self.isa,
             activations: &activations,
             tiles: side_tiles::ActivationTiles::new(&self.isa, m, blocks_per_row, |i, k| {
                 activations.row(i).1[k].map(|v| v.to_le_bytes()[0])
             }),
+            layout: std::marker::PhantomData,
         };
         Ok(for_each_group(
             &self.groups,
-            blocks_per_row * STEP_BYTES,
+            blocks_per_row * step_bytes::<L>(),
             self.rows,
             m,
             &kernel,
@@ -137,36 +257,41 @@ impl Q4_1Matrix {
     }
 }
 
-/// The Q4_1 product over one set of quantized activations.
-struct Kernel<'a> {
+/// The product over one set of quantized activations.
+struct Kernel<'a, L> {
     isa: Isa,
     activations: &'a Activations,
     /// The activations of each whole run of 16 rows as AMX tiles, where
     /// the products run on tiles.
     tiles: Option<side_tiles::ActivationTiles>,
+    layout: std::marker::PhantomData<L>,
 }
 
-impl GroupKernel<LANES> for Kernel<'_> {
+impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N] {
         let rows = std::array::from_fn(|n| self.activations.row(first + n));
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
             tiles.with_run::<N, _>(first, |t, wide, run| match wide {
-                side_tiles::Wide::Vnni(vnni) => dot_group_tiles(vnni, t, weights, run, rows),
-                side_tiles::Wide::Plain(v4) => dot_group_tiles(v4, t, weights, run, rows),
+                side_tiles::Wide::Vnni(vnni) => {
+                    dot_group_tiles::<L, _, N>(vnni, t, weights, run, rows)
+                }
+                side_tiles::Wide::Plain(v4) => {
+                    dot_group_tiles::<L, _, N>(v4, t, weights, run, rows)
+                }
             })
         }) {
             return out;
         }
         if let Some(vnni) = self.isa.wide_vnni {
-            return dot_group_wide(vnni, weights, rows);
+            return dot_group_wide::<L, _, N>(vnni, weights, rows);
         }
         if let Some(wide) = self.isa.wide {
-            return dot_group_wide(wide, weights, rows);
+            return dot_group_wide::<L, _, N>(wide, weights, rows);
         }
         match self.isa.simd_vnni {
-            Some(vnni) => dot_group(vnni, weights, rows),
-            None => dot_group(self.isa.simd, weights, rows),
+            Some(vnni) => dot_group::<L, _, N>(vnni, weights, rows),
+            None => dot_group::<L, _, N>(self.isa.simd, weights, rows),
         }
     }
 
@@ -195,7 +320,7 @@ impl GroupKernel<LANES> for Kernel<'_> {
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group_wide<const N: usize>(
+fn dot_group_wide<L, B, const N: usize>(
     simd: WideSimd,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
@@ -205,7 +330,7 @@ fn dot_group_wide<const N: usize>(
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group<const N: usize>(
+fn dot_group<L, B, const N: usize>(
     simd: Simd,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
@@ -223,7 +348,7 @@ fn dot_group<const N: usize>(
 /// every path, so all paths give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group_wide<B: WideBytes, const N: usize>(
+fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
     bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
@@ -237,7 +362,7 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
             let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
             let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
-            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+            for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
                 // The block's 32 bytes as the eight words a step broadcasts.
                 let ys: [[i32; BLOCK / 4]; N] =
                     std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
@@ -245,12 +370,13 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
                 // adds of one step need not wait for the previous step's.
                 let mut sums = [[zero; 2]; N];
                 for s in 0..STEPS {
-                    let at = VALUES_AT + s * QUAD_BYTES;
+                    let at = L::VALUES_AT + s * QUAD_BYTES;
                     let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
                     let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
                     let high = simd
                         .avx512f
                         ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+                    let (low, high) = L::values_wide(simd, step, s, low, high);
                     for n in 0..N {
                         // Nibbles are unsigned (0..=15) and the activations
                         // within ±127: a pair of products of each half stays
@@ -263,7 +389,7 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
                 }
                 let sums =
                     std::array::from_fn(|n| simd.avx512f._mm512_add_epi32(sums[n][0], sums[n][1]));
-                finish_block(simd, step, b, &rows, sums, &mut acc);
+                finish_block::<L, N>(simd, step, b, &rows, sums, &mut acc);
             }
             acc.map(bytemuck::cast)
         },
@@ -275,7 +401,7 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
 /// kernels, so that the same integers give the same bits on both.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn finish_block<const N: usize>(
+fn finish_block<L: SideLayout, const N: usize>(
     simd: pulp::x86::V4,
     step: &[u8],
     b: usize,
@@ -289,7 +415,8 @@ fn finish_block<const N: usize>(
         let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
         simd.avx512f._mm512_cvtph_ps(h)
     };
-    let (d, m) = (halves(D_AT), halves(MINS_AT));
+    let d = halves(D_AT);
+    let m = L::mins_wide(simd, step, d);
     for n in 0..N {
         let y_scale = simd.avx512f._mm512_set1_ps(rows[n].0[b]);
         acc[n] = simd.avx512f._mm512_fmadd_ps(
@@ -308,7 +435,7 @@ fn finish_block<const N: usize>(
 /// operations per lane.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<B: NarrowBytes, const N: usize>(
+fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
     bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
@@ -319,23 +446,24 @@ fn dot_group<B: NarrowBytes, const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::{__m256, __m256i};
+            use std::arch::x86_64::__m256i;
             let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
             let zero = simd.avx._mm256_setzero_si256();
             let mut out = [[0f32; LANES]; N];
             for half in 0..2 {
                 let mut acc = [simd.avx._mm256_setzero_ps(); N];
-                for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
                     let ys: [[i32; BLOCK / 4]; N] =
                         std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
                     let mut sums = [[zero; 2]; N];
                     for s in 0..STEPS {
-                        let at = VALUES_AT + s * QUAD_BYTES + 32 * half;
+                        let at = L::VALUES_AT + s * QUAD_BYTES + 32 * half;
                         let q: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 32]);
                         let low = simd.avx2._mm256_and_si256(q, low_nibbles);
                         let high = simd
                             .avx2
                             ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
+                        let (low, high) = L::values_narrow(simd, step, s, half, low, high);
                         for n in 0..N {
                             let y_low = simd.avx._mm256_set1_epi32(ys[n][2 * s]);
                             let y_high = simd.avx._mm256_set1_epi32(ys[n][2 * s + 1]);
@@ -343,14 +471,8 @@ fn dot_group<B: NarrowBytes, const N: usize>(
                                 bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
                         }
                     }
-                    let halves = |at: usize| {
-                        let at = at + 2 * HALF * half;
-                        let values: [f32; HALF] = std::array::from_fn(|r| {
-                            f16::from_le_bytes([step[at + 2 * r], step[at + 2 * r + 1]]).to_f32()
-                        });
-                        bytemuck::cast::<_, __m256>(values)
-                    };
-                    let (d, m) = (halves(D_AT), halves(MINS_AT));
+                    let d = halves_narrow(step, D_AT, half);
+                    let m = L::mins_narrow(simd, step, half, d);
                     for n in 0..N {
                         let sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
                         let y_scale = simd.avx._mm256_set1_ps(rows[n].0[b]);
@@ -387,7 +509,7 @@ const TILE_RUN: usize = 8;
 /// scales and adds them as on AVX-512.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn dot_group_tiles<B: WideBytes, const N: usize>(
+fn dot_group_tiles<L: SideLayout, B: WideBytes, const N: usize>(
     bytes: B,
     t: &side_tiles::ConfiguredTiles,
     weights: &[u8],
@@ -403,12 +525,12 @@ fn dot_group_tiles<B: WideBytes, const N: usize>(
             let mut split = [[0u8; STEPS * 2 * QUAD_BYTES]; TILE_RUN];
             let mut products = [[[0i32; LANES]; side_tiles::ROWS]; TILE_RUN];
             for (c, (steps, tiles)) in weights
-                .chunks(TILE_RUN * STEP_BYTES)
+                .chunks(TILE_RUN * step_bytes::<L>())
                 .zip(tiles.chunks(TILE_RUN))
                 .enumerate()
             {
-                for (step, split) in steps.chunks_exact(STEP_BYTES).zip(&mut split) {
-                    side_tiles::split_nibbles(simd, &step[VALUES_AT..], split);
+                for (step, split) in steps.chunks_exact(step_bytes::<L>()).zip(&mut split) {
+                    split_values::<L>(simd, step, split);
                 }
                 // The blocks' products first, two at a time, so that the
                 // tiles' latency overlaps the F32 work below; an odd last
@@ -426,14 +548,42 @@ fn dot_group_tiles<B: WideBytes, const N: usize>(
                         );
                     }
                 }
-                for (k, (step, products)) in
-                    steps.chunks_exact(STEP_BYTES).zip(&products).enumerate()
+                for (k, (step, products)) in steps
+                    .chunks_exact(step_bytes::<L>())
+                    .zip(&products)
+                    .enumerate()
                 {
                     let sums = std::array::from_fn(|n| bytemuck::cast(products[n]));
-                    finish_block(simd, step, c * TILE_RUN + k, &rows, sums, &mut acc);
+                    finish_block::<L, N>(simd, step, c * TILE_RUN + k, &rows, sums, &mut acc);
                 }
             }
             acc.map(bytemuck::cast)
         },
     )
+}
+
+/// A held block's values as a weight tile: each step's low values, then
+/// its high ones, as the AVX kernels see them.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[inline(always)]
+fn split_values<L: SideLayout>(
+    simd: pulp::x86::V4,
+    step: &[u8],
+    tile: &mut side_tiles::WeightTile,
+) {
+    use pulp::bytemuck;
+    use std::arch::x86_64::__m512i;
+    let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+    for (s, rows) in tile.chunks_exact_mut(2 * QUAD_BYTES).enumerate() {
+        let at = L::VALUES_AT + s * QUAD_BYTES;
+        let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
+        let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
+        let high = simd
+            .avx512f
+            ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
+        let (low, high) = L::values_wide(simd, step, s, low, high);
+        let (low_row, high_row) = rows.split_at_mut(QUAD_BYTES);
+        low_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(low));
+        high_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(high));
+    }
 }

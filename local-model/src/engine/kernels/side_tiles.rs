@@ -1,5 +1,5 @@
 //! AMX tile products for the formats held sixteen weight rows side by side
-//! (Q4_1, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
+//! (Q4_1, Q5_0, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
 //! once per product, the weights' nibbles split into tile rows, and each
 //! worker thread's tile configuration held for its whole share.
 //!

@@ -220,6 +220,14 @@ fn q4_1_products_match_the_weights_values_and_candles_kernel() {
 }
 
 #[test]
+fn q5_0_products_match_the_weights_values_and_candles_kernel() {
+    // candle's Q5_0 product rounds activations the same way (Q8_0).
+    // 21 rows: a full group of sixteen and a padded one; 15 inputs: the
+    // eight-, four-, two- and one-row passes.
+    check_format(GgmlDType::Q5_0, 21, 160, 15, 2e-3);
+}
+
+#[test]
 fn q4_k_products_match_the_weights_values_and_candles_kernel() {
     // candle quantizes activations per 256 values on a -128..127 grid,
     // we on a symmetric one: both within the rounding bound, not equal.

@@ -130,7 +130,7 @@ pub const AMX_ACTIVATION_ROWS: usize = 16;
 pub const AMX_BLOCK: usize = 32;
 
 /// Products of 16 activation rows with 16 weight rows held side by side
-/// (Q4_1, Q4_K): rows per tile, and bytes of one block of the weights in
+/// (Q4_1, Q5_0, Q4_K): rows per tile, and bytes of one block of the weights in
 /// the VNNI layout (8 rows of 64 bytes: row `k4` holds values `4·k4..4·k4+4`
 /// of each of the 16 weight rows, as unsigned bytes).
 pub const AMX_SIDE_ROWS: usize = 16;
@@ -301,7 +301,7 @@ struct TileConfig([u8; 64]);
 impl TileConfig {
     /// Q8_0: tmm0, the 4 × 16 i32 products; tmm1, 4 weight rows of 32
     /// bytes; tmm2, the activations, 8 rows of 64 bytes. Side by side
-    /// (Q4_1, Q4_K), two blocks at a time: tmm3 and tmm6, the 16 × 16 i32
+    /// (Q4_1, Q5_0, Q4_K), two blocks at a time: tmm3 and tmm6, the 16 × 16 i32
     /// products; tmm4 and tmm7, 16 activation rows of 32 bytes; tmm2 and
     /// tmm5, the weights, 8 rows of 64 bytes (tmm2's shape serves both).
     /// One configuration serves all, so a thread never reconfigures.
