@@ -355,15 +355,15 @@ mod tests {
     #[test]
     fn slow_formats_become_q8_0_without_losing_their_values() {
         let dense = random(16, 64, 1);
-        let q5_0 = QTensor::quantize(&dense, GgmlDType::Q5_0).unwrap();
-        let before = q5_0.dequantize(&Device::Cpu).unwrap();
-        let converted = with_simd_kernel(q5_0, &Device::Cpu).unwrap();
+        let q5_1 = QTensor::quantize(&dense, GgmlDType::Q5_1).unwrap();
+        let before = q5_1.dequantize(&Device::Cpu).unwrap();
+        let converted = with_simd_kernel(q5_1, &Device::Cpu).unwrap();
         assert_eq!(converted.dtype(), GgmlDType::Q8_0);
         let after = converted.dequantize(&Device::Cpu).unwrap();
         // Half a step of an 8-bit grid over values within ±0.5.
         assert!(max_abs_diff(&before, &after) < 0.5 / 127.0 + 1e-6);
-        // Formats with a kernel are left alone: Q8_0 everywhere, Q4_1
-        // where Cascade's kernels run.
+        // Formats with a kernel are left alone: Q8_0 everywhere, Q4_1 and
+        // Q5_0 where Cascade's kernels run.
         let q8 = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
         assert_eq!(
             with_simd_kernel(q8, &Device::Cpu).unwrap().dtype(),
@@ -376,6 +376,13 @@ mod tests {
             GgmlDType::Q8_0
         };
         assert_eq!(with_simd_kernel(q4_1, &Device::Cpu).unwrap().dtype(), kept);
+        let q5_0 = QTensor::quantize(&dense, GgmlDType::Q5_0).unwrap();
+        let kept = if grouped_kernels_cover(GgmlDType::Q5_0) {
+            GgmlDType::Q5_0
+        } else {
+            GgmlDType::Q8_0
+        };
+        assert_eq!(with_simd_kernel(q5_0, &Device::Cpu).unwrap().dtype(), kept);
         // Q6_K: to Q8_0 where the AVX-512 kernels run, within half a step
         // of the 8-bit grid.
         let dense = random(4, 256, 2);
