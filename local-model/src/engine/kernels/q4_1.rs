@@ -24,8 +24,6 @@ use super::q8_0::{ActivationRow, Activations};
 use super::{check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError};
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
-#[cfg(not(target_arch = "x86_64"))]
-use super::{Simd, WideSimd};
 
 /// Values per Q4_1 block.
 const BLOCK: usize = 32;
@@ -320,22 +318,24 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group_wide<L, B, const N: usize>(
-    simd: WideSimd,
+fn dot_group_wide<L, B: Into<std::convert::Infallible>, const N: usize>(
+    bytes: B,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
-    match simd {}
+    // Every token type is uninhabited off x86-64: never called.
+    match bytes.into() {}
 }
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group<L, B, const N: usize>(
-    simd: Simd,
+fn dot_group<L, B: Into<std::convert::Infallible>, const N: usize>(
+    bytes: B,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
-    match simd {}
+    // Every token type is uninhabited off x86-64: never called.
+    match bytes.into() {}
 }
 
 /// Dot products of one sixteen-row group with `N` activation rows; each
