@@ -130,7 +130,7 @@ type Amx = std::convert::Infallible;
 
 /// Set (to anything) to run products of 16 activation rows or more
 /// (prefill, decode batches of 16) on AMX tiles where the CPU and kernel
-/// allow. Opt-in: on the Sapphire Rapids host measured (docs/benchmarks.md)
+/// allow. Opt-in: on the Emerald Rapids host measured (docs/benchmarks.md)
 /// the tiles were no faster than the AVX-512 VNNI kernels, because every
 /// 32-value block has its own scale, so each tile product of 16 × 16 × 32
 /// values is stored (1 KiB) and read back to be scaled, which costs as much
