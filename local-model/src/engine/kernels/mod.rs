@@ -3,11 +3,12 @@
 //!
 //! candle 0.11's x86 kernels take one weight row at a time through a single
 //! accumulator and re-read the activation block for every row. Here the
-//! weights are regrouped at load so that four rows sit block by block in
-//! one sequential stream; each activation block is loaded once for the four
-//! rows, and each row has its own accumulator. In prefill every activation
-//! row passes over a four-row group while it sits in L1, so the matrix is
-//! read once per product instead of once per tile of rows.
+//! weights are held sixteen rows side by side (`q4_1.rs` for the 32-value
+//! formats, `q4_k.rs`), in one sequential stream: lane `r` of every vector
+//! is row `r`, the activations are broadcast, and each block's integer sums
+//! are scaled for sixteen rows at once with no sums across lanes. In
+//! prefill and batched decode several activation rows pass over a group
+//! while it sits in L1, so the matrix is read once per product.
 //!
 //! No `unsafe` here: `pulp::x86::V3` is a token that exists only when the CPU
 //! has AVX2 and FMA (checked at run time), its intrinsics are safe methods,
@@ -17,11 +18,9 @@
 //! four rows at a time).
 //!
 //! Where the CPU also has AVX-512 (F, BW, VL: `pulp::x86::V4`, checked at
-//! run time), the products take 64 bytes per instruction and
-//! four activation rows per pass over a weight block instead of two: twice
-//! the work per instruction in prefill, where the products are bound by
-//! compute rather than by memory. The AVX2 kernels stay for other CPUs and
-//! read the same layout.
+//! run time), the products take 64 bytes per instruction and eight
+//! activation rows per pass over a weight group. The AVX2 kernels stay for
+//! other CPUs and read the same layout.
 
 mod q4_1;
 mod q4_k;
@@ -45,9 +44,6 @@ pub use q4_1::Q4_1Matrix;
 pub use q4_k::Q4KMatrix;
 pub use q5_0::Q5_0Matrix;
 pub use q8_0::{Q8_0Matrix, ReadError};
-
-/// Weight rows that share one pass over an activation block.
-const ROWS_PER_GROUP: usize = 4;
 
 /// Proof that the CPU runs the AVX2/FMA kernels.
 #[cfg(target_arch = "x86_64")]
@@ -134,10 +130,8 @@ type Amx = std::convert::Infallible;
 /// the tiles were no faster than the AVX-512 VNNI kernels, because every
 /// 32-value block has its own scale, so each tile product of 16 × 16 × 32
 /// values is stored (1 KiB) and read back to be scaled, which costs as much
-/// as the byte products it replaces. Q4_1's and Q4_K's tiles give the AVX
-/// kernels' bits; Q8_0's add the same integer sums in another F32 order, so
-/// a request's log-probs in a batch of 16 differ from alone in the last
-/// bits (Gemma 3's by up to 0.01).
+/// as the byte products it replaces. The tiles give the AVX kernels' bits
+/// in every format (`side_tiles`).
 pub const AMX_VARIABLE: &str = "CASCADE_AMX";
 
 /// AMX where `CASCADE_AMX` asks for it and the CPU and kernel allow it.
@@ -253,14 +247,24 @@ pub fn describe_paths() -> String {
 trait WideBytes: Copy {
     fn v4(self) -> WideSimd;
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
-    /// `Σ unsigned·signed` per four bytes.
-    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i;
     /// `Σ a·b + Σ c·d` per four bytes; each pair of products of `a·b` plus
     /// that of `c·d` must fit 16 bits (the AVX-512 path adds them there).
     fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i;
     /// `acc` plus [`quads2`](Self::quads2)`(a, b, c, d)`, under the same
     /// condition: on VNNI two `vpdpbusd` into `acc` itself.
     fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i;
+    /// [`add_quads2`](Self::add_quads2) for any unsigned bytes `a` and `c`
+    /// (Q8_0's values): VNNI adds the products in 32 bits, the same as
+    /// `add_quads2`; without it each nibble of `a` and `c` is multiplied
+    /// apart, in 16 bits, and the high nibbles' sums shifted by four.
+    fn add_byte_quads2(
+        self,
+        acc: __m512i,
+        a: __m512i,
+        b: __m512i,
+        c: __m512i,
+        d: __m512i,
+    ) -> __m512i;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -272,12 +276,6 @@ impl WideBytes for WideSimd {
     #[inline(always)]
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
         pulp::x86::V4::vectorize(self, f)
-    }
-    #[inline(always)]
-    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i {
-        let pairs = self.avx512bw._mm512_maddubs_epi16(unsigned, signed);
-        self.avx512bw
-            ._mm512_madd_epi16(pairs, self.avx512f._mm512_set1_epi16(1))
     }
     #[inline(always)]
     fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
@@ -292,6 +290,26 @@ impl WideBytes for WideSimd {
     fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
         self.avx512f._mm512_add_epi32(acc, self.quads2(a, b, c, d))
     }
+    #[inline(always)]
+    fn add_byte_quads2(
+        self,
+        acc: __m512i,
+        a: __m512i,
+        b: __m512i,
+        c: __m512i,
+        d: __m512i,
+    ) -> __m512i {
+        let nibbles = self.avx512f._mm512_set1_epi8(0x0F);
+        let low = |v| self.avx512f._mm512_and_si512(v, nibbles);
+        let high = |v| low(self.avx512bw._mm512_srli_epi16::<4>(v));
+        let low_sums = self.quads2(low(a), b, low(c), d);
+        let high_sums = self.quads2(high(a), b, high(c), d);
+        self.avx512f._mm512_add_epi32(
+            acc,
+            self.avx512f
+                ._mm512_add_epi32(low_sums, self.avx512f._mm512_slli_epi32::<4>(high_sums)),
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -305,11 +323,6 @@ impl WideBytes for WideVnni {
         unsafe_simd::Vnni512::vectorize(self, f)
     }
     #[inline(always)]
-    fn quads(self, unsigned: __m512i, signed: __m512i) -> __m512i {
-        let zero = self.v4().avx512f._mm512_setzero_si512();
-        self.dot_u8_i8(zero, unsigned, signed)
-    }
-    #[inline(always)]
     fn quads2(self, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
         let zero = self.v4().avx512f._mm512_setzero_si512();
         self.dot_u8_i8(self.dot_u8_i8(zero, a, b), c, d)
@@ -318,6 +331,17 @@ impl WideBytes for WideVnni {
     fn add_quads2(self, acc: __m512i, a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m512i {
         self.dot_u8_i8(self.dot_u8_i8(acc, a, b), c, d)
     }
+    #[inline(always)]
+    fn add_byte_quads2(
+        self,
+        acc: __m512i,
+        a: __m512i,
+        b: __m512i,
+        c: __m512i,
+        d: __m512i,
+    ) -> __m512i {
+        self.add_quads2(acc, a, b, c, d)
+    }
 }
 
 /// [`WideBytes`] for the AVX2 kernels: `V3`, or the AVX-VNNI token.
@@ -325,11 +349,18 @@ impl WideBytes for WideVnni {
 trait NarrowBytes: Copy {
     fn v3(self) -> Simd;
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
-    /// `Σ unsigned·signed` per four bytes.
-    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i;
     /// `acc` plus `Σ a·b + Σ c·d` per four bytes; each pair of products of
     /// `a·b` plus that of `c·d` must fit 16 bits (as [`WideBytes::quads2`]).
     fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i;
+    /// [`WideBytes::add_byte_quads2`] on AVX2.
+    fn add_byte_quads2(
+        self,
+        acc: __m256i,
+        a: __m256i,
+        b: __m256i,
+        c: __m256i,
+        d: __m256i,
+    ) -> __m256i;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -343,12 +374,6 @@ impl NarrowBytes for Simd {
         pulp::x86::V3::vectorize(self, f)
     }
     #[inline(always)]
-    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i {
-        let pairs = self.avx2._mm256_maddubs_epi16(unsigned, signed);
-        self.avx2
-            ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1))
-    }
-    #[inline(always)]
     fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
         let pairs = self.avx2._mm256_add_epi16(
             self.avx2._mm256_maddubs_epi16(a, b),
@@ -358,6 +383,27 @@ impl NarrowBytes for Simd {
             acc,
             self.avx2
                 ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1)),
+        )
+    }
+    #[inline(always)]
+    fn add_byte_quads2(
+        self,
+        acc: __m256i,
+        a: __m256i,
+        b: __m256i,
+        c: __m256i,
+        d: __m256i,
+    ) -> __m256i {
+        let nibbles = self.avx._mm256_set1_epi8(0x0F);
+        let low = |v| self.avx2._mm256_and_si256(v, nibbles);
+        let high = |v| low(self.avx2._mm256_srli_epi16::<4>(v));
+        let zero = self.avx._mm256_setzero_si256();
+        let low_sums = self.add_quads2(zero, low(a), b, low(c), d);
+        let high_sums = self.add_quads2(zero, high(a), b, high(c), d);
+        self.avx2._mm256_add_epi32(
+            acc,
+            self.avx2
+                ._mm256_add_epi32(low_sums, self.avx2._mm256_slli_epi32::<4>(high_sums)),
         )
     }
 }
@@ -373,13 +419,19 @@ impl NarrowBytes for SimdVnni {
         unsafe_simd::VnniAvx::vectorize(self, f)
     }
     #[inline(always)]
-    fn quads(self, unsigned: __m256i, signed: __m256i) -> __m256i {
-        let zero = self.v3().avx._mm256_setzero_si256();
-        self.dot_u8_i8(zero, unsigned, signed)
-    }
-    #[inline(always)]
     fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
         self.dot_u8_i8(self.dot_u8_i8(acc, a, b), c, d)
+    }
+    #[inline(always)]
+    fn add_byte_quads2(
+        self,
+        acc: __m256i,
+        a: __m256i,
+        b: __m256i,
+        c: __m256i,
+        d: __m256i,
+    ) -> __m256i {
+        self.add_quads2(acc, a, b, c, d)
     }
 }
 
@@ -439,62 +491,9 @@ fn check_blocks(format: GgmlDType, cols: usize) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// The `repack` of formats whose blocks are regrouped as they are.
-fn keep_block(block: &[u8], out: &mut [u8]) {
-    out.copy_from_slice(block);
-}
-
-/// Regroups GGUF rows (runs of `block_bytes`-byte blocks) four at a time,
-/// block by block: group `g` holds, for each block index, that block of
-/// rows `4g..4g+4`, each rewritten by `repack` into `packed_bytes`. The last
-/// group is padded with zero blocks (scale 0), whose products are computed
-/// and dropped.
-fn regroup(
-    bytes: &[u8],
-    rows: usize,
-    row_blocks: usize,
-    block_bytes: usize,
-    packed_bytes: usize,
-    repack: impl Fn(&[u8], &mut [u8]),
-) -> Vec<u8> {
-    let group_bytes = row_blocks * ROWS_PER_GROUP * packed_bytes;
-    let mut groups = vec![0u8; rows.div_ceil(ROWS_PER_GROUP) * group_bytes];
-    for (source, group) in bytes
-        .chunks(ROWS_PER_GROUP * row_blocks * block_bytes)
-        .zip(groups.chunks_exact_mut(group_bytes))
-    {
-        regroup_one(
-            source,
-            group,
-            row_blocks,
-            block_bytes,
-            packed_bytes,
-            &repack,
-        );
-    }
-    groups
-}
-
-/// `regroup` for one group: `source` holds its (up to four) GGUF rows.
-fn regroup_one(
-    source: &[u8],
-    group: &mut [u8],
-    row_blocks: usize,
-    block_bytes: usize,
-    packed_bytes: usize,
-    repack: &impl Fn(&[u8], &mut [u8]),
-) {
-    for (lane, row) in source.chunks_exact(row_blocks * block_bytes).enumerate() {
-        for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-            let at = (b * ROWS_PER_GROUP + lane) * packed_bytes;
-            repack(block, &mut group[at..at + packed_bytes]);
-        }
-    }
-}
-
-/// A format's dot products of one weight group (`LANES` rows: four for
-/// Q8_0 and Q4_1, sixteen for Q4_K) with activation rows.
-trait GroupKernel<const LANES: usize = ROWS_PER_GROUP>: Sync {
+/// A format's dot products of one weight group (`LANES` rows: sixteen in
+/// every format here) with activation rows.
+trait GroupKernel<const LANES: usize>: Sync {
     /// With the `N` activation rows from `first` on.
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N];
 
@@ -604,24 +603,6 @@ fn for_groups<const LANES: usize>(
             dot_rows::<LANES, 1>(kernel, weights, i, &store);
         }
     }
-}
-
-/// Horizontal sum of eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lane_sum(v: std::arch::x86_64::__m256) -> f32 {
-    let lanes: [f32; 8] = pulp::bytemuck::cast(v);
-    lanes.iter().sum()
-}
-
-/// The (at most 16) little-endian F16 values in `bytes` as F32 lanes, the
-/// lanes after them zero: a step's scales (and minimums) in one conversion.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn widen_halves(simd: WideSimd, bytes: &[u8]) -> std::arch::x86_64::__m512 {
-    let mut halves = [0u8; 32];
-    halves[..bytes.len()].copy_from_slice(bytes);
-    simd.avx512f._mm512_cvtph_ps(pulp::bytemuck::cast(halves))
 }
 
 /// Rounds `chunk` to signed bytes on a symmetric grid (scale = max |v| /
@@ -746,7 +727,7 @@ impl GroupedWeights {
     /// Whether products over 16 activation rows or more run on AMX tiles.
     pub fn uses_amx(&self) -> bool {
         match self {
-            Self::Q8_0(m) => m.isa.amx.is_some(),
+            Self::Q8_0(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q4_1(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q5_0(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q4K(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),

@@ -21,7 +21,9 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::q8_0::{ActivationRow, Activations};
-use super::{check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError};
+use super::{
+    check_blocks, check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError, ReadError,
+};
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
 
@@ -35,18 +37,35 @@ const D_AT: usize = 0;
 const STEP_VALUES: usize = 8;
 /// Steps per block.
 const STEPS: usize = BLOCK / STEP_VALUES;
+/// Blocks ahead that the wide kernel prefetches (the pointer wraps, never
+/// dereferenced past the weights: a prefetch of any address is harmless).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_STEPS: usize = 4;
 /// Bytes per step: four bytes a row.
-const QUAD_BYTES: usize = 4 * LANES;
+pub(super) const QUAD_BYTES: usize = 4 * LANES;
 
 /// A format of 32-value blocks with an F16 scale each, held sixteen rows
 /// side by side: where a held block's fields lie, and what its values and
-/// minimums need beyond the nibbles and the scale.
+/// minimums need beyond the scale.
+///
+/// A block's values come in four steps of eight per row: each step gives
+/// two vectors of unsigned bytes, its "low" one (values `8s..8s+4` of every
+/// row, four bytes a row) and its "high" one (values `8s+4..8s+8`). The
+/// nibble formats hold a step as one 64-byte vector, low values in the low
+/// nibbles; Q8_0 holds it as two.
 pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
     const FORMAT: GgmlDType;
     /// Bytes per block in GGUF, and per row in a held block.
     const BLOCK_BYTES: usize;
-    /// Where the nibbles start in a held block: four steps of 64 bytes.
+    /// Where the values start in a held block (after the scales, and
+    /// whatever else the format keeps per block).
     const VALUES_AT: usize;
+    /// Whether values take all eight bits (Q8_0's, offset by 128). Two
+    /// products of such a byte by an activation do not fit 16 bits, so the
+    /// paths without VNNI (`maddubs` adds pairs in 16 bits, saturating)
+    /// multiply their two nibbles apart. With nibble values (0..=15, or
+    /// 0..=31 with a fifth bit) they do fit.
+    const FULL_BYTES: bool = false;
 
     /// Writes one GGUF block of weight row `lane` into `step`, the held
     /// block of its group.
@@ -69,33 +88,62 @@ pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
         d: std::arch::x86_64::__m256,
     ) -> std::arch::x86_64::__m256;
 
-    /// Step `s`'s values from its low and high nibbles: the nibbles
-    /// themselves unless the format has more bits.
+    /// Step `s`'s low and high values: by default its nibbles.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn values_wide(
-        _simd: pulp::x86::V4,
-        _step: &[u8],
-        _s: usize,
-        low: std::arch::x86_64::__m512i,
-        high: std::arch::x86_64::__m512i,
+        simd: pulp::x86::V4,
+        step: &[u8],
+        s: usize,
     ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
-        (low, high)
+        nibbles_wide(simd, step, Self::VALUES_AT + s * QUAD_BYTES)
     }
 
     /// [`values_wide`](Self::values_wide) for half `half` of the rows.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn values_narrow(
-        _simd: pulp::x86::V3,
-        _step: &[u8],
-        _s: usize,
-        _half: usize,
-        low: std::arch::x86_64::__m256i,
-        high: std::arch::x86_64::__m256i,
+        simd: pulp::x86::V3,
+        step: &[u8],
+        s: usize,
+        half: usize,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-        (low, high)
+        nibbles_narrow(simd, step, Self::VALUES_AT + s * QUAD_BYTES + 32 * half)
     }
+}
+
+/// The low and high nibbles of the 64 bytes at `at`, as bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn nibbles_wide(
+    simd: pulp::x86::V4,
+    step: &[u8],
+    at: usize,
+) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+    let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+    let q: std::arch::x86_64::__m512i = pulp::bytemuck::pod_read_unaligned(&step[at..at + 64]);
+    (
+        simd.avx512f._mm512_and_si512(q, low_nibbles),
+        simd.avx512f
+            ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles),
+    )
+}
+
+/// The low and high nibbles of the 32 bytes at `at`, as bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn nibbles_narrow(
+    simd: pulp::x86::V3,
+    step: &[u8],
+    at: usize,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
+    let q: std::arch::x86_64::__m256i = pulp::bytemuck::pod_read_unaligned(&step[at..at + 32]);
+    (
+        simd.avx2._mm256_and_si256(q, low_nibbles),
+        simd.avx2
+            ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles),
+    )
 }
 
 /// Bytes of one block of a group's sixteen rows.
@@ -195,15 +243,55 @@ impl<L: SideLayout> SideMatrix<L> {
         let Some(isa) = Isa::detect() else {
             return Ok(None);
         };
+        let mut source = bytes.chunks(LANES * cols / BLOCK * L::BLOCK_BYTES);
+        let filled = Self::pack(isa, rows, cols, |group_rows| {
+            if let Some(next) = source.next() {
+                group_rows.copy_from_slice(next);
+            }
+            Ok::<_, std::convert::Infallible>(())
+        });
+        Ok(Some(match filled {
+            Ok(matrix) => matrix,
+            Err(never) => match never {},
+        }))
+    }
+
+    /// Reads `rows x cols` weights in GGUF's layout from `reader`, sixteen
+    /// rows at a time, straight into the held layout: a large table
+    /// (Gemma 3's 178 MB embedding) is never held twice while loading.
+    /// `None` when this CPU lacks AVX2/FMA (nothing is read then).
+    pub fn read(
+        reader: &mut impl std::io::Read,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>, ReadError> {
+        check_blocks(L::FORMAT, cols)?;
+        let Some(isa) = Isa::detect() else {
+            return Ok(None);
+        };
+        Ok(Some(Self::pack(isa, rows, cols, |group_rows| {
+            reader.read_exact(group_rows)
+        })?))
+    }
+
+    /// Packs the groups one by one, each from the GGUF rows `fill` writes
+    /// (sixteen, fewer in the last group).
+    fn pack<E>(
+        isa: Isa,
+        rows: usize,
+        cols: usize,
+        mut fill: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Self, E> {
         let row_bytes = cols / BLOCK * L::BLOCK_BYTES;
         let group_bytes = cols / BLOCK * step_bytes::<L>();
         // The last group's missing rows stay zero (scales 0): their
         // products are computed and dropped.
         let mut groups = vec![0u8; rows.div_ceil(LANES) * group_bytes];
-        for (source, group) in bytes
-            .chunks(LANES * row_bytes)
-            .zip(groups.chunks_exact_mut(group_bytes))
-        {
+        let mut source = vec![0u8; LANES * row_bytes];
+        for (g, group) in groups.chunks_exact_mut(group_bytes).enumerate() {
+            let lanes = LANES.min(rows - g * LANES);
+            let source = &mut source[..lanes * row_bytes];
+            fill(source)?;
             for (lane, row) in source.chunks_exact(row_bytes).enumerate() {
                 for (block, step) in row
                     .chunks_exact(L::BLOCK_BYTES)
@@ -213,13 +301,28 @@ impl<L: SideLayout> SideMatrix<L> {
                 }
             }
         }
-        Ok(Some(Self {
+        Ok(Self {
             groups,
             rows,
             cols,
             isa,
             layout: std::marker::PhantomData,
-        }))
+        })
+    }
+
+    /// The held blocks of the group holding row `row`, and its lane there.
+    pub(super) fn held_row(&self, row: usize) -> Option<(std::slice::ChunksExact<'_, u8>, usize)> {
+        if row >= self.rows {
+            return None;
+        }
+        let group_bytes = self.cols / BLOCK * step_bytes::<L>();
+        let at = row / LANES * group_bytes;
+        let group = self.groups.get(at..at + group_bytes)?;
+        Some((group.chunks_exact(step_bytes::<L>()), row % LANES))
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 
     pub fn rows(&self) -> usize {
@@ -358,8 +461,6 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::__m512i;
-            let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
             let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
             for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
@@ -369,22 +470,33 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
                 // Two chains per row when the rows are few, so that the
                 // adds of one step need not wait for the previous step's.
                 let mut sums = [[zero; 2]; N];
+                // As in Q4_K's kernel: with many products per byte (four
+                // activation rows or more) the hardware's prefetcher leaves
+                // the loads and the products in turn, so ask for a block
+                // ahead (20% faster on Gemma 3's output projection at eight
+                // rows); alone, the loads are the bottleneck and the
+                // hardware's pace is best.
+                for line in 0..if N >= 4 { step_bytes::<L>().div_ceil(64) } else { 0 } {
+                    let ahead = step
+                        .as_ptr()
+                        .wrapping_add(PREFETCH_STEPS * step_bytes::<L>() + line * 64);
+                    simd.sse
+                        ._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.cast());
+                }
                 for s in 0..STEPS {
-                    let at = L::VALUES_AT + s * QUAD_BYTES;
-                    let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
-                    let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
-                    let high = simd
-                        .avx512f
-                        ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
-                    let (low, high) = L::values_wide(simd, step, s, low, high);
+                    let (low, high) = L::values_wide(simd, step, s);
                     for n in 0..N {
-                        // Nibbles are unsigned (0..=15) and the activations
-                        // within ±127: a pair of products of each half stays
-                        // within ±3810, their sum within 16 bits.
                         let y_low = simd.avx512f._mm512_set1_epi32(ys[n][2 * s]);
                         let y_high = simd.avx512f._mm512_set1_epi32(ys[n][2 * s + 1]);
                         let chain = if N >= 4 { 0 } else { s % 2 };
-                        sums[n][chain] = bytes.add_quads2(sums[n][chain], low, y_low, high, y_high);
+                        sums[n][chain] = if L::FULL_BYTES {
+                            bytes.add_byte_quads2(sums[n][chain], low, y_low, high, y_high)
+                        } else {
+                            // Values within 0..=31 and activations within
+                            // ±127: a pair of products of each half stays
+                            // within ±7874, their sum within 16 bits.
+                            bytes.add_quads2(sums[n][chain], low, y_low, high, y_high)
+                        };
                     }
                 }
                 let sums =
@@ -446,8 +558,6 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
         #[inline(always)]
         || {
             use pulp::bytemuck;
-            use std::arch::x86_64::__m256i;
-            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
             let zero = simd.avx._mm256_setzero_si256();
             let mut out = [[0f32; LANES]; N];
             for half in 0..2 {
@@ -457,18 +567,16 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
                         std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
                     let mut sums = [[zero; 2]; N];
                     for s in 0..STEPS {
-                        let at = L::VALUES_AT + s * QUAD_BYTES + 32 * half;
-                        let q: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 32]);
-                        let low = simd.avx2._mm256_and_si256(q, low_nibbles);
-                        let high = simd
-                            .avx2
-                            ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
-                        let (low, high) = L::values_narrow(simd, step, s, half, low, high);
+                        let (low, high) = L::values_narrow(simd, step, s, half);
                         for n in 0..N {
                             let y_low = simd.avx._mm256_set1_epi32(ys[n][2 * s]);
                             let y_high = simd.avx._mm256_set1_epi32(ys[n][2 * s + 1]);
-                            sums[n][s % 2] =
-                                bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
+                            let sum = sums[n][s % 2];
+                            sums[n][s % 2] = if L::FULL_BYTES {
+                                bytes.add_byte_quads2(sum, low, y_low, high, y_high)
+                            } else {
+                                bytes.add_quads2(sum, low, y_low, high, y_high)
+                            };
                         }
                     }
                     let d = halves_narrow(step, D_AT, half);
@@ -572,16 +680,8 @@ fn split_values<L: SideLayout>(
     tile: &mut side_tiles::WeightTile,
 ) {
     use pulp::bytemuck;
-    use std::arch::x86_64::__m512i;
-    let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
     for (s, rows) in tile.chunks_exact_mut(2 * QUAD_BYTES).enumerate() {
-        let at = L::VALUES_AT + s * QUAD_BYTES;
-        let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
-        let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
-        let high = simd
-            .avx512f
-            ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
-        let (low, high) = L::values_wide(simd, step, s, low, high);
+        let (low, high) = L::values_wide(simd, step, s);
         let (low_row, high_row) = rows.split_at_mut(QUAD_BYTES);
         low_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(low));
         high_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(high));

@@ -11,6 +11,8 @@
 
 use candle_core::quantized::GgmlDType;
 
+#[cfg(target_arch = "x86_64")]
+use super::q4_1::{nibbles_narrow, nibbles_wide, QUAD_BYTES};
 use super::q4_1::{pack_nibbles, SideLayout, SideMatrix, LANES};
 
 /// Q5_0: per block an F16 scale, 32 fifth bits, 16 bytes of nibbles; held
@@ -94,9 +96,8 @@ impl SideLayout for Q5_0Layout {
         simd: pulp::x86::V4,
         step: &[u8],
         s: usize,
-        low: std::arch::x86_64::__m512i,
-        high: std::arch::x86_64::__m512i,
     ) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+        let (low, high) = nibbles_wide(simd, step, Self::VALUES_AT + s * QUAD_BYTES);
         let sixteen = simd.avx512f._mm512_set1_epi8(16);
         let (low_mask, high_mask) = masks(step, s);
         (
@@ -114,9 +115,8 @@ impl SideLayout for Q5_0Layout {
         step: &[u8],
         s: usize,
         half: usize,
-        low: std::arch::x86_64::__m256i,
-        high: std::arch::x86_64::__m256i,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        let (low, high) = nibbles_narrow(simd, step, Self::VALUES_AT + s * QUAD_BYTES + 32 * half);
         let (low_mask, high_mask) = masks(step, s);
         // This half's 32 bits, one per byte: byte `j` takes the mask's byte
         // `j / 8` and keeps bit `j % 8`, then becomes 16 where it is set.

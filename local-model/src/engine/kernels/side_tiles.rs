@@ -1,11 +1,12 @@
 //! AMX tile products for the formats held sixteen weight rows side by side
-//! (Q4_1, Q5_0, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
+//! (Q8_0, Q4_1, Q5_0, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
 //! once per product, the weights' nibbles split into tile rows, and each
 //! worker thread's tile configuration held for its whole share.
 //!
-//! In those layouts a step of 64 bytes holds four values of each of the 16
-//! rows in its low nibbles and the next four in its high ones: split, the
-//! two are two rows of a weight tile in the VNNI order `tdpbsud` reads. One
+//! In those layouts a step holds four values of each of the 16 rows and
+//! the next four (in the low and high nibbles of 64 bytes, or Q8_0's two
+//! vectors of offset bytes): as bytes, the two are two rows of a weight
+//! tile in the VNNI order `tdpbsud` reads. One
 //! tile product then gives, for a 32-value block, the exact integer sums
 //! of 16 activation rows against 16 weight rows: the sums the AVX kernels
 //! form with `vpdpbusd`, row by row. The formats scale and add them with

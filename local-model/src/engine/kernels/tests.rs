@@ -130,12 +130,10 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
     report(&format!("{format:?}: checked {}", names.join(", ")));
 }
 
-/// The AMX paths (16 activation rows or more; Q8_0's is opt-in, so
-/// enabled here wherever the CPU and kernel allow) against the same bounds,
-/// and against the AVX path. Q4_1's and Q4_K's tiles must give the AVX-512 kernel's
-/// bits; Q8_0's add the same integer sums in F32 in another order, so equal
-/// to within F32 rounding. Run for 16 to 40 rows (whole runs of 16 and the
-/// rows after them).
+/// The AMX paths (16 activation rows or more; opt-in, so enabled here
+/// wherever the CPU and kernel allow) against the same bounds, and against
+/// the AVX path: the tiles must give the AVX-512 kernel's bits. Run for 16
+/// to 40 rows (whole runs of 16 and the rows after them).
 fn check_amx(
     format: GgmlDType,
     grouped: &GroupedWeights,
@@ -159,19 +157,10 @@ fn check_amx(
         let x = random(m, cols, 11 + m as u64);
         let tiles = grouped.matmul(&x).unwrap();
         let avx = grouped.clone().without_amx().matmul(&x).unwrap();
-        if format != GgmlDType::Q8_0 {
-            assert_eq!(
-                tiles, avx,
-                "{format:?} AMX, {m} rows: not the AVX-512 kernel's bits"
-            );
-            continue;
-        }
-        for (i, (a, b)) in tiles.iter().zip(&avx).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                "{format:?} AMX, {m} rows: output {i} is {a}, {b} on AVX"
-            );
-        }
+        assert_eq!(
+            tiles, avx,
+            "{format:?} AMX, {m} rows: not the AVX-512 kernel's bits"
+        );
     }
     report(&format!("{format:?}: checked AMX"));
 }
@@ -224,9 +213,11 @@ fn check_product(
 
 #[test]
 fn q8_0_products_match_the_weights_values_and_candles_kernel() {
-    // 13 rows: three full groups of four and a padded one; 7 inputs: the
-    // four-, two- and one-row passes.
-    check_format(GgmlDType::Q8_0, 13, 96, 7, 2e-3);
+    // 21 rows: a full group of sixteen and a padded one; 15 inputs: the
+    // eight-, four-, two- and one-row passes. Six blocks a row, then five
+    // (an odd last block on tiles).
+    check_format(GgmlDType::Q8_0, 21, 192, 15, 2e-3);
+    check_format(GgmlDType::Q8_0, 21, 160, 15, 2e-3);
 }
 
 #[test]
@@ -259,7 +250,7 @@ fn q4_k_products_match_the_weights_values_and_candles_kernel() {
 }
 
 #[test]
-fn q8_0_rows_come_back_from_the_grouped_layout_unchanged() {
+fn q8_0_rows_come_back_from_the_held_layout_unchanged() {
     let (rows, cols) = (6, 64);
     let (bytes, weights) = quantized(GgmlDType::Q8_0, rows, cols, 3);
     let m = Q8_0Matrix::new(&bytes, rows, cols).unwrap().unwrap();
@@ -267,8 +258,8 @@ fn q8_0_rows_come_back_from_the_grouped_layout_unchanged() {
         assert_eq!(m.row(r).unwrap(), weights[r * cols..(r + 1) * cols]);
     }
     assert_eq!(m.row(rows), None);
-    // Padding to whole groups of four is all the memory it adds.
-    assert_eq!(m.size_in_bytes(), 8 * 2 * 34);
+    // Padding to whole groups of sixteen is all the memory it adds.
+    assert_eq!(m.size_in_bytes(), 16 * 2 * 34);
 }
 
 #[test]
@@ -360,22 +351,29 @@ fn q8_0_weights_read_from_a_stream_equal_those_regrouped_in_memory() {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[test]
 fn amx_tiles_stay_configured_after_a_nested_call_returns() {
-    use super::unsafe_simd::{Amx, AMX_ACTIVATION_TILE};
+    use super::unsafe_simd::{Amx, AMX_BLOCK, AMX_SIDE_ROWS, AMX_SIDE_WEIGHT_TILE};
     let Some(amx) = Amx::try_new() else {
         report("SKIPPED the AMX nesting test: this CPU lacks AMX-INT8 or the tile state");
         return;
     };
-    let weights = [1u8; 128];
-    let activations = [2u8; AMX_ACTIVATION_TILE];
-    let mut out = [[0i32; 16]; 4];
+    let weights = [1u8; AMX_SIDE_WEIGHT_TILE];
+    let activations = [[2u8; AMX_BLOCK]; AMX_SIDE_ROWS];
+    let mut out = [[[0i32; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2];
+    let pair = |tiles: &super::unsafe_simd::Tiles, out: &mut _| {
+        tiles.side_block_pair([&activations; 2], [&weights; 2], out)
+    };
     amx.with_tiles(|outer| {
-        amx.with_tiles(|inner| inner.block(&weights, &activations, &mut out));
-        assert_eq!(out, [[64; 16]; 4]);
+        amx.with_tiles(|inner| pair(inner, &mut out));
+        assert_eq!(out, [[[64; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2]);
         // The inner call left the configuration in place for the outer one.
-        out = [[0; 16]; 4];
-        outer.block(&weights, &activations, &mut out);
+        out = [[[0; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2];
+        pair(outer, &mut out);
     });
-    assert_eq!(out, [[64; 16]; 4], "32 products of 1 x 2 per output");
+    assert_eq!(
+        out,
+        [[[64; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2],
+        "32 products of 2 x 1 per output"
+    );
 }
 
 /// A row's product does not depend on the rows beside it: `m` rows at once equal each row

@@ -121,16 +121,11 @@ impl VnniAvx {
     }
 }
 
-/// Bytes of one activation tile: 8 rows of 64 bytes, VNNI-interleaved (row
-/// `k4` holds, for each of 16 activation rows `n`, its values `4·k4..4·k4+4`).
-pub const AMX_ACTIVATION_TILE: usize = 512;
-/// Weight rows, activation rows and values per AMX product (one block).
-pub const AMX_WEIGHT_ROWS: usize = 4;
-pub const AMX_ACTIVATION_ROWS: usize = 16;
+/// Values per AMX product (one block).
 pub const AMX_BLOCK: usize = 32;
 
 /// Products of 16 activation rows with 16 weight rows held side by side
-/// (Q4_1, Q5_0, Q4_K): rows per tile, and bytes of one block of the weights in
+/// (Q8_0, Q4_1, Q5_0, Q4_K): rows per tile, and bytes of one block of the weights in
 /// the VNNI layout (8 rows of 64 bytes: row `k4` holds values `4·k4..4·k4+4`
 /// of each of the 16 weight rows, as unsigned bytes).
 pub const AMX_SIDE_ROWS: usize = 16;
@@ -155,8 +150,8 @@ impl Amx {
             .then_some(Self { _granted: () })
     }
 
-    /// Runs `f` with this thread's tiles configured for [`Tiles::block`]'s
-    /// and [`Tiles::side_block_pair`]'s shapes, and releases them after. A call inside `f` (on the same
+    /// Runs `f` with this thread's tiles configured for
+    /// [`Tiles::side_block_pair`]'s shapes, and releases them after. A call inside `f` (on the same
     /// thread) finds them configured and leaves them to the outer call, so
     /// no `Tiles` ever outlives its configuration.
     pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
@@ -203,48 +198,10 @@ pub struct Tiles {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl Tiles {
-    /// The 4 × 16 products of one 32-value block: `weights`, 4 rows of 32
-    /// signed bytes one after another, times `activations`, 16 rows of 32
-    /// signed bytes in the VNNI layout of [`AMX_ACTIVATION_TILE`]; row `r`
-    /// of `out` holds weight row `r` against each activation row.
-    #[inline(always)]
-    pub fn block(
-        &self,
-        weights: &[u8; AMX_WEIGHT_ROWS * AMX_BLOCK],
-        activations: &[u8; AMX_ACTIVATION_TILE],
-        out: &mut [[i32; AMX_ACTIVATION_ROWS]; AMX_WEIGHT_ROWS],
-    ) {
-        // SAFETY: `self` exists only inside `with_tiles`, on this thread,
-        // after `ldtilecfg` set tmm0 to 4 rows × 64 bytes, tmm1 to 4 × 32 and
-        // tmm2 to 8 × 64. The loads read 4 rows of 32 bytes at a 32-byte
-        // stride (128 bytes: `weights`' length) and 8 rows of 64 at a 64-byte
-        // stride (512: `activations`'); the store writes 4 rows of 64 bytes at
-        // a 64-byte stride (256: `out`'s size). The lengths are in the types.
-        unsafe {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tileloadd tmm1, [{w} + {ws} * 1]",
-                "tileloadd tmm2, [{a} + {as_} * 1]",
-                "tdpbssd tmm0, tmm1, tmm2",
-                "tilestored [{o} + {os} * 1], tmm0",
-                w = in(reg) weights.as_ptr(),
-                ws = in(reg) AMX_BLOCK,
-                a = in(reg) activations.as_ptr(),
-                as_ = in(reg) 4 * AMX_ACTIVATION_ROWS,
-                o = in(reg) out.as_mut_ptr(),
-                os = in(reg) 4 * AMX_ACTIVATION_ROWS,
-                options(nostack)
-            );
-        }
-    }
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-impl Tiles {
     /// The 16 × 16 integer products of two 32-value blocks: row `n` of
     /// `out[i]` holds activation row `n` of `activations[i]` (signed
     /// bytes) against each of the 16 weight rows in `weights[i]` (the VNNI
-    /// layout of [`AMX_SIDE_WEIGHT_TILE`], values 0..=15 as unsigned
+    /// layout of [`AMX_SIDE_WEIGHT_TILE`], values as unsigned
     /// bytes). Two blocks per call on separate tiles, so that one block's
     /// loads and product overlap the other's: tile registers are not
     /// renamed, and one block at a time ran at the tiles' latency.
@@ -299,19 +256,14 @@ struct TileConfig([u8; 64]);
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 impl TileConfig {
-    /// Q8_0: tmm0, the 4 × 16 i32 products; tmm1, 4 weight rows of 32
-    /// bytes; tmm2, the activations, 8 rows of 64 bytes. Side by side
-    /// (Q4_1, Q5_0, Q4_K), two blocks at a time: tmm3 and tmm6, the 16 × 16 i32
-    /// products; tmm4 and tmm7, 16 activation rows of 32 bytes; tmm2 and
-    /// tmm5, the weights, 8 rows of 64 bytes (tmm2's shape serves both).
-    /// One configuration serves all, so a thread never reconfigures.
+    /// Two blocks at a time: tmm3 and tmm6, the 16 × 16 i32 products;
+    /// tmm4 and tmm7, 16 activation rows of 32 bytes; tmm2 and tmm5, the
+    /// weights, 8 rows of 64 bytes. tmm0 and tmm1 stay unconfigured.
     fn for_blocks() -> Self {
         let mut bytes = [0u8; 64];
         bytes[0] = 1; // palette 1
         for (tile, rows, row_bytes) in [
-            (0, AMX_WEIGHT_ROWS, 4 * AMX_ACTIVATION_ROWS),
-            (1, AMX_WEIGHT_ROWS, AMX_BLOCK),
-            (2, AMX_BLOCK / 4, 4 * AMX_ACTIVATION_ROWS),
+            (2, AMX_BLOCK / 4, 4 * AMX_SIDE_ROWS),
             (3, AMX_SIDE_ROWS, 4 * AMX_SIDE_ROWS),
             (4, AMX_SIDE_ROWS, AMX_BLOCK),
             (5, AMX_BLOCK / 4, 4 * AMX_SIDE_ROWS),
