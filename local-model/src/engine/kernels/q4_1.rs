@@ -22,7 +22,8 @@ use half::f16;
 
 use super::q8_0::{ActivationRow, Activations};
 use super::{
-    check_blocks, check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError, ReadError,
+    check_blocks, check_layout, for_each_group, side_tiles, GroupKernel, Isa, KernelError,
+    ReadError,
 };
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
@@ -337,7 +338,7 @@ impl<L: SideLayout> SideMatrix<L> {
     /// `x Wᵀ` for `x` of `m` rows of `cols` values: `m x rows` values,
     /// row-major.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
-        let activations = Activations::quantize(x, self.cols)?;
+        let activations = Activations::quantize(self.isa.simd, x, self.cols)?;
         let m = x.len() / self.cols;
         let blocks_per_row = self.cols / BLOCK;
         let kernel = Kernel::<L> {
@@ -476,7 +477,11 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
                 // ahead (20% faster on Gemma 3's output projection at eight
                 // rows); alone, the loads are the bottleneck and the
                 // hardware's pace is best.
-                for line in 0..if N >= 4 { step_bytes::<L>().div_ceil(64) } else { 0 } {
+                for line in 0..if N >= 4 {
+                    step_bytes::<L>().div_ceil(64)
+                } else {
+                    0
+                } {
                     let ahead = step
                         .as_ptr()
                         .wrapping_add(PREFETCH_STEPS * step_bytes::<L>() + line * 64);

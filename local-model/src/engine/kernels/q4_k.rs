@@ -18,14 +18,14 @@ use candle_core::quantized::GgmlDType;
 #[cfg(target_arch = "x86_64")]
 use half::f16;
 
+#[cfg(not(target_arch = "x86_64"))]
+use super::WideSimd;
 use super::{
     activation_rows, check_layout, for_each_group, quantize_block, side_tiles, GroupKernel, Isa,
-    KernelError,
+    KernelError, Simd,
 };
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
-#[cfg(not(target_arch = "x86_64"))]
-use super::{Simd, WideSimd};
 
 /// Values per Q4_K super-block.
 const BLOCK: usize = 256;
@@ -74,12 +74,12 @@ struct ActivationBlock {
     sum_pairs: [i32; SUBS / 2],
 }
 
-fn quantize(x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError> {
+fn quantize(simd: Simd, x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, KernelError> {
     activation_rows(x, cols)?;
     Ok(x.chunks_exact(BLOCK)
         .map(|chunk| {
             let mut flat = [0i8; BLOCK];
-            let scale = quantize_block(chunk, &mut flat);
+            let scale = quantize_block(simd, chunk, &mut flat);
             let quads = std::array::from_fn(|k| {
                 i32::from_le_bytes(std::array::from_fn(|t| flat[4 * k + t].to_le_bytes()[0]))
             });
@@ -204,7 +204,7 @@ impl Q4KMatrix {
     /// `x Wᵀ` for `x` of `m` rows of `cols` values: `m x rows` values,
     /// row-major.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>, KernelError> {
-        let activations = quantize(x, self.cols)?;
+        let activations = quantize(self.isa.simd, x, self.cols)?;
         let m = x.len() / self.cols;
         let row_blocks = self.cols / BLOCK;
         let kernel = Kernel {

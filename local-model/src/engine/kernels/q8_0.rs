@@ -22,7 +22,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::q4_1::{SideLayout, SideMatrix, LANES};
-use super::{activation_rows, check_blocks, quantize_block, KernelError};
+use super::{activation_rows, check_blocks, quantize_block, KernelError, Simd};
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
@@ -44,7 +44,7 @@ pub(super) struct Activations {
 }
 
 impl Activations {
-    pub(super) fn quantize(x: &[f32], cols: usize) -> Result<Self, KernelError> {
+    pub(super) fn quantize(simd: Simd, x: &[f32], cols: usize) -> Result<Self, KernelError> {
         activation_rows(x, cols)?;
         check_blocks(GgmlDType::Q8_0, cols)?;
         let blocks = x.len() / BLOCK;
@@ -53,7 +53,7 @@ impl Activations {
         let mut sums = Vec::with_capacity(blocks);
         for chunk in x.chunks_exact(BLOCK) {
             let mut q = [0i8; BLOCK];
-            let scale = quantize_block(chunk, &mut q);
+            let scale = quantize_block(simd, chunk, &mut q);
             scales.push(scale);
             sums.push(scale * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32);
             values.push(q);

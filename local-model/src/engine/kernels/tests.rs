@@ -370,8 +370,7 @@ fn amx_tiles_stay_configured_after_a_nested_call_returns() {
         pair(outer, &mut out);
     });
     assert_eq!(
-        out,
-        [[[64; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2],
+        out, [[[64; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; 2],
         "32 products of 2 x 1 per output"
     );
 }
@@ -403,5 +402,63 @@ fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
                 );
             }
         }
+    }
+}
+
+/// The activations' rounding as written first, one value at a time:
+/// scale = max |v| / 127, `roundf` (half away from zero).
+#[cfg(target_arch = "x86_64")]
+fn quantize_block_scalar(chunk: &[f32], out: &mut [i8]) -> f32 {
+    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(chunk) {
+        *q = (v * inverse).round() as i8;
+    }
+    scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn activations_round_as_the_scalar_reference_does_value_for_value() {
+    let simd = pulp::x86::V3::try_new().expect("the test build targets x86-64-v3");
+    let check = |chunk: &[f32]| {
+        let (mut fast, mut reference) = (vec![0i8; chunk.len()], vec![0i8; chunk.len()]);
+        let scale = super::quantize_block(simd, chunk, &mut fast);
+        assert_eq!(
+            scale.to_bits(),
+            quantize_block_scalar(chunk, &mut reference).to_bits()
+        );
+        assert_eq!(fast, reference, "{chunk:?}");
+    };
+    // Random blocks of Q8_0's 32 values and Q4_K's 256, at several scales.
+    for (len, seed) in [(32, 1), (256, 2), (32, 3), (256, 4)] {
+        for magnitude in [1e-6, 0.5, 3.0, 1e4] {
+            let chunk: Vec<f32> = random(1, len, seed).iter().map(|v| v * magnitude).collect();
+            check(&chunk);
+        }
+    }
+    check(&[0.0; 32]);
+    // With 127 in the block the scale is 1, so the other values are
+    // rounded as they are: every tie `k + ½`, the floats around it, and a
+    // sweep of every 4099th float up to 127.5, both signs.
+    let mut values = Vec::new();
+    for k in -128..128 {
+        let tie = k as f32 + 0.5;
+        for ulps in -3i32..=3 {
+            values.push(f32::from_bits(tie.to_bits().wrapping_add_signed(ulps)));
+        }
+    }
+    let mut bits = 0u32;
+    while f32::from_bits(bits) < 127.5 {
+        values.push(f32::from_bits(bits));
+        values.push(-f32::from_bits(bits));
+        bits += 4099;
+    }
+    for values in values.chunks(31) {
+        let mut chunk = vec![127.0f32];
+        chunk.extend(values.iter().map(|v| v.clamp(-127.0, 127.0)));
+        chunk.resize(32, 0.25);
+        check(&chunk);
     }
 }
