@@ -144,55 +144,27 @@ impl LayerCache {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let group = heads / kv_heads.max(1);
         let mut out = vec![0f32; heads * head_dim];
-        let mut weights = vec![0f32; self.len - start];
-        for h in 0..heads {
-            let base = (h / group) * capacity * head_dim;
-            let query = &q[h * head_dim..(h + 1) * head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (p, w) in (start..self.len).zip(weights.iter_mut()) {
-                let key = &all_keys[base + p * head_dim..base + (p + 1) * head_dim];
-                *w = dot(query, key) * scale;
-                max = max.max(*w);
-            }
-            let mut total = 0f32;
-            for w in weights.iter_mut() {
-                *w = (*w - max).exp();
-                total += *w;
-            }
-            let mixed = &mut out[h * head_dim..(h + 1) * head_dim];
-            for (p, w) in (start..self.len).zip(&weights) {
-                let value = &all_values[base + p * head_dim..base + (p + 1) * head_dim];
-                let w = w / total;
-                for (m, v) in mixed.iter_mut().zip(value) {
-                    *m += w * v;
-                }
-            }
+        let mut scores = vec![0f32; self.len - start];
+        // Query heads `kv·group..(kv+1)·group` share key/value head `kv`.
+        for (kv, (queries, out)) in q
+            .chunks_exact(group * head_dim)
+            .zip(out.chunks_exact_mut(group * head_dim))
+            .enumerate()
+        {
+            let base = kv * capacity * head_dim;
+            let cached = base + start * head_dim..base + self.len * head_dim;
+            super::decode_attention::attend_group(
+                queries,
+                &all_keys[cached.clone()],
+                &all_values[cached],
+                head_dim,
+                scale,
+                &mut scores,
+                out,
+            );
         }
         Ok(out)
     }
-}
-
-/// `Σ a·b` in eight interleaved partial sums, which the compiler turns
-/// into one vector multiply-add per eight values. A plain `.sum()` is one
-/// chain of dependent additions (floating-point addition is not
-/// reassociated): with 64-value heads that made the decode step's
-/// attention 10% of SmolLM2's decode time.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut partial = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for i in 0..LANES {
-            partial[i] += x[i] * y[i];
-        }
-    }
-    partial.iter().sum::<f32>() + tail
 }
 
 /// Rotary embeddings at one position, in place, on each `head_dim` vector

@@ -8,6 +8,7 @@
 //! while reading the same files (see docs/benchmarks.md for the figures).
 
 pub(crate) mod attention;
+pub(crate) mod decode_attention;
 pub(crate) mod gelu;
 pub(crate) mod gemma3;
 pub mod kernels;
