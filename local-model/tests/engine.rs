@@ -185,20 +185,26 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
     );
     assert_eq!(again.text, fresh.text);
     // The cached part came from two prefill chunks of other sizes (see
-    // below); the kernels' 8-bit rounding of activations turns last-bit
-    // differences into steps now and then: 0.014 nats measured at most
-    // with Q4_1 one row per vector, 0.035 since it is held side by side
-    // (session 10). Single tokens of any quantized path move by up to
-    // 0.2 nats this way (docs/benchmarks.md, "Accuracy"); 0.05 is the bound
-    // that file holds a sequence's mean to.
-    for (a, b) in fresh.tokens.iter().zip(&again.tokens) {
-        assert!(
-            (a.logprob - b.logprob).abs() < 5e-2,
-            "{} vs {}",
-            a.logprob,
-            b.logprob
-        );
-    }
+    // below), and the prompt's last token runs alone, through the decode
+    // step's attention, where the fresh run had it inside a chunk; the
+    // kernels' 8-bit rounding of activations turns last-bit differences
+    // into steps now and then. Measured: at most 0.014 nats with Q4_1 one
+    // row per vector, 0.035 since it is held side by side (session 10),
+    // and 0.069 on one token (mean 0.023 over the answer) since the decode
+    // attention runs on FMA (session 11). So the bounds are the ones
+    // docs/benchmarks.md ("Accuracy") holds quantized paths to: a single
+    // token within 0.2 nats, a sequence's mean within 0.05.
+    let gaps: Vec<f32> = fresh
+        .tokens
+        .iter()
+        .zip(&again.tokens)
+        .map(|(a, b)| (a.logprob - b.logprob).abs())
+        .collect();
+    assert!(gaps.iter().all(|&gap| gap < 0.2), "{gaps:?}");
+    assert!(
+        gaps.iter().sum::<f32>() / gaps.len() as f32 < 5e-2,
+        "{gaps:?}"
+    );
 
     // A prompt that contains the previous answer reuses only the prompt
     // part: the answer's keys and values came from decoding.
