@@ -202,7 +202,7 @@ fn a_reused_prompt_prefix_gives_the_same_answer_as_a_fresh_run() {
         .collect();
     assert!(gaps.iter().all(|&gap| gap < 0.2), "{gaps:?}");
     assert!(
-        gaps.iter().sum::<f32>() / gaps.len() as f32 < 5e-2,
+        (gaps.iter().sum::<f32>() / gaps.len() as f32) < 5e-2,
         "{gaps:?}"
     );
 

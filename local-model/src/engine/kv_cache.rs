@@ -1,12 +1,30 @@
 //! A key/value cache that grows in place and can be cut back to a prefix.
+//!
+//! Keys and values are held in F16, as llama.cpp holds them by default:
+//! half the memory per position (a batch's KV budget holds twice the
+//! sequences), and half the bytes each decode step reads. In batched
+//! decode every sequence reads its own cache, and in F32 those reads came
+//! to as many bytes per step as the weights (SmolLM2, eight sequences of
+//! about 200 positions). Every position is rounded once, when it is
+//! appended, and every reader (prefill's attention and the decode step's)
+//! sees the same rounded values, so a request's keys do not depend on how
+//! its prompt was cut or batched.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// The type keys and values are held in.
+const HELD: DType = DType::F16;
+
+/// Bytes one key or value takes in the cache.
+pub(crate) const HELD_BYTES: usize = 2;
 
 /// Positions added each time the cache grows.
 const GROW_BY: usize = 256;
 
-/// Keys and values of one attention layer, `[1, kv_heads, positions, head_dim]`,
-/// written in place: appending a token copies only that token, where
+/// Keys and values of one attention layer, `[1, kv_heads, positions, head_dim]`
+/// in F16, written in place: appending a token copies only that token, where
 /// `Tensor::cat` would copy the whole history on every step.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerCache {
@@ -72,16 +90,30 @@ impl LayerCache {
         self.len = self.len.min(len);
     }
 
-    /// Appends `[1, kv_heads, n, head_dim]` keys and values and returns views
-    /// of everything held.
+    /// Appends `[1, kv_heads, n, head_dim]` keys and values and returns
+    /// everything held, in F32.
     pub(crate) fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.store(keys, values)?;
+        let (Some(all_keys), Some(all_values)) = (&self.keys, &self.values) else {
+            candle_core::bail!("kv cache: storage missing after growth")
+        };
+        Ok((
+            all_keys.narrow(2, 0, self.len)?.to_dtype(DType::F32)?,
+            all_values.narrow(2, 0, self.len)?.to_dtype(DType::F32)?,
+        ))
+    }
+
+    /// Appends `[1, kv_heads, n, head_dim]` keys and values.
+    fn store(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let keys = keys.to_dtype(HELD)?;
+        let values = values.to_dtype(HELD)?;
         let added = keys.dim(2)?;
         let needed = self.len + added;
         let capacity = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
         if needed > capacity {
             let new_capacity = allocated_positions(needed);
-            self.keys = Some(grow(self.keys.take(), keys, self.len, new_capacity)?);
-            self.values = Some(grow(self.values.take(), values, self.len, new_capacity)?);
+            self.keys = Some(grow(self.keys.take(), &keys, self.len, new_capacity)?);
+            self.values = Some(grow(self.values.take(), &values, self.len, new_capacity)?);
         }
         let (Some(all_keys), Some(all_values)) = (&self.keys, &self.values) else {
             candle_core::bail!("kv cache: storage missing after growth")
@@ -89,10 +121,7 @@ impl LayerCache {
         all_keys.slice_set(&keys.contiguous()?, 2, self.len)?;
         all_values.slice_set(&values.contiguous()?, 2, self.len)?;
         self.len = needed;
-        Ok((
-            all_keys.narrow(2, 0, self.len)?,
-            all_values.narrow(2, 0, self.len)?,
-        ))
+        Ok(())
     }
 }
 
@@ -110,8 +139,7 @@ impl LayerCache {
         let shape = (1, kv_heads, 1, head_dim);
         let keys = Tensor::from_slice(keys, shape, device)?;
         let values = Tensor::from_slice(values, shape, device)?;
-        self.append(&keys, &values)?;
-        Ok(())
+        self.store(&keys, &values)
     }
 
     /// Attention of one query position (`q`: `heads * head_dim`, rotated)
@@ -139,12 +167,17 @@ impl LayerCache {
         else {
             candle_core::bail!("attend_one runs on the CPU only")
         };
-        let all_keys = &key_cpu.as_slice::<f32>()?[key_layout.start_offset()..];
-        let all_values = &value_cpu.as_slice::<f32>()?[value_layout.start_offset()..];
+        let all_keys = &key_cpu.as_slice::<f16>()?[key_layout.start_offset()..];
+        let all_values = &value_cpu.as_slice::<f16>()?[value_layout.start_offset()..];
         let scale = 1.0 / (head_dim as f32).sqrt();
         let group = heads / kv_heads.max(1);
         let mut out = vec![0f32; heads * head_dim];
-        let mut scores = vec![0f32; self.len - start];
+        let positions = self.len - start;
+        let mut scores = vec![0f32; positions];
+        // One head's keys and values in F32 at a time (F16C where the CPU
+        // has it): they stay in cache for the group's queries.
+        let mut keys = vec![0f32; positions * head_dim];
+        let mut values = vec![0f32; positions * head_dim];
         // Query heads `kv·group..(kv+1)·group` share key/value head `kv`.
         for (kv, (queries, out)) in q
             .chunks_exact(group * head_dim)
@@ -153,10 +186,12 @@ impl LayerCache {
         {
             let base = kv * capacity * head_dim;
             let cached = base + start * head_dim..base + self.len * head_dim;
+            all_keys[cached.clone()].convert_to_f32_slice(&mut keys);
+            all_values[cached].convert_to_f32_slice(&mut values);
             super::decode_attention::attend_group(
                 queries,
-                &all_keys[cached.clone()],
-                &all_values[cached],
+                &keys,
+                &values,
                 head_dim,
                 scale,
                 &mut scores,
@@ -205,7 +240,8 @@ pub(crate) fn rms_norm_each(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// A zeroed buffer of `capacity` positions holding the first `keep` of `old`.
+/// A zeroed buffer of `capacity` positions holding the first `keep` of
+/// `old`, of `like`'s type.
 fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, capacity: usize) -> Result<Tensor> {
     let mut shape = like.dims().to_vec();
     shape[2] = capacity;
@@ -306,9 +342,11 @@ mod tests {
         let (all_keys, all_values) = {
             let k = Tensor::from_vec(last_k.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
             let v = Tensor::from_vec(last_v.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
+            // What the cache holds: every value rounded to F16 once.
+            let held = |t: Tensor| t.to_dtype(HELD).unwrap().to_dtype(DType::F32).unwrap();
             (
-                Tensor::cat(&[&keys, &k], 2).unwrap(),
-                Tensor::cat(&[&vals, &v], 2).unwrap(),
+                held(Tensor::cat(&[&keys, &k], 2).unwrap()),
+                held(Tensor::cat(&[&vals, &v], 2).unwrap()),
             )
         };
         let q_tensor = Tensor::from_vec(q.clone(), (1, heads, 1, head_dim), &device).unwrap();

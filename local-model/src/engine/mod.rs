@@ -152,9 +152,10 @@ pub(crate) trait CausalLm: Send {
         kv_cache::SeqCache::new(self.layers())
     }
 
-    /// Bytes of keys and values one position takes over all layers (f32 keys and values).
+    /// Bytes of keys and values one position takes over all layers (F16
+    /// keys and values).
     fn kv_bytes_per_position(&self) -> usize {
-        2 * self.layers() * self.kv_width() * 4
+        2 * self.layers() * self.kv_width() * kv_cache::HELD_BYTES
     }
 }
 
