@@ -10,7 +10,7 @@
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Rotary};
 use super::kv_cache::{rope_one, LayerCache, SeqCache};
@@ -298,9 +298,7 @@ impl Block {
     fn feed_forward(&self, x: &Tensor, shape: Shape, pass: Pass) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, shape.rms_eps)?;
         let gate_up = self.gate_up.forward(&h, pass)?;
-        let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
-        let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
-        let mixed = (candle_nn::ops::silu(&gate)? * up)?;
+        let mixed = super::swiglu::silu_gate(&gate_up, shape.ffn)?;
         self.down.forward(&mixed, pass)
     }
 

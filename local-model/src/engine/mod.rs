@@ -17,6 +17,7 @@ pub(crate) mod linear;
 pub(crate) mod llama;
 pub(crate) mod phi2;
 pub(crate) mod simd_exp;
+pub(crate) mod swiglu;
 pub(crate) mod token_table;
 
 use candle_core::Tensor;
