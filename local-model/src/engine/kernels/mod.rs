@@ -613,13 +613,14 @@ const BELOW_HALF: f32 = 0.499_999_97;
 
 /// Rounds `chunk` (whole blocks of 32 values) to signed bytes on a
 /// symmetric grid: scale = max |v| / 127, half away from zero, as
-/// llama.cpp; returns the scale. Eight values per instruction: the
+/// llama.cpp; returns the scale, and writes each 32 values' sum of rounded
+/// values to `sums` (one per block: the minimums' terms need them). Eight values per instruction: the
 /// activations of every product are quantized on the model's thread
 /// before the product is spread over the pool, and the scalar loop (a call
 /// to `roundf` per value) was a tenth of that thread's time in batched
 /// decode (SmolLM2, eight rows).
 #[cfg(target_arch = "x86_64")]
-fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8]) -> f32 {
+fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8], sums: &mut [i32]) -> f32 {
     simd.vectorize(
         #[inline(always)]
         || {
@@ -646,7 +647,11 @@ fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8]) -> f32 {
             // `packs` interleaves the 128-bit halves: dword `k` of the
             // packed bytes holds values `4·ORDER[k]..`; this puts them back.
             let order: __m256i = bytemuck::cast([0i32, 4, 1, 5, 2, 6, 3, 7]);
-            for (block, out) in chunk.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            for ((block, out), sum) in chunk
+                .chunks_exact(32)
+                .zip(out.chunks_exact_mut(32))
+                .zip(sums.iter_mut())
+            {
                 let words: [__m256i; 4] = std::array::from_fn(|k| {
                     let x = simd
                         .avx
@@ -657,6 +662,11 @@ fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8]) -> f32 {
                     simd.avx
                         ._mm256_cvttps_epi32(simd.avx._mm256_add_ps(x, half))
                 });
+                let total = simd.avx2._mm256_add_epi32(
+                    simd.avx2._mm256_add_epi32(words[0], words[1]),
+                    simd.avx2._mm256_add_epi32(words[2], words[3]),
+                );
+                *sum = bytemuck::cast::<_, [i32; 8]>(total).iter().sum();
                 let bytes = simd.avx2._mm256_packs_epi16(
                     simd.avx2._mm256_packs_epi32(words[0], words[1]),
                     simd.avx2._mm256_packs_epi32(words[2], words[3]),
@@ -672,7 +682,7 @@ fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8]) -> f32 {
 
 /// No kernels off x86-64: never called.
 #[cfg(not(target_arch = "x86_64"))]
-fn quantize_block(simd: Simd, _chunk: &[f32], _out: &mut [i8]) -> f32 {
+fn quantize_block(simd: Simd, _chunk: &[f32], _out: &mut [i8], _sums: &mut [i32]) -> f32 {
     match simd {}
 }
 

@@ -79,20 +79,15 @@ fn quantize(simd: Simd, x: &[f32], cols: usize) -> Result<Vec<ActivationBlock>, 
     Ok(x.chunks_exact(BLOCK)
         .map(|chunk| {
             let mut flat = [0i8; BLOCK];
-            let scale = quantize_block(simd, chunk, &mut flat);
+            let mut sub_sums = [0i32; SUBS];
+            let scale = quantize_block(simd, chunk, &mut flat, &mut sub_sums);
             let quads = std::array::from_fn(|k| {
                 i32::from_le_bytes(std::array::from_fn(|t| flat[4 * k + t].to_le_bytes()[0]))
             });
-            let sub_sum = |j: usize| -> i32 {
-                flat[j * SUB..(j + 1) * SUB]
-                    .iter()
-                    .map(|&v| i32::from(v))
-                    .sum()
-            };
             let sum_pairs = std::array::from_fn(|p| {
                 // Each sum fits 16 bits (|sum| ≤ 4064): keep its low half.
-                let low = sub_sum(2 * p) & 0xFFFF;
-                let high = sub_sum(2 * p + 1) & 0xFFFF;
+                let low = sub_sums[2 * p] & 0xFFFF;
+                let high = sub_sums[2 * p + 1] & 0xFFFF;
                 low | (high << 16)
             });
             ActivationBlock {

@@ -53,9 +53,10 @@ impl Activations {
         let mut sums = Vec::with_capacity(blocks);
         for chunk in x.chunks_exact(BLOCK) {
             let mut q = [0i8; BLOCK];
-            let scale = quantize_block(simd, chunk, &mut q);
+            let mut sum = [0i32];
+            let scale = quantize_block(simd, chunk, &mut q, &mut sum);
             scales.push(scale);
-            sums.push(scale * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32);
+            sums.push(scale * sum[0] as f32);
             values.push(q);
         }
         Ok(Self {

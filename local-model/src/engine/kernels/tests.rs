@@ -424,12 +424,18 @@ fn activations_round_as_the_scalar_reference_does_value_for_value() {
     let simd = pulp::x86::V3::try_new().expect("the test build targets x86-64-v3");
     let check = |chunk: &[f32]| {
         let (mut fast, mut reference) = (vec![0i8; chunk.len()], vec![0i8; chunk.len()]);
-        let scale = super::quantize_block(simd, chunk, &mut fast);
+        let mut sums = vec![0i32; chunk.len() / 32];
+        let scale = super::quantize_block(simd, chunk, &mut fast, &mut sums);
         assert_eq!(
             scale.to_bits(),
             quantize_block_scalar(chunk, &mut reference).to_bits()
         );
         assert_eq!(fast, reference, "{chunk:?}");
+        let reference_sums: Vec<i32> = reference
+            .chunks_exact(32)
+            .map(|block| block.iter().map(|&v| i32::from(v)).sum())
+            .collect();
+        assert_eq!(sums, reference_sums);
     };
     // Random blocks of Q8_0's 32 values and Q4_K's 256, at several scales.
     for (len, seed) in [(32, 1), (256, 2), (32, 3), (256, 4)] {
