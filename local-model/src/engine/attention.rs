@@ -133,24 +133,45 @@ pub(crate) fn decode_rows<'c>(
         candle_core::bail!("decode step of {rows} rows with {} caches", appended.len())
     }
     let query = |i: usize| &values[i * width..i * width + heads * head_dim];
-    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
-    if rows == 1 {
-        mixed.extend(appended[0].attend_one(query(0), heads, kv_heads, window)?);
+    // One task per row and key/value head: the tasks are independent, and
+    // each head's arithmetic is the same on whichever thread runs it and
+    // whatever runs beside it. Spread over the pool, which would otherwise
+    // wait through this part of every step: in a batch over the rows, and
+    // alone (one sequence) over its heads.
+    let kv_heads = kv_heads.max(1);
+    let slot = heads / kv_heads * head_dim;
+    let tasks = rows * kv_heads;
+    let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..tasks).map(|_| OnceLock::new()).collect();
+    let run = |range: std::ops::Range<usize>| {
+        let mut t = range.start;
+        while t < range.end {
+            let (i, first) = (t / kv_heads, t % kv_heads);
+            let last = kv_heads.min(first + (range.end - t));
+            match appended[i].attend_heads(query(i), heads, kv_heads, window, first..last) {
+                Ok(out) => {
+                    for (k, part) in out.chunks_exact(slot).enumerate() {
+                        let _ = outputs[t + k].set(Ok(part.to_vec()));
+                    }
+                }
+                // The first task of the failed call carries the error; the
+                // ones after it stay empty, and are never reached below.
+                Err(error) => {
+                    let _ = outputs[t].set(Err(error));
+                }
+            }
+            t += last - first;
+        }
+    };
+    if tasks == 1 {
+        run(0..1);
     } else {
-        // Rows are independent, and each row's arithmetic is the same on
-        // whichever thread runs it: spread them over the pool, which would
-        // otherwise wait through this serial part of every batched step.
-        let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..rows).map(|_| OnceLock::new()).collect();
-        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-            for i in range {
-                let _ = outputs[i].set(appended[i].attend_one(query(i), heads, kv_heads, window));
-            }
-        });
-        for output in outputs {
-            match output.into_inner() {
-                Some(row) => mixed.extend(row?),
-                None => candle_core::bail!("decode step: a row's attention did not run"),
-            }
+        candle_core::utils::barrier_pool().execute_chunked(tasks, run);
+    }
+    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
+    for output in outputs {
+        match output.into_inner() {
+            Some(part) => mixed.extend(part?),
+            None => candle_core::bail!("decode step: a head's attention did not run"),
         }
     }
     Tensor::from_vec(mixed, (1, rows, heads * head_dim), qkv.device())

@@ -147,12 +147,30 @@ impl LayerCache {
     /// returns `heads * head_dim` values. Reads the cache in place: this is
     /// the decode step, where candle's tensor operations cost more in
     /// dispatch and copies than the arithmetic itself.
+    #[cfg(test)]
     pub(crate) fn attend_one(
         &self,
         q: &[f32],
         heads: usize,
         kv_heads: usize,
         window: Option<usize>,
+    ) -> Result<Vec<f32>> {
+        self.attend_heads(q, heads, kv_heads, window, 0..kv_heads)
+    }
+
+    /// Attention of one query position (`q`: `heads * head_dim`, rotated)
+    /// over the cached positions, as `attend_one` (the
+    /// tests' whole-query form), for the query heads of key/value heads
+    /// `kv_range` only: `kv_range.len() · heads / kv_heads · head_dim`
+    /// values. Each head's arithmetic is the same whichever others run
+    /// with it, so a step can spread a sequence's heads over threads.
+    pub(crate) fn attend_heads(
+        &self,
+        q: &[f32],
+        heads: usize,
+        kv_heads: usize,
+        window: Option<usize>,
+        kv_range: std::ops::Range<usize>,
     ) -> Result<Vec<f32>> {
         let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
             candle_core::bail!("attention over an empty cache")
@@ -171,7 +189,7 @@ impl LayerCache {
         let all_values = &value_cpu.as_slice::<f16>()?[value_layout.start_offset()..];
         let scale = 1.0 / (head_dim as f32).sqrt();
         let group = heads / kv_heads.max(1);
-        let mut out = vec![0f32; heads * head_dim];
+        let mut out = vec![0f32; kv_range.len() * group * head_dim];
         let positions = self.len - start;
         let mut scores = vec![0f32; positions];
         // One head's keys and values in F32 at a time (F16C where the CPU
@@ -179,10 +197,12 @@ impl LayerCache {
         let mut keys = vec![0f32; positions * head_dim];
         let mut values = vec![0f32; positions * head_dim];
         // Query heads `kv·group..(kv+1)·group` share key/value head `kv`.
-        for (kv, (queries, out)) in q
+        for ((kv, queries), out) in q
             .chunks_exact(group * head_dim)
-            .zip(out.chunks_exact_mut(group * head_dim))
             .enumerate()
+            .skip(kv_range.start)
+            .take(kv_range.len())
+            .zip(out.chunks_exact_mut(group * head_dim))
         {
             let base = kv * capacity * head_dim;
             let cached = base + start * head_dim..base + self.len * head_dim;
