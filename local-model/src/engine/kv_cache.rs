@@ -97,10 +97,28 @@ impl LayerCache {
         let (Some(all_keys), Some(all_values)) = (&self.keys, &self.values) else {
             candle_core::bail!("kv cache: storage missing after growth")
         };
-        Ok((
-            all_keys.narrow(2, 0, self.len)?.to_dtype(DType::F32)?,
-            all_values.narrow(2, 0, self.len)?.to_dtype(DType::F32)?,
-        ))
+        Ok((self.held_f32(all_keys)?, self.held_f32(all_values)?))
+    }
+
+    /// The first `len` positions of `held` (keys or values) in F32,
+    /// `[1, kv_heads, len, head_dim]`: each head's run converted in one
+    /// vectorized call (F16C where the CPU has it), where candle's
+    /// `to_dtype` on the strided view converted value by value (3% of
+    /// Phi-1.5's samples in a 256-token prefill).
+    fn held_f32(&self, held: &Tensor) -> Result<Tensor> {
+        let (_, kv_heads, capacity, head_dim) = held.dims4()?;
+        let (storage, layout) = held.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return held.narrow(2, 0, self.len)?.to_dtype(DType::F32);
+        };
+        let all = &cpu.as_slice::<f16>()?[layout.start_offset()..];
+        let run = self.len * head_dim;
+        let mut out = vec![0f32; kv_heads * run];
+        for (head, out) in out.chunks_exact_mut(run.max(1)).enumerate() {
+            let at = head * capacity * head_dim;
+            all[at..at + run].convert_to_f32_slice(out);
+        }
+        Tensor::from_vec(out, (1, kv_heads, self.len, head_dim), held.device())
     }
 
     /// Appends `[1, kv_heads, n, head_dim]` keys and values.
