@@ -72,22 +72,35 @@ pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// block of its group.
     fn pack_block(block: &[u8], lane: usize, step: &mut [u8]);
 
+    /// The minimum as a multiple of the scale, where the format fixes it
+    /// (Q5_0's `-16·d`, Q8_0's `-128·d`); Q4_1 holds its own minimums and
+    /// overrides the `mins_*` methods instead.
+    const MIN_PER_SCALE: f32 = 0.0;
+
     /// Each row's minimum (`m` of `d·Σ q·y + m·Σ y`), given its scale.
     #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
     fn mins_wide(
         simd: pulp::x86::V4,
-        step: &[u8],
+        _step: &[u8],
         d: std::arch::x86_64::__m512,
-    ) -> std::arch::x86_64::__m512;
+    ) -> std::arch::x86_64::__m512 {
+        simd.avx512f
+            ._mm512_mul_ps(d, simd.avx512f._mm512_set1_ps(Self::MIN_PER_SCALE))
+    }
 
     /// [`mins_wide`](Self::mins_wide) for half `half` of the rows.
     #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
     fn mins_narrow(
         simd: pulp::x86::V3,
-        step: &[u8],
-        half: usize,
+        _step: &[u8],
+        _half: usize,
         d: std::arch::x86_64::__m256,
-    ) -> std::arch::x86_64::__m256;
+    ) -> std::arch::x86_64::__m256 {
+        simd.avx
+            ._mm256_mul_ps(d, simd.avx._mm256_set1_ps(Self::MIN_PER_SCALE))
+    }
 
     /// Step `s`'s low and high values: by default its nibbles.
     #[cfg(target_arch = "x86_64")]

@@ -35,6 +35,7 @@ const STEPS: usize = 4;
 
 impl SideLayout for Q5_0Layout {
     const FORMAT: GgmlDType = GgmlDType::Q5_0;
+    const MIN_PER_SCALE: f32 = -16.0;
     const BLOCK_BYTES: usize = 22;
     const VALUES_AT: usize = HIGH_AT + STEPS * HIGH_BYTES;
 
@@ -66,28 +67,6 @@ impl SideLayout for Q5_0Layout {
                 step[at..at + 8].copy_from_slice(&mask.to_le_bytes());
             }
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn mins_wide(
-        simd: pulp::x86::V4,
-        _step: &[u8],
-        d: std::arch::x86_64::__m512,
-    ) -> std::arch::x86_64::__m512 {
-        simd.avx512f
-            ._mm512_mul_ps(d, simd.avx512f._mm512_set1_ps(-16.0))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn mins_narrow(
-        simd: pulp::x86::V3,
-        _step: &[u8],
-        _half: usize,
-        d: std::arch::x86_64::__m256,
-    ) -> std::arch::x86_64::__m256 {
-        simd.avx._mm256_mul_ps(d, simd.avx._mm256_set1_ps(-16.0))
     }
 
     #[cfg(target_arch = "x86_64")]

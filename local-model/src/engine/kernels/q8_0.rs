@@ -94,6 +94,7 @@ fn offset(byte: u8) -> u8 {
 
 impl SideLayout for Q8_0Layout {
     const FORMAT: GgmlDType = GgmlDType::Q8_0;
+    const MIN_PER_SCALE: f32 = -128.0;
     const BLOCK_BYTES: usize = 34;
     const VALUES_AT: usize = VALUES_AT;
     const FULL_BYTES: bool = true;
@@ -106,28 +107,6 @@ impl SideLayout for Q8_0Layout {
                 *held = offset(value);
             }
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn mins_wide(
-        simd: pulp::x86::V4,
-        _step: &[u8],
-        d: std::arch::x86_64::__m512,
-    ) -> std::arch::x86_64::__m512 {
-        simd.avx512f
-            ._mm512_mul_ps(d, simd.avx512f._mm512_set1_ps(-128.0))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn mins_narrow(
-        simd: pulp::x86::V3,
-        _step: &[u8],
-        _half: usize,
-        d: std::arch::x86_64::__m256,
-    ) -> std::arch::x86_64::__m256 {
-        simd.avx._mm256_mul_ps(d, simd.avx._mm256_set1_ps(-128.0))
     }
 
     /// Step `s`: quads `2s` and `2s + 1`, one 64-byte vector each.
