@@ -21,41 +21,45 @@
 //! Elsewhere the scalar loop. Either way a position's result depends only
 //! on its own query and cache, never on the sequences beside it in a batch.
 
-/// Attention of the `group` query heads in `queries` (`group × head_dim`)
-/// over `positions` cached keys and values (`positions × head_dim` each,
-/// one head's, position-major); writes `group × head_dim` values to `out`.
-/// `scores`: scratch of at least `positions` values.
-pub(crate) fn attend_group(
-    queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+/// One key/value head's share of a decode step: the `group` query heads
+/// that read it and its cached positions.
+pub(crate) struct HeadGroup<'a> {
+    /// `group × head_dim` query values, rotated.
+    pub(crate) queries: &'a [f32],
+    /// `positions × head_dim` keys, position-major.
+    pub(crate) keys: &'a [f32],
+    /// `positions × head_dim` values, position-major.
+    pub(crate) values: &'a [f32],
+    pub(crate) head_dim: usize,
+    /// The scores' factor, `1 / √head_dim`.
+    pub(crate) scale: f32,
+}
+
+/// Attention of `group`'s query heads over its cached positions; writes
+/// `group × head_dim` values to `out`. `scores`: scratch of at least
+/// `positions` values.
+pub(crate) fn attend_group(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(WIDTH) {
+    if group.head_dim.is_multiple_of(WIDTH) {
         if let Some(simd) = pulp::x86::V3::try_new() {
-            return attend_group_v3(simd, queries, keys, values, head_dim, scale, scores, out);
+            return attend_group_v3(simd, group, scores, out);
         }
     }
-    attend_group_scalar(queries, keys, values, head_dim, scale, scores, out);
+    attend_group_scalar(group, scores, out);
 }
 
 /// Dimensions per pass of the vector path: eight registers of eight.
 #[cfg(target_arch = "x86_64")]
 const WIDTH: usize = 64;
 
-fn attend_group_scalar(
-    queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_group_scalar(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let HeadGroup {
+        queries,
+        keys,
+        values,
+        head_dim,
+        scale,
+    } = *group;
     let positions = keys.len() / head_dim.max(1);
     let scores = &mut scores[..positions];
     for (query, mixed) in queries
@@ -103,17 +107,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn attend_group_v3(
     simd: pulp::x86::V3,
-    queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    head_dim: usize,
-    scale: f32,
+    group: &HeadGroup<'_>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let HeadGroup {
+        queries,
+        keys,
+        values,
+        head_dim,
+        scale,
+    } = *group;
     simd.vectorize(
         #[inline(always)]
         || {
@@ -129,8 +135,8 @@ fn attend_group_v3(
                 .chunks_exact(head_dim)
                 .zip(out.chunks_exact_mut(head_dim))
             {
-                // Scores, eight positions at a time: lane j of `sums[j]`
-                // holds part of position j's dot product.
+                // Scores, eight positions at a time: `sums[j]` holds eight
+                // partial sums of position j's dot product.
                 let mut blocks = keys.chunks_exact(8 * head_dim);
                 let mut at = 0;
                 for block in blocks.by_ref() {
@@ -287,24 +293,15 @@ mod tests {
                 let mut scores = vec![0f32; positions];
                 let mut fast = vec![0f32; group * head_dim];
                 let mut plain = vec![0f32; group * head_dim];
-                attend_group(
-                    &queries,
-                    &keys,
-                    &values,
+                let heads = HeadGroup {
+                    queries: &queries,
+                    keys: &keys,
+                    values: &values,
                     head_dim,
                     scale,
-                    &mut scores,
-                    &mut fast,
-                );
-                attend_group_scalar(
-                    &queries,
-                    &keys,
-                    &values,
-                    head_dim,
-                    scale,
-                    &mut scores,
-                    &mut plain,
-                );
+                };
+                attend_group(&heads, &mut scores, &mut fast);
+                attend_group_scalar(&heads, &mut scores, &mut plain);
                 for (g, query) in queries.chunks_exact(head_dim).enumerate() {
                     let want = exact(query, &keys, &values, head_dim, scale);
                     for (d, want) in want.iter().enumerate() {

@@ -15,10 +15,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// The type keys and values are held in.
-const HELD: DType = DType::F16;
-
-/// Bytes one key or value takes in the cache.
-pub(crate) const HELD_BYTES: usize = 2;
+pub(crate) const HELD: DType = DType::F16;
 
 /// Positions added each time the cache grows.
 const GROW_BY: usize = 256;
@@ -201,7 +198,7 @@ impl LayerCache {
         let (candle_core::Storage::Cpu(key_cpu), candle_core::Storage::Cpu(value_cpu)) =
             (&*key_storage, &*value_storage)
         else {
-            candle_core::bail!("attend_one runs on the CPU only")
+            candle_core::bail!("decode attention runs on the CPU only")
         };
         let all_keys = &key_cpu.as_slice::<f16>()?[key_layout.start_offset()..];
         let all_values = &value_cpu.as_slice::<f16>()?[value_layout.start_offset()..];
@@ -226,15 +223,14 @@ impl LayerCache {
             let cached = base + start * head_dim..base + self.len * head_dim;
             all_keys[cached.clone()].convert_to_f32_slice(&mut keys);
             all_values[cached].convert_to_f32_slice(&mut values);
-            super::decode_attention::attend_group(
+            let sharing = super::decode_attention::HeadGroup {
                 queries,
-                &keys,
-                &values,
+                keys: &keys,
+                values: &values,
                 head_dim,
                 scale,
-                &mut scores,
-                out,
-            );
+            };
+            super::decode_attention::attend_group(&sharing, &mut scores, out);
         }
         Ok(out)
     }

@@ -156,7 +156,7 @@ pub(crate) trait CausalLm: Send {
     /// Bytes of keys and values one position takes over all layers (F16
     /// keys and values).
     fn kv_bytes_per_position(&self) -> usize {
-        2 * self.layers() * self.kv_width() * kv_cache::HELD_BYTES
+        2 * self.layers() * self.kv_width() * kv_cache::HELD.size_in_bytes()
     }
 }
 

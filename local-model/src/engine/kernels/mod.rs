@@ -614,11 +614,12 @@ const BELOW_HALF: f32 = 0.499_999_97;
 /// Rounds `chunk` (whole blocks of 32 values) to signed bytes on a
 /// symmetric grid: scale = max |v| / 127, half away from zero, as
 /// llama.cpp; returns the scale, and writes each 32 values' sum of rounded
-/// values to `sums` (one per block: the minimums' terms need them). Eight values per instruction: the
-/// activations of every product are quantized on the model's thread
-/// before the product is spread over the pool, and the scalar loop (a call
-/// to `roundf` per value) was a tenth of that thread's time in batched
-/// decode (SmolLM2, eight rows).
+/// values to `sums` (one per block: the minimums' terms need them).
+///
+/// Eight values per instruction: the activations of every product are
+/// quantized on the model's thread before the product is spread over the
+/// pool, and the scalar loop (a call to `roundf` per value) was a tenth of
+/// that thread's time in batched decode (SmolLM2, eight rows).
 #[cfg(target_arch = "x86_64")]
 fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8], sums: &mut [i32]) -> f32 {
     simd.vectorize(
@@ -644,8 +645,10 @@ fn quantize_block(simd: Simd, chunk: &[f32], out: &mut [i8], sums: &mut [i32]) -
                 ._mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
             let sign = simd.avx._mm256_set1_ps(-0.0);
             let below_half = simd.avx._mm256_set1_ps(BELOW_HALF);
-            // `packs` interleaves the 128-bit halves: dword `k` of the
-            // packed bytes holds values `4·ORDER[k]..`; this puts them back.
+            // The two `packs` work within 128-bit halves, so the packed
+            // bytes hold the 32 values' groups of four in the order
+            // 0, 2, 4, 6, 1, 3, 5, 7; this permutation of 32-bit lanes puts
+            // them back in order.
             let order: __m256i = bytemuck::cast([0i32, 4, 1, 5, 2, 6, 3, 7]);
             for ((block, out), sum) in chunk
                 .chunks_exact(32)

@@ -21,15 +21,13 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::q4_1::{SideLayout, SideMatrix, LANES};
+use super::q4_1::{SideLayout, SideMatrix, LANES, QUAD_BYTES};
 use super::{activation_rows, check_blocks, quantize_block, KernelError, Simd};
 
 /// Values per Q8_0 block.
 const BLOCK: usize = 32;
 /// Where a held block's values start: after the sixteen F16 scales.
 const VALUES_AT: usize = 2 * LANES;
-/// Bytes of four values of each of the sixteen rows.
-const QUAD_BYTES: usize = 4 * LANES;
 
 /// Activation rows quantized to 8 bits per 32-value block, with an F32
 /// scale per block (llama.cpp and candle round the scale to F16), and each
