@@ -453,10 +453,11 @@ async fn a_full_kv_budget_makes_requests_wait_instead_of_joining() {
     let requests: Vec<(Prompt, GenerationParams)> =
         prompts.iter().map(|p| (p.clone(), params(16))).collect();
     let want = alone(&mut model, &requests);
-    // SmolLM2: 30 layers x 2 x 3 kv heads x 64 x 4 bytes = 45 KiB per
-    // position; each of these requests takes one 256-position step of
-    // cache (11.25 MiB), so 12 MiB holds one of them and 23 MiB two.
-    for (mib, most) in [(12, 1.0), (23, 2.0)] {
+    // SmolLM2 Q4_1 holds its cache in F16: 30 layers x 2 x 3 kv heads x
+    // 64 x 2 bytes = 22.5 KiB per position; each of these requests takes
+    // one 256-position step of cache (5.625 MiB), so 6 MiB holds one of
+    // them and 12 MiB two.
+    for (mib, most) in [(6, 1.0), (12, 2.0)] {
         let handle = ModelHandle::spawn_with(
             load(),
             8,

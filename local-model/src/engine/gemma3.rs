@@ -16,11 +16,11 @@
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
-use super::kv_cache::{rms_norm_each, rope_one, LayerCache, SeqCache};
+use super::kv_cache::{self, rms_norm_each, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
@@ -66,6 +66,8 @@ struct Block {
 #[derive(Debug, Clone)]
 pub(crate) struct Gemma3 {
     cache: SeqCache,
+    /// What the KV caches hold keys and values in ([`kv_cache::held_dtype`]).
+    kv_held: DType,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -110,6 +112,7 @@ impl Gemma3 {
             candle_core::bail!("inconsistent head counts: {heads} heads, {kv_heads} kv heads")
         }
 
+        let kv_held = kv_cache::held_for_file(content, false);
         let embeddings = TokenTable::load(content, reader, false, device)?;
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
@@ -200,7 +203,8 @@ impl Gemma3 {
         }
 
         Ok(Self {
-            cache: SeqCache::new(built.len()),
+            cache: SeqCache::new(built.len(), kv_held),
+            kv_held,
             embeddings,
             blocks: built,
             norm,
@@ -233,6 +237,10 @@ impl CausalLm for Gemma3 {
 
     fn kv_width(&self) -> usize {
         self.shape.kv_heads * self.shape.head_dim
+    }
+
+    fn kv_held(&self) -> DType {
+        self.kv_held
     }
 
     fn dense_bytes(&self) -> usize {

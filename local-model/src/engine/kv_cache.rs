@@ -1,25 +1,45 @@
 //! A key/value cache that grows in place and can be cut back to a prefix.
 //!
-//! Keys and values are held in [`HELD`] (F32 for now; the readers take F16
-//! too, as llama.cpp holds them by default: half the memory per position,
-//! and half the bytes each decode step reads, which in batched decode came
-//! to as many bytes per step as the weights). Every position is rounded
-//! once, when it is appended, and every reader (prefill's attention and the
-//! decode step's) sees the same values, so a request's keys do not depend
-//! on how its prompt was cut or batched.
+//! Keys and values are held in F16 or F32, chosen per model by
+//! [`held_dtype`]. F16 is what llama.cpp holds by default: half the memory
+//! per position, and half the bytes each decode step reads, which in batched
+//! decode came to as many bytes per step as the weights. Every position is
+//! rounded once, when it is appended, and every reader (prefill's attention
+//! and the decode step's) sees the same values, so a request's keys do not
+//! depend on how its prompt was cut or batched.
 
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Result, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-/// The type keys and values are held in. F32 for now: F16 halves the
-/// memory and the decode step's reads (measured in docs/benchmarks.md,
-/// session 11), and the code below reads either, but rounding the cache
-/// also rounds the exact kernels' yardstick and F32 GGUF models' answers
-/// (a comparison with candle's Phi on the same F32 weights then drifted by
-/// up to 2e-3 nats). F16 needs the held type chosen per model, F32 where the
-/// weights or the kernels are exact; not done yet.
-pub(crate) const HELD: DType = DType::F32;
+/// The type a model's keys and values are held in: F16 where the weights
+/// are quantized and the tuned kernels run (the activations are rounded to
+/// 8 bits there already, and F16 halves the cache's memory and the decode
+/// step's reads: SmolLM2 at eight sequences 357 -> 504 tok/s on Zen 4), F32
+/// where the arithmetic is meant to be exact: the `exact` kernels, the
+/// accuracy tests' yardstick, and float weights (F32/F16/BF16 files, whose
+/// answers are compared with candle's own models within 1e-3 nats; an F16
+/// cache drifted to 2e-3 there).
+pub(crate) fn held_dtype(exact: bool, weights: GgmlDType) -> DType {
+    let float_weights = matches!(weights, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if exact || float_weights {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+/// [`held_dtype`] for a GGUF file's layers, read off the first block's down
+/// projection (every tuned architecture has one; F32 if it is missing, the
+/// type that rounds nothing).
+pub(crate) fn held_for_file(content: &gguf_file::Content, exact: bool) -> DType {
+    let weights = content
+        .tensor_infos
+        .get("blk.0.ffn_down.weight")
+        .map_or(GgmlDType::F32, |info| info.ggml_dtype);
+    held_dtype(exact, weights)
+}
 
 /// Keys or values of a layer as held: F16 or F32.
 enum HeldValues<'a> {
@@ -53,28 +73,32 @@ impl<'a> HeldValues<'a> {
 const GROW_BY: usize = 256;
 
 /// Keys and values of one attention layer, `[1, kv_heads, positions, head_dim]`
-/// in [`HELD`], written in place: appending a token copies only that token, where
-/// `Tensor::cat` would copy the whole history on every step.
-#[derive(Debug, Clone, Default)]
+/// in the model's held type ([`held_dtype`]), written in place: appending a
+/// token copies only that token, where `Tensor::cat` would copy the whole
+/// history on every step.
+#[derive(Debug, Clone)]
 pub(crate) struct LayerCache {
     keys: Option<Tensor>,
     values: Option<Tensor>,
     len: usize,
+    held: DType,
 }
 
 /// The KV caches of one sequence, one per layer: what lets several
 /// sequences share the model's weights and run in the same decode step
 /// (see `worker`), each at its own position.
+/// `Default` is an empty placeholder of no layers (what `mem::take` leaves
+/// while a model's own cache is lent out).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SeqCache {
     pub(crate) layers: Vec<LayerCache>,
 }
 
 impl SeqCache {
-    /// An empty cache for a model of `layers` layers.
-    pub(crate) fn new(layers: usize) -> Self {
+    /// An empty cache for a model of `layers` layers, holding `held`.
+    pub(crate) fn new(layers: usize, held: DType) -> Self {
         Self {
-            layers: vec![LayerCache::default(); layers],
+            layers: vec![LayerCache::new(held); layers],
         }
     }
 
@@ -109,6 +133,16 @@ pub(crate) fn allocated_positions(needed: usize) -> usize {
 }
 
 impl LayerCache {
+    /// An empty cache holding keys and values in `held` (F16 or F32).
+    pub(crate) fn new(held: DType) -> Self {
+        Self {
+            keys: None,
+            values: None,
+            len: 0,
+            held,
+        }
+    }
+
     /// Positions held.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -155,8 +189,8 @@ impl LayerCache {
 
     /// Appends `[1, kv_heads, n, head_dim]` keys and values.
     fn store(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
-        let keys = keys.to_dtype(HELD)?;
-        let values = values.to_dtype(HELD)?;
+        let keys = keys.to_dtype(self.held)?;
+        let values = values.to_dtype(self.held)?;
         let added = keys.dim(2)?;
         let needed = self.len + added;
         let capacity = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
@@ -337,7 +371,13 @@ mod tests {
 
     #[test]
     fn appends_grow_past_capacity_and_keep_every_position() {
-        let mut cache = LayerCache::default();
+        for held in [DType::F16, DType::F32] {
+            appends_grow_in(held);
+        }
+    }
+
+    fn appends_grow_in(held: DType) {
+        let mut cache = LayerCache::new(held);
         cache
             .append(&step(1.0, GROW_BY - 1), &step(-1.0, GROW_BY - 1))
             .unwrap();
@@ -355,7 +395,13 @@ mod tests {
 
     #[test]
     fn truncation_keeps_a_prefix_and_later_appends_overwrite_the_rest() {
-        let mut cache = LayerCache::default();
+        for held in [DType::F16, DType::F32] {
+            truncation_in(held);
+        }
+    }
+
+    fn truncation_in(held: DType) {
+        let mut cache = LayerCache::new(held);
         cache.append(&step(1.0, 5), &step(1.0, 5)).unwrap();
         cache.truncate(2);
         assert_eq!(cache.len(), 2);
@@ -388,9 +434,15 @@ mod tests {
 
     #[test]
     fn one_query_attention_matches_the_tensor_path() {
+        for held in [DType::F16, DType::F32] {
+            one_query_attention_in(held);
+        }
+    }
+
+    fn one_query_attention_in(held_type: DType) {
         let (heads, kv_heads, head_dim, positions) = (6, 2, 8, 11);
         let device = Device::Cpu;
-        let mut cache = LayerCache::default();
+        let mut cache = LayerCache::new(held_type);
         let keys = Tensor::from_vec(
             values(kv_heads * positions * head_dim, 1),
             (1, kv_heads, positions, head_dim),
@@ -413,8 +465,8 @@ mod tests {
         let (all_keys, all_values) = {
             let k = Tensor::from_vec(last_k.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
             let v = Tensor::from_vec(last_v.clone(), (1, kv_heads, 1, head_dim), &device).unwrap();
-            // What the cache holds: every value rounded to F16 once.
-            let held = |t: Tensor| t.to_dtype(HELD).unwrap().to_dtype(DType::F32).unwrap();
+            // What the cache holds: every value rounded to its type once.
+            let held = |t: Tensor| t.to_dtype(held_type).unwrap().to_dtype(DType::F32).unwrap();
             (
                 held(Tensor::cat(&[&keys, &k], 2).unwrap()),
                 held(Tensor::cat(&[&vals, &v], 2).unwrap()),
@@ -442,8 +494,19 @@ mod tests {
                 .zip(&got)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(gap < 1e-5, "window {window:?}: {gap}");
+            assert!(gap < 1e-5, "{held_type:?}, window {window:?}: {gap}");
         }
+    }
+
+    #[test]
+    fn float_weights_and_exact_kernels_hold_f32_quantized_weights_f16() {
+        assert_eq!(held_dtype(true, GgmlDType::Q4_1), DType::F32);
+        assert_eq!(held_dtype(false, GgmlDType::F32), DType::F32);
+        assert_eq!(held_dtype(false, GgmlDType::F16), DType::F32);
+        assert_eq!(held_dtype(false, GgmlDType::Q4_1), DType::F16);
+        assert_eq!(held_dtype(false, GgmlDType::Q4K), DType::F16);
+        let cache = SeqCache::new(3, DType::F16);
+        assert!(cache.layers.iter().all(|l| l.held == DType::F16));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Rotary};
-use super::kv_cache::{rope_one, LayerCache, SeqCache};
+use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
 use super::{
@@ -48,6 +48,8 @@ struct Block {
 #[derive(Debug, Clone)]
 pub(crate) struct Llama {
     cache: SeqCache,
+    /// What the KV caches hold keys and values in ([`kv_cache::held_dtype`]).
+    kv_held: DType,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -126,6 +128,7 @@ impl Llama {
             candle_core::bail!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported by the tuned engine")
         }
 
+        let kv_held = kv_cache::held_for_file(content, exact);
         let embeddings = TokenTable::load(content, reader, exact, device)?;
         let norm = content
             .tensor(reader, "output_norm.weight", device)?
@@ -175,7 +178,8 @@ impl Llama {
 
         let (cos, sin) = rope_tables(head_dim, rope_base, max_positions, device)?;
         Ok(Self {
-            cache: SeqCache::new(built.len()),
+            cache: SeqCache::new(built.len(), kv_held),
+            kv_held,
             embeddings,
             blocks: built,
             norm,
@@ -210,6 +214,10 @@ impl CausalLm for Llama {
 
     fn kv_width(&self) -> usize {
         self.shape.kv_heads * self.shape.head_dim
+    }
+
+    fn kv_held(&self) -> DType {
+        self.kv_held
     }
 
     fn dense_bytes(&self) -> usize {

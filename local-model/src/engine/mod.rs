@@ -85,6 +85,8 @@ pub(crate) trait CausalLm: Send {
     fn layers(&self) -> usize;
     /// Key (or value) width of one layer's cache per position: KV heads × head dimension.
     fn kv_width(&self) -> usize;
+    /// The type the KV caches hold keys and values in.
+    fn kv_held(&self) -> candle_core::DType;
     /// Bytes of the dense prefill copy.
     fn dense_bytes(&self) -> usize;
     /// Runs a prompt of several tokens placed at `position` (the cached length) into
@@ -150,13 +152,12 @@ pub(crate) trait CausalLm: Send {
 
     /// An empty KV cache for one more sequence.
     fn new_cache(&self) -> kv_cache::SeqCache {
-        kv_cache::SeqCache::new(self.layers())
+        kv_cache::SeqCache::new(self.layers(), self.kv_held())
     }
 
-    /// Bytes of keys and values one position takes over all layers (F16
-    /// keys and values).
+    /// Bytes of keys and values one position takes over all layers.
     fn kv_bytes_per_position(&self) -> usize {
-        2 * self.layers() * self.kv_width() * kv_cache::HELD.size_in_bytes()
+        2 * self.layers() * self.kv_width() * self.kv_held().size_in_bytes()
     }
 }
 

@@ -12,11 +12,11 @@
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
-use super::kv_cache::{rope_one, LayerCache, SeqCache};
+use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
@@ -64,6 +64,8 @@ struct Block {
 #[derive(Debug, Clone)]
 pub(crate) struct Phi2 {
     cache: SeqCache,
+    /// What the KV caches hold keys and values in ([`kv_cache::held_dtype`]).
+    kv_held: DType,
     embeddings: TokenTable,
     blocks: Vec<Block>,
     norm: LayerNorm,
@@ -131,6 +133,7 @@ impl Phi2 {
             }
         };
         let dense = |t: QTensor| t.dequantize(device);
+        let kv_held = kv_cache::held_for_file(content, exact);
         let embeddings = TokenTable::load(content, reader, exact, device)?;
         let mut tensor = |name: &str| content.tensor(reader, name, device);
         let norm = LayerNorm {
@@ -223,7 +226,8 @@ impl Phi2 {
 
         let (cos, sin) = rope_tables(rope_dim, rope_base, max_positions, device)?;
         Ok(Self {
-            cache: SeqCache::new(built.len()),
+            cache: SeqCache::new(built.len(), kv_held),
+            kv_held,
             embeddings,
             blocks: built,
             norm,
@@ -254,6 +258,10 @@ impl CausalLm for Phi2 {
 
     fn kv_width(&self) -> usize {
         self.shape.kv_heads * self.shape.head_dim
+    }
+
+    fn kv_held(&self) -> DType {
+        self.kv_held
     }
 
     fn dense_bytes(&self) -> usize {
