@@ -18,41 +18,145 @@
 //! - the weighted sum of values 64 dimensions at a time in eight registers,
 //!   one fused multiply-add per eight values and position.
 //!
+//! Keys and values are read as the cache holds them, F32 or F16; F16 is
+//! converted in registers (F16C, eight values an instruction), where a
+//! conversion into a scratch copy first wrote and re-read every value (5%
+//! of SmolLM2's samples at eight sequences).
+//!
 //! Elsewhere the scalar loop. Either way a position's result depends only
 //! on its own query and cache, never on the sequences beside it in a batch.
 
+use half::f16;
+
 /// One key/value head's share of a decode step: the `group` query heads
-/// that read it and its cached positions.
-pub(crate) struct HeadGroup<'a> {
+/// that read it and its cached positions, keys and values held as `T`
+/// (F32 or F16).
+pub(crate) struct HeadGroup<'a, T> {
     /// `group × head_dim` query values, rotated.
     pub(crate) queries: &'a [f32],
     /// `positions × head_dim` keys, position-major.
-    pub(crate) keys: &'a [f32],
+    pub(crate) keys: &'a [T],
     /// `positions × head_dim` values, position-major.
-    pub(crate) values: &'a [f32],
+    pub(crate) values: &'a [T],
     pub(crate) head_dim: usize,
     /// The scores' factor, `1 / √head_dim`.
     pub(crate) scale: f32,
 }
 
+/// A type the KV cache holds keys and values in.
+pub(crate) trait HeldValue: Copy {
+    fn to_f32(self) -> f32;
+
+    /// Runs the vector path on `group` and returns true, where the CPU has
+    /// what this type's path needs.
+    #[cfg(target_arch = "x86_64")]
+    fn attend_vector(group: &HeadGroup<'_, Self>, scores: &mut [f32], out: &mut [f32]) -> bool;
+}
+
+impl HeldValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn attend_vector(group: &HeadGroup<'_, Self>, scores: &mut [f32], out: &mut [f32]) -> bool {
+        pulp::x86::V3::try_new()
+            .map(|simd| attend_group_v3(simd, group, scores, out))
+            .is_some()
+    }
+}
+
+impl HeldValue for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn attend_vector(group: &HeadGroup<'_, Self>, scores: &mut [f32], out: &mut [f32]) -> bool {
+        pulp::x86::V3::try_new()
+            .and_then(super::kernels::F16cAvx::try_new)
+            .map(|simd| attend_group_v3(simd, group, scores, out))
+            .is_some()
+    }
+}
+
 /// Attention of `group`'s query heads over its cached positions; writes
 /// `group × head_dim` values to `out`. `scores`: scratch of at least
 /// `positions` values.
-pub(crate) fn attend_group(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32]) {
+pub(crate) fn attend_group<T: HeldValue>(
+    group: &HeadGroup<'_, T>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if group.head_dim.is_multiple_of(WIDTH) {
-        if let Some(simd) = pulp::x86::V3::try_new() {
-            return attend_group_v3(simd, group, scores, out);
-        }
+    if group.head_dim.is_multiple_of(WIDTH) && T::attend_vector(group, scores, out) {
+        return;
     }
     attend_group_scalar(group, scores, out);
+}
+
+/// Eight held values at a time as F32 lanes, under a token that proves the
+/// CPU can: `pulp`'s `V3` for F32, [`super::kernels::F16cAvx`] for F16.
+#[cfg(target_arch = "x86_64")]
+trait EightLanes<T>: Copy {
+    fn v3(self) -> pulp::x86::V3;
+    /// Runs `f` compiled with the token's features.
+    fn run<R>(self, f: impl FnOnce() -> R) -> R;
+    /// `v[..8]` as F32.
+    fn load(self, v: &[T]) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl EightLanes<f32> for pulp::x86::V3 {
+    #[inline(always)]
+    fn v3(self) -> pulp::x86::V3 {
+        self
+    }
+
+    #[inline(always)]
+    fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        self.vectorize(f)
+    }
+
+    #[inline(always)]
+    fn load(self, v: &[f32]) -> std::arch::x86_64::__m256 {
+        pulp::bytemuck::pod_read_unaligned(pulp::bytemuck::cast_slice(&v[..8]))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl EightLanes<f16> for super::kernels::F16cAvx {
+    #[inline(always)]
+    fn v3(self) -> pulp::x86::V3 {
+        super::kernels::F16cAvx::v3(self)
+    }
+
+    #[inline(always)]
+    fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        self.vectorize(f)
+    }
+
+    #[inline(always)]
+    fn load(self, v: &[f16]) -> std::arch::x86_64::__m256 {
+        use half::slice::HalfFloatSliceExt;
+        let bits: &[u16] = v[..8].reinterpret_cast();
+        self.f16_to_f32(pulp::bytemuck::pod_read_unaligned(
+            pulp::bytemuck::cast_slice(bits),
+        ))
+    }
 }
 
 /// Dimensions per pass of the vector path: eight registers of eight.
 #[cfg(target_arch = "x86_64")]
 const WIDTH: usize = 64;
 
-fn attend_group_scalar(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32]) {
+fn attend_group_scalar<T: HeldValue>(
+    group: &HeadGroup<'_, T>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let HeadGroup {
         queries,
         keys,
@@ -80,7 +184,7 @@ fn attend_group_scalar(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32
         for (value, score) in values.chunks_exact(head_dim).zip(scores.iter()) {
             let weight = score / total;
             for (m, v) in mixed.iter_mut().zip(value) {
-                *m += weight * v;
+                *m += weight * v.to_f32();
             }
         }
     }
@@ -88,7 +192,7 @@ fn attend_group_scalar(group: &HeadGroup<'_>, scores: &mut [f32], out: &mut [f32
 
 /// `Σ a·b` in eight interleaved partial sums, which the compiler turns
 /// into one vector multiply-add per eight values.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: HeldValue>(a: &[f32], b: &[T]) -> f32 {
     const LANES: usize = 8;
     let mut partial = [0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -96,20 +200,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for i in 0..LANES {
-            partial[i] += x[i] * y[i];
+            partial[i] += x[i] * y[i].to_f32();
         }
     }
     partial.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
-fn attend_group_v3(
-    simd: pulp::x86::V3,
-    group: &HeadGroup<'_>,
+fn attend_group_v3<T, L: EightLanes<T>>(
+    lanes: L,
+    group: &HeadGroup<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -120,7 +224,8 @@ fn attend_group_v3(
         head_dim,
         scale,
     } = *group;
-    simd.vectorize(
+    let simd = lanes.v3();
+    lanes.run(
         #[inline(always)]
         || {
             use pulp::bytemuck;
@@ -128,6 +233,7 @@ fn attend_group_v3(
             let load = |v: &[f32]| -> __m256 {
                 bytemuck::pod_read_unaligned(bytemuck::cast_slice(&v[..8]))
             };
+            let held = |v: &[T]| lanes.load(v);
             let zero = simd.avx._mm256_setzero_ps();
             let positions = keys.len() / head_dim;
             let scores = &mut scores[..positions];
@@ -146,7 +252,7 @@ fn attend_group_v3(
                         for (j, sum) in sums.iter_mut().enumerate() {
                             *sum =
                                 simd.fma
-                                    ._mm256_fmadd_ps(q, load(&block[j * head_dim + d..]), *sum);
+                                    ._mm256_fmadd_ps(q, held(&block[j * head_dim + d..]), *sum);
                         }
                     }
                     let dots = transpose_sums(simd, sums);
@@ -159,7 +265,7 @@ fn attend_group_v3(
                     for d in (0..head_dim).step_by(8) {
                         sum = simd
                             .fma
-                            ._mm256_fmadd_ps(load(&query[d..]), load(&key[d..]), sum);
+                            ._mm256_fmadd_ps(load(&query[d..]), held(&key[d..]), sum);
                     }
                     let lanes: [f32; 8] = bytemuck::cast(sum);
                     scores[at] = lanes.iter().sum::<f32>() * scale;
@@ -195,7 +301,7 @@ fn attend_group_v3(
                         for (k, acc) in acc.iter_mut().enumerate() {
                             *acc = simd
                                 .fma
-                                ._mm256_fmadd_ps(weight, load(&value[8 * k..]), *acc);
+                                ._mm256_fmadd_ps(weight, held(&value[8 * k..]), *acc);
                         }
                     }
                     for (k, acc) in acc.iter().enumerate() {
@@ -302,10 +408,33 @@ mod tests {
                 };
                 attend_group(&heads, &mut scores, &mut fast);
                 attend_group_scalar(&heads, &mut scores, &mut plain);
+                // The same keys and values held in F16: both paths against
+                // exact attention over the rounded values.
+                let keys16: Vec<f16> = keys.iter().map(|&k| f16::from_f32(k)).collect();
+                let values16: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                let mut fast16 = vec![0f32; group * head_dim];
+                let mut plain16 = vec![0f32; group * head_dim];
+                let heads16 = HeadGroup {
+                    queries: &queries,
+                    keys: &keys16,
+                    values: &values16,
+                    head_dim,
+                    scale,
+                };
+                attend_group(&heads16, &mut scores, &mut fast16);
+                attend_group_scalar(&heads16, &mut scores, &mut plain16);
+                let rounded = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+                let (keys_r, values_r) = (rounded(&keys16), rounded(&values16));
                 for (g, query) in queries.chunks_exact(head_dim).enumerate() {
                     let want = exact(query, &keys, &values, head_dim, scale);
-                    for (d, want) in want.iter().enumerate() {
-                        for (path, got) in [("fast", &fast), ("scalar", &plain)] {
+                    let want16 = exact(query, &keys_r, &values_r, head_dim, scale);
+                    for d in 0..head_dim {
+                        for (path, got, want) in [
+                            ("fast", &fast, want[d]),
+                            ("scalar", &plain, want[d]),
+                            ("fast F16", &fast16, want16[d]),
+                            ("scalar F16", &plain16, want16[d]),
+                        ] {
                             let got = f64::from(got[g * head_dim + d]);
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),

@@ -54,19 +54,6 @@ impl<'a> HeldValues<'a> {
             _ => Self::F32(&cpu.as_slice::<f32>()?[offset..]),
         })
     }
-
-    /// Values `range` in F32: the held ones, or converted into `scratch`
-    /// in one vectorized call (F16C where the CPU has it).
-    fn f32<'s>(&'s self, range: std::ops::Range<usize>, scratch: &'s mut [f32]) -> &'s [f32] {
-        match self {
-            Self::F32(values) => &values[range],
-            Self::F16(values) => {
-                let scratch = &mut scratch[..range.len()];
-                values[range].convert_to_f32_slice(scratch);
-                scratch
-            }
-        }
-    }
 }
 
 /// Positions added each time the cache grows.
@@ -271,19 +258,59 @@ impl LayerCache {
         };
         let all_keys = HeldValues::of(key_cpu, key_layout.start_offset())?;
         let all_values = HeldValues::of(value_cpu, value_layout.start_offset())?;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let group = heads / kv_heads.max(1);
-        let mut out = vec![0f32; kv_range.len() * group * head_dim];
-        let positions = self.len - start;
-        let mut scores = vec![0f32; positions];
-        // Where the cache is F16, one head's keys and values in F32 at a
-        // time: they stay in cache for the group's queries.
-        let scratch_len = match all_keys {
-            HeldValues::F16(_) => positions * head_dim,
-            HeldValues::F32(_) => 0,
+        let span = HeldSpan {
+            capacity,
+            start,
+            end: self.len,
+            head_dim,
+            group: heads / kv_heads.max(1),
         };
-        let mut key_scratch = vec![0f32; scratch_len];
-        let mut value_scratch = vec![0f32; scratch_len];
+        match (all_keys, all_values) {
+            (HeldValues::F16(keys), HeldValues::F16(values)) => {
+                Ok(span.attend(q, keys, values, kv_range))
+            }
+            (HeldValues::F32(keys), HeldValues::F32(values)) => {
+                Ok(span.attend(q, keys, values, kv_range))
+            }
+            _ => candle_core::bail!("kv cache: keys and values held in different types"),
+        }
+    }
+}
+
+/// Where a layer's cached positions lie in its held storage, for the decode
+/// step's attention.
+struct HeldSpan {
+    /// Positions allocated per head.
+    capacity: usize,
+    /// First position attended (a sliding window starts later).
+    start: usize,
+    /// Positions held.
+    end: usize,
+    head_dim: usize,
+    /// Query heads per key/value head.
+    group: usize,
+}
+
+impl HeldSpan {
+    /// Attention of the query heads of key/value heads `kv_range` (`q`: all
+    /// heads, rotated) over keys and values as held, read in place.
+    fn attend<T: super::decode_attention::HeldValue>(
+        &self,
+        q: &[f32],
+        keys: &[T],
+        values: &[T],
+        kv_range: std::ops::Range<usize>,
+    ) -> Vec<f32> {
+        let Self {
+            capacity,
+            start,
+            end,
+            head_dim,
+            group,
+        } = *self;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut out = vec![0f32; kv_range.len() * group * head_dim];
+        let mut scores = vec![0f32; end - start];
         // Query heads `kv·group..(kv+1)·group` share key/value head `kv`.
         for ((kv, queries), out) in q
             .chunks_exact(group * head_dim)
@@ -293,17 +320,17 @@ impl LayerCache {
             .zip(out.chunks_exact_mut(group * head_dim))
         {
             let base = kv * capacity * head_dim;
-            let cached = base + start * head_dim..base + self.len * head_dim;
+            let cached = base + start * head_dim..base + end * head_dim;
             let sharing = super::decode_attention::HeadGroup {
                 queries,
-                keys: all_keys.f32(cached.clone(), &mut key_scratch),
-                values: all_values.f32(cached, &mut value_scratch),
+                keys: &keys[cached.clone()],
+                values: &values[cached],
                 head_dim,
                 scale,
             };
             super::decode_attention::attend_group(&sharing, &mut scores, out);
         }
-        Ok(out)
+        out
     }
 }
 

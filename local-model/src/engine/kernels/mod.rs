@@ -44,6 +44,8 @@ pub use q4_1::Q4_1Matrix;
 pub use q4_k::Q4KMatrix;
 pub use q5_0::Q5_0Matrix;
 pub use q8_0::{Q8_0Matrix, ReadError};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use unsafe_simd::F16cAvx;
 
 /// Proof that the CPU runs the AVX2/FMA kernels.
 #[cfg(target_arch = "x86_64")]

@@ -22,7 +22,7 @@
 //! arithmetic happens here, so there are no bounds to check.
 
 #[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::{__m256i, __m512i};
+use std::arch::x86_64::{__m128i, __m256, __m256i, __m512i};
 
 /// Proof that the CPU runs AVX-512 (F, BW, CD, DQ, VL: `pulp`'s `V4`) and
 /// AVX-512 VNNI.
@@ -130,6 +130,54 @@ pub const AMX_BLOCK: usize = 32;
 /// of each of the 16 weight rows, as unsigned bytes).
 pub const AMX_SIDE_ROWS: usize = 16;
 pub const AMX_SIDE_WEIGHT_TILE: usize = 512;
+
+/// Proof that the CPU runs AVX2/FMA (`pulp`'s `V3`) and F16C, the
+/// conversion of eight F16 values to F32 in one instruction (every AVX2 CPU
+/// has it; `pulp` does not wrap it). The decode step reads an F16 KV cache
+/// through it, converting in registers instead of through a scratch copy.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub struct F16cAvx {
+    v3: pulp::x86::V3,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl F16cAvx {
+    /// `None` unless the CPU also has F16C.
+    pub fn try_new(v3: pulp::x86::V3) -> Option<Self> {
+        std::arch::is_x86_feature_detected!("f16c").then_some(Self { v3 })
+    }
+
+    /// The AVX2 token this one extends.
+    #[inline(always)]
+    pub fn v3(self) -> pulp::x86::V3 {
+        self.v3
+    }
+
+    /// Runs `f` compiled with AVX2, FMA and F16C enabled.
+    #[inline(always)]
+    pub fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        #[target_feature(
+            enable = "sse,sse2,sse3,ssse3,sse4.1,sse4.2,popcnt,fxsr,avx,avx2,fma,bmi1,bmi2,lzcnt,f16c"
+        )]
+        #[inline]
+        fn with_features<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: `self` exists only where `V3::try_new` (AVX2, FMA,
+        // BMI1/2, LZCNT and the SSE levels) and `try_new` (F16C) found every
+        // feature enabled above on this CPU.
+        unsafe { with_features(f) }
+    }
+
+    /// The eight F16 values in `halves`' lanes as F32 (`vcvtph2ps`).
+    #[inline(always)]
+    pub fn f16_to_f32(self, halves: __m128i) -> __m256 {
+        // SAFETY: `self` exists only where the CPU has F16C (`try_new`); the
+        // argument is a register.
+        unsafe { std::arch::x86_64::_mm256_cvtph_ps(halves) }
+    }
+}
 
 /// Proof that the CPU has AMX-TILE and AMX-INT8 and that the kernel granted
 /// this process the tile state (Linux asks for it: `arch_prctl`).
