@@ -8,8 +8,11 @@
 //! feed it: unsigned nibbles or |i8|, times i8), so the kernels' results do
 //! not change with the path.
 //!
+//! F16C's `vcvtph2ps` converts eight F16 values to F32 in one instruction:
+//! the decode step reads an F16 KV cache through it ([`F16cAvx`]).
+//!
 //! How the wrappers stay sound, the way `pulp`'s `V3`/`V4` do it:
-//! - a token ([`Vnni512`], [`VnniAvx`]) has a private field and one
+//! - a token ([`Vnni512`], [`VnniAvx`], [`F16cAvx`]) has a private field and one
 //!   constructor, which returns `None` unless the CPU reports every feature
 //!   the token's functions use (`is_x86_feature_detected!`);
 //! - each instruction is a safe `#[inline(always)]` method of the token:
