@@ -946,15 +946,11 @@ fn choose_template(
         value.get("chat_template")?.as_str().map(str::to_string)
     });
     let jinja = |source: String| {
-        ChatTemplate::Jinja {
-            bos_token: special_token_text(tokenizer, &["<bos>", "<s>", "<|begin_of_text|>"]),
-            eos_token: special_token_text(
-                tokenizer,
-                &["<eos>", "</s>", "<|im_end|>", "<|endoftext|>"],
-            ),
+        ChatTemplate::jinja(
             source,
-        }
-        .validated()
+            special_token_text(tokenizer, &["<bos>", "<s>", "<|begin_of_text|>"]),
+            special_token_text(tokenizer, &["<eos>", "</s>", "<|im_end|>", "<|endoftext|>"]),
+        )
     };
     match choice {
         TemplateChoice::Auto => match own {

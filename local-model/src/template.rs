@@ -1,5 +1,7 @@
 //! Chat templates: turning a list of messages into the model's prompt text.
 
+use std::sync::Arc;
+
 use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -25,12 +27,9 @@ impl ChatMessage {
 /// How messages become a prompt.
 #[derive(Debug, Clone)]
 pub enum ChatTemplate {
-    /// The model's own Jinja template (from GGUF metadata or tokenizer_config.json).
-    Jinja {
-        source: String,
-        bos_token: String,
-        eos_token: String,
-    },
+    /// The model's own Jinja template (from GGUF metadata or
+    /// tokenizer_config.json), compiled once: see [`ChatTemplate::jinja`].
+    Jinja(JinjaTemplate),
     /// Phi-1.5's `Instruct: …\nOutput:` format; the model is a base model
     /// with no template of its own.
     PhiInstruct,
@@ -41,27 +40,49 @@ pub enum ChatTemplate {
 /// The template names a user can pick on the command line.
 pub const TEMPLATE_NAMES: &[&str] = &["auto", "model", "phi", "plain"];
 
+/// A model's Jinja chat template, compiled, with the special tokens it may
+/// write. Compiled once at load: compiling it on every request (an
+/// environment, the lexer, the parser and the code generator) was most of
+/// the gateway's own CPU time per request that it counted prompt tokens for.
+#[derive(Debug, Clone)]
+pub struct JinjaTemplate {
+    /// Holds the template under [`TEMPLATE_NAME`]; shared by every clone.
+    environment: Arc<Environment<'static>>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// The name the compiled template is kept under.
+const TEMPLATE_NAME: &str = "chat";
+
 impl ChatTemplate {
-    /// Checks that a Jinja template compiles, so a broken one fails at load.
-    pub fn validated(self) -> Result<Self, LoadError> {
-        if let ChatTemplate::Jinja { source, .. } = &self {
-            let mut env = environment();
-            env.add_template("chat", source)
-                .map_err(|e| LoadError::Template(e.to_string()))?;
-        }
-        Ok(self)
+    /// Compiles a model's Jinja template, so a broken one fails at load.
+    pub fn jinja(
+        source: impl Into<String>,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<Self, LoadError> {
+        let mut environment = environment();
+        environment
+            .add_template_owned(TEMPLATE_NAME, source.into())
+            .map_err(|e| LoadError::Template(e.to_string()))?;
+        Ok(ChatTemplate::Jinja(JinjaTemplate {
+            environment: Arc::new(environment),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        }))
     }
 
     /// Whether the rendered text starts with the model's BOS token already
     /// (a model's own template writes `{{ bos_token }}`).
     pub fn writes_bos(&self) -> bool {
-        matches!(self, ChatTemplate::Jinja { .. })
+        matches!(self, ChatTemplate::Jinja(_))
     }
 
     /// Short name for logs and `--json` output.
     pub fn name(&self) -> &'static str {
         match self {
-            ChatTemplate::Jinja { .. } => "model",
+            ChatTemplate::Jinja(_) => "model",
             ChatTemplate::PhiInstruct => "phi",
             ChatTemplate::Plain => "plain",
         }
@@ -70,16 +91,13 @@ impl ChatTemplate {
     /// Renders the messages into prompt text ready for generation.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, GenerateError> {
         match self {
-            ChatTemplate::Jinja {
-                source,
+            ChatTemplate::Jinja(JinjaTemplate {
+                environment,
                 bos_token,
                 eos_token,
-            } => {
-                let mut env = environment();
-                env.add_template("chat", source)
-                    .map_err(|e| GenerateError::Template(e.to_string()))?;
-                let template = env
-                    .get_template("chat")
+            }) => {
+                let template = environment
+                    .get_template(TEMPLATE_NAME)
                     .map_err(|e| GenerateError::Template(e.to_string()))?;
                 template
                     .render(context! {
@@ -140,12 +158,11 @@ mod tests {
 
     #[test]
     fn jinja_template_renders_with_python_methods_and_generation_prompt() {
-        let t = ChatTemplate::Jinja {
-            source: "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
-            bos_token: "<s>".into(),
-            eos_token: "</s>".into(),
-        }
-        .validated()
+        let t = ChatTemplate::jinja(
+            "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "<s>",
+            "</s>",
+        )
         .unwrap();
         let out = t
             .render(&[
@@ -183,13 +200,7 @@ mod tests {
 {% endfor -%}
 {%- if add_generation_prompt %}<start_of_turn>model
 {% endif -%}"#;
-        ChatTemplate::Jinja {
-            source: source.into(),
-            bos_token: "<bos>".into(),
-            eos_token: "<eos>".into(),
-        }
-        .validated()
-        .unwrap()
+        ChatTemplate::jinja(source, "<bos>", "<eos>").unwrap()
     }
 
     #[test]
@@ -224,22 +235,19 @@ mod tests {
 
     #[test]
     fn raise_exception_in_template_is_an_error_not_a_panic() {
-        let t = ChatTemplate::Jinja {
-            source: "{% if messages[0].role == 'bad' %}{{ raise_exception('roles must alternate') }}{% endif %}ok".into(),
-            bos_token: String::new(),
-            eos_token: String::new(),
-        };
+        let t = ChatTemplate::jinja(
+            "{% if messages[0].role == 'bad' %}{{ raise_exception('roles must alternate') }}{% endif %}ok",
+            "",
+            "",
+        )
+        .unwrap();
         let err = t.render(&[ChatMessage::new("bad", "x")]).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
     }
 
     #[test]
     fn broken_template_fails_validation() {
-        let t = ChatTemplate::Jinja {
-            source: "{% for %}".into(),
-            bos_token: String::new(),
-            eos_token: String::new(),
-        };
-        assert!(t.validated().is_err());
+        let err = ChatTemplate::jinja("{% for %}", "", "").unwrap_err();
+        assert!(matches!(err, LoadError::Template(_)), "{err}");
     }
 }
