@@ -146,7 +146,7 @@ impl TryFrom<ExperimentConfig> for Experiment {
             if let Some(field) = v.overrides.sets_guarded_field() {
                 return Err(PolicyError::invalid(
                     format!("{at}.overrides.{field}"),
-                    "spend limits and prompt storage cannot vary by experiment variant",
+                    "spend limits and what the ledger stores (prompts, signals) cannot vary by experiment variant",
                 ));
             }
             total += v.weight;
@@ -386,6 +386,12 @@ mod tests {
                     {"name": "a", "weight": 1.0, "overrides": {"log_prompts": true}}
                 ]}),
                 "variants[0].overrides.log_prompts",
+            ),
+            (
+                json!({"id": "e", "subject": "user", "variants": [
+                    {"name": "a", "weight": 1.0, "overrides": {"log_signals": "hidden"}}
+                ]}),
+                "variants[0].overrides.log_signals",
             ),
         ];
         for (config, key) in cases {

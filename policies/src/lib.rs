@@ -34,6 +34,7 @@ pub use learned::{Feature, LearnedRule, LearnedRuleError};
 pub use money::{MoneyError, NanoUsd, PriceConfig, PriceTable};
 pub use policy::{
     ExhaustedAction, OverloadAction, Policy, PolicyConfig, PolicyOverride, RemoteFailureAction,
+    SignalLog,
 };
 pub use probe::{HiddenInput, HiddenState, ProbeRule, ProbeRuleError};
 pub use team::{KeyDirectory, KeyMatch, KeySettings, Team, TeamConfig};

@@ -41,6 +41,34 @@ pub enum OverloadAction {
     Reject,
 }
 
+/// Which of a request's confidence signals the ledger keeps beside its record
+/// (`log_signals`), so that `cascade calibrate --ledger` can fit any rule, the learned rule
+/// and the hidden-state probe to the team's own traffic, not only the routing rule's curve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalLog {
+    /// Only the routing rule's score (always kept).
+    #[default]
+    None,
+    /// Every generated token's log-prob, entropy and top-1/top-2 margin (12 bytes a token).
+    Tokens,
+    /// The tokens and the engine's hidden-state features (four vectors of the model's width
+    /// in half precision: 4.5 KiB a request for SmolLM2-135M).
+    Hidden,
+}
+
+impl SignalLog {
+    /// Whether the tokens are kept.
+    pub fn tokens(self) -> bool {
+        !matches!(self, Self::None)
+    }
+
+    /// Whether the hidden-state features are kept.
+    pub fn hidden(self) -> bool {
+        matches!(self, Self::Hidden)
+    }
+}
+
 /// A policy as written in configuration (money in USD); becomes a [`Policy`] via `TryFrom`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,6 +110,8 @@ pub struct PolicyConfig {
     pub allow_direct_models: bool,
     /// Whether prompt text may be stored in the ledger.
     pub log_prompts: bool,
+    /// Which confidence signals of a locally generated answer the ledger keeps.
+    pub log_signals: SignalLog,
 }
 
 /// Changes to a policy for one key or one experiment variant; absent fields keep the base.
@@ -122,6 +152,8 @@ pub struct PolicyOverride {
     pub allow_direct_models: Option<bool>,
     /// See [`PolicyConfig::log_prompts`].
     pub log_prompts: Option<bool>,
+    /// See [`PolicyConfig::log_signals`].
+    pub log_signals: Option<SignalLog>,
 }
 
 impl PolicyOverride {
@@ -133,7 +165,7 @@ impl PolicyOverride {
 
     /// The first field set here that an experiment variant may not change, if any: the
     /// per-request cap and what happens when a budget runs out are spend limits too, and
-    /// storing prompts is a data-retention promise of the team's own policy
+    /// storing prompts or signals is a data-retention promise of the team's own policy
     /// (docs/security.md), not a treatment to randomise.
     pub fn sets_guarded_field(&self) -> Option<&'static str> {
         if self.max_cost_per_request_usd.is_some() {
@@ -142,6 +174,8 @@ impl PolicyOverride {
             Some("on_budget_exhausted")
         } else if self.log_prompts.is_some() {
             Some("log_prompts")
+        } else if self.log_signals.is_some() {
+            Some("log_signals")
         } else {
             None
         }
@@ -167,6 +201,7 @@ pub struct Policy {
     allow_route_header: bool,
     allow_direct_models: bool,
     log_prompts: bool,
+    log_signals: SignalLog,
 }
 
 impl TryFrom<PolicyConfig> for Policy {
@@ -193,6 +228,7 @@ impl TryFrom<PolicyConfig> for Policy {
             allow_route_header: c.allow_route_header,
             allow_direct_models: c.allow_direct_models,
             log_prompts: c.log_prompts,
+            log_signals: c.log_signals,
         };
         policy.check()?;
         Ok(policy)
@@ -278,6 +314,9 @@ impl Policy {
         }
         if let Some(v) = o.log_prompts {
             p.log_prompts = v;
+        }
+        if let Some(v) = o.log_signals {
+            p.log_signals = v;
         }
         p.check()?;
         Ok(p)
@@ -428,6 +467,10 @@ impl Policy {
     pub fn log_prompts(&self) -> bool {
         self.log_prompts
     }
+    /// Which confidence signals of a local answer the ledger keeps.
+    pub fn log_signals(&self) -> SignalLog {
+        self.log_signals
+    }
 }
 
 #[cfg(test)]
@@ -454,6 +497,7 @@ mod tests {
         assert_eq!(p.on_remote_failure(), RemoteFailureAction::ServeLocal);
         assert_eq!(p.on_overload(), OverloadAction::Escalate);
         assert!(!p.allow_route_header() && !p.allow_direct_models() && !p.log_prompts());
+        assert_eq!(p.log_signals(), SignalLog::None);
         assert_eq!(p.max_cost_per_request(), None);
     }
 
@@ -472,9 +516,22 @@ mod tests {
             "max_local_ms": 1500,
             "allow_route_header": true,
             "allow_direct_models": true,
-            "log_prompts": true
+            "log_prompts": true,
+            "log_signals": "hidden"
         }))
         .unwrap();
+        assert_eq!(p.log_signals(), SignalLog::Hidden);
+        assert!(p.log_signals().tokens() && p.log_signals().hidden());
+        assert!(SignalLog::Tokens.tokens() && !SignalLog::Tokens.hidden());
+        assert!(!SignalLog::None.tokens());
+        let key = p
+            .with_override(&PolicyOverride {
+                log_signals: Some(SignalLog::Tokens),
+                ..PolicyOverride::default()
+            })
+            .unwrap();
+        assert_eq!(key.log_signals(), SignalLog::Tokens);
+        assert!(serde_json::from_value::<PolicyConfig>(json!({"log_signals": "all"})).is_err());
         assert_eq!(p.max_cost_per_request(), Some(NanoUsd(50_000_000)));
         assert_eq!(p.daily_budget(), Some(NanoUsd(10_000_000_000)));
         assert_eq!(p.monthly_budget(), Some(NanoUsd(200_000_000_000)));

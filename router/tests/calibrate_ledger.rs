@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use cascade::cli::{Cli, Command};
-use cascade::storage::{connect, LedgerRecord, StorageConfig};
+use cascade::storage::{connect, EncodedSignals, LedgerRecord, StorageConfig};
 use clap::Parser;
 
 fn request(i: usize, confidence: f64, aggregate: &str, now_ms: i64) -> LedgerRecord {
@@ -29,6 +29,7 @@ fn request(i: usize, confidence: f64, aggregate: &str, now_ms: i64) -> LedgerRec
         status: 200,
         prompt_text: None,
         overrun_nanos: 0,
+        signals: None,
     }
 }
 
@@ -265,4 +266,172 @@ fn too_little_feedback_says_so_and_falls_back_to_the_target_rate_threshold() {
     let err = calibrate(&[&base[..2], &["--team", "beta", "--target-rate", "0.3"][..]].concat())
         .unwrap_err();
     assert!(err.contains("no requests of team `beta`"), "{err}");
+}
+
+/// Sixty local requests of `team` whose policy kept their signals (`log_signals = "hidden"`),
+/// routed by `mean_logprob`: the right answers (every other one) have a hidden state whose
+/// first middle-layer value is positive, and slightly more probable tokens. The feedback says
+/// which were right. Returns the records and the feedback.
+fn kept_traffic(team: &str, now_ms: i64) -> (Vec<LedgerRecord>, Vec<(String, f64)>) {
+    let mut records = Vec::new();
+    let mut feedback = Vec::new();
+    for i in 0..60 {
+        let right = i % 2 == 0;
+        // Deterministic jitter in [-0.5, 0.5).
+        let jitter = |k: usize| ((i * 7 + k * 13) % 10) as f32 / 10.0 - 0.5;
+        let width = 8;
+        let vector = |k: usize| -> Vec<f32> { (0..width).map(|j| jitter(k + j)).collect() };
+        let mut middle_mean = vector(2);
+        middle_mean[0] = if right { 1.0 } else { -1.0 } + jitter(9);
+        let hidden = local_model::ProbeFeatures {
+            final_mean: vector(0),
+            final_last: vector(1),
+            middle_mean,
+            middle_last: vector(3),
+        };
+        let tokens: Vec<policies::TokenSignal> = (0..3 + i % 4)
+            .map(|k| policies::TokenSignal {
+                logprob: -0.4 - jitter(k).abs() - if right { 0.0 } else { 0.3 },
+                entropy: 1.0 + jitter(k + 1),
+                margin: 0.5 + jitter(k + 2) / 2.0,
+            })
+            .collect();
+        let mut r = request(0, -1.0, "mean_logprob", now_ms);
+        r.id = format!("{team}-kept-{i}");
+        r.team = Some(team.to_owned());
+        r.signals = Some(EncodedSignals::encode(&tokens, Some(&hidden)));
+        feedback.push((r.id.clone(), if right { 1.0 } else { 0.0 }));
+        records.push(r);
+    }
+    (records, feedback)
+}
+
+#[test]
+fn kept_signals_fit_every_rule_the_learned_rule_and_the_probe_from_a_teams_feedback() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let now = now_ms();
+    let (mut records, feedback) = kept_traffic("alpha", now);
+    // Escalated requests with kept signals: unlabeled items, counted for a rate target only.
+    for i in 0..5 {
+        let mut r = records[i].clone();
+        r.id = format!("alpha-remote-{i}");
+        r.route = "remote".to_owned();
+        records.push(r);
+    }
+    write_ledger(&url, &records, &feedback);
+    let out = dir.path().join("calibrate");
+    // Routed by mean_logprob, calibrated for sum_logprob: with the tokens kept, any rule.
+    let report = calibrate(&[
+        "--ledger",
+        &url,
+        "--team",
+        "alpha",
+        "--rule",
+        "sum_logprob",
+        "--probe",
+        "--name",
+        "alpha",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(
+        report.contains("with kept signals: 65 requests, 60 of them served locally with feedback (30 right, 30 wrong"),
+        "{report}"
+    );
+    // Every rule cross-validated, as for a labeled run.
+    assert!(
+        report.contains("5-fold cross-validation on 60 items"),
+        "{report}"
+    );
+    assert!(report.contains("mean_entropy"), "{report}");
+    let calibrated = std::fs::read_to_string(out.join("alpha-sum_logprob.json")).unwrap();
+    let calibrated = policies::CalibratedRule::from_json(&calibrated).unwrap();
+    assert_eq!(calibrated.fitted_on["team"], "alpha");
+    assert_eq!(calibrated.fitted_on["ledger"], "sqlite");
+    // The learned rule on every log-prob feature, not one recorded score.
+    let learned = std::fs::read_to_string(out.join("alpha.json")).unwrap();
+    let learned = policies::learned::LearnedRule::from_json(&learned).unwrap();
+    assert!(learned.features.len() > 1, "{:?}", learned.features);
+    // The probe reads the hidden state: right answers score higher than wrong ones.
+    let probe = std::fs::read_to_string(out.join("alpha-probe.json")).unwrap();
+    let probe = policies::ProbeRule::from_json(&probe).unwrap();
+    assert_eq!(probe.width, 8);
+    let stored: Vec<_> = records[..60]
+        .iter()
+        .map(|r| r.signals.as_ref().unwrap().decode().unwrap())
+        .collect();
+    let score = |s: &cascade::storage::RequestSignals| {
+        let h = s.hidden.as_ref().unwrap();
+        probe
+            .log_odds(
+                &s.tokens,
+                &policies::HiddenState {
+                    final_mean: &h.final_mean,
+                    final_last: &h.final_last,
+                    middle_mean: &h.middle_mean,
+                    middle_last: &h.middle_last,
+                },
+            )
+            .unwrap()
+    };
+    let (mut right, mut wrong) = (Vec::new(), Vec::new());
+    for (i, s) in stored.iter().enumerate() {
+        if i % 2 == 0 {
+            right.push(score(s))
+        } else {
+            wrong.push(score(s))
+        }
+    }
+    let lowest_right = right.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest_wrong = wrong.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert!(lowest_right > highest_wrong, "{right:?} {wrong:?}");
+}
+
+#[test]
+fn a_probe_from_the_ledger_without_kept_hidden_states_says_how_to_keep_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let now = now_ms();
+    let (records, feedback) = separable_traffic("alpha", false, now);
+    write_ledger(&url, &records, &feedback);
+    let out = dir.path().join("calibrate");
+    let err = calibrate(&[
+        "--ledger",
+        &url,
+        "--team",
+        "alpha",
+        "--probe",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(err.contains("log_signals = \"hidden\""), "{err}");
+    // Tokens kept but no hidden states (log_signals = "tokens"): the rules fit, the probe
+    // cannot.
+    let (mut kept, kept_feedback) = kept_traffic("beta", now);
+    for r in &mut kept {
+        let tokens = r.signals.as_ref().unwrap().decode().unwrap().tokens;
+        r.signals = Some(EncodedSignals::encode(&tokens, None));
+    }
+    write_ledger(&url, &kept, &kept_feedback);
+    let base = [
+        "--ledger",
+        &url,
+        "--team",
+        "beta",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let report = calibrate(&base).unwrap();
+    assert!(
+        report.contains("5-fold cross-validation on 60 items"),
+        "{report}"
+    );
+    let err = calibrate(&[&base[..], &["--probe"][..]].concat()).unwrap_err();
+    assert!(
+        err.contains("no labeled item has hidden-state features"),
+        "{err}"
+    );
 }

@@ -416,6 +416,72 @@ async fn an_exhausted_budget_serves_the_full_local_answer_marked_degraded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_signals_keeps_the_local_answers_tokens_and_hidden_state_with_its_record() {
+    let mock = mock().await;
+    let mut raw = raw_config(&[&mock]);
+    mean_policy(&mut raw);
+    raw.policy.log_signals = policies::SignalLog::Hidden;
+    let server = start(raw.clone(), Some(shared_engine())).await;
+    for (question, route) in [(EASY, "local"), (HARD, "remote")] {
+        let r = post(
+            &server,
+            "/v1/chat/completions",
+            &chat("cascade", question, 12),
+            &[],
+        )
+        .await;
+        assert_eq!(r.header("x-cascade-route"), route, "{:?}", r.headers);
+        let rec = record(&server, r.header("x-request-id")).await;
+        // Kept for the escalated answer too: its tokens serve a rate target.
+        let kept = rec
+            .signals
+            .as_ref()
+            .unwrap_or_else(|| panic!("{route}: no signals kept"))
+            .decode()
+            .unwrap();
+        assert!(!kept.tokens.is_empty() && kept.tokens.len() <= 12);
+        if route == "local" {
+            let completion = r.json()["usage"]["completion_tokens"].as_u64().unwrap();
+            assert_eq!(kept.tokens.len() as u64, completion);
+        }
+        // The kept tokens give back the score the routing decision read.
+        let mean = policies::Aggregate::MeanLogprob
+            .score(&kept.tokens)
+            .unwrap();
+        let recorded = rec.confidence.unwrap();
+        assert!((mean - recorded).abs() < 1e-9, "{mean} {recorded}");
+        let hidden = kept.hidden.expect("the tuned engine returns hidden states");
+        for v in [
+            &hidden.final_mean,
+            &hidden.final_last,
+            &hidden.middle_mean,
+            &hidden.middle_last,
+        ] {
+            assert_eq!(v.len(), 576, "SmolLM2's width");
+            assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|x| *x != 0.0));
+        }
+    }
+    // `tokens` keeps no hidden state; the default keeps nothing.
+    for (log, want_hidden) in [
+        (policies::SignalLog::Tokens, Some(false)),
+        (policies::SignalLog::None, None),
+    ] {
+        raw.policy.log_signals = log;
+        let server = start(raw.clone(), Some(shared_engine())).await;
+        let r = post(
+            &server,
+            "/v1/chat/completions",
+            &chat("cascade", EASY, 12),
+            &[],
+        )
+        .await;
+        let rec = record(&server, r.header("x-request-id")).await;
+        let kept = rec.signals.map(|s| s.decode().unwrap().hidden.is_some());
+        assert_eq!(kept, want_hidden, "{log:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learned_rule_loaded_by_name_routes_by_its_probability() {
     let mock = mock().await;
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/confidence");

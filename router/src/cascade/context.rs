@@ -10,10 +10,10 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::openai::Endpoint;
-use crate::storage::LedgerRecord;
+use crate::storage::{EncodedSignals, LedgerRecord};
 use crate::upstream::RemoteUsage;
 use policies::decision::{Reason, Route};
-use policies::{NanoUsd, Policies, Policy};
+use policies::{NanoUsd, Policies, Policy, SignalLog};
 
 /// The routing policy of one request and its fallback chain (indices into the upstreams).
 #[derive(Debug, Clone)]
@@ -70,6 +70,10 @@ pub struct RequestContext {
     pub error_code: Option<&'static str>,
     /// The prompt, kept only when the caller's policy sets `log_prompts`.
     pub prompt_text: Option<String>,
+    /// Which confidence signals of a local answer the caller's policy keeps (`log_signals`).
+    pub log_signals: SignalLog,
+    /// The local answer's signals as kept, once the local model has answered.
+    pub signals: Option<EncodedSignals>,
     /// Time waiting for and running the local model.
     pub local_time: Duration,
     pub local_queue_wait: Duration,
@@ -116,6 +120,8 @@ impl RequestContext {
             aggregate_name: None,
             error_code: None,
             prompt_text: None,
+            log_signals: SignalLog::None,
+            signals: None,
             local_time: Duration::ZERO,
             local_queue_wait: Duration::ZERO,
             upstream_time: Duration::ZERO,
@@ -214,6 +220,7 @@ impl RequestContext {
             overrun_nanos: ctx
                 .remote_reserved
                 .map_or(0, |reserved| remote_cost.0.saturating_sub(reserved.0)),
+            signals: ctx.signals.clone(),
         }
     }
 
@@ -230,6 +237,16 @@ impl RequestContext {
         self.local_prompt_tokens = generation.usage.prompt_tokens;
         self.local_completion_tokens = generation.usage.completion_tokens;
         self.confidence = signals::score_generation(aggregate, generation);
+        if self.log_signals.tokens() {
+            let hidden = generation
+                .probe
+                .as_deref()
+                .filter(|_| self.log_signals.hidden());
+            self.signals = Some(EncodedSignals::encode(
+                &signals::signals(&generation.tokens),
+                hidden,
+            ));
+        }
         observe_local(metrics, run);
     }
 

@@ -2,9 +2,11 @@
 //! threshold of one rule for a target, the learned rule file with its calibration, and a
 //! config snippet to paste into a policy.
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::Context;
+use local_model::ProbeFeatures;
 use policies::{Aggregate, TokenSignal};
 
 use crate::cli::CalibrateArgs;
@@ -35,10 +37,28 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
         return from_ledger(args, url, out);
     }
     let mut records: Vec<EvalRecord> = Vec::new();
+    let mut probes = HashMap::new();
     for path in &args.run {
         records.extend(read_records(path)?);
+        if args.probe {
+            probes.extend(read_probes(path)?);
+        }
     }
     anyhow::ensure!(!records.is_empty(), "the runs hold no items");
+    calibrate_items(args, &records, &probes, &runs_source(args), out)
+}
+
+/// The labeled-run calibration, on items from saved runs or from the ledger's kept signals:
+/// the cross-validated comparison of every rule, the learned rule, the calibrated rule of
+/// `--rule`, the probe with `--probe`, and the threshold for the target. `source` says where
+/// the items came from (saved in each rule file's `fitted_on`).
+fn calibrate_items(
+    args: &CalibrateArgs,
+    records: &[EvalRecord],
+    probes: &HashMap<(String, String), ProbeFeatures>,
+    source: &serde_json::Value,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let e = &args.escalation;
@@ -54,7 +74,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     // Cross-validated comparison (labeled data only).
     let cv = (labeled.len() >= 2 * e.folds).then(|| {
         cross_validate(
-            &records,
+            records,
             &standard_aggregates(),
             target,
             e.folds,
@@ -69,7 +89,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
 
     if args.leave_one_dataset_out {
         let transfer = leave_one_dataset_out(
-            &records,
+            records,
             &standard_aggregates(),
             e.folds,
             e.seed,
@@ -84,7 +104,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
     }
 
     if args.probe {
-        let entry = probe_section(args, &records, out)?;
+        let entry = probe_section(args, records, probes, source, out)?;
         report.insert("probe".into(), entry);
     }
 
@@ -99,7 +119,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
         e.seed,
     );
     if let Some(fit) = &learned {
-        let entry = save_learned(args, fit, &correct, &runs_source(args), out)?;
+        let entry = save_learned(args, fit, &correct, source, out)?;
         report.insert("learned".into(), entry);
     }
 
@@ -116,14 +136,7 @@ pub fn execute(args: &CalibrateArgs, out: &mut impl Write) -> anyhow::Result<()>
         parse_rule(&args.rule).with_context(|| format!("unknown rule `{}`", args.rule))?
     };
     let labeled_scores = aggregate_scores(&aggregate, &signals);
-    let calibrated = calibrate_isotonic(
-        args,
-        &aggregate,
-        &labeled_scores,
-        &correct,
-        &runs_source(args),
-        out,
-    )?;
+    let calibrated = calibrate_isotonic(args, &aggregate, &labeled_scores, &correct, source, out)?;
     if let Some(calibrated) = calibrated {
         report.insert("calibrated".into(), calibrated.entry);
         if let Some(threshold) = calibrated.threshold {
@@ -463,6 +476,8 @@ fn write_transfer(out: &mut impl Write, t: &TransferReport) -> std::io::Result<(
 fn probe_section(
     args: &CalibrateArgs,
     records: &[EvalRecord],
+    probes: &HashMap<(String, String), ProbeFeatures>,
+    source: &serde_json::Value,
     out: &mut impl Write,
 ) -> anyhow::Result<serde_json::Value> {
     let e = &args.escalation;
@@ -485,14 +500,10 @@ fn probe_section(
         folds: e.folds,
         seed: e.seed,
     };
-    let mut probes = std::collections::HashMap::new();
-    for path in &args.run {
-        probes.extend(read_probes(path)?);
-    }
-    let (data, missing) = ProbeData::collect(records, &probes, &settings);
+    let (data, missing) = ProbeData::collect(records, probes, &settings);
     anyhow::ensure!(
         !data.is_empty(),
-        "--probe: no labeled item has hidden-state features (run `cascade eval` on the tuned engine; it saves them in run.probe.jsonl)"
+        "--probe: no labeled item has hidden-state features (`cascade eval` on the tuned engine saves them in run.probe.jsonl; the ledger keeps them for a policy with log_signals = \"hidden\")"
     );
     let report = probe_report(&data, &settings, e.remote_accuracy);
     write_probe_report(out, &report, missing)?;
@@ -501,7 +512,7 @@ fn probe_section(
     let mut entry = serde_json::to_value(&report)?;
     if let Some(mut fit) = fit_probe(&name, &data, &all, &settings) {
         if let serde_json::Value::Object(m) = &mut fit.rule.fitted_on {
-            m.insert("source".into(), runs_source(args));
+            m.insert("source".into(), source.clone());
             m.insert(
                 "hidden_inputs".into(),
                 serde_json::Value::String(args.probe_inputs.clone()),
@@ -684,6 +695,44 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     })?;
     let name = aggregate.name();
     let scope = team.map_or_else(|| "every team".to_owned(), |t| format!("team `{t}`"));
+    // Where the policy kept the answers' signals (`log_signals`), the ledger is as good as a
+    // labeled eval run: every rule, the learned rule and the probe, not one score's curve.
+    let kept = feedback::kept_items(&records, team, args.feedback_cutoff)?;
+    let kept_labels = kept.labels();
+    if feedback::check_enough(&kept_labels).is_ok() {
+        writeln!(
+            out,
+            "the traffic of {scope} with kept signals: {} requests, {} of them served locally with feedback ({} right, {} wrong: a score >= {} counts as right){}
+             (only answers the policy served are labeled: the fits describe the scores it served)
+",
+            kept.records.len(),
+            kept_labels.correct.len(),
+            kept_labels.right(),
+            kept_labels.wrong(),
+            args.feedback_cutoff,
+            if kept.undecodable > 0 {
+                format!("; {} with unreadable signals skipped", kept.undecodable)
+            } else {
+                String::new()
+            }
+        )?;
+        return calibrate_items(
+            args,
+            &kept.records,
+            &kept.probes,
+            &ledger_source(args, url),
+            out,
+        );
+    }
+    anyhow::ensure!(
+        !args.probe,
+        "--probe from the ledger needs the requests' hidden states: set log_signals = \"hidden\" in the policy and collect feedback ({} requests of {scope} with kept signals have feedback on a local answer: {} right, {} wrong; at least {} with {} of each are needed)",
+        kept_labels.correct.len(),
+        kept_labels.right(),
+        kept_labels.wrong(),
+        feedback::MIN_LABELED,
+        feedback::MIN_PER_CLASS,
+    );
     let labels = feedback::labels(&labeled, &name, args.feedback_cutoff)?;
     let mut report = serde_json::Map::new();
     let fitted = match feedback::check_enough(&labels) {
@@ -766,6 +815,17 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
+/// Where labels from the ledger came from, for a rule file's `fitted_on`: the backend, never
+/// the URL, which may carry a password.
+fn ledger_source(args: &CalibrateArgs, url: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ledger": url.split(':').next().unwrap_or_default(),
+        "team": args.team,
+        "since_days": args.since_days,
+        "feedback_cutoff": args.feedback_cutoff,
+    })
+}
+
 /// Most ledger rows one calibration reads.
 const LEDGER_LIMIT: u32 = 10_000_000;
 
@@ -795,13 +855,7 @@ fn from_feedback(
         labels.wrong(),
         args.feedback_cutoff,
     )?;
-    // The URL is left out: it may carry a password.
-    let source = serde_json::json!({
-        "ledger": url.split(':').next().unwrap_or_default(),
-        "team": args.team,
-        "since_days": args.since_days,
-        "feedback_cutoff": args.feedback_cutoff,
-    });
+    let source = ledger_source(args, url);
     if let Some(calibrated) = calibrate_isotonic(
         args,
         aggregate,

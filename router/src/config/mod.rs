@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use policies::{
     Aggregate, CalibratedRule, ExhaustedAction, ExperimentConfig, GlobalBudgetConfig, LearnedRule,
     OverloadAction, Policies, PoliciesConfig, Policy, PolicyConfig, PolicyError, PriceConfig,
-    ProbeRule, RemoteFailureAction, TeamConfig,
+    ProbeRule, RemoteFailureAction, SignalLog, TeamConfig,
 };
 
 use crate::limits::RequestLimits;

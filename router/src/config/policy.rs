@@ -63,6 +63,8 @@ pub struct RawPolicy {
     pub max_cost_per_request_usd: Option<f64>,
     /// Keep prompt text in the ledger.
     pub log_prompts: bool,
+    /// `none`, `tokens` or `hidden`: the confidence signals of local answers the ledger keeps.
+    pub log_signals: SignalLog,
 }
 
 impl Default for RawPolicy {
@@ -87,6 +89,7 @@ impl Default for RawPolicy {
             on_budget_exhausted: "serve_local".into(),
             max_cost_per_request_usd: None,
             log_prompts: false,
+            log_signals: SignalLog::None,
         }
     }
 }
@@ -189,6 +192,7 @@ pub(super) fn validate_policy(
         allow_route_header: raw.allow_route_header,
         allow_direct_models: raw.allow_direct_models,
         log_prompts: raw.log_prompts,
+        log_signals: raw.log_signals,
     };
     let policy = Policy::try_from(config).map_err(|e| match e {
         PolicyError::Invalid { key, reason } => invalid(format!("policy.{key}"), reason),

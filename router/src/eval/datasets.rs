@@ -20,6 +20,10 @@ pub struct Item {
     pub grader: Grader,
     /// Generation limit for this item.
     pub max_tokens: usize,
+    /// Generation stops before the first of these (none for the built-in sets; a few-shot
+    /// completion prompt for a base model needs `"\n"`, or the model goes on to write the
+    /// next question and its answer, which grading by containment would read).
+    pub stop: Vec<String>,
 }
 
 /// Where the items come from.
@@ -195,6 +199,7 @@ fn read_capitals(path: &Path) -> Result<Vec<Item>, EvalError> {
                 ),
                 grader: Grader::Contains { answers, ignore },
                 max_tokens: SHORT_ANSWER_TOKENS,
+                stop: Vec::new(),
             })
         })
         .collect()
@@ -228,6 +233,7 @@ fn choice_item(
             texts,
         },
         max_tokens: CHOICE_TOKENS,
+        stop: Vec::new(),
     }
 }
 
@@ -304,6 +310,7 @@ fn read_gsm8k(path: &Path) -> Result<Vec<Item>, EvalError> {
                 ),
                 grader: Grader::Numeric { answer: gold },
                 max_tokens: ARITHMETIC_TOKENS,
+                stop: Vec::new(),
             })
         })
         .collect()
@@ -428,6 +435,7 @@ fn factoid_item(id: String, question: &str, answers: Vec<String>) -> Item {
             ignore: vec![question.trim().trim_end_matches('?').to_owned()],
         },
         max_tokens: SHORT_ANSWER_TOKENS,
+        stop: Vec::new(),
     }
 }
 
@@ -531,6 +539,7 @@ fn read_mawps(path: &Path, part: &str) -> Result<Vec<Item>, EvalError> {
                 ),
                 grader: Grader::Numeric { answer: gold },
                 max_tokens: ONE_STEP_TOKENS,
+                stop: Vec::new(),
             })
         })
         .collect()
@@ -548,12 +557,14 @@ struct GenericRow {
     choices: Option<Vec<String>>,
     grading: Option<String>,
     max_tokens: Option<usize>,
+    #[serde(default)]
+    stop: Vec<String>,
 }
 
 /// Reads the generic format: one JSON object a line with `prompt`, `answer` (or `answers`, a
 /// list of accepted answers and aliases), optional `choices` (a list, labelled A, B, ...),
 /// optional `grading` (`contains`, `numeric` or `choice`; by default `choice` with choices,
-/// else `contains`), optional `id` and `max_tokens`.
+/// else `contains`), optional `id`, `max_tokens` and `stop` (a list of stop sequences).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Item>, EvalError> {
     read_lines(path)?
         .into_iter()
@@ -612,6 +623,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Item>, EvalError> {
                         prompt: row.prompt,
                         grader: Grader::Numeric { answer },
                         max_tokens: ARITHMETIC_TOKENS,
+                        stop: Vec::new(),
                     }
                 }
                 ("contains", _) => Item {
@@ -622,12 +634,17 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Item>, EvalError> {
                         ignore: Vec::new(),
                     },
                     max_tokens: SHORT_ANSWER_TOKENS,
+                    stop: Vec::new(),
                 },
                 (other, _) => return Err(bad(format!("unknown grading `{other}`"))),
             };
             if let Some(max_tokens) = row.max_tokens {
                 item.max_tokens = max_tokens;
             }
+            if row.stop.iter().any(String::is_empty) {
+                return Err(bad("`stop` sequences must not be empty".to_owned()));
+            }
+            item.stop = row.stop;
             Ok(item)
         })
         .collect()
@@ -684,6 +701,7 @@ mod tests {
                 prompt: String::new(),
                 grader: Grader::Numeric { answer: 0.0 },
                 max_tokens: 1,
+                stop: Vec::new(),
             })
             .collect();
         let a = select(items.clone(), Some(10), 7);
@@ -718,6 +736,26 @@ mod tests {
         assert!(items[2].prompt.contains("B. y"));
         assert!(items[2].grader.grade("B"));
         assert_eq!(Dataset::File(path).name(), "mine");
+        assert!(items.iter().all(|i| i.stop.is_empty()));
+    }
+
+    #[test]
+    fn generic_format_passes_stop_sequences_and_refuses_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fewshot.jsonl");
+        std::fs::write(
+            &path,
+            r#"{"prompt": "Q: Capital of Peru?\nA:", "answers": ["Lima"], "stop": ["\n"], "max_tokens": 6}"#,
+        )
+        .unwrap();
+        let items = read_jsonl(&path).unwrap();
+        assert_eq!(items[0].stop, ["\n"]);
+        assert_eq!(items[0].max_tokens, 6);
+        std::fs::write(&path, r#"{"prompt": "p", "answers": ["a"], "stop": [""]}"#).unwrap();
+        assert!(matches!(
+            read_jsonl(&path),
+            Err(EvalError::Parse { line: 1, .. })
+        ));
     }
 
     #[test]

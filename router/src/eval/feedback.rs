@@ -7,6 +7,11 @@
 //! escalated request's feedback judges the remote model's answer, not the local one its
 //! confidence value scored.
 
+use std::collections::HashMap;
+
+use local_model::ProbeFeatures;
+
+use super::record::{EvalRecord, SavedToken};
 use crate::storage::SignalRecord;
 
 /// Fewest labeled requests a calibration from feedback is fitted on.
@@ -94,6 +99,88 @@ pub fn labels(
     Ok(labels)
 }
 
+/// The requests whose signals the ledger kept (`log_signals`), as eval items: labeled (the
+/// feedback on a locally served answer) or not (no feedback, or escalated), so that every rule,
+/// the learned rule and the probe are fitted and judged as on a labeled eval run.
+#[derive(Clone, Debug, Default)]
+pub struct KeptItems {
+    /// One item per request with kept tokens; the dataset is the request's team (`no team`
+    /// without one), so several teams are judged per team and across teams.
+    pub records: Vec<EvalRecord>,
+    /// The hidden-state features of the items that have them, keyed like `run.probe.jsonl`'s.
+    pub probes: HashMap<(String, String), ProbeFeatures>,
+    /// Requests whose kept bytes could not be decoded (skipped).
+    pub undecodable: usize,
+}
+
+impl KeptItems {
+    /// The labels among the items.
+    pub fn labels(&self) -> FeedbackLabels {
+        let correct: Vec<bool> = self.records.iter().filter_map(|r| r.correct).collect();
+        FeedbackLabels {
+            scores: vec![0.0; correct.len()],
+            correct,
+        }
+    }
+}
+
+/// Dataset name of requests without a team.
+pub const NO_TEAM: &str = "no team";
+
+/// The requests of `team` (every team when `None`) with kept signals, as items labeled at
+/// `cutoff` where they were served locally and have feedback.
+pub fn kept_items(
+    records: &[SignalRecord],
+    team: Option<&str>,
+    cutoff: f64,
+) -> Result<KeptItems, LabelError> {
+    if !(0.0..=1.0).contains(&cutoff) {
+        return Err(LabelError::Cutoff(cutoff));
+    }
+    let mut kept = KeptItems::default();
+    for r in records {
+        if team.is_some() && r.team.as_deref() != team {
+            continue;
+        }
+        let Some(encoded) = &r.signals else { continue };
+        let Ok(signals) = encoded.decode() else {
+            kept.undecodable += 1;
+            continue;
+        };
+        let dataset = r.team.clone().unwrap_or_else(|| NO_TEAM.to_owned());
+        let correct = match (r.route.as_str(), r.feedback) {
+            ("local", Some(score)) => Some(is_right(score, cutoff)),
+            _ => None,
+        };
+        if let Some(hidden) = signals.hidden {
+            kept.probes.insert((dataset.clone(), r.id.clone()), hidden);
+        }
+        kept.records.push(EvalRecord {
+            id: r.id.clone(),
+            dataset,
+            prompt: String::new(),
+            output: String::new(),
+            correct,
+            grader: None,
+            tokens: signals
+                .tokens
+                .iter()
+                .map(|t| SavedToken {
+                    id: 0,
+                    text: String::new(),
+                    logprob: t.logprob,
+                    entropy: t.entropy,
+                    margin: t.margin,
+                })
+                .collect(),
+            prompt_tokens: 0,
+            finish_reason: String::new(),
+            elapsed_ms: 0.0,
+        });
+    }
+    Ok(kept)
+}
+
 /// Checks there are enough labels of each class to fit on.
 pub fn check_enough(labels: &FeedbackLabels) -> Result<(), LabelError> {
     let (right, wrong) = (labels.right(), labels.wrong());
@@ -122,6 +209,7 @@ mod tests {
             confidence_aggregate: Some(rule.to_owned()),
             feedback,
             status: 200,
+            signals: None,
         }
     }
 
@@ -154,6 +242,81 @@ mod tests {
         assert_eq!(
             labels(&records, "sum_logprob", 1.5),
             Err(LabelError::Cutoff(1.5))
+        );
+    }
+
+    #[test]
+    fn kept_signals_become_items_labeled_only_where_served_locally_with_feedback() {
+        use crate::storage::EncodedSignals;
+        let token = policies::TokenSignal {
+            logprob: -0.5,
+            entropy: 1.0,
+            margin: 0.25,
+        };
+        let hidden = ProbeFeatures {
+            final_mean: vec![1.0],
+            final_last: vec![2.0],
+            middle_mean: vec![3.0],
+            middle_last: vec![4.0],
+        };
+        let kept = |mut r: SignalRecord, team: Option<&str>, with_hidden: bool| {
+            r.team = team.map(str::to_owned);
+            r.signals = Some(EncodedSignals::encode(
+                &[token, token],
+                with_hidden.then_some(&hidden),
+            ));
+            r
+        };
+        let mut records = vec![
+            kept(
+                record("local", "sum_logprob", -1.0, Some(1.0)),
+                Some("alpha"),
+                true,
+            ),
+            kept(
+                record("local", "mean_logprob", -1.0, Some(0.0)),
+                Some("alpha"),
+                false,
+            ),
+            kept(
+                record("local", "sum_logprob", -1.0, None),
+                Some("alpha"),
+                false,
+            ),
+            kept(
+                record("remote", "sum_logprob", -9.0, Some(1.0)),
+                Some("alpha"),
+                false,
+            ),
+            kept(record("local", "sum_logprob", -1.0, Some(1.0)), None, true),
+            record("local", "sum_logprob", -1.0, Some(1.0)),
+        ];
+        for (i, r) in records.iter_mut().enumerate() {
+            r.id = format!("r{i}");
+        }
+        records.push(SignalRecord {
+            signals: Some(EncodedSignals {
+                tokens: vec![0; 5],
+                hidden: None,
+            }),
+            ..record("local", "sum_logprob", -1.0, Some(1.0))
+        });
+        let all = kept_items(&records, None, 0.5).unwrap();
+        assert_eq!(all.undecodable, 1);
+        // Labels come from the feedback, whatever rule routed the request.
+        let labels: Vec<Option<bool>> = all.records.iter().map(|r| r.correct).collect();
+        assert_eq!(labels, [Some(true), Some(false), None, None, Some(true)]);
+        assert_eq!(all.records[0].signals(), [token, token]);
+        assert_eq!(all.records[4].dataset, NO_TEAM);
+        assert_eq!(all.probes.len(), 2);
+        assert_eq!(all.probes[&("alpha".to_owned(), "r0".to_owned())], hidden);
+        assert_eq!((all.labels().right(), all.labels().wrong()), (2, 1));
+        let alpha = kept_items(&records, Some("alpha"), 0.5).unwrap();
+        assert_eq!(alpha.records.len(), 4);
+        assert!(alpha.records.iter().all(|r| r.dataset == "alpha"));
+        assert_eq!(
+            kept_items(&records, None, -0.1).map(|k| k.records.len()),
+            Err(LabelError::Cutoff(-0.1))
         );
     }
 

@@ -53,6 +53,7 @@ pub fn generate_run(
         let prompt = Prompt::Chat(vec![ChatMessage::new("user", item.prompt.clone())]);
         let params = GenerationParams {
             max_tokens: item.max_tokens,
+            stop: item.stop.clone(),
             ..GenerationParams::default()
         };
         let generation = model

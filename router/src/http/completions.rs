@@ -55,9 +55,11 @@ async fn generate(
                 ctx.variant = Some(variant);
             }
         }
-        if state.gateway.policy_of(&ctx).policy.log_prompts() {
+        let policy = state.gateway.policy_of(&ctx);
+        if policy.policy.log_prompts() {
             ctx.prompt_text = prompt_text(&request);
         }
+        ctx.log_signals = policy.policy.log_signals();
         let route = route_header(&headers)?;
         state.gateway.complete(&mut ctx, request, route).await
     }

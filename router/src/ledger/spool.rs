@@ -247,6 +247,7 @@ mod tests {
             status: 200,
             prompt_text: None,
             overrun_nanos: 0,
+            signals: None,
         }
     }
 

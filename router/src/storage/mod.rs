@@ -9,6 +9,7 @@ mod error;
 mod model;
 mod postgres;
 pub(crate) mod schema;
+mod signals;
 mod sqlite;
 
 #[cfg(test)]
@@ -18,6 +19,7 @@ pub use error::StorageError;
 pub use model::{
     LedgerRecord, Reservation, ScopeLimit, ScopeState, SignalRecord, UsageSummary, VariantSample,
 };
+pub use signals::{EncodedSignals, RequestSignals, SignalDecodeError};
 
 /// How to reach the database and how long a reservation may be held.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The values the storage API takes and returns, and the checked conversions between the
 //! API's unsigned amounts and the databases' signed BIGINT columns.
 
-use super::StorageError;
+use super::{EncodedSignals, StorageError};
 
 /// A budget scope a request draws from, with the limit that applies to it now.
 ///
@@ -78,6 +78,10 @@ pub struct LedgerRecord {
     /// records written before the field existed read as 0.
     #[serde(default)]
     pub overrun_nanos: u64,
+    /// The local answer's confidence signals, when the policy's `log_signals` keeps them
+    /// (stored in `request_signals`, in the same transaction as the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals: Option<EncodedSignals>,
 }
 
 /// Totals over a set of ledger records.
@@ -135,6 +139,8 @@ pub struct SignalRecord {
     pub feedback: Option<f64>,
     /// The HTTP status returned to the client.
     pub status: u16,
+    /// The local answer's confidence signals, when they were kept.
+    pub signals: Option<EncodedSignals>,
 }
 
 /// Converts an API amount to a BIGINT column value, refusing what BIGINT cannot hold.

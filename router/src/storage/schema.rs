@@ -35,6 +35,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: "ledger overrun_nanos",
         sql: include_str!("migrations/sqlite/0002_ledger_overrun.sql"),
     },
+    Migration {
+        version: 3,
+        description: "request_signals",
+        sql: include_str!("migrations/sqlite/0003_request_signals.sql"),
+    },
 ];
 
 /// PostgreSQL's migrations.
@@ -48,6 +53,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 2,
         description: "ledger overrun_nanos",
         sql: include_str!("migrations/postgres/0002_ledger_overrun.sql"),
+    },
+    Migration {
+        version: 3,
+        description: "request_signals",
+        sql: include_str!("migrations/postgres/0003_request_signals.sql"),
     },
 ];
 

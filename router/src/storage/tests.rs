@@ -155,6 +155,7 @@ suite!(
     spend_by_team_totals_every_team_sorted_by_name,
     records_with_signals_returns_confident_records_in_the_window_up_to_the_limit,
     labeled_signals_are_local_requests_with_feedback_of_the_team_asked_for,
+    kept_signals_are_stored_with_their_record_and_read_back_with_the_labels,
     a_recorded_request_is_read_back_by_a_fresh_pool,
     connecting_again_applies_no_migration_twice,
 );
@@ -205,6 +206,7 @@ mod cases {
             status: 200,
             prompt_text: None,
             overrun_nanos: 0,
+            signals: None,
         }
     }
 
@@ -768,6 +770,92 @@ mod cases {
         Ok(())
     }
 
+    pub(super) async fn kept_signals_are_stored_with_their_record_and_read_back_with_the_labels(
+        db: TestDb,
+    ) -> TestResult {
+        use crate::storage::EncodedSignals;
+        use policies::TokenSignal;
+        let s = db.open().await?;
+        let tokens = [
+            TokenSignal {
+                logprob: -0.5,
+                entropy: 1.25,
+                margin: 0.5,
+            },
+            TokenSignal {
+                logprob: f32::NEG_INFINITY,
+                entropy: 0.0,
+                margin: 1.0,
+            },
+        ];
+        let hidden = local_model::ProbeFeatures {
+            final_mean: vec![1.0, 2.0],
+            final_last: vec![3.0, 4.0],
+            middle_mean: vec![-1.0, 0.5],
+            middle_last: vec![0.25, 8.0],
+        };
+        let with_hidden = LedgerRecord {
+            signals: Some(EncodedSignals::encode(&tokens, Some(&hidden))),
+            ..local_request("with-hidden", "alpha", T0)
+        };
+        let tokens_only = LedgerRecord {
+            signals: Some(EncodedSignals::encode(&tokens[..1], None)),
+            ..local_request("tokens-only", "alpha", T0)
+        };
+        let without = local_request("without", "alpha", T0);
+        // Alone (one transaction for the record and its signals) and in a batch.
+        s.record(&with_hidden).await?;
+        s.record_batch(&[tokens_only.clone(), without.clone()])
+            .await?;
+        assert_eq!(
+            s.get_record("with-hidden").await?,
+            Some(with_hidden.clone())
+        );
+        assert_eq!(
+            s.get_record("tokens-only").await?,
+            Some(tokens_only.clone())
+        );
+        assert_eq!(s.get_record("without").await?, Some(without));
+        // A retried write keeps the first record and its first signals.
+        s.record(&LedgerRecord {
+            signals: Some(EncodedSignals::encode(&[], None)),
+            ..with_hidden.clone()
+        })
+        .await?;
+        assert_eq!(
+            s.get_record("with-hidden").await?,
+            Some(with_hidden.clone())
+        );
+
+        for id in ["with-hidden", "tokens-only", "without"] {
+            s.record_feedback(id, 1.0, None, T0).await?;
+        }
+        let labeled = s
+            .labeled_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
+            .await?;
+        let kept = |id: &str| {
+            labeled
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| r.signals.clone())
+        };
+        let decoded = kept("with-hidden")
+            .flatten()
+            .ok_or("with-hidden lost its signals")?
+            .decode()?;
+        assert_eq!(decoded.tokens, tokens);
+        assert_eq!(decoded.hidden, Some(hidden));
+        let decoded = kept("tokens-only")
+            .flatten()
+            .ok_or("tokens-only lost its signals")?
+            .decode()?;
+        assert_eq!((decoded.tokens.len(), decoded.hidden), (1, None));
+        assert_eq!(kept("without"), Some(None));
+        let unlabeled = s.records_with_signals(T0, T0 + HOUR_MS, 100).await?;
+        assert_eq!(unlabeled.iter().filter(|r| r.signals.is_some()).count(), 2);
+        Ok(())
+    }
+
     pub(super) async fn a_recorded_request_is_read_back_by_a_fresh_pool(db: TestDb) -> TestResult {
         let writer = db.open().await?;
         let rec = remote_request("req-1", "alpha", T0, 42);
@@ -801,7 +889,7 @@ mod cases {
                     .await?
             }
         };
-        assert_eq!(versions, [1, 2]);
+        assert_eq!(versions, [1, 2, 3]);
         Ok(())
     }
 }
@@ -979,6 +1067,7 @@ mod sqlite_only {
                 status: 200,
                 prompt_text: None,
                 overrun_nanos: 0,
+                signals: None,
             })
             .await?;
             writeln!(stdout, "recorded {id}")?;

@@ -8,7 +8,9 @@ use sqlx::{Database, Pool, Row};
 
 use super::Db;
 use crate::storage::model::{finite, from_db, status_from_db, to_db};
-use crate::storage::{LedgerRecord, SignalRecord, StorageError, UsageSummary, VariantSample};
+use crate::storage::{
+    EncodedSignals, LedgerRecord, SignalRecord, StorageError, UsageSummary, VariantSample,
+};
 
 /// Columns of `LedgerRecord`, in the order `record` binds them.
 macro_rules! record_columns {
@@ -32,9 +34,27 @@ macro_rules! usage_columns {
     };
 }
 
+/// The kept signals' columns, read beside a record's (`LEFT JOIN request_signals`).
+macro_rules! signal_columns {
+    () => {
+        "request_signals.tokens AS signal_tokens, request_signals.hidden AS signal_hidden"
+    };
+}
+
+/// The join that brings a record's kept signals, if any.
+macro_rules! with_signals {
+    () => {
+        " FROM ledger LEFT JOIN request_signals ON request_signals.request_id = ledger.id"
+    };
+}
+
 /// Stores a record unless one with the same id exists (the first write wins, so a retried
-/// write cannot double-count a request).
+/// write cannot double-count a request). A record with signals is written with them in one
+/// transaction.
 pub(crate) async fn record(pool: &Pool<Db>, rec: &LedgerRecord) -> Result<(), StorageError> {
+    if rec.signals.is_some() {
+        return record_batch(pool, std::slice::from_ref(rec)).await;
+    }
     insert(pool, rec).await
 }
 
@@ -46,6 +66,17 @@ pub(crate) async fn record_batch(
     let mut tx = pool.begin().await?;
     for rec in records {
         insert(&mut *tx, rec).await?;
+        if let Some(signals) = &rec.signals {
+            sqlx::query(
+                "INSERT INTO request_signals (request_id, tokens, hidden) VALUES ($1, $2, $3) \
+                 ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(&rec.id)
+            .bind(&signals.tokens)
+            .bind(&signals.hidden)
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await?;
     Ok(())
@@ -125,7 +156,10 @@ pub(crate) async fn get_record(
     let row = sqlx::query(concat!(
         "SELECT ",
         record_columns!(),
-        " FROM ledger WHERE id = $1"
+        ", ",
+        signal_columns!(),
+        with_signals!(),
+        " WHERE id = $1"
     ))
     .bind(id)
     .fetch_optional(pool)
@@ -211,13 +245,14 @@ pub(crate) async fn records_with_signals(
     until_unix_ms: i64,
     limit: u32,
 ) -> Result<Vec<SignalRecord>, StorageError> {
-    let rows = sqlx::query(
+    let rows = sqlx::query(concat!(
         "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
-                feedback_score, status \
-         FROM ledger \
-         WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2 \
+                feedback_score, status, ",
+        signal_columns!(),
+        with_signals!(),
+        " WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2 \
          ORDER BY created_unix_ms LIMIT $3",
-    )
+    ))
     .bind(since_unix_ms)
     .bind(until_unix_ms)
     .bind(i64::from(limit))
@@ -238,7 +273,21 @@ fn signal_record(row: &<Db as Database>::Row) -> Result<SignalRecord, StorageErr
         confidence_aggregate: row.try_get("confidence_aggregate")?,
         feedback: row.try_get("feedback_score")?,
         status: status_from_db(row.try_get("status")?)?,
+        signals: kept_signals(row)?,
     })
+}
+
+/// The signals selected with `signal_columns!`, when the request has them.
+fn kept_signals(row: &<Db as Database>::Row) -> Result<Option<EncodedSignals>, StorageError> {
+    let tokens: Option<Vec<u8>> = row.try_get("signal_tokens")?;
+    Ok(tokens
+        .map(|tokens| -> Result<EncodedSignals, StorageError> {
+            Ok(EncodedSignals {
+                tokens,
+                hidden: row.try_get("signal_hidden")?,
+            })
+        })
+        .transpose()?)
 }
 
 /// Columns and conditions of `labeled_signals`: requests served locally (the answer the
@@ -248,9 +297,10 @@ macro_rules! labeled_signals_query {
     ($team_condition:literal) => {
         concat!(
             "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
-                    feedback_score, status \
-             FROM ledger \
-             WHERE route = 'local' AND confidence IS NOT NULL AND feedback_score IS NOT NULL \
+                    feedback_score, status, ",
+            signal_columns!(),
+            with_signals!(),
+            " WHERE route = 'local' AND confidence IS NOT NULL AND feedback_score IS NOT NULL \
                AND created_unix_ms >= $1 AND created_unix_ms < $2",
             $team_condition,
             " ORDER BY created_unix_ms LIMIT $3"
@@ -309,6 +359,7 @@ fn ledger_record(row: &<Db as Database>::Row) -> Result<LedgerRecord, StorageErr
         status: status_from_db(row.try_get("status")?)?,
         prompt_text: row.try_get("prompt_text")?,
         overrun_nanos: from_db(row.try_get("overrun_nanos")?, "overrun_nanos")?,
+        signals: kept_signals(row)?,
     })
 }
 
