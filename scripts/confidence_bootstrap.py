@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import confidence_runs as runs
 
 R = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2"
-sets = ["capitals", "webquestions", "nq_open", "mawps"]
+sets = [s for s in ["capitals", "webquestions", "nq_open", "mawps"] if os.path.isdir(os.path.join(R, s))]
 def load(s):
     return runs.load(R, s)
 score = runs.score

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import confidence_runs as runs
 
 R = sys.argv[1] if len(sys.argv) > 1 else "out/smollm2"
-sets = ["capitals", "webquestions", "nq_open", "mawps", "arc", "mmlu"]
+sets = [s for s in ["capitals", "webquestions", "nq_open", "mawps", "arc", "mmlu"] if os.path.isdir(os.path.join(R, s))]
 def load(s):
     return runs.load(R, s)
 data = {s: load(s) for s in sets}

@@ -257,7 +257,22 @@ mod tests {
         let path = dir.path().join("spool.jsonl");
         let spool = Spool::new(path.clone());
         assert!(!spool.has_pending());
-        spool.append(&[record("a"), record("b")]).await.unwrap();
+        // "b" carries kept signals: they survive the spool's JSON line exactly.
+        let with_signals = LedgerRecord {
+            signals: Some(crate::storage::EncodedSignals::encode(
+                &[policies::TokenSignal {
+                    logprob: f32::NEG_INFINITY,
+                    entropy: 0.5,
+                    margin: 1.0,
+                }],
+                None,
+            )),
+            ..record("b")
+        };
+        spool
+            .append(&[record("a"), with_signals.clone()])
+            .await
+            .unwrap();
         // A torn last line, as a crash mid-append would leave.
         append_lines(&path, b"{\"id\": \"c\", \"creat").unwrap();
         let storage = crate::storage::in_memory().await;
@@ -269,7 +284,7 @@ mod tests {
             "a leftover file is pending at start-up"
         );
         assert_eq!(reopened.replay(&storage).await.unwrap(), 2);
-        assert_eq!(storage.get_record("b").await.unwrap(), Some(record("b")));
+        assert_eq!(storage.get_record("b").await.unwrap(), Some(with_signals));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
         assert!(!reopened.has_pending());
         let rejected = std::fs::read_to_string(rejected_path(&path)).unwrap();
