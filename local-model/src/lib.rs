@@ -32,7 +32,7 @@ pub use generate::{
     Control, FinishReason, Generation, GenerationParams, Prompt, Timings, TokenEvent, Usage,
 };
 pub use model::{
-    LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype,
+    EncodedPrompt, LoadOptions, LocalModel, ModelInfo, PromptEncoder, TemplateChoice, WeightDtype,
     DEFAULT_PREFILL_CHUNK_TOKENS,
 };
 pub use probe::ProbeFeatures;

@@ -188,6 +188,45 @@ impl PromptEncoder {
             .map_err(|e| GenerateError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
+
+    /// Encodes a prompt once, for a caller that needs its length before generating (the
+    /// gateway's context check and cost estimate) and then hands it to the worker with the
+    /// request, so that the model's thread, which every batched sequence waits on, does not
+    /// render and tokenize it a second time.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<EncodedPrompt, GenerateError> {
+        Ok(EncodedPrompt {
+            ids: self.encode(prompt)?,
+            tokenizer: Arc::clone(&self.tokenizer),
+        })
+    }
+}
+
+/// A prompt's token ids from [`PromptEncoder::encode_prompt`], tied to the tokenizer that
+/// produced them: a model whose tokenizer is another one encodes the prompt itself.
+#[derive(Clone)]
+pub struct EncodedPrompt {
+    ids: Vec<u32>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl EncodedPrompt {
+    /// The prompt's length in tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the prompt has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl std::fmt::Debug for EncodedPrompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncodedPrompt")
+            .field("tokens", &self.ids.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl LocalModel {
@@ -327,7 +366,7 @@ impl LocalModel {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> Control,
     ) -> Result<Generation, GenerateError> {
-        let (prompt_ids, max_new) = self.prepare(prompt, params)?;
+        let (prompt_ids, max_new) = self.prepare(prompt, None, params)?;
         let mut sequence =
             Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
         let prefill_started = Instant::now();
@@ -351,6 +390,7 @@ impl LocalModel {
     pub(crate) fn prepare(
         &self,
         prompt: &Prompt,
+        encoded: Option<EncodedPrompt>,
         params: &GenerationParams,
     ) -> Result<(Vec<u32>, usize), GenerateError> {
         let is_empty = match prompt {
@@ -370,7 +410,10 @@ impl LocalModel {
                 return Err(GenerateError::InvalidParameter(format!("top_p {top_p}")));
             }
         }
-        let prompt_ids = self.encoder.encode(prompt)?;
+        let prompt_ids = match encoded {
+            Some(e) if Arc::ptr_eq(&e.tokenizer, &self.encoder.tokenizer) => e.ids,
+            _ => self.encoder.encode(prompt)?,
+        };
         let context_window = self.info.context_window;
         if prompt_ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);

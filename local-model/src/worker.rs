@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::engine::kv_cache::allocated_positions;
 use crate::error::GenerateError;
 use crate::generate::{Control, Generation, GenerationParams, Prompt, TokenEvent};
-use crate::model::{LocalModel, ModelInfo, PromptEncoder};
+use crate::model::{EncodedPrompt, LocalModel, ModelInfo, PromptEncoder};
 use crate::sequence::Sequence;
 
 /// Per-token callback run on the model thread.
@@ -34,6 +34,9 @@ pub type TokenCallback = Box<dyn FnMut(&TokenEvent<'_>) -> Control + Send>;
 /// One generation to run.
 pub struct GenerateRequest {
     pub prompt: Prompt,
+    /// `prompt` already encoded by this model's [`PromptEncoder::encode_prompt`], when the
+    /// caller has it (the worker then skips encoding; ids from another tokenizer are ignored).
+    pub encoded: Option<EncodedPrompt>,
     pub params: GenerationParams,
     /// Called after every token; `Control::Stop` ends generation.
     pub on_token: Option<TokenCallback>,
@@ -47,6 +50,7 @@ impl GenerateRequest {
     pub fn new(prompt: Prompt, params: GenerationParams) -> Self {
         Self {
             prompt,
+            encoded: None,
             params,
             on_token: None,
             time_budget: None,
@@ -456,12 +460,13 @@ impl Running<'_> {
 
 /// Checks and encodes a request from the queue; `None` when it has already
 /// been answered (its client is gone, or it is invalid).
-fn admit(model: &LocalModel, job: Job, shared: &Shared, budget: Budget) -> Option<Admission> {
+fn admit(model: &LocalModel, mut job: Job, shared: &Shared, budget: Budget) -> Option<Admission> {
     if job.reply.is_closed() {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         return None;
     }
-    match model.prepare(&job.request.prompt, &job.request.params) {
+    let encoded = job.request.encoded.take();
+    match model.prepare(&job.request.prompt, encoded, &job.request.params) {
         Ok((prompt_ids, max_new)) => {
             let positions = allocated_positions(prompt_ids.len() + max_new);
             Some(Admission {

@@ -600,3 +600,37 @@ async fn a_burst_up_to_the_limit_is_accepted_whatever_the_worker_has_taken_and_o
     }
     wait_idle(&handle).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_encoded_by_the_caller_is_not_encoded_again_unless_its_tokenizer_differs() {
+    let france = chat("What is the capital of France?");
+    let japan = chat("What is the capital of Japan?");
+    let p = params(6);
+    let mut reference = load();
+    let want = alone(
+        &mut reference,
+        &[(france.clone(), p.clone()), (japan.clone(), p.clone())],
+    );
+    let handle = ModelHandle::spawn(load(), 4).unwrap();
+    let run = |prompt: &Prompt, encoded: Option<local_model::EncodedPrompt>| {
+        let mut job = GenerateRequest::new(prompt.clone(), p.clone());
+        job.encoded = encoded;
+        let handle = handle.clone();
+        async move { handle.generate(job).await.unwrap().generation }
+    };
+    // Its own encoding: the same answer as encoding inside the worker.
+    let own = handle.encoder().encode_prompt(&france).unwrap();
+    assert_eq!(own.len(), want[0].usage.prompt_tokens);
+    assert_same(&run(&france, Some(own)).await, &want[0], "pre-encoded");
+    // The worker reads the ids it is given, not the prompt: proven by giving it Japan's ids
+    // with France's prompt (a caller must not do that; here it shows the encoding is skipped).
+    let japan_ids = handle.encoder().encode_prompt(&japan).unwrap();
+    assert_same(&run(&france, Some(japan_ids)).await, &want[1], "ids used");
+    // Ids from another model's tokenizer (another load) are ignored: France is answered.
+    let foreign = reference.encoder().encode_prompt(&japan).unwrap();
+    assert_same(
+        &run(&france, Some(foreign)).await,
+        &want[0],
+        "foreign ids ignored",
+    );
+}

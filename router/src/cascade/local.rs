@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use local_model::{
-    Control, GenerateError, GenerateRequest, GenerationParams, LoadOptions, LocalModel,
-    ModelHandle, Prompt, WorkerError, WorkerOutput,
+    Control, EncodedPrompt, GenerateError, GenerateRequest, GenerationParams, LoadOptions,
+    LocalModel, ModelHandle, Prompt, WorkerError, WorkerOutput,
 };
 use tokio::sync::mpsc;
 
@@ -49,6 +49,9 @@ pub struct RunOptions {
     pub time_budget: Option<Duration>,
     /// Receives text deltas as they are generated (live streaming).
     pub deltas: Option<mpsc::UnboundedSender<LiveEvent>>,
+    /// The prompt as [`LocalEngine::encode_prompt`] encoded it, when the caller already did
+    /// (the model's thread then does not encode it again).
+    pub encoded: Option<EncodedPrompt>,
 }
 
 /// What a live local generation reports to its stream.
@@ -130,9 +133,14 @@ impl LocalEngine {
     /// Counts the prompt's tokens on a blocking thread (tokenising a long
     /// prompt is CPU work that must not stall the async runtime).
     pub async fn prompt_tokens(&self, prompt: &Prompt) -> Result<usize, GenerateError> {
+        Ok(self.encode_prompt(prompt).await?.len())
+    }
+
+    /// Encodes the prompt off the async runtime, for its length and for [`RunOptions::encoded`].
+    pub async fn encode_prompt(&self, prompt: &Prompt) -> Result<EncodedPrompt, GenerateError> {
         let encoder = self.handle.encoder().clone();
         let prompt = prompt.clone();
-        tokio::task::spawn_blocking(move || encoder.encode(&prompt).map(|ids| ids.len()))
+        tokio::task::spawn_blocking(move || encoder.encode_prompt(&prompt))
             .await
             .map_err(|e| GenerateError::Tokenizer(format!("tokenizer task failed: {e}")))?
     }
@@ -169,6 +177,7 @@ impl LocalEngine {
             early_exit,
             time_budget,
             deltas,
+            encoded,
         } = options;
         // The signals so far, grown by one per token rather than rebuilt.
         let mut signals: Vec<policies::TokenSignal> = Vec::new();
@@ -196,6 +205,7 @@ impl LocalEngine {
             Control::Continue
         };
         let mut job = GenerateRequest::new(prompt, params);
+        job.encoded = encoded;
         job.on_token = Some(Box::new(on_token));
         job.time_budget = time_budget;
         let started = Instant::now();

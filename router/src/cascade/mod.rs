@@ -231,20 +231,23 @@ impl Gateway {
                 .overloaded(ctx, plan, request, Reason::LocalOverloaded)
                 .await;
         }
-        match local.prompt_tokens(prompt).await {
-            Ok(n) if n >= local.context_window() => {
+        let encoded = match local.encode_prompt(prompt).await {
+            Ok(e) if e.len() >= local.context_window() => {
                 return self
                     .escalate(ctx, plan, request, Reason::ContextTooLong, None)
                     .await;
             }
-            Ok(n) => ctx.local_prompt_tokens = n,
+            Ok(e) => {
+                ctx.local_prompt_tokens = e.len();
+                e
+            }
             Err(e) => {
                 tracing::warn!(request_id = %ctx.id, error = %e, "cannot encode the prompt for the local model");
                 return self
                     .escalate(ctx, plan, request, Reason::LocalError, None)
                     .await;
             }
-        }
+        };
         let options = RunOptions {
             // Only a cascading policy reaches here, and validation gives it a threshold.
             early_exit: Some((
@@ -253,6 +256,7 @@ impl Gateway {
             )),
             time_budget: plan.policy.max_local_ms().map(Duration::from_millis),
             deltas: None,
+            encoded: Some(encoded),
         };
         let run = match local.run(request, prompt.clone(), options).await {
             Ok(run) => run,
