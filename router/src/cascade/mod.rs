@@ -359,7 +359,7 @@ impl Gateway {
         chain: &[usize],
         local: Option<(LocalRun, LocalOutcome)>,
     ) -> Result<Reply, ApiError> {
-        let counted = self.counted_prompt_tokens(ctx, request).await;
+        let counted = self.counted_prompt_tokens(ctx, plan, request).await;
         // Each remote's input bound once per request (it serialises the body that remote
         // would receive), not again in every decision round.
         let input_tokens_of: Vec<(usize, u64)> = chain
@@ -474,14 +474,33 @@ impl Gateway {
         Err(ApiError::Upstream(error))
     }
 
+    /// Whether a tighter cost estimate can change anything for this request: a budget scope
+    /// or a per-request cap applies to it. Without either, every remote call is made whatever
+    /// it costs, and the bound from the body's bytes serves the record's overrun check, so the
+    /// prompt is not tokenized just to count it (a blocking task and a template render on
+    /// every remote-only request).
+    fn estimate_matters(&self, ctx: &RequestContext, plan: &RequestPolicy) -> bool {
+        plan.policy.max_cost_per_request().is_some()
+            || !self
+                .policies
+                .load()
+                .scopes_for(
+                    ctx.team.as_deref().unwrap_or_default(),
+                    ctx.key_id.as_deref().unwrap_or_default(),
+                    crate::clock::now_unix_ms() / 1000,
+                )
+                .is_empty()
+    }
+
     /// The local tokenizer's count of the request's prompt, when the local model can read it.
     async fn counted_prompt_tokens(
         &self,
         ctx: &RequestContext,
+        plan: &RequestPolicy,
         request: &CompletionRequest,
     ) -> Option<usize> {
         let mut counted = (ctx.local_prompt_tokens > 0).then_some(ctx.local_prompt_tokens);
-        if counted.is_none() {
+        if counted.is_none() && self.estimate_matters(ctx, plan) {
             if let (Some(local), Some(prompt)) = (self.local.get(), request.prompt.as_ref()) {
                 counted = local.prompt_tokens(prompt).await.ok();
             }
