@@ -81,7 +81,7 @@ impl EncodedSignals {
 
     /// Decodes what [`EncodedSignals::encode`] wrote.
     pub fn decode(&self) -> Result<RequestSignals, SignalDecodeError> {
-        if self.tokens.len() % TOKEN_BYTES != 0 {
+        if !self.tokens.len().is_multiple_of(TOKEN_BYTES) {
             return Err(SignalDecodeError::Tokens(self.tokens.len()));
         }
         let f32_at = |chunk: &[u8], i: usize| {
@@ -102,7 +102,7 @@ impl EncodedSignals {
             None => None,
             Some(bytes) => {
                 let vector_bytes = bytes.len() / HIDDEN_VECTORS;
-                if bytes.is_empty() || bytes.len() % (2 * HIDDEN_VECTORS) != 0 {
+                if bytes.is_empty() || !bytes.len().is_multiple_of(2 * HIDDEN_VECTORS) {
                     return Err(SignalDecodeError::Hidden(bytes.len()));
                 }
                 let vector = |k: usize| -> Vec<f32> {
@@ -147,6 +147,7 @@ fn from_hex_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::E
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn tokens() -> Vec<TokenSignal> {

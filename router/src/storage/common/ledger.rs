@@ -280,14 +280,14 @@ fn signal_record(row: &<Db as Database>::Row) -> Result<SignalRecord, StorageErr
 /// The signals selected with `signal_columns!`, when the request has them.
 fn kept_signals(row: &<Db as Database>::Row) -> Result<Option<EncodedSignals>, StorageError> {
     let tokens: Option<Vec<u8>> = row.try_get("signal_tokens")?;
-    Ok(tokens
+    tokens
         .map(|tokens| -> Result<EncodedSignals, StorageError> {
             Ok(EncodedSignals {
                 tokens,
                 hidden: row.try_get("signal_hidden")?,
             })
         })
-        .transpose()?)
+        .transpose()
 }
 
 /// Columns and conditions of `labeled_signals`: requests served locally (the answer the
