@@ -98,14 +98,26 @@ impl RunningServer {
         .await?;
         // Reservations of requests that died (a crash elsewhere, a lost settle) are released
         // after the TTL; `reserve` does so too, but only when a budget looks full.
+        // Kept signals older than the retention are deleted on the same tick (an indexed range
+        // delete: nothing to do costs one index probe).
         let period =
             std::time::Duration::from_secs(config.storage.reservation_ttl_secs.clamp(1, 60));
+        let retention_ms = config
+            .ledger
+            .signals_retention
+            .map(|r| i64::try_from(r.as_millis()).unwrap_or(i64::MAX));
         server.expiry = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                if let Err(e) = storage.expire_reservations(now_ms()).await {
+                let now = now_ms();
+                if let Err(e) = storage.expire_reservations(now).await {
                     tracing::warn!(error = %e, "cannot expire reservations");
+                }
+                if let Some(retention) = retention_ms {
+                    if let Err(e) = storage.forget_signals(now.saturating_sub(retention)).await {
+                        tracing::warn!(error = %e, "cannot delete expired request signals");
+                    }
                 }
             }
         }));

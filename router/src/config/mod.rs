@@ -535,6 +535,13 @@ subject = \"user\"
         assert_eq!(c.ledger.on_failure, OnLedgerFailure::FailClosed);
         let c = parse(&format!("{MINIMAL}[storage]\nsqlite_sync = \"power_loss\"")).unwrap();
         assert_eq!(c.storage.sqlite_sync, SqliteSync::PowerLoss);
+        // Kept signals: 90 days by default, 0 for ever.
+        assert_eq!(
+            parse(MINIMAL).unwrap().ledger.signals_retention,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        let c = parse(&format!("{MINIMAL}[storage]\nsignals_retention_days = 0")).unwrap();
+        assert_eq!(c.ledger.signals_retention, None);
         for (extra, key) in [
             ("max_response_bytes = 10", "remotes[0].max_response_bytes:"),
             ("breaker_failures = 0", "remotes[0].breaker_failures:"),

@@ -21,6 +21,9 @@ pub struct RawStorage {
     /// the process being killed) or `power_loss` (fsync per commit; they also survive the
     /// machine losing power).
     pub sqlite_sync: String,
+    /// Days the kept confidence signals of a request (a policy's `log_signals`) stay in the
+    /// database; 0 keeps them for ever. The ledger records themselves are never deleted.
+    pub signals_retention_days: u32,
 }
 
 impl Default for RawStorage {
@@ -32,6 +35,7 @@ impl Default for RawStorage {
             on_ledger_failure: "spool".into(),
             spool_path: "cascade-ledger-spool.jsonl".into(),
             sqlite_sync: "process_crash".into(),
+            signals_retention_days: 90,
         }
     }
 }
@@ -51,6 +55,8 @@ pub struct LedgerConfig {
     pub on_failure: OnLedgerFailure,
     /// The spool file (resolved against the config's folder).
     pub spool_path: PathBuf,
+    /// How long kept signals stay (`storage.signals_retention_days`); `None`: for ever.
+    pub signals_retention: Option<std::time::Duration>,
 }
 
 pub(super) fn validate_storage(
@@ -116,6 +122,9 @@ pub(super) fn validate_ledger(
     Ok(LedgerConfig {
         on_failure,
         spool_path,
+        signals_retention: (raw.signals_retention_days > 0).then(|| {
+            std::time::Duration::from_secs(u64::from(raw.signals_retention_days) * 86_400)
+        }),
     })
 }
 

@@ -209,6 +209,12 @@ impl Storage {
         )
     }
 
+    /// Deletes the kept signals (`log_signals`) of requests that arrived before
+    /// `before_unix_ms` and returns how many; their ledger records stay.
+    pub async fn forget_signals(&self, before_unix_ms: i64) -> Result<u64, StorageError> {
+        on_backend!(self, ledger::forget_signals(before_unix_ms))
+    }
+
     /// The record of one request, if there is one.
     pub async fn get_record(&self, id: &str) -> Result<Option<LedgerRecord>, StorageError> {
         on_backend!(self, ledger::get_record(id))

@@ -853,6 +853,19 @@ mod cases {
         assert_eq!(kept("without"), Some(None));
         let unlabeled = s.records_with_signals(T0, T0 + HOUR_MS, 100).await?;
         assert_eq!(unlabeled.iter().filter(|r| r.signals.is_some()).count(), 2);
+
+        // Retention: signals of requests before the cutoff go, their records stay.
+        let later = LedgerRecord {
+            signals: Some(EncodedSignals::encode(&tokens, None)),
+            ..local_request("later", "alpha", T0 + 2 * HOUR_MS)
+        };
+        s.record(&later).await?;
+        assert_eq!(s.forget_signals(T0).await?, 0);
+        assert_eq!(s.forget_signals(T0 + HOUR_MS).await?, 2);
+        let forgotten = s.get_record("with-hidden").await?.ok_or("record deleted")?;
+        assert_eq!(forgotten.signals, None);
+        assert_eq!(s.get_record("later").await?, Some(later));
+        assert_eq!(s.forget_signals(T0 + HOUR_MS).await?, 0);
         Ok(())
     }
 

@@ -68,10 +68,11 @@ pub(crate) async fn record_batch(
         insert(&mut *tx, rec).await?;
         if let Some(signals) = &rec.signals {
             sqlx::query(
-                "INSERT INTO request_signals (request_id, tokens, hidden) VALUES ($1, $2, $3) \
-                 ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO request_signals (request_id, request_created_unix_ms, tokens, hidden) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
             )
             .bind(&rec.id)
+            .bind(rec.created_unix_ms)
             .bind(&signals.tokens)
             .bind(&signals.hidden)
             .execute(&mut *tx)
@@ -114,6 +115,18 @@ where
         .execute(executor)
         .await?;
     Ok(())
+}
+
+/// Deletes the kept signals of requests that arrived before `before_unix_ms`; how many.
+pub(crate) async fn forget_signals(
+    pool: &Pool<Db>,
+    before_unix_ms: i64,
+) -> Result<u64, StorageError> {
+    let done = sqlx::query("DELETE FROM request_signals WHERE request_created_unix_ms < $1")
+        .bind(before_unix_ms)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// Attaches feedback to a request; see `Storage::record_feedback`.
