@@ -230,7 +230,9 @@ pub struct CalibrateArgs {
     /// The gateway's own traffic instead: the ledger (`sqlite://...` or `postgres://...`)
     /// over the last --since-days. Requests served locally with /v1/feedback scores are the
     /// labels of a calibrated rule, a learned rule and --min-p-correct (when there are enough);
-    /// --target-rate fits a threshold on every recorded --rule value, labeled or not.
+    /// --target-rate fits a threshold on every recorded --rule value, labeled or not. Where the
+    /// policy kept the answers' signals (`log_signals`), those requests are items as in a
+    /// labeled run: every rule, the learned rule on every feature, and --probe.
     #[arg(long, conflicts_with_all = ["run", "target_quality"])]
     pub ledger: Option<String>,
     /// With --ledger: how many days of traffic to read.
@@ -266,7 +268,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub min_p_correct: Option<f64>,
     /// Also fit and judge the hidden-state probe (logistic regression on the features
-    /// `cascade eval` saved beside each run, in run.probe.jsonl, with the learned rule's
+    /// `cascade eval` saved beside each run, in run.probe.jsonl, or the ledger kept for a
+    /// policy with `log_signals = "hidden"`, with the learned rule's
     /// log-prob features): in-set k-fold and cross-set figures per dataset against sum_logprob
     /// and mean_logprob, and the probe fitted on every item saved as <name>-probe.json.
     #[arg(long)]
