@@ -682,7 +682,7 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
         .await?;
         let read = async {
             let records = storage
-                .records_with_signals(since_ms, until_ms, LEDGER_LIMIT)
+                .records_with_signals(team, since_ms, until_ms, LEDGER_LIMIT)
                 .await?;
             let labeled = storage
                 .labeled_signals(team, since_ms, until_ms, LEDGER_LIMIT)
@@ -782,7 +782,7 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
             .collect();
         anyhow::ensure!(
             !scores.is_empty(),
-            "the ledger has no requests of {scope} scored with {name} in the last {} days ({} with other rules or teams)",
+            "the ledger has no requests of {scope} scored with {name} in the last {} days ({} scored with other rules)",
             args.since_days,
             records.len()
         );

@@ -248,16 +248,18 @@ impl Storage {
         on_backend!(self, ledger::variant_samples(experiment_id))
     }
 
-    /// Up to `limit` requests in `[since, until)` that carry a confidence value, oldest first.
+    /// Up to `limit` requests in `[since, until)` that carry a confidence value (of `team`
+    /// only, when given), oldest first, with their kept signals.
     pub async fn records_with_signals(
         &self,
+        team: Option<&str>,
         since_unix_ms: i64,
         until_unix_ms: i64,
         limit: u32,
     ) -> Result<Vec<SignalRecord>, StorageError> {
         on_backend!(
             self,
-            ledger::records_with_signals(since_unix_ms, until_unix_ms, limit)
+            ledger::records_with_signals(team, since_unix_ms, until_unix_ms, limit)
         )
     }
 

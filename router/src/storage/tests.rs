@@ -707,7 +707,7 @@ mod cases {
         s.record(&local_request("outside", "alpha", T0 + HOUR_MS))
             .await?;
         s.record_feedback("req-1", 1.0, None, T0).await?;
-        let signals = s.records_with_signals(T0, T0 + HOUR_MS, 3).await?;
+        let signals = s.records_with_signals(None, T0, T0 + HOUR_MS, 3).await?;
         let ids: Vec<_> = signals.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["req-0", "req-1", "req-2"]);
         assert_eq!(signals[1].feedback, Some(1.0));
@@ -717,7 +717,21 @@ mod cases {
             Some("mean_logprob")
         );
         assert_eq!(
-            s.records_with_signals(T0, T0 + HOUR_MS, 100).await?.len(),
+            s.records_with_signals(None, T0, T0 + HOUR_MS, 100)
+                .await?
+                .len(),
+            5
+        );
+        s.record(&local_request("beta-1", "beta", T0)).await?;
+        let beta = s
+            .records_with_signals(Some("beta"), T0, T0 + HOUR_MS, 100)
+            .await?;
+        assert_eq!(beta.len(), 1);
+        assert_eq!(beta[0].id, "beta-1");
+        assert_eq!(
+            s.records_with_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
+                .await?
+                .len(),
             5
         );
         Ok(())
@@ -851,7 +865,7 @@ mod cases {
             .decode()?;
         assert_eq!((decoded.tokens.len(), decoded.hidden), (1, None));
         assert_eq!(kept("without"), Some(None));
-        let unlabeled = s.records_with_signals(T0, T0 + HOUR_MS, 100).await?;
+        let unlabeled = s.records_with_signals(None, T0, T0 + HOUR_MS, 100).await?;
         assert_eq!(unlabeled.iter().filter(|r| r.signals.is_some()).count(), 2);
 
         // Retention: signals of requests before the cutoff go, their records stay.

@@ -251,26 +251,44 @@ pub(crate) async fn variant_samples(
         .collect()
 }
 
-/// Up to `limit` requests in `[since, until)` with a confidence value, oldest first.
+/// Columns and conditions of `records_with_signals`: requests with a confidence value in
+/// `[$1, $2)`.
+macro_rules! records_with_signals_query {
+    ($team_condition:literal) => {
+        concat!(
+            "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
+                    feedback_score, status, ",
+            signal_columns!(),
+            with_signals!(),
+            " WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2",
+            $team_condition,
+            " ORDER BY created_unix_ms LIMIT $3"
+        )
+    };
+}
+
+/// Up to `limit` requests in `[since, until)` with a confidence value, of `team` only when
+/// given (in the query: kept signals are kilobytes a row, and other teams' are not read),
+/// oldest first.
 pub(crate) async fn records_with_signals(
     pool: &Pool<Db>,
+    team: Option<&str>,
     since_unix_ms: i64,
     until_unix_ms: i64,
     limit: u32,
 ) -> Result<Vec<SignalRecord>, StorageError> {
-    let rows = sqlx::query(concat!(
-        "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
-                feedback_score, status, ",
-        signal_columns!(),
-        with_signals!(),
-        " WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2 \
-         ORDER BY created_unix_ms LIMIT $3",
-    ))
-    .bind(since_unix_ms)
-    .bind(until_unix_ms)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await?;
+    let sql = match team {
+        Some(_) => records_with_signals_query!(" AND team = $4"),
+        None => records_with_signals_query!(""),
+    };
+    let mut query = sqlx::query(sql)
+        .bind(since_unix_ms)
+        .bind(until_unix_ms)
+        .bind(i64::from(limit));
+    if let Some(team) = team {
+        query = query.bind(team);
+    }
+    let rows = query.fetch_all(pool).await?;
     rows.iter().map(signal_record).collect()
 }
 
