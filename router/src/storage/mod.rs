@@ -249,7 +249,8 @@ impl Storage {
     }
 
     /// Up to `limit` requests in `[since, until)` that carry a confidence value (of `team`
-    /// only, when given), oldest first, with their kept signals.
+    /// only, when given), oldest first, with their kept signals: the tokens of each, the hidden
+    /// states only of those served locally with feedback (the probe's labels).
     pub async fn records_with_signals(
         &self,
         team: Option<&str>,

@@ -867,6 +867,27 @@ mod cases {
         assert_eq!(kept("without"), Some(None));
         let unlabeled = s.records_with_signals(None, T0, T0 + HOUR_MS, 100).await?;
         assert_eq!(unlabeled.iter().filter(|r| r.signals.is_some()).count(), 2);
+        // A request that cannot be a label (no feedback) brings its tokens to a calibration,
+        // not its hidden state (a probe is fitted on labels only); the record keeps both.
+        let unrated = LedgerRecord {
+            id: "unrated".to_owned(),
+            ..with_hidden.clone()
+        };
+        s.record(&unrated).await?;
+        let read = s.records_with_signals(None, T0, T0 + HOUR_MS, 100).await?;
+        let unrated_read = read
+            .iter()
+            .find(|r| r.id == "unrated")
+            .and_then(|r| r.signals.clone())
+            .ok_or("unrated lost its signals")?;
+        assert_eq!((unrated_read.tokens.len(), unrated_read.hidden), (24, None));
+        let labeled_read = read
+            .iter()
+            .find(|r| r.id == "with-hidden")
+            .and_then(|r| r.signals.clone())
+            .ok_or("with-hidden lost its signals")?;
+        assert!(labeled_read.hidden.is_some());
+        assert_eq!(s.get_record("unrated").await?, Some(unrated));
 
         // Retention: signals of requests before the cutoff go, their records stay.
         let later = LedgerRecord {
@@ -875,7 +896,7 @@ mod cases {
         };
         s.record(&later).await?;
         assert_eq!(s.forget_signals(T0).await?, 0);
-        assert_eq!(s.forget_signals(T0 + HOUR_MS).await?, 2);
+        assert_eq!(s.forget_signals(T0 + HOUR_MS).await?, 3);
         let forgotten = s.get_record("with-hidden").await?.ok_or("record deleted")?;
         assert_eq!(forgotten.signals, None);
         assert_eq!(s.get_record("later").await?, Some(later));

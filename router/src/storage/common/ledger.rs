@@ -41,6 +41,17 @@ macro_rules! signal_columns {
     };
 }
 
+/// The kept signals as `records_with_signals` reads them: the tokens of every request, the
+/// hidden states only of the requests that can be labels (served locally, with feedback),
+/// the only ones a probe is fitted on; the others' would be kilobytes a row read for nothing.
+macro_rules! signal_columns_for_labels {
+    () => {
+        "request_signals.tokens AS signal_tokens, \
+         CASE WHEN route = 'local' AND feedback_score IS NOT NULL \
+              THEN request_signals.hidden END AS signal_hidden"
+    };
+}
+
 /// The join that brings a record's kept signals, if any.
 macro_rules! with_signals {
     () => {
@@ -258,7 +269,7 @@ macro_rules! records_with_signals_query {
         concat!(
             "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
                     feedback_score, status, ",
-            signal_columns!(),
+            signal_columns_for_labels!(),
             with_signals!(),
             " WHERE confidence IS NOT NULL AND created_unix_ms >= $1 AND created_unix_ms < $2",
             $team_condition,
@@ -269,7 +280,8 @@ macro_rules! records_with_signals_query {
 
 /// Up to `limit` requests in `[since, until)` with a confidence value, of `team` only when
 /// given (in the query: kept signals are kilobytes a row, and other teams' are not read),
-/// oldest first.
+/// oldest first; hidden states only where the request can be a label
+/// (`signal_columns_for_labels!`).
 pub(crate) async fn records_with_signals(
     pool: &Pool<Db>,
     team: Option<&str>,
