@@ -236,16 +236,15 @@ impl RequestContext {
             Duration::from_secs_f64(generation.timings.queue_ms.max(0.0) / 1000.0);
         self.local_prompt_tokens = generation.usage.prompt_tokens;
         self.local_completion_tokens = generation.usage.completion_tokens;
-        self.confidence = signals::score_generation(aggregate, generation);
+        // Built once: scored here, and kept when the policy keeps signals.
+        let token_signals = signals::signals(&generation.tokens);
+        self.confidence = signals::score_generation(aggregate, &token_signals, generation);
         if self.log_signals.tokens() {
             let hidden = generation
                 .probe
                 .as_deref()
                 .filter(|_| self.log_signals.hidden());
-            self.signals = Some(EncodedSignals::encode(
-                &signals::signals(&generation.tokens),
-                hidden,
-            ));
+            self.signals = Some(EncodedSignals::encode(&token_signals, hidden));
         }
         observe_local(metrics, run);
     }

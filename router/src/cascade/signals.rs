@@ -24,17 +24,21 @@ pub fn score(aggregate: &Aggregate, tokens: &[TokenRecord]) -> Option<f64> {
     aggregate.score(&signals(tokens))
 }
 
-/// The score of a whole generation under `aggregate`: its tokens, and for a `probe` the
-/// hidden states the engine returned with it (a dot product over them; NaN without them, so
-/// the request escalates).
-pub fn score_generation(aggregate: &Aggregate, generation: &Generation) -> Option<f64> {
+/// The score of a whole generation under `aggregate`: its tokens' `signals`, and for a
+/// `probe` the hidden states the engine returned with it (a dot product over them; NaN
+/// without them, so the request escalates).
+pub fn score_generation(
+    aggregate: &Aggregate,
+    signals: &[TokenSignal],
+    generation: &Generation,
+) -> Option<f64> {
     let hidden = generation.probe.as_ref().map(|p| HiddenState {
         final_mean: &p.final_mean,
         final_last: &p.final_last,
         middle_mean: &p.middle_mean,
         middle_last: &p.middle_last,
     });
-    aggregate.score_with(&signals(&generation.tokens), hidden.as_ref())
+    aggregate.score_with(signals, hidden.as_ref())
 }
 
 #[cfg(test)]
