@@ -672,7 +672,9 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (records, labeled) = runtime.block_on(async {
+    // One read: the labels are the requests among these that were served locally and have
+    // feedback (`feedback::labels` picks them), so they need no query of their own.
+    let records = runtime.block_on(async {
         let storage = crate::storage::connect(&crate::storage::StorageConfig {
             url: url.to_owned(),
             max_connections: 1,
@@ -680,16 +682,9 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
             sqlite_sync: crate::storage::SqliteSync::default(),
         })
         .await?;
-        let read = async {
-            let records = storage
-                .records_with_signals(team, since_ms, until_ms, LEDGER_LIMIT)
-                .await?;
-            let labeled = storage
-                .labeled_signals(team, since_ms, until_ms, LEDGER_LIMIT)
-                .await?;
-            Ok::<_, crate::storage::StorageError>((records, labeled))
-        }
-        .await;
+        let read = storage
+            .records_with_signals(team, since_ms, until_ms, LEDGER_LIMIT)
+            .await;
         storage.close().await;
         read
     })?;
@@ -733,7 +728,7 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
         feedback::MIN_LABELED,
         feedback::MIN_PER_CLASS,
     );
-    let labels = feedback::labels(&labeled, &name, args.feedback_cutoff)?;
+    let labels = feedback::labels(&records, &name, args.feedback_cutoff)?;
     let mut report = serde_json::Map::new();
     let fitted = match feedback::check_enough(&labels) {
         Ok(()) => {
@@ -770,7 +765,6 @@ fn from_ledger(args: &CalibrateArgs, url: &str, out: &mut impl Write) -> anyhow:
     if let Some(target) = args.target_rate {
         let scores: Vec<f64> = records
             .iter()
-            .filter(|r| team.is_none() || r.team.as_deref() == team)
             .filter(|r| r.confidence_aggregate.as_deref() == Some(name.as_str()))
             .map(|r| {
                 if r.confidence.is_nan() {

@@ -264,22 +264,6 @@ impl Storage {
         )
     }
 
-    /// Up to `limit` requests in `[since, until)` that were served locally, carry a
-    /// confidence value and received feedback (of `team` only, when given), oldest first:
-    /// the labeled items `cascade calibrate --ledger` fits a calibration to.
-    pub async fn labeled_signals(
-        &self,
-        team: Option<&str>,
-        since_unix_ms: i64,
-        until_unix_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<SignalRecord>, StorageError> {
-        on_backend!(
-            self,
-            ledger::labeled_signals(team, since_unix_ms, until_unix_ms, limit)
-        )
-    }
-
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         match &self.backend {

@@ -154,7 +154,7 @@ suite!(
     team_usage_counts_only_that_team_within_the_window,
     spend_by_team_totals_every_team_sorted_by_name,
     records_with_signals_returns_confident_records_in_the_window_up_to_the_limit,
-    labeled_signals_are_local_requests_with_feedback_of_the_team_asked_for,
+    labels_are_the_local_requests_with_feedback_of_the_team_asked_for,
     kept_signals_are_stored_with_their_record_and_read_back_with_the_labels,
     a_recorded_request_is_read_back_by_a_fresh_pool,
     connecting_again_applies_no_migration_twice,
@@ -737,7 +737,7 @@ mod cases {
         Ok(())
     }
 
-    pub(super) async fn labeled_signals_are_local_requests_with_feedback_of_the_team_asked_for(
+    pub(super) async fn labels_are_the_local_requests_with_feedback_of_the_team_asked_for(
         db: TestDb,
     ) -> TestResult {
         let s = db.open().await?;
@@ -762,23 +762,34 @@ mod cases {
         s.record_feedback("a-late", 1.0, None, T0).await?;
         s.record_feedback("a-2", 0.75, None, T0).await?;
 
-        let ids = |records: &[crate::storage::SignalRecord]| {
-            let mut ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        // The labels `cascade calibrate --ledger` picks (`eval::feedback::labels`) from what
+        // `records_with_signals` reads: served locally, with feedback.
+        let label_ids = |records: &[crate::storage::SignalRecord]| {
+            let mut ids: Vec<String> = records
+                .iter()
+                .filter(|r| r.route == "local" && r.feedback.is_some())
+                .map(|r| r.id.clone())
+                .collect();
             ids.sort();
             ids
         };
         let alpha = s
-            .labeled_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
+            .records_with_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
             .await?;
-        assert_eq!(ids(&alpha), ["a-1", "a-2"]);
+        assert_eq!(label_ids(&alpha), ["a-1", "a-2"]);
         let a2 = alpha.iter().find(|r| r.id == "a-2").ok_or("a-2 missing")?;
         assert_eq!(a2.feedback, Some(0.75));
         assert_eq!(a2.confidence, -0.25);
-        let all = s.labeled_signals(None, T0, T0 + HOUR_MS, 100).await?;
-        assert_eq!(ids(&all), ["a-1", "a-2", "b-1"]);
-        assert_eq!(s.labeled_signals(None, T0, T0 + HOUR_MS, 2).await?.len(), 2);
+        let all = s.records_with_signals(None, T0, T0 + HOUR_MS, 100).await?;
+        assert_eq!(label_ids(&all), ["a-1", "a-2", "b-1"]);
+        assert_eq!(
+            s.records_with_signals(None, T0, T0 + HOUR_MS, 2)
+                .await?
+                .len(),
+            2
+        );
         assert!(s
-            .labeled_signals(Some("gamma"), T0, T0 + HOUR_MS, 100)
+            .records_with_signals(Some("gamma"), T0, T0 + HOUR_MS, 100)
             .await?
             .is_empty());
         Ok(())
@@ -845,7 +856,7 @@ mod cases {
             s.record_feedback(id, 1.0, None, T0).await?;
         }
         let labeled = s
-            .labeled_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
+            .records_with_signals(Some("alpha"), T0, T0 + HOUR_MS, 100)
             .await?;
         let kept = |id: &str| {
             labeled

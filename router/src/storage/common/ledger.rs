@@ -289,6 +289,8 @@ pub(crate) async fn records_with_signals(
     until_unix_ms: i64,
     limit: u32,
 ) -> Result<Vec<SignalRecord>, StorageError> {
+    // Two fixed statements rather than `$4 IS NULL OR team = $4`, whose parameter type
+    // PostgreSQL cannot infer from a bare NULL.
     let sql = match team {
         Some(_) => records_with_signals_query!(" AND team = $4"),
         None => records_with_signals_query!(""),
@@ -304,7 +306,7 @@ pub(crate) async fn records_with_signals(
     rows.iter().map(signal_record).collect()
 }
 
-/// Decodes a row selected by `records_with_signals` or `labeled_signals`.
+/// Decodes a row selected by `records_with_signals`.
 fn signal_record(row: &<Db as Database>::Row) -> Result<SignalRecord, StorageError> {
     Ok(SignalRecord {
         id: row.try_get("id")?,
@@ -331,50 +333,6 @@ fn kept_signals(row: &<Db as Database>::Row) -> Result<Option<EncodedSignals>, S
             })
         })
         .transpose()
-}
-
-/// Columns and conditions of `labeled_signals`: requests served locally (the answer the
-/// feedback judges is the one the confidence value scored) with a confidence value and a
-/// feedback score, in `[$1, $2)`.
-macro_rules! labeled_signals_query {
-    ($team_condition:literal) => {
-        concat!(
-            "SELECT id, created_unix_ms, team, variant, route, confidence, confidence_aggregate, \
-                    feedback_score, status, ",
-            signal_columns!(),
-            with_signals!(),
-            " WHERE route = 'local' AND confidence IS NOT NULL AND feedback_score IS NOT NULL \
-               AND created_unix_ms >= $1 AND created_unix_ms < $2",
-            $team_condition,
-            " ORDER BY created_unix_ms LIMIT $3"
-        )
-    };
-}
-
-/// Up to `limit` requests in `[since, until)` that were served locally, carry a confidence
-/// value and received feedback, of `team` only when given, oldest first.
-pub(crate) async fn labeled_signals(
-    pool: &Pool<Db>,
-    team: Option<&str>,
-    since_unix_ms: i64,
-    until_unix_ms: i64,
-    limit: u32,
-) -> Result<Vec<SignalRecord>, StorageError> {
-    // Two fixed statements rather than `$4 IS NULL OR team = $4`, whose parameter type
-    // PostgreSQL cannot infer from a bare NULL.
-    let sql = match team {
-        Some(_) => labeled_signals_query!(" AND team = $4"),
-        None => labeled_signals_query!(""),
-    };
-    let mut query = sqlx::query(sql)
-        .bind(since_unix_ms)
-        .bind(until_unix_ms)
-        .bind(i64::from(limit));
-    if let Some(team) = team {
-        query = query.bind(team);
-    }
-    let rows = query.fetch_all(pool).await?;
-    rows.iter().map(signal_record).collect()
 }
 
 /// Decodes a row selected with `record_columns!`.
