@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo run --release -p local-model --example kernel_bench -- FORMAT ROWS COLS M [REPS] [COPIES]
-//! # FORMAT: q8_0, q4_1 or q4k; M: activation rows (1 = a decode step);
+//! # FORMAT: q8_0, q4_1, q5_0 or q4k; M: activation rows (1 = a decode step);
 //! # COPIES: distinct matrices cycled through, so that they stream from
 //! # memory as a model's layers do (default 1: the matrix stays in cache).
 //! cargo run --release -p local-model --example kernel_bench -- q4_1 3072 576 1 2000 100
@@ -24,10 +24,11 @@ use local_model::engine::kernels::GroupedWeights;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: kernel_bench FORMAT(q8_0|q4_1|q4k) ROWS COLS M [REPS] [COPIES]";
+    let usage = "usage: kernel_bench FORMAT(q8_0|q4_1|q5_0|q4k) ROWS COLS M [REPS] [COPIES]";
     let format = match args.first().map(String::as_str) {
         Some("q8_0") => GgmlDType::Q8_0,
         Some("q4_1") => GgmlDType::Q4_1,
+        Some("q5_0") => GgmlDType::Q5_0,
         Some("q4k") => GgmlDType::Q4K,
         _ => bail!("{usage}"),
     };

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rms_norm_each, rope_one, LayerCache, SeqCache};
-use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
+use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
 use super::{
@@ -141,9 +141,9 @@ impl Gemma3 {
                 get("post_ffw_norm")?,
             ]);
         }
-        let (dense_total, wide_total) =
-            dense_and_wide_sizes(raw.iter().flat_map(|b| b[..7].iter()));
-        let keep_dense = prefill.keeps_copy(dense_total, wide_total);
+        let (dense_total, tuned_total) =
+            dense_and_tuned_sizes(raw.iter().flat_map(|b| b[..7].iter()));
+        let keep_dense = prefill.keeps_copy(dense_total, tuned_total);
 
         let mut built = Vec::with_capacity(blocks);
         let mut dense_bytes = 0;

@@ -47,18 +47,18 @@ pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
 }
 
 /// The dense size of `weights` and the part of it whose products run on
-/// Cascade's AVX-512 kernels here.
-pub(crate) fn dense_and_wide_sizes<'a>(
+/// Cascade's own kernels here (AVX2 or AVX-512).
+pub(crate) fn dense_and_tuned_sizes<'a>(
     weights: impl Iterator<Item = &'a QTensor>,
 ) -> (usize, usize) {
-    weights.fold((0, 0), |(dense, wide), w| {
+    weights.fold((0, 0), |(dense, tuned), w| {
         let size = dense_size(w);
-        let on_wide = if kernels::wide_covers(w.dtype()) {
+        let on_tuned = if grouped_kernels_cover(w.dtype()) {
             size
         } else {
             0
         };
-        (dense + size, wide + on_wide)
+        (dense + size, tuned + on_tuned)
     })
 }
 

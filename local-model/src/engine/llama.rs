@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::{self, Rotary};
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
-use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
+use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
@@ -152,9 +152,9 @@ impl Llama {
                 get("ffn_norm")?,
             ]);
         }
-        let (dense_total, wide_total) =
-            dense_and_wide_sizes(raw.iter().flat_map(|b| b[..7].iter()));
-        let keep_dense = prefill.keeps_copy(dense_total, wide_total);
+        let (dense_total, tuned_total) =
+            dense_and_tuned_sizes(raw.iter().flat_map(|b| b[..7].iter()));
+        let keep_dense = prefill.keeps_copy(dense_total, tuned_total);
 
         let mut built = Vec::with_capacity(blocks);
         let mut dense_bytes = 0;

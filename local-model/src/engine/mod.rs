@@ -196,14 +196,18 @@ impl std::str::FromStr for Kernels {
 }
 
 /// Whether the tuned engine keeps a dequantised copy of the layer weights
-/// for prefill, where a dense matrix product beats the AVX2 quantized
-/// kernels (SmolLM2: 660 against 420 tok/s). Cascade's AVX-512 kernels beat
-/// the copy instead (Gemma 3 270M: 924 against 768 tok/s, in 542 instead of
-/// 870 MiB), so `Auto` keeps none where they run most of the weights.
+/// for prefill, a dense matrix product on candle's F32 `gemm`. Where
+/// Cascade's own kernels run most of the weights, they beat the copy on
+/// every host measured: AVX-512 (Gemma 3 270M: 924 against 768 tok/s, in
+/// 542 instead of 870 MiB) and, since the kernels hold sixteen rows side
+/// by side, AVX2 too (an AMD Zen 3 host: SmolLM2 464 against 294 tok/s,
+/// Gemma 3 381 against 271, docs/benchmarks.md "Session 14"). So `Auto`
+/// keeps a copy only for weights candle's own quantized kernels would run
+/// (a CPU without AVX2, or formats Cascade has no kernel for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillWeights {
     /// A copy when it takes at most this many MiB and most of the
-    /// weights are not on the AVX-512 kernels, else none.
+    /// weights are not on Cascade's kernels, else none.
     Auto { max_mib: usize },
     /// Always keep the copy.
     Dense,
@@ -219,13 +223,13 @@ impl Default for PrefillWeights {
 
 impl PrefillWeights {
     /// Whether to keep a dense copy that would take `bytes`, of which
-    /// `wide_bytes` are of weights on the AVX-512 kernels.
-    pub(crate) fn keeps_copy(self, bytes: usize, wide_bytes: usize) -> bool {
+    /// `tuned_bytes` are of weights on Cascade's kernels.
+    pub(crate) fn keeps_copy(self, bytes: usize, tuned_bytes: usize) -> bool {
         match self {
             PrefillWeights::Dense => true,
             PrefillWeights::Quantized => false,
             PrefillWeights::Auto { max_mib } => {
-                bytes <= max_mib * 1024 * 1024 && 2 * wide_bytes < bytes
+                bytes <= max_mib * 1024 * 1024 && 2 * tuned_bytes < bytes
             }
         }
     }
@@ -273,7 +277,7 @@ mod prefill_weights_tests {
     use super::PrefillWeights;
 
     #[test]
-    fn auto_keeps_a_copy_only_when_small_and_not_mostly_on_avx512_kernels() {
+    fn auto_keeps_a_copy_only_when_small_and_not_mostly_on_cascades_kernels() {
         let auto = PrefillWeights::default();
         let mib = 1024 * 1024;
         assert!(auto.keeps_copy(400 * mib, 0));

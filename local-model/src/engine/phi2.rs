@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
-use super::linear::{dense_and_wide_sizes, stack_rows, with_simd_kernel, Linear};
+use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::{causal_mask, rope_tables};
 use super::token_table::{output_projection, TokenTable};
 use super::{
@@ -184,11 +184,11 @@ impl Phi2 {
         }
         let output = output_projection(content, reader, &embeddings, exact, device)?;
 
-        let (dense_total, wide_total) = dense_and_wide_sizes(
+        let (dense_total, tuned_total) = dense_and_tuned_sizes(
             raw.iter()
                 .flat_map(|b| b.qkv.iter().chain([&b.attn_out.0, &b.up.0, &b.down.0])),
         );
-        let keep_dense = prefill.keeps_copy(dense_total, wide_total);
+        let keep_dense = prefill.keeps_copy(dense_total, tuned_total);
         let linear = |t: QTensor, bias: Tensor| -> Result<Linear> {
             let layer = if exact {
                 Linear::exact(t, device)?

@@ -346,6 +346,16 @@ impl WideBytes for WideVnni {
     }
 }
 
+/// A step's full bytes as [`NarrowBytes::full_bytes`] prepares them: the
+/// unsigned operand of the byte products, and whose sign the activations
+/// take (the same bytes where the path multiplies them as they are).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct FullBytes {
+    unsigned: __m256i,
+    sign: __m256i,
+}
+
 /// [`WideBytes`] for the AVX2 kernels: `V3`, or the AVX-VNNI token.
 #[cfg(target_arch = "x86_64")]
 trait NarrowBytes: Copy {
@@ -354,15 +364,25 @@ trait NarrowBytes: Copy {
     /// `acc` plus `Σ a·b + Σ c·d` per four bytes; each pair of products of
     /// `a·b` plus that of `c·d` must fit 16 bits (as [`WideBytes::quads2`]).
     fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i;
-    /// [`WideBytes::add_byte_quads2`] on AVX2.
+    /// Full unsigned bytes (Q8_0's weights held as `w + 128`) as this
+    /// path multiplies them, once per step for every activation row.
+    fn full_bytes(self, held: __m256i) -> FullBytes;
+    /// `acc` plus a sum over full bytes `a` and `c` times signed `b` and
+    /// `d`, four bytes a lane: `Σ a·b + Σ c·d` itself, or that less
+    /// `128·(Σ b + Σ d)`, as the path finds cheaper;
+    /// [`NarrowBytes::full_byte_sums`] turns a block's total into `Σ a·b`
+    /// given the block's activation sum.
     fn add_byte_quads2(
         self,
         acc: __m256i,
-        a: __m256i,
+        a: FullBytes,
         b: __m256i,
-        c: __m256i,
+        c: FullBytes,
         d: __m256i,
     ) -> __m256i;
+    /// A block's total of [`NarrowBytes::add_byte_quads2`] as `Σ a·b`,
+    /// given `y_sum`, the sum of the block's activation bytes.
+    fn full_byte_sums(self, total: __m256i, y_sum: i32) -> __m256i;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -387,26 +407,47 @@ impl NarrowBytes for Simd {
                 ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1)),
         )
     }
+    /// `maddubs` would saturate on `(w + 128)·y` (two products of up to
+    /// 255 × 127 in 16 bits), so this path takes `Σ w·y` by llama.cpp's
+    /// sign trick: `|w|` times `y` with `w`'s sign, at most 128 × 127
+    /// twice. `full_byte_sums` adds the `128·Σ y` back once per block, so
+    /// the integers are the same as on the other paths.
+    #[inline(always)]
+    fn full_bytes(self, held: __m256i) -> FullBytes {
+        let w = self
+            .avx2
+            ._mm256_xor_si256(held, self.avx._mm256_set1_epi8(i8::MIN));
+        FullBytes {
+            unsigned: self.avx2._mm256_abs_epi8(w),
+            sign: w,
+        }
+    }
     #[inline(always)]
     fn add_byte_quads2(
         self,
         acc: __m256i,
-        a: __m256i,
+        a: FullBytes,
         b: __m256i,
-        c: __m256i,
+        c: FullBytes,
         d: __m256i,
     ) -> __m256i {
-        let nibbles = self.avx._mm256_set1_epi8(0x0F);
-        let low = |v| self.avx2._mm256_and_si256(v, nibbles);
-        let high = |v| low(self.avx2._mm256_srli_epi16::<4>(v));
-        let zero = self.avx._mm256_setzero_si256();
-        let low_sums = self.add_quads2(zero, low(a), b, low(c), d);
-        let high_sums = self.add_quads2(zero, high(a), b, high(c), d);
+        let signed_quads = |w: FullBytes, y: __m256i| {
+            let pairs = self
+                .avx2
+                ._mm256_maddubs_epi16(w.unsigned, self.avx2._mm256_sign_epi8(y, w.sign));
+            self.avx2
+                ._mm256_madd_epi16(pairs, self.avx._mm256_set1_epi16(1))
+        };
         self.avx2._mm256_add_epi32(
             acc,
             self.avx2
-                ._mm256_add_epi32(low_sums, self.avx2._mm256_slli_epi32::<4>(high_sums)),
+                ._mm256_add_epi32(signed_quads(a, b), signed_quads(c, d)),
         )
+    }
+    #[inline(always)]
+    fn full_byte_sums(self, total: __m256i, y_sum: i32) -> __m256i {
+        self.avx2
+            ._mm256_add_epi32(total, self.avx._mm256_set1_epi32(128 * y_sum))
     }
 }
 
@@ -425,15 +466,26 @@ impl NarrowBytes for SimdVnni {
         self.dot_u8_i8(self.dot_u8_i8(acc, a, b), c, d)
     }
     #[inline(always)]
+    fn full_bytes(self, held: __m256i) -> FullBytes {
+        FullBytes {
+            unsigned: held,
+            sign: held,
+        }
+    }
+    #[inline(always)]
     fn add_byte_quads2(
         self,
         acc: __m256i,
-        a: __m256i,
+        a: FullBytes,
         b: __m256i,
-        c: __m256i,
+        c: FullBytes,
         d: __m256i,
     ) -> __m256i {
-        self.add_quads2(acc, a, b, c, d)
+        self.add_quads2(acc, a.unsigned, b, c.unsigned, d)
+    }
+    #[inline(always)]
+    fn full_byte_sums(self, total: __m256i, _y_sum: i32) -> __m256i {
+        total
     }
 }
 

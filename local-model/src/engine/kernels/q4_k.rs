@@ -275,7 +275,7 @@ impl GroupKernel<LANES> for Kernel<'_> {
         } else if self.isa.wide.is_some() {
             8
         } else {
-            2
+            4
         }
     }
 
@@ -480,8 +480,9 @@ fn dot_group<B: NarrowBytes, const N: usize>(
                             for n in 0..N {
                                 let y_low = simd.avx._mm256_set1_epi32(ys[n].quads[k]);
                                 let y_high = simd.avx._mm256_set1_epi32(ys[n].quads[k + 1]);
-                                sums[n][s % 2] =
-                                    bytes.add_quads2(sums[n][s % 2], low, y_low, high, y_high);
+                                let chain = if N >= 4 { 0 } else { s % 2 };
+                                sums[n][chain] =
+                                    bytes.add_quads2(sums[n][chain], low, y_low, high, y_high);
                             }
                         }
                         for n in 0..N {

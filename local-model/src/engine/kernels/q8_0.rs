@@ -10,8 +10,10 @@
 //! activations meet the weights as they are, without the sign trick the
 //! earlier four-row kernel applied per row and block (`|w|` times `y` with
 //! `w`'s sign). Without VNNI, `maddubs` would saturate on those bytes
-//! (two products of up to 255 × 127 in 16 bits), so those paths multiply
-//! the two nibbles of each byte apart (`SideLayout::FULL_BYTES`).
+//! (two products of up to 255 × 127 in 16 bits): the AVX-512 path
+//! multiplies the two nibbles of each byte apart, the AVX2 path takes
+//! `Σ w·y` with the sign trick and adds `128·Σ y` back once per block
+//! (`SideLayout::FULL_BYTES`); the integer sums are the same on every path.
 //!
 //! Gemma 3's embedding table is Q8_0 and doubles as its output projection
 //! (262,144 rows): in batched decode it is the largest product of a step,
@@ -38,6 +40,9 @@ pub(super) struct Activations {
     scales: Vec<f32>,
     values: Vec<[i8; BLOCK]>,
     sums: Vec<f32>,
+    /// Each block's sum of its rounded values, for the AVX2 path that
+    /// multiplies Q8_0's offset bytes with their sign (`full_byte_sums`).
+    value_sums: Vec<i32>,
     blocks_per_row: usize,
 }
 
@@ -49,29 +54,33 @@ impl Activations {
         let mut scales = Vec::with_capacity(blocks);
         let mut values = Vec::with_capacity(blocks);
         let mut sums = Vec::with_capacity(blocks);
+        let mut value_sums = Vec::with_capacity(blocks);
         for chunk in x.chunks_exact(BLOCK) {
             let mut q = [0i8; BLOCK];
             let mut sum = [0i32];
             let scale = quantize_block(simd, chunk, &mut q, &mut sum);
             scales.push(scale);
             sums.push(scale * sum[0] as f32);
+            value_sums.push(sum[0]);
             values.push(q);
         }
         Ok(Self {
             scales,
             values,
             sums,
+            value_sums,
             blocks_per_row: cols / BLOCK,
         })
     }
 
-    /// Scales, values and sums of row `i`.
-    pub(super) fn row(&self, i: usize) -> (&[f32], &[[i8; BLOCK]], &[f32]) {
+    /// Scales, values, sums and integer sums of row `i`.
+    pub(super) fn row(&self, i: usize) -> ActivationRow<'_> {
         let range = i * self.blocks_per_row..(i + 1) * self.blocks_per_row;
         (
             &self.scales[range.clone()],
             &self.values[range.clone()],
-            &self.sums[range],
+            &self.sums[range.clone()],
+            &self.value_sums[range],
         )
     }
 }
@@ -168,5 +177,5 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-/// Scales, values and sums of one activation row.
-pub(super) type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32]);
+/// Scales, values, sums and integer sums of one activation row.
+pub(super) type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32], &'a [i32]);
