@@ -22,10 +22,10 @@ use super::Pass;
 /// `tests/engine.rs` holds it to 0.05 nats), but 34 bytes per 32 values
 /// against Q5_0's 22 and Q4_1's 20.
 ///
-/// Where Cascade's AVX-512 kernels run, Q6_K becomes Q8_0 too: candle's
-/// Q6_K product was 10% of Gemma 3 270M's prefill samples for 4% of its
-/// weight bytes (nine of its down projections), and Q8_0 reads 34 bytes
-/// per 32 values against Q6_K's 26.25.
+/// Where Cascade's kernels run (AVX2 or AVX-512), Q6_K becomes Q8_0 too:
+/// candle's Q6_K product was 10% of Gemma 3 270M's prefill samples for 4%
+/// of its weight bytes (nine of its down projections) on both, and Q8_0
+/// reads 34 bytes per 32 values against Q6_K's 26.25.
 pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTensor> {
     let row = weights.shape().dims().last().copied().unwrap_or(0);
     if !lacks_simd_kernel(weights.dtype(), row) {
@@ -40,7 +40,7 @@ pub(crate) fn with_simd_kernel(weights: QTensor, device: &Device) -> Result<QTen
 pub(crate) fn lacks_simd_kernel(dtype: GgmlDType, row: usize) -> bool {
     let converts = match dtype {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => !grouped_kernels_cover(dtype),
-        GgmlDType::Q6K => kernels::wide_covers(GgmlDType::Q8_0),
+        GgmlDType::Q6K => kernels::covers(GgmlDType::Q8_0),
         _ => false,
     };
     converts && row.is_multiple_of(GgmlDType::Q8_0.block_size())
@@ -383,13 +383,13 @@ mod tests {
             GgmlDType::Q8_0
         };
         assert_eq!(with_simd_kernel(q5_0, &Device::Cpu).unwrap().dtype(), kept);
-        // Q6_K: to Q8_0 where the AVX-512 kernels run, within half a step
-        // of the 8-bit grid.
+        // Q6_K: to Q8_0 where Cascade's kernels run, within half a step of
+        // the 8-bit grid.
         let dense = random(4, 256, 2);
         let q6_k = QTensor::quantize(&dense, GgmlDType::Q6K).unwrap();
         let before = q6_k.dequantize(&Device::Cpu).unwrap();
         let converted = with_simd_kernel(q6_k, &Device::Cpu).unwrap();
-        if kernels::wide_covers(GgmlDType::Q8_0) {
+        if kernels::covers(GgmlDType::Q8_0) {
             assert_eq!(converted.dtype(), GgmlDType::Q8_0);
         } else {
             assert_eq!(converted.dtype(), GgmlDType::Q6K);

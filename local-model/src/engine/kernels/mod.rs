@@ -776,11 +776,6 @@ pub fn covers(format: GgmlDType) -> bool {
     has_kernel(format) && detect_simd().is_some()
 }
 
-/// Whether weights of `format` get Cascade's AVX-512 kernel on this CPU.
-pub fn wide_covers(format: GgmlDType) -> bool {
-    has_kernel(format) && detect_wide_simd().is_some()
-}
-
 impl GroupedWeights {
     /// `bytes`: `rows x cols` weights of `format` in GGUF's layout. `None`
     /// for other formats, or when this CPU lacks AVX2/FMA.
