@@ -25,6 +25,10 @@
 //!
 //! Elsewhere the scalar loop. Either way a position's result depends only
 //! on its own query and cache, never on the sequences beside it in a batch.
+//!
+//! Prefill runs it too, one row of a part at a time over that row's prefix
+//! (`attention::prefill_rows`), so a token's attention is the same
+//! arithmetic whether it ran in a prefill part or as a decode step.
 
 use half::f16;
 

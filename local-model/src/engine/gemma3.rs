@@ -22,7 +22,7 @@ use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rms_norm_each, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, rope_tables};
+use super::llama::rope_tables;
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
@@ -265,21 +265,11 @@ impl CausalLm for Gemma3 {
             Rotary::at(&self.rope[0].0, &self.rope[0].1, position, n)?,
             Rotary::at(&self.rope[1].0, &self.rope[1].1, position, n)?,
         ];
-        let window = self.blocks.iter().find_map(|b| b.window);
-        let global_mask = causal_mask(n, position, None, &device)?;
-        let local_mask = match window {
-            Some(w) => Some(causal_mask(n, position, Some(w), &device)?),
-            None => None,
-        };
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
-            let mask = match (block.window, &local_mask) {
-                (Some(_), Some(local)) => local,
-                _ => &global_mask,
-            };
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(layer, &h, &rotary[block.rope], mask, shape, pass)?;
+            let attended = block.attention(layer, &h, &rotary[block.rope], shape, pass)?;
             let attended =
                 candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
             x = (x + attended)?;
@@ -367,13 +357,12 @@ impl Block {
     }
 
     /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
-    /// the cache and itself, with the additive `mask`.
+    /// the cache and itself, causal, within the layer's window if any.
     fn attention(
         &self,
         cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
@@ -391,8 +380,9 @@ impl Block {
         let k = candle_nn::ops::rms_norm(&k, &self.k_norm, rms_eps)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (keys, values) = cache.append(&k, &v)?;
-        let mixed = attention::grouped(&q, &keys, &values, Some(mask), kv_heads)?;
+        let position = cache.len();
+        cache.push(&k, &v)?;
+        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, self.window)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

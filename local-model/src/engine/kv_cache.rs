@@ -11,6 +11,7 @@
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Result, Tensor};
 use half::f16;
+#[cfg(test)]
 use half::slice::HalfFloatSliceExt;
 
 /// The type a model's keys and values are held in: F16 where the weights
@@ -140,10 +141,24 @@ impl LayerCache {
         self.len = self.len.min(len);
     }
 
+    /// Appends `[1, kv_heads, n, head_dim]` keys and values (a prefill
+    /// part's), to be read in place by [`LayerCache::attend_heads_upto`].
+    pub(crate) fn push(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        self.store(keys, values)
+    }
+
     /// Appends `[1, kv_heads, n, head_dim]` keys and values and returns
-    /// everything held, in F32.
+    /// everything held, in F32: the tensor path the tests hold the in-place
+    /// attention to.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
         self.store(keys, values)?;
+        self.held()
+    }
+
+    /// Everything held, in F32.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> Result<(Tensor, Tensor)> {
         let (Some(all_keys), Some(all_values)) = (&self.keys, &self.values) else {
             candle_core::bail!("kv cache: storage missing after growth")
         };
@@ -152,9 +167,8 @@ impl LayerCache {
 
     /// The first `len` positions of `held` (keys or values) in F32,
     /// `[1, kv_heads, len, head_dim]`: each head's run converted in one
-    /// vectorized call (F16C where the CPU has it), where candle's
-    /// `to_dtype` on the strided view converted value by value (3% of
-    /// Phi-1.5's samples in a 256-token prefill).
+    /// vectorized call (F16C where the CPU has it).
+    #[cfg(test)]
     fn held_f32(&self, held: &Tensor) -> Result<Tensor> {
         let (_, kv_heads, capacity, head_dim) = held.dims4()?;
         let (storage, layout) = held.storage_and_layout();
@@ -243,12 +257,30 @@ impl LayerCache {
         window: Option<usize>,
         kv_range: std::ops::Range<usize>,
     ) -> Result<Vec<f32>> {
+        self.attend_heads_upto(q, heads, kv_heads, window, kv_range, self.len)
+    }
+
+    /// [`LayerCache::attend_heads`] for a query at position `end - 1`,
+    /// which sees the positions before `end` only: a prefill part's rows,
+    /// appended together, each attend over their own prefix.
+    pub(crate) fn attend_heads_upto(
+        &self,
+        q: &[f32],
+        heads: usize,
+        kv_heads: usize,
+        window: Option<usize>,
+        kv_range: std::ops::Range<usize>,
+        end: usize,
+    ) -> Result<Vec<f32>> {
         let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
             candle_core::bail!("attention over an empty cache")
         };
+        if end == 0 || end > self.len {
+            candle_core::bail!("attention up to position {end} of a cache of {}", self.len)
+        }
         let head_dim = q.len() / heads.max(1);
         let capacity = keys.dim(2)?;
-        let start = window.map_or(0, |w| self.len.saturating_sub(w));
+        let start = window.map_or(0, |w| end.saturating_sub(w));
         let (key_storage, key_layout) = keys.storage_and_layout();
         let (value_storage, value_layout) = values.storage_and_layout();
         let (candle_core::Storage::Cpu(key_cpu), candle_core::Storage::Cpu(value_cpu)) =
@@ -261,7 +293,7 @@ impl LayerCache {
         let span = HeldSpan {
             capacity,
             start,
-            end: self.len,
+            end,
             head_dim,
             group: heads / kv_heads.max(1),
         };
@@ -523,6 +555,72 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(gap < 1e-5, "{held_type:?}, window {window:?}: {gap}");
         }
+    }
+
+    #[test]
+    fn prefill_rows_match_the_tensor_path_with_a_causal_mask() {
+        for held in [DType::F16, DType::F32] {
+            for window in [None, Some(4)] {
+                prefill_rows_in(held, window);
+            }
+        }
+    }
+
+    /// A cached prefix of 7 positions, then a part of 5 rows: each row's
+    /// in-place attention against candle's masked tensor path over what the
+    /// cache holds (every value rounded to its type once).
+    fn prefill_rows_in(held: DType, window: Option<usize>) {
+        let (heads, kv_heads, head_dim, prefix, n) = (6, 2, 8, 7, 5);
+        let device = Device::Cpu;
+        let tensor = |seed: u32, heads: usize, len: usize| {
+            Tensor::from_vec(
+                values(heads * len * head_dim, seed),
+                (1, heads, len, head_dim),
+                &device,
+            )
+            .unwrap()
+        };
+        let mut cache = LayerCache::new(held);
+        cache
+            .push(&tensor(1, kv_heads, prefix), &tensor(2, kv_heads, prefix))
+            .unwrap();
+        cache
+            .push(&tensor(3, kv_heads, n), &tensor(4, kv_heads, n))
+            .unwrap();
+        let q = tensor(5, heads, n);
+        let got: Vec<f32> =
+            super::super::attention::prefill_rows(&q, &cache, prefix, kv_heads, window)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        let (keys, values) = cache.held().unwrap();
+        let mask = super::super::llama::causal_mask(n, prefix, window, &device).unwrap();
+        let want: Vec<f32> =
+            super::super::attention::grouped(&q, &keys, &values, Some(&mask), kv_heads)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        assert_eq!(got.len(), n * heads * head_dim);
+        let gap = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(gap < 1e-5, "{held:?}, window {window:?}: {gap}");
+    }
+
+    #[test]
+    fn attention_past_the_cache_is_an_error() {
+        let mut cache = LayerCache::new(DType::F32);
+        cache.push(&step(1.0, 3), &step(1.0, 3)).unwrap();
+        let q = vec![0.5f32; 2 * 4];
+        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 3).is_ok());
+        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 4).is_err());
+        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 0).is_err());
     }
 
     #[test]

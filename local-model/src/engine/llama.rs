@@ -237,13 +237,12 @@ impl CausalLm for Llama {
         let device = self.norm.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
-        let mask = Some(causal_mask(n, position, None, &device)?);
         let shape = self.shape;
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
-            let attended = block.attention(layer, &h, &rotary, mask.as_ref(), shape, pass)?;
+            let attended = block.attention(layer, &h, &rotary, shape, pass)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
             if l + 1 == middle {
@@ -311,13 +310,12 @@ impl Block {
     }
 
     /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
-    /// the cache and itself.
+    /// the cache and itself, causal.
     fn attention(
         &self,
         cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
@@ -333,15 +331,18 @@ impl Block {
         // GGUF llama weights are permuted for interleaved rotary pairs.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let (keys, values) = cache.append(&k, &v)?;
-        let mixed = attention::grouped(&q, &keys, &values, mask, kv_heads)?;
+        let position = cache.len();
+        cache.push(&k, &v)?;
+        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, None)?;
         self.attn_out.forward(&mixed, pass)
     }
 }
 
 /// Additive mask `[n, position + n]`: query `i` (at `position + i`) sees
 /// keys up to its own position, and with a `window`, only the last
-/// `window` of them (its own included).
+/// `window` of them (its own included). The tensor path's mask, which the
+/// tests hold `attention::prefill_rows` to.
+#[cfg(test)]
 pub(crate) fn causal_mask(
     n: usize,
     position: usize,

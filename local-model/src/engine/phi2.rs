@@ -18,7 +18,7 @@ use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
-use super::llama::{causal_mask, rope_tables};
+use super::llama::rope_tables;
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
@@ -281,13 +281,12 @@ impl CausalLm for Phi2 {
         let device = self.norm.weight.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
-        let mask = causal_mask(n, position, None, &device)?;
         let shape = self.shape;
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
             let h = block.norm.forward(&x, shape.norm_eps)?;
-            let attended = block.attention(layer, &h, &rotary, &mask, shape, pass)?;
+            let attended = block.attention(layer, &h, &rotary, shape, pass)?;
             let mlp = block.mlp(&h, pass)?;
             x = ((x + attended)? + mlp)?;
             if l + 1 == middle {
@@ -363,13 +362,12 @@ impl Block {
     }
 
     /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over
-    /// the cache and itself, with the additive `mask`.
+    /// the cache and itself, causal.
     fn attention(
         &self,
         cache: &mut LayerCache,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
         shape: Shape,
         pass: Pass,
     ) -> Result<Tensor> {
@@ -385,8 +383,9 @@ impl Block {
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         let q = partial_rope(&q, cos, sin, rope_dim)?;
         let k = partial_rope(&k, cos, sin, rope_dim)?;
-        let (keys, values) = cache.append(&k, &v)?;
-        let mixed = attention::grouped(&q, &keys, &values, Some(mask), kv_heads)?;
+        let position = cache.len();
+        cache.push(&k, &v)?;
+        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, None)?;
         self.attn_out.forward(&mixed, pass)
     }
 }
