@@ -96,14 +96,15 @@ impl SideLayout for Q5_0Layout {
         half: usize,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
         let (low, high) = nibbles_narrow(simd, step, Self::VALUES_AT + s * QUAD_BYTES + 32 * half);
-        let (low_mask, high_mask) = masks(step, s);
-        // This half's 32 bits, one per byte: byte `j` takes the mask's byte
-        // `j / 8` and keeps bit `j % 8`, then becomes 16 where it is set.
-        let spread = |mask: u64| {
-            let bits = (mask >> (32 * half)) as u32;
-            let bytes = simd
-                .avx
-                ._mm256_set1_epi32(i32::from_le_bytes(bits.to_le_bytes()));
+        // This half's 32 bits of a mask (low values at 0, high at 8), one
+        // per byte: byte `j` takes the mask's byte `j / 8` and keeps bit
+        // `j % 8`, then becomes 16 where it is set. The four bytes are
+        // broadcast straight from the held step (a load, where going
+        // through a general register cost two vector instructions more).
+        let spread = |mask_at: usize| {
+            let at = HIGH_AT + HIGH_BYTES * s + mask_at + 4 * half;
+            let bits: [u8; 4] = std::array::from_fn(|k| step[at + k]);
+            let bytes = simd.avx._mm256_set1_epi32(i32::from_le_bytes(bits));
             let which: [u8; 32] = std::array::from_fn(|j| (j / 8) as u8);
             let spread = simd
                 .avx2
@@ -117,8 +118,8 @@ impl SideLayout for Q5_0Layout {
                 ._mm256_and_si256(set, simd.avx._mm256_set1_epi8(16))
         };
         (
-            simd.avx2._mm256_or_si256(low, spread(low_mask)),
-            simd.avx2._mm256_or_si256(high, spread(high_mask)),
+            simd.avx2._mm256_or_si256(low, spread(0)),
+            simd.avx2._mm256_or_si256(high, spread(8)),
         )
     }
 }
