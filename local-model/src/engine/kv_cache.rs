@@ -491,6 +491,16 @@ mod tests {
             .collect()
     }
 
+    /// The largest difference between the tensor path's result and ours.
+    fn largest_gap(want: &Tensor, got: &[f32]) -> f32 {
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(want.len(), got.len());
+        want.iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn one_query_attention_matches_the_tensor_path() {
         for held in [DType::F16, DType::F32] {
@@ -540,19 +550,9 @@ mod tests {
                 ),
                 None => (all_keys.clone(), all_values.clone()),
             };
-            let want: Vec<f32> =
-                super::super::attention::grouped(&q_tensor, &k, &v, None, kv_heads)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+            let want = super::super::attention::grouped(&q_tensor, &k, &v, None, kv_heads).unwrap();
             let got = cache.attend_one(&q, heads, kv_heads, window).unwrap();
-            let gap = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let gap = largest_gap(&want, &got);
             assert!(gap < 1e-5, "{held_type:?}, window {window:?}: {gap}");
         }
     }
@@ -597,19 +597,10 @@ mod tests {
                 .unwrap();
         let (keys, values) = cache.held().unwrap();
         let mask = super::super::llama::causal_mask(n, prefix, window, &device).unwrap();
-        let want: Vec<f32> =
-            super::super::attention::grouped(&q, &keys, &values, Some(&mask), kv_heads)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+        let want =
+            super::super::attention::grouped(&q, &keys, &values, Some(&mask), kv_heads).unwrap();
         assert_eq!(got.len(), n * heads * head_dim);
-        let gap = want
-            .iter()
-            .zip(&got)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let gap = largest_gap(&want, &got);
         assert!(gap < 1e-5, "{held:?}, window {window:?}: {gap}");
     }
 
