@@ -9,9 +9,10 @@ use candle_core::{Result, Tensor, D};
 use super::kv_cache::LayerCache;
 
 /// The attention of a prefill part: `q` (`[1, heads, n, head_dim]`,
-/// rotated) holds the queries of positions `position..position + n`, whose
-/// keys and values `cache` holds already; row `i` attends over positions up
-/// to its own (the last `window` of them when given). Returns
+/// rotated) holds the queries of the `n` positions that follow what
+/// `cache` holds, `k` and `v` (`[1, kv_heads, n, head_dim]`) their keys and
+/// values, appended to the cache first; row `i` then attends over positions
+/// up to its own (the last `window` of them when given). Returns
 /// `[1, n, heads * head_dim]`.
 ///
 /// Each row runs the decode step's attention (`decode_attention`) over its
@@ -27,48 +28,67 @@ use super::kv_cache::LayerCache;
 /// decode step.
 pub(crate) fn prefill_rows(
     q: &Tensor,
-    cache: &LayerCache,
-    position: usize,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &mut LayerCache,
     kv_heads: usize,
     window: Option<usize>,
 ) -> Result<Tensor> {
     let (_, heads, n, head_dim) = q.dims4()?;
+    let position = cache.len();
+    cache.push(k, v)?;
+    let cache = &*cache;
     let kv_heads = kv_heads.max(1);
     let width = heads * head_dim;
     let queries = q.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?;
     let slot = heads / kv_heads * head_dim;
     // Task `t` is row `t % n` of key/value head `t / n`: consecutive tasks
     // read the same head's keys and values, which then stay in cache.
-    let tasks = n * kv_heads;
-    let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..tasks).map(|_| OnceLock::new()).collect();
-    let run = |range: std::ops::Range<usize>| {
+    let parts = on_pool(n * kv_heads, "prefill", |range, done| {
         for t in range {
             let (kv, i) = (t / n, t % n);
             let query = &queries[i * width..(i + 1) * width];
-            let out = cache.attend_heads_upto(
-                query,
-                heads,
-                kv_heads,
-                window,
-                kv..kv + 1,
-                position + i + 1,
+            let end = position + i + 1;
+            done(
+                t,
+                cache.attend_heads(query, heads, kv_heads, window, kv..kv + 1, end),
             );
-            let _ = outputs[t].set(out);
         }
-    };
-    candle_core::utils::barrier_pool().execute_chunked(tasks, run);
+    })?;
     let mut mixed = vec![0f32; n * width];
-    for (t, output) in outputs.into_iter().enumerate() {
-        let (kv, i) = (t / n, t % n);
-        match output.into_inner() {
-            Some(part) => {
-                let at = i * width + kv * slot;
-                mixed[at..at + slot].copy_from_slice(&part?);
-            }
-            None => candle_core::bail!("prefill: a head's attention did not run"),
-        }
+    for (t, part) in parts.into_iter().enumerate() {
+        let at = (t % n) * width + (t / n) * slot;
+        mixed[at..at + slot].copy_from_slice(&part);
     }
     Tensor::from_vec(mixed, (1, n, width), q.device())
+}
+
+/// Runs `tasks` independent attention tasks over the kernels' pool (inline
+/// when there is one) and returns their results in task order. `run` gets a
+/// range of tasks and hands each task's result to `done(t, result)`; the
+/// first failed task in order gives the error, and one `run` never reached
+/// fails with `what` in its message.
+fn on_pool(
+    tasks: usize,
+    what: &str,
+    run: impl Fn(std::ops::Range<usize>, &dyn Fn(usize, Result<Vec<f32>>)) + Sync,
+) -> Result<Vec<Vec<f32>>> {
+    let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..tasks).map(|_| OnceLock::new()).collect();
+    let done = |t: usize, out: Result<Vec<f32>>| {
+        let _ = outputs[t].set(out);
+    };
+    if tasks == 1 {
+        run(0..1, &done);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| run(range, &done));
+    }
+    outputs
+        .into_iter()
+        .map(|output| match output.into_inner() {
+            Some(part) => part,
+            None => candle_core::bail!("{what}: a head's attention did not run"),
+        })
+        .collect()
 }
 
 /// Attention of `q` (`[1, heads, n, head_dim]`, rotated) over `keys` and
@@ -206,39 +226,25 @@ pub(crate) fn decode_rows<'c>(
     // alone (one sequence) over its heads.
     let kv_heads = kv_heads.max(1);
     let slot = heads / kv_heads * head_dim;
-    let tasks = rows * kv_heads;
-    let outputs: Vec<OnceLock<Result<Vec<f32>>>> = (0..tasks).map(|_| OnceLock::new()).collect();
-    let run = |range: std::ops::Range<usize>| {
+    let parts = on_pool(rows * kv_heads, "decode step", |range, done| {
         let mut t = range.start;
         while t < range.end {
             let (i, first) = (t / kv_heads, t % kv_heads);
             let last = kv_heads.min(first + (range.end - t));
-            match appended[i].attend_heads(query(i), heads, kv_heads, window, first..last) {
+            let cache = appended[i];
+            match cache.attend_heads(query(i), heads, kv_heads, window, first..last, cache.len()) {
                 Ok(out) => {
                     for (k, part) in out.chunks_exact(slot).enumerate() {
-                        let _ = outputs[t + k].set(Ok(part.to_vec()));
+                        done(t + k, Ok(part.to_vec()));
                     }
                 }
                 // The first task of the failed call carries the error; the
-                // ones after it stay empty, and are never reached below.
-                Err(error) => {
-                    let _ = outputs[t].set(Err(error));
-                }
+                // ones after it stay empty, and are never reached.
+                Err(error) => done(t, Err(error)),
             }
             t += last - first;
         }
-    };
-    if tasks == 1 {
-        run(0..1);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(tasks, run);
-    }
-    let mut mixed = Vec::with_capacity(rows * heads * head_dim);
-    for output in outputs {
-        match output.into_inner() {
-            Some(part) => mixed.extend(part?),
-            None => candle_core::bail!("decode step: a head's attention did not run"),
-        }
-    }
+    })?;
+    let mixed = parts.concat();
     Tensor::from_vec(mixed, (1, rows, heads * head_dim), qkv.device())
 }

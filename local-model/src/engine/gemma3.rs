@@ -380,9 +380,7 @@ impl Block {
         let k = candle_nn::ops::rms_norm(&k, &self.k_norm, rms_eps)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let position = cache.len();
-        cache.push(&k, &v)?;
-        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, self.window)?;
+        let mixed = attention::prefill_rows(&q, &k, &v, cache, kv_heads, self.window)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

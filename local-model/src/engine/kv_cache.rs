@@ -142,7 +142,7 @@ impl LayerCache {
     }
 
     /// Appends `[1, kv_heads, n, head_dim]` keys and values (a prefill
-    /// part's), to be read in place by [`LayerCache::attend_heads_upto`].
+    /// part's), to be read in place by [`LayerCache::attend_heads`].
     pub(crate) fn push(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
         self.store(keys, values)
     }
@@ -240,30 +240,19 @@ impl LayerCache {
         kv_heads: usize,
         window: Option<usize>,
     ) -> Result<Vec<f32>> {
-        self.attend_heads(q, heads, kv_heads, window, 0..kv_heads)
+        self.attend_heads(q, heads, kv_heads, window, 0..kv_heads, self.len)
     }
 
-    /// Attention of one query position (`q`: `heads * head_dim`, rotated)
-    /// over the cached positions, as `attend_one` (the
-    /// tests' whole-query form), for the query heads of key/value heads
-    /// `kv_range` only: `kv_range.len() · heads / kv_heads · head_dim`
-    /// values. Each head's arithmetic is the same whichever others run
-    /// with it, so a step can spread a sequence's heads over threads.
+    /// Attention of the query at position `end - 1` (`q`: `heads *
+    /// head_dim`, rotated) over the cached positions before `end` (the last
+    /// `window` of them when given), as `attend_one` (the tests'
+    /// whole-query form, at the cache's end), for the query heads of
+    /// key/value heads `kv_range` only: `kv_range.len() · heads / kv_heads ·
+    /// head_dim` values. Each head's arithmetic is the same whichever others
+    /// run with it, so a step can spread a sequence's heads over threads;
+    /// `end` below the cache's length is a prefill part's row, its later
+    /// rows appended with it.
     pub(crate) fn attend_heads(
-        &self,
-        q: &[f32],
-        heads: usize,
-        kv_heads: usize,
-        window: Option<usize>,
-        kv_range: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        self.attend_heads_upto(q, heads, kv_heads, window, kv_range, self.len)
-    }
-
-    /// [`LayerCache::attend_heads`] for a query at position `end - 1`,
-    /// which sees the positions before `end` only: a prefill part's rows,
-    /// appended together, each attend over their own prefix.
-    pub(crate) fn attend_heads_upto(
         &self,
         q: &[f32],
         heads: usize,
@@ -584,12 +573,10 @@ mod tests {
         cache
             .push(&tensor(1, kv_heads, prefix), &tensor(2, kv_heads, prefix))
             .unwrap();
-        cache
-            .push(&tensor(3, kv_heads, n), &tensor(4, kv_heads, n))
-            .unwrap();
+        let (k, v) = (tensor(3, kv_heads, n), tensor(4, kv_heads, n));
         let q = tensor(5, heads, n);
         let got: Vec<f32> =
-            super::super::attention::prefill_rows(&q, &cache, prefix, kv_heads, window)
+            super::super::attention::prefill_rows(&q, &k, &v, &mut cache, kv_heads, window)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -599,6 +586,7 @@ mod tests {
         let mask = super::super::llama::causal_mask(n, prefix, window, &device).unwrap();
         let want =
             super::super::attention::grouped(&q, &keys, &values, Some(&mask), kv_heads).unwrap();
+        assert_eq!(cache.len(), prefix + n);
         assert_eq!(got.len(), n * heads * head_dim);
         let gap = largest_gap(&want, &got);
         assert!(gap < 1e-5, "{held:?}, window {window:?}: {gap}");
@@ -609,9 +597,9 @@ mod tests {
         let mut cache = LayerCache::new(DType::F32);
         cache.push(&step(1.0, 3), &step(1.0, 3)).unwrap();
         let q = vec![0.5f32; 2 * 4];
-        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 3).is_ok());
-        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 4).is_err());
-        assert!(cache.attend_heads_upto(&q, 2, 2, None, 0..2, 0).is_err());
+        assert!(cache.attend_heads(&q, 2, 2, None, 0..2, 3).is_ok());
+        assert!(cache.attend_heads(&q, 2, 2, None, 0..2, 4).is_err());
+        assert!(cache.attend_heads(&q, 2, 2, None, 0..2, 0).is_err());
     }
 
     #[test]

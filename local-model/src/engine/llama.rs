@@ -331,9 +331,7 @@ impl Block {
         // GGUF llama weights are permuted for interleaved rotary pairs.
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let position = cache.len();
-        cache.push(&k, &v)?;
-        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, None)?;
+        let mixed = attention::prefill_rows(&q, &k, &v, cache, kv_heads, None)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

@@ -383,9 +383,7 @@ impl Block {
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
         let q = partial_rope(&q, cos, sin, rope_dim)?;
         let k = partial_rope(&k, cos, sin, rope_dim)?;
-        let position = cache.len();
-        cache.push(&k, &v)?;
-        let mixed = attention::prefill_rows(&q, cache, position, kv_heads, None)?;
+        let mixed = attention::prefill_rows(&q, &k, &v, cache, kv_heads, None)?;
         self.attn_out.forward(&mixed, pass)
     }
 }

@@ -360,7 +360,7 @@ impl<L: SideLayout> SideMatrix<L> {
             isa: self.isa,
             activations: &activations,
             tiles: side_tiles::ActivationTiles::new(&self.isa, m, blocks_per_row, |i, k| {
-                activations.row(i).1[k].map(|v| v.to_le_bytes()[0])
+                activations.row(i).values[k].map(|v| v.to_le_bytes()[0])
             }),
             layout: std::marker::PhantomData,
         };
@@ -491,7 +491,7 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
             for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
                 // The block's 32 bytes as the eight words a step broadcasts.
                 let ys: [[i32; BLOCK / 4]; N] =
-                    std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                    std::array::from_fn(|n| bytemuck::cast(rows[n].values[b]));
                 // Two chains per row when the rows are few, so that the
                 // adds of one step need not wait for the previous step's.
                 let mut sums = [[zero; 2]; N];
@@ -560,15 +560,15 @@ fn finish_block<L: SideLayout, const N: usize>(
     let d = halves(D_AT);
     let m = L::mins_wide(simd, step, d);
     for n in 0..N {
-        let y_scale = simd.avx512f._mm512_set1_ps(rows[n].0[b]);
+        let y_scale = simd.avx512f._mm512_set1_ps(rows[n].scales[b]);
         acc[n] = simd.avx512f._mm512_fmadd_ps(
             simd.avx512f._mm512_mul_ps(d, y_scale),
             simd.avx512f._mm512_cvtepi32_ps(sums[n]),
             acc[n],
         );
-        acc[n] = simd
-            .avx512f
-            ._mm512_fmadd_ps(m, simd.avx512f._mm512_set1_ps(rows[n].2[b]), acc[n]);
+        acc[n] =
+            simd.avx512f
+                ._mm512_fmadd_ps(m, simd.avx512f._mm512_set1_ps(rows[n].sum(b)), acc[n]);
     }
 }
 
@@ -594,24 +594,22 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
                 let mut acc = [simd.avx._mm256_setzero_ps(); N];
                 for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
                     let ys: [[i32; BLOCK / 4]; N] =
-                        std::array::from_fn(|n| bytemuck::cast(rows[n].1[b]));
+                        std::array::from_fn(|n| bytemuck::cast(rows[n].values[b]));
                     let mut sums = [[zero; 2]; N];
                     for s in 0..STEPS {
                         let (low, high) = L::values_narrow(simd, step, s, half);
-                        let (full_low, full_high) = if L::FULL_BYTES {
-                            (bytes.full_bytes(low), bytes.full_bytes(high))
-                        } else {
-                            (bytes.full_bytes(zero), bytes.full_bytes(zero))
-                        };
+                        let full =
+                            L::FULL_BYTES.then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
+                        let chain = if N >= 4 { 0 } else { s % 2 };
                         for n in 0..N {
                             let y_low = simd.avx._mm256_set1_epi32(ys[n][2 * s]);
                             let y_high = simd.avx._mm256_set1_epi32(ys[n][2 * s + 1]);
-                            let chain = if N >= 4 { 0 } else { s % 2 };
                             let sum = sums[n][chain];
-                            sums[n][chain] = if L::FULL_BYTES {
-                                bytes.add_byte_quads2(sum, full_low, y_low, full_high, y_high)
-                            } else {
-                                bytes.add_quads2(sum, low, y_low, high, y_high)
+                            sums[n][chain] = match full {
+                                Some((full_low, full_high)) => {
+                                    bytes.add_byte_quads2(sum, full_low, y_low, full_high, y_high)
+                                }
+                                None => bytes.add_quads2(sum, low, y_low, high, y_high),
                             };
                         }
                     }
@@ -620,9 +618,9 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
                     for n in 0..N {
                         let mut sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
                         if L::FULL_BYTES {
-                            sum = bytes.full_byte_sums(sum, rows[n].3[b]);
+                            sum = bytes.full_byte_sums(sum, rows[n].value_sums[b]);
                         }
-                        let y_scale = simd.avx._mm256_set1_ps(rows[n].0[b]);
+                        let y_scale = simd.avx._mm256_set1_ps(rows[n].scales[b]);
                         acc[n] = simd.fma._mm256_fmadd_ps(
                             simd.avx._mm256_mul_ps(d, y_scale),
                             simd.avx._mm256_cvtepi32_ps(sum),
@@ -630,7 +628,7 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
                         );
                         acc[n] = simd.fma._mm256_fmadd_ps(
                             m,
-                            simd.avx._mm256_set1_ps(rows[n].2[b]),
+                            simd.avx._mm256_set1_ps(rows[n].sum(b)),
                             acc[n],
                         );
                     }

@@ -477,10 +477,10 @@ fn dot_group<B: NarrowBytes, const N: usize>(
                                 .avx2
                                 ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
                             let k = (j * STEPS + s) * 2;
+                            let chain = if N >= 4 { 0 } else { s % 2 };
                             for n in 0..N {
                                 let y_low = simd.avx._mm256_set1_epi32(ys[n].quads[k]);
                                 let y_high = simd.avx._mm256_set1_epi32(ys[n].quads[k + 1]);
-                                let chain = if N >= 4 { 0 } else { s % 2 };
                                 sums[n][chain] =
                                     bytes.add_quads2(sums[n][chain], low, y_low, high, y_high);
                             }

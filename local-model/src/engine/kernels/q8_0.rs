@@ -33,15 +33,13 @@ const VALUES_AT: usize = 2 * LANES;
 
 /// Activation rows quantized to 8 bits per 32-value block, with an F32
 /// scale per block (llama.cpp and candle round the scale to F16), and each
-/// block's sum (scale times the sum of its rounded values) for formats
-/// with a minimum (Q4_1, and Q8_0 held offset).
+/// block's sum of its rounded values: scaled, the minimum's term of the
+/// formats with a minimum (Q4_1, and Q8_0 held offset); as it is, what the
+/// AVX2 path adds back to Q8_0's sign-trick sums (`full_byte_sums`).
 #[derive(Debug, Clone)]
 pub(super) struct Activations {
     scales: Vec<f32>,
     values: Vec<[i8; BLOCK]>,
-    sums: Vec<f32>,
-    /// Each block's sum of its rounded values, for the AVX2 path that
-    /// multiplies Q8_0's offset bytes with their sign (`full_byte_sums`).
     value_sums: Vec<i32>,
     blocks_per_row: usize,
 }
@@ -53,35 +51,30 @@ impl Activations {
         let blocks = x.len() / BLOCK;
         let mut scales = Vec::with_capacity(blocks);
         let mut values = Vec::with_capacity(blocks);
-        let mut sums = Vec::with_capacity(blocks);
         let mut value_sums = Vec::with_capacity(blocks);
         for chunk in x.chunks_exact(BLOCK) {
             let mut q = [0i8; BLOCK];
             let mut sum = [0i32];
-            let scale = quantize_block(simd, chunk, &mut q, &mut sum);
-            scales.push(scale);
-            sums.push(scale * sum[0] as f32);
+            scales.push(quantize_block(simd, chunk, &mut q, &mut sum));
             value_sums.push(sum[0]);
             values.push(q);
         }
         Ok(Self {
             scales,
             values,
-            sums,
             value_sums,
             blocks_per_row: cols / BLOCK,
         })
     }
 
-    /// Scales, values, sums and integer sums of row `i`.
+    /// Row `i`'s blocks.
     pub(super) fn row(&self, i: usize) -> ActivationRow<'_> {
         let range = i * self.blocks_per_row..(i + 1) * self.blocks_per_row;
-        (
-            &self.scales[range.clone()],
-            &self.values[range.clone()],
-            &self.sums[range.clone()],
-            &self.value_sums[range],
-        )
+        ActivationRow {
+            scales: &self.scales[range.clone()],
+            values: &self.values[range.clone()],
+            value_sums: &self.value_sums[range],
+        }
     }
 }
 
@@ -177,5 +170,19 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
 }
 
-/// Scales, values, sums and integer sums of one activation row.
-pub(super) type ActivationRow<'a> = (&'a [f32], &'a [[i8; BLOCK]], &'a [f32], &'a [i32]);
+/// One activation row's blocks: scales, rounded values, and each block's
+/// sum of its rounded values.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ActivationRow<'a> {
+    pub(super) scales: &'a [f32],
+    pub(super) values: &'a [[i8; BLOCK]],
+    pub(super) value_sums: &'a [i32],
+}
+
+impl ActivationRow<'_> {
+    /// Block `b`'s sum in activation units: its scale times the sum of its
+    /// rounded values.
+    pub(super) fn sum(&self, b: usize) -> f32 {
+        self.scales[b] * self.value_sums[b] as f32
+    }
+}
