@@ -152,6 +152,49 @@ fn available_amx() -> Option<Amx> {
     None
 }
 
+/// Set to `1` (or `0`) to turn on (or off) the AVX-512 kernels' software
+/// prefetch of weights in products of one to three activation rows: a
+/// decode step of one to three sequences, which streams the weights from
+/// memory once per token. By default it is on where it was measured to
+/// help, AMD Zen 5 and later (CPU family 26 on): Phi-1.5 (random Q4_K)
+/// alone decoded 70 against 47–58 tok/s, SmolLM2 Q4_1 about 10% faster,
+/// Gemma 3 unchanged. Elsewhere it is off: on a Zen 4 host the Q4_K
+/// kernel's prefetch made one-row products 15% slower (docs/benchmarks.md).
+/// Products of four rows and more always prefetch.
+pub const STREAM_PREFETCH_VARIABLE: &str = "CASCADE_STREAM_PREFETCH";
+
+/// Whether products of few rows prefetch weights: `CASCADE_STREAM_PREFETCH`
+/// where set to `1` or `0`, else whether this CPU is one measured to gain.
+fn detect_stream_prefetch() -> bool {
+    match std::env::var(STREAM_PREFETCH_VARIABLE).as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => prefetch_helps_streams(),
+    }
+}
+
+/// AMD family 26 (Zen 5) or later.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_helps_streams() -> bool {
+    use std::arch::x86_64::__cpuid;
+    let vendor = __cpuid(0);
+    // "AuthenticAMD" in EBX, EDX, ECX.
+    let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+    let signature = __cpuid(1).eax;
+    let base = (signature >> 8) & 0xF;
+    let family = if base == 0xF {
+        base + ((signature >> 20) & 0xFF)
+    } else {
+        base
+    };
+    amd && family >= 26
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn prefetch_helps_streams() -> bool {
+    false
+}
+
 /// The instruction sets one matrix's products run on: AVX2/FMA always,
 /// AVX-512 where the CPU has it and `CASCADE_NO_AVX512` is not set, and on
 /// either VNNI's byte products where the CPU has them and `CASCADE_NO_VNNI`
@@ -164,6 +207,9 @@ struct Isa {
     wide_vnni: Option<WideVnni>,
     /// AMX tiles, for products over 16 activation rows or more.
     amx: Option<Amx>,
+    /// Whether the AVX-512 kernels prefetch weights for fewer than four
+    /// activation rows ([`STREAM_PREFETCH_VARIABLE`]).
+    stream_prefetch: bool,
 }
 
 impl Isa {
@@ -178,7 +224,22 @@ impl Isa {
             simd_vnni,
             wide_vnni,
             amx: detect_amx(),
+            stream_prefetch: detect_stream_prefetch(),
         })
+    }
+
+    /// How many of a kernel's steps ahead its products over `rows`
+    /// activation rows ask for weights: `many` from four rows (the products
+    /// per byte then leave the loads waiting on the hardware's prefetcher),
+    /// `few` below where [`STREAM_PREFETCH_VARIABLE`] holds, 0 for none.
+    fn prefetch_ahead(&self, rows: usize, many: usize, few: usize) -> usize {
+        if rows >= 4 {
+            many
+        } else if self.stream_prefetch {
+            few
+        } else {
+            0
+        }
     }
 
     /// The path the products take.
@@ -206,6 +267,10 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
+    fn is_avx512(self) -> bool {
+        matches!(self, Self::Avx512Vnni | Self::Avx512)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Avx512Vnni => "AVX-512 VNNI",
@@ -235,8 +300,13 @@ pub fn describe_paths() -> String {
     } else {
         ""
     };
+    let prefetch = if path.is_avx512() && detect_stream_prefetch() {
+        "; weights prefetched for decode steps"
+    } else {
+        ""
+    };
     format!(
-        "{} (Q8_0, Q4_1, Q5_0, Q4_K){amx}; other formats on candle's",
+        "{} (Q8_0, Q4_1, Q5_0, Q4_K){amx}{prefetch}; other formats on candle's",
         path.name()
     )
 }

@@ -38,10 +38,13 @@ const D_AT: usize = 0;
 const STEP_VALUES: usize = 8;
 /// Steps per block.
 const STEPS: usize = BLOCK / STEP_VALUES;
-/// Blocks ahead that the wide kernel prefetches (the pointer wraps, never
-/// dereferenced past the weights: a prefetch of any address is harmless).
-#[cfg(target_arch = "x86_64")]
+/// Blocks ahead that the wide kernel prefetches, from four activation rows
+/// and below (the pointer wraps, never dereferenced past the weights: a
+/// prefetch of any address is harmless). Below four rows the loads wait on
+/// the memory itself, and the prefetch must run further ahead: 16 blocks
+/// (5–9 KiB) gave SmolLM2 alone 10% on AMD Zen 5, where 8 gave less.
 const PREFETCH_STEPS: usize = 4;
+const STREAM_PREFETCH_STEPS: usize = 16;
 /// Bytes per step: four bytes a row.
 pub(super) const QUAD_BYTES: usize = 4 * LANES;
 
@@ -400,11 +403,14 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
         }) {
             return out;
         }
+        let ahead = self
+            .isa
+            .prefetch_ahead(N, PREFETCH_STEPS, STREAM_PREFETCH_STEPS);
         if let Some(vnni) = self.isa.wide_vnni {
-            return dot_group_wide::<L, _, N>(vnni, weights, rows);
+            return dot_group_wide::<L, _, N>(vnni, weights, rows, ahead);
         }
         if let Some(wide) = self.isa.wide {
-            return dot_group_wide::<L, _, N>(wide, weights, rows);
+            return dot_group_wide::<L, _, N>(wide, weights, rows, ahead);
         }
         match self.isa.simd_vnni {
             Some(vnni) => dot_group::<L, _, N>(vnni, weights, rows),
@@ -450,6 +456,7 @@ fn dot_group_wide<L, B: Into<std::convert::Infallible>, const N: usize>(
     bytes: B,
     _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
+    _ahead: usize,
 ) -> [[f32; LANES]; N] {
     // Every token type is uninhabited off x86-64: never called.
     match bytes.into() {}
@@ -466,6 +473,16 @@ fn dot_group<L, B: Into<std::convert::Infallible>, const N: usize>(
     match bytes.into() {}
 }
 
+/// Activation values `4k..4k + 4` of a block: the word a step broadcasts
+/// to every lane, read straight from the row (copying a block's words out
+/// first kept them in spilled registers and on the stack: 20–33% of the
+/// AVX-512 kernels' time at eight rows).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn quad(values: &[i8; BLOCK], k: usize) -> i32 {
+    pulp::bytemuck::pod_read_unaligned(pulp::bytemuck::cast_slice(&values[4 * k..4 * k + 4]))
+}
+
 /// Dot products of one sixteen-row group with `N` activation rows; each
 /// step of weights is loaded and unpacked once for all `N`.
 ///
@@ -473,13 +490,15 @@ fn dot_group<L, B: Into<std::convert::Infallible>, const N: usize>(
 /// minimum's term coming with the activations. `Σ q·y` is an exact
 /// integer on every path (VNNI or not only changes how the four-byte
 /// products are added), and the F32 operations per lane are the same on
-/// every path, so all paths give the same bits.
+/// every path, so all paths give the same bits. Each block asks for the
+/// weights `ahead` blocks on (none for 0).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
     bytes: B,
     weights: &[u8],
     rows: [ActivationRow<'_>; N],
+    ahead: usize,
 ) -> [[f32; LANES]; N] {
     let simd = bytes.v4();
     bytes.vectorize(
@@ -489,9 +508,7 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
             let zero = simd.avx512f._mm512_setzero_si512();
             let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
             for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
-                // The block's 32 bytes as the eight words a step broadcasts.
-                let ys: [[i32; BLOCK / 4]; N] =
-                    std::array::from_fn(|n| bytemuck::cast(rows[n].values[b]));
+                let ys: [&[i8; BLOCK]; N] = std::array::from_fn(|n| &rows[n].values[b]);
                 // Two chains per row when the rows are few, so that the
                 // adds of one step need not wait for the previous step's.
                 let mut sums = [[zero; 2]; N];
@@ -499,25 +516,25 @@ fn dot_group_wide<L: SideLayout, B: WideBytes, const N: usize>(
                 // activation rows or more) the hardware's prefetcher leaves
                 // the loads and the products in turn, so ask for the block
                 // `PREFETCH_STEPS` ahead (20% faster on Gemma 3's output
-                // projection at eight rows); alone, the loads are the bottleneck and the
-                // hardware's pace is best.
-                let lines = if N >= 4 {
+                // projection at eight rows); with few, where the CPU gains
+                // (`Isa::prefetch_ahead`), further ahead.
+                let lines = if ahead > 0 {
                     step_bytes::<L>().div_ceil(64)
                 } else {
                     0
                 };
                 for line in 0..lines {
-                    let ahead = step
+                    let wanted = step
                         .as_ptr()
-                        .wrapping_add(PREFETCH_STEPS * step_bytes::<L>() + line * 64);
+                        .wrapping_add(ahead * step_bytes::<L>() + line * 64);
                     simd.sse
-                        ._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.cast());
+                        ._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(wanted.cast());
                 }
                 for s in 0..STEPS {
                     let (low, high) = L::values_wide(simd, step, s);
                     for n in 0..N {
-                        let y_low = simd.avx512f._mm512_set1_epi32(ys[n][2 * s]);
-                        let y_high = simd.avx512f._mm512_set1_epi32(ys[n][2 * s + 1]);
+                        let y_low = simd.avx512f._mm512_set1_epi32(quad(ys[n], 2 * s));
+                        let y_high = simd.avx512f._mm512_set1_epi32(quad(ys[n], 2 * s + 1));
                         let chain = if N >= 4 { 0 } else { s % 2 };
                         sums[n][chain] = if L::FULL_BYTES {
                             bytes.add_byte_quads2(sums[n][chain], low, y_low, high, y_high)
@@ -593,8 +610,7 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
             for half in 0..2 {
                 let mut acc = [simd.avx._mm256_setzero_ps(); N];
                 for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
-                    let ys: [[i32; BLOCK / 4]; N] =
-                        std::array::from_fn(|n| bytemuck::cast(rows[n].values[b]));
+                    let ys: [&[i8; BLOCK]; N] = std::array::from_fn(|n| &rows[n].values[b]);
                     let mut sums = [[zero; 2]; N];
                     for s in 0..STEPS {
                         let (low, high) = L::values_narrow(simd, step, s, half);
@@ -602,8 +618,8 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
                             L::FULL_BYTES.then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
                         let chain = if N >= 4 { 0 } else { s % 2 };
                         for n in 0..N {
-                            let y_low = simd.avx._mm256_set1_epi32(ys[n][2 * s]);
-                            let y_high = simd.avx._mm256_set1_epi32(ys[n][2 * s + 1]);
+                            let y_low = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s));
+                            let y_high = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s + 1));
                             let sum = sums[n][chain];
                             sums[n][chain] = match full {
                                 Some((full_low, full_high)) => {
