@@ -331,15 +331,12 @@ async fn a_full_local_queue_escalates_or_answers_429_and_a_departed_client_frees
     let rejecting = start(raw, Some(engine.clone())).await;
     let busy_server = start(raw_config(&[&mock]), Some(occupier)).await;
 
-    // A long direct-local generation occupies the model. Through the chat template: as a raw
-    // completion the same words end at once on some builds (end of text is the likeliest
-    // first token), and the model is free again before the checks below.
+    // A long direct-local generation occupies the model.
     let busy_url = url(&busy_server, "/v1/chat/completions");
     let busy = tokio::spawn(async move {
         client()
             .post(busy_url)
-            .json(&json!({"model": LOCAL, "max_tokens": 400,
-                "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
+            .json(&occupying_chat(400))
             .send()
             .await
     });

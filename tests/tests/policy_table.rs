@@ -656,15 +656,11 @@ impl Busy {
         price(&mut raw, REMOTE, 1.0, 1.0);
         raw.policy.allow_direct_models = true;
         let server = start(raw, Some(engine.clone())).await;
-        // Through the chat template: SmolLM2 greedily tells a story of 2,000 tokens and more.
-        // As a raw completion the same words end at once on some builds (end of text is the
-        // likeliest first token), and the engine was never seen busy.
         let task = tokio::spawn(async move {
             let _keep = (&server, &mock);
             let _ = client()
                 .post(url(&server, "/v1/chat/completions"))
-                .json(&json!({"model": LOCAL, "max_tokens": 2000,
-                    "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
+                .json(&occupying_chat(2000))
                 .send()
                 .await;
         });

@@ -237,6 +237,15 @@ pub fn load_engine_with_occupier(queue_depth: usize) -> (LocalEngine, LocalEngin
     )
 }
 
+/// A direct-local chat request that keeps the model generating for up to `max_tokens`.
+/// Through the chat template: SmolLM2 greedily tells a story of 2,000 tokens and more. As a
+/// raw completion the same words end at once on some builds (end of text is the likeliest
+/// first token), and the model is free again before a test sees it busy.
+pub fn occupying_chat(max_tokens: u32) -> Value {
+    json!({"model": LOCAL, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}]})
+}
+
 /// One real model shared by the tests of a binary (its thread serves them in turn).
 pub fn shared_engine() -> LocalEngine {
     static ENGINE: OnceLock<LocalEngine> = OnceLock::new();

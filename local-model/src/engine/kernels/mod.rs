@@ -292,15 +292,16 @@ pub fn detected_path() -> Option<KernelPath> {
 /// this CPU, e.g. "AVX-512 VNNI (Q8_0, Q4_1, Q5_0, Q4_K); other formats on
 /// candle's".
 pub fn describe_paths() -> String {
-    let Some(path) = detected_path() else {
+    let Some(isa) = Isa::detect() else {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
-    let amx = if detect_amx().is_some() {
+    let path = isa.path();
+    let amx = if isa.amx.is_some() {
         "; AMX tiles for 16 rows or more"
     } else {
         ""
     };
-    let prefetch = if path.is_avx512() && detect_stream_prefetch() {
+    let prefetch = if path.is_avx512() && isa.stream_prefetch {
         "; weights prefetched for decode steps"
     } else {
         ""

@@ -38,12 +38,14 @@ const D_AT: usize = 0;
 const STEP_VALUES: usize = 8;
 /// Steps per block.
 const STEPS: usize = BLOCK / STEP_VALUES;
-/// Blocks ahead that the wide kernel prefetches, from four activation rows
-/// and below (the pointer wraps, never dereferenced past the weights: a
-/// prefetch of any address is harmless). Below four rows the loads wait on
-/// the memory itself, and the prefetch must run further ahead: 16 blocks
-/// (5–9 KiB) gave SmolLM2 alone 10% on AMD Zen 5, where 8 gave less.
+/// Blocks ahead that the wide kernel prefetches from four activation rows
+/// up (the pointer wraps, never dereferenced past the weights: a prefetch
+/// of any address is harmless).
 const PREFETCH_STEPS: usize = 4;
+/// Blocks ahead below four rows, where the CPU gains
+/// (`Isa::prefetch_ahead`): the loads then wait on the memory itself, so
+/// the prefetch must run further ahead. 16 blocks (5–9 KiB) gave SmolLM2
+/// alone 10% on AMD Zen 5, where 8 gave less.
 const STREAM_PREFETCH_STEPS: usize = 16;
 /// Bytes per step: four bytes a row.
 pub(super) const QUAD_BYTES: usize = 4 * LANES;
