@@ -23,6 +23,12 @@
 //! conversion into a scratch copy first wrote and re-read every value (5%
 //! of SmolLM2's samples at eight sequences).
 //!
+//! While one head runs, the vector path asks for the next head's keys and
+//! values, a block's worth per block: each head's positions lie in pages of
+//! their own, where the hardware's prefetcher starts afresh. Phi-1.5 (32
+//! key/value heads of 64) at eight sequences, 32 to 160 positions, on AMD
+//! Zen 4: 12.7–13.1 → 10.5–10.8 ms of attention per step.
+//!
 //! Elsewhere the scalar loop. Either way a position's result depends only
 //! on its own query and cache, never on the sequences beside it in a batch.
 //!
@@ -45,6 +51,13 @@ pub(crate) struct HeadGroup<'a, T> {
     pub(crate) head_dim: usize,
     /// The scores' factor, `1 / √head_dim`.
     pub(crate) scale: f32,
+    /// The keys and values of the head that runs next, asked for from
+    /// memory while this one runs (empty for none). Each head's positions
+    /// lie apart from the next head's, in pages of their own, where the
+    /// hardware's prefetcher starts afresh: without this the first lines of
+    /// every head wait on the memory.
+    pub(crate) next_keys: &'a [T],
+    pub(crate) next_values: &'a [T],
 }
 
 /// A type the KV cache holds keys and values in.
@@ -167,6 +180,7 @@ fn attend_group_scalar<T: HeldValue>(
         values,
         head_dim,
         scale,
+        ..
     } = *group;
     let positions = keys.len() / head_dim.max(1);
     let scores = &mut scores[..positions];
@@ -227,6 +241,8 @@ fn attend_group_v3<T, L: EightLanes<T>>(
         values,
         head_dim,
         scale,
+        next_keys,
+        next_values,
     } = *group;
     let simd = lanes.v3();
     lanes.run(
@@ -238,18 +254,39 @@ fn attend_group_v3<T, L: EightLanes<T>>(
                 bytemuck::pod_read_unaligned(bytemuck::cast_slice(&v[..8]))
             };
             let held = |v: &[T]| lanes.load(v);
+            // Asks for the cache lines of `next[range]` (those that exist).
+            let prefetch = |next: &[T], range: std::ops::Range<usize>| {
+                let end = range.end.min(next.len());
+                let bytes = end.saturating_sub(range.start) * std::mem::size_of::<T>();
+                if let Some(first) = next.get(range.start..end) {
+                    let at = first.as_ptr().cast::<u8>();
+                    for line in (0..bytes).step_by(64) {
+                        simd.sse._mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            at.wrapping_add(line).cast(),
+                        );
+                    }
+                }
+            };
             let zero = simd.avx._mm256_setzero_ps();
             let positions = keys.len() / head_dim;
             let scores = &mut scores[..positions];
-            for (query, mixed) in queries
+            for (g, (query, mixed)) in queries
                 .chunks_exact(head_dim)
                 .zip(out.chunks_exact_mut(head_dim))
+                .enumerate()
             {
+                // The group's first query head asks for the next head's lines.
+                let (next_keys, next_values) = if g == 0 {
+                    (next_keys, next_values)
+                } else {
+                    (&[][..], &[][..])
+                };
                 // Scores, eight positions at a time: `sums[j]` holds eight
                 // partial sums of position j's dot product.
                 let mut blocks = keys.chunks_exact(8 * head_dim);
                 let mut at = 0;
                 for block in blocks.by_ref() {
+                    prefetch(next_keys, at * head_dim..(at + 8) * head_dim);
                     let mut sums = [zero; 8];
                     for d in (0..head_dim).step_by(8) {
                         let q = load(&query[d..]);
@@ -299,7 +336,12 @@ fn attend_group_v3<T, L: EightLanes<T>>(
                 // The weighted sum of values, 64 dimensions at a time.
                 for (d, mixed) in mixed.chunks_exact_mut(WIDTH).enumerate() {
                     let mut acc = [zero; WIDTH / 8];
-                    for (value, &score) in values.chunks_exact(head_dim).zip(scores.iter()) {
+                    for (p, (value, &score)) in
+                        values.chunks_exact(head_dim).zip(scores.iter()).enumerate()
+                    {
+                        if d == 0 {
+                            prefetch(next_values, p * head_dim..(p + 1) * head_dim);
+                        }
                         let weight = simd.avx._mm256_set1_ps(score);
                         let value = &value[d * WIDTH..(d + 1) * WIDTH];
                         for (k, acc) in acc.iter_mut().enumerate() {
@@ -409,6 +451,8 @@ mod tests {
                     values: &values,
                     head_dim,
                     scale,
+                    next_keys: &[],
+                    next_values: &[],
                 };
                 attend_group(&heads, &mut scores, &mut fast);
                 attend_group_scalar(&heads, &mut scores, &mut plain);
@@ -424,6 +468,9 @@ mod tests {
                     values: &values16,
                     head_dim,
                     scale,
+                    // Any lines may be asked for: the F16 run asks for its own.
+                    next_keys: &keys16,
+                    next_values: &values16,
                 };
                 attend_group(&heads16, &mut scores, &mut fast16);
                 attend_group_scalar(&heads16, &mut scores, &mut plain16);
@@ -451,3 +498,4 @@ mod tests {
         }
     }
 }
+

@@ -340,14 +340,25 @@ impl HeldSpan {
             .take(kv_range.len())
             .zip(out.chunks_exact_mut(group * head_dim))
         {
-            let base = kv * capacity * head_dim;
-            let cached = base + start * head_dim..base + end * head_dim;
+            let span = |kv: usize| {
+                let base = kv * capacity * head_dim;
+                base + start * head_dim..base + end * head_dim
+            };
+            let cached = span(kv);
+            // The next head of this call, read right after this one.
+            let next = if kv + 1 < kv_range.end {
+                span(kv + 1)
+            } else {
+                0..0
+            };
             let sharing = super::decode_attention::HeadGroup {
                 queries,
                 keys: &keys[cached.clone()],
                 values: &values[cached],
                 head_dim,
                 scale,
+                next_keys: keys.get(next.clone()).unwrap_or_default(),
+                next_values: values.get(next).unwrap_or_default(),
             };
             super::decode_attention::attend_group(&sharing, &mut scores, out);
         }
