@@ -13,6 +13,7 @@ pub(crate) mod gelu;
 pub(crate) mod gemma3;
 pub mod kernels;
 pub(crate) mod kv_cache;
+pub(crate) mod layer_norm;
 pub(crate) mod linear;
 pub(crate) mod llama;
 pub(crate) mod phi2;

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
+use super::layer_norm::LayerNorm;
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::rope_tables;
 use super::token_table::{output_projection, TokenTable};
@@ -34,19 +35,6 @@ struct Shape {
     /// Leading dimensions of each head that get rotary embeddings.
     rope_dim: usize,
     norm_eps: f64,
-}
-
-/// A layer norm's scale and shift.
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, eps as f32)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -136,10 +124,10 @@ impl Phi2 {
         let kv_held = kv_cache::held_for_file(content, exact);
         let embeddings = TokenTable::load(content, reader, exact, device)?;
         let mut tensor = |name: &str| content.tensor(reader, name, device);
-        let norm = LayerNorm {
-            weight: dense(tensor("output_norm.weight")?)?,
-            bias: dense(tensor("output_norm.bias")?)?,
-        };
+        let norm = LayerNorm::new(
+            dense(tensor("output_norm.weight")?)?,
+            dense(tensor("output_norm.bias")?)?,
+        )?;
         let output_bias = match tensor("output.bias") {
             Ok(t) => Some(dense(t)?),
             Err(_) => None,
@@ -176,10 +164,10 @@ impl Phi2 {
                 attn_out,
                 up,
                 down,
-                norm: LayerNorm {
-                    weight: dense(get("attn_norm.weight")?)?,
-                    bias: dense(get("attn_norm.bias")?)?,
-                },
+                norm: LayerNorm::new(
+                    dense(get("attn_norm.weight")?)?,
+                    dense(get("attn_norm.bias")?)?,
+                )?,
             });
         }
         let output = output_projection(content, reader, &embeddings, exact, device)?;
@@ -278,7 +266,7 @@ impl CausalLm for Phi2 {
         let n = tokens.len();
         cache.check(self.blocks.len())?;
         check_step(n, position, cache.len(), self.cos.dim(0)?)?;
-        let device = self.norm.weight.device().clone();
+        let device = self.norm.device().clone();
         let mut x = self.embeddings.lookup(tokens, &device)?.unsqueeze(0)?;
         let rotary = Rotary::at(&self.cos, &self.sin, position, n)?;
         let shape = self.shape;
@@ -312,7 +300,7 @@ impl CausalLm for Phi2 {
             .iter()
             .map(|s| Rotary::row_at(&self.cos, &self.sin, s.position))
             .collect::<Result<Vec<_>>>()?;
-        let device = self.norm.weight.device().clone();
+        let device = self.norm.device().clone();
         let tokens: Vec<u32> = steps.iter().map(|s| s.token).collect();
         let mut x = self.embeddings.lookup(&tokens, &device)?.unsqueeze(0)?;
         let shape = self.shape;
