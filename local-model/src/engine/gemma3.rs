@@ -23,6 +23,7 @@ use super::gelu::gelu;
 use super::kv_cache::{self, rms_norm_each, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::rope_tables;
+use super::norm::RmsNorm;
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
@@ -42,7 +43,7 @@ struct Shape {
 
 #[derive(Debug, Clone)]
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: RmsNorm,
     qkv: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
@@ -50,11 +51,11 @@ struct Block {
     q_norm_values: Vec<f32>,
     k_norm_values: Vec<f32>,
     attn_out: Linear,
-    post_attn_norm: Tensor,
-    ffn_norm: Tensor,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
     gate_up: Linear,
     down: Linear,
-    post_ffn_norm: Tensor,
+    post_ffn_norm: RmsNorm,
     /// `Some(window)` for local layers.
     window: Option<usize>,
     /// Index into the rotary tables: 0 global, 1 local.
@@ -70,7 +71,7 @@ pub(crate) struct Gemma3 {
     kv_held: DType,
     embeddings: TokenTable,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: RmsNorm,
     output: Linear,
     /// Cosine and sine tables for the global and the local rotary base.
     rope: [(Tensor, Tensor); 2],
@@ -114,9 +115,11 @@ impl Gemma3 {
 
         let kv_held = kv_cache::held_for_file(content, false);
         let embeddings = TokenTable::load(content, reader, false, device)?;
-        let norm = content
-            .tensor(reader, "output_norm.weight", device)?
-            .dequantize(device)?;
+        let norm = RmsNorm::new(
+            content
+                .tensor(reader, "output_norm.weight", device)?
+                .dequantize(device)?,
+        )?;
         let output = output_projection(content, reader, &embeddings, false, device)?;
 
         let mut raw = Vec::with_capacity(blocks);
@@ -180,18 +183,18 @@ impl Gemma3 {
                 )?
             };
             let block = Block {
-                attn_norm: attn_norm.dequantize(device)?,
+                attn_norm: RmsNorm::new(attn_norm.dequantize(device)?)?,
                 qkv,
                 q_norm_values: q_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
                 k_norm_values: k_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
                 q_norm: q_norm.dequantize(device)?,
                 k_norm: k_norm.dequantize(device)?,
                 attn_out: Linear::new(o, keep_dense, device)?,
-                post_attn_norm: post_attn_norm.dequantize(device)?,
-                ffn_norm: ffn_norm.dequantize(device)?,
+                post_attn_norm: RmsNorm::new(post_attn_norm.dequantize(device)?)?,
+                ffn_norm: RmsNorm::new(ffn_norm.dequantize(device)?)?,
                 gate_up,
                 down: Linear::new(down, keep_dense, device)?,
-                post_ffn_norm: post_ffn_norm.dequantize(device)?,
+                post_ffn_norm: RmsNorm::new(post_ffn_norm.dequantize(device)?)?,
                 window: local.then_some(window),
                 rope: usize::from(local),
             };
@@ -268,10 +271,9 @@ impl CausalLm for Gemma3 {
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let h = block.attn_norm.forward(&x, shape.rms_eps)?;
             let attended = block.attention(layer, &h, &rotary[block.rope], shape, pass)?;
-            let attended =
-                candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
+            let attended = block.post_attn_norm.forward(&attended, shape.rms_eps)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
             if l + 1 == middle {
@@ -279,7 +281,7 @@ impl CausalLm for Gemma3 {
             }
         }
         let last = x.narrow(1, n - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
+        let last = self.norm.forward(&last, shape.rms_eps)?;
         Ok(Outputs {
             logits: self.output.forward(&last, Pass::Decode)?.flatten_all()?,
             hidden: hidden_features(&last, &at_middle.narrow(1, n - 1, 1)?)?,
@@ -308,7 +310,7 @@ impl CausalLm for Gemma3 {
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let h = block.attn_norm.forward(&x, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
             let (q_norm, k_norm) = (&block.q_norm_values, &block.k_norm_values);
             let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
@@ -327,15 +329,14 @@ impl CausalLm for Gemma3 {
                 },
             )?;
             let attended = block.attn_out.forward(&mixed, pass)?;
-            let attended =
-                candle_nn::ops::rms_norm(&attended, &block.post_attn_norm, shape.rms_eps)?;
+            let attended = block.post_attn_norm.forward(&attended, shape.rms_eps)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
             if l + 1 == middle {
                 at_middle = x.clone();
             }
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
+        let x = self.norm.forward(&x, shape.rms_eps)?;
         Ok(Outputs {
             logits: self.output.forward(&x, Pass::Decode)?.squeeze(0)?,
             hidden: hidden_features(&x, &at_middle)?,
@@ -347,13 +348,13 @@ impl Block {
     /// The feed-forward part of `x` (`[1, n, width]`, before its norm),
     /// after its own closing norm.
     fn feed_forward(&self, x: &Tensor, shape: Shape, pass: Pass) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, shape.rms_eps)?;
+        let h = self.ffn_norm.forward(x, shape.rms_eps)?;
         let gate_up = self.gate_up.forward(&h, pass)?;
         let gate = gate_up.narrow(D::Minus1, 0, shape.ffn)?;
         let up = gate_up.narrow(D::Minus1, shape.ffn, shape.ffn)?;
         let mixed = (gelu(&gate)? * up)?;
         let out = self.down.forward(&mixed, pass)?;
-        candle_nn::ops::rms_norm(&out, &self.post_ffn_norm, shape.rms_eps)
+        self.post_ffn_norm.forward(&out, shape.rms_eps)
     }
 
     /// Self-attention of `x` (`[1, n, width]`, normalised, `n > 1`) over

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::attention::{self, Rotary};
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
+use super::norm::RmsNorm;
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
@@ -33,11 +34,11 @@ struct Shape {
 
 #[derive(Debug, Clone)]
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: RmsNorm,
     /// Query, key and value projections stacked: `[q | k | v]` rows.
     qkv: Linear,
     attn_out: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: RmsNorm,
     /// Gate and up projections stacked: `[gate | up]` rows.
     gate_up: Linear,
     down: Linear,
@@ -52,7 +53,7 @@ pub(crate) struct Llama {
     kv_held: DType,
     embeddings: TokenTable,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: RmsNorm,
     output: Linear,
     cos: Tensor,
     sin: Tensor,
@@ -130,9 +131,11 @@ impl Llama {
 
         let kv_held = kv_cache::held_for_file(content, exact);
         let embeddings = TokenTable::load(content, reader, exact, device)?;
-        let norm = content
-            .tensor(reader, "output_norm.weight", device)?
-            .dequantize(device)?;
+        let norm = RmsNorm::new(
+            content
+                .tensor(reader, "output_norm.weight", device)?
+                .dequantize(device)?,
+        )?;
         let output = output_projection(content, reader, &embeddings, exact, device)?;
 
         let mut raw = Vec::with_capacity(blocks);
@@ -162,10 +165,10 @@ impl Llama {
         for [q, k, v, o, gate, up, down, attn_norm, ffn_norm] in raw {
             ffn = gate.shape().dims2()?.0;
             let block = Block {
-                attn_norm: attn_norm.dequantize(device)?,
+                attn_norm: RmsNorm::new(attn_norm.dequantize(device)?)?,
                 qkv: linear(stack_rows(&[q, k, v], device)?, keep_dense)?,
                 attn_out: linear(o, keep_dense)?,
-                ffn_norm: ffn_norm.dequantize(device)?,
+                ffn_norm: RmsNorm::new(ffn_norm.dequantize(device)?)?,
                 gate_up: linear(stack_rows(&[gate, up], device)?, keep_dense)?,
                 down: linear(down, keep_dense)?,
             };
@@ -241,7 +244,7 @@ impl CausalLm for Llama {
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, (block, layer)) in self.blocks.iter().zip(&mut cache.layers).enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let h = block.attn_norm.forward(&x, shape.rms_eps)?;
             let attended = block.attention(layer, &h, &rotary, shape, pass)?;
             x = (x + attended)?;
             x = (&x + block.feed_forward(&x, shape, pass)?)?;
@@ -250,7 +253,7 @@ impl CausalLm for Llama {
             }
         }
         let last = x.narrow(1, n - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.rms_eps)?;
+        let last = self.norm.forward(&last, shape.rms_eps)?;
         Ok(Outputs {
             logits: self.output.forward(&last, Pass::Decode)?.flatten_all()?,
             hidden: hidden_features(&last, &at_middle.narrow(1, n - 1, 1)?)?,
@@ -271,7 +274,7 @@ impl CausalLm for Llama {
         let middle = middle_layer(self.blocks.len());
         let mut at_middle = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, shape.rms_eps)?;
+            let h = block.attn_norm.forward(&x, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
             let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
             let mixed = attention::decode_rows(
@@ -292,7 +295,7 @@ impl CausalLm for Llama {
                 at_middle = x.clone();
             }
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, shape.rms_eps)?;
+        let x = self.norm.forward(&x, shape.rms_eps)?;
         Ok(Outputs {
             logits: self.output.forward(&x, Pass::Decode)?.squeeze(0)?,
             hidden: hidden_features(&x, &at_middle)?,
@@ -303,7 +306,7 @@ impl CausalLm for Llama {
 impl Block {
     /// The feed-forward part of `x` (`[1, n, width]`, before its norm).
     fn feed_forward(&self, x: &Tensor, shape: Shape, pass: Pass) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.ffn_norm, shape.rms_eps)?;
+        let h = self.ffn_norm.forward(x, shape.rms_eps)?;
         let gate_up = self.gate_up.forward(&h, pass)?;
         let mixed = super::swiglu::silu_gate(&gate_up, shape.ffn)?;
         self.down.forward(&mixed, pass)

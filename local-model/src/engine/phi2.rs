@@ -17,9 +17,9 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
 use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
-use super::layer_norm::LayerNorm;
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::rope_tables;
+use super::norm::LayerNorm;
 use super::token_table::{output_projection, TokenTable};
 use super::{
     check_step, check_steps, hidden_features, middle_layer, CausalLm, DecodeStep, Outputs, Pass,
