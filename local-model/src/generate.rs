@@ -79,7 +79,10 @@ pub struct Usage {
 pub struct Timings {
     /// Waiting in the worker's queue.
     pub queue_ms: f64,
-    /// Processing the prompt.
+    /// Processing the prompt: from leaving the queue until the first
+    /// token's logits. A prompt run in parts between other requests' decode
+    /// steps counts those steps too: queue plus prefill is its time to first
+    /// token.
     pub prefill_ms: f64,
     /// Generating tokens after the first.
     pub decode_ms: f64,

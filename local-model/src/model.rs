@@ -491,17 +491,18 @@ impl LocalModel {
     /// [`LocalModel::generate`], so the log-probs do not depend on how the
     /// parts were scheduled). Once the whole prompt is in, decoding starts:
     /// the sequence takes the next-token logits (none when it may generate
-    /// nothing) and the prefill time summed over the parts. Returns whether
-    /// the whole prompt is in.
+    /// nothing) and the prefill time: from its opening until the last part
+    /// is in, the decode steps and other prompts' parts between its own
+    /// included (its time to first token counts them). Returns whether the
+    /// whole prompt is in.
     pub(crate) fn prefill_next_part(
         &self,
         sequence: &mut Sequence<'_>,
         prompt_ids: &[u32],
     ) -> Result<bool, GenerateError> {
-        let started = Instant::now();
         if sequence.max_new() == 0 {
             // Nothing will be generated: the prompt need not run at all.
-            sequence.start(Next::default(), 0, started.elapsed());
+            sequence.start_after_parts(Next::default());
             return Ok(true);
         }
         let from = sequence.prefilled();
@@ -520,11 +521,10 @@ impl LocalModel {
         let next = self
             .backend
             .prefill_part(cache, &prompt_ids[from..to], from)?;
-        sequence.add_prefill_time(started.elapsed());
         if to < prompt_ids.len() {
             return Ok(false);
         }
-        sequence.start(next, 0, std::time::Duration::ZERO);
+        sequence.start_after_parts(next);
         Ok(true)
     }
 

@@ -43,6 +43,10 @@ pub(crate) struct Sequence<'t> {
     next: u32,
     finish: FinishReason,
     timings: Timings,
+    /// When it was opened: a prompt run in parts counts its prefill from
+    /// here, the other sequences' steps between its parts included, since
+    /// they delay its first token as much as its own parts do.
+    opened: Instant,
     decode_started: Instant,
     /// Its own keys and values, when it runs in batched steps.
     pub(crate) cache: Option<SeqCache>,
@@ -70,25 +74,28 @@ impl<'t> Sequence<'t> {
             next: 0,
             finish: FinishReason::Length,
             timings: Timings::default(),
+            opened: Instant::now(),
             decode_started: Instant::now(),
             cache: None,
         }
     }
 
     /// Takes the logits after the prompt (empty when nothing is to be
-    /// generated) and how the prefill went; decoding starts now.
-    /// `took` adds to the time of parts booked with [`Sequence::add_prefill_time`].
+    /// generated) and how the prefill went (`took`: the prompt's run);
+    /// decoding starts now.
     pub(crate) fn start(&mut self, next: Next, cached_prompt_tokens: usize, took: Duration) {
         self.logits = next.logits;
         self.hidden = next.hidden;
         self.timings.cached_prompt_tokens = cached_prompt_tokens;
-        self.add_prefill_time(took);
+        self.timings.prefill_ms = Timings::ms(took);
         self.decode_started = Instant::now();
     }
 
-    /// Books the time of one part of a prompt run in several.
-    pub(crate) fn add_prefill_time(&mut self, took: Duration) {
-        self.timings.prefill_ms += Timings::ms(took);
+    /// [`Sequence::start`] once the last part of a prompt run in parts is
+    /// in: its prefill took from the opening until now.
+    pub(crate) fn start_after_parts(&mut self, next: Next) {
+        let took = self.opened.elapsed();
+        self.start(next, 0, took);
     }
 
     /// Tokens it may generate at most, from the start.

@@ -347,6 +347,77 @@ async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
     wait_idle(&handle).await;
 }
 
+/// A prompt run in parts between a running stream's decode steps reports as its time to first
+/// token (queue plus prefill) the time it waited for its first token, the steps between its
+/// parts included: counting only its parts' own work understated it under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_run_in_parts_reports_the_time_to_its_first_token() {
+    // Small parts, so the stream's steps between them are a large share of the wait.
+    let chunk = 16;
+    let path = common::smollm2_path();
+    let options = LoadOptions {
+        prefill_chunk_tokens: chunk,
+        ..LoadOptions::default()
+    };
+    let model = LocalModel::load(path.to_str().unwrap(), &options).unwrap();
+    let long_text = ["the river runs past seven green stones"; 20].join(" and ");
+    let prompt_tokens = model
+        .encoder()
+        .encode(&Prompt::Text(long_text.clone()))
+        .unwrap()
+        .len();
+    assert!(prompt_tokens > 8 * chunk, "{prompt_tokens} tokens");
+    let handle = ModelHandle::spawn_with(
+        model,
+        8,
+        BatchLimits {
+            max_batch: 4,
+            ..BatchLimits::default()
+        },
+    )
+    .unwrap();
+    let (token_tx, token_rx) = mpsc::channel::<()>();
+    let mut stream = GenerateRequest::new(questions()[3].clone(), params(400));
+    stream.on_token = Some(Box::new(move |_| {
+        let _ = token_tx.send(());
+        Control::Continue
+    }));
+    let h = handle.clone();
+    let streaming = tokio::spawn(async move { h.generate(stream).await });
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..5 {
+            token_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+
+    let first_token = Arc::new(Mutex::new(None::<std::time::Instant>));
+    let mut request = GenerateRequest::new(Prompt::Text(long_text), params(2));
+    let seen = first_token.clone();
+    request.on_token = Some(Box::new(move |_| {
+        seen.lock()
+            .unwrap()
+            .get_or_insert_with(std::time::Instant::now);
+        Control::Continue
+    }));
+    let sent = std::time::Instant::now();
+    let answer = handle.generate(request).await.unwrap();
+    let waited = first_token.lock().unwrap().unwrap().duration_since(sent);
+    let timings = &answer.generation.timings;
+    let reported = Duration::from_secs_f64((timings.queue_ms + timings.prefill_ms) / 1000.0);
+    // What lies between the prefill's end and the callback: picking one token.
+    assert!(
+        reported.as_secs_f64() >= 0.97 * waited.as_secs_f64(),
+        "time to first token reported {reported:?} (queue {} ms, prefill {} ms), waited {waited:?}",
+        timings.queue_ms,
+        timings.prefill_ms
+    );
+    assert!(reported <= waited, "reported {reported:?}, waited {waited:?}");
+    streaming.abort();
+    wait_idle(&handle).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequences_end_on_their_own_and_the_others_go_on_unchanged() {
     let mut model = load();
