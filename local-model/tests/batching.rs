@@ -284,20 +284,25 @@ async fn prompts_run_in_small_parts_between_decode_steps_get_the_same_answers() 
     alone_and_together_agree(in_parts(common::gemma3_path(), 7), requests).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
-    let chunk = 64;
+/// SmolLM2 with prompts cut in parts of `chunk` tokens.
+fn load_in_parts(chunk: usize) -> LocalModel {
     let path = common::smollm2_path();
     let options = LoadOptions {
         prefill_chunk_tokens: chunk,
         ..LoadOptions::default()
     };
-    let mut model = LocalModel::load(path.to_str().unwrap(), &options).unwrap();
-    let long_text = ["the river runs past seven green stones"; 80].join(" and ");
-    let long = (Prompt::Text(long_text), params(2));
-    let prompt_tokens = model.encoder().encode(&long.0).unwrap().len();
-    assert!(prompt_tokens > 500, "{prompt_tokens} tokens");
-    let want = alone(&mut model, std::slice::from_ref(&long));
+    LocalModel::load(path.to_str().unwrap(), &options).unwrap()
+}
+
+/// A worker of four slots on `model`, with a 400-token stream already decoding in it (five
+/// tokens picked): the stream's task, and the instant of each of its later tokens.
+async fn beside_a_stream(
+    model: LocalModel,
+) -> (
+    ModelHandle,
+    tokio::task::JoinHandle<Result<local_model::WorkerOutput, local_model::WorkerError>>,
+    mpsc::Receiver<std::time::Instant>,
+) {
     let handle = ModelHandle::spawn_with(
         model,
         8,
@@ -307,7 +312,6 @@ async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
         },
     )
     .unwrap();
-    // The running stream reports each token as it is picked.
     let (token_tx, token_rx) = mpsc::channel::<std::time::Instant>();
     let mut stream = GenerateRequest::new(questions()[3].clone(), params(400));
     stream.on_token = Some(Box::new(move |_| {
@@ -324,6 +328,20 @@ async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
     })
     .await
     .unwrap();
+    (handle, streaming, token_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
+    let chunk = 64;
+    let mut model = load_in_parts(chunk);
+    let long_text = ["the river runs past seven green stones"; 80].join(" and ");
+    let long = (Prompt::Text(long_text), params(2));
+    let prompt_tokens = model.encoder().encode(&long.0).unwrap().len();
+    assert!(prompt_tokens > 500, "{prompt_tokens} tokens");
+    let want = alone(&mut model, std::slice::from_ref(&long));
+    // The running stream reports each token as it is picked.
+    let (handle, streaming, token_rx) = beside_a_stream(model).await;
     let sent = std::time::Instant::now();
     let answer = handle
         .generate(GenerateRequest::new(long.0.clone(), long.1.clone()))
@@ -354,12 +372,7 @@ async fn a_long_prompt_runs_in_parts_while_a_running_stream_keeps_decoding() {
 async fn a_prompt_run_in_parts_reports_the_time_to_its_first_token() {
     // Small parts, so the stream's steps between them are a large share of the wait.
     let chunk = 16;
-    let path = common::smollm2_path();
-    let options = LoadOptions {
-        prefill_chunk_tokens: chunk,
-        ..LoadOptions::default()
-    };
-    let model = LocalModel::load(path.to_str().unwrap(), &options).unwrap();
+    let model = load_in_parts(chunk);
     let long_text = ["the river runs past seven green stones"; 20].join(" and ");
     let prompt_tokens = model
         .encoder()
@@ -367,30 +380,7 @@ async fn a_prompt_run_in_parts_reports_the_time_to_its_first_token() {
         .unwrap()
         .len();
     assert!(prompt_tokens > 8 * chunk, "{prompt_tokens} tokens");
-    let handle = ModelHandle::spawn_with(
-        model,
-        8,
-        BatchLimits {
-            max_batch: 4,
-            ..BatchLimits::default()
-        },
-    )
-    .unwrap();
-    let (token_tx, token_rx) = mpsc::channel::<()>();
-    let mut stream = GenerateRequest::new(questions()[3].clone(), params(400));
-    stream.on_token = Some(Box::new(move |_| {
-        let _ = token_tx.send(());
-        Control::Continue
-    }));
-    let h = handle.clone();
-    let streaming = tokio::spawn(async move { h.generate(stream).await });
-    tokio::task::spawn_blocking(move || {
-        for _ in 0..5 {
-            token_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    let (handle, streaming, _tokens) = beside_a_stream(model).await;
 
     let first_token = Arc::new(Mutex::new(None::<std::time::Instant>));
     let mut request = GenerateRequest::new(Prompt::Text(long_text), params(2));
@@ -413,7 +403,10 @@ async fn a_prompt_run_in_parts_reports_the_time_to_its_first_token() {
         timings.queue_ms,
         timings.prefill_ms
     );
-    assert!(reported <= waited, "reported {reported:?}, waited {waited:?}");
+    assert!(
+        reported <= waited,
+        "reported {reported:?}, waited {waited:?}"
+    );
     streaming.abort();
     wait_idle(&handle).await;
 }

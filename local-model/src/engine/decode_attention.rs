@@ -392,14 +392,9 @@ mod tests {
     use super::*;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
-            })
+        crate::engine::test_values(n, seed)
+            .into_iter()
+            .map(|v| v * 4.0 - 2.0)
             .collect()
     }
 

@@ -325,16 +325,9 @@ mod tests {
     use super::*;
 
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        // A small deterministic generator: tests must not depend on a seed
-        // that a crate version bump could change.
-        let mut state = seed;
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
+        let values: Vec<f32> = crate::engine::test_values(rows * cols, seed)
+            .into_iter()
+            .map(|v| v - 0.5)
             .collect();
         Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
     }

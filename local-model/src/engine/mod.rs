@@ -21,6 +21,22 @@ pub(crate) mod simd_exp;
 pub(crate) mod swiglu;
 pub(crate) mod token_table;
 
+/// `n` deterministic values in [0, 1) for the engine's tests, from a small
+/// linear congruential generator: the tests must not depend on a seed that
+/// a crate version bump could change.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as f32 / (1u64 << 31) as f32
+        })
+        .collect()
+}
+
 use candle_core::Tensor;
 
 /// Which pass a forward call belongs to: prompt tokens (prefill) or one

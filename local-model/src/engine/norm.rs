@@ -221,14 +221,9 @@ mod tests {
     use candle_core::Device;
 
     fn random(n: usize, seed: u64, offset: f32) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0 + offset
-            })
+        crate::engine::test_values(n, seed)
+            .into_iter()
+            .map(|v| v * 4.0 - 2.0 + offset)
             .collect()
     }
 

@@ -8,14 +8,9 @@ use candle_core::{Device, Tensor};
 use super::{GroupedWeights, KernelError, Q4KMatrix, Q4_1Matrix, Q8_0Matrix, ReadError};
 
 fn random(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..rows * cols)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        })
+    crate::engine::test_values(rows * cols, seed)
+        .into_iter()
+        .map(|v| v - 0.5)
         .collect()
 }
 
