@@ -369,13 +369,12 @@ impl LocalModel {
         let (prompt_ids, max_new) = self.prepare(prompt, None, params)?;
         let mut sequence =
             Sequence::new(&self.encoder.tokenizer, prompt_ids.len(), max_new, params);
-        let prefill_started = Instant::now();
         let (next, cached) = if max_new > 0 {
             self.backend.prefill(&prompt_ids, &self.device)?
         } else {
             (Next::default(), 0)
         };
-        sequence.start(next, cached, prefill_started.elapsed());
+        sequence.start(next, cached);
         while sequence.step(&self.eos_ids, on_token)? {
             let (token, position) = sequence.pending();
             let next = self.backend.forward(&[token], position, &self.device)?;
@@ -502,7 +501,7 @@ impl LocalModel {
     ) -> Result<bool, GenerateError> {
         if sequence.max_new() == 0 {
             // Nothing will be generated: the prompt need not run at all.
-            sequence.start_after_parts(Next::default());
+            sequence.start(Next::default(), 0);
             return Ok(true);
         }
         let from = sequence.prefilled();
@@ -524,7 +523,7 @@ impl LocalModel {
         if to < prompt_ids.len() {
             return Ok(false);
         }
-        sequence.start_after_parts(next);
+        sequence.start(next, 0);
         Ok(true)
     }
 

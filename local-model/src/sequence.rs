@@ -6,7 +6,7 @@
 //! one run beside others in the worker's batched decode steps, so both
 //! decide the same tokens from the same logits in the same way.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
@@ -43,8 +43,8 @@ pub(crate) struct Sequence<'t> {
     next: u32,
     finish: FinishReason,
     timings: Timings,
-    /// When it was opened: a prompt run in parts counts its prefill from
-    /// here, the other sequences' steps between its parts included, since
+    /// When it was opened: its prefill counts from here, for a prompt run in
+    /// parts the other sequences' steps between its parts included, since
     /// they delay its first token as much as its own parts do.
     opened: Instant,
     decode_started: Instant,
@@ -81,21 +81,14 @@ impl<'t> Sequence<'t> {
     }
 
     /// Takes the logits after the prompt (empty when nothing is to be
-    /// generated) and how the prefill went (`took`: the prompt's run);
-    /// decoding starts now.
-    pub(crate) fn start(&mut self, next: Next, cached_prompt_tokens: usize, took: Duration) {
+    /// generated) and how many prompt tokens came from a reused cache; the
+    /// prefill took from the opening until now, and decoding starts now.
+    pub(crate) fn start(&mut self, next: Next, cached_prompt_tokens: usize) {
         self.logits = next.logits;
         self.hidden = next.hidden;
         self.timings.cached_prompt_tokens = cached_prompt_tokens;
-        self.timings.prefill_ms = Timings::ms(took);
+        self.timings.prefill_ms = Timings::ms(self.opened.elapsed());
         self.decode_started = Instant::now();
-    }
-
-    /// [`Sequence::start`] once the last part of a prompt run in parts is
-    /// in: its prefill took from the opening until now.
-    pub(crate) fn start_after_parts(&mut self, next: Next) {
-        let took = self.opened.elapsed();
-        self.start(next, 0, took);
     }
 
     /// Tokens it may generate at most, from the start.
