@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::attention::{self, Rotary};
 use super::gelu::gelu;
-use super::kv_cache::{self, rms_norm_each, rope_one, LayerCache, SeqCache};
+use super::kv_cache::{self, rope_one, LayerCache, SeqCache};
 use super::linear::{dense_and_tuned_sizes, stack_rows, with_simd_kernel, Linear};
 use super::llama::rope_tables;
 use super::norm::RmsNorm;
@@ -45,11 +45,8 @@ struct Shape {
 struct Block {
     attn_norm: RmsNorm,
     qkv: Linear,
-    q_norm: Tensor,
-    k_norm: Tensor,
-    /// The same norms' weights as plain values, for the decode step.
-    q_norm_values: Vec<f32>,
-    k_norm_values: Vec<f32>,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
     attn_out: Linear,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
@@ -185,10 +182,8 @@ impl Gemma3 {
             let block = Block {
                 attn_norm: RmsNorm::new(attn_norm.dequantize(device)?)?,
                 qkv,
-                q_norm_values: q_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
-                k_norm_values: k_norm.dequantize(device)?.flatten_all()?.to_vec1()?,
-                q_norm: q_norm.dequantize(device)?,
-                k_norm: k_norm.dequantize(device)?,
+                q_norm: RmsNorm::new(q_norm.dequantize(device)?)?,
+                k_norm: RmsNorm::new(k_norm.dequantize(device)?)?,
                 attn_out: Linear::new(o, keep_dense, device)?,
                 post_attn_norm: RmsNorm::new(post_attn_norm.dequantize(device)?)?,
                 ffn_norm: RmsNorm::new(ffn_norm.dequantize(device)?)?,
@@ -312,7 +307,6 @@ impl CausalLm for Gemma3 {
         for (l, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x, shape.rms_eps)?;
             let qkv = block.qkv.forward(&h, pass)?;
-            let (q_norm, k_norm) = (&block.q_norm_values, &block.k_norm_values);
             let caches = steps.iter_mut().map(|s| &mut s.cache.layers[l]);
             let mixed = attention::decode_rows(
                 &qkv,
@@ -322,8 +316,8 @@ impl CausalLm for Gemma3 {
                 block.window,
                 |i, q, k| {
                     let (cos, sin) = &rotary[i][block.rope];
-                    rms_norm_each(q, q_norm, shape.rms_eps);
-                    rms_norm_each(k, k_norm, shape.rms_eps);
+                    block.q_norm.normalize_each(q, shape.rms_eps);
+                    block.k_norm.normalize_each(k, shape.rms_eps);
                     rope_one(q, head_dim, head_dim, cos, sin, false);
                     rope_one(k, head_dim, head_dim, cos, sin, false);
                 },
@@ -377,8 +371,8 @@ impl Block {
         let qkv = self.qkv.forward(x, pass)?;
         let (cos, sin) = (&rotary.cos, &rotary.sin);
         let (q, k, v) = attention::split_heads(&qkv, heads, kv_heads, head_dim)?;
-        let q = candle_nn::ops::rms_norm(&q, &self.q_norm, rms_eps)?;
-        let k = candle_nn::ops::rms_norm(&k, &self.k_norm, rms_eps)?;
+        let q = self.q_norm.forward(&q, rms_eps)?;
+        let k = self.k_norm.forward(&k, rms_eps)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let mixed = attention::prefill_rows(&q, &k, &v, cache, kv_heads, self.window)?;

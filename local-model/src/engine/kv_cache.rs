@@ -393,17 +393,6 @@ pub(crate) fn rope_one(
     }
 }
 
-/// RMS norm of each `weight.len()`-long vector of `x`, in place.
-pub(crate) fn rms_norm_each(x: &mut [f32], weight: &[f32], eps: f32) {
-    for v in x.chunks_exact_mut(weight.len().max(1)) {
-        let mean = v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32;
-        let inverse = 1.0 / (mean + eps).sqrt();
-        for (a, w) in v.iter_mut().zip(weight) {
-            *a *= inverse * w;
-        }
-    }
-}
-
 /// A zeroed buffer of `capacity` positions holding the first `keep` of
 /// `old`, of `like`'s type.
 fn grow(old: Option<Tensor>, like: &Tensor, keep: usize, capacity: usize) -> Result<Tensor> {

@@ -28,11 +28,15 @@ pub(crate) struct LayerNorm {
     bias_values: Vec<f32>,
 }
 
+/// A weight tensor's values as F32.
+fn values_of(weight: &Tensor) -> Result<Vec<f32>> {
+    weight.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
 impl LayerNorm {
     /// `weight` and `bias`: one value per dimension of the rows it normalises.
     pub(crate) fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
-        let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (weight_values, bias_values) = (values(&weight)?, values(&bias)?);
+        let (weight_values, bias_values) = (values_of(&weight)?, values_of(&bias)?);
         if weight_values.len() != bias_values.len() {
             candle_core::bail!(
                 "layer norm: {} weights and {} biases",
@@ -77,10 +81,7 @@ pub(crate) struct RmsNorm {
 impl RmsNorm {
     /// `weight`: one value per dimension of the rows it normalises.
     pub(crate) fn new(weight: Tensor) -> Result<Self> {
-        let weight_values = weight
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?;
+        let weight_values = values_of(&weight)?;
         Ok(Self {
             weight,
             weight_values,
@@ -101,6 +102,27 @@ impl RmsNorm {
             return Ok(out);
         }
         candle_nn::ops::rms_norm(x, &self.weight, eps)
+    }
+
+    /// The same norm of each `weight`-long piece of `values`, in place (a
+    /// decode step's query or key heads): the same arithmetic per row as
+    /// [`RmsNorm::forward`] gives them in prefill.
+    pub(crate) fn normalize_each(&self, values: &mut [f32], eps: f32) {
+        let width = self.weight_values.len().max(1);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            for row in values.chunks_exact_mut(width) {
+                rms_norm_row(simd, row, &self.weight_values, eps);
+            }
+            return;
+        }
+        for row in values.chunks_exact_mut(width) {
+            let mean = row.iter().map(|a| a * a).sum::<f32>() / row.len() as f32;
+            let inverse = 1.0 / (mean + eps).sqrt();
+            for (a, w) in row.iter_mut().zip(&self.weight_values) {
+                *a *= inverse * w;
+            }
+        }
     }
 }
 
@@ -282,8 +304,8 @@ mod tests {
         }
     }
 
-    /// RMS norm against F64, widths with and without a tail, and each row
-    /// the same alone as among others.
+    /// RMS norm against F64, widths with and without a tail, each row the
+    /// same alone as among others, and in place as through `forward`.
     #[test]
     fn rms_norm_matches_exact_and_rows_are_independent() {
         let eps = 1e-6f32;
@@ -302,6 +324,14 @@ mod tests {
                     .unwrap()
             };
             let all = run(x.clone(), rows);
+            // The decode step's in-place form gives the same bits.
+            let mut in_place = x.clone();
+            norm.normalize_each(&mut in_place, eps);
+            assert_eq!(
+                in_place.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                all.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "width {width}: in place against forward"
+            );
             for (r, row) in x.chunks_exact(width).enumerate() {
                 let mean_square =
                     row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / width as f64;
