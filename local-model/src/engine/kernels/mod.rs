@@ -643,6 +643,13 @@ trait GroupKernel<const LANES: usize>: Sync {
     fn on_worker(&self, work: impl FnOnce()) {
         work()
     }
+
+    /// Products with the first activation rows all at once, where the
+    /// kernel has a path that lays a group's weights out once for many
+    /// rows (AMX tiles); returns how many rows it did (0: none).
+    fn dot_runs(&self, _weights: &[u8], _store: &impl Fn(usize, &[f32; LANES])) -> usize {
+        0
+    }
 }
 
 /// Runs `kernel` on `N` activation rows from `first` on and stores the
@@ -701,7 +708,7 @@ fn for_groups<const LANES: usize>(
                 out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
             }
         };
-        let mut i = 0;
+        let mut i = kernel.dot_runs(weights, &store);
         if kernel.rows_per_step() >= 16 {
             while i + 16 <= m {
                 dot_rows::<LANES, 16>(kernel, weights, i, &store);

@@ -26,6 +26,11 @@ use super::{
 };
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::unsafe_simd::{
+    WideSums, WideTiles, WideWeights, AMX_WIDE_PARTS, AMX_WIDE_RUNS, AMX_WIDE_STEPS,
+    AMX_WIDE_WEIGHT_TILE,
+};
 
 /// Values per Q4_K super-block.
 const BLOCK: usize = 256;
@@ -196,6 +201,16 @@ impl Q4KMatrix {
         self.rows
     }
 
+    /// Activation row `i`'s quantized blocks.
+    fn row_blocks_of<'a>(
+        &self,
+        activations: &'a [ActivationBlock],
+        i: usize,
+    ) -> impl Iterator<Item = &'a ActivationBlock> {
+        let row_blocks = self.cols / BLOCK;
+        activations[i * row_blocks..(i + 1) * row_blocks].iter()
+    }
+
     /// Bytes of weights held.
     pub fn size_in_bytes(&self) -> usize {
         self.groups.len()
@@ -211,10 +226,10 @@ impl Q4KMatrix {
             isa: self.isa,
             activations: &activations,
             row_blocks,
-            tiles: side_tiles::ActivationTiles::new(&self.isa, m, row_blocks * SUBS, |i, k| {
-                let block = &activations[i * row_blocks + k / SUBS];
-                let quads = &block.quads[(k % SUBS) * SUB / 4..][..SUB / 4];
-                std::array::from_fn(|v| quads[v / 4].to_le_bytes()[v % 4])
+            rows: side_tiles::ActivationRows::new(&self.isa, m, self.cols, BLOCK, |i, out| {
+                for (block, bytes) in self.row_blocks_of(&activations, i).zip(out.chunks_exact_mut(BLOCK)) {
+                    bytes.copy_from_slice(pulp::bytemuck::cast_slice(&block.quads));
+                }
             }),
         };
         Ok(for_each_group(
@@ -232,9 +247,9 @@ struct Kernel<'a> {
     isa: Isa,
     activations: &'a [ActivationBlock],
     row_blocks: usize,
-    /// The activations of each whole run of 16 rows as AMX tiles, where
-    /// the products run on tiles.
-    tiles: Option<side_tiles::ActivationTiles>,
+    /// The activations of each whole run of 16 rows as bytes for AMX
+    /// tiles, where the products run on tiles.
+    rows: Option<side_tiles::ActivationRows>,
 }
 
 impl Kernel<'_> {
@@ -246,15 +261,6 @@ impl Kernel<'_> {
 impl GroupKernel<LANES> for Kernel<'_> {
     fn dot<const N: usize>(&self, weights: &[u8], first: usize) -> [[f32; LANES]; N] {
         let rows = std::array::from_fn(|n| self.row(first + n));
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if let Some(out) = self.tiles.as_ref().and_then(|tiles| {
-            tiles.with_run::<N, _>(first, |t, wide, run| match wide {
-                side_tiles::Wide::Vnni(vnni) => dot_group_tiles(vnni, t, weights, run, rows),
-                side_tiles::Wide::Plain(v4) => dot_group_tiles(v4, t, weights, run, rows),
-            })
-        }) {
-            return out;
-        }
         let ahead = self
             .isa
             .prefetch_ahead(N, PREFETCH_STEPS, STREAM_PREFETCH_STEPS);
@@ -274,13 +280,10 @@ impl GroupKernel<LANES> for Kernel<'_> {
         self.isa
     }
 
-    /// Sixteen on AMX tiles (a tile's rows); eight on AVX-512: the
-    /// unpacked nibbles then serve eight activation rows, with one
-    /// accumulator each (24 of the 32 registers).
+    /// Eight on AVX-512: the unpacked nibbles then serve eight activation
+    /// rows, with one accumulator each (24 of the 32 registers).
     fn rows_per_step(&self) -> usize {
-        if self.tiles.is_some() {
-            side_tiles::ROWS
-        } else if self.isa.wide.is_some() {
+        if self.isa.wide.is_some() {
             8
         } else {
             4
@@ -288,10 +291,31 @@ impl GroupKernel<LANES> for Kernel<'_> {
     }
 
     fn on_worker(&self, work: impl FnOnce()) {
-        match &self.tiles {
-            Some(tiles) => tiles.on_worker(work),
+        match &self.rows {
+            Some(rows) => rows.on_worker(work),
             None => work(),
         }
+    }
+
+    fn dot_runs(&self, weights: &[u8], store: &impl Fn(usize, &[f32; LANES])) -> usize {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Some(rows) = &self.rows {
+            return rows.with_tiles(|t, wide| {
+                let runs = Runs {
+                    t,
+                    rows,
+                    count: rows.runs(self.row_blocks * BLOCK),
+                    activations: self.activations,
+                    row_blocks: self.row_blocks,
+                };
+                match wide {
+                    side_tiles::Wide::Vnni(vnni) => dot_runs_tiles(vnni, &runs, weights, store),
+                    side_tiles::Wide::Plain(v4) => dot_runs_tiles(v4, &runs, weights, store),
+                }
+            });
+        }
+        let _ = (weights, store);
+        0
     }
 }
 
@@ -403,8 +427,7 @@ fn dot_group_wide<B: WideBytes, const N: usize>(
 
 /// Adds one super-block to `acc`, given each row's `Σ_j scale_j·Σ q·y`
 /// (`scaled`): `d·y_scale·scaled` minus `dmin·y_scale·Σ_j min_j·Σ y`, lane
-/// by lane. Shared by the AVX-512 and the AMX kernels, so that the same
-/// integers give the same bits on both.
+/// by lane.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn finish_block<const N: usize>(
@@ -417,11 +440,7 @@ fn finish_block<const N: usize>(
     use pulp::bytemuck;
     use std::arch::x86_64::{__m256i, __m512i};
     let zero = simd.avx512f._mm512_setzero_si512();
-    let halves = |at: usize| {
-        let h: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
-        simd.avx512f._mm512_cvtph_ps(h)
-    };
-    let (d, dmin) = (halves(D_AT), halves(DMIN_AT));
+    let (d, dmin) = super_block_scales(simd, step);
     let mins: [__m512i; SUBS / 2] = std::array::from_fn(|p| {
         let at = MINS_AT + 2 * LANES * p;
         let pair: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
@@ -435,18 +454,50 @@ fn finish_block<const N: usize>(
                 .avx512f
                 ._mm512_add_epi32(min_sum, simd.avx512bw._mm512_madd_epi16(*mins, sums));
         }
-        let y_scale = simd.avx512f._mm512_set1_ps(ys[n].scale);
-        acc[n] = simd.avx512f._mm512_fmadd_ps(
-            simd.avx512f._mm512_mul_ps(d, y_scale),
-            simd.avx512f._mm512_cvtepi32_ps(scaled[n]),
-            acc[n],
-        );
-        acc[n] = simd.avx512f._mm512_fnmadd_ps(
-            simd.avx512f._mm512_mul_ps(dmin, y_scale),
-            simd.avx512f._mm512_cvtepi32_ps(min_sum),
-            acc[n],
-        );
+        acc[n] = finish_row(simd, (d, dmin), ys[n].scale, scaled[n], min_sum, acc[n]);
     }
+}
+
+/// A super-block's F16 scales and minimum scales of the group's sixteen
+/// rows, as F32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn super_block_scales(
+    simd: pulp::x86::V4,
+    step: &[u8],
+) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    let halves = |at: usize| {
+        let h: std::arch::x86_64::__m256i =
+            pulp::bytemuck::pod_read_unaligned(&step[at..at + 2 * LANES]);
+        simd.avx512f._mm512_cvtph_ps(h)
+    };
+    (halves(D_AT), halves(DMIN_AT))
+}
+
+/// One activation row's super-block added to its accumulator, from the
+/// exact integer sums: shared by the AVX-512 and the AMX kernels, so that
+/// the same integers give the same bits on both.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_row(
+    simd: pulp::x86::V4,
+    (d, dmin): (std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+    y_scale: f32,
+    scaled: std::arch::x86_64::__m512i,
+    min_sum: std::arch::x86_64::__m512i,
+    acc: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    let y_scale = simd.avx512f._mm512_set1_ps(y_scale);
+    let acc = simd.avx512f._mm512_fmadd_ps(
+        simd.avx512f._mm512_mul_ps(d, y_scale),
+        simd.avx512f._mm512_cvtepi32_ps(scaled),
+        acc,
+    );
+    simd.avx512f._mm512_fnmadd_ps(
+        simd.avx512f._mm512_mul_ps(dmin, y_scale),
+        simd.avx512f._mm512_cvtepi32_ps(min_sum),
+        acc,
+    )
 }
 
 /// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
@@ -551,91 +602,181 @@ fn dot_group<B: NarrowBytes, const N: usize>(
     )
 }
 
-/// `dot_group_wide` with the byte products on AMX tiles (see
-/// `side_tiles`): each super-block's nibbles are split into eight weight
-/// tiles, one per sub-block, and each sub-block is one tile product for
-/// the 16 rows; its sums are scaled by the sub-block scales in integers
-/// and finished by [`finish_block`], as on AVX-512.
+/// What [`dot_runs_tiles`] multiplies a group by: the activations' whole
+/// runs of 16 rows, as bytes for the tiles and as quantized blocks.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+struct Runs<'a> {
+    t: &'a WideTiles,
+    rows: &'a side_tiles::ActivationRows,
+    count: usize,
+    activations: &'a [ActivationBlock],
+    row_blocks: usize,
+}
+
+/// A group's products with every whole run of 16 activation rows on AMX
+/// tiles; returns the rows done. Per super-block, the weights are laid out
+/// once for all runs as two tile matrices: the low and the high byte of
+/// each value times its sub-block's scale (`q·scale` ≤ 945). So
+/// `Σ_j scale_j·Σ q·y` is the low sums plus 256 times the high ones, and
+/// stays in tiles over the whole super-block: the exact integer the
+/// AVX-512 kernel forms, finished by the same [`finish_block`]. (Scaling
+/// each 32-value block's sums after the tiles cost as much as the tiles
+/// saved: docs/benchmarks.md.) Runs go two at a time, so that each weight
+/// tile loaded serves two products.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn dot_group_tiles<B: WideBytes, const N: usize>(
+fn dot_runs_tiles<B: WideBytes>(
     bytes: B,
-    t: &side_tiles::ConfiguredTiles,
+    runs: &Runs,
     weights: &[u8],
-    tiles: &[side_tiles::ActivationTile],
-    rows: [&[ActivationBlock]; N],
-) -> [[f32; LANES]; N] {
+    store: &impl Fn(usize, &[f32; LANES]),
+) -> usize {
+    use pulp::bytemuck;
+    use std::arch::x86_64::__m512;
+    const ROWS: usize = side_tiles::ROWS;
     let simd = bytes.v4();
+    let count = runs.count;
     bytes.vectorize(
         #[inline(always)]
         || {
-            use pulp::bytemuck;
-            use std::arch::x86_64::{__m128i, __m512i};
-            let zero = simd.avx512f._mm512_setzero_si512();
-            let mut acc = [simd.avx512f._mm512_setzero_ps(); N];
-            let mut split: Split = [[0u8; 8 * QUAD_BYTES]; SUBS];
-            let mut products: Products = [[[0i32; LANES]; side_tiles::ROWS]; SUBS];
-            for ((b, step), tiles) in weights
-                .chunks_exact(STEP_BYTES)
-                .enumerate()
-                .zip(tiles.chunks_exact(SUBS))
-            {
-                // All eight sub-blocks' products first, two at a time, so
-                // that the tiles' latency overlaps the scaling below.
-                split_super_block(simd, step, &mut split);
-                multiply_super_block(t, tiles, &split, &mut products);
-                let ys: [&ActivationBlock; N] = std::array::from_fn(|n| &rows[n][b]);
-                let mut scaled = [zero; N];
-                for (j, products) in products.iter().enumerate() {
-                    let at = SCALES_AT + LANES * j;
-                    let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
-                    let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
-                    for (scaled, sums) in scaled.iter_mut().zip(products) {
-                        let sums: __m512i = bytemuck::cast(*sums);
-                        *scaled = simd.avx512f._mm512_add_epi32(
-                            *scaled,
-                            simd.avx512f._mm512_mullo_epi32(sums, scales),
-                        );
+            let mut acc: Vec<[__m512; ROWS]> =
+                vec![[simd.avx512f._mm512_setzero_ps(); ROWS]; count];
+            let mut tiles = Box::new(WideWeights {
+                parts: [[[0; AMX_WIDE_WEIGHT_TILE]; AMX_WIDE_STEPS]; AMX_WIDE_PARTS],
+            });
+            // Two sets of sums: each call's are finished after the next
+            // call is issued, so that the vector work overlaps the tiles and
+            // the loads find the tile stores done.
+            let mut sums = Box::new(
+                [(); 2].map(|()| WideSums {
+                    runs: [[[[0; LANES]; ROWS]; AMX_WIDE_PARTS]; AMX_WIDE_RUNS],
+                }),
+            );
+            let mut pending: Option<(usize, usize, usize)> = None;
+            let mut call = 0usize;
+            for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
+                lay_out_super_block(simd, step, &mut tiles);
+                for first in (0..count).step_by(AMX_WIDE_RUNS) {
+                    // An odd last run goes with itself.
+                    let pair = [first, (first + 1).min(count - 1)];
+                    let rows = pair.map(|r| runs.rows.run_chunk(count, b, r));
+                    let (current, previous) = sums.split_at_mut(1);
+                    let (this, other) = if call % 2 == 0 {
+                        (&mut current[0], &previous[0])
+                    } else {
+                        (&mut previous[0], &current[0])
+                    };
+                    runs.t
+                        .super_block_sums(rows, BLOCK, 0, &tiles, this);
+                    if let Some((b, first, _)) = pending.take() {
+                        finish_pair(simd, other, weights, runs, [b, first, count], &mut acc);
                     }
+                    pending = Some((b, first, call));
+                    call += 1;
                 }
-                finish_block(simd, step, ys, scaled, &mut acc);
             }
-            acc.map(bytemuck::cast)
+            if let Some((b, first, call)) = pending {
+                finish_pair(simd, &sums[call % 2], weights, runs, [b, first, count], &mut acc);
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (n, acc) in acc.iter().enumerate() {
+                    store(r * ROWS + n, &bytemuck::cast(*acc));
+                }
+            }
+            count * ROWS
         },
     )
 }
 
-/// A super-block's nibbles as eight weight tiles, one per sub-block.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-type Split = [side_tiles::WeightTile; SUBS];
-/// A super-block's tile products, one per sub-block.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-type Products = [[[i32; LANES]; side_tiles::ROWS]; SUBS];
-
+/// Adds one call's sums (super-block `b` of the pair of runs from `first`
+/// on, of `count`) to the runs' accumulators.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn split_super_block(simd: pulp::x86::V4, step: &[u8], split: &mut Split) {
-    for (j, sub) in split.iter_mut().enumerate() {
-        let at = VALUES_AT + j * STEPS * QUAD_BYTES;
-        side_tiles::split_nibbles(simd, &step[at..at + STEPS * QUAD_BYTES], sub);
+fn finish_pair(
+    simd: pulp::x86::V4,
+    sums: &WideSums,
+    weights: &[u8],
+    runs: &Runs,
+    [b, first, count]: [usize; 3],
+    acc: &mut [[std::arch::x86_64::__m512; side_tiles::ROWS]],
+) {
+    use pulp::bytemuck;
+    use std::arch::x86_64::__m512i;
+    const ROWS: usize = side_tiles::ROWS;
+    let step = &weights[b * STEP_BYTES..(b + 1) * STEP_BYTES];
+    let pair = [first, (first + 1).min(count - 1)];
+    for (r, sums) in pair.into_iter().zip(&sums.runs).take(count - first) {
+        let [low, high] = sums;
+        let ys: [&ActivationBlock; ROWS] =
+            std::array::from_fn(|n| &runs.activations[(r * ROWS + n) * runs.row_blocks + b]);
+        let scaled = std::array::from_fn(|n| {
+            let low: __m512i = bytemuck::cast(low[n]);
+            let high: __m512i = bytemuck::cast(high[n]);
+            simd.avx512f
+                ._mm512_add_epi32(low, simd.avx512f._mm512_slli_epi32::<8>(high))
+        });
+        finish_block(simd, step, ys, scaled, &mut acc[r]);
     }
 }
 
+/// Lays out one held super-block of the group as [`dot_runs_tiles`]' two
+/// weight matrices, in the VNNI order: a step's low nibbles are one tile
+/// row (four values of each of the 16 rows), its high nibbles the next.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
-fn multiply_super_block(
-    t: &side_tiles::ConfiguredTiles,
-    tiles: &[side_tiles::ActivationTile],
-    split: &Split,
-    products: &mut Products,
-) {
-    for ((tiles, split), products) in tiles
-        .chunks_exact(2)
-        .zip(split.chunks_exact(2))
-        .zip(products.chunks_exact_mut(2))
-    {
-        if let (Ok(products), [a0, a1], [w0, w1]) = (products.try_into(), tiles, split) {
-            t.side_block_pair([a0, a1], [w0, w1], products);
+fn lay_out_super_block(simd: pulp::x86::V4, step: &[u8], tiles: &mut WideWeights) {
+    use pulp::bytemuck;
+    use std::arch::x86_64::{__m128i, __m512i};
+    /// Odd bytes: the high byte of each 16-bit lane.
+    const ODD_BYTES: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+    const TILE_ROWS: usize = AMX_WIDE_WEIGHT_TILE / 64;
+    let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
+    let low_bytes = simd.avx512f._mm512_set1_epi16(0x00FF);
+    let [low_tiles, high_tiles] = &mut tiles.parts;
+    let put = |tiles: &mut [[u8; AMX_WIDE_WEIGHT_TILE]; AMX_WIDE_STEPS], row: usize, v: __m512i| {
+        let (tile, row) = (row / TILE_ROWS, row % TILE_ROWS);
+        tiles[tile][64 * row..64 * row + 64].copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(v));
+    };
+    for j in 0..SUBS {
+        let at = SCALES_AT + LANES * j;
+        let scales: __m128i = bytemuck::pod_read_unaligned(&step[at..at + LANES]);
+        let scales = simd.avx512f._mm512_cvtepu8_epi32(scales);
+        // Each row's scale in both 16-bit halves of its lane.
+        let scales = simd
+            .avx512f
+            ._mm512_or_si512(scales, simd.avx512f._mm512_slli_epi32::<16>(scales));
+        for s in 0..STEPS {
+            let at = VALUES_AT + (j * STEPS + s) * QUAD_BYTES;
+            let q: __m512i = bytemuck::pod_read_unaligned(&step[at..at + QUAD_BYTES]);
+            let halves = [
+                simd.avx512f._mm512_and_si512(q, low_nibbles),
+                simd.avx512f
+                    ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles),
+            ];
+            for (h, values) in halves.into_iter().enumerate() {
+                // Each byte times its row's scale, in 16 bits: even bytes
+                // and odd bytes apart.
+                let even = simd.avx512bw._mm512_mullo_epi16(
+                    simd.avx512f._mm512_and_si512(values, low_bytes),
+                    scales,
+                );
+                let odd = simd
+                    .avx512bw
+                    ._mm512_mullo_epi16(simd.avx512bw._mm512_srli_epi16::<8>(values), scales);
+                let low = simd.avx512bw._mm512_mask_blend_epi8(
+                    ODD_BYTES,
+                    even,
+                    simd.avx512bw._mm512_slli_epi16::<8>(odd),
+                );
+                let high = simd.avx512bw._mm512_mask_blend_epi8(
+                    ODD_BYTES,
+                    simd.avx512bw._mm512_srli_epi16::<8>(even),
+                    odd,
+                );
+                let row = 2 * (j * STEPS + s) + h;
+                put(low_tiles, row, low);
+                put(high_tiles, row, high);
+            }
         }
     }
 }

@@ -27,7 +27,9 @@ pub(super) use without_amx::*;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod with_amx {
-    use super::super::unsafe_simd::{Amx, Tiles, AMX_BLOCK, AMX_SIDE_ROWS, AMX_SIDE_WEIGHT_TILE};
+    use super::super::unsafe_simd::{
+        Amx, Tiles, WideTiles, AMX_BLOCK, AMX_SIDE_ROWS, AMX_SIDE_WEIGHT_TILE,
+    };
     use super::{Isa, BLOCK, ROWS};
 
     const _: () = assert!(AMX_SIDE_ROWS == ROWS && AMX_BLOCK == BLOCK);
@@ -58,11 +60,7 @@ mod with_amx {
             block: impl Fn(usize, usize) -> [u8; BLOCK],
         ) -> Option<Self> {
             let amx = isa.amx?;
-            let wide = match (isa.wide_vnni, isa.wide) {
-                (Some(vnni), _) => Wide::Vnni(vnni),
-                (None, Some(v4)) => Wide::Plain(v4),
-                (None, None) => return None,
-            };
+            let wide = Wide::of(isa)?;
             let runs = m / ROWS;
             if runs == 0 {
                 return None;
@@ -107,6 +105,78 @@ mod with_amx {
         }
     }
 
+    /// The activations of each whole run of 16 rows as bytes for
+    /// [`WideTiles`], in chunks of `chunk` values: all rows' first chunk,
+    /// then all rows' second, and so on. A tile load reads 16 rows of 64
+    /// values at the chunk's stride, so a run's chunk is one contiguous
+    /// span (`16 · chunk` bytes) and a kernel that goes chunk by chunk over
+    /// every run reads them in order.
+    pub(in super::super) struct ActivationRows {
+        amx: Amx,
+        wide: Wide,
+        bytes: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl ActivationRows {
+        /// From `m` rows of `cols` values (whole chunks); `row(i, out)`
+        /// writes row `i`'s bytes. `None` without AMX or AVX-512 (which
+        /// finishes the tiles' sums), or with fewer than 16 rows.
+        pub(in super::super) fn new(
+            isa: &Isa,
+            m: usize,
+            cols: usize,
+            chunk: usize,
+            row: impl Fn(usize, &mut [u8]),
+        ) -> Option<Self> {
+            let amx = isa.amx?;
+            let wide = Wide::of(isa)?;
+            let rows = m / ROWS * ROWS;
+            if rows == 0 || chunk == 0 || !cols.is_multiple_of(chunk) {
+                return None;
+            }
+            let mut bytes = vec![0u8; rows * cols];
+            let mut one = vec![0u8; cols];
+            for i in 0..rows {
+                row(i, &mut one);
+                for (c, values) in one.chunks_exact(chunk).enumerate() {
+                    let at = (c * rows + i) * chunk;
+                    bytes[at..at + chunk].copy_from_slice(values);
+                }
+            }
+            Some(Self {
+                amx,
+                wide,
+                bytes,
+                chunk,
+            })
+        }
+
+        /// Whole runs of 16 rows.
+        pub(in super::super) fn runs(&self, cols: usize) -> usize {
+            self.bytes.len() / (ROWS * cols)
+        }
+
+        /// Run `run`'s chunk `c` (16 rows of `chunk` bytes, contiguous), of
+        /// `runs` runs in all.
+        pub(in super::super) fn run_chunk(&self, runs: usize, c: usize, run: usize) -> &[u8] {
+            let len = ROWS * self.chunk;
+            let at = (c * runs + run) * len;
+            &self.bytes[at..at + len]
+        }
+
+        /// Runs one worker's share inside the thread's tile configuration.
+        pub(in super::super) fn on_worker(&self, work: impl FnOnce()) {
+            self.amx.with_wide_tiles(|_| work())
+        }
+
+        /// `f` with the configured tiles and the AVX-512 token to finish
+        /// their sums with.
+        pub(in super::super) fn with_tiles<R>(&self, f: impl FnOnce(&WideTiles, Wide) -> R) -> R {
+            self.amx.with_wide_tiles(|t| f(t, self.wide))
+        }
+    }
+
     /// The AVX-512 token the formats finish the tiles' sums under: with
     /// VNNI where the CPU has it, since its `vectorize` compiles the
     /// kernel with every feature it inlines (under `pulp`'s own `V4` the
@@ -117,26 +187,14 @@ mod with_amx {
         Plain(pulp::x86::V4),
     }
 
-    /// Splits four 64-byte steps of nibbles (`steps`, 256 bytes) into a
-    /// weight tile: each step's low nibbles, then its high ones.
-    #[inline(always)]
-    pub(in super::super) fn split_nibbles(
-        simd: pulp::x86::V4,
-        steps: &[u8],
-        tile: &mut WeightTile,
-    ) {
-        use pulp::bytemuck;
-        use std::arch::x86_64::__m512i;
-        let low_nibbles = simd.avx512f._mm512_set1_epi8(0x0F);
-        for (step, rows) in steps.chunks_exact(64).zip(tile.chunks_exact_mut(128)) {
-            let q: __m512i = bytemuck::pod_read_unaligned(step);
-            let low = simd.avx512f._mm512_and_si512(q, low_nibbles);
-            let high = simd
-                .avx512f
-                ._mm512_and_si512(simd.avx512bw._mm512_srli_epi16::<4>(q), low_nibbles);
-            let (low_row, high_row) = rows.split_at_mut(64);
-            low_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(low));
-            high_row.copy_from_slice(&bytemuck::cast::<_, [u8; 64]>(high));
+    impl Wide {
+        /// With VNNI where the CPU has it; `None` without AVX-512.
+        fn of(isa: &Isa) -> Option<Self> {
+            match (isa.wide_vnni, isa.wide) {
+                (Some(vnni), _) => Some(Wide::Vnni(vnni)),
+                (None, Some(v4)) => Some(Wide::Plain(v4)),
+                (None, None) => None,
+            }
         }
     }
 }
@@ -147,6 +205,24 @@ mod without_amx {
     use super::{Isa, BLOCK};
 
     pub(in super::super) enum ActivationTiles {}
+
+    pub(in super::super) enum ActivationRows {}
+
+    impl ActivationRows {
+        pub(in super::super) fn new(
+            _isa: &Isa,
+            _m: usize,
+            _cols: usize,
+            _chunk: usize,
+            _row: impl Fn(usize, &mut [u8]),
+        ) -> Option<Self> {
+            None
+        }
+
+        pub(in super::super) fn on_worker(&self, _work: impl FnOnce()) {
+            match *self {}
+        }
+    }
 
     impl ActivationTiles {
         pub(in super::super) fn new(

@@ -148,7 +148,7 @@ fn check_amx(
     }
     check_product(format, grouped, weights, x, candle, candle_tolerance);
     let cols = weights.len() / grouped.rows();
-    for m in [16, 17, 32, 33, 40] {
+    for m in [16, 17, 32, 33, 40, 48, 64] {
         let x = random(m, cols, 11 + m as u64);
         let tiles = grouped.matmul(&x).unwrap();
         let avx = grouped.clone().without_amx().matmul(&x).unwrap();
@@ -463,3 +463,4 @@ fn activations_round_as_the_scalar_reference_does_value_for_value() {
         check(&chunk);
     }
 }
+

@@ -202,40 +202,85 @@ impl Amx {
     }
 
     /// Runs `f` with this thread's tiles configured for
-    /// [`Tiles::side_block_pair`]'s shapes, and releases them after. A call inside `f` (on the same
-    /// thread) finds them configured and leaves them to the outer call, so
-    /// no `Tiles` ever outlives its configuration.
+    /// [`Tiles::side_block_pair`]'s shapes, and releases them after. A call
+    /// inside `f` (on the same thread) finds them configured and leaves them
+    /// to the outer call, so no `Tiles` ever outlives its configuration.
     pub fn with_tiles<R>(self, f: impl FnOnce(&Tiles) -> R) -> R {
-        thread_local! {
-            static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        let tiles = Tiles {
-            _not_send: std::marker::PhantomData,
-        };
-        if CONFIGURED.with(|c| c.replace(true)) {
-            return f(&tiles);
-        }
-        /// Clears the flag when the outermost call ends, even by a panic.
-        struct Configured;
-        impl Drop for Configured {
-            fn drop(&mut self) {
-                // SAFETY: this thread's tiles were configured by the call that
-                // made this guard; releasing returns them to their initial state.
-                unsafe {
+        configured(TileShapes::Blocks, || {
+            f(&Tiles {
+                _not_send: std::marker::PhantomData,
+            })
+        })
+    }
+
+    /// Runs `f` with this thread's tiles configured for
+    /// [`WideTiles::super_block_sums`]' shapes, as [`Amx::with_tiles`] does
+    /// for its own. Inside a call configured for the other shapes, it
+    /// configures its own and restores the outer call's after.
+    pub fn with_wide_tiles<R>(self, f: impl FnOnce(&WideTiles) -> R) -> R {
+        configured(TileShapes::Wide, || {
+            f(&WideTiles {
+                _not_send: std::marker::PhantomData,
+            })
+        })
+    }
+}
+
+/// The two tile configurations the kernels use.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TileShapes {
+    /// [`Tiles::side_block_pair`]: 32-value blocks.
+    Blocks,
+    /// [`WideTiles::super_block_sums`]: whole 64-byte tile rows.
+    Wide,
+}
+
+/// Runs `f` with this thread's tiles configured as `shapes`. Only called
+/// with an [`Amx`] in hand (the CPU has AMX and the tile state is granted).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn configured<R>(shapes: TileShapes, f: impl FnOnce() -> R) -> R {
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<Option<TileShapes>> = const { std::cell::Cell::new(None) };
+    }
+    let outer = CONFIGURED.with(|c| c.replace(Some(shapes)));
+    if outer == Some(shapes) {
+        return f();
+    }
+    /// Restores the outer call's configuration (or releases the tiles)
+    /// when this call ends, even by a panic.
+    struct Restore(Option<TileShapes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            match self.0 {
+                Some(outer) => load_config(outer),
+                // SAFETY: this thread's tiles were configured by the call
+                // that made this guard; releasing returns them to their
+                // initial state.
+                None => unsafe {
                     std::arch::asm!("tilerelease", options(nostack, nomem));
-                }
-                CONFIGURED.with(|c| c.set(false));
+                },
             }
+            CONFIGURED.with(|c| c.set(self.0));
         }
-        let config = TileConfig::for_blocks();
-        // SAFETY: `self` proves AMX-TILE and the granted tile state; `config`
-        // is a valid 64-byte palette-1 configuration (64-byte aligned, read
-        // only by `ldtilecfg`).
-        unsafe {
-            std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) config.0.as_ptr(), options(nostack, readonly));
-        }
-        let _release = Configured;
-        f(&tiles)
+    }
+    load_config(shapes);
+    let _restore = Restore(outer);
+    f()
+}
+
+/// Loads `shapes`' tile configuration on this thread.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn load_config(shapes: TileShapes) {
+    let config = match shapes {
+        TileShapes::Blocks => TileConfig::for_blocks(),
+        TileShapes::Wide => TileConfig::wide(),
+    };
+    // SAFETY: only reached through `configured`, which only an `Amx` (AMX-TILE
+    // present, tile state granted) calls; `config` is a valid 64-byte
+    // palette-1 configuration (64-byte aligned, read only by `ldtilecfg`).
+    unsafe {
+        std::arch::asm!("ldtilecfg [{cfg}]", cfg = in(reg) config.0.as_ptr(), options(nostack, readonly));
     }
 }
 
@@ -300,6 +345,142 @@ impl Tiles {
     }
 }
 
+/// Values per wide tile product: a whole 64-byte tile row of activations.
+pub const AMX_WIDE_K: usize = 64;
+/// Wide tile products per [`WideTiles::super_block_sums`] call and run:
+/// 256 values.
+pub const AMX_WIDE_STEPS: usize = 4;
+/// Weight matrices multiplied by the same activations in one call.
+pub const AMX_WIDE_PARTS: usize = 2;
+/// Runs of 16 activation rows multiplied in one call.
+pub const AMX_WIDE_RUNS: usize = 2;
+/// Bytes of one wide weight tile: 16 rows of 64 (row `k4` holds values
+/// `4·k4..4·k4+4` of each of the 16 weight rows, as unsigned bytes).
+pub const AMX_WIDE_WEIGHT_TILE: usize = 1024;
+
+/// Two weight matrices of 16 rows over 256 values, as wide tiles:
+/// `parts[p][s]` is matrix `p`'s values `64·s..64·s + 64`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[repr(C, align(64))]
+pub struct WideWeights {
+    pub parts: [[[u8; AMX_WIDE_WEIGHT_TILE]; AMX_WIDE_STEPS]; AMX_WIDE_PARTS],
+}
+
+/// The 16 × 16 integer sums of two runs of 16 activation rows against each
+/// of [`WideWeights`]' two matrices: `runs[r][p][i][n]` is row `i` of run
+/// `r` against weight row `n` of matrix `p`.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[repr(C, align(64))]
+pub struct WideSums {
+    pub runs: [[[[i32; AMX_SIDE_ROWS]; AMX_SIDE_ROWS]; AMX_WIDE_PARTS]; AMX_WIDE_RUNS],
+}
+
+/// This thread's tiles, configured by [`Amx::with_wide_tiles`]: as
+/// [`Tiles`], lent only inside it.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub struct WideTiles {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+impl WideTiles {
+    /// The exact integer sums of two runs of 16 activation rows (signed
+    /// bytes) against two weight matrices (unsigned bytes) over 256 values.
+    /// The four sums stay in tiles across all four steps of 64 values (so
+    /// a call stores its results once, not once per block), and each tile
+    /// loaded serves two products. Row `i` of run `r` is
+    /// `runs[r][at + i·stride..][..256]`.
+    ///
+    /// # Panics
+    ///
+    /// If a run is too short for that: `at + 15·stride + 256 > len`.
+    #[inline(always)]
+    pub fn super_block_sums(
+        &self,
+        runs: [&[u8]; AMX_WIDE_RUNS],
+        stride: usize,
+        at: usize,
+        weights: &WideWeights,
+        out: &mut WideSums,
+    ) {
+        let last = stride
+            .checked_mul(AMX_SIDE_ROWS - 1)
+            .and_then(|v| v.checked_add(at))
+            .and_then(|v| v.checked_add(AMX_WIDE_K * AMX_WIDE_STEPS));
+        for run in runs {
+            assert!(
+                last.is_some_and(|last| last <= run.len()),
+                "16 activation rows of 256 bytes at {at}, stride {stride}, out of {} bytes",
+                run.len()
+            );
+        }
+        // SAFETY: `self` exists only inside `with_wide_tiles`, on this
+        // thread, after `ldtilecfg` set every tile to 16 rows × 64 bytes.
+        // tmm0 and tmm1 read 16 rows of 64 bytes at `stride` from
+        // `runs[r][at + 64·s..]` for s < 4: the last byte read is
+        // `at + 15·stride + 255`, in bounds by the checks above. tmm2 and
+        // tmm3 read 16 rows of 64 at a 64-byte stride from `parts[p][s]`
+        // (1,024 bytes each, at `1024·(4p + s)` in `weights`: the lengths
+        // are in the type). The stores write 16 rows of 64 bytes at a
+        // 64-byte stride into `out.runs[r][p]` (1,024 bytes each, at
+        // `1024·(2r + p)`). `tdpbsud` multiplies signed (tmm0, tmm1) by
+        // unsigned (tmm2, tmm3) bytes into 32-bit sums, which cannot
+        // overflow: 256 products of at most 128 × 255.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                "tileloadd tmm0, [{a0} + {as_} * 1]",
+                "tileloadd tmm2, [{w} + {ws} * 1]",
+                "tdpbsud tmm4, tmm0, tmm2",
+                "tileloadd tmm3, [{w} + {ws} * 1 + 4096]",
+                "tdpbsud tmm5, tmm0, tmm3",
+                "tileloadd tmm1, [{a1} + {as_} * 1]",
+                "tdpbsud tmm6, tmm1, tmm2",
+                "tdpbsud tmm7, tmm1, tmm3",
+                "tileloadd tmm0, [{a0} + {as_} * 1 + 64]",
+                "tileloadd tmm2, [{w} + {ws} * 1 + 1024]",
+                "tdpbsud tmm4, tmm0, tmm2",
+                "tileloadd tmm3, [{w} + {ws} * 1 + 5120]",
+                "tdpbsud tmm5, tmm0, tmm3",
+                "tileloadd tmm1, [{a1} + {as_} * 1 + 64]",
+                "tdpbsud tmm6, tmm1, tmm2",
+                "tdpbsud tmm7, tmm1, tmm3",
+                "tileloadd tmm0, [{a0} + {as_} * 1 + 128]",
+                "tileloadd tmm2, [{w} + {ws} * 1 + 2048]",
+                "tdpbsud tmm4, tmm0, tmm2",
+                "tileloadd tmm3, [{w} + {ws} * 1 + 6144]",
+                "tdpbsud tmm5, tmm0, tmm3",
+                "tileloadd tmm1, [{a1} + {as_} * 1 + 128]",
+                "tdpbsud tmm6, tmm1, tmm2",
+                "tdpbsud tmm7, tmm1, tmm3",
+                "tileloadd tmm0, [{a0} + {as_} * 1 + 192]",
+                "tileloadd tmm2, [{w} + {ws} * 1 + 3072]",
+                "tdpbsud tmm4, tmm0, tmm2",
+                "tileloadd tmm3, [{w} + {ws} * 1 + 7168]",
+                "tdpbsud tmm5, tmm0, tmm3",
+                "tileloadd tmm1, [{a1} + {as_} * 1 + 192]",
+                "tdpbsud tmm6, tmm1, tmm2",
+                "tdpbsud tmm7, tmm1, tmm3",
+                "tilestored [{o} + {os} * 1], tmm4",
+                "tilestored [{o} + {os} * 1 + 1024], tmm5",
+                "tilestored [{o} + {os} * 1 + 2048], tmm6",
+                "tilestored [{o} + {os} * 1 + 3072], tmm7",
+                a0 = in(reg) runs[0].as_ptr().wrapping_add(at),
+                a1 = in(reg) runs[1].as_ptr().wrapping_add(at),
+                as_ = in(reg) stride,
+                w = in(reg) weights.parts.as_ptr(),
+                ws = in(reg) AMX_WIDE_K,
+                o = in(reg) out.runs.as_mut_ptr(),
+                os = in(reg) AMX_WIDE_K,
+                options(nostack)
+            );
+        }
+    }
+}
+
 /// A palette-1 tile configuration: 64 bytes, 64-byte aligned.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[repr(C, align(64))]
@@ -323,6 +504,19 @@ impl TileConfig {
         ] {
             bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(row_bytes as u16).to_le_bytes());
             bytes[48 + tile] = rows as u8;
+        }
+        Self(bytes)
+    }
+
+    /// Every tile (tmm0 to tmm7) 16 rows of 64 bytes: activations, weights
+    /// in the VNNI layout and 32-bit sums alike.
+    fn wide() -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1; // palette 1
+        for tile in 0..8 {
+            bytes[16 + 2 * tile..18 + 2 * tile]
+                .copy_from_slice(&(AMX_WIDE_K as u16).to_le_bytes());
+            bytes[48 + tile] = AMX_SIDE_ROWS as u8;
         }
         Self(bytes)
     }
@@ -356,3 +550,4 @@ fn request_tile_state() -> bool {
     };
     result == 0
 }
+
