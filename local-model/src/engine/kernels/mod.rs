@@ -36,7 +36,7 @@ mod unsafe_simd;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{__m256i, __m512i};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use candle_core::quantized::GgmlDType;
 
@@ -669,7 +669,7 @@ fn dot_rows<const LANES: usize, const N: usize>(
 /// Runs `kernel` over every `LANES`-row group of a `rows`-row matrix
 /// (`group_bytes` each in `groups`) and each of `m` activation rows;
 /// returns `m x rows` values, row-major. Groups are split over candle's
-/// thread pool.
+/// thread pool in strips of a few groups.
 fn for_each_group<const LANES: usize>(
     groups: &[u8],
     group_bytes: usize,
@@ -677,19 +677,52 @@ fn for_each_group<const LANES: usize>(
     m: usize,
     kernel: &impl GroupKernel<LANES>,
 ) -> Vec<f32> {
-    // Each output is written once, by whichever worker owns its group;
-    // relaxed atomic stores compile to plain stores and let the workers
-    // share the buffer without `unsafe`.
-    let out: Vec<AtomicU32> = (0..m * rows).map(|_| AtomicU32::new(0)).collect();
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(LANES), |range| {
-        kernel.on_worker(|| for_groups(range, groups, group_bytes, rows, m, kernel, &out));
+    let mut out = vec![0f32; m * rows];
+    if out.is_empty() {
+        return out;
+    }
+    // Each strip's piece of every output row, for the one task that takes
+    // the strip: the workers write disjoint slices without `unsafe`, a
+    // group's row at a time (one 64-byte copy). Per-value atomic stores,
+    // as before, cost a quarter of a 256-row prefill product: sixteen
+    // stores per cache line, each line missed, left the store buffer full.
+    // Strips of several groups when rows are many keep the pieces few.
+    let groups_per_strip = if m >= 16 { STRIP_GROUPS } else { 1 };
+    let strip_cols = groups_per_strip * LANES;
+    let strip_count = rows.div_ceil(strip_cols);
+    let mut pieces: Vec<Option<&mut [f32]>> = (0..strip_count * m).map(|_| None).collect();
+    for (i, row) in out.chunks_mut(rows).enumerate() {
+        for (strip, piece) in row.chunks_mut(strip_cols).enumerate() {
+            pieces[strip * m + i] = Some(piece);
+        }
+    }
+    let strips: Vec<Mutex<&mut [Option<&mut [f32]>]>> =
+        pieces.chunks_mut(m).map(Mutex::new).collect();
+    let group_count = rows.div_ceil(LANES);
+    candle_core::utils::barrier_pool().execute_chunked(strip_count, |range| {
+        kernel.on_worker(|| {
+            for strip in range {
+                // Only this task takes this strip: the lock is never
+                // contended, nor poisoned but by a panic in this task.
+                let mut pieces = strips[strip]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let first = strip * groups_per_strip;
+                let strip_groups = first..group_count.min(first + groups_per_strip);
+                for_groups(strip_groups, groups, group_bytes, rows, m, kernel, &mut pieces);
+            }
+        });
     });
-    out.into_iter()
-        .map(|v| f32::from_bits(v.into_inner()))
-        .collect()
+    drop(strips);
+    out
 }
 
-/// One worker's share of [`for_each_group`]: the groups in `range`.
+/// Groups per strip of the output (see [`for_each_group`]) when activation
+/// rows are many.
+const STRIP_GROUPS: usize = 4;
+
+/// One task's share of [`for_each_group`]: the groups in `range`, one
+/// strip, whose piece of output row `i` is `pieces[i]`.
 fn for_groups<const LANES: usize>(
     range: std::ops::Range<usize>,
     groups: &[u8],
@@ -697,15 +730,20 @@ fn for_groups<const LANES: usize>(
     rows: usize,
     m: usize,
     kernel: &impl GroupKernel<LANES>,
-    out: &[AtomicU32],
+    pieces: &mut [Option<&mut [f32]>],
 ) {
+    let strip_first = range.start * LANES;
+    let pieces = std::cell::RefCell::new(pieces);
     for group in range {
         let weights = &groups[group * group_bytes..(group + 1) * group_bytes];
         let first = group * LANES;
         let lanes = LANES.min(rows - first);
+        let at = first - strip_first;
         let store = |i: usize, sums: &[f32; LANES]| {
-            for (lane, sum) in sums.iter().take(lanes).enumerate() {
-                out[i * rows + first + lane].store(sum.to_bits(), Ordering::Relaxed);
+            if let Some(Some(piece)) = pieces.borrow_mut().get_mut(i) {
+                if let Some(out) = piece.get_mut(at..at + lanes) {
+                    out.copy_from_slice(&sums[..lanes]);
+                }
             }
         };
         let mut i = kernel.dot_runs(weights, &store);

@@ -709,12 +709,16 @@ fn finish_pair(
         let [low, high] = sums;
         let ys: [&ActivationBlock; ROWS] =
             std::array::from_fn(|n| &runs.activations[(r * ROWS + n) * runs.row_blocks + b]);
-        let scaled = std::array::from_fn(|n| {
+        // A loop, not `array::from_fn`: a closure there is compiled apart,
+        // without the AVX-512 features, and its intrinsics become calls.
+        let mut scaled = [simd.avx512f._mm512_setzero_si512(); ROWS];
+        for (n, scaled) in scaled.iter_mut().enumerate() {
             let low: __m512i = bytemuck::cast(low[n]);
             let high: __m512i = bytemuck::cast(high[n]);
-            simd.avx512f
-                ._mm512_add_epi32(low, simd.avx512f._mm512_slli_epi32::<8>(high))
-        });
+            *scaled = simd
+                .avx512f
+                ._mm512_add_epi32(low, simd.avx512f._mm512_slli_epi32::<8>(high));
+        }
         finish_block(simd, step, ys, scaled, &mut acc[r]);
     }
 }
