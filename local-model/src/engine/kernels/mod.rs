@@ -126,20 +126,31 @@ type Amx = unsafe_simd::Amx;
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 type Amx = std::convert::Infallible;
 
-/// Set (to anything) to run products of 16 activation rows or more
-/// (prefill, decode batches of 16) on AMX tiles where the CPU and kernel
-/// allow. Opt-in: on the Emerald Rapids host measured (docs/benchmarks.md)
-/// the tiles were no faster than the AVX-512 VNNI kernels, because every
-/// 32-value block has its own scale, so each tile product of 16 × 16 × 32
-/// values is stored (1 KiB) and read back to be scaled, which costs as much
-/// as the byte products it replaces. The tiles give the AVX kernels' bits
-/// in every format (`side_tiles`).
+/// Chooses the products that run on AMX tiles where the CPU and kernel
+/// allow. Unset: Q4_K's products of 64 activation rows or more (prefill),
+/// whose tiles keep each 256-value super-block's sums in the tiles
+/// (`q4_k::dot_runs_tiles`): Phi-1.5's 256-token prefill went from 167 to
+/// 199 tok/s on an Intel Xeon host (docs/benchmarks.md). `1`: also the
+/// other formats' products of 16 rows or more, whose every 32-value block
+/// has its own F32 scale, so each tile product of 16 × 16 × 32 values is
+/// stored and read back to be scaled; on the hosts measured they were no
+/// faster than the AVX-512 VNNI kernels (Gemma 3's prefill 11% slower).
+/// `0`: no tiles. The tiles give the AVX kernels' bits in every format.
 pub const AMX_VARIABLE: &str = "CASCADE_AMX";
 
-/// AMX where `CASCADE_AMX` asks for it and the CPU and kernel allow it.
+/// AMX tiles for every format, where `CASCADE_AMX=1` asks for them and the
+/// CPU and kernel allow it.
 fn detect_amx() -> Option<Amx> {
-    std::env::var_os(AMX_VARIABLE)?;
-    available_amx()
+    (std::env::var(AMX_VARIABLE).as_deref() == Ok("1"))
+        .then(available_amx)
+        .flatten()
+}
+
+/// AMX tiles for the formats that gain (Q4_K), unless `CASCADE_AMX=0`.
+fn detect_gaining_amx() -> Option<Amx> {
+    (std::env::var(AMX_VARIABLE).as_deref() != Ok("0"))
+        .then(available_amx)
+        .flatten()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -205,8 +216,11 @@ struct Isa {
     wide: Option<WideSimd>,
     simd_vnni: Option<SimdVnni>,
     wide_vnni: Option<WideVnni>,
-    /// AMX tiles, for products over 16 activation rows or more.
+    /// AMX tiles for every format, for products over 16 activation rows
+    /// or more (opt-in: [`AMX_VARIABLE`]).
     amx: Option<Amx>,
+    /// AMX tiles for the formats where they gain (Q4_K, from 64 rows).
+    gaining_amx: Option<Amx>,
     /// Whether the AVX-512 kernels prefetch weights for fewer than four
     /// activation rows ([`STREAM_PREFETCH_VARIABLE`]).
     stream_prefetch: bool,
@@ -224,6 +238,7 @@ impl Isa {
             simd_vnni,
             wide_vnni,
             amx: detect_amx(),
+            gaining_amx: detect_gaining_amx(),
             stream_prefetch: detect_stream_prefetch(),
         })
     }
@@ -296,10 +311,10 @@ pub fn describe_paths() -> String {
         return "candle's (this CPU lacks AVX2/FMA)".into();
     };
     let path = isa.path();
-    let amx = if isa.amx.is_some() {
-        "; AMX tiles for 16 rows or more"
-    } else {
-        ""
+    let amx = match (isa.amx, isa.gaining_amx) {
+        (Some(_), _) => "; AMX tiles for 16 rows or more (Q4_K: 64)",
+        (None, Some(_)) => "; AMX tiles for Q4_K from 64 rows",
+        (None, None) => "",
     };
     let prefetch = if path.is_avx512() && isa.stream_prefetch {
         "; weights prefetched for decode steps"
@@ -709,7 +724,15 @@ fn for_each_group<const LANES: usize>(
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let first = strip * groups_per_strip;
                 let strip_groups = first..group_count.min(first + groups_per_strip);
-                for_groups(strip_groups, groups, group_bytes, rows, m, kernel, &mut pieces);
+                for_groups(
+                    strip_groups,
+                    groups,
+                    group_bytes,
+                    rows,
+                    m,
+                    kernel,
+                    &mut pieces,
+                );
             }
         });
     });
@@ -949,14 +972,18 @@ impl GroupedWeights {
 
     /// The same weights without AMX: for tests and benchmarks that compare.
     pub fn without_amx(mut self) -> Self {
-        self.isa_mut().amx = None;
+        let isa = self.isa_mut();
+        isa.amx = None;
+        isa.gaining_amx = None;
         self
     }
 
     /// The same weights on AMX where the CPU and kernel allow it, whether
     /// or not `CASCADE_AMX` is set: for tests and benchmarks.
     pub fn with_available_amx(mut self) -> Self {
-        self.isa_mut().amx = available_amx();
+        let isa = self.isa_mut();
+        isa.amx = available_amx();
+        isa.gaining_amx = isa.amx;
         self
     }
 
@@ -966,7 +993,7 @@ impl GroupedWeights {
             Self::Q8_0(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q4_1(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
             Self::Q5_0(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
-            Self::Q4K(m) => m.isa.amx.is_some() && m.isa.wide.is_some(),
+            Self::Q4K(m) => m.isa.gaining_amx.is_some() && m.isa.wide.is_some(),
         }
     }
 

@@ -18,6 +18,11 @@ use candle_core::quantized::GgmlDType;
 #[cfg(target_arch = "x86_64")]
 use half::f16;
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::unsafe_simd::{
+    WideSums, WideTiles, WideWeights, AMX_WIDE_PARTS, AMX_WIDE_RUNS, AMX_WIDE_STEPS,
+    AMX_WIDE_WEIGHT_TILE,
+};
 #[cfg(not(target_arch = "x86_64"))]
 use super::WideSimd;
 use super::{
@@ -26,11 +31,6 @@ use super::{
 };
 #[cfg(target_arch = "x86_64")]
 use super::{NarrowBytes, WideBytes};
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-use super::unsafe_simd::{
-    WideSums, WideTiles, WideWeights, AMX_WIDE_PARTS, AMX_WIDE_RUNS, AMX_WIDE_STEPS,
-    AMX_WIDE_WEIGHT_TILE,
-};
 
 /// Values per Q4_K super-block.
 const BLOCK: usize = 256;
@@ -71,6 +71,11 @@ const PREFETCH_STEPS: usize = 2;
 /// Phi-1.5 alone on AMD Zen 5: 70 tok/s at 3 or 4 super-blocks, about 60 at
 /// 6 or 8, 47–58 with none.
 const STREAM_PREFETCH_STEPS: usize = 4;
+/// Activation rows from which the products run on AMX tiles, where the
+/// CPU has them: below, laying a super-block's weights out as tiles costs
+/// more than the tiles save (`kernel_bench q4k 2048 2048 M` on an Intel
+/// Xeon: 16 rows 0.39 against 0.29 ms, 32 even, 64 0.92 against 1.03).
+const TILE_MIN_ROWS: usize = 64;
 const PREFETCH_LINES: usize = STEP_BYTES.div_ceil(64).div_ceil(SUBS);
 
 /// One super-block of one activation row, quantized to 8 bits.
@@ -226,11 +231,18 @@ impl Q4KMatrix {
             isa: self.isa,
             activations: &activations,
             row_blocks,
-            rows: side_tiles::ActivationRows::new(&self.isa, m, self.cols, BLOCK, |i, out| {
-                for (block, bytes) in self.row_blocks_of(&activations, i).zip(out.chunks_exact_mut(BLOCK)) {
-                    bytes.copy_from_slice(pulp::bytemuck::cast_slice(&block.quads));
-                }
-            }),
+            rows: (m >= TILE_MIN_ROWS)
+                .then(|| {
+                    side_tiles::ActivationRows::new(&self.isa, m, self.cols, BLOCK, |i, out| {
+                        for (block, bytes) in self
+                            .row_blocks_of(&activations, i)
+                            .zip(out.chunks_exact_mut(BLOCK))
+                        {
+                            bytes.copy_from_slice(pulp::bytemuck::cast_slice(&block.quads));
+                        }
+                    })
+                })
+                .flatten(),
         };
         Ok(for_each_group(
             &self.groups,
@@ -647,11 +659,9 @@ fn dot_runs_tiles<B: WideBytes>(
             // Two sets of sums: each call's are finished after the next
             // call is issued, so that the vector work overlaps the tiles and
             // the loads find the tile stores done.
-            let mut sums = Box::new(
-                [(); 2].map(|()| WideSums {
-                    runs: [[[[0; LANES]; ROWS]; AMX_WIDE_PARTS]; AMX_WIDE_RUNS],
-                }),
-            );
+            let mut sums = Box::new([(); 2].map(|()| WideSums {
+                runs: [[[[0; LANES]; ROWS]; AMX_WIDE_PARTS]; AMX_WIDE_RUNS],
+            }));
             let mut pending: Option<(usize, usize, usize)> = None;
             let mut call = 0usize;
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
@@ -661,13 +671,12 @@ fn dot_runs_tiles<B: WideBytes>(
                     let pair = [first, (first + 1).min(count - 1)];
                     let rows = pair.map(|r| runs.rows.run_chunk(count, b, r));
                     let (current, previous) = sums.split_at_mut(1);
-                    let (this, other) = if call % 2 == 0 {
+                    let (this, other) = if call.is_multiple_of(2) {
                         (&mut current[0], &previous[0])
                     } else {
                         (&mut previous[0], &current[0])
                     };
-                    runs.t
-                        .super_block_sums(rows, BLOCK, 0, &tiles, this);
+                    runs.t.super_block_sums(rows, BLOCK, 0, &tiles, this);
                     if let Some((b, first, _)) = pending.take() {
                         finish_pair(simd, other, weights, runs, [b, first, count], &mut acc);
                     }
@@ -676,7 +685,14 @@ fn dot_runs_tiles<B: WideBytes>(
                 }
             }
             if let Some((b, first, call)) = pending {
-                finish_pair(simd, &sums[call % 2], weights, runs, [b, first, count], &mut acc);
+                finish_pair(
+                    simd,
+                    &sums[call % 2],
+                    weights,
+                    runs,
+                    [b, first, count],
+                    &mut acc,
+                );
             }
             for (r, acc) in acc.iter().enumerate() {
                 for (n, acc) in acc.iter().enumerate() {
@@ -760,10 +776,9 @@ fn lay_out_super_block(simd: pulp::x86::V4, step: &[u8], tiles: &mut WideWeights
             for (h, values) in halves.into_iter().enumerate() {
                 // Each byte times its row's scale, in 16 bits: even bytes
                 // and odd bytes apart.
-                let even = simd.avx512bw._mm512_mullo_epi16(
-                    simd.avx512f._mm512_and_si512(values, low_bytes),
-                    scales,
-                );
+                let even = simd
+                    .avx512bw
+                    ._mm512_mullo_epi16(simd.avx512f._mm512_and_si512(values, low_bytes), scales);
                 let odd = simd
                     .avx512bw
                     ._mm512_mullo_epi16(simd.avx512bw._mm512_srli_epi16::<8>(values), scales);

@@ -1,5 +1,6 @@
 //! AMX tile products for the formats held sixteen weight rows side by side
-//! (Q8_0, Q4_1, Q5_0, Q4_K; opt-in, see `AMX_VARIABLE`): the activations of each run of 16 rows laid out as tiles
+//! (Q8_0, Q4_1, Q5_0, opt-in, see `AMX_VARIABLE`; Q4_K's own tiles use
+//! [`ActivationRows`]): the activations of each run of 16 rows laid out as tiles
 //! once per product, the weights' nibbles split into tile rows, and each
 //! worker thread's tile configuration held for its whole share.
 //!
@@ -120,8 +121,9 @@ mod with_amx {
 
     impl ActivationRows {
         /// From `m` rows of `cols` values (whole chunks); `row(i, out)`
-        /// writes row `i`'s bytes. `None` without AMX or AVX-512 (which
-        /// finishes the tiles' sums), or with fewer than 16 rows.
+        /// writes row `i`'s bytes. `None` without AMX (for the formats that
+        /// gain: `Isa::gaining_amx`) or AVX-512 (which finishes the tiles'
+        /// sums), or with fewer than 16 rows.
         pub(in super::super) fn new(
             isa: &Isa,
             m: usize,
@@ -129,7 +131,7 @@ mod with_amx {
             chunk: usize,
             row: impl Fn(usize, &mut [u8]),
         ) -> Option<Self> {
-            let amx = isa.amx?;
+            let amx = isa.gaining_amx?;
             let wide = Wide::of(isa)?;
             let rows = m / ROWS * ROWS;
             if rows == 0 || chunk == 0 || !cols.is_multiple_of(chunk) {

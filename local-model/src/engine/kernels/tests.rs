@@ -128,7 +128,8 @@ fn check_format(format: GgmlDType, rows: usize, cols: usize, m: usize, candle_to
 /// The AMX paths (16 activation rows or more; opt-in, so enabled here
 /// wherever the CPU and kernel allow) against the same bounds, and against
 /// the AVX path: the tiles must give the AVX-512 kernel's bits. Run for 16
-/// to 40 rows (whole runs of 16 and the rows after them).
+/// to 113 rows (whole runs of 16, odd and even counts of them, and the rows
+/// after them; Q4_K's tiles start at 64).
 fn check_amx(
     format: GgmlDType,
     grouped: &GroupedWeights,
@@ -148,7 +149,7 @@ fn check_amx(
     }
     check_product(format, grouped, weights, x, candle, candle_tolerance);
     let cols = weights.len() / grouped.rows();
-    for m in [16, 17, 32, 33, 40, 48, 64] {
+    for m in [16, 17, 32, 33, 40, 64, 65, 80, 113] {
         let x = random(m, cols, 11 + m as u64);
         let tiles = grouped.matmul(&x).unwrap();
         let avx = grouped.clone().without_amx().matmul(&x).unwrap();
@@ -372,7 +373,8 @@ fn amx_tiles_stay_configured_after_a_nested_call_returns() {
 
 /// A row's product does not depend on the rows beside it: `m` rows at once equal each row
 /// alone, bit for bit, on every format and every count of rows (the grouping of 4, 2 and 1
-/// rows per pass changes with `m`).
+/// rows per pass changes with `m`, and from 64 rows Q4_K runs on AMX tiles where the CPU
+/// has them).
 #[test]
 fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
     for (format, cols) in [
@@ -382,10 +384,13 @@ fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
     ] {
         let rows = 12;
         let (bytes, _) = quantized(format, rows, cols, 7);
+        // With the tiles where the CPU has them (Q4_K's from 64 rows): a
+        // row alone never runs on them.
         let grouped = GroupedWeights::new(format, &bytes, rows, cols)
             .unwrap()
-            .unwrap();
-        for m in 1..=40 {
+            .unwrap()
+            .with_available_amx();
+        for m in (1..=40).chain([64, 77, 96]) {
             let x = random(m, cols, 11 + m as u64);
             let together = grouped.matmul(&x).unwrap();
             for r in 0..m {
@@ -463,4 +468,3 @@ fn activations_round_as_the_scalar_reference_does_value_for_value() {
         check(&chunk);
     }
 }
-

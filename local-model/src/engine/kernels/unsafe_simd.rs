@@ -514,8 +514,7 @@ impl TileConfig {
         let mut bytes = [0u8; 64];
         bytes[0] = 1; // palette 1
         for tile in 0..8 {
-            bytes[16 + 2 * tile..18 + 2 * tile]
-                .copy_from_slice(&(AMX_WIDE_K as u16).to_le_bytes());
+            bytes[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(AMX_WIDE_K as u16).to_le_bytes());
             bytes[48 + tile] = AMX_SIDE_ROWS as u8;
         }
         Self(bytes)
@@ -550,4 +549,3 @@ fn request_tile_state() -> bool {
     };
     result == 0
 }
-
