@@ -80,10 +80,13 @@ for c in levels:
         results = list(pool.map(ask, countries))
     wall = time.monotonic() - started
     local = sum(1 for s, route, _ in results if s == 200 and route == "local")
-    overload = sum(1 for s, route, reason in results if reason == "local_overloaded")
+    overload = sum(1 for s, route, reason in results if s == 200 and reason == "local_overloaded")
     errors = sum(1 for s, _, _ in results if s != 200)
     other = len(results) - local - overload - errors
     reasons = collections.Counter(reason for s, route, reason in results if route != "local")
     print(f"| {c} | {local}/{len(results)} ({100*local/len(results):.0f}%) | {overload} | {other} | {errors} | {wall:.1f} |")
     print(f"  (not local: {dict(reasons)})", file=sys.stderr)
+    failed = collections.Counter((s, reason) for s, _, reason in results if s != 200)
+    if failed:
+        print(f"  (errors by status and reason: {dict(failed)})", file=sys.stderr)
 PY

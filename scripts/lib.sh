@@ -44,6 +44,10 @@ wait_ready() {
 # start_mock_upstream BIN_DIR DELAY_MS: starts BIN_DIR/cascade-mock-upstream on a free port,
 # answering after DELAY_MS, logging to $work/mock.log; sets mock_port and adds it to pids.
 start_mock_upstream() {
+  [[ -x "$1/cascade-mock-upstream" ]] || {
+    echo "error: $1/cascade-mock-upstream missing; build it: cargo build --release -p cascade-e2e --bins" >&2
+    exit 1
+  }
   mock_port="$(free_port)"
   "$1/cascade-mock-upstream" --port "$mock_port" --delay-ms "$2" >"$work/mock.log" 2>&1 &
   pids+=($!)
