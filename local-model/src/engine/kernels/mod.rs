@@ -129,8 +129,8 @@ type Amx = std::convert::Infallible;
 /// Chooses the products that run on AMX tiles where the CPU and kernel
 /// allow. Unset: Q4_K's products of 64 activation rows or more (prefill),
 /// whose tiles keep each 256-value super-block's sums in the tiles
-/// (`q4_k::dot_runs_tiles`): Phi-1.5's 256-token prefill went from 167 to
-/// 199 tok/s on an Intel Xeon host (docs/benchmarks.md). `1`: also the
+/// (`q4_k::dot_runs_tiles`): Phi-1.5's 256-token prefill went from 151–160
+/// to 176 tok/s on an Intel Xeon host (docs/benchmarks.md, session 17). `1`: also the
 /// other formats' products of 16 rows or more, whose every 32-value block
 /// has its own F32 scale, so each tile product of 16 × 16 × 32 values is
 /// stored and read back to be scaled; on the hosts measured they were no
