@@ -206,16 +206,6 @@ impl Q4KMatrix {
         self.rows
     }
 
-    /// Activation row `i`'s quantized blocks.
-    fn row_blocks_of<'a>(
-        &self,
-        activations: &'a [ActivationBlock],
-        i: usize,
-    ) -> impl Iterator<Item = &'a ActivationBlock> {
-        let row_blocks = self.cols / BLOCK;
-        activations[i * row_blocks..(i + 1) * row_blocks].iter()
-    }
-
     /// Bytes of weights held.
     pub fn size_in_bytes(&self) -> usize {
         self.groups.len()
@@ -233,13 +223,9 @@ impl Q4KMatrix {
             row_blocks,
             rows: (m >= TILE_MIN_ROWS)
                 .then(|| {
-                    side_tiles::ActivationRows::new(&self.isa, m, self.cols, BLOCK, |i, out| {
-                        for (block, bytes) in self
-                            .row_blocks_of(&activations, i)
-                            .zip(out.chunks_exact_mut(BLOCK))
-                        {
-                            bytes.copy_from_slice(pulp::bytemuck::cast_slice(&block.quads));
-                        }
+                    side_tiles::ActivationRows::new(&self.isa, m, row_blocks, BLOCK, |i, b, out| {
+                        let block = &activations[i * row_blocks + b];
+                        out.copy_from_slice(pulp::bytemuck::cast_slice(&block.quads));
                     })
                 })
                 .flatten(),
@@ -316,7 +302,6 @@ impl GroupKernel<LANES> for Kernel<'_> {
                 let runs = Runs {
                     t,
                     rows,
-                    count: rows.runs(self.row_blocks * BLOCK),
                     activations: self.activations,
                     row_blocks: self.row_blocks,
                 };
@@ -620,7 +605,6 @@ fn dot_group<B: NarrowBytes, const N: usize>(
 struct Runs<'a> {
     t: &'a WideTiles,
     rows: &'a side_tiles::ActivationRows,
-    count: usize,
     activations: &'a [ActivationBlock],
     row_blocks: usize,
 }
@@ -647,7 +631,7 @@ fn dot_runs_tiles<B: WideBytes>(
     use std::arch::x86_64::__m512;
     const ROWS: usize = side_tiles::ROWS;
     let simd = bytes.v4();
-    let count = runs.count;
+    let count = runs.rows.runs();
     bytes.vectorize(
         #[inline(always)]
         || {
@@ -656,43 +640,18 @@ fn dot_runs_tiles<B: WideBytes>(
             let mut tiles = Box::new(WideWeights {
                 parts: [[[0; AMX_WIDE_WEIGHT_TILE]; AMX_WIDE_STEPS]; AMX_WIDE_PARTS],
             });
-            // Two sets of sums: each call's are finished after the next
-            // call is issued, so that the vector work overlaps the tiles and
-            // the loads find the tile stores done.
-            let mut sums = Box::new([(); 2].map(|()| WideSums {
+            let mut sums = Box::new(WideSums {
                 runs: [[[[0; LANES]; ROWS]; AMX_WIDE_PARTS]; AMX_WIDE_RUNS],
-            }));
-            let mut pending: Option<(usize, usize, usize)> = None;
-            let mut call = 0usize;
+            });
             for (b, step) in weights.chunks_exact(STEP_BYTES).enumerate() {
                 lay_out_super_block(simd, step, &mut tiles);
                 for first in (0..count).step_by(AMX_WIDE_RUNS) {
                     // An odd last run goes with itself.
                     let pair = [first, (first + 1).min(count - 1)];
-                    let rows = pair.map(|r| runs.rows.run_chunk(count, b, r));
-                    let (current, previous) = sums.split_at_mut(1);
-                    let (this, other) = if call.is_multiple_of(2) {
-                        (&mut current[0], &previous[0])
-                    } else {
-                        (&mut previous[0], &current[0])
-                    };
-                    runs.t.super_block_sums(rows, BLOCK, 0, &tiles, this);
-                    if let Some((b, first, _)) = pending.take() {
-                        finish_pair(simd, other, weights, runs, [b, first, count], &mut acc);
-                    }
-                    pending = Some((b, first, call));
-                    call += 1;
+                    let rows = pair.map(|r| runs.rows.run_chunk(b, r));
+                    runs.t.super_block_sums(rows, BLOCK, 0, &tiles, &mut sums);
+                    finish_pair(simd, &sums, (b, step), runs, pair, &mut acc);
                 }
-            }
-            if let Some((b, first, call)) = pending {
-                finish_pair(
-                    simd,
-                    &sums[call % 2],
-                    weights,
-                    runs,
-                    [b, first, count],
-                    &mut acc,
-                );
             }
             for (r, acc) in acc.iter().enumerate() {
                 for (n, acc) in acc.iter().enumerate() {
@@ -704,24 +663,24 @@ fn dot_runs_tiles<B: WideBytes>(
     )
 }
 
-/// Adds one call's sums (super-block `b` of the pair of runs from `first`
-/// on, of `count`) to the runs' accumulators.
+/// Adds one call's sums (super-block `b`, held as `step`, of the pair of
+/// runs `pair`: an odd last run is there twice, and added once) to the
+/// runs' accumulators.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 #[inline(always)]
 fn finish_pair(
     simd: pulp::x86::V4,
     sums: &WideSums,
-    weights: &[u8],
+    (b, step): (usize, &[u8]),
     runs: &Runs,
-    [b, first, count]: [usize; 3],
+    pair: [usize; AMX_WIDE_RUNS],
     acc: &mut [[std::arch::x86_64::__m512; side_tiles::ROWS]],
 ) {
     use pulp::bytemuck;
     use std::arch::x86_64::__m512i;
     const ROWS: usize = side_tiles::ROWS;
-    let step = &weights[b * STEP_BYTES..(b + 1) * STEP_BYTES];
-    let pair = [first, (first + 1).min(count - 1)];
-    for (r, sums) in pair.into_iter().zip(&sums.runs).take(count - first) {
+    let distinct = if pair[0] == pair[1] { 1 } else { AMX_WIDE_RUNS };
+    for (r, sums) in pair.into_iter().zip(&sums.runs).take(distinct) {
         let [low, high] = sums;
         let ys: [&ActivationBlock; ROWS] =
             std::array::from_fn(|n| &runs.activations[(r * ROWS + n) * runs.row_blocks + b]);

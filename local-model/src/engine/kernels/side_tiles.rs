@@ -117,53 +117,50 @@ mod with_amx {
         wide: Wide,
         bytes: Vec<u8>,
         chunk: usize,
+        /// Rows held: the whole runs of 16.
+        rows: usize,
     }
 
     impl ActivationRows {
-        /// From `m` rows of `cols` values (whole chunks); `row(i, out)`
-        /// writes row `i`'s bytes. `None` without AMX (for the formats that
-        /// gain: `Isa::gaining_amx`) or AVX-512 (which finishes the tiles'
-        /// sums), or with fewer than 16 rows.
+        /// From `m` rows of `chunks` chunks of `chunk` values; `fill(i, c,
+        /// out)` writes chunk `c` of row `i`. `None` without AMX (for the
+        /// formats that gain: `Isa::gaining_amx`) or AVX-512 (which
+        /// finishes the tiles' sums), or with fewer than 16 rows.
         pub(in super::super) fn new(
             isa: &Isa,
             m: usize,
-            cols: usize,
+            chunks: usize,
             chunk: usize,
-            row: impl Fn(usize, &mut [u8]),
+            fill: impl Fn(usize, usize, &mut [u8]),
         ) -> Option<Self> {
             let amx = isa.gaining_amx?;
             let wide = Wide::of(isa)?;
             let rows = m / ROWS * ROWS;
-            if rows == 0 || chunk == 0 || !cols.is_multiple_of(chunk) {
+            if rows == 0 || chunk == 0 {
                 return None;
             }
-            let mut bytes = vec![0u8; rows * cols];
-            let mut one = vec![0u8; cols];
-            for i in 0..rows {
-                row(i, &mut one);
-                for (c, values) in one.chunks_exact(chunk).enumerate() {
-                    let at = (c * rows + i) * chunk;
-                    bytes[at..at + chunk].copy_from_slice(values);
-                }
+            let mut bytes = vec![0u8; rows * chunks * chunk];
+            for (at, out) in bytes.chunks_exact_mut(chunk).enumerate() {
+                fill(at % rows, at / rows, out);
             }
             Some(Self {
                 amx,
                 wide,
                 bytes,
                 chunk,
+                rows,
             })
         }
 
         /// Whole runs of 16 rows.
-        pub(in super::super) fn runs(&self, cols: usize) -> usize {
-            self.bytes.len() / (ROWS * cols)
+        pub(in super::super) fn runs(&self) -> usize {
+            self.rows / ROWS
         }
 
-        /// Run `run`'s chunk `c` (16 rows of `chunk` bytes, contiguous), of
-        /// `runs` runs in all.
-        pub(in super::super) fn run_chunk(&self, runs: usize, c: usize, run: usize) -> &[u8] {
+        /// Run `run`'s chunk `c`: 16 rows of `chunk` bytes, contiguous.
+        pub(in super::super) fn run_chunk(&self, c: usize, run: usize) -> &[u8] {
             let len = ROWS * self.chunk;
-            let at = (c * runs + run) * len;
+            let at = (c * self.runs() + run) * len;
             &self.bytes[at..at + len]
         }
 
@@ -214,9 +211,9 @@ mod without_amx {
         pub(in super::super) fn new(
             _isa: &Isa,
             _m: usize,
-            _cols: usize,
+            _chunks: usize,
             _chunk: usize,
-            _row: impl Fn(usize, &mut [u8]),
+            _fill: impl Fn(usize, usize, &mut [u8]),
         ) -> Option<Self> {
             None
         }
