@@ -42,11 +42,16 @@ pub(crate) fn prefill_rows(
     let width = heads * head_dim;
     let queries = q.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?;
     let slot = heads / kv_heads * head_dim;
-    // Task `t` is row `t % n` of key/value head `t / n`: consecutive tasks
-    // read the same head's keys and values, which then stay in cache.
+    // Task `t` is row `n - 1 - t % n` of key/value head `t / n`:
+    // consecutive tasks read the same head's keys and values, which then
+    // stay in cache, and the longest rows (the last, attending over the
+    // most positions) go first, so that the pool's threads, taking tasks
+    // in order, end together: in order, the last task taken was the
+    // longest, and with one key/value head (Gemma 3 270M) a thread waited
+    // for it.
     let parts = on_pool(n * kv_heads, "prefill", |range, done| {
         for t in range {
-            let (kv, i) = (t / n, t % n);
+            let (kv, i) = (t / n, n - 1 - t % n);
             let query = &queries[i * width..(i + 1) * width];
             let end = position + i + 1;
             done(
@@ -57,7 +62,7 @@ pub(crate) fn prefill_rows(
     })?;
     let mut mixed = vec![0f32; n * width];
     for (t, part) in parts.into_iter().enumerate() {
-        let at = (t % n) * width + (t / n) * slot;
+        let at = (n - 1 - t % n) * width + (t / n) * slot;
         mixed[at..at + slot].copy_from_slice(&part);
     }
     Tensor::from_vec(mixed, (1, n, width), q.device())

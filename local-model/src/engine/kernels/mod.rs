@@ -224,6 +224,10 @@ struct Isa {
     /// Whether the AVX-512 kernels prefetch weights for fewer than four
     /// activation rows ([`STREAM_PREFETCH_VARIABLE`]).
     stream_prefetch: bool,
+    /// Whether the AVX2 kernels of the nibble formats unpack a group's
+    /// values once for many activation rows (`q4_1::UnpackedGroup`): on,
+    /// but for tests and benchmarks that compare.
+    unpack: bool,
 }
 
 impl Isa {
@@ -240,6 +244,7 @@ impl Isa {
             amx: detect_amx(),
             gaining_amx: detect_gaining_amx(),
             stream_prefetch: detect_stream_prefetch(),
+            unpack: true,
         })
     }
 
@@ -450,6 +455,32 @@ trait NarrowBytes: Copy {
     /// `acc` plus `Σ a·b + Σ c·d` per four bytes; each pair of products of
     /// `a·b` plus that of `c·d` must fit 16 bits (as [`WideBytes::quads2`]).
     fn add_quads2(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i;
+    /// Whether this path forms byte products in pairs added in 16 bits
+    /// (`maddubs`), which [`add_pairs16`](Self::add_pairs16) may then add
+    /// over several steps before [`widen_pairs`](Self::widen_pairs); VNNI
+    /// adds its products in 32 bits at once, so it has nothing to save.
+    const PAIRS_IN_16_BITS: bool;
+    /// `acc` plus `a·b + c·d` per pair of bytes, in 16 bits: the caller
+    /// bounds the total (`maddubs` saturates, it does not wrap).
+    #[inline(always)]
+    fn add_pairs16(self, acc: __m256i, a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+        let simd = self.v3();
+        let pairs = simd.avx2._mm256_add_epi16(
+            simd.avx2._mm256_maddubs_epi16(a, b),
+            simd.avx2._mm256_maddubs_epi16(c, d),
+        );
+        simd.avx2._mm256_add_epi16(acc, pairs)
+    }
+    /// `acc` plus the 16-bit pairs of `pairs` added in fours, in 32 bits.
+    #[inline(always)]
+    fn widen_pairs(self, acc: __m256i, pairs: __m256i) -> __m256i {
+        let simd = self.v3();
+        simd.avx2._mm256_add_epi32(
+            acc,
+            simd.avx2
+                ._mm256_madd_epi16(pairs, simd.avx._mm256_set1_epi16(1)),
+        )
+    }
     /// Full unsigned bytes (Q8_0's weights held as `w + 128`) as this
     /// path multiplies them, once per step for every activation row.
     fn full_bytes(self, held: __m256i) -> FullBytes;
@@ -473,6 +504,7 @@ trait NarrowBytes: Copy {
 
 #[cfg(target_arch = "x86_64")]
 impl NarrowBytes for Simd {
+    const PAIRS_IN_16_BITS: bool = true;
     #[inline(always)]
     fn v3(self) -> Simd {
         self
@@ -539,6 +571,7 @@ impl NarrowBytes for Simd {
 
 #[cfg(target_arch = "x86_64")]
 impl NarrowBytes for SimdVnni {
+    const PAIRS_IN_16_BITS: bool = false;
     #[inline(always)]
     fn v3(self) -> Simd {
         unsafe_simd::VnniAvx::v3(self)
@@ -967,6 +1000,14 @@ impl GroupedWeights {
         let isa = self.isa_mut();
         isa.wide = None;
         isa.wide_vnni = None;
+        self
+    }
+
+    /// The same weights with the AVX2 kernels reading each group's held
+    /// values on every pass, never unpacked once for many activation rows:
+    /// for tests and benchmarks that compare.
+    pub fn without_unpacking(mut self) -> Self {
+        self.isa_mut().unpack = false;
         self
     }
 

@@ -75,6 +75,11 @@ pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// values (0..=15, or 0..=31 with a fifth bit) they do fit.
     const FULL_BYTES: bool = false;
 
+    /// The largest value a step holds as a byte (a nibble's 15 by
+    /// default): how many steps of byte products the AVX2 kernel may add
+    /// in 16 bits before widening them ([`steps_in_16_bits`]).
+    const MAX_VALUE: i32 = 15;
+
     /// Writes one GGUF block of weight row `lane` into `step`, the held
     /// block of its group.
     fn pack_block(block: &[u8], lane: usize, step: &mut [u8]);
@@ -165,6 +170,22 @@ pub(super) fn nibbles_narrow(
         simd.avx2
             ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles),
     )
+}
+
+/// Steps whose byte products AVX2's `maddubs` may add in 16 bits: each
+/// adds two pairs of products per lane, each product within `MAX_VALUE`
+/// times ±127 (the activations' grid), and the total must stay within
+/// ±32,767. Four for nibbles (30,480 at most), two for Q5_0's five-bit
+/// values (31,496), one for anything larger.
+const fn steps_in_16_bits<L: SideLayout>() -> usize {
+    let steps = i16::MAX as i32 / (4 * L::MAX_VALUE * 127);
+    if steps >= 4 {
+        4
+    } else if steps >= 2 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Bytes of one block of a group's sixteen rows.
@@ -364,10 +385,15 @@ impl<L: SideLayout> SideMatrix<L> {
         let kernel = Kernel::<L> {
             isa: self.isa,
             activations: &activations,
+            unpacks: false,
             tiles: side_tiles::ActivationTiles::new(&self.isa, m, blocks_per_row, |i, k| {
                 activations.row(i).values[k].map(|v| v.to_le_bytes()[0])
             }),
             layout: std::marker::PhantomData,
+        };
+        let kernel = Kernel {
+            unpacks: kernel.unpacks_for(m),
+            ..kernel
         };
         Ok(for_each_group(
             &self.groups,
@@ -386,7 +412,28 @@ struct Kernel<'a, L> {
     /// The activations of each whole run of 16 rows as AMX tiles, where
     /// the products run on tiles.
     tiles: Option<side_tiles::ActivationTiles>,
+    /// Whether each group's values are unpacked once for all activation
+    /// rows ([`UnpackedGroup`]).
+    unpacks: bool,
     layout: std::marker::PhantomData<L>,
+}
+
+/// Activation rows from which the AVX2 kernels unpack a group's values
+/// once for all of them, rather than once per pass of four rows.
+const UNPACK_MIN_ROWS: usize = 8;
+
+impl<L: SideLayout> Kernel<'_, L> {
+    /// Whether a product over `m` activation rows unpacks each group first:
+    /// on the AVX2 paths (AVX-512 forms Q5_0's values with two masked adds
+    /// a step, too few to save), for the nibble formats (Q8_0's bytes are
+    /// read as they are held), from [`UNPACK_MIN_ROWS`] rows.
+    fn unpacks_for(&self, m: usize) -> bool {
+        self.isa.unpack
+            && self.tiles.is_none()
+            && self.isa.wide.is_none()
+            && !L::FULL_BYTES
+            && m >= UNPACK_MIN_ROWS
+    }
 }
 
 impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
@@ -414,9 +461,13 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
         if let Some(wide) = self.isa.wide {
             return dot_group_wide::<L, _, N>(wide, weights, rows, ahead);
         }
+        let held = HeldBlocks::<L> {
+            weights,
+            layout: std::marker::PhantomData,
+        };
         match self.isa.simd_vnni {
-            Some(vnni) => dot_group::<L, _, N>(vnni, weights, rows),
-            None => dot_group::<L, _, N>(self.isa.simd, weights, rows),
+            Some(vnni) => dot_group::<L, _, _, N>(vnni, &held, rows),
+            None => dot_group::<L, _, _, N>(self.isa.simd, &held, rows),
         }
     }
 
@@ -450,6 +501,21 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
             None => work(),
         }
     }
+
+    /// Every activation row over the group's values unpacked once, where
+    /// [`Kernel::unpacks_for`] says so.
+    fn dot_runs(&self, weights: &[u8], store: &impl Fn(usize, &[f32; LANES])) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self.unpacks {
+            let group = UnpackedGroup::of::<L>(self.isa.simd, weights);
+            return match self.isa.simd_vnni {
+                Some(vnni) => dot_rows_unpacked::<L, _>(vnni, &group, self.activations, store),
+                None => dot_rows_unpacked::<L, _>(self.isa.simd, &group, self.activations, store),
+            };
+        }
+        let _ = (weights, store);
+        0
+    }
 }
 
 /// Dot products of one sixteen-row group with `N` activation rows.
@@ -466,9 +532,9 @@ fn dot_group_wide<L, B: Into<std::convert::Infallible>, const N: usize>(
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group<L, B: Into<std::convert::Infallible>, const N: usize>(
+fn dot_group<L, B: Into<std::convert::Infallible>, S, const N: usize>(
     bytes: B,
-    _weights: &[u8],
+    _blocks: &S,
     _rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
     // Every token type is uninhabited off x86-64: never called.
@@ -593,12 +659,13 @@ fn finish_block<L: SideLayout, const N: usize>(
 
 /// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
 /// step's 32 bytes of that half; the same integers and the same F32
-/// operations per lane.
+/// operations per lane. `blocks` gives the values as held, or unpacked
+/// once for many rows ([`UnpackedGroup`]).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
+fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
     bytes: B,
-    weights: &[u8],
+    blocks: &S,
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
     const HALF: usize = LANES / 2;
@@ -611,45 +678,49 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
             let mut out = [[0f32; LANES]; N];
             for half in 0..2 {
                 let mut acc = [simd.avx._mm256_setzero_ps(); N];
-                for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
+                for b in 0..blocks.count() {
                     let ys: [&[i8; BLOCK]; N] = std::array::from_fn(|n| &rows[n].values[b]);
                     let mut sums = [[zero; 2]; N];
-                    for s in 0..STEPS {
-                        let (low, high) = L::values_narrow(simd, step, s, half);
-                        let full =
-                            L::FULL_BYTES.then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
-                        let chain = if N >= 4 { 0 } else { s % 2 };
-                        for n in 0..N {
-                            let y_low = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s));
-                            let y_high = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s + 1));
-                            let sum = sums[n][chain];
-                            sums[n][chain] = match full {
-                                Some((full_low, full_high)) => {
-                                    bytes.add_byte_quads2(sum, full_low, y_low, full_high, y_high)
+                    if B::PAIRS_IN_16_BITS && !L::FULL_BYTES {
+                        // The pairs of products added in 16 bits over as
+                        // many steps as fit, then widened once: per step
+                        // and row two `maddubs` and two adds, where
+                        // widening every step took a `madd` and an add
+                        // more.
+                        let chunk = steps_in_16_bits::<L>();
+                        for first in (0..STEPS).step_by(chunk) {
+                            let mut pairs = [zero; N];
+                            for s in first..first + chunk {
+                                let (low, high) = blocks.values(simd, b, half, s);
+                                for n in 0..N {
+                                    let (y_low, y_high) = step_quads(simd, ys[n], s);
+                                    pairs[n] =
+                                        bytes.add_pairs16(pairs[n], low, y_low, high, y_high);
                                 }
-                                None => bytes.add_quads2(sum, low, y_low, high, y_high),
-                            };
+                            }
+                            for n in 0..N {
+                                sums[n][0] = bytes.widen_pairs(sums[n][0], pairs[n]);
+                            }
+                        }
+                    } else {
+                        for s in 0..STEPS {
+                            let (low, high) = blocks.values(simd, b, half, s);
+                            let full = L::FULL_BYTES
+                                .then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
+                            let chain = if N >= 4 { 0 } else { s % 2 };
+                            for n in 0..N {
+                                let (y_low, y_high) = step_quads(simd, ys[n], s);
+                                let sum = sums[n][chain];
+                                sums[n][chain] = match full {
+                                    Some((full_low, full_high)) => bytes
+                                        .add_byte_quads2(sum, full_low, y_low, full_high, y_high),
+                                    None => bytes.add_quads2(sum, low, y_low, high, y_high),
+                                };
+                            }
                         }
                     }
-                    let d = halves_narrow(step, D_AT, half);
-                    let m = L::mins_narrow(simd, step, half, d);
-                    for n in 0..N {
-                        let mut sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
-                        if L::FULL_BYTES {
-                            sum = bytes.full_byte_sums(sum, rows[n].value_sums[b]);
-                        }
-                        let y_scale = simd.avx._mm256_set1_ps(rows[n].scales[b]);
-                        acc[n] = simd.fma._mm256_fmadd_ps(
-                            simd.avx._mm256_mul_ps(d, y_scale),
-                            simd.avx._mm256_cvtepi32_ps(sum),
-                            acc[n],
-                        );
-                        acc[n] = simd.fma._mm256_fmadd_ps(
-                            m,
-                            simd.avx._mm256_set1_ps(rows[n].sum(b)),
-                            acc[n],
-                        );
-                    }
+                    let (d, m) = blocks.scales(simd, b, half);
+                    finish_block_narrow::<L, B, N>(bytes, d, m, b, &rows, sums, &mut acc);
                 }
                 for n in 0..N {
                     let lanes: [f32; HALF] = bytemuck::cast(acc[n]);
@@ -659,6 +730,246 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
             out
         },
     )
+}
+
+/// Where the AVX2 kernel finds a group's blocks: per block and half of
+/// the rows, each step's low and high values as bytes, and the rows'
+/// scales and minimums.
+#[cfg(target_arch = "x86_64")]
+trait NarrowBlocks {
+    /// Blocks per row.
+    fn count(&self) -> usize;
+    fn values(
+        &self,
+        simd: super::Simd,
+        b: usize,
+        half: usize,
+        s: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i);
+    fn scales(
+        &self,
+        simd: super::Simd,
+        b: usize,
+        half: usize,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+}
+
+/// A group's blocks as held: each step unpacked where it is read.
+struct HeldBlocks<'a, L> {
+    weights: &'a [u8],
+    layout: std::marker::PhantomData<L>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<L: SideLayout> HeldBlocks<'_, L> {
+    #[inline(always)]
+    fn block(&self, b: usize) -> &[u8] {
+        &self.weights[b * step_bytes::<L>()..(b + 1) * step_bytes::<L>()]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<L: SideLayout> NarrowBlocks for HeldBlocks<'_, L> {
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.weights.len() / step_bytes::<L>()
+    }
+    #[inline(always)]
+    fn values(
+        &self,
+        simd: super::Simd,
+        b: usize,
+        half: usize,
+        s: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        L::values_narrow(simd, self.block(b), s, half)
+    }
+    #[inline(always)]
+    fn scales(
+        &self,
+        simd: super::Simd,
+        b: usize,
+        half: usize,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        let d = halves_narrow(self.block(b), D_AT, half);
+        (d, L::mins_narrow(simd, self.block(b), half, d))
+    }
+}
+
+/// Adds one block to `acc` on AVX2, given its eight rows' scales `d` and
+/// minimums `m` and each activation row's `Σ q·y` in two chains (`sums`):
+/// lane by lane `d·dy·Σ q·y`, then `m·(dy·Σ y)`, as [`finish_block`] does
+/// on AVX-512. Shared by the kernels over held and over unpacked values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish_block_narrow<L: SideLayout, B: NarrowBytes, const N: usize>(
+    bytes: B,
+    d: std::arch::x86_64::__m256,
+    m: std::arch::x86_64::__m256,
+    b: usize,
+    rows: &[ActivationRow<'_>; N],
+    sums: [[std::arch::x86_64::__m256i; 2]; N],
+    acc: &mut [std::arch::x86_64::__m256; N],
+) {
+    let simd = bytes.v3();
+    for n in 0..N {
+        let mut sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
+        if L::FULL_BYTES {
+            sum = bytes.full_byte_sums(sum, rows[n].value_sums[b]);
+        }
+        let y_scale = simd.avx._mm256_set1_ps(rows[n].scales[b]);
+        acc[n] = simd.fma._mm256_fmadd_ps(
+            simd.avx._mm256_mul_ps(d, y_scale),
+            simd.avx._mm256_cvtepi32_ps(sum),
+            acc[n],
+        );
+        acc[n] = simd
+            .fma
+            ._mm256_fmadd_ps(m, simd.avx._mm256_set1_ps(rows[n].sum(b)), acc[n]);
+    }
+}
+
+/// Bytes of one unpacked step of eight rows: its low values, then its high
+/// ones, a byte each.
+#[cfg(target_arch = "x86_64")]
+const UNPACKED_STEP: usize = 64;
+
+/// A group's values as the AVX2 kernel multiplies them, unpacked once for
+/// every activation row of a product: per block, half of the rows and
+/// step, the low and the high values as bytes (0..=31), and per block and
+/// half the rows' scales and minimums as F32.
+///
+/// Held, Q5_0's fifth bits take five instructions per 32 values to become
+/// bytes (AVX2 has no masked add) beside the nibbles' three, and each pass
+/// of four activation rows repeated them: half the instructions of a pass
+/// were unpacking. A group's unpacked values (32 KiB for 2,048 columns)
+/// stay in the core's caches while the rows go over them.
+#[cfg(target_arch = "x86_64")]
+struct UnpackedGroup {
+    values: Vec<u8>,
+    /// Per block and half: the scales, then the minimums.
+    scales: Vec<[[f32; LANES / 2]; 2]>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl UnpackedGroup {
+    fn of<L: SideLayout>(simd: super::Simd, weights: &[u8]) -> Self {
+        use pulp::bytemuck;
+        let blocks = weights.len() / step_bytes::<L>();
+        let mut values = vec![0u8; blocks * 2 * STEPS * UNPACKED_STEP];
+        let mut scales = Vec::with_capacity(2 * blocks);
+        simd.vectorize(
+            #[inline(always)]
+            || {
+                let mut out = values.chunks_exact_mut(UNPACKED_STEP);
+                for step in weights.chunks_exact(step_bytes::<L>()) {
+                    for half in 0..2 {
+                        for s in 0..STEPS {
+                            let (low, high) = L::values_narrow(simd, step, s, half);
+                            if let Some(out) = out.next() {
+                                let (low_out, high_out) = out.split_at_mut(32);
+                                low_out.copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(low));
+                                high_out.copy_from_slice(&bytemuck::cast::<_, [u8; 32]>(high));
+                            }
+                        }
+                        let d = halves_narrow(step, D_AT, half);
+                        let m = L::mins_narrow(simd, step, half, d);
+                        scales.push([bytemuck::cast(d), bytemuck::cast(m)]);
+                    }
+                }
+            },
+        );
+        Self { values, scales }
+    }
+}
+
+/// Every activation row's products with an unpacked group, four rows a
+/// pass (the rest two and one); returns the rows done.
+#[cfg(target_arch = "x86_64")]
+fn dot_rows_unpacked<L: SideLayout, B: NarrowBytes>(
+    bytes: B,
+    group: &UnpackedGroup,
+    activations: &Activations,
+    store: &impl Fn(usize, &[f32; LANES]),
+) -> usize {
+    let m = activations.rows();
+    let mut i = 0;
+    while i + 4 <= m {
+        let rows = std::array::from_fn(|n| activations.row(i + n));
+        for (n, sums) in dot_group::<L, B, _, 4>(bytes, group, rows)
+            .iter()
+            .enumerate()
+        {
+            store(i + n, sums);
+        }
+        i += 4;
+    }
+    while i + 2 <= m {
+        let rows = std::array::from_fn(|n| activations.row(i + n));
+        for (n, sums) in dot_group::<L, B, _, 2>(bytes, group, rows)
+            .iter()
+            .enumerate()
+        {
+            store(i + n, sums);
+        }
+        i += 2;
+    }
+    if i < m {
+        store(
+            i,
+            &dot_group::<L, B, _, 1>(bytes, group, [activations.row(i)])[0],
+        );
+        i += 1;
+    }
+    i
+}
+
+/// The activation words step `s` multiplies its low and its high values
+/// by, broadcast to every lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn step_quads(
+    simd: super::Simd,
+    ys: &[i8; BLOCK],
+    s: usize,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    (
+        simd.avx._mm256_set1_epi32(quad(ys, 2 * s)),
+        simd.avx._mm256_set1_epi32(quad(ys, 2 * s + 1)),
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NarrowBlocks for UnpackedGroup {
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.scales.len() / 2
+    }
+    #[inline(always)]
+    fn values(
+        &self,
+        _simd: super::Simd,
+        b: usize,
+        half: usize,
+        s: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        let at = ((2 * b + half) * STEPS + s) * UNPACKED_STEP;
+        (
+            pulp::bytemuck::pod_read_unaligned(&self.values[at..at + 32]),
+            pulp::bytemuck::pod_read_unaligned(&self.values[at + 32..at + 64]),
+        )
+    }
+    #[inline(always)]
+    fn scales(
+        &self,
+        _simd: super::Simd,
+        b: usize,
+        half: usize,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        let [d, m] = self.scales[2 * b + half];
+        (pulp::bytemuck::cast(d), pulp::bytemuck::cast(m))
+    }
 }
 
 /// Blocks whose tile products are formed together before they are

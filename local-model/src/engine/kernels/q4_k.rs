@@ -18,6 +18,8 @@ use candle_core::quantized::GgmlDType;
 #[cfg(target_arch = "x86_64")]
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use super::q4_1::nibbles_narrow;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 use super::unsafe_simd::{
     WideSums, WideTiles, WideWeights, AMX_WIDE_PARTS, AMX_WIDE_RUNS, AMX_WIDE_STEPS,
@@ -514,7 +516,6 @@ fn dot_group<B: NarrowBytes, const N: usize>(
         || {
             use pulp::bytemuck;
             use std::arch::x86_64::{__m128i, __m256i};
-            let low_nibbles = simd.avx._mm256_set1_epi8(0x0F);
             let zero = simd.avx._mm256_setzero_si256();
             let mut out = [[0f32; LANES]; N];
             for half in 0..2 {
@@ -529,14 +530,43 @@ fn dot_group<B: NarrowBytes, const N: usize>(
                         let scales = simd
                             .avx2
                             ._mm256_cvtepu8_epi32(bytemuck::cast::<_, __m128i>(scales));
+                        // Where step `s` of this half lies (its nibbles are
+                        // unpacked by `nibbles_narrow`, inlined here).
+                        let values =
+                            |s: usize| VALUES_AT + (j * STEPS + s) * QUAD_BYTES + 32 * half;
+                        if B::PAIRS_IN_16_BITS {
+                            // A sub-block's pairs of products stay in 16
+                            // bits (eight `maddubs` of nibbles and
+                            // activations within ±127: at most 30,480),
+                            // and one `madd` by the scale in both halves
+                            // of each lane gives `scale·Σ q·y`: per step
+                            // and row a `madd` and an add fewer, and no
+                            // 32-bit multiply per sub-block.
+                            let scales16 = simd
+                                .avx2
+                                ._mm256_or_si256(scales, simd.avx2._mm256_slli_epi32::<16>(scales));
+                            let mut pairs = [zero; N];
+                            for s in 0..STEPS {
+                                let (low, high) = nibbles_narrow(simd, step, values(s));
+                                let k = (j * STEPS + s) * 2;
+                                for n in 0..N {
+                                    let y_low = simd.avx._mm256_set1_epi32(ys[n].quads[k]);
+                                    let y_high = simd.avx._mm256_set1_epi32(ys[n].quads[k + 1]);
+                                    pairs[n] =
+                                        bytes.add_pairs16(pairs[n], low, y_low, high, y_high);
+                                }
+                            }
+                            for n in 0..N {
+                                scaled[n] = simd.avx2._mm256_add_epi32(
+                                    scaled[n],
+                                    simd.avx2._mm256_madd_epi16(pairs[n], scales16),
+                                );
+                            }
+                            continue;
+                        }
                         let mut sums = [[zero; 2]; N];
                         for s in 0..STEPS {
-                            let at = VALUES_AT + (j * STEPS + s) * QUAD_BYTES + 32 * half;
-                            let q: __m256i = bytemuck::pod_read_unaligned(&step[at..at + 32]);
-                            let low = simd.avx2._mm256_and_si256(q, low_nibbles);
-                            let high = simd
-                                .avx2
-                                ._mm256_and_si256(simd.avx2._mm256_srli_epi16::<4>(q), low_nibbles);
+                            let (low, high) = nibbles_narrow(simd, step, values(s));
                             let k = (j * STEPS + s) * 2;
                             let chain = if N >= 4 { 0 } else { s % 2 };
                             for n in 0..N {

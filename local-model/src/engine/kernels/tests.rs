@@ -380,6 +380,7 @@ fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
     for (format, cols) in [
         (GgmlDType::Q8_0, 576),
         (GgmlDType::Q4_1, 576),
+        (GgmlDType::Q5_0, 576),
         (GgmlDType::Q4K, 512),
     ] {
         let rows = 12;
@@ -397,6 +398,42 @@ fn each_rows_product_is_the_same_whatever_rows_run_beside_it() {
                 let alone = grouped.matmul(&x[r * cols..(r + 1) * cols]).unwrap();
                 assert_eq!(
                     &together[r * rows..(r + 1) * rows],
+                    &alone[..],
+                    "{format:?}: row {r} of {m}"
+                );
+            }
+        }
+    }
+}
+
+/// The AVX2 kernels unpack a group's values once from 8 activation rows on
+/// (every host has the AVX2 path, so this runs everywhere): the products
+/// must be the bits of the kernel that reads the held values on every
+/// pass, for whole and partial passes of four rows, and each row's the
+/// bits of that row alone (which never unpacks).
+#[test]
+fn unpacked_groups_give_the_held_kernels_bits() {
+    for (format, cols) in [(GgmlDType::Q4_1, 576), (GgmlDType::Q5_0, 160)] {
+        let rows = 21;
+        let (bytes, _) = quantized(format, rows, cols, 5);
+        let grouped = GroupedWeights::new(format, &bytes, rows, cols)
+            .unwrap()
+            .unwrap()
+            .without_amx()
+            .without_avx512();
+        let per_pass = grouped.clone().without_unpacking();
+        for m in [7, 8, 9, 10, 11, 12, 31, 64] {
+            let x = random(m, cols, 40 + m as u64);
+            let unpacked = grouped.matmul(&x).unwrap();
+            assert_eq!(
+                unpacked,
+                per_pass.matmul(&x).unwrap(),
+                "{format:?}, {m} rows"
+            );
+            for r in [0, m / 2, m - 1] {
+                let alone = grouped.matmul(&x[r * cols..(r + 1) * cols]).unwrap();
+                assert_eq!(
+                    &unpacked[r * rows..(r + 1) * rows],
                     &alone[..],
                     "{format:?}: row {r} of {m}"
                 );
