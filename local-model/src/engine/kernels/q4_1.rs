@@ -80,6 +80,12 @@ pub trait SideLayout: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// in 16 bits before widening them ([`steps_in_16_bits`]).
     const MAX_VALUE: i32 = 15;
 
+    /// Whether forming a step's values as bytes costs enough that the
+    /// AVX2 kernel does it once per group for many activation rows
+    /// ([`UnpackedGroup`]): Q5_0's fifth bits. A nibble's three
+    /// instructions cost less than storing and loading the bytes again.
+    const UNPACK: bool = false;
+
     /// Writes one GGUF block of weight row `lane` into `step`, the held
     /// block of its group.
     fn pack_block(block: &[u8], lane: usize, step: &mut [u8]);
@@ -418,9 +424,11 @@ struct Kernel<'a, L> {
     layout: std::marker::PhantomData<L>,
 }
 
-/// Activation rows from which the AVX2 kernels unpack a group's values
-/// once for all of them, rather than once per pass of four rows.
-const UNPACK_MIN_ROWS: usize = 8;
+/// Activation rows from which the AVX2 kernel unpacks a Q5_0 group's
+/// values once for all of them, rather than once per pass of four rows:
+/// at 8 rows it was slower (0.13 against 0.11 ms, `kernel_bench q5_0 2048
+/// 640 8`, AMD Zen 3), at 16 even, from 32 faster.
+const UNPACK_MIN_ROWS: usize = 32;
 
 impl<L: SideLayout> Kernel<'_, L> {
     /// Whether a product over `m` activation rows unpacks each group first:
@@ -431,7 +439,7 @@ impl<L: SideLayout> Kernel<'_, L> {
         self.isa.unpack
             && self.tiles.is_none()
             && self.isa.wide.is_none()
-            && !L::FULL_BYTES
+            && L::UNPACK
             && m >= UNPACK_MIN_ROWS
     }
 }
@@ -461,13 +469,9 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
         if let Some(wide) = self.isa.wide {
             return dot_group_wide::<L, _, N>(wide, weights, rows, ahead);
         }
-        let held = HeldBlocks::<L> {
-            weights,
-            layout: std::marker::PhantomData,
-        };
         match self.isa.simd_vnni {
-            Some(vnni) => dot_group::<L, _, _, N>(vnni, &held, rows),
-            None => dot_group::<L, _, _, N>(self.isa.simd, &held, rows),
+            Some(vnni) => dot_group::<L, _, N>(vnni, weights, rows),
+            None => dot_group::<L, _, N>(self.isa.simd, weights, rows),
         }
     }
 
@@ -506,7 +510,7 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
     /// [`Kernel::unpacks_for`] says so.
     fn dot_runs(&self, weights: &[u8], store: &impl Fn(usize, &[f32; LANES])) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if self.unpacks {
+        if L::UNPACK && self.unpacks {
             let group = UnpackedGroup::of::<L>(self.isa.simd, weights);
             return match self.isa.simd_vnni {
                 Some(vnni) => dot_rows_unpacked::<L, _>(vnni, &group, self.activations, store),
@@ -532,9 +536,9 @@ fn dot_group_wide<L, B: Into<std::convert::Infallible>, const N: usize>(
 
 /// Dot products of one sixteen-row group with `N` activation rows.
 #[cfg(not(target_arch = "x86_64"))]
-fn dot_group<L, B: Into<std::convert::Infallible>, S, const N: usize>(
+fn dot_group<L, B: Into<std::convert::Infallible>, const N: usize>(
     bytes: B,
-    _blocks: &S,
+    _weights: &[u8],
     _rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
     // Every token type is uninhabited off x86-64: never called.
@@ -659,13 +663,12 @@ fn finish_block<L: SideLayout, const N: usize>(
 
 /// `dot_group_wide` on AVX2: the group in two halves of eight rows, each
 /// step's 32 bytes of that half; the same integers and the same F32
-/// operations per lane. `blocks` gives the values as held, or unpacked
-/// once for many rows ([`UnpackedGroup`]).
+/// operations per lane.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
+fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
     bytes: B,
-    blocks: &S,
+    weights: &[u8],
     rows: [ActivationRow<'_>; N],
 ) -> [[f32; LANES]; N] {
     const HALF: usize = LANES / 2;
@@ -678,20 +681,99 @@ fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
             let mut out = [[0f32; LANES]; N];
             for half in 0..2 {
                 let mut acc = [simd.avx._mm256_setzero_ps(); N];
-                for b in 0..blocks.count() {
+                for (b, step) in weights.chunks_exact(step_bytes::<L>()).enumerate() {
                     let ys: [&[i8; BLOCK]; N] = std::array::from_fn(|n| &rows[n].values[b]);
                     let mut sums = [[zero; 2]; N];
-                    if B::PAIRS_IN_16_BITS && !L::FULL_BYTES {
+                    for s in 0..STEPS {
+                        let (low, high) = L::values_narrow(simd, step, s, half);
+                        let full =
+                            L::FULL_BYTES.then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
+                        let chain = if N >= 4 { 0 } else { s % 2 };
+                        for n in 0..N {
+                            let y_low = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s));
+                            let y_high = simd.avx._mm256_set1_epi32(quad(ys[n], 2 * s + 1));
+                            let sum = sums[n][chain];
+                            sums[n][chain] = match full {
+                                Some((full_low, full_high)) => {
+                                    bytes.add_byte_quads2(sum, full_low, y_low, full_high, y_high)
+                                }
+                                None => bytes.add_quads2(sum, low, y_low, high, y_high),
+                            };
+                        }
+                    }
+                    let d = halves_narrow(step, D_AT, half);
+                    let m = L::mins_narrow(simd, step, half, d);
+                    for n in 0..N {
+                        let mut sum = simd.avx2._mm256_add_epi32(sums[n][0], sums[n][1]);
+                        if L::FULL_BYTES {
+                            sum = bytes.full_byte_sums(sum, rows[n].value_sums[b]);
+                        }
+                        let y_scale = simd.avx._mm256_set1_ps(rows[n].scales[b]);
+                        acc[n] = simd.fma._mm256_fmadd_ps(
+                            simd.avx._mm256_mul_ps(d, y_scale),
+                            simd.avx._mm256_cvtepi32_ps(sum),
+                            acc[n],
+                        );
+                        acc[n] = simd.fma._mm256_fmadd_ps(
+                            m,
+                            simd.avx._mm256_set1_ps(rows[n].sum(b)),
+                            acc[n],
+                        );
+                    }
+                }
+                for n in 0..N {
+                    let lanes: [f32; HALF] = bytemuck::cast(acc[n]);
+                    out[n][HALF * half..HALF * (half + 1)].copy_from_slice(&lanes);
+                }
+            }
+            out
+        },
+    )
+}
+
+/// [`dot_group`] over a group's blocks unpacked once for many rows
+/// ([`UnpackedGroup`]): the same integers and the same F32 operations per
+/// lane, so the same bits. (Generic over where the blocks lie, but the
+/// held blocks keep their own `dot_group`: through this one, Q4_1's
+/// products over 256 rows were 18% slower, AMD Zen 3.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dot_unpacked<L: SideLayout, B: NarrowBytes, const N: usize>(
+    bytes: B,
+    blocks: &UnpackedGroup,
+    rows: [ActivationRow<'_>; N],
+) -> [[f32; LANES]; N] {
+    const HALF: usize = LANES / 2;
+    let simd = bytes.v3();
+    bytes.vectorize(
+        #[inline(always)]
+        || {
+            use pulp::bytemuck;
+            let zero = simd.avx._mm256_setzero_si256();
+            let mut out = [[0f32; LANES]; N];
+            for half in 0..2 {
+                let mut acc = [simd.avx._mm256_setzero_ps(); N];
+                for (b, block) in blocks
+                    .values
+                    .chunks_exact(UnpackedGroup::STRIDE)
+                    .enumerate()
+                {
+                    let ys: [&[i8; BLOCK]; N] = std::array::from_fn(|n| &rows[n].values[b]);
+                    let mut sums = [[zero; 2]; N];
+                    if B::PAIRS_IN_16_BITS {
                         // The pairs of products added in 16 bits over as
                         // many steps as fit, then widened once: per step
                         // and row two `maddubs` and two adds, where
                         // widening every step took a `madd` and an add
-                        // more.
+                        // more. Over held values the extra accumulators
+                        // spill beside the unpacking's registers: Q5_0's
+                        // products were slower, and SmolLM2's Q4_1 prefill
+                        // 5% slower (AMD Zen 3), so not there.
                         let chunk = steps_in_16_bits::<L>();
-                        for first in (0..STEPS).step_by(chunk) {
+                        for c in 0..STEPS / chunk {
                             let mut pairs = [zero; N];
-                            for s in first..first + chunk {
-                                let (low, high) = blocks.values(simd, b, half, s);
+                            for s in c * chunk..(c + 1) * chunk {
+                                let (low, high) = UnpackedGroup::step(block, half, s);
                                 for n in 0..N {
                                     let (y_low, y_high) = step_quads(simd, ys[n], s);
                                     pairs[n] =
@@ -704,7 +786,7 @@ fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
                         }
                     } else {
                         for s in 0..STEPS {
-                            let (low, high) = blocks.values(simd, b, half, s);
+                            let (low, high) = UnpackedGroup::step(block, half, s);
                             let full = L::FULL_BYTES
                                 .then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
                             let chain = if N >= 4 { 0 } else { s % 2 };
@@ -719,7 +801,7 @@ fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
                             }
                         }
                     }
-                    let (d, m) = blocks.scales(simd, b, half);
+                    let (d, m) = blocks.scales(b, half);
                     finish_block_narrow::<L, B, N>(bytes, d, m, b, &rows, sums, &mut acc);
                 }
                 for n in 0..N {
@@ -730,70 +812,6 @@ fn dot_group<L: SideLayout, B: NarrowBytes, S: NarrowBlocks, const N: usize>(
             out
         },
     )
-}
-
-/// Where the AVX2 kernel finds a group's blocks: per block and half of
-/// the rows, each step's low and high values as bytes, and the rows'
-/// scales and minimums.
-#[cfg(target_arch = "x86_64")]
-trait NarrowBlocks {
-    /// Blocks per row.
-    fn count(&self) -> usize;
-    fn values(
-        &self,
-        simd: super::Simd,
-        b: usize,
-        half: usize,
-        s: usize,
-    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i);
-    fn scales(
-        &self,
-        simd: super::Simd,
-        b: usize,
-        half: usize,
-    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
-}
-
-/// A group's blocks as held: each step unpacked where it is read.
-struct HeldBlocks<'a, L> {
-    weights: &'a [u8],
-    layout: std::marker::PhantomData<L>,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<L: SideLayout> HeldBlocks<'_, L> {
-    #[inline(always)]
-    fn block(&self, b: usize) -> &[u8] {
-        &self.weights[b * step_bytes::<L>()..(b + 1) * step_bytes::<L>()]
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl<L: SideLayout> NarrowBlocks for HeldBlocks<'_, L> {
-    #[inline(always)]
-    fn count(&self) -> usize {
-        self.weights.len() / step_bytes::<L>()
-    }
-    #[inline(always)]
-    fn values(
-        &self,
-        simd: super::Simd,
-        b: usize,
-        half: usize,
-        s: usize,
-    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-        L::values_narrow(simd, self.block(b), s, half)
-    }
-    #[inline(always)]
-    fn scales(
-        &self,
-        simd: super::Simd,
-        b: usize,
-        half: usize,
-    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
-        let d = halves_narrow(self.block(b), D_AT, half);
-        (d, L::mins_narrow(simd, self.block(b), half, d))
-    }
 }
 
 /// Adds one block to `acc` on AVX2, given its eight rows' scales `d` and
@@ -842,9 +860,13 @@ const UNPACKED_STEP: usize = 64;
 ///
 /// Held, Q5_0's fifth bits take five instructions per 32 values to become
 /// bytes (AVX2 has no masked add) beside the nibbles' three, and each pass
-/// of four activation rows repeated them: half the instructions of a pass
-/// were unpacking. A group's unpacked values (32 KiB for 2,048 columns)
-/// stay in the core's caches while the rows go over them.
+/// of four activation rows repeated them. A group's unpacked values
+/// (32 KiB for 2,048 columns) stay in the core's caches while the rows go
+/// over them, and over bytes loaded as they are the pairs of products
+/// are added in 16 bits two steps at a time. AMD Zen 3, `kernel_bench
+/// q5_0 2048 640 M`, medians of three alternating runs: 256 rows 3.68 ->
+/// 2.87 ms, 64 rows 0.91 -> 0.79; at 8 and 16 rows unpacking cost more
+/// than it saved ([`UNPACK_MIN_ROWS`]).
 #[cfg(target_arch = "x86_64")]
 struct UnpackedGroup {
     values: Vec<u8>,
@@ -897,7 +919,7 @@ fn dot_rows_unpacked<L: SideLayout, B: NarrowBytes>(
     let mut i = 0;
     while i + 4 <= m {
         let rows = std::array::from_fn(|n| activations.row(i + n));
-        for (n, sums) in dot_group::<L, B, _, 4>(bytes, group, rows)
+        for (n, sums) in dot_unpacked::<L, B, 4>(bytes, group, rows)
             .iter()
             .enumerate()
         {
@@ -907,7 +929,7 @@ fn dot_rows_unpacked<L: SideLayout, B: NarrowBytes>(
     }
     while i + 2 <= m {
         let rows = std::array::from_fn(|n| activations.row(i + n));
-        for (n, sums) in dot_group::<L, B, _, 2>(bytes, group, rows)
+        for (n, sums) in dot_unpacked::<L, B, 2>(bytes, group, rows)
             .iter()
             .enumerate()
         {
@@ -918,7 +940,7 @@ fn dot_rows_unpacked<L: SideLayout, B: NarrowBytes>(
     if i < m {
         store(
             i,
-            &dot_group::<L, B, _, 1>(bytes, group, [activations.row(i)])[0],
+            &dot_unpacked::<L, B, 1>(bytes, group, [activations.row(i)])[0],
         );
         i += 1;
     }
@@ -941,29 +963,28 @@ fn step_quads(
 }
 
 #[cfg(target_arch = "x86_64")]
-impl NarrowBlocks for UnpackedGroup {
+impl UnpackedGroup {
+    /// Bytes per block in `values`.
+    const STRIDE: usize = 2 * STEPS * UNPACKED_STEP;
+
+    /// Step `s`'s low and high values of half `half` of `block`.
     #[inline(always)]
-    fn count(&self) -> usize {
-        self.scales.len() / 2
-    }
-    #[inline(always)]
-    fn values(
-        &self,
-        _simd: super::Simd,
-        b: usize,
+    fn step(
+        block: &[u8],
         half: usize,
         s: usize,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-        let at = ((2 * b + half) * STEPS + s) * UNPACKED_STEP;
+        let at = (half * STEPS + s) * UNPACKED_STEP;
         (
-            pulp::bytemuck::pod_read_unaligned(&self.values[at..at + 32]),
-            pulp::bytemuck::pod_read_unaligned(&self.values[at + 32..at + 64]),
+            pulp::bytemuck::pod_read_unaligned(&block[at..at + 32]),
+            pulp::bytemuck::pod_read_unaligned(&block[at + 32..at + 64]),
         )
     }
+
+    /// The scales and minimums of half `half` of block `b`.
     #[inline(always)]
     fn scales(
         &self,
-        _simd: super::Simd,
         b: usize,
         half: usize,
     ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {

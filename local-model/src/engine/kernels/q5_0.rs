@@ -39,6 +39,7 @@ impl SideLayout for Q5_0Layout {
     const BLOCK_BYTES: usize = 22;
     const VALUES_AT: usize = HIGH_AT + STEPS * HIGH_BYTES;
     const MAX_VALUE: i32 = 31;
+    const UNPACK: bool = true;
 
     fn pack_block(block: &[u8], lane: usize, step: &mut [u8]) {
         step[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);

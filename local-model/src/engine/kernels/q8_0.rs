@@ -41,9 +41,6 @@ pub(super) struct Activations {
     scales: Vec<f32>,
     values: Vec<[i8; BLOCK]>,
     value_sums: Vec<i32>,
-    /// Each block's sum in activation units (`ActivationRow::sum`), formed
-    /// once here rather than per weight group in the kernels.
-    sums: Vec<f32>,
     blocks_per_row: usize,
 }
 
@@ -62,16 +59,10 @@ impl Activations {
             value_sums.push(sum[0]);
             values.push(q);
         }
-        let sums = scales
-            .iter()
-            .zip(&value_sums)
-            .map(|(&scale, &sum)| scale * sum as f32)
-            .collect();
         Ok(Self {
             scales,
             values,
             value_sums,
-            sums,
             blocks_per_row: cols / BLOCK,
         })
     }
@@ -90,8 +81,7 @@ impl Activations {
         ActivationRow {
             scales: &self.scales[range.clone()],
             values: &self.values[range.clone()],
-            value_sums: &self.value_sums[range.clone()],
-            sums: &self.sums[range],
+            value_sums: &self.value_sums[range],
         }
     }
 }
@@ -195,13 +185,12 @@ pub(super) struct ActivationRow<'a> {
     pub(super) scales: &'a [f32],
     pub(super) values: &'a [[i8; BLOCK]],
     pub(super) value_sums: &'a [i32],
-    sums: &'a [f32],
 }
 
 impl ActivationRow<'_> {
     /// Block `b`'s sum in activation units: its scale times the sum of its
     /// rounded values.
     pub(super) fn sum(&self, b: usize) -> f32 {
-        self.sums[b]
+        self.scales[b] * self.value_sums[b] as f32
     }
 }
