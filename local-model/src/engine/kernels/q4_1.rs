@@ -732,10 +732,8 @@ fn dot_group<L: SideLayout, B: NarrowBytes, const N: usize>(
 }
 
 /// [`dot_group`] over a group's blocks unpacked once for many rows
-/// ([`UnpackedGroup`]): the same integers and the same F32 operations per
-/// lane, so the same bits. (Generic over where the blocks lie, but the
-/// held blocks keep their own `dot_group`: through this one, Q4_1's
-/// products over 256 rows were 18% slower, AMD Zen 3.)
+/// ([`UnpackedGroup`], nibble formats only): the same integers and the
+/// same F32 operations per lane, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn dot_unpacked<L: SideLayout, B: NarrowBytes, const N: usize>(
@@ -785,19 +783,12 @@ fn dot_unpacked<L: SideLayout, B: NarrowBytes, const N: usize>(
                             }
                         }
                     } else {
+                        // VNNI adds its products in 32 bits at once.
                         for s in 0..STEPS {
                             let (low, high) = UnpackedGroup::step(block, half, s);
-                            let full = L::FULL_BYTES
-                                .then(|| (bytes.full_bytes(low), bytes.full_bytes(high)));
-                            let chain = if N >= 4 { 0 } else { s % 2 };
                             for n in 0..N {
                                 let (y_low, y_high) = step_quads(simd, ys[n], s);
-                                let sum = sums[n][chain];
-                                sums[n][chain] = match full {
-                                    Some((full_low, full_high)) => bytes
-                                        .add_byte_quads2(sum, full_low, y_low, full_high, y_high),
-                                    None => bytes.add_quads2(sum, low, y_low, high, y_high),
-                                };
+                                sums[n][0] = bytes.add_quads2(sums[n][0], low, y_low, high, y_high);
                             }
                         }
                     }
@@ -817,7 +808,8 @@ fn dot_unpacked<L: SideLayout, B: NarrowBytes, const N: usize>(
 /// Adds one block to `acc` on AVX2, given its eight rows' scales `d` and
 /// minimums `m` and each activation row's `Σ q·y` in two chains (`sums`):
 /// lane by lane `d·dy·Σ q·y`, then `m·(dy·Σ y)`, as [`finish_block`] does
-/// on AVX-512. Shared by the kernels over held and over unpacked values.
+/// on AVX-512, and as `dot_group` does inline (kept inline there: its
+/// held path is the one every decode step takes, and was measured as is).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
