@@ -224,9 +224,9 @@ struct Isa {
     /// Whether the AVX-512 kernels prefetch weights for fewer than four
     /// activation rows ([`STREAM_PREFETCH_VARIABLE`]).
     stream_prefetch: bool,
-    /// Whether the AVX2 kernels of the nibble formats unpack a group's
-    /// values once for many activation rows (`q4_1::UnpackedGroup`): on,
-    /// but for tests and benchmarks that compare.
+    /// Whether the AVX2 kernel unpacks a Q5_0 group's values once for
+    /// many activation rows (`q4_1::UnpackedGroup`): on, but for tests and
+    /// benchmarks that compare.
     unpack: bool,
 }
 

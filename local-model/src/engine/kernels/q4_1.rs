@@ -391,15 +391,10 @@ impl<L: SideLayout> SideMatrix<L> {
         let kernel = Kernel::<L> {
             isa: self.isa,
             activations: &activations,
-            unpacks: false,
             tiles: side_tiles::ActivationTiles::new(&self.isa, m, blocks_per_row, |i, k| {
                 activations.row(i).values[k].map(|v| v.to_le_bytes()[0])
             }),
             layout: std::marker::PhantomData,
-        };
-        let kernel = Kernel {
-            unpacks: kernel.unpacks_for(m),
-            ..kernel
         };
         Ok(for_each_group(
             &self.groups,
@@ -418,9 +413,6 @@ struct Kernel<'a, L> {
     /// The activations of each whole run of 16 rows as AMX tiles, where
     /// the products run on tiles.
     tiles: Option<side_tiles::ActivationTiles>,
-    /// Whether each group's values are unpacked once for all activation
-    /// rows ([`UnpackedGroup`]).
-    unpacks: bool,
     layout: std::marker::PhantomData<L>,
 }
 
@@ -431,16 +423,16 @@ struct Kernel<'a, L> {
 const UNPACK_MIN_ROWS: usize = 32;
 
 impl<L: SideLayout> Kernel<'_, L> {
-    /// Whether a product over `m` activation rows unpacks each group first:
-    /// on the AVX2 paths (AVX-512 forms Q5_0's values with two masked adds
-    /// a step, too few to save), for the nibble formats (Q8_0's bytes are
-    /// read as they are held), from [`UNPACK_MIN_ROWS`] rows.
-    fn unpacks_for(&self, m: usize) -> bool {
-        self.isa.unpack
+    /// Whether this product unpacks each group first: on the AVX2 paths
+    /// (AVX-512 forms Q5_0's values with two masked adds a step, too few
+    /// to save), for the formats that ask for it ([`SideLayout::UNPACK`]),
+    /// from [`UNPACK_MIN_ROWS`] activation rows.
+    fn unpacks(&self) -> bool {
+        L::UNPACK
+            && self.isa.unpack
             && self.tiles.is_none()
             && self.isa.wide.is_none()
-            && L::UNPACK
-            && m >= UNPACK_MIN_ROWS
+            && self.activations.rows() >= UNPACK_MIN_ROWS
     }
 }
 
@@ -507,10 +499,10 @@ impl<L: SideLayout> GroupKernel<LANES> for Kernel<'_, L> {
     }
 
     /// Every activation row over the group's values unpacked once, where
-    /// [`Kernel::unpacks_for`] says so.
+    /// [`Kernel::unpacks`] says so.
     fn dot_runs(&self, weights: &[u8], store: &impl Fn(usize, &[f32; LANES])) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if L::UNPACK && self.unpacks {
+        if self.unpacks() {
             let group = UnpackedGroup::of::<L>(self.isa.simd, weights);
             return match self.isa.simd_vnni {
                 Some(vnni) => dot_rows_unpacked::<L, _>(vnni, &group, self.activations, store),
